@@ -1,0 +1,438 @@
+"""TOML configuration: typed settings, validated on load.
+
+The schema is the dataclasses below: each field's default, its documentation
+(``doc``) and its constraints live next to each other, so the loader, the
+``check-config`` command and the generated config reference cannot drift.
+Every error names the dotted key and, where the file says, the line.
+
+Secrets (fields marked ``secret``) can also be given as ``<key>_env`` (name of
+an environment variable) or ``<key>_file`` (path of a file, e.g. a Docker
+secret); they are never printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import os
+import re
+import tomllib
+import typing
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+Check = Callable[[Any], str | None]
+
+
+def setting(default: Any, doc: str, *, check: Check | None = None, secret: bool = False,
+            choices: tuple[str, ...] = ()) -> Any:
+    """A schema field: default, one line of documentation, optional constraint."""
+    meta = {"doc": doc, "check": check, "secret": secret, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def required(doc: str, *, check: Check | None = None) -> Any:
+    return field(metadata={"doc": doc, "check": check, "secret": False, "choices": (),
+                           "required": True})
+
+
+# --- constraints -----------------------------------------------------------
+
+def positive(value: Any) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def non_negative(value: Any) -> str | None:
+    return None if value >= 0 else "must be 0 or greater"
+
+
+def listen_address(value: Any) -> str | None:
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def websocket_url(value: Any) -> str | None:
+    if value == "":
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        return f"must be a ws:// or wss:// URL, got {value!r}"
+    return None
+
+
+def parse_listen(value: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` → (host, port)."""
+    match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", value)
+    if match is None:
+        raise ValueError(f"must be HOST:PORT or [IPv6]:PORT, got {value!r}")
+    host = match.group(1) or match.group(3) or "0.0.0.0"
+    port = int(match.group(2) or match.group(4))
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range")
+    if match.group(1):
+        ipaddress.IPv6Address(host)
+    return host, port
+
+
+# --- schema ------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ServerSettings:
+    listen: str = setting("0.0.0.0:19520", "address the wallboxes connect to", check=listen_address)
+    tls: str = setting("off", "TLS on the wallbox port: off, detect (plain and TLS on one port) or on",
+                       choices=("off", "detect", "on"))
+    cert: str = setting("", "server certificate (PEM, chain after it); empty: self-signed in certs_dir")
+    key: str = setting("", "private key of the server certificate (PEM)")
+    client_ca: list[str] = setting([], "CA certificates for client certificates; non-empty requires them (SP3)")
+    require_cn_match: bool = setting(True, "with client_ca: the client certificate CN must equal the ChargeBox id")
+    certs_dir: str = setting("certs", "where the self-signed certificate is created and kept")
+    password: str = setting("", "global Basic-auth password for wallboxes without their own (SP1/SP2)",
+                            secret=True)
+    accept_unknown: bool = setting(False, "admit charge point ids that have no [[chargers]] entry")
+    subprotocols: list[str] = setting(["ocpp1.6"], "WebSocket subprotocols the proxy relays")
+    max_message_bytes: int = setting(1_048_576, "largest text frame accepted, in bytes (close 1009 above)",
+                                     check=positive)
+    handshake_timeout: float = setting(10.0, "seconds a wallbox may take for the TLS + HTTP handshake",
+                                       check=positive)
+    ping_interval: float = setting(30.0, "WebSocket ping interval on both legs, seconds; 0 disables",
+                                   check=non_negative)
+    call_timeout: float = setting(30.0, "seconds a CALL may stay unanswered before its slot is freed",
+                                  check=positive)
+    close_timeout: float = setting(5.0, "seconds to wait for a WebSocket close handshake", check=positive)
+    strict: bool = setting(False, "drop frames that are not valid OCPP-J instead of forwarding them")
+
+
+@dataclass(frozen=True)
+class BackendSettings:
+    url: str = setting("", "backend URL (ws:// or wss://); the upstream id is appended", check=websocket_url)
+    password: str = setting("", "Basic-auth password towards the backend", secret=True)
+    ca: list[str] = setting([], "CA certificates trusted for wss:// (SP2); empty: system trust store")
+    client_cert: str = setting("", "client certificate towards the backend (SP3)")
+    client_key: str = setting("", "key of client_cert")
+    connect_timeout: float = setting(10.0, "seconds for TCP + TLS + WebSocket handshake upstream",
+                                     check=positive)
+
+
+@dataclass(frozen=True)
+class ChargerSettings:
+    id: str = required("ChargeBox id the wallbox connects with (last URL path segment)")
+    password: str = setting("", "Basic-auth password this wallbox must send (SP1/SP2)", secret=True)
+    upstream_id: str = setting("", "identity towards the backend; empty: same as id")
+    upstream_url: str = setting("", "backend URL for this charger; empty: [backend] url", check=websocket_url)
+    upstream_password: str = setting("", "password towards the backend; empty: [backend] password",
+                                     secret=True)
+    upstream_ca: list[str] = setting([], "CA certificates for this charger's backend; empty: [backend] ca")
+    upstream_client_cert: str = setting("", "client certificate towards the backend; empty: [backend]")
+    upstream_client_key: str = setting("", "key of upstream_client_cert")
+
+
+@dataclass(frozen=True)
+class LogSettings:
+    level: str = setting("info", "debug, info, warning or error",
+                         choices=("debug", "info", "warning", "error"))
+    format: str = setting("auto", "auto (console on a terminal, else JSON), json or console",
+                          choices=("auto", "json", "console"))
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    listen: str = setting("127.0.0.1:9520", "Prometheus /metrics, /healthz, /readyz; empty disables",
+                          check=lambda v: None if v == "" else listen_address(v))
+
+
+@dataclass(frozen=True)
+class UpstreamTarget:
+    """Everything needed to open one upstream connection, defaults resolved."""
+
+    url: str
+    identity: str
+    password: str
+    ca: tuple[str, ...]
+    client_cert: str
+    client_key: str
+    connect_timeout: float
+
+    def __repr__(self) -> str:  # the password must not reach logs through a repr
+        return f"UpstreamTarget(url={self.url!r}, identity={self.identity!r})"
+
+
+@dataclass(frozen=True)
+class Config:
+    server: ServerSettings = field(default_factory=ServerSettings, metadata={"doc": "wallbox side"})
+    backend: BackendSettings = field(default_factory=BackendSettings,
+                                     metadata={"doc": "defaults for every charger's upstream"})
+    log: LogSettings = field(default_factory=LogSettings, metadata={"doc": "logging"})
+    metrics: MetricsSettings = field(default_factory=MetricsSettings, metadata={"doc": "monitoring"})
+    chargers: list[ChargerSettings] = field(default_factory=list,
+                                            metadata={"doc": "one entry per wallbox"})
+
+    def charger(self, charge_box_id: str) -> ChargerSettings | None:
+        for charger in self.chargers:
+            if charger.id == charge_box_id:
+                return charger
+        return None
+
+    def upstream_for(self, charger: ChargerSettings) -> UpstreamTarget:
+        backend = self.backend
+        identity = charger.upstream_id or charger.id
+        return UpstreamTarget(
+            url=upstream_url(charger.upstream_url or backend.url, identity),
+            identity=identity,
+            password=charger.upstream_password or backend.password,
+            ca=tuple(charger.upstream_ca or backend.ca),
+            client_cert=charger.upstream_client_cert or backend.client_cert,
+            client_key=charger.upstream_client_key or backend.client_key,
+            connect_timeout=backend.connect_timeout,
+        )
+
+
+def upstream_url(base: str, identity: str) -> str:
+    """Append the identity unless the URL already ends in it."""
+    quoted = quote(identity, safe="")
+    path = urlsplit(base).path
+    last = path.rstrip("/").rsplit("/", 1)[-1]
+    if last in (identity, quoted):
+        return base
+    return base.rstrip("/") + "/" + quoted
+
+
+# --- loading -------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Problem:
+    key: str
+    message: str
+    line: int | None
+
+    def render(self, source: str) -> str:
+        where = f"{source}:{self.line}" if self.line else source
+        return f"{where}: {self.key}: {self.message}"
+
+
+class ConfigError(Exception):
+    """The file cannot be used; ``problems`` lists every reason at once."""
+
+    def __init__(self, source: str, problems: list[Problem]) -> None:
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(p.render(source) for p in problems))
+
+
+class _LineIndex:
+    """Dotted key → line number, by a light scan of the TOML text.
+
+    tomllib gives no positions; this scan covers tables, arrays of tables and
+    ``key = value`` lines, which is what configuration files are made of.
+    """
+
+    _HEADER = re.compile(r"\s*(\[\[?)\s*([A-Za-z0-9_.\-\"' ]+?)\s*\]\]?\s*(#.*)?$")
+    _KEY = re.compile(r"\s*([A-Za-z0-9_\-]+|\"[^\"]*\")\s*=")
+
+    def __init__(self, text: str) -> None:
+        self.lines: dict[str, int] = {}
+        counts: dict[str, int] = {}
+        prefix = ""
+        for number, line in enumerate(text.splitlines(), start=1):
+            header = self._HEADER.match(line)
+            if header:
+                name = header.group(2).replace('"', "").replace(" ", "")
+                if header.group(1) == "[[":
+                    index = counts.get(name, -1) + 1
+                    counts[name] = index
+                    prefix = f"{name}[{index}]"
+                else:
+                    prefix = name
+                self.lines.setdefault(prefix, number)
+                continue
+            key = self._KEY.match(line)
+            if key:
+                dotted = f"{prefix}.{key.group(1).strip(chr(34))}" if prefix else key.group(1)
+                self.lines.setdefault(dotted, number)
+
+    def find(self, dotted: str) -> int | None:
+        while dotted:
+            if dotted in self.lines:
+                return self.lines[dotted]
+            dotted = dotted.rpartition(".")[0]
+        return None
+
+
+class _Loader:
+    def __init__(self, index: _LineIndex, environ: typing.Mapping[str, str], base_dir: Path) -> None:
+        self.index = index
+        self.environ = environ
+        self.base_dir = base_dir
+        self.problems: list[Problem] = []
+
+    def problem(self, key: str, message: str) -> None:
+        self.problems.append(Problem(key, message, self.index.find(key)))
+
+    def build(self, cls: type[Any], table: dict[str, Any], path: str) -> Any:
+        hints = typing.get_type_hints(cls)
+        known = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = f"{path}.{f.name}" if path else f.name
+            present = self._take(f, table, key)
+            if present is _MISSING:
+                if f.metadata.get("required"):
+                    self.problem(key, "is required")
+                continue
+            value = self._convert(hints[f.name], present, key)
+            if value is not _MISSING and self._valid(f, value, key):
+                values[f.name] = value
+        for name in table:
+            base = name.removesuffix("_env").removesuffix("_file")
+            if name not in known and not (base in known and _is_secret(cls, base)):
+                self.problem(f"{path}.{name}" if path else name, "unknown key")
+        try:
+            return cls(**values)
+        except TypeError:  # a required field had a problem; already reported
+            return None
+
+    def _take(self, f: dataclasses.Field[Any], table: dict[str, Any], key: str) -> Any:
+        if f.name in table:
+            return table[f.name]
+        if not f.metadata.get("secret"):
+            return _MISSING
+        if f"{f.name}_env" in table:
+            var = table[f"{f.name}_env"]
+            if var not in self.environ:
+                self.problem(f"{key}_env", f"environment variable {var!r} is not set")
+                return _MISSING
+            return self.environ[var]
+        if f"{f.name}_file" in table:
+            path = self.base_dir / str(table[f"{f.name}_file"])
+            try:
+                return path.read_text(encoding="utf-8").strip()
+            except OSError as exc:
+                self.problem(f"{key}_file", f"cannot read {path}: {exc.strerror}")
+        return _MISSING
+
+    def _convert(self, hint: Any, value: Any, key: str) -> Any:
+        origin = typing.get_origin(hint)
+        if origin is list:
+            (item,) = typing.get_args(hint)
+            if not isinstance(value, list):
+                self.problem(key, f"must be a list, got {_tname(value)}")
+                return _MISSING
+            items = [self._convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
+            return _MISSING if any(i is _MISSING for i in items) else items
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                self.problem(key, f"must be a table, got {_tname(value)}")
+                return _MISSING
+            built = self.build(typing.cast(type, hint), value, key)
+            return _MISSING if built is None else built
+        return self._scalar(hint, value, key)
+
+    def _scalar(self, hint: Any, value: Any, key: str) -> Any:
+        if hint is float and isinstance(value, int) and not isinstance(value, bool):
+            return float(value)
+        if hint is int and isinstance(value, bool) or not isinstance(value, hint):
+            self.problem(key, f"must be {_tname_type(hint)}, got {_tname(value)}")
+            return _MISSING
+        return value
+
+    def _valid(self, f: dataclasses.Field[Any], value: Any, key: str) -> bool:
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            self.problem(key, f"must be one of {', '.join(choices)}; got {value!r}")
+            return False
+        check = f.metadata.get("check")
+        message = check(value) if check else None
+        if message:
+            self.problem(key, message)
+            return False
+        return True
+
+
+_MISSING: Any = object()
+
+
+def _is_secret(cls: type[Any], name: str) -> bool:
+    return any(f.name == name and f.metadata.get("secret") for f in dataclasses.fields(cls))
+
+
+def _tname(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+
+
+def _tname_type(hint: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _cross_checks(config: Config, index: _LineIndex) -> list[Problem]:
+    """Rules that span several keys."""
+    problems: list[Problem] = []
+    seen: dict[str, int] = {}
+    for i, charger in enumerate(config.chargers):
+        key = f"chargers[{i}]"
+        if charger.id in seen:
+            problems.append(Problem(f"{key}.id", f"duplicate charger id {charger.id!r} "
+                                    f"(also chargers[{seen[charger.id]}])", index.find(f"{key}.id")))
+        seen.setdefault(charger.id, i)
+        if not (charger.upstream_url or config.backend.url):
+            problems.append(Problem(f"{key}.upstream_url", "no backend URL: set this or [backend] url",
+                                    index.find(key)))
+    if config.server.accept_unknown and not config.backend.url:
+        problems.append(Problem("backend.url", "accept_unknown needs a default backend URL",
+                                index.find("backend")))
+    if bool(config.server.cert) != bool(config.server.key):
+        problems.append(Problem("server.key" if config.server.cert else "server.cert",
+                                "cert and key must be given together", index.find("server")))
+    return problems
+
+
+def loads(text: str, source: str = "<config>", *, environ: typing.Mapping[str, str] | None = None,
+          base_dir: Path | None = None) -> Config:
+    """Parse and validate TOML text; raise ConfigError listing every problem."""
+    try:
+        table = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = re.search(r"line (\d+)", str(exc))
+        raise ConfigError(source, [Problem("(syntax)", str(exc), int(line.group(1)) if line else None)])
+    index = _LineIndex(text)
+    loader = _Loader(index, os.environ if environ is None else environ, base_dir or Path.cwd())
+    config = loader.build(Config, table, "")
+    problems = loader.problems + ([] if config is None else _cross_checks(config, index))
+    if problems or config is None:
+        raise ConfigError(source, problems)
+    return typing.cast(Config, config)
+
+
+def load(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(str(path), [Problem("(file)", f"cannot read: {exc}", None)]) from exc
+    return loads(text, str(path), base_dir=path.parent)
+
+
+def schema_rows(cls: type[Any] = Config, prefix: str = "") -> Iterator[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every setting: the source of the config reference."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        hint = hints[f.name]
+        inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
+        if dataclasses.is_dataclass(inner):
+            yield from schema_rows(typing.cast(type, inner), f"{key}[]" if inner is not hint else key)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        yield key, getattr(hint, "__name__", str(hint)), default, f.metadata.get("doc", "")

@@ -1,0 +1,165 @@
+"""The wallbox-facing listener (trio): accept, authenticate, pair, relay.
+
+Each TCP connection gets one nursery. In it: the WebSocket handshake (bounded
+by ``handshake_timeout``), the decision from :mod:`proxy.handshake`, the
+upstream connection, and then the :class:`~proxy.relay.PairedSession`. When the
+handler returns, that nursery is gone and with it every task and socket of the
+pair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+import trio_websocket
+from trio_websocket import WebSocketRequest
+
+from proxy import closecodes
+from proxy.config import Config, parse_listen
+from proxy.handshake import Admit, Refuse, decide
+from proxy.logs import get_logger
+from proxy.relay import Listener, PairedSession, SessionSettings
+from proxy.session import PRIMARY, Session
+from proxy.upstream import UpstreamUnavailable, connect
+
+
+class ProxyServer:
+    def __init__(self, config: Config, *, listeners: Sequence[Listener] = ()) -> None:
+        self.config = config
+        self.listeners = list(listeners)
+        self.log = get_logger()
+        self.sessions: dict[str, PairedSession] = {}
+        self.ports: list[int] = []
+        self._changed = trio.Event()
+        self._accepting: trio.CancelScope | None = None
+        self.ready = trio.Event()
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled or :meth:`stop`; reports the bound ports."""
+        host, port = parse_listen(self.config.server.listen)
+        listeners = await trio.open_tcp_listeners(port, host=host or None)
+        self.ports = sorted({lst.socket.getsockname()[1] for lst in listeners})
+        self.log.info("listening", address=self.config.server.listen, ports=self.ports,
+                      tls=self.config.server.tls)
+        async with trio.open_nursery() as nursery:
+            with trio.CancelScope() as self._accepting:
+                nursery.start_soon(self._serve_listeners, listeners)
+                self.ready.set()
+                task_status.started(self.ports)
+                await trio.sleep_forever()
+            # stop(): listeners are closed; the sessions close themselves below.
+
+    async def _serve_listeners(self, listeners: list[trio.SocketListener]) -> None:
+        await trio.serve_listeners(self._handle_stream, listeners)
+
+    async def stop(self, code: int = closecodes.GOING_AWAY, reason: str = "proxy shutting down") -> None:
+        """Stop accepting, close every session with ``code``, wait until they are gone."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+        async with trio.open_nursery() as nursery:
+            for paired in list(self.sessions.values()):
+                nursery.start_soon(paired.shutdown, code, reason)
+        await self.wait_sessions(0)
+
+    async def wait_sessions(self, count: int) -> None:
+        """Wait until exactly ``count`` paired sessions are open (tests, shutdown)."""
+        while len(self.sessions) != count:
+            await self._changed.wait()
+
+    def _changed_now(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- one connection -------------------------------------------------------------------
+
+    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        peer = _peer(stream)
+        try:
+            async with trio.open_nursery() as nursery:
+                await self._handle_connection(nursery, stream, peer)
+                nursery.cancel_scope.cancel()
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handle_connection(self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str) -> None:
+        server = self.config.server
+        request = None
+        with trio.move_on_after(server.handshake_timeout):
+            request = await trio_websocket.wrap_server_stream(
+                nursery, stream, max_message_size=server.max_message_bytes)
+        if request is None:
+            self.log.warning("handshake_timeout", peer=peer, seconds=server.handshake_timeout)
+            return
+        decision = decide(self.config, request.path, request.headers, request.proposed_subprotocols)
+        if isinstance(decision, Refuse):
+            await self._refuse(request, decision, peer)
+            return
+        await self._admit(nursery, request, decision, peer)
+
+    async def _refuse(self, request: WebSocketRequest, refusal: Refuse, peer: str) -> None:
+        self.log.warning("handshake_refused", peer=peer, charger=refusal.charge_box_id,
+                         status=refusal.status, reason=refusal.reason, detail=refusal.detail)
+        with trio.move_on_after(self.config.server.close_timeout):
+            await request.reject(refusal.status, extra_headers=refusal.headers,
+                                 body=f"{refusal.reason}\n".encode())
+        for listener in self.listeners:
+            listener_refused = getattr(listener, "handshake_refused", None)
+            if listener_refused is not None:
+                listener_refused(refusal)
+
+    async def _admit(self, nursery: trio.Nursery, request: WebSocketRequest, admit: Admit, peer: str) -> None:
+        charger_id = admit.charger.id
+        log = self.log.bind(charger=charger_id)
+        try:
+            upstream = await connect(nursery, admit.upstream, admit.subprotocols,
+                                     max_message_size=self.config.server.max_message_bytes)
+        except UpstreamUnavailable as exc:
+            log.warning("upstream_unavailable", peer=peer, url=admit.upstream.url, reason=exc.reason,
+                        status=exc.status)
+            await self._refuse(request, Refuse(exc.status, "upstream_unavailable", exc.reason, charger_id), peer)
+            return
+        wallbox = await request.accept(subprotocol=upstream.subprotocol)
+        log.info("session_opened", peer=peer, upstream=admit.upstream.url,
+                 subprotocol=upstream.subprotocol, known=admit.known)
+        paired = PairedSession(charger_id, self._new_session(charger_id), wallbox, {PRIMARY: upstream},
+                               log=log, settings=self._session_settings(), listeners=self.listeners)
+        await self._register(paired)
+        try:
+            await paired.run()
+        finally:
+            if self.sessions.get(charger_id) is paired:
+                del self.sessions[charger_id]
+                self._changed_now()
+            side, code, reason = paired.close_info or ("proxy", 1001, "")
+            log.info("session_closed", closed_by=side, code=code, reason=reason)
+
+    async def _register(self, paired: PairedSession) -> None:
+        """A wallbox that reconnects replaces its old session (the old TCP may be half-dead)."""
+        old = self.sessions.get(paired.charger_id)
+        self.sessions[paired.charger_id] = paired
+        self._changed_now()
+        if old is not None:
+            old.log.info("session_replaced")
+            await old.shutdown(closecodes.GOING_AWAY, "replaced by a new connection")
+
+    def _new_session(self, charger_id: str) -> Session:
+        server = self.config.server
+        return Session(charger_id, call_timeout=server.call_timeout, strict=server.strict)
+
+    def _session_settings(self) -> SessionSettings:
+        server = self.config.server
+        return SessionSettings(max_message_bytes=server.max_message_bytes,
+                               ping_interval=server.ping_interval, close_timeout=server.close_timeout)
+
+
+def _peer(stream: Any) -> str:
+    sock = getattr(stream, "socket", None)
+    try:
+        host, port = sock.getpeername()[:2] if sock is not None else ("?", 0)
+    except OSError:
+        return "?"
+    return f"{host}:{port}"

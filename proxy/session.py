@@ -1,0 +1,357 @@
+"""Per-wallbox routing and CALL arbitration (sans-IO).
+
+A :class:`Session` sits between one wallbox and one or more upstreams (the
+first is the *primary*, whose answers reach the wallbox; any others are
+secondaries that get copies). It takes frames and the current time and returns
+actions: texts to send to a leg, answers to the proxy's own CALLs, and
+observations for the limit engine and metrics. It owns no sockets and no
+clock, so every routing rule is testable by feeding strings.
+
+Rules it enforces:
+
+* Frames are forwarded as the text received. The only edit ever made here is
+  the message id on the wallbox leg, for CALLs whose id could collide
+  (a secondary's, or a primary id inside the proxy's reserved namespace); the
+  answer gets its original id back. Action-specific rewrites (charging profile
+  clamping, transaction id mapping) are plugged in via ``rewriters`` and run
+  only for the actions registered there.
+* At most one origin has CALLs outstanding on the wallbox at a time. A CALL
+  from another origin (the proxy, a secondary) waits in FIFO order until the
+  slot is free or the outstanding CALL times out. An origin's own pipelining
+  is left as it was: holding a backend's second CALL behind its first would
+  change what the backend sees.
+* Answers to the proxy's CALLs (ids ``ocpp-proxy:<n>``) are consumed here.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from proxy.frames import (
+    MAX_ID_LENGTH,
+    Frame,
+    MessageType,
+    build_call,
+    build_error,
+    classify,
+    replace_id,
+    strict_problem,
+)
+
+WALLBOX = "wallbox"
+PROXY = "proxy"
+PRIMARY = "primary"
+
+#: Message ids of the proxy's own CALLs on the wallbox leg (≤ 36 characters).
+ID_PREFIX = "ocpp-proxy:"
+
+#: How many timed-out CALLs are remembered so a late answer is still routed.
+_LATE_MEMORY = 64
+
+#: Rewriter(source, destination, frame) → text to send (``frame.text`` = unchanged).
+#: A rewriter changes payload fields only, never the ``[type, "id", "Action"`` prefix.
+Rewriter = Callable[[str, str, Frame], str]
+
+
+# --- actions -------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ToWallbox:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToUpstream:
+    name: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyAnswer:
+    """The wallbox answered one of the proxy's CALLs (CALLRESULT or CALLERROR)."""
+
+    msg_id: str
+    action: str
+    frame: Frame
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyCallFailed:
+    msg_id: str
+    action: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    source: str
+    frame: Frame
+    problem: str
+    dropped: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """A frame whose action the session was asked to watch.
+
+    For an answer, ``call`` is the CALL it answers, so a watcher can pair a
+    SetChargingProfile with its Accepted/Rejected without keeping state.
+    """
+
+    source: str
+    frame: Frame
+    action: str
+    call: Frame | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallCompleted:
+    """Round trip of a CALL: ``leg`` is the side that answered it."""
+
+    leg: str
+    action: str
+    seconds: float
+
+
+Action = ToWallbox | ToUpstream | ProxyAnswer | ProxyCallFailed | Malformed | Observed | CallCompleted
+
+
+# --- state -----------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Pending:
+    origin: str
+    origin_id: str
+    action: str
+    sent_at: float
+    call: Frame | None = None
+
+
+@dataclass(slots=True)
+class _Waiting:
+    origin: str
+    frame: Frame
+    text: str
+
+
+@dataclass
+class Session:
+    charger_id: str
+    upstreams: tuple[str, ...] = (PRIMARY,)
+    call_timeout: float = 30.0
+    strict: bool = False
+    #: Actions whose frames (and answers) are reported as :class:`Observed`.
+    observe: frozenset[str] = frozenset()
+    #: Per action: how a CALL's text changes on its way to a destination.
+    rewriters: dict[str, Rewriter] = field(default_factory=dict)
+
+    _to_wallbox: dict[str, _Pending] = field(default_factory=dict, init=False)
+    _waiting: deque[_Waiting] = field(default_factory=deque, init=False)
+    _from_wallbox: dict[str, _Pending] = field(default_factory=dict, init=False)
+    _late: OrderedDict[str, _Pending] = field(default_factory=OrderedDict, init=False)
+    _seq: int = field(default=0, init=False)
+    #: The frame most recently classified by from_wallbox/from_upstream
+    #: (for metrics, without classifying twice).
+    last_frame: Frame | None = field(default=None, init=False)
+
+    @property
+    def primary(self) -> str:
+        return self.upstreams[0]
+
+    # -- inputs ---------------------------------------------------------------
+
+    def from_wallbox(self, text: str, now: float) -> list[Action]:
+        frame = self.last_frame = classify(text)
+        report = self._inspect(WALLBOX, frame)
+        if report is not None and report.dropped:
+            return self._refuse(report)
+        if frame.kind is MessageType.CALL:
+            actions = self._wallbox_call(frame, now)
+        elif frame.kind is None:
+            actions = [ToUpstream(self.primary, text)]
+        else:
+            actions = self._wallbox_answer(frame, now)
+        return actions if report is None else [report, *actions]
+
+    def from_upstream(self, name: str, text: str, now: float) -> list[Action]:
+        frame = self.last_frame = classify(text)
+        report = self._inspect(name, frame)
+        if report is not None and report.dropped:
+            return self._refuse(report)
+        if frame.kind is MessageType.CALL:
+            actions = self._submit(name, frame, self._rewrite(name, WALLBOX, frame), now)
+        elif frame.kind is None:
+            actions = [ToWallbox(text)] if name == self.primary else []
+        else:
+            actions = self._upstream_answer(name, frame, now)
+        return actions if report is None else [report, *actions]
+
+    def proxy_call(self, action: str, payload: dict[str, object], now: float) -> tuple[str, list[Action]]:
+        """Queue a CALL of the proxy's own towards the wallbox; returns its id."""
+        msg_id = self._next_id()
+        text = build_call(msg_id, action, payload)
+        return msg_id, self._submit(PROXY, classify(text), text, now)
+
+    def cancel_proxy_call(self, msg_id: str) -> bool:
+        """Withdraw a proxy CALL that is still waiting (e.g. a superseded limit)."""
+        for item in self._waiting:
+            if item.origin == PROXY and item.frame.msg_id == msg_id:
+                self._waiting.remove(item)
+                return True
+        return False
+
+    def poll(self, now: float) -> list[Action]:
+        """Expire CALLs that were not answered in time."""
+        actions: list[Action] = []
+        for wire_id, pending in list(self._to_wallbox.items()):
+            if now - pending.sent_at >= self.call_timeout:
+                del self._to_wallbox[wire_id]
+                self._remember_late(wire_id, pending)
+                if pending.origin == PROXY:
+                    actions.append(ProxyCallFailed(wire_id, pending.action, "timeout"))
+        for msg_id, pending in list(self._from_wallbox.items()):
+            if now - pending.sent_at < 2 * self.call_timeout:
+                break  # insertion order = age order
+            del self._from_wallbox[msg_id]
+        actions.extend(self._drain(now))
+        return actions
+
+    def next_deadline(self) -> float | None:
+        deadlines = [p.sent_at + self.call_timeout for p in self._to_wallbox.values()]
+        oldest = next(iter(self._from_wallbox.values()), None)
+        if oldest is not None:
+            deadlines.append(oldest.sent_at + 2 * self.call_timeout)
+        return min(deadlines, default=None)
+
+    def close(self) -> list[Action]:
+        """The session ends: every proxy CALL still open or waiting fails."""
+        failed: list[Action] = [
+            ProxyCallFailed(wire_id, p.action, "session closed")
+            for wire_id, p in self._to_wallbox.items() if p.origin == PROXY
+        ]
+        failed += [ProxyCallFailed(w.frame.msg_id or "", w.frame.action or "", "session closed")
+                   for w in self._waiting if w.origin == PROXY]
+        self._to_wallbox.clear()
+        self._waiting.clear()
+        return failed
+
+    # -- introspection (tests, metrics) -----------------------------------------------
+
+    @property
+    def wallbox_outstanding(self) -> int:
+        return len(self._to_wallbox)
+
+    @property
+    def wallbox_waiting(self) -> int:
+        return len(self._waiting)
+
+    # -- wallbox → upstreams ------------------------------------------------------------
+
+    def _wallbox_call(self, frame: Frame, now: float) -> list[Action]:
+        action = frame.action or ""
+        msg_id = frame.msg_id or ""
+        watched = action in self.observe
+        self._from_wallbox.pop(msg_id, None)  # a retransmission moves to the back
+        self._from_wallbox[msg_id] = _Pending(WALLBOX, msg_id, action, now, frame if watched else None)
+        actions: list[Action] = [ToUpstream(name, self._rewrite(WALLBOX, name, frame)) for name in self.upstreams]
+        if watched:
+            actions.append(Observed(WALLBOX, frame, action))
+        return actions
+
+    def _upstream_answer(self, name: str, frame: Frame, now: float) -> list[Action]:
+        pending = self._from_wallbox.get(frame.msg_id or "")
+        actions: list[Action] = []
+        if name == self.primary:
+            actions.append(ToWallbox(frame.text))
+            if pending is not None:
+                del self._from_wallbox[frame.msg_id or ""]
+        if pending is not None:
+            actions.append(CallCompleted(name, pending.action, now - pending.sent_at))
+            if pending.call is not None and name == self.primary:
+                actions.append(Observed(name, frame, pending.action, pending.call))
+        return actions
+
+    # -- upstreams / proxy → wallbox ------------------------------------------------------
+
+    def _submit(self, origin: str, frame: Frame, text: str, now: float) -> list[Action]:
+        if not self._waiting and self._slot_free_for(origin):
+            return self._send_to_wallbox(origin, frame, text, now)
+        self._waiting.append(_Waiting(origin, frame, text))
+        return []
+
+    def _slot_free_for(self, origin: str) -> bool:
+        return all(p.origin == origin for p in self._to_wallbox.values())
+
+    def _send_to_wallbox(self, origin: str, frame: Frame, text: str, now: float) -> list[Action]:
+        origin_id = frame.msg_id or ""
+        wire_id = origin_id
+        if origin != PROXY and self._needs_own_id(origin, origin_id):
+            wire_id = self._next_id()
+            text = replace_id(frame, wire_id, text)
+        action = frame.action or ""
+        watched = action in self.observe
+        self._to_wallbox[wire_id] = _Pending(origin, origin_id, action, now, frame if watched else None)
+        actions: list[Action] = [ToWallbox(text)]
+        if watched and origin != PROXY:
+            actions.append(Observed(origin, frame, action))
+        return actions
+
+    def _needs_own_id(self, origin: str, origin_id: str) -> bool:
+        return (origin != self.primary or origin_id.startswith(ID_PREFIX)
+                or origin_id in self._to_wallbox)
+
+    def _wallbox_answer(self, frame: Frame, now: float) -> list[Action]:
+        wire_id = frame.msg_id or ""
+        pending = self._to_wallbox.pop(wire_id, None) or self._late.pop(wire_id, None)
+        if pending is None:
+            return [ToUpstream(self.primary, frame.text)]
+        actions: list[Action] = [CallCompleted(WALLBOX, pending.action, now - pending.sent_at)]
+        if pending.origin == PROXY:
+            actions.append(ProxyAnswer(wire_id, pending.action, frame))
+        else:
+            text = frame.text if wire_id == pending.origin_id else replace_id(frame, pending.origin_id)
+            actions.append(ToUpstream(pending.origin, text))
+        if pending.call is not None:
+            actions.append(Observed(WALLBOX, frame, pending.action, pending.call))
+        actions.extend(self._drain(now))
+        return actions
+
+    def _drain(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        while self._waiting and self._slot_free_for(self._waiting[0].origin):
+            item = self._waiting.popleft()
+            actions.extend(self._send_to_wallbox(item.origin, item.frame, item.text, now))
+        return actions
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _next_id(self) -> str:
+        self._seq += 1
+        return f"{ID_PREFIX}{self._seq}"
+
+    def _remember_late(self, wire_id: str, pending: _Pending) -> None:
+        self._late[wire_id] = pending
+        while len(self._late) > _LATE_MEMORY:
+            self._late.popitem(last=False)
+
+    def _rewrite(self, source: str, destination: str, frame: Frame) -> str:
+        rewriter = self.rewriters.get(frame.action or "")
+        return frame.text if rewriter is None else rewriter(source, destination, frame)
+
+    def _inspect(self, source: str, frame: Frame) -> Malformed | None:
+        """Report a frame with a problem; strict mode drops it (a full parse, off by default)."""
+        if not self.strict and frame.problem is None:
+            return None
+        problem = strict_problem(frame) if self.strict else frame.problem
+        return None if problem is None else Malformed(source, frame, problem, dropped=self.strict)
+
+    def _refuse(self, report: Malformed) -> list[Action]:
+        """Strict mode: answer a malformed CALL with a CALLERROR to its sender, forward nothing."""
+        frame = report.frame
+        actions: list[Action] = [report]
+        if frame.kind is MessageType.CALL and frame.msg_id and len(frame.msg_id) <= MAX_ID_LENGTH:
+            error = build_error(frame.msg_id, "FormationViolation", report.problem[:200])
+            actions.append(ToWallbox(error) if report.source == WALLBOX else ToUpstream(report.source, error))
+        return actions
