@@ -154,7 +154,7 @@ async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> h11.
 
 
 async def _send(conn: h11.Connection, stream: trio.SocketStream, method: str, response: Response) -> None:
-    if conn.our_state is not h11.SEND_RESPONSE:
+    if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):  # IDLE: a 400 before any request
         return
     headers = [(b"content-type", response.content_type.encode()),
                (b"content-length", str(len(response.body)).encode()),
