@@ -199,7 +199,7 @@ class PairedSession:
         try:
             await pump(*args)
         except ConnectionClosed as exc:
-            code = exc.reason.code if exc.reason else 1006
+            code = int(exc.reason.code) if exc.reason else 1006
             reason = (exc.reason.reason if exc.reason else None) or ""
             if code == closecodes.MESSAGE_TOO_BIG and reason.startswith("Exceeded maximum"):
                 await self._violation(side, _Violation(code, reason))
