@@ -209,7 +209,7 @@ class SimBackend:
 
     async def start(self) -> int:
         self._server = await websockets.serve(self._handle, self.host, self.port,
-                                              subprotocols=list(self.subprotocols),
+                                              subprotocols=list(self.subprotocols),  # type: ignore[arg-type]
                                               max_size=8 * 1024 * 1024, ping_interval=None)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
@@ -357,7 +357,7 @@ async def connect_wallbox(url: str, cp_id: str, *, subprotocols: tuple[str, ...]
         import base64
 
         headers["Authorization"] = "Basic " + base64.b64encode(f"{cp_id}:{password}".encode()).decode()
-    websocket = await websockets.connect(url, subprotocols=list(subprotocols),  # type: ignore[arg-type]
+    websocket = await websockets.connect(url, subprotocols=list(subprotocols),  # type: ignore[arg-type,unused-ignore]
                                          additional_headers=headers, ssl=ssl, max_size=8 * 1024 * 1024,
                                          ping_interval=None, open_timeout=15)
     recorder = Recorder(on_frame)
