@@ -303,7 +303,7 @@ class PairedSession:
                 return  # the reader task reports the close
         if scope.cancelled_caught:
             self.log.warning("ping_timeout", side=side, seconds=timeout)
-            await self._end(side, 1006, "no pong", mirror=True, close_all=True)
+            await self._end(side, 1006, "no pong", mirror=True, dead=True)
 
     # -- teardown -----------------------------------------------------------------------
 
@@ -315,14 +315,22 @@ class PairedSession:
         code, reason = closecodes.after_violation(side, exc.code)
         await self._end(side, exc.code, exc.reason, mirror=False, other=(code, reason))
 
-    async def _end(self, side: str, code: int, reason: str, *, mirror: bool,
-                   close_all: bool = False, other: tuple[int, str] | None = None) -> None:
-        """First close wins: log it, close the remaining legs, cancel the pair's tasks."""
+    async def _end(self, side: str, code: int, reason: str, *, mirror: bool, close_all: bool = False,
+                   other: tuple[int, str] | None = None, dead: bool = False) -> None:
+        """First close wins: log it, close the remaining legs, cancel the pair's tasks.
+
+        ``dead``: ``side`` stopped answering; its socket is dropped without
+        waiting for a close handshake that will never come.
+        """
         if self._ending:
             return
         self._ending = True
         self.close_info = (side, code, reason)
         self.log.info("session_closing", closed_by=side, code=code, reason=reason)
+        if dead:
+            with trio.CancelScope() as drop:
+                drop.cancel()  # a cancelled aclose still closes the socket
+                await self._leg(side).aclose(closecodes.GOING_AWAY, reason)
         out_code, out_reason = (closecodes.mirror(code, reason, side) if mirror
                                 else other or (code, closecodes.truncate(reason)))
         legs = {WALLBOX: self.wallbox, **self.upstreams}
