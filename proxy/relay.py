@@ -25,6 +25,7 @@ from trio_websocket import ConnectionClosed
 
 from proxy import closecodes
 from proxy.frames import Frame
+from proxy.handshake import Refuse
 from proxy.session import (
     WALLBOX,
     Action,
@@ -60,6 +61,7 @@ class Listener:
     def session_closed(self, paired: PairedSession, side: str, code: int, reason: str) -> None: ...
     def frame_received(self, paired: PairedSession, source: str, frame: Frame, size: int) -> None: ...
     def action(self, paired: PairedSession, action: Action) -> None: ...
+    def handshake_refused(self, refusal: Refuse) -> None: ...
 
 
 @dataclass(frozen=True)

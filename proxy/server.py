@@ -110,9 +110,7 @@ class ProxyServer:
             await request.reject(refusal.status, extra_headers=refusal.headers,
                                  body=f"{refusal.reason}\n".encode())
         for listener in self.listeners:
-            listener_refused = getattr(listener, "handshake_refused", None)
-            if listener_refused is not None:
-                listener_refused(refusal)
+            listener.handshake_refused(refusal)
 
     async def _admit(self, nursery: trio.Nursery, request: WebSocketRequest, admit: Admit, peer: str) -> None:
         charger_id = admit.charger.id
