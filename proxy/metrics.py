@@ -34,6 +34,7 @@ from prometheus_client.metrics_core import Metric
 
 from proxy import __version__
 from proxy.frames import Frame, MessageType, payload_of
+from proxy.handshake import Refuse
 from proxy.relay import Listener, PairedSession
 from proxy.session import WALLBOX, Action, CallCompleted, Malformed, ProxyAnswer, ProxyCallFailed
 
@@ -438,7 +439,7 @@ class MetricsListener(Listener):
     def frame_rejected(self, paired: PairedSession, side: str, code: int, reason: str) -> None:
         self.metrics.frame_rejected(side_label(side), "binary" if code == 1003 else "too_big")
 
-    def handshake_refused(self, refusal: Any) -> None:
+    def handshake_refused(self, refusal: Refuse) -> None:
         """Called by the server for every refused handshake (:class:`proxy.handshake.Refuse`)."""
         self.metrics.handshake_refused(refusal.reason)
         if refusal.reason == "upstream_unavailable":

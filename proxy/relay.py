@@ -25,6 +25,7 @@ from trio_websocket import ConnectionClosed
 
 from proxy import closecodes
 from proxy.frames import Frame
+from proxy.handshake import Refuse
 from proxy.session import (
     WALLBOX,
     Action,
@@ -60,6 +61,7 @@ class Listener:
     def session_closed(self, paired: PairedSession, side: str, code: int, reason: str) -> None: ...
     def frame_received(self, paired: PairedSession, source: str, frame: Frame, size: int) -> None: ...
     def action(self, paired: PairedSession, action: Action) -> None: ...
+    def handshake_refused(self, refusal: Refuse) -> None: ...
     def frame_rejected(self, paired: PairedSession, side: str, code: int, reason: str) -> None: ...
 
 
@@ -200,7 +202,7 @@ class PairedSession:
         try:
             await pump(*args)
         except ConnectionClosed as exc:
-            code = exc.reason.code if exc.reason else 1006
+            code = int(exc.reason.code) if exc.reason else 1006
             reason = (exc.reason.reason if exc.reason else None) or ""
             if code == closecodes.MESSAGE_TOO_BIG and reason.startswith("Exceeded maximum"):
                 await self._violation(side, _Violation(code, reason))
@@ -304,7 +306,7 @@ class PairedSession:
                 return  # the reader task reports the close
         if scope.cancelled_caught:
             self.log.warning("ping_timeout", side=side, seconds=timeout)
-            await self._end(side, 1006, "no pong", mirror=True, close_all=True)
+            await self._end(side, 1006, "no pong", mirror=True, dead=True)
 
     # -- teardown -----------------------------------------------------------------------
 
@@ -318,14 +320,22 @@ class PairedSession:
         code, reason = closecodes.after_violation(side, exc.code)
         await self._end(side, exc.code, exc.reason, mirror=False, other=(code, reason))
 
-    async def _end(self, side: str, code: int, reason: str, *, mirror: bool,
-                   close_all: bool = False, other: tuple[int, str] | None = None) -> None:
-        """First close wins: log it, close the remaining legs, cancel the pair's tasks."""
+    async def _end(self, side: str, code: int, reason: str, *, mirror: bool, close_all: bool = False,
+                   other: tuple[int, str] | None = None, dead: bool = False) -> None:
+        """First close wins: log it, close the remaining legs, cancel the pair's tasks.
+
+        ``dead``: ``side`` stopped answering; its socket is dropped without
+        waiting for a close handshake that will never come.
+        """
         if self._ending:
             return
         self._ending = True
         self.close_info = (side, code, reason)
         self.log.info("session_closing", closed_by=side, code=code, reason=reason)
+        if dead:
+            with trio.CancelScope() as drop:
+                drop.cancel()  # a cancelled aclose still closes the socket
+                await self._leg(side).aclose(closecodes.GOING_AWAY, reason)
         out_code, out_reason = (closecodes.mirror(code, reason, side) if mirror
                                 else other or (code, closecodes.truncate(reason)))
         legs = {WALLBOX: self.wallbox, **self.upstreams}

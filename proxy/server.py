@@ -14,7 +14,7 @@ from typing import Any
 
 import trio
 import trio_websocket
-from trio_websocket import WebSocketRequest
+from trio_websocket import WebSocketConnection, WebSocketRequest
 
 from proxy import closecodes
 from proxy.config import Config, parse_listen
@@ -22,7 +22,7 @@ from proxy.handshake import Admit, Refuse, decide
 from proxy.logs import get_logger
 from proxy.relay import Listener, PairedSession, SessionSettings
 from proxy.session import PRIMARY, Session
-from proxy.upstream import UpstreamUnavailable, connect
+from proxy.upstream import UpstreamUnavailable, open_upstream
 
 
 class ProxyServer:
@@ -77,11 +77,14 @@ class ProxyServer:
     # -- one connection -------------------------------------------------------------------
 
     async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+        """One connection; whatever goes wrong in it is logged and stays in it."""
         peer = _peer(stream)
         try:
             async with trio.open_nursery() as nursery:
                 await self._handle_connection(nursery, stream, peer)
                 nursery.cancel_scope.cancel()
+        except Exception as exc:  # noqa: BLE001 - one connection must never stop the server
+            self.log.error("connection_failed", peer=peer, error=_describe(exc))
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -111,21 +114,24 @@ class ProxyServer:
 
     def _tell_refused(self, refusal: Refuse) -> None:
         for listener in self.listeners:
-            listener_refused = getattr(listener, "handshake_refused", None)
-            if listener_refused is not None:
-                listener_refused(refusal)
+            listener.handshake_refused(refusal)
 
     async def _admit(self, nursery: trio.Nursery, request: WebSocketRequest, admit: Admit, peer: str) -> None:
         charger_id = admit.charger.id
         log = self.log.bind(charger=charger_id)
+        server = self.config.server
         try:
-            upstream = await connect(nursery, admit.upstream, admit.subprotocols,
-                                     max_message_size=self.config.server.max_message_bytes)
+            async with open_upstream(admit.upstream, admit.subprotocols, max_message_size=server.max_message_bytes,
+                                     close_timeout=server.close_timeout) as upstream:
+                await self._relay(request, admit, upstream, peer, log)
         except UpstreamUnavailable as exc:
             log.warning("upstream_unavailable", peer=peer, url=admit.upstream.url, reason=exc.reason,
                         status=exc.status)
             await self._refuse(request, Refuse(exc.status, "upstream_unavailable", exc.reason, charger_id), peer)
-            return
+
+    async def _relay(self, request: WebSocketRequest, admit: Admit, upstream: WebSocketConnection,
+                     peer: str, log: Any) -> None:
+        charger_id = admit.charger.id
         wallbox = await request.accept(subprotocol=upstream.subprotocol)
         log.info("session_opened", peer=peer, upstream=admit.upstream.url,
                  subprotocol=upstream.subprotocol, known=admit.known)
@@ -158,6 +164,12 @@ class ProxyServer:
         server = self.config.server
         return SessionSettings(max_message_bytes=server.max_message_bytes,
                                ping_interval=server.ping_interval, close_timeout=server.close_timeout)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"[:300]
 
 
 def _peer(stream: Any) -> str:

@@ -15,11 +15,11 @@ Rules it enforces:
   answer gets its original id back. Action-specific rewrites (charging profile
   clamping, transaction id mapping) are plugged in via ``rewriters`` and run
   only for the actions registered there.
-* At most one origin has CALLs outstanding on the wallbox at a time. A CALL
-  from another origin (the proxy, a secondary) waits in FIFO order until the
-  slot is free or the outstanding CALL times out. An origin's own pipelining
-  is left as it was: holding a backend's second CALL behind its first would
-  change what the backend sees.
+* The proxy and secondaries have at most one CALL outstanding on the wallbox,
+  and never while another origin has one: their CALLs wait in FIFO order until
+  the slot is free or the outstanding CALL times out. The primary's own
+  pipelining (a backend that does not wait for answers) is left as it was:
+  holding its second CALL behind its first would change what it sees.
 * Answers to the proxy's CALLs (ids ``ocpp-proxy:<n>``) are consumed here.
 """
 
@@ -282,7 +282,10 @@ class Session:
         return []
 
     def _slot_free_for(self, origin: str) -> bool:
-        return all(p.origin == origin for p in self._to_wallbox.values())
+        """Free slot: nothing outstanding, or only the primary's own pipelined CALLs."""
+        if not self._to_wallbox:
+            return True
+        return origin == self.primary and all(p.origin == origin for p in self._to_wallbox.values())
 
     def _send_to_wallbox(self, origin: str, frame: Frame, text: str, now: float) -> list[Action]:
         origin_id = frame.msg_id or ""

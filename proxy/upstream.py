@@ -1,15 +1,16 @@
 """Opening the connection to a backend (trio).
 
-One function, :func:`connect`, turns an :class:`UpstreamTarget` into an open
-WebSocket or an :class:`UpstreamUnavailable` that says why, with the HTTP status
-the wallbox should see if its own handshake is refused because of it.
+:func:`open_upstream` turns an :class:`UpstreamTarget` into an open WebSocket
+or an :class:`UpstreamUnavailable` that says why, with the HTTP status the
+wallbox should see if its own handshake is refused because of it.
 """
 
 from __future__ import annotations
 
 import base64
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 import trio
 import trio_websocket
@@ -45,27 +46,45 @@ def auth_headers(target: UpstreamTarget) -> list[tuple[bytes, bytes]]:
     return [(b"Authorization", b"Basic " + token)]
 
 
-async def connect(nursery: trio.Nursery, target: UpstreamTarget, subprotocols: Sequence[str], *,
-                  max_message_size: int,
-                  ssl_context: ssl.SSLContext | None = None) -> WebSocketConnection:
-    """Open the upstream WebSocket; its reader task lives in ``nursery``."""
+@asynccontextmanager
+async def open_upstream(target: UpstreamTarget, subprotocols: Sequence[str], *, max_message_size: int,
+                        close_timeout: float = 5.0,
+                        ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[WebSocketConnection]:
+    """The upstream WebSocket for the duration of the block.
+
+    The connection's reader task lives in trio-websocket's own nursery inside
+    this block, so a backend that refuses or breaks the handshake surfaces
+    here as :class:`UpstreamUnavailable` instead of escaping into the caller's
+    nursery. Errors after the handshake (the block's own) pass through.
+    """
     if target.url.startswith("wss:") and ssl_context is None:
         try:
             ssl_context = client_ssl_context(target)
         except (OSError, ssl.SSLError) as exc:
             raise UpstreamUnavailable(f"TLS settings unusable: {exc}", 502) from exc
+    opened = False
     try:
-        with trio.fail_after(target.connect_timeout):
-            return await trio_websocket.connect_websocket_url(
-                nursery, target.url, ssl_context, subprotocols=list(subprotocols),
-                extra_headers=auth_headers(target), max_message_size=max_message_size)
-    except trio.TooSlowError as exc:
-        raise UpstreamUnavailable(f"no answer within {target.connect_timeout:g} s", 504) from exc
-    except trio_websocket.ConnectionRejected as exc:
+        async with trio_websocket.open_websocket_url(
+                target.url, ssl_context, subprotocols=list(subprotocols),
+                extra_headers=auth_headers(target), max_message_size=max_message_size,
+                connect_timeout=target.connect_timeout, disconnect_timeout=close_timeout) as connection:
+            opened = True
+            yield connection
+    except trio_websocket.DisconnectionTimeout:
+        pass  # the close handshake timed out; the socket is closed anyway
+    except (trio_websocket.HandshakeError, OSError, trio.BrokenResourceError) as exc:
+        if opened:
+            raise
+        raise _unavailable(exc, target) from exc
+
+
+def _unavailable(exc: BaseException, target: UpstreamTarget) -> UpstreamUnavailable:
+    if isinstance(exc, trio_websocket.ConnectionTimeout):
+        return UpstreamUnavailable(f"no answer within {target.connect_timeout:g} s", 504)
+    if isinstance(exc, trio_websocket.ConnectionRejected):
         status = exc.status_code if 400 <= exc.status_code < 500 else 502
-        raise UpstreamUnavailable(f"backend refused the handshake with HTTP {exc.status_code}",
-                                  status) from exc
-    except ssl.SSLError as exc:
-        raise UpstreamUnavailable(f"TLS handshake failed: {exc.reason or exc}", 502) from exc
-    except (OSError, trio.BrokenResourceError, trio_websocket.HandshakeError) as exc:
-        raise UpstreamUnavailable(f"cannot connect: {exc}", 502) from exc
+        return UpstreamUnavailable(f"backend refused the handshake with HTTP {exc.status_code}", status)
+    cause = exc.__cause__ or exc
+    if isinstance(cause, ssl.SSLError):
+        return UpstreamUnavailable(f"TLS handshake failed: {cause.reason or cause}", 502)
+    return UpstreamUnavailable(f"cannot connect: {cause or type(cause).__name__}", 502)

@@ -1,0 +1,56 @@
+"""Shared fixtures: an asyncio thread for ocpp-library peers, a simulated backend,
+and a way to start the proxy in-process on 127.0.0.1 with a config text."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+
+import pytest
+import trio
+
+from proxy.config import loads
+from proxy.server import ProxyServer
+from proxy.simulators import LoopThread, SimBackend
+from tests.peers import in_loop
+
+
+@pytest.fixture
+def peers() -> Iterator[LoopThread]:
+    loop = LoopThread()
+    yield loop
+    loop.close()
+
+
+@pytest.fixture
+async def backend(peers: LoopThread) -> AsyncIterator[SimBackend]:
+    sim = SimBackend()
+    await in_loop(peers, sim.start())
+    yield sim
+    await in_loop(peers, sim.stop())
+
+
+StartProxy = Callable[[str], Awaitable[ProxyServer]]
+
+
+@pytest.fixture
+def start_proxy(nursery: trio.Nursery) -> StartProxy:
+    """``await start_proxy(toml_text)`` → a serving ProxyServer (listen defaults to 127.0.0.1:0)."""
+
+    async def start(text: str) -> ProxyServer:
+        if "listen" not in text.split("[backend]")[0]:
+            text = text.replace("[server]", '[server]\nlisten = "127.0.0.1:0"', 1) if "[server]" in text \
+                else '[server]\nlisten = "127.0.0.1:0"\n' + text
+        server = ProxyServer(loads(text))
+        await nursery.start(server.serve)
+        return server
+
+    return start
+
+
+def proxy_url(server: ProxyServer, cp_id: str, scheme: str = "ws") -> str:
+    return f"{scheme}://127.0.0.1:{server.ports[0]}/ocpp/{cp_id}"
+
+
+def backend_config(backend: SimBackend, extra: str = "", chargers: tuple[str, ...] = ("CP1",)) -> str:
+    entries = "".join(f'[[chargers]]\nid = "{cp}"\n' for cp in chargers)
+    return f'[server]\n{extra}\n[backend]\nurl = "ws://127.0.0.1:{backend.port}/ocpp"\n{entries}'

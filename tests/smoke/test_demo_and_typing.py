@@ -1,0 +1,26 @@
+"""The README's demo command works, and the package stays mypy --strict clean."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+from proxy.demo import run_demo
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_demo_runs_and_reports_byte_identical_frames() -> None:
+    out = io.StringIO()
+    assert run_demo(wallboxes=2, out=out) == 0
+    text = out.getvalue()
+    assert "all frames arrived byte-identical" in text
+    assert "CP002" in text and "DataTransfer" in text and "StopTransaction" in text
+
+
+def test_mypy_strict_is_clean() -> None:
+    result = subprocess.run([sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml")],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:]

@@ -1,0 +1,98 @@
+"""Config loading: typed values, every error with key and line, secrets from env/files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy.config import ConfigError, loads, schema_rows, upstream_url
+
+GOOD = """
+[server]
+listen = "127.0.0.1:19520"
+
+[backend]
+url = "wss://backend.example/ocpp"
+password_env = "BACKEND_PW"
+
+[[chargers]]
+id = "CP001"
+upstream_id = "DE*ABC*E123"
+
+[[chargers]]
+id = "CP002"
+upstream_url = "ws://other.example/ws/CP002"
+upstream_password_file = "pw.txt"
+"""
+
+
+def test_good_config_resolves_upstreams(tmp_path: Path) -> None:
+    (tmp_path / "pw.txt").write_text("file-secret\n")
+    config = loads(GOOD, environ={"BACKEND_PW": "env-secret"}, base_dir=tmp_path)
+    first = config.upstream_for(config.chargers[0])
+    assert (first.url, first.identity, first.password) == (
+        "wss://backend.example/ocpp/DE%2AABC%2AE123", "DE*ABC*E123", "env-secret")
+    second = config.upstream_for(config.chargers[1])
+    assert (second.url, second.password) == ("ws://other.example/ws/CP002", "file-secret")
+    assert "secret" not in repr(first)
+    assert config.server.listen == "127.0.0.1:19520" and config.server.tls == "off"
+
+
+def errors(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        loads(text, "site.toml", environ={})
+    return [p.render("site.toml") for p in info.value.problems]
+
+
+def test_errors_name_key_and_line() -> None:
+    text = '[server]\nlisten = "nonsense"\ntls = "maybe"\nmax_message_bytes = "big"\ntypo = 1\n' \
+           '[backend]\nurl = "http://x"\n[[chargers]]\nid = "A"\n[[chargers]]\nid = "A"\nmax_curent = 16\n'
+    assert errors(text) == [
+        "site.toml:2: server.listen: must be HOST:PORT or [IPv6]:PORT, got 'nonsense'",
+        "site.toml:3: server.tls: must be one of off, detect, on; got 'maybe'",
+        "site.toml:4: server.max_message_bytes: must be an integer, got a string",
+        "site.toml:5: server.typo: unknown key",
+        "site.toml:7: backend.url: must be a ws:// or wss:// URL, got 'http://x'",
+        "site.toml:12: chargers[1].max_curent: unknown key",
+        "site.toml:8: chargers[0].upstream_url: no backend URL: set this or [backend] url",
+        "site.toml:11: chargers[1].id: duplicate charger id 'A' (also chargers[0])",
+        "site.toml:10: chargers[1].upstream_url: no backend URL: set this or [backend] url",
+    ]
+
+
+def test_missing_required_and_secret_sources() -> None:
+    assert errors('[[chargers]]\npassword_env = "NOPE"\n') == [
+        "site.toml:1: chargers[0].id: is required",
+        "site.toml:2: chargers[0].password_env: environment variable 'NOPE' is not set",
+    ]
+    assert errors("[server\n")[0].startswith("site.toml:1: (syntax)")
+
+
+def test_upstream_url_appends_identity_once() -> None:
+    assert upstream_url("ws://h/ocpp", "CP1") == "ws://h/ocpp/CP1"
+    assert upstream_url("ws://h/ocpp/", "CP1") == "ws://h/ocpp/CP1"
+    assert upstream_url("ws://h/ocpp/CP1", "CP1") == "ws://h/ocpp/CP1"
+    assert upstream_url("ws://h/o", "A B") == "ws://h/o/A%20B"
+
+
+def test_every_setting_is_documented() -> None:
+    rows = list(schema_rows())
+    assert {"server.listen", "backend.url", "chargers[].id"} <= {key for key, *_ in rows}
+    assert all(doc for *_, doc in rows)
+
+
+def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[backend]\nurl = "ws://x/ocpp"\n[[chargers]]\nid = "CP1"\nmax_curent = 16\n')
+    result = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(bad)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"{bad}:5: chargers[0].max_curent: unknown key" in result.stderr
+    good = tmp_path / "good.toml"
+    good.write_text('[backend]\nurl = "ws://x/ocpp"\n[[chargers]]\nid = "CP1"\n')
+    result = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(good)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
