@@ -1,10 +1,11 @@
 """What /healthz and /readyz answer (sans-IO).
 
 *Healthy* means the process is alive and its event loop runs: the monitor's
-heartbeat task records when it woke and how late; a loop that was blocked
+heartbeat task records when it woke and how late. A loop that was blocked
 shows either as a stale last beat (the request got in first) or as a late
-beat (the heartbeat got in first), so the answer does not depend on which task
-the scheduler runs first. Docker's HEALTHCHECK restarts an unhealthy proxy.
+beat (the heartbeat got in first); a stall stays reported for ``max_silence``
+afterwards, so the answer does not depend on which task the scheduler runs
+first. Docker's HEALTHCHECK marks a proxy unhealthy after repeated failures.
 
 *Ready* means the wallbox port is listening, the configuration is loaded and
 the proxy is not shutting down. A backend that cannot be reached does not
@@ -31,21 +32,27 @@ class Heartbeat:
     max_silence: float = MAX_SILENCE
     last: float | None = None
     lag: float = 0.0
+    #: The latest beat that came more than ``max_silence`` late, and how late.
+    stalled_at: float | None = None
+    stall: float = 0.0
 
     def beat(self, now: float, scheduled: float) -> float:
         """The heartbeat task woke at ``now``, due at ``scheduled``; returns the lag."""
         self.lag = max(0.0, now - scheduled)
         self.last = now
+        if self.lag > self.max_silence:
+            self.stalled_at, self.stall = now, self.lag
         return self.lag
 
     def check(self, now: float) -> tuple[bool, str]:
+        """Unhealthy while the loop is silent, and for ``max_silence`` after a stall."""
         if self.last is None:
             return False, "event loop heartbeat not started"
         silence = now - self.last
         if silence > self.max_silence:
             return False, f"event loop silent for {silence:.1f} s"
-        if self.lag > self.max_silence:
-            return False, f"event loop stalled for {self.lag:.1f} s"
+        if self.stalled_at is not None and now - self.stalled_at <= self.max_silence:
+            return False, f"event loop stalled for {self.stall:.1f} s, {now - self.stalled_at:.1f} s ago"
         return True, f"ok (loop lag {self.lag * 1000:.1f} ms)"
 
 
