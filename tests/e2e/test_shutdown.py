@@ -157,3 +157,20 @@ async def test_sigint_with_a_wallbox_that_never_answers_the_close(nursery: trio.
     names = [e["event"] for e in proxy.events]
     assert "stopped" in names
     assert backend.closes["CP0"] == 1001
+
+
+async def test_port_in_use_fails_start_up_with_exit_1(tmp_path: Path) -> None:
+    taken = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = taken[0].socket.getsockname()[1]
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n[backend]\nurl = "ws://127.0.0.1:1/ocpp"\n'
+                      '[metrics]\nlisten = "127.0.0.1:0"\n[log]\nformat = "json"\n')
+    with trio.fail_after(20):
+        result = await trio.run_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
+                                        cwd=ROOT, capture_stderr=True, check=False)
+    for listener in taken:
+        await listener.aclose()
+    assert result.returncode == 1
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+    failed = [e for e in events if e["event"] == "startup_failed"]
+    assert failed and "in use" in failed[0]["error"]
