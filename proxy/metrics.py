@@ -433,8 +433,8 @@ class MetricsListener(Listener):
             outcome = "result" if answer.kind is MessageType.CALLRESULT else "error"
             self.metrics.own_call(action.action, outcome)  # type: ignore[union-attr]
         elif kind is ProxyCallFailed:
-            reason = action.reason  # type: ignore[union-attr]
-            self.metrics.own_call(action.action, "timeout" if reason == "timeout" else "closed")  # type: ignore[union-attr]
+            outcome = "timeout" if action.reason == "timeout" else "closed"  # type: ignore[union-attr]
+            self.metrics.own_call(action.action, outcome)  # type: ignore[union-attr]
 
     def frame_rejected(self, paired: PairedSession, side: str, code: int, reason: str) -> None:
         self.metrics.frame_rejected(side_label(side), "binary" if code == 1003 else "too_big")

@@ -61,7 +61,7 @@ def stage_sources(target: Path) -> None:
 
 
 def run(args: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(args, check=False, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, f"{args} failed:\n{result.stdout}\n{result.stderr}"
     return result
 
@@ -99,6 +99,6 @@ def test_wheel_installs_into_a_fresh_venv_like_the_image(tmp_path: Path) -> None
     assert where.stdout.strip().startswith(str(venv))
     broken = elsewhere / "broken.toml"
     broken.write_text('[server]\nlisten = "nowhere"\n')
-    refused = subprocess.run([script, "check-config", str(broken)], cwd=elsewhere, env=env,
+    refused = subprocess.run([script, "check-config", str(broken)], check=False, cwd=elsewhere, env=env,
                              capture_output=True, text=True, timeout=60)
     assert refused.returncode == 2 and "server.listen" in refused.stderr

@@ -13,7 +13,7 @@ import trio_websocket
 from trio_websocket import open_websocket_url
 
 from proxy.health import Heartbeat
-from tests.opskit import build_stack, config_text, http_get, start_backend, start_stack, value, scrape
+from tests.opskit import build_stack, config_text, http_get, scrape, start_backend, start_stack, value
 
 
 async def test_readiness_follows_start_up_and_shutdown(nursery: trio.Nursery) -> None:
@@ -136,7 +136,7 @@ async def test_healthz_fails_after_the_event_loop_was_blocked(nursery: trio.Nurs
     # request is sent from a blocking socket meanwhile, so it can only be answered afterwards.
     sock = socket.create_connection(("127.0.0.1", port), timeout=5)
     sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
-    time.sleep(0.6)
+    time.sleep(0.6)  # noqa: ASYNC251 - blocking is the point
     sock.setblocking(False)
     answer = await _read_all(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
     assert answer.startswith(b"HTTP/1.1 503 "), answer

@@ -34,7 +34,7 @@ async def call(ws: trio_websocket.WebSocketConnection, text: str) -> str:
 async def test_counters_and_histograms_follow_a_session(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery)
     stack = await start_stack(nursery, config_text(backend.port))
-    families, before = await scrape(stack)
+    _, before = await scrape(stack)
     assert value(before, "ocpp_proxy_charger_connected", charger="CP1") == 0
     assert value(before, "ocpp_proxy_connections", side="wallbox") == 0
 
