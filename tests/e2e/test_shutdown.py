@@ -174,3 +174,29 @@ async def test_port_in_use_fails_start_up_with_exit_1(tmp_path: Path) -> None:
     events = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
     failed = [e for e in events if e["event"] == "startup_failed"]
     assert failed and "in use" in failed[0]["error"]
+
+
+async def test_metrics_can_be_turned_off(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """`[metrics] listen = ""`: no monitoring port, the proxy itself runs and stops as usual."""
+    backend = await start_backend(nursery)
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:0"\n[backend]\nurl = "ws://127.0.0.1:{backend.port}/ocpp"\n'
+                      '[metrics]\nlisten = ""\n[log]\nformat = "json"\n[[chargers]]\nid = "CP0"\n')
+    process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
+                                               cwd=ROOT, stderr=subprocess.PIPE)
+    proxy = ProxyProcess(process)
+    try:
+        port = (await proxy.wait_event("listening"))["ports"][0]
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/ocpp/CP0", subprotocols=["ocpp1.6"]) as ws:
+            await ws.send_message('[2,"1","Heartbeat",{}]')
+            with trio.fail_after(5):
+                assert await ws.get_message() == '[3, "1", {}]'
+            process.send_signal(signal.SIGTERM)
+            with trio.fail_after(20):
+                assert await process.wait() == 0
+        await proxy.drain_log()
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert "metrics_listening" not in [e["event"] for e in proxy.events]
