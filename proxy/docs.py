@@ -146,7 +146,7 @@ def render_reference() -> str:
         "# Configuration reference",
         "",
         "<!-- Generated from the schema in proxy/config.py by `python -m proxy.docs`. Do not edit:",
-        "     tests/test_docs.py fails when this file and the schema differ. -->",
+        "     tests/test_deploy.py fails when this file and the schema differ. -->",
         "",
         "ocpp-proxy reads one TOML file (`ocpp-proxy run --config FILE`). "
         "`ocpp-proxy check-config FILE` validates it without starting; every error names the key "

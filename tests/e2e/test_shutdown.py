@@ -131,32 +131,62 @@ async def test_sigterm_during_traffic(nursery: trio.Nursery, tmp_path: Path) -> 
     assert "stop_timeout" not in names
 
 
+HANDSHAKE = (b"GET /ocpp/CP0 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+             b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
+             b"Sec-WebSocket-Protocol: ocpp1.6\r\n\r\n")
+
+
+async def stuck_wallbox(proxy: ProxyProcess, port: int) -> trio.SocketStream:
+    """A wallbox that completes the handshake and then never reads again (no close reply)."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(HANDSHAKE)
+    with trio.fail_after(10):
+        handshake = await stream.receive_some(4096)
+    assert handshake.startswith(b"HTTP/1.1 101 ")
+    await proxy.wait_event("session_opened")
+    return stream
+
+
+async def read_to_end(stream: trio.SocketStream) -> bytes:
+    rest = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(4096):
+            rest += chunk
+    await stream.aclose()
+    return rest
+
+
 async def test_sigint_with_a_wallbox_that_never_answers_the_close(nursery: trio.Nursery, tmp_path: Path) -> None:
-    """A wallbox that ignores the close handshake cannot hold the shutdown: it is bounded."""
+    """A wallbox that ignores the close handshake cannot hold the shutdown: close_timeout bounds it."""
     backend = await start_backend(nursery)
     async with proxy_process(tmp_path, backend.port, 1, close_timeout=0.5) as (proxy, port):
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        await stream.send_all(b"GET /ocpp/CP0 HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                              b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-                              b"Sec-WebSocket-Protocol: ocpp1.6\r\n\r\n")
-        with trio.fail_after(10):
-            handshake = await stream.receive_some(4096)
-        assert handshake.startswith(b"HTTP/1.1 101 ")
-        await proxy.wait_event("session_opened")
+        stream = await stuck_wallbox(proxy, port)
         proxy.process.send_signal(signal.SIGINT)
-        with trio.fail_after(20):  # a guard, not a speed assertion: close_timeout bounds the wait
+        with trio.fail_after(20):  # a guard, not a speed assertion
             assert await proxy.process.wait() == 0
         await proxy.drain_log()
-        rest = b""
-        with trio.fail_after(5):
-            while chunk := await stream.receive_some(4096):
-                rest += chunk
-        await stream.aclose()
+        rest = await read_to_end(stream)
     # The proxy did send its close frame (opcode 8, unmasked) with code 1001 before giving up.
     assert rest[:1] == b"\x88" and rest[2:4] == (1001).to_bytes(2, "big")
     names = [e["event"] for e in proxy.events]
-    assert "stopped" in names
+    assert "stopped" in names and "stopping_now" not in names
     assert backend.closes["CP0"] == 1001
+
+
+async def test_second_signal_stops_at_once(nursery: trio.Nursery, tmp_path: Path) -> None:
+    """With a long close_timeout and a stuck wallbox, a second SIGTERM ends the drain."""
+    backend = await start_backend(nursery)
+    async with proxy_process(tmp_path, backend.port, 1, close_timeout=60) as (proxy, port):
+        stream = await stuck_wallbox(proxy, port)
+        proxy.process.send_signal(signal.SIGTERM)
+        await proxy.wait_event("session_closing")  # draining, waiting for a close reply that never comes
+        proxy.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):  # far below 2 x close_timeout: only the second signal explains it
+            assert await proxy.process.wait() == 0
+        await proxy.drain_log()
+        await read_to_end(stream)
+    names = [e["event"] for e in proxy.events]
+    assert names.index("stopping") < names.index("stopping_now") < names.index("stopped")
 
 
 async def test_port_in_use_fails_start_up_with_exit_1(tmp_path: Path) -> None:
