@@ -207,3 +207,15 @@ async def test_unknown_chargers_leave_no_series_behind(nursery: trio.Nursery) ->
     chargers = {dict(labels).get("charger") for _, labels in samples} - {None}
     assert chargers == {"CP1"}
     assert value(samples, "ocpp_proxy_sessions_opened_total") == 2
+
+
+async def test_handshake_timeouts_are_counted(nursery: trio.Nursery) -> None:
+    """A TCP client that never sends its HTTP request (a port scan, TLS to a plain port)."""
+    backend = await start_backend(nursery)
+    stack = await start_stack(nursery, config_text(backend.port, "handshake_timeout = 0.2"))
+    stream = await trio.open_tcp_stream("127.0.0.1", stack.server.ports[0])
+    with trio.fail_after(5):
+        assert await stream.receive_some(1024) == b""  # the proxy hung up after handshake_timeout
+    await stream.aclose()
+    _, samples = await scrape(stack)
+    assert value(samples, "ocpp_proxy_handshake_rejections_total", reason="handshake_timeout") == 1
