@@ -13,10 +13,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import trio
-import trio_websocket
-from trio_websocket import WebSocketConnection, WebSocketRequest
 
-from proxy import closecodes
+from proxy import closecodes, wsconn
 from proxy.config import Config, parse_listen
 from proxy.handshake import Admit, Refuse, decide
 from proxy.logs import get_logger
@@ -92,8 +90,8 @@ class ProxyServer:
         server = self.config.server
         request = None
         with trio.move_on_after(server.handshake_timeout):
-            request = await trio_websocket.wrap_server_stream(
-                nursery, stream, max_message_size=server.max_message_bytes)
+            request = await wsconn.wrap_server_stream(
+                nursery, stream, max_message_size=server.max_message_bytes, close_timeout=server.close_timeout)
         if request is None:
             self.log.warning("handshake_timeout", peer=peer, seconds=server.handshake_timeout)
             self._tell_refused(Refuse(408, "handshake_timeout", f"no handshake in {server.handshake_timeout:g} s"))
@@ -104,7 +102,7 @@ class ProxyServer:
             return
         await self._admit(nursery, request, decision, peer)
 
-    async def _refuse(self, request: WebSocketRequest, refusal: Refuse, peer: str) -> None:
+    async def _refuse(self, request: wsconn.WsRequest, refusal: Refuse, peer: str) -> None:
         self.log.warning("handshake_refused", peer=peer, charger=refusal.charge_box_id,
                          status=refusal.status, reason=refusal.reason, detail=refusal.detail)
         with trio.move_on_after(self.config.server.close_timeout):
@@ -116,7 +114,7 @@ class ProxyServer:
         for listener in self.listeners:
             listener.handshake_refused(refusal)
 
-    async def _admit(self, nursery: trio.Nursery, request: WebSocketRequest, admit: Admit, peer: str) -> None:
+    async def _admit(self, nursery: trio.Nursery, request: wsconn.WsRequest, admit: Admit, peer: str) -> None:
         charger_id = admit.charger.id
         log = self.log.bind(charger=charger_id)
         server = self.config.server
@@ -129,7 +127,7 @@ class ProxyServer:
                         status=exc.status)
             await self._refuse(request, Refuse(exc.status, "upstream_unavailable", exc.reason, charger_id), peer)
 
-    async def _relay(self, request: WebSocketRequest, admit: Admit, upstream: WebSocketConnection,
+    async def _relay(self, request: wsconn.WsRequest, admit: Admit, upstream: wsconn.WsConnection,
                      peer: str, log: Any) -> None:
         charger_id = admit.charger.id
         wallbox = await request.accept(subprotocol=upstream.subprotocol)

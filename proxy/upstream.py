@@ -14,8 +14,8 @@ from contextlib import asynccontextmanager
 
 import trio
 import trio_websocket
-from trio_websocket import WebSocketConnection
 
+from proxy import wsconn
 from proxy.config import UpstreamTarget
 
 
@@ -49,7 +49,7 @@ def auth_headers(target: UpstreamTarget) -> list[tuple[bytes, bytes]]:
 @asynccontextmanager
 async def open_upstream(target: UpstreamTarget, subprotocols: Sequence[str], *, max_message_size: int,
                         close_timeout: float = 5.0,
-                        ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[WebSocketConnection]:
+                        ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[wsconn.WsConnection]:
     """The upstream WebSocket for the duration of the block.
 
     The connection's reader task lives in trio-websocket's own nursery inside
@@ -64,7 +64,7 @@ async def open_upstream(target: UpstreamTarget, subprotocols: Sequence[str], *, 
             raise UpstreamUnavailable(f"TLS settings unusable: {exc}", 502) from exc
     opened = False
     try:
-        async with trio_websocket.open_websocket_url(
+        async with wsconn.open_websocket_url(
                 target.url, ssl_context, subprotocols=list(subprotocols),
                 extra_headers=auth_headers(target), max_message_size=max_message_size,
                 connect_timeout=target.connect_timeout, disconnect_timeout=close_timeout) as connection:
