@@ -302,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, help="runs per scenario (median reported)")
     parser.add_argument("--paths", help="comma-separated subset of direct,proxy,websocat")
     parser.add_argument("--only", help="comma-separated subset of rate,saturate,setup,idle")
+    parser.add_argument("--counts", help="comma-separated wallbox counts for the rate and saturation scenarios")
     parser.add_argument("--loadgen-procs", type=int, help="load generator processes in saturation runs")
     parser.add_argument("--out", type=Path, default=RESULTS, help="report directory (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -310,6 +311,8 @@ def main(argv: list[str] | None = None) -> int:
         settings.repeats = args.repeats
     if args.paths:
         settings.paths = tuple(args.paths.split(","))
+    if args.counts:
+        settings.rate_counts = settings.saturate_counts = tuple(int(c) for c in args.counts.split(","))
     if args.loadgen_procs:
         settings.loadgen_procs = args.loadgen_procs
     if args.only:

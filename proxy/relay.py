@@ -89,6 +89,7 @@ class Outbox:
         self._queue: deque[str] = deque()
         self._sending = False
         self._space = trio.Event()
+        self._blocked = False  # a producer waits for room: only then is there anyone to wake
 
     def put(self, text: str) -> None:
         if not self.closed:
@@ -98,22 +99,26 @@ class Outbox:
         """Write queued frames, or wait for room if another task is writing."""
         if self._sending:
             while len(self._queue) > self.limit and not self.closed:
+                self._blocked = True
                 await self._space.wait()
             return
         self._sending = True
+        queue, send = self._queue, self.connection.send_message
         try:
-            while self._queue:
-                await self.connection.send_message(self._queue.popleft())
-                if len(self._queue) <= self.limit:
+            while queue:
+                await send(queue.popleft())
+                if self._blocked and len(queue) <= self.limit:
                     self._wake()
         except ConnectionClosed:
             self.closed = True  # the leg's reader sees the close and ends the pair
-            self._queue.clear()
+            queue.clear()
         finally:
             self._sending = False
-            self._wake()
+            if self._blocked:
+                self._wake()
 
     def _wake(self) -> None:
+        self._blocked = False
         self._space.set()
         self._space = trio.Event()
 
@@ -133,8 +138,9 @@ class PairedSession:
         self._wallbox_out = Outbox(wallbox)
         self._upstream_out = {name: Outbox(conn) for name, conn in upstreams.items()}
         self._waiters: dict[str, tuple[trio.Event, list[Frame | str]]] = {}
-        self._timer_wake = trio.Event()
-        self._armed: float | None = None
+        # The timer task sleeps in this scope; a new earlier deadline moves the
+        # scope's deadline instead of waking the task (no task switch per frame).
+        self._timer = trio.CancelScope()
         self._ending = False
         self._cancel: trio.CancelScope | None = None
         self.closed = trio.Event()
@@ -258,8 +264,8 @@ class PairedSession:
             else:
                 self._notify(action)
         deadline = self.session.next_deadline()
-        if deadline is not None and (self._armed is None or deadline < self._armed):
-            self._timer_wake.set()
+        if deadline is not None and deadline < self._timer.deadline:
+            self._timer.deadline = deadline
 
     async def _flush(self) -> None:
         await self._wallbox_out.flush()
@@ -282,11 +288,9 @@ class PairedSession:
 
     async def _run_timers(self) -> None:
         while True:
-            self._armed = self.session.next_deadline()
-            with trio.move_on_at(self._armed if self._armed is not None else float("inf")):
-                await self._timer_wake.wait()
-                self._timer_wake = trio.Event()
-                continue
+            deadline = self.session.next_deadline()
+            with trio.CancelScope(deadline=float("inf") if deadline is None else deadline) as self._timer:
+                await trio.sleep_forever()
             await self._execute(self.session.poll(trio.current_time()))
 
     async def _run_pings(self) -> None:
