@@ -91,6 +91,10 @@ class Outbox:
         self._space = trio.Event()
         self._blocked = False  # a producer waits for room: only then is there anyone to wake
 
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
     def put(self, text: str) -> None:
         if not self.closed:
             self._queue.append(text)
@@ -268,9 +272,12 @@ class PairedSession:
             self._timer.deadline = deadline
 
     async def _flush(self) -> None:
-        await self._wallbox_out.flush()
+        # An empty outbox has nothing to write or wait for: skip the call.
+        if self._wallbox_out.pending:
+            await self._wallbox_out.flush()
         for outbox in self._upstream_out.values():
-            await outbox.flush()
+            if outbox.pending:
+                await outbox.flush()
 
     def _notify(self, action: Action) -> None:
         if isinstance(action, (ProxyAnswer, ProxyCallFailed)):
