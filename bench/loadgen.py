@@ -1,12 +1,12 @@
 """The load generator: simulated wallboxes that send CALLs and time the answers (asyncio).
 
-    python -m bench.loadgen '{"targets": [[port, path], ...]}'
+    python -m bench.loadgen '{"targets": [[port, path], ...]}'     # or @FILE holding that JSON
 
 One process opens every connection it is given (at most ``concurrency``
 handshakes in flight), prints one JSON line with the set-up times, then obeys
 stdin lines from the runner:
 
-* ``load {"mode": "rate"|"saturate", "duration": s, "warmup": s, "rate": f}``:
+* ``load {"mode": "rate"|"saturate"|"once", "duration": s, "warmup": s, "rate": f}``:
   ``rate`` sends one CALL per wallbox every ``1/rate`` s (open loop, random
   phase); ``saturate`` sends the next CALL as soon as the answer is in (closed
   loop). CALLs alternate between a Heartbeat (``[2,"id","Heartbeat",{}]``) and
@@ -184,7 +184,10 @@ async def run_load(wallboxes: list[Wallbox], stats: Stats, spec: dict[str, Any])
     duration, warmup = float(spec["duration"]), float(spec.get("warmup", 1.0))
     began = time.monotonic()
     stats.reset(began + warmup, began + warmup + duration)
-    if spec["mode"] == "saturate":
+    if spec["mode"] == "once":  # one CALL each, then wait for every answer (up to the grace period)
+        for wallbox in wallboxes:
+            wallbox.send_call()
+    elif spec["mode"] == "saturate":
         for wallbox in wallboxes:
             wallbox.saturating = True
             wallbox.send_call()
@@ -200,11 +203,12 @@ async def run_load(wallboxes: list[Wallbox], stats: Stats, spec: dict[str, Any])
         for wallbox in wallboxes:
             first = loop.time() + random.random() * period
             loop.call_at(first, tick, wallbox, first)
-    await asyncio.sleep(stats.end - time.monotonic())
+    if spec["mode"] != "once":
+        await asyncio.sleep(stats.end - time.monotonic())
     for wallbox in wallboxes:
         wallbox.saturating = False
     # Let the last answers come in (they are counted only if sent inside the window).
-    grace = time.monotonic() + 5.0
+    grace = time.monotonic() + float(spec.get("grace", 5.0))
     while any(w.pending for w in wallboxes) and time.monotonic() < grace:
         await asyncio.sleep(0.05)
     unanswered = sum(len(w.pending) for w in wallboxes)
@@ -253,7 +257,11 @@ async def main_async(job: dict[str, Any]) -> None:
 
 def main() -> None:
     raise_nofile()
-    asyncio.run(main_async(json.loads(sys.argv[1])))
+    argument = sys.argv[1]
+    if argument.startswith("@"):
+        with open(argument[1:]) as f:
+            argument = f.read()
+    asyncio.run(main_async(json.loads(argument)))
 
 
 if __name__ == "__main__":

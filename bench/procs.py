@@ -134,8 +134,11 @@ class LoadGen(LineProcess):
     """One load-generator process; :meth:`connected` waits for its connections."""
 
     def __init__(self, targets: list[tuple[int, str]], concurrency: int = 1000) -> None:
-        job = json.dumps({"targets": targets, "concurrency": concurrency})
-        super().__init__([sys.executable, "-m", "bench.loadgen", job])
+        # The job goes through a file: 10 000 targets do not fit on a command line.
+        with tempfile.NamedTemporaryFile("w", suffix=".json", prefix="loadgen-", delete=False) as job:
+            json.dump({"targets": targets, "concurrency": concurrency}, job)
+        self.job = Path(job.name)
+        super().__init__([sys.executable, "-m", "bench.loadgen", "@" + job.name])
 
     def connected(self, timeout: float) -> dict[str, Any]:
         return self.read_json(timeout)
@@ -148,6 +151,7 @@ class LoadGen(LineProcess):
             except (TimeoutError, RuntimeError):
                 pass
         self.stop()
+        self.job.unlink(missing_ok=True)
 
 
 # --- the paths --------------------------------------------------------------------------

@@ -154,10 +154,9 @@ def measure_idle(suite: Suite, path: Path_, count: int) -> dict[str, Any]:
         time.sleep(suite.settings.settle)
         after = sum(memory(pid) for pid in path.pids)
         # Every connection still paired: one round trip each.
-        check = [g.send("load " + json.dumps({"mode": "rate", "duration": 1.0, "warmup": 0.0, "rate": 1.0}))
-                 for g in gens]
-        del check
-        loads = [g.read_json(120) for g in gens]
+        for gen in gens:
+            gen.send("load " + json.dumps({"mode": "once", "duration": 60.0, "warmup": 0.0, "grace": 60.0}))
+        loads = [g.read_json(180) for g in gens]
     finally:
         _close(gens)
     answered = sum(len(load["latencies_us"][k]) for load in loads for k in ("hb", "mv"))
@@ -167,6 +166,7 @@ def measure_idle(suite: Suite, path: Path_, count: int) -> dict[str, Any]:
         "failures": len(opened["failures"]),
         "failure_examples": opened["failures"][:3],
         "answered_after_idle": answered,
+        "unanswered_after_idle": sum(load["unanswered"] for load in loads),
         "memory_kind": "PSS (sum over processes)" if isinstance(path, Websocat) else "RSS",
         "before_bytes": before,
         "after_bytes": after,
