@@ -169,7 +169,7 @@ async def open_all(targets: list[tuple[int, str]], stats: Stats, concurrency: in
             try:
                 _, wallbox = await loop.create_connection(lambda: Wallbox(host, port, path, stats), host, port)
                 opened = await asyncio.wait_for(wallbox.opened, 60)
-            except (OSError, asyncio.TimeoutError) as exc:
+            except (TimeoutError, OSError) as exc:
                 failures.append(f"{path}: {exc!r}"[:200])
                 return
         wallboxes.append(wallbox)

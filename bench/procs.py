@@ -58,6 +58,7 @@ class LineProcess:
     """A child speaking JSON lines on stdout and taking commands on stdin."""
 
     def __init__(self, args: list[str], *, stderr: Any = None) -> None:
+        self.name = " ".join(args[1:3])
         self.process = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=stderr, cwd=ROOT, env=_env())
         assert self.process.stdout is not None
@@ -81,14 +82,14 @@ class LineProcess:
         while b"\n" not in self._buffer:
             left = deadline - time.monotonic()
             if left <= 0:
-                raise TimeoutError(f"{self.process.args[:4]!r}: no answer within {timeout} s")
+                raise TimeoutError(f"{self.name}: no answer within {timeout} s")
             if self._selector.select(min(left, 1.0)):
                 chunk = self._out.read()
                 if chunk == b"" and self.process.poll() is not None:
-                    raise RuntimeError(f"{self.process.args[:4]!r} exited with {self.process.returncode}")
+                    raise RuntimeError(f"{self.name} exited with {self.process.returncode}")
                 self._buffer += chunk or b""
             elif self.process.poll() is not None:
-                raise RuntimeError(f"{self.process.args[:4]!r} exited with {self.process.returncode}")
+                raise RuntimeError(f"{self.name} exited with {self.process.returncode}")
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line.decode()
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import socket
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -21,7 +20,17 @@ from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.procs import Backend, Direct, LoadGen, OcppProxy, Path_, Websocat, cpu_of, websocat_binary, workdir
+from bench.procs import (
+    Backend,
+    Direct,
+    LoadGen,
+    OcppProxy,
+    Path_,
+    Websocat,
+    cpu_of,
+    websocat_binary,
+    workdir,
+)
 from bench.sysinfo import load_average, machine, pss_bytes, raise_nofile, rss_bytes
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -277,7 +286,7 @@ def run_suite(settings: Settings, out: Path | None = RESULTS) -> dict[str, Any]:
     info["load_average_end"] = load_average()
     info["suite_seconds"] = round(time.monotonic() - started, 1)
     info["host"] = socket.gethostname()
-    document = {"machine": info, "settings": settings.__dict__, "notes": suite.notes,
+    document: dict[str, Any] = {"machine": info, "settings": settings.__dict__, "notes": suite.notes,
                 "results": suite.results}
     document["targets"] = report.targets(document)
     if out is not None:

@@ -93,7 +93,7 @@ class FrameParser:
     after which the parser accepts nothing more.
     """
 
-    __slots__ = ("_masked", "_limit", "_rest", "_parts", "_part_type", "_size", "_failed")
+    __slots__ = ("_failed", "_limit", "_masked", "_part_type", "_parts", "_rest", "_size")
 
     def __init__(self, *, from_client: bool, max_message_size: int) -> None:
         self._masked = 0x80 if from_client else 0
