@@ -172,6 +172,7 @@ def markdown(document: dict[str, Any]) -> str:
             lat = [_cell(row.get(p), lambda r: f"{_ms(r['latency_us']['hb']['p50'])} / "
                                                f"{_ms(r['latency_us']['hb']['p99'])}") for p in PATHS]
             out.append(f"| {key.split('_')[1]} | {' | '.join(cells)} | {' | '.join(lat)} |")
+        out += ["", _ceiling(results, sat_keys)]
         out += ["", "### CPU during saturation", "",
                 "CPU seconds used per second of load by each process group (1.00 = one core), and relay CPU "
                 "per forwarded frame. The load generator and backend must stay below a core each for the "
@@ -257,3 +258,26 @@ def _all_answered(r: dict[str, Any]) -> str:
     if r["answered_after_idle"] >= r["connected"] and not r.get("unanswered_after_idle"):
         return "yes"
     return f"{r['answered_after_idle']} answered, {r.get('unanswered_after_idle')} not"
+
+
+def _ceiling(results: dict[str, Any], sat_keys: list[str]) -> str:
+    """The load generator's own ceiling, and whether it limited the relayed runs."""
+    parts = []
+    for key in sat_keys:
+        direct = results[key].get("direct")
+        proxy = results[key].get("proxy")
+        if not direct or "round_trips_per_s" not in direct:
+            continue
+        text = f"{key.split('_')[1]} connections: {direct['round_trips_per_s']:,.0f} round trips/s direct"
+        if proxy and "cpu_seconds" in proxy:
+            cpu = proxy["cpu_seconds"]
+            wall = cpu["wall"] or 1
+            text += (f"; through ocpp-proxy the generator used {cpu['loadgen'] / wall:.2f} of a core and the "
+                     f"backend {cpu['backend'] / wall:.2f}, the proxy {cpu['relay'] / wall:.2f}")
+        parts.append(text)
+    if not parts:
+        return ""
+    return ("**Load generator ceiling.** The direct column is the same generator against the same backend with "
+            "nothing in between, so it is the most this generator and backend can do on this machine ("
+            + "; ".join(parts) + "). A relay that reaches a share of it is not limited by the generator, "
+            "which has CPU to spare in the relayed runs.")
