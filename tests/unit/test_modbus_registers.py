@@ -31,7 +31,7 @@ def test_integer_fields_round_trip(kind: str, order: str, raw: int) -> None:
 def test_blocks_merge_nearby_registers() -> None:
     fields = METERS["sdm630"].fields
     assert blocks(fields) == [Block("input", 6, 6), Block("input", 52, 2), Block("input", 72, 2)]
-    assert blocks(fields, max_gap=40) == [Block("input", 6, 48), Block("input", 72, 2)]
+    assert blocks(fields, max_gap=40) == [Block("input", 6, 68)]
     assert blocks([Field(0), Field(500)]) == [Block("input", 0, 1), Block("input", 500, 1)]
 
 
