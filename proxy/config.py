@@ -149,6 +149,56 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class OfflineSettingsSection:
+    enabled: bool = setting(True, "keep wallboxes connected and answer locally while the backend is down; "
+                                  "false: a backend outage closes or refuses the wallbox")
+    data_dir: str = setting("data", "directory of the durable queue (SQLite) of frames answered offline")
+    auth: str = setting("local_list", "Authorize/StartTransaction while offline: local_list (local_list plus "
+                                      "idTags the backend accepted while online), accept_all or reject_all",
+                        choices=("local_list", "accept_all", "reject_all"))
+    local_list: list[str] = setting([], "idTags accepted while offline (auth = local_list)")
+    heartbeat_interval: int = setting(300, "interval in the local BootNotification answer, seconds", check=positive)
+    data_transfer: str = setting("Rejected", "local answer to DataTransfer while offline",
+                                 choices=("Accepted", "Rejected", "UnknownVendorId", "UnknownMessageId"))
+    reconnect_min: float = setting(1.0, "first reconnect delay, seconds (doubles per failure, with jitter)",
+                                   check=positive)
+    reconnect_max: float = setting(60.0, "longest reconnect delay, seconds", check=positive)
+
+
+@dataclass(frozen=True)
+class MeterRegister:
+    name: str = required("which value: l1, l2, l3 (phase currents, A), power (W) or energy (Wh)")
+    address: int = required("register address (0-based, as on the wire)", check=non_negative)
+    kind: str = setting("input", "input or holding register", choices=("input", "holding"))
+    type: str = setting("float32", "uint16, int16, uint32, int32 or float32",
+                        choices=("uint16", "int16", "uint32", "int32", "float32"))
+    word_order: str = setting("big", "big: high word first; little: low word first", choices=("big", "little"))
+    scale: float = setting(1.0, "physical value = raw value x scale")
+
+
+@dataclass(frozen=True)
+class MeterSettings:
+    modbus: str = setting("", "grid meter Modbus TCP address HOST:PORT; empty: no meter",
+                          check=lambda v: None if v == "" else listen_address(v))
+    unit: int = setting(1, "Modbus unit (device) id", check=non_negative)
+    map: str = setting("sdm630", "register map: sdm630, em24 or generic ([[meter.registers]])",
+                       choices=("sdm630", "em24", "generic"))
+    poll_interval: float = setting(1.0, "seconds between readings", check=positive)
+    timeout: float = setting(1.0, "seconds per Modbus request", check=positive)
+    stale_after: float = setting(10.0, "seconds without a good reading before the engine falls back",
+                                 check=positive)
+    registers: list[MeterRegister] = setting([], "map = generic: l1, l2, l3 (and optionally power, energy)")
+
+
+@dataclass(frozen=True)
+class EmsSettings:
+    modbus_listen: str = setting("", "Modbus TCP server for an energy manager, HOST:PORT; empty: off",
+                                 check=lambda v: None if v == "" else listen_address(v))
+    ems_timeout: float = setting(0.0, "seconds an EMS limit stays valid without being written again; 0: forever",
+                                 check=non_negative)
+
+
+@dataclass(frozen=True)
 class UpstreamTarget:
     """Everything needed to open one upstream connection, defaults resolved."""
 
@@ -171,6 +221,10 @@ class Config:
                                      metadata={"doc": "defaults for every charger's upstream"})
     log: LogSettings = field(default_factory=LogSettings, metadata={"doc": "logging"})
     metrics: MetricsSettings = field(default_factory=MetricsSettings, metadata={"doc": "monitoring"})
+    offline: OfflineSettingsSection = field(default_factory=OfflineSettingsSection,
+                                            metadata={"doc": "backend outages"})
+    meter: MeterSettings = field(default_factory=MeterSettings, metadata={"doc": "grid meter (Modbus TCP)"})
+    ems: EmsSettings = field(default_factory=EmsSettings, metadata={"doc": "energy manager interface (Modbus TCP)"})
     chargers: list[ChargerSettings] = field(default_factory=list,
                                             metadata={"doc": "one entry per wallbox"})
 
@@ -392,6 +446,11 @@ def _cross_checks(config: Config, index: _LineIndex) -> list[Problem]:
         if metrics_port == server_port != 0:
             problems.append(Problem("metrics.listen", f"port {metrics_port} is the wallbox port (server.listen); "
                                     "metrics need their own", index.find("metrics.listen")))
+    if config.meter.map == "generic" and config.meter.modbus:
+        names = {r.name for r in config.meter.registers}
+        if not {"l1", "l2", "l3"} <= names:
+            problems.append(Problem("meter.registers", "map = generic needs registers named l1, l2 and l3",
+                                    index.find("meter")))
     if bool(config.server.cert) != bool(config.server.key):
         problems.append(Problem("server.key" if config.server.cert else "server.cert",
                                 "cert and key must be given together", index.find("server")))

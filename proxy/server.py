@@ -12,12 +12,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import errno
+import functools
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from pathlib import Path
+
 import trio
 
 from proxy import closecodes, wsconn
 from proxy.config import Config, parse_listen
-from proxy.handshake import Admit, Refuse, decide
+from proxy.handshake import Admit, Refuse, check_client_certificate, decide
 from proxy.logs import get_logger
+from proxy.offline import OfflineResponder, OfflineSettings
+from proxy.queue import AsyncQueue
+from proxy.secure import Secured, SecureLayer
 from proxy.relay import Listener, PairedSession, SessionSettings
 from proxy.session import PRIMARY, Session
 from proxy.upstream import UpstreamUnavailable, open_upstream
@@ -33,26 +42,49 @@ class ProxyServer:
         self._changed = trio.Event()
         self._accepting: trio.CancelScope | None = None
         self.ready = trio.Event()
+        self._secure: SecureLayer
+        self._queue: AsyncQueue | None = None
 
     # -- lifetime -----------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled or :meth:`stop`; reports the bound ports."""
+        self._secure = SecureLayer(self.config.server, self.log)  # certificate problems stop start-up
+        if self.config.offline.enabled and self._queue is None:
+            self._queue = AsyncQueue(Path(self.config.offline.data_dir) / "queue.sqlite3")
         host, port = parse_listen(self.config.server.listen)
         listeners = await trio.open_tcp_listeners(port, host=host or None)
         self.ports = sorted({lst.socket.getsockname()[1] for lst in listeners})
         self.log.info("listening", address=self.config.server.listen, ports=self.ports,
                       tls=self.config.server.tls)
-        async with trio.open_nursery() as nursery:
-            with trio.CancelScope() as self._accepting:
-                nursery.start_soon(self._serve_listeners, listeners)
-                self.ready.set()
-                task_status.started(self.ports)
-                await trio.sleep_forever()
-            # stop(): listeners are closed; the sessions close themselves below.
+        try:
+            async with trio.open_nursery() as connections:
+                with trio.CancelScope() as self._accepting:
+                    async with trio.open_nursery() as accepting:
+                        for listener in listeners:
+                            accepting.start_soon(self._accept, listener, connections)
+                        self.ready.set()
+                        task_status.started(self.ports)
+                # stop(): no new connections; free the port at once (a restart may bind it
+                # again) while the open sessions close gracefully in `connections`.
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
 
-    async def _serve_listeners(self, listeners: list[trio.SocketListener]) -> None:
-        await trio.serve_listeners(self._handle_stream, listeners)
+    async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        """Accept until cancelled; running out of file descriptors pauses instead of failing."""
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                self.log.error("accept_paused", error=exc.strerror)
+                await trio.sleep(0.1)
+                continue
+            connections.start_soon(self._handle_stream, stream)
 
     async def stop(self, code: int = closecodes.GOING_AWAY, reason: str = "proxy shutting down") -> None:
         """Stop accepting, close every session with ``code``, wait until they are gone."""
@@ -74,29 +106,37 @@ class ProxyServer:
 
     # -- one connection -------------------------------------------------------------------
 
-    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+    async def _handle_stream(self, stream: trio.SocketStream) -> None:
         """One connection; whatever goes wrong in it is logged and stays in it."""
         peer = _peer(stream)
         try:
+            try:
+                secured = await self._secure.wrap(stream, peer)
+            except trio.TooSlowError:
+                self._handshake_timed_out(peer)
+                return
+            if secured is None:
+                return
             async with trio.open_nursery() as nursery:
-                await self._handle_connection(nursery, stream, peer)
+                await self._handle_connection(nursery, secured, peer)
                 nursery.cancel_scope.cancel()
         except Exception as exc:  # noqa: BLE001 - one connection must never stop the server
             self.log.error("connection_failed", peer=peer, error=_describe(exc))
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _handle_connection(self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str) -> None:
+    async def _handle_connection(self, nursery: trio.Nursery, secured: Secured, peer: str) -> None:
         server = self.config.server
         request = None
         with trio.move_on_after(server.handshake_timeout):
             request = await wsconn.wrap_server_stream(
-                nursery, stream, max_message_size=server.max_message_bytes, close_timeout=server.close_timeout)
+                nursery, secured.stream, max_message_size=server.max_message_bytes, close_timeout=server.close_timeout)
         if request is None:
-            self.log.warning("handshake_timeout", peer=peer, seconds=server.handshake_timeout)
-            self._tell_refused(Refuse(408, "handshake_timeout", f"no handshake in {server.handshake_timeout:g} s"))
+            self._handshake_timed_out(peer)
             return
         decision = decide(self.config, request.path, request.headers, request.proposed_subprotocols)
+        if isinstance(decision, Admit) and secured.tls:
+            decision = check_client_certificate(decision, secured.client_cn, server)
         if isinstance(decision, Refuse):
             await self._refuse(request, decision, peer)
             return
@@ -110,6 +150,11 @@ class ProxyServer:
                                  body=f"{refusal.reason}\n".encode())
         self._tell_refused(refusal)
 
+    def _handshake_timed_out(self, peer: str) -> None:
+        seconds = self.config.server.handshake_timeout
+        self.log.warning("handshake_timeout", peer=peer, seconds=seconds)
+        self._tell_refused(Refuse(408, "handshake_timeout", f"no handshake in {seconds:g} s"))
+
     def _tell_refused(self, refusal: Refuse) -> None:
         for listener in self.listeners:
             listener.handshake_refused(refusal)
@@ -117,24 +162,37 @@ class ProxyServer:
     async def _admit(self, nursery: trio.Nursery, request: wsconn.WsRequest, admit: Admit, peer: str) -> None:
         charger_id = admit.charger.id
         log = self.log.bind(charger=charger_id)
-        server = self.config.server
-        try:
-            async with open_upstream(admit.upstream, admit.subprotocols, max_message_size=server.max_message_bytes,
-                                     close_timeout=server.close_timeout) as upstream:
-                await self._relay(request, admit, upstream, peer, log)
-        except UpstreamUnavailable as exc:
-            log.warning("upstream_unavailable", peer=peer, url=admit.upstream.url, reason=exc.reason,
-                        status=exc.status)
-            await self._refuse(request, Refuse(exc.status, "upstream_unavailable", exc.reason, charger_id), peer)
+        async with AsyncExitStack() as stack:
+            try:
+                upstream = await stack.enter_async_context(self._connector(admit)())
+            except UpstreamUnavailable as exc:
+                log.warning("upstream_unavailable", peer=peer, url=admit.upstream.url, reason=exc.reason,
+                            status=exc.status)
+                if not (self._queue is not None and exc.status >= 500):  # a 4xx is configuration, not an outage
+                    await self._refuse(request, Refuse(exc.status, "upstream_unavailable", exc.reason,
+                                                       charger_id), peer)
+                    return
+                upstream = None
+            await self._relay(request, admit, upstream, peer, log)
 
-    async def _relay(self, request: wsconn.WsRequest, admit: Admit, upstream: wsconn.WsConnection,
+    def _connector(self, admit: Admit) -> Callable[[], AbstractAsyncContextManager[wsconn.WsConnection]]:
+        server = self.config.server
+        return functools.partial(open_upstream, admit.upstream, admit.subprotocols,
+                                 max_message_size=server.max_message_bytes, close_timeout=server.close_timeout)
+
+    async def _relay(self, request: wsconn.WsRequest, admit: Admit, upstream: wsconn.WsConnection | None,
                      peer: str, log: Any) -> None:
         charger_id = admit.charger.id
-        wallbox = await request.accept(subprotocol=upstream.subprotocol)
-        log.info("session_opened", peer=peer, upstream=admit.upstream.url,
-                 subprotocol=upstream.subprotocol, known=admit.known)
-        paired = PairedSession(charger_id, self._new_session(charger_id), wallbox, {PRIMARY: upstream},
-                               log=log, settings=self._session_settings(), listeners=self.listeners)
+        subprotocol = upstream.subprotocol if upstream is not None else admit.subprotocols[0]
+        session = await self._new_session(charger_id)
+        queued = (await self._queue.depth(charger_id))[0] if self._queue is not None else 0
+        wallbox = await request.accept(subprotocol=subprotocol)
+        log.info("session_opened", peer=peer, upstream=admit.upstream.url, subprotocol=subprotocol,
+                 known=admit.known, offline=upstream is None)
+        reconnect = {PRIMARY: self._connector(admit)} if self._queue is not None else None
+        paired = PairedSession(charger_id, session, wallbox, {PRIMARY: upstream}, log=log,
+                               settings=self._session_settings(), listeners=self.listeners,
+                               reconnect=reconnect, queue=self._queue, queued=queued)
         await self._register(paired)
         try:
             await paired.run()
@@ -154,14 +212,26 @@ class ProxyServer:
             old.log.info("session_replaced")
             await old.shutdown(closecodes.GOING_AWAY, "replaced by a new connection")
 
-    def _new_session(self, charger_id: str) -> Session:
+    async def _new_session(self, charger_id: str) -> Session:
         server = self.config.server
-        return Session(charger_id, call_timeout=server.call_timeout, strict=server.strict)
+        session = Session(charger_id, call_timeout=server.call_timeout, strict=server.strict)
+        if self._queue is not None:
+            offline = self.config.offline
+            settings = OfflineSettings(offline.heartbeat_interval, offline.auth, frozenset(offline.local_list),
+                                       offline.data_transfer)
+            session.offline = OfflineResponder(settings, last_local_id=await self._queue.last_local_tx(charger_id))
+            session.transactions = await self._queue.transactions(charger_id)
+        return session
 
     def _session_settings(self) -> SessionSettings:
-        server = self.config.server
-        return SessionSettings(max_message_bytes=server.max_message_bytes,
-                               ping_interval=server.ping_interval, close_timeout=server.close_timeout)
+        server, offline = self.config.server, self.config.offline
+        return SessionSettings(max_message_bytes=server.max_message_bytes, ping_interval=server.ping_interval,
+                               close_timeout=server.close_timeout, call_timeout=server.call_timeout,
+                               reconnect_min=offline.reconnect_min, reconnect_max=offline.reconnect_max)
+
+
+#: accept() failures that mean "too busy right now", not "broken" (as in trio.serve_listeners).
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 def _describe(exc: BaseException) -> str:

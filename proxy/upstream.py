@@ -11,12 +11,16 @@ import base64
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
 
 from proxy import wsconn
 from proxy.config import UpstreamTarget
+
+Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+from proxy.tls import client_context
 
 
 class UpstreamUnavailable(Exception):
@@ -30,13 +34,7 @@ class UpstreamUnavailable(Exception):
 
 def client_ssl_context(target: UpstreamTarget) -> ssl.SSLContext:
     """TLS towards the backend: configured CAs (else system trust), optional client cert."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    for ca in target.ca:
-        context.load_verify_locations(cafile=ca)
-    if target.client_cert:
-        context.load_cert_chain(target.client_cert, target.client_key or None)
-    return context
+    return client_context(target.ca, target.client_cert, target.client_key)
 
 
 def auth_headers(target: UpstreamTarget) -> list[tuple[bytes, bytes]]:
@@ -52,39 +50,70 @@ async def open_upstream(target: UpstreamTarget, subprotocols: Sequence[str], *, 
                         ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[wsconn.WsConnection]:
     """The upstream WebSocket for the duration of the block.
 
-    The connection's reader task lives in trio-websocket's own nursery inside
-    this block, so a backend that refuses or breaks the handshake surfaces
-    here as :class:`UpstreamUnavailable` instead of escaping into the caller's
-    nursery. Errors after the handshake (the block's own) pass through.
+    TCP and TLS are opened here, before the WebSocket handshake, so a
+    certificate the proxy does not trust is reported as such. The connection
+    (:mod:`proxy.wsconn`) runs no task of its own: a backend that refuses the
+    handshake surfaces here as :class:`UpstreamUnavailable`.
     """
-    if target.url.startswith("wss:") and ssl_context is None:
-        try:
-            ssl_context = client_ssl_context(target)
-        except (OSError, ssl.SSLError) as exc:
-            raise UpstreamUnavailable(f"TLS settings unusable: {exc}", 502) from exc
-    opened = False
+    parts = urlsplit(target.url)
+    secure = parts.scheme == "wss"
+    host, port = parts.hostname or "", parts.port or (443 if secure else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    with trio.move_on_after(target.connect_timeout) as deadline:
+        stream = await _open_stream(target, host, port, ssl_context if secure else None, secure)
+    if deadline.cancelled_caught:
+        raise UpstreamUnavailable(f"no answer within {target.connect_timeout:g} s", 504)
     try:
-        async with wsconn.open_websocket_url(
-                target.url, ssl_context, subprotocols=list(subprotocols),
-                extra_headers=auth_headers(target), max_message_size=max_message_size,
-                connect_timeout=target.connect_timeout, disconnect_timeout=close_timeout) as connection:
-            opened = True
+        async with _websocket(stream, target, host if parts.port is None else f"{host}:{port}", resource,
+                              subprotocols, max_message_size, close_timeout) as connection:
             yield connection
-    except trio_websocket.DisconnectionTimeout:
-        pass  # the close handshake timed out; the socket is closed anyway
-    except (trio_websocket.HandshakeError, OSError, trio.BrokenResourceError) as exc:
-        if opened:
-            raise
-        raise _unavailable(exc, target) from exc
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
-def _unavailable(exc: BaseException, target: UpstreamTarget) -> UpstreamUnavailable:
-    if isinstance(exc, trio_websocket.ConnectionTimeout):
-        return UpstreamUnavailable(f"no answer within {target.connect_timeout:g} s", 504)
-    if isinstance(exc, trio_websocket.ConnectionRejected):
-        status = exc.status_code if 400 <= exc.status_code < 500 else 502
-        return UpstreamUnavailable(f"backend refused the handshake with HTTP {exc.status_code}", status)
-    cause = exc.__cause__ or exc
-    if isinstance(cause, ssl.SSLError):
-        return UpstreamUnavailable(f"TLS handshake failed: {cause.reason or cause}", 502)
-    return UpstreamUnavailable(f"cannot connect: {cause or type(cause).__name__}", 502)
+async def _open_stream(target: UpstreamTarget, host: str, port: int, context: ssl.SSLContext | None,
+                       secure: bool) -> Stream:
+    try:
+        tcp = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise UpstreamUnavailable(f"cannot connect: {exc.strerror or exc}", 502) from exc
+    if not secure:
+        return tcp
+    try:
+        context = context or client_ssl_context(target)
+    except (OSError, ssl.SSLError) as exc:
+        await tcp.aclose()
+        raise UpstreamUnavailable(f"TLS settings unusable: {exc}", 502) from exc
+    tls = trio.SSLStream(tcp, context, server_hostname=host)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(tls)
+        cause = exc.__cause__
+        reason = f"{getattr(cause, 'reason', '')}: {cause}" if cause else str(exc)
+        raise UpstreamUnavailable(f"TLS handshake failed: {reason}", 502) from exc
+    return tls
+
+
+@asynccontextmanager
+async def _websocket(stream: Stream, target: UpstreamTarget, host: str, resource: str,
+                     subprotocols: Sequence[str], max_message_size: int,
+                     close_timeout: float) -> AsyncIterator[wsconn.WsConnection]:
+    connection: wsconn.WsConnection | None = None
+    with trio.move_on_after(target.connect_timeout):
+        try:
+            connection = await wsconn.wrap_client_stream(
+                stream, host, resource, subprotocols=list(subprotocols), extra_headers=auth_headers(target),
+                max_message_size=max_message_size, close_timeout=close_timeout)
+        except trio_websocket.ConnectionRejected as exc:
+            status = exc.status_code if 400 <= exc.status_code < 500 else 502
+            raise UpstreamUnavailable(f"backend refused the handshake with HTTP {exc.status_code}", status) from exc
+        except (trio_websocket.HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise UpstreamUnavailable(f"WebSocket handshake failed: {type(exc).__name__} {exc}", 502) from exc
+    if connection is None:
+        raise UpstreamUnavailable(f"no WebSocket handshake within {target.connect_timeout:g} s", 504)
+    try:
+        yield connection
+    finally:
+        with trio.move_on_after(close_timeout):
+            await connection.aclose()

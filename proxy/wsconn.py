@@ -58,7 +58,7 @@ from proxy.wsframes import BINARY, CLOSE, PING, PONG, TEXT, VIOLATION
 
 __all__ = ["CloseReason", "ConnectionClosed", "ConnectionRejected", "ConnectionTimeout",
            "DisconnectionTimeout", "HandshakeError", "WsConnection", "WsRequest", "open_websocket_url",
-           "wrap_server_stream"]
+           "wrap_client_stream", "wrap_server_stream"]
 
 RECEIVE_SIZE = 262_144
 _buffer = bytearray(RECEIVE_SIZE)
@@ -458,6 +458,18 @@ async def connect_websocket(host: str, port: int, resource: str, ssl_context: ss
     except BaseException:
         await trio.aclose_forcefully(stream)
         raise
+
+
+async def wrap_client_stream(stream: trio.abc.Stream, host: str, resource: str, *,
+                             subprotocols: Sequence[str] = (), extra_headers: list[tuple[bytes, bytes]] | None = None,
+                             max_message_size: int = 1_048_576, close_timeout: float = 5.0) -> WsConnection:
+    """The client handshake on an open stream (TCP or TLS); ``host`` is the Host header value.
+
+    Raises ConnectionRejected (the backend answered with an HTTP status) or
+    HandshakeError; the caller owns the stream and closes it on failure.
+    """
+    return await _client_handshake(stream, host, resource, subprotocols, extra_headers or [],
+                                   max_message_size, close_timeout)
 
 
 async def _client_handshake(stream: trio.abc.Stream, host: str, resource: str, subprotocols: Sequence[str],

@@ -10,42 +10,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import trio
 import trio_websocket
 from trio_websocket import open_websocket_url
 
-from tests.opskit import RawBackend, start_backend
+from tests.opskit import ProxyProcess, RawBackend, start_backend
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class ProxyProcess:
-    process: trio.Process
-    events: list[dict[str, Any]] = field(default_factory=list)
-    _buffer: bytes = b""
-
-    async def wait_event(self, name: str) -> dict[str, Any]:
-        """Read the JSON log (stderr) until ``name`` appears."""
-        assert self.process.stderr is not None
-        with trio.fail_after(20):
-            while True:
-                for event in self.events:
-                    if event.get("event") == name:
-                        return event
-                chunk = await self.process.stderr.receive_some(65536)
-                assert chunk, f"proxy exited before {name!r}: {self.events}"
-                self._buffer += chunk
-                *lines, self._buffer = self._buffer.split(b"\n")
-                self.events += [json.loads(line) for line in lines if line.strip()]
-
-    async def drain_log(self) -> None:
-        assert self.process.stderr is not None
-        while chunk := await self.process.stderr.receive_some(65536):
-            self._buffer += chunk
-        self.events += [json.loads(line) for line in self._buffer.split(b"\n") if line.strip()]
 
 
 @asynccontextmanager
@@ -55,7 +27,8 @@ async def proxy_process(tmp_path: Path, backend_port: int, chargers: int,
     config = tmp_path / "proxy.toml"
     config.write_text(f'[server]\nlisten = "127.0.0.1:0"\nclose_timeout = {close_timeout}\n'
                       f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n'
-                      f'[metrics]\nlisten = "127.0.0.1:0"\n[log]\nformat = "json"\n{entries}')
+                      f'[metrics]\nlisten = "127.0.0.1:0"\n[log]\nformat = "json"\n'
+                      f'[offline]\ndata_dir = "{tmp_path}/data"\n{entries}')
     process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
                                                cwd=ROOT, stderr=subprocess.PIPE)
     proxy = ProxyProcess(process)
@@ -194,7 +167,8 @@ async def test_port_in_use_fails_start_up_with_exit_1(tmp_path: Path) -> None:
     port = taken[0].socket.getsockname()[1]
     config = tmp_path / "proxy.toml"
     config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n[backend]\nurl = "ws://127.0.0.1:1/ocpp"\n'
-                      '[metrics]\nlisten = "127.0.0.1:0"\n[log]\nformat = "json"\n')
+                      '[metrics]\nlisten = "127.0.0.1:0"\n[log]\nformat = "json"\n'
+                      f'[offline]\ndata_dir = "{tmp_path}/data"\n')
     with trio.fail_after(20):
         result = await trio.run_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
                                         cwd=ROOT, capture_stderr=True, check=False)
@@ -211,7 +185,8 @@ async def test_metrics_can_be_turned_off(nursery: trio.Nursery, tmp_path: Path) 
     backend = await start_backend(nursery)
     config = tmp_path / "proxy.toml"
     config.write_text(f'[server]\nlisten = "127.0.0.1:0"\n[backend]\nurl = "ws://127.0.0.1:{backend.port}/ocpp"\n'
-                      '[metrics]\nlisten = ""\n[log]\nformat = "json"\n[[chargers]]\nid = "CP0"\n')
+                      '[metrics]\nlisten = ""\n[log]\nformat = "json"\n[[chargers]]\nid = "CP0"\n'
+                      f'[offline]\ndata_dir = "{tmp_path}/data"\n')
     process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
                                                cwd=ROOT, stderr=subprocess.PIPE)
     proxy = ProxyProcess(process)
