@@ -21,8 +21,9 @@ exceptions (:class:`~trio_websocket.ConnectionClosed` with a ``CloseReason``,
 Behaviour kept from trio-websocket: a peer's close is answered and reported as
 its code and reason (1005 when it gave none); a dropped TCP connection is 1006;
 a message over ``max_message_size`` closes with 1009 "Exceeded maximum message
-size"; a protocol error (1002) or invalid UTF-8 (1007) is sent to the peer and
-reported to the caller as 1006; after a local close, pending and later messages
+size"; a protocol error (1002) or invalid UTF-8 (1007) is sent to the peer
+(trio-websocket only dropped the TCP connection) and reported to the caller
+with its code; after a local close, pending and later messages
 are dropped, and a reader blocked in get_message keeps reading until the peer
 answers the close (then raises ConnectionClosed). Pings are answered only while
 someone reads (as with trio-websocket's queue of one).
@@ -179,10 +180,8 @@ class WsConnection:
         await self._close_stream()
 
     async def _violation(self, code: int, reason: str) -> None:
-        if code == wsframes.MESSAGE_TOO_BIG:
+        if self._reason is None:
             self._reason = CloseReason(code, reason)
-        elif self._reason is None:
-            self._reason = CloseReason(_ABNORMAL, None)
         if not self._close_sent:
             self._close_sent = True
             try:

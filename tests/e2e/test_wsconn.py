@@ -131,11 +131,16 @@ async def test_tls_streams_take_the_generic_path(tmp_path: Path, nursery: trio.N
             for text in ('[2,"1","Heartbeat",{}]', big):
                 await client.send_message(text)
                 assert await client.get_message() == text
-            async with trio.open_nursery() as pinging:  # the pong is read by get_message
-                pinging.start_soon(client.ping)
-                await trio.sleep(0)  # the ping goes out first, so its pong comes before the echo
+            got: list[str | bytes] = []
+
+            async def reader() -> None:  # pongs are read by whoever reads: here, this task
+                got.append(await client.get_message())
+
+            async with trio.open_nursery() as reading:
+                reading.start_soon(reader)
+                await client.ping()
                 await client.send_message("after ping")
-                assert await client.get_message() == "after ping"
+            assert got == ["after ping"]
             await client.aclose(4000, "bye")
         await done.wait()
     assert closed == [4000]
