@@ -205,6 +205,7 @@ class OcppProxy(Path_):
             f'[server]\nlisten = "{HOST}:{self.port}"\naccept_unknown = true\n'
             f'[backend]\nurl = "ws://{HOST}:{backend_port}/ocpp"\n'
             f'[metrics]\nlisten = "{HOST}:{free_port()}"\n'
+            f'[offline]\ndata_dir = "{self.workdir / "data"}"\n'
             f'[log]\nformat = "json"\n')
         self._log = open(self.workdir / "proxy.log", "ab")
         self.process = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(config)],
