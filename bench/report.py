@@ -154,7 +154,13 @@ def markdown(document: dict[str, Any]) -> str:
                 samples = _lat(row, "proxy", kind) or _lat(row, "direct", kind) or {}
                 out.append(f"| {key.split('_')[1]} | {kind_name} | {' | '.join(cells)} | {added} | "
                            f"{_num(samples.get('n'))} |")
-        out.append("")
+        noise = []
+        for key in rate_keys:
+            used = [f"{p} {r['cpu_seconds'].get('others', 0) / (r['cpu_seconds']['wall'] or 1):.2f}"
+                    for p in PATHS if isinstance(r := results[key].get(p), dict) and "cpu_seconds" in r]
+            noise.append(f"{key.split('_')[1]} wallboxes: {', '.join(used)}")
+        out += ["", "Cores used by everything else on the machine during these runs (noise): "
+                + "; ".join(noise) + ".", ""]
 
     sat_keys = sorted((k for k in results if k.startswith("saturate_")), key=lambda k: int(k.split("_")[1]))
     if sat_keys:
@@ -176,9 +182,10 @@ def markdown(document: dict[str, Any]) -> str:
         out += ["", "### CPU during saturation", "",
                 "CPU seconds used per second of load by each process group (1.00 = one core), and relay CPU "
                 "per forwarded frame. The load generator and backend must stay below a core each for the "
-                "relay to be the bottleneck.", "",
-                "| wallboxes | path | relay | load generator | backend | relay µs CPU / frame |",
-                "|---|---|---|---|---|---|"]
+                "relay to be the bottleneck. *Everything else* is the rest of the machine (other processes, "
+                "kernel threads) during the same window: the noise in that run.", "",
+                "| wallboxes | path | relay | load generator | backend | everything else | relay µs CPU / frame |",
+                "|---|---|---|---|---|---|---|"]
         for key in sat_keys:
             for path in PATHS:
                 r = results[key].get(path)
@@ -188,6 +195,7 @@ def markdown(document: dict[str, Any]) -> str:
                 wall = cpu["wall"] or 1
                 out.append(f"| {key.split('_')[1]} | {path} | {cpu['relay'] / wall:.2f} | "
                            f"{cpu['loadgen'] / wall:.2f} | {cpu['backend'] / wall:.2f} | "
+                           f"{cpu.get('others', 0) / wall:.2f} | "
                            f"{_num(r.get('relay_cpu_us_per_frame'), '{:.1f}')} |")
         out.append("")
 

