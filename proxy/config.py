@@ -68,6 +68,18 @@ def websocket_url(value: Any) -> str | None:
     return None
 
 
+def phase_number(value: Any) -> str | None:
+    return None if value in (1, 2, 3) else "must be 1, 2 or 3"
+
+
+def _optional(hint: Any) -> Any:
+    """``X | None`` → X (an optional section); anything else unchanged."""
+    args = typing.get_args(hint)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return hint
+
+
 def parse_listen(value: str) -> tuple[str, int]:
     """``host:port`` or ``[v6]:port`` → (host, port)."""
     match = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d+)|([^:\[\]]*):(\d+)", value)
@@ -132,6 +144,49 @@ class ChargerSettings:
     upstream_ca: list[str] = setting([], "CA certificates for this charger's backend; empty: [backend] ca")
     upstream_client_cert: str = setting("", "client certificate towards the backend; empty: [backend]")
     upstream_client_key: str = setting("", "key of upstream_client_cert")
+    # Load management (used when [site], a meter or an EMS is configured).
+    max_current: float = setting(16.0, "most current per phase this charger may get, A", check=positive)
+    min_current: float = setting(6.0, "least current per phase a car can charge with, A; below it: paused",
+                                 check=non_negative)
+    phases: int = setting(3, "phases the charger is connected with (1, 2 or 3)", check=phase_number)
+    first_phase: int = setting(1, "site phase (1-3) the charger's L1 is wired to", check=phase_number)
+    priority: int = setting(0, "higher is served first when the site limit is short")
+    enabled: bool = setting(True, "false: the proxy stops charging through it, see on_disable")
+    on_disable: str = setting("clear", "with enabled = false: clear (remove the proxy's profile, the wallbox "
+                              "runs on its own) or block (limit 0)", choices=("clear", "block"))
+    strategy: str = setting("", "how limits are applied; empty: [site] strategy",
+                            choices=("", "max-profile", "tx-default"))
+    unit: str = setting("A", "unit of the proxy's charging profile: A, or W (converted with [site] voltage)",
+                        choices=("A", "W"))
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Local load management; without this section the proxy injects nothing."""
+
+    max_current: float = required("site limit per phase (main fuse), A", check=positive)
+    phases: int = setting(3, "phases of the site connection (1 or 3)", check=lambda v: None if v in (1, 3)
+                          else "must be 1 or 3")
+    voltage: float = setting(230.0, "phase voltage for A ↔ W conversion, V", check=positive)
+    interval: float = setting(5.0, "recompute limits at least this often, seconds", check=positive)
+    meter_timeout: float = setting(10.0, "seconds after which a grid meter reading is stale", check=positive)
+    fallback_current: float = setting(-1.0, "limit per charger while inputs are stale or unknown, A; "
+                                      "-1: each charger's min_current", check=lambda v: None if v >= 0 or v == -1
+                                      else "must be -1 or 0 or greater")
+    fail_closed: bool = setting(False, "stale or unknown inputs pause every charger (fallback 0)")
+    ramp_up_interval: float = setting(15.0, "limits go up at most this often per charger, seconds",
+                                      check=non_negative)
+    hysteresis: float = setting(1.0, "smallest increase worth sending, A", check=non_negative)
+    min_hold_time: float = setting(60.0, "a charger paused for lack of current stays paused this long, seconds",
+                                   check=non_negative)
+    profile_id: int = setting(990001, "chargingProfileId reserved for the proxy's profile", check=positive)
+    stack_level: int = setting(8, "stackLevel of the proxy's ChargePointMaxProfile (above the backend's)",
+                               check=non_negative)
+    tx_default_stack_level: int = setting(0, "stackLevel of the proxy's TxDefaultProfile (tx-default strategy; "
+                                          "below the backend's)", check=non_negative)
+    strategy: str = setting("max-profile", "max-profile (ChargePointMaxProfile) or tx-default (clamp the "
+                            "backend's TxDefault/Tx profiles); max-profile falls back to tx-default per charger "
+                            "when a wallbox rejects it", choices=("max-profile", "tx-default"))
 
 
 @dataclass(frozen=True)
@@ -173,6 +228,7 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings, metadata={"doc": "monitoring"})
     chargers: list[ChargerSettings] = field(default_factory=list,
                                             metadata={"doc": "one entry per wallbox"})
+    site: SiteSettings | None = field(default=None, metadata={"doc": "local load management"})
 
     def charger(self, charge_box_id: str) -> ChargerSettings | None:
         for charger in self.chargers:
@@ -318,6 +374,7 @@ class _Loader:
         return _MISSING
 
     def _convert(self, hint: Any, value: Any, key: str) -> Any:
+        hint = _optional(hint)
         origin = typing.get_origin(hint)
         if origin is list:
             (item,) = typing.get_args(hint)
@@ -381,6 +438,9 @@ def _cross_checks(config: Config, index: _LineIndex) -> list[Problem]:
             problems.append(Problem(f"{key}.id", f"duplicate charger id {charger.id!r} "
                                     f"(also chargers[{seen[charger.id]}])", index.find(f"{key}.id")))
         seen.setdefault(charger.id, i)
+        if charger.min_current > charger.max_current:
+            problems.append(Problem(f"{key}.min_current", f"is above max_current ({charger.max_current})",
+                                    index.find(f"{key}.min_current")))
         if not (charger.upstream_url or config.backend.url):
             problems.append(Problem(f"{key}.upstream_url", "no backend URL: set this or [backend] url",
                                     index.find(key)))
@@ -424,7 +484,7 @@ def schema_rows(cls: type[Any] = Config, prefix: str = "") -> Iterator[tuple[str
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
-        hint = hints[f.name]
+        hint = _optional(hints[f.name])
         inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
         if dataclasses.is_dataclass(inner):
             yield from schema_rows(typing.cast(type, inner), f"{key}[]" if inner is not hint else key)

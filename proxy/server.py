@@ -19,6 +19,7 @@ from trio_websocket import WebSocketConnection, WebSocketRequest
 from proxy import closecodes
 from proxy.config import Config, parse_listen
 from proxy.handshake import Admit, Refuse, decide
+from proxy.limiter import Limiter
 from proxy.logs import get_logger
 from proxy.relay import Listener, PairedSession, SessionSettings
 from proxy.session import PRIMARY, Session
@@ -28,8 +29,10 @@ from proxy.upstream import UpstreamUnavailable, open_upstream
 class ProxyServer:
     def __init__(self, config: Config, *, listeners: Sequence[Listener] = ()) -> None:
         self.config = config
-        self.listeners = list(listeners)
         self.log = get_logger()
+        #: Load management; idle (injects nothing) without [site], meter or EMS.
+        self.limiter = Limiter(config, log=self.log)
+        self.listeners = [*listeners, self.limiter]
         self.sessions: dict[str, PairedSession] = {}
         self.ports: list[int] = []
         self._changed = trio.Event()
@@ -46,6 +49,7 @@ class ProxyServer:
         self.log.info("listening", address=self.config.server.listen, ports=self.ports,
                       tls=self.config.server.tls)
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.limiter.run)
             with trio.CancelScope() as self._accepting:
                 nursery.start_soon(self._serve_listeners, listeners)
                 self.ready.set()
@@ -64,6 +68,12 @@ class ProxyServer:
             for paired in list(self.sessions.values()):
                 nursery.start_soon(paired.shutdown, code, reason)
         await self.wait_sessions(0)
+
+    def reload(self, config: Config) -> None:
+        """New settings for new connections and for load management; open sessions stay."""
+        self.config = config
+        self.limiter.reconfigure(config)
+        self.log.info("config_reloaded", chargers=len(config.chargers), site=config.site is not None)
 
     async def wait_sessions(self, count: int) -> None:
         """Wait until exactly ``count`` paired sessions are open (tests, shutdown)."""
