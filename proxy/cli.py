@@ -6,14 +6,19 @@ Exit status: 0 success, 2 unusable configuration or arguments, 1 runtime failure
 from __future__ import annotations
 
 import argparse
+import functools
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING
 
 import trio
 
 from proxy import __version__, logs
 from proxy.config import Config, ConfigError, load
+
+if TYPE_CHECKING:
+    from proxy.server import ProxyServer
 
 EXIT_CONFIG = 2
 
@@ -69,27 +74,67 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     logs.configure(config.log.level, config.log.format)
+    failures: list[str] = []
     try:
-        trio.run(run_proxy, config)
-    except OSError as exc:
-        logs.get_logger().error("startup_failed", error=str(exc))
-        return 1
-    return 0
+        trio.run(functools.partial(run_proxy, config, source=args.config))
+    except* OSError as group:  # a port in use, an unreadable certificate: before serving
+        failures = _messages(group)
+    for failure in failures:
+        logs.get_logger().error("startup_failed", error=failure)
+    return 1 if failures else 0
 
 
-async def run_proxy(config: Config) -> None:
-    """The proxy until SIGTERM/SIGINT, then a graceful stop (close 1001)."""
+def _messages(group: BaseExceptionGroup[OSError]) -> list[str]:
+    found: list[str] = []
+    for exc in group.exceptions:
+        found.extend(_messages(exc) if isinstance(exc, BaseExceptionGroup) else [str(exc)])
+    return found
+
+
+async def run_proxy(config: Config, source: str = "") -> None:
+    """The proxy until SIGTERM/SIGINT, then a bounded graceful stop (close 1001), exit 0.
+
+    The signal receiver is installed first, so a signal during start-up also
+    takes the graceful path. A second signal while sessions drain stops at once.
+    """
+    from proxy.metrics import Metrics, MetricsListener
+    from proxy.monitor import Monitor
     from proxy.server import ProxyServer
 
-    server = ProxyServer(config)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(server.serve)
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    log = logs.get_logger()
+    metrics = Metrics(charger.id for charger in config.chargers)
+    server = ProxyServer(config, listeners=[MetricsListener(metrics)])
+    monitor = Monitor(config, metrics, server, source=source)
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            if config.metrics.listen:
+                await nursery.start(monitor.serve)
+            await nursery.start(server.serve)
             async for signum in signals:
-                logs.get_logger().info("stopping", signal=signal.Signals(signum).name)
+                log.info("stopping", signal=signal.Signals(signum).name, sessions=len(server.sessions))
                 break
-        with trio.move_on_after(config.server.close_timeout * 2):
+            monitor.stopping = True
+            await _drain(server, signals, config.server.close_timeout * 2)
+            # Features with durable state (the offline queue) close here, after their sessions.
+            nursery.cancel_scope.cancel()
+    log.info("stopped")
+
+
+async def _drain(server: ProxyServer, signals: AsyncIterator[int], bound: float) -> None:
+    """Stop accepting and close every session with 1001, within ``bound`` seconds."""
+    log = logs.get_logger()
+    async with trio.open_nursery() as nursery:
+
+        async def second_signal() -> None:
+            async for signum in signals:
+                log.warning("stopping_now", signal=signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+
+        nursery.start_soon(second_signal)
+        with trio.move_on_after(bound) as scope:
             await server.stop()
+        if scope.cancelled_caught:
+            log.warning("stop_timeout", seconds=bound, sessions=len(server.sessions))
         nursery.cancel_scope.cancel()
 
 

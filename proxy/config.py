@@ -447,6 +447,11 @@ def _cross_checks(config: Config, index: _LineIndex) -> list[Problem]:
     if config.server.accept_unknown and not config.backend.url:
         problems.append(Problem("backend.url", "accept_unknown needs a default backend URL",
                                 index.find("backend")))
+    if config.metrics.listen and config.server.listen:
+        metrics_port, server_port = parse_listen(config.metrics.listen)[1], parse_listen(config.server.listen)[1]
+        if metrics_port == server_port != 0:
+            problems.append(Problem("metrics.listen", f"port {metrics_port} is the wallbox port (server.listen); "
+                                    "metrics need their own", index.find("metrics.listen")))
     if bool(config.server.cert) != bool(config.server.key):
         problems.append(Problem("server.key" if config.server.cert else "server.cert",
                                 "cert and key must be given together", index.find("server")))

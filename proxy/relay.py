@@ -62,6 +62,7 @@ class Listener:
     def frame_received(self, paired: PairedSession, source: str, frame: Frame, size: int) -> None: ...
     def action(self, paired: PairedSession, action: Action) -> None: ...
     def handshake_refused(self, refusal: Refuse) -> None: ...
+    def frame_rejected(self, paired: PairedSession, side: str, code: int, reason: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -311,6 +312,8 @@ class PairedSession:
 
     async def _violation(self, side: str, exc: _Violation) -> None:
         self.log.warning("frame_refused", side=side, code=exc.code, reason=exc.reason)
+        for listener in self.listeners:
+            listener.frame_rejected(self, side, exc.code, exc.reason)
         connection = self._leg(side)
         with trio.move_on_after(self.settings.close_timeout):
             await connection.aclose(exc.code, exc.reason)

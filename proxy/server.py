@@ -106,6 +106,7 @@ class ProxyServer:
                 nursery, stream, max_message_size=server.max_message_bytes)
         if request is None:
             self.log.warning("handshake_timeout", peer=peer, seconds=server.handshake_timeout)
+            self._tell_refused(Refuse(408, "handshake_timeout", f"no handshake in {server.handshake_timeout:g} s"))
             return
         decision = decide(self.config, request.path, request.headers, request.proposed_subprotocols)
         if isinstance(decision, Refuse):
@@ -119,6 +120,9 @@ class ProxyServer:
         with trio.move_on_after(self.config.server.close_timeout):
             await request.reject(refusal.status, extra_headers=refusal.headers,
                                  body=f"{refusal.reason}\n".encode())
+        self._tell_refused(refusal)
+
+    def _tell_refused(self, refusal: Refuse) -> None:
         for listener in self.listeners:
             listener.handshake_refused(refusal)
 

