@@ -72,7 +72,7 @@ def phase_number(value: Any) -> str | None:
     return None if value in (1, 2, 3) else "must be 1, 2 or 3"
 
 
-def _optional(hint: Any) -> Any:
+def unwrap_optional(hint: Any) -> Any:
     """``X | None`` → X (an optional section); anything else unchanged."""
     args = typing.get_args(hint)
     if type(None) in args and len(args) == 2:
@@ -154,7 +154,7 @@ class ChargerSettings:
     enabled: bool = setting(True, "false: the proxy stops charging through it, see on_disable")
     on_disable: str = setting("clear", "with enabled = false: clear (remove the proxy's profile, the wallbox "
                               "runs on its own) or block (limit 0)", choices=("clear", "block"))
-    strategy: str = setting("", "how limits are applied; empty: [site] strategy",
+    strategy: str = setting("", "max-profile or tx-default for this charger; empty: the [site] strategy",
                             choices=("", "max-profile", "tx-default"))
     unit: str = setting("A", "unit of the proxy's charging profile: A, or W (converted with [site] voltage)",
                         choices=("A", "W"))
@@ -228,7 +228,7 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings, metadata={"doc": "monitoring"})
     chargers: list[ChargerSettings] = field(default_factory=list,
                                             metadata={"doc": "one entry per wallbox"})
-    site: SiteSettings | None = field(default=None, metadata={"doc": "local load management"})
+    site: SiteSettings | None = field(default=None, metadata={"doc": "local load management; absent: the proxy injects no charging profile"})
 
     def charger(self, charge_box_id: str) -> ChargerSettings | None:
         for charger in self.chargers:
@@ -374,7 +374,7 @@ class _Loader:
         return _MISSING
 
     def _convert(self, hint: Any, value: Any, key: str) -> Any:
-        hint = _optional(hint)
+        hint = unwrap_optional(hint)
         origin = typing.get_origin(hint)
         if origin is list:
             (item,) = typing.get_args(hint)
@@ -489,7 +489,7 @@ def schema_rows(cls: type[Any] = Config, prefix: str = "") -> Iterator[tuple[str
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
-        hint = _optional(hints[f.name])
+        hint = unwrap_optional(hints[f.name])
         inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
         if dataclasses.is_dataclass(inner):
             yield from schema_rows(typing.cast(type, inner), f"{key}[]" if inner is not hint else key)

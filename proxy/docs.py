@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.config import Config, schema_rows
+from proxy.config import Config, schema_rows, unwrap_optional
 
 REFERENCE = Path("docs/config.md")
 EXAMPLE = Path("deploy/config.example.toml")
@@ -78,6 +78,7 @@ def section_docs() -> dict[str, str]:
 
 
 def _inner(hint: Any) -> tuple[Any, bool]:
+    hint = unwrap_optional(hint)  # an optional section, e.g. [site]
     if typing.get_origin(hint) is list:
         return typing.get_args(hint)[0], True
     return hint, False

@@ -181,9 +181,15 @@ class Control:
         self._rewritten.clear()
 
     def boot(self, now: float) -> None:
-        """BootNotification: the wallbox (re)started; transactions and TxProfiles are gone."""
+        """BootNotification: the wallbox (re)started; transactions and TxProfiles are gone.
+
+        The proxy waits for the backend's answer (no CALLs to a wallbox the
+        backend rejected or keeps pending), but at most BOOT_WAIT: a backend
+        that does not answer must not switch load management off.
+        """
         self.awaiting_boot = True
         self.ready = False
+        self.ready_at = now + BOOT_WAIT
         self.own = UNKNOWN
         self.on_wallbox.clear()
         self.transactions.clear()
@@ -194,9 +200,10 @@ class Control:
             self.generation += 1
             self.inflight = None
 
-    def boot_answered(self, status: str) -> None:
+    def boot_answered(self, status: str | None) -> None:
+        """The backend's answer to BootNotification (None: a CALLERROR or no status)."""
         self.awaiting_boot = False
-        self.ready = status == "Accepted"
+        self.ready = status not in ("Rejected", "Pending")
         self.ready_at = None
 
     def wallbox_call(self) -> None:
@@ -295,7 +302,7 @@ class Control:
     def _decide(self, now: float, wall: datetime) -> Command | None:
         if not self.connected or self.inflight is not None:
             return None
-        if not self.ready and (self.awaiting_boot or self.ready_at is None or now < self.ready_at):
+        if not self.ready and (self.ready_at is None or now < self.ready_at):
             return None
         if self.retry_at is not None and now < self.retry_at:
             return None

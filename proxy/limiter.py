@@ -19,9 +19,9 @@ way: it observes nothing, registers no rewriter and sends nothing.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -38,6 +38,16 @@ from proxy.session import WALLBOX, Action, Observed, ProxyAnswer
 OBSERVE = frozenset({"BootNotification", "StatusNotification", "MeterValues", "StartTransaction",
                      "StopTransaction", "SetChargingProfile", "ClearChargingProfile"})
 REWRITTEN = "SetChargingProfile"
+
+
+class LimitsSink(Protocol):
+    """Where the limits are published after each recomputation (``proxy.metrics.Metrics`` fits)."""
+
+    def set_charger_limits(self, charger: str, *, effective: float | None = None, local: float | None = None,
+                           backend: float | None = None, ems: float | None = None) -> None: ...
+    def set_charger_current(self, charger: str, phases: Sequence[float]) -> None: ...
+    def set_site(self, *, limit: float | None = None, ems_limit: float | None = None,
+                 effective_limit: float | None = None, headroom: Sequence[float] | None = None) -> None: ...
 
 
 def meter_configured(config: Config) -> bool:
@@ -84,6 +94,7 @@ class Limiter(Listener):
         self._ticking = False
         self._nursery: trio.Nursery | None = None
         self._proxy_answer: str | None = None
+        self.sinks: list[LimitsSink] = []
         self.config = config
         self.reconfigure(config)
         self.engine.on_input = self.poke
@@ -131,6 +142,8 @@ class Limiter(Listener):
             self.attached.discard(charger_id)
             self.controls[charger_id].wallbox_disconnected()
             self.engine.charger_disconnected(charger_id, _now())
+            for sink in self.sinks:
+                sink.set_charger_limits(charger_id)
 
     def _attach(self, paired: PairedSession) -> None:
         charger_id = paired.charger_id
@@ -170,7 +183,11 @@ class Limiter(Listener):
             if observed.source == WALLBOX:
                 self._wallbox_call(charger_id, control, name, frame.msg_id or "", payload_of(frame), now)
             return  # a backend CALL on its way: what counts is the wallbox's answer
-        if observed.call is None or frame.kind is not MessageType.CALLRESULT:
+        if observed.call is None:
+            return
+        if frame.kind is not MessageType.CALLRESULT:
+            if name == "BootNotification" and observed.source != WALLBOX:
+                control.boot_answered(None)
             return
         answer = payload_of(frame)
         status = field_of(answer, "status")
@@ -181,7 +198,7 @@ class Limiter(Listener):
                 control.backend_clear_answered(payload_of(observed.call), status)
             self._log_notes(charger_id, control)
         elif name == "BootNotification":
-            control.boot_answered(str(status))
+            control.boot_answered(status if isinstance(status, str) else None)
         elif name == "StartTransaction":
             tx = field_of(answer, "transactionId")
             control.transaction_started(observed.call.msg_id or "", tx if isinstance(tx, int) else None)
@@ -281,7 +298,22 @@ class Limiter(Listener):
         for charger_id in sorted(self.attached):
             self.controls[charger_id].set_local(targets.get(charger_id))
             self._next(charger_id, now, wall)
+        if self.sinks and self.active:
+            self._publish(now)
         self._progressed()
+
+    def _publish(self, now: float) -> None:
+        site = self.engine.site_view(now)
+        views = {cid: self.engine.charger_view(cid) for cid in self.attached}
+        for sink in self.sinks:
+            sink.set_site(limit=site.config_limit, ems_limit=site.ems_limit, effective_limit=site.site_limit,
+                          headroom=site.headroom)
+            for charger_id, view in views.items():
+                if view is None:
+                    continue
+                sink.set_charger_limits(charger_id, effective=view.effective_limit, local=view.local_limit,
+                                        backend=view.backend_limit, ems=view.ems_limit)
+                sink.set_charger_current(charger_id, view.currents)
 
     def _next(self, charger_id: str, now: float, wall: datetime) -> None:
         control = self.controls[charger_id]

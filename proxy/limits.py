@@ -104,15 +104,19 @@ class ChargerView:
     enabled: bool
     transaction: bool
     fallback: bool
+    ems_limit: float | None = None
 
 
 @dataclass(frozen=True)
 class SiteView:
+    #: In force: the configured limit, lowered by the EMS.
     site_limit: float
     house_load: tuple[float, ...]
     headroom: tuple[float, ...]
     meter_fresh: bool
     fallback: bool
+    config_limit: float | None = None
+    ems_limit: float | None = None
 
 
 # --- allocation (pure) -------------------------------------------------------------
@@ -424,14 +428,16 @@ class LimitEngine:
             power_w=state.power_w, energy_wh=state.energy_wh, local_limit=local,
             backend_limit=state.backend_limit, effective_limit=min(limits) if limits else None,
             enabled=state.limits.enabled and state.ems_enabled, transaction=bool(state.transactions),
-            fallback=state.fallback and state.connected)
+            fallback=state.fallback and state.connected, ems_limit=state.ems_limit)
 
     def site_view(self, now: float) -> SiteView:
         house = self._house_load(self._managed_connected(), self.meter_fresh(now), now)
         limit = self.site_limit
         return SiteView(site_limit=limit, house_load=tuple(h / 10 for h in house),
-                        headroom=tuple(max(0.0, limit - h / 10) for h in house),
-                        meter_fresh=self.meter_fresh(now), fallback=self._fallback)
+                        headroom=tuple(max(0.0, round(limit - h / 10, 1)) for h in house),
+                        meter_fresh=self.meter_fresh(now), fallback=self._fallback,
+                        config_limit=None if math.isinf(self.site.max_current) else self.site.max_current,
+                        ems_limit=self._ems_site)
 
     def chargers(self) -> list[str]:
         return sorted(self._chargers)

@@ -197,20 +197,23 @@ class SmartWallbox(ChargePoint):  # type: ignore[misc]
         self.store = store
         self.answer_delay = answer_delay
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
 
     @on(Action.set_charging_profile)
     async def on_set_charging_profile(self, connector_id: int, cs_charging_profiles: dict[str, Any],
                                       **_: Any) -> Any:
         await asyncio.sleep(self.answer_delay)  # a slow device: keeps the CALL outstanding a while
-        with self.lock:
+        with self.changed:
             status = self.store.set(connector_id, _camel(cs_charging_profiles))
+            self.changed.notify_all()
         return call_result.SetChargingProfile(status=status)
 
     @on(Action.clear_charging_profile)
     async def on_clear_charging_profile(self, **criteria: Any) -> Any:
         await asyncio.sleep(self.answer_delay)
-        with self.lock:
+        with self.changed:
             status = self.store.clear(_camel(criteria))
+            self.changed.notify_all()
         return call_result.ClearChargingProfile(status=status)
 
     @on(Action.get_configuration)
@@ -220,6 +223,11 @@ class SmartWallbox(ChargePoint):  # type: ignore[misc]
     def composite(self) -> float | None:
         with self.lock:
             return self.store.composite()
+
+    def wait_composite(self, value: float | None, timeout: float = 15.0) -> bool:
+        """Block (in a worker thread) until the composite limit is ``value``; False on timeout."""
+        with self.changed:
+            return self.changed.wait_for(lambda: self.store.composite() == value, timeout)
 
     def profiles(self) -> dict[int, Stored]:
         with self.lock:

@@ -327,6 +327,7 @@ async def test_three_wallboxes_share_the_site_limit(peers: LoopThread, backend: 
     assert view is not None and view.state == "paused"
     for cp, handle in handles.items():
         check_wire(handle, backend, cp)
+    for handle in handles.values():  # (one leaving frees current for the others: new CALLs)
         await in_loop(peers, handle.close())
 
 
@@ -362,4 +363,32 @@ async def test_fail_closed_before_any_reading(peers: LoopThread, backend: SimBac
     server.limiter.engine.meter_reading((10.0, 10.0, 10.0), trio.current_time())
     await settle(server.limiter)
     assert handle.wallbox.composite() == 22.0
+    await in_loop(peers, handle.close())
+
+
+async def test_limits_are_published_as_metrics(peers: LoopThread, backend: SimBackend, nursery: trio.Nursery) -> None:
+    from tests.opskit import build_stack, scrape, value
+
+    text = site_config(backend, site="max_current = 16").replace(
+        "[server]", '[server]\nlisten = "127.0.0.1:0"') + '[metrics]\nlisten = "127.0.0.1:0"\n'
+    stack = build_stack(text)
+    stack.server.limiter.sinks.append(stack.metrics)  # as cli.run_proxy does
+    await nursery.start(stack.monitor.serve)
+    await nursery.start(stack.server.serve)
+    handle = await in_loop(peers, connect_smart(stack.url("CP1"), "CP1"))
+    cs = Backend(peers, backend, "CP1", handle)
+    assert await cs.set(0, profile(51, 1, "TxDefaultProfile", 10)) == "Accepted"
+    await in_loop(peers, handle.wallbox.call(call.MeterValues(connector_id=1, meter_value=[{
+        "timestamp": "2026-11-25T10:00:00Z", "sampledValue": [
+            {"value": "9.5", "measurand": "Current.Import", "phase": "L1", "unit": "A"},
+            {"value": "9.7", "measurand": "Current.Import", "phase": "L2", "unit": "A"}]}])))
+    await settle(stack.server.limiter)
+    _, samples = await scrape(stack)
+    limit = "ocpp_proxy_charger_limit_amperes"
+    assert value(samples, limit, charger="CP1", source="backend") == 10.0
+    assert value(samples, limit, charger="CP1", source="local") == 10.0
+    assert value(samples, limit, charger="CP1", source="effective") == 10.0
+    assert value(samples, "ocpp_proxy_charger_current_amperes", charger="CP1", phase="L2") == 9.7
+    assert value(samples, "ocpp_proxy_site_limit_amperes", source="config") == 16.0
+    assert value(samples, "ocpp_proxy_site_headroom_amperes", phase="L1") == 16.0
     await in_loop(peers, handle.close())

@@ -70,6 +70,18 @@ def test_waits_for_boot_then_installs_once_and_skips_unchanged() -> None:
     assert limit_of(accept(control, control.next_command(3.0, WALL))) == 6.0
 
 
+def test_boot_rejected_or_unanswered() -> None:
+    control = Control("CP1", ControlSettings())
+    control.wallbox_connected(0.0)
+    control.set_local(10.0)
+    control.boot(1.0)
+    control.boot_answered("Rejected")
+    assert control.next_command(100.0, WALL) is None  # never to a rejected wallbox
+    control.boot(101.0)
+    assert control.next_command(102.0, WALL) is None
+    assert control.next_command(101.0 + BOOT_WAIT, WALL) is not None  # the backend never answered
+
+
 def test_without_boot_a_wallbox_is_ready_after_the_wait() -> None:
     control = Control("CP1", ControlSettings())
     control.wallbox_connected(0.0)
