@@ -56,6 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="proxy + simulated backend and wallboxes on loopback")
     demo.add_argument("--wallboxes", type=int, default=3)
     demo.add_argument("--forever", action="store_true", help="keep running until Ctrl-C")
+    demo.add_argument("--site-limit", type=float, default=32.0, help="site limit per phase, A (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -178,4 +179,4 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
-    return run_demo(wallboxes=args.wallboxes, forever=args.forever)
+    return run_demo(wallboxes=args.wallboxes, forever=args.forever, site_limit=args.site_limit)

@@ -50,6 +50,7 @@ from proxy.profiles import (
     replaces,
     set_payload,
     validate,
+    validate_own,
 )
 
 MAX_STRATEGY = "max-profile"
@@ -320,7 +321,10 @@ class Control:
         self.ready = True
         self.retry_at = None
         try:
-            validate(command.action, command.payload)
+            if command.kind == "restore":
+                validate(command.action, command.payload)  # the backend's profile, clamped: check it all
+            else:
+                validate_own(command.action, command.payload)
         except ProfileError as exc:
             self._note("profile_invalid", "error", reason=str(exc))
             self.rejected.add(command.signature if command.kind != "restore" else _restore_key(command))

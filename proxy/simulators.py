@@ -303,9 +303,12 @@ class SimWallbox(OcppPeer):  # type: ignore[misc]
         self.commands.append("TriggerMessage")
         return call_result.TriggerMessage(status="Accepted")
 
-    async def run_session(self, id_tag: str = "04A2B3C4D5E6F7") -> dict[str, Any]:
+    async def run_session(self, id_tag: str = "04A2B3C4D5E6F7", charging_time: float = 0.0) -> dict[str, Any]:
         """Boot, heartbeat, status, authorize, a transaction with signed meter values,
-        a Giro-E DataTransfer, stop. Returns what the backend answered."""
+        a Giro-E DataTransfer, stop. Returns what the backend answered.
+
+        ``charging_time``: seconds the car charges between start and stop (the demo's
+        load management needs time to show)."""
         boot = await self.call(call.BootNotification(charge_point_model="Sim-22", charge_point_vendor="ocpp-proxy"))
         await self.call(call.Heartbeat())
         await self.call(call.StatusNotification(connector_id=1, error_code="NoError", status="Preparing"))
@@ -314,6 +317,8 @@ class SimWallbox(OcppPeer):  # type: ignore[misc]
                                                       timestamp=now_iso()))
         tx = start.transaction_id
         await self.call(call.StatusNotification(connector_id=1, error_code="NoError", status="Charging"))
+        if charging_time:
+            await asyncio.sleep(charging_time)
         await self.call(call.MeterValues(connector_id=1, transaction_id=tx, meter_value=[{
             "timestamp": now_iso(),
             "sampledValue": [

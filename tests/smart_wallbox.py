@@ -113,8 +113,8 @@ class ProfileStore:
     def clear(self, criteria: dict[str, Any]) -> str:
         def hit(pid: int, s: Stored) -> bool:
             if "id" in criteria:
-                return pid == criteria["id"]
-            return (criteria.get("connectorId", s.connector) == s.connector
+                return bool(pid == criteria["id"])
+            return bool(criteria.get("connectorId", s.connector) == s.connector
                     and criteria.get("chargingProfilePurpose", s.profile["chargingProfilePurpose"])
                     == s.profile["chargingProfilePurpose"]
                     and criteria.get("stackLevel", s.profile["stackLevel"]) == s.profile["stackLevel"])
