@@ -86,8 +86,8 @@ class Limiter(Listener):
         self.engine = LimitEngine()
         self.controls: dict[str, Control] = {}
         self.sessions: dict[str, PairedSession] = {}
-        #: Chargers whose sessions the limiter manages (observe set, engine told).
-        self.attached: set[str] = set()
+        #: The sessions the limiter manages (observe set, engine told), by charger.
+        self.attached: dict[str, PairedSession] = {}
         self.active = False
         self._wake = trio.Event()
         self._progress = trio.Event()
@@ -138,8 +138,8 @@ class Limiter(Listener):
         if self.sessions.get(charger_id) is not paired:
             return  # replaced by a newer connection, which is the one that counts
         del self.sessions[charger_id]
-        if charger_id in self.attached:
-            self.attached.discard(charger_id)
+        if self.attached.get(charger_id) is paired:
+            del self.attached[charger_id]
             self.controls[charger_id].wallbox_disconnected()
             self.engine.charger_disconnected(charger_id, _now())
             for sink in self.sinks:
@@ -150,9 +150,9 @@ class Limiter(Listener):
         control = self.controls.get(charger_id)
         if control is None:
             control = self.controls[charger_id] = Control(charger_id, self._control_settings(charger_id))
-        if charger_id in self.attached and control.connected:
+        if self.attached.get(charger_id) is paired:
             return
-        self.attached.add(charger_id)
+        self.attached[charger_id] = paired  # a reconnect replaces the old session here
         paired.session.observe = paired.session.observe | OBSERVE
         now = _now()
         control.wallbox_connected(now)
@@ -168,7 +168,7 @@ class Limiter(Listener):
         own_answer = action.call is not None and action.call.msg_id == self._proxy_answer
         self._proxy_answer = None
         charger_id = paired.charger_id
-        if own_answer or charger_id not in self.attached or self.sessions.get(charger_id) is not paired:
+        if own_answer or self.attached.get(charger_id) is not paired:
             return
         try:
             self._observed(charger_id, self.controls[charger_id], action)

@@ -224,6 +224,24 @@ async def test_reapplied_after_reboot_and_reconnect(peers: LoopThread, backend: 
     await in_loop(peers, again.close())
 
 
+async def test_a_new_connection_replacing_an_old_one_is_managed(peers: LoopThread, backend: SimBackend,
+                                                                start_proxy: StartProxy) -> None:
+    """The same wallbox connects again before its old TCP connection is gone."""
+    server = await start_proxy(site_config(backend, site="max_current = 14"))
+    old = await in_loop(peers, connect_smart(proxy_url(server, "CP1"), "CP1"))
+    await settle(server.limiter)
+    assert old.wallbox.composite() == 14.0
+    new = await in_loop(peers, connect_smart(proxy_url(server, "CP1"), "CP1"))
+    await settle(server.limiter)
+    assert new.wallbox.composite() == 14.0
+    server.limiter.engine.ems_site_limit(9, trio.current_time())
+    await settle(server.limiter)
+    assert new.wallbox.composite() == 9.0 and old.wallbox.composite() == 14.0
+    assert server.limiter.attached["CP1"] is server.sessions["CP1"]
+    await in_loop(peers, new.close())
+    await in_loop(peers, old.close())
+
+
 async def test_wallbox_rejecting_max_profile_is_limited_through_tx_default(
         peers: LoopThread, backend: SimBackend, start_proxy: StartProxy) -> None:
     server = await start_proxy(site_config(backend))
@@ -343,7 +361,7 @@ async def test_without_site_the_proxy_injects_and_rewrites_nothing(peers: LoopTh
     await wait_recorded(handle.recorder, lambda r: raw in r.received)
     session = server.sessions["CP1"].session
     assert not server.limiter.active and session.observe == frozenset() and session.rewriters == {}
-    assert server.limiter.attached == set()
+    assert server.limiter.attached == {}
     assert handle.recorder.received == backend.recorders["CP1"].sent  # nothing added, nothing changed
     assert not any("ocpp-proxy:" in t for t in handle.recorder.received)
     await in_loop(peers, handle.close())
