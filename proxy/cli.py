@@ -107,9 +107,9 @@ async def run_proxy(config: Config, source: str = "", pidfile: str = "") -> None
     takes the graceful path. A second signal while sessions drain stops at once.
     SIGHUP re-reads ``source`` (see :mod:`proxy.reload`); connections stay.
     """
-    from proxy.reload import reload_from, remove_pidfile, write_pidfile
     from proxy.metrics import Metrics, MetricsListener
     from proxy.monitor import Monitor
+    from proxy.reload import reload_from, remove_pidfile, write_pidfile
     from proxy.server import ProxyServer
 
     log = logs.get_logger()

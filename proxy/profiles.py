@@ -27,7 +27,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 MAX_PROFILE = "ChargePointMaxProfile"
@@ -95,7 +95,7 @@ def parse_time(value: Any) -> datetime | None:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError as exc:
         raise ProfileError(f"not a date-time: {value!r}") from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=timezone.utc)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
 def _int(obj: Mapping[str, Any], key: str, required: bool = True) -> int | None:
@@ -304,7 +304,7 @@ def build_profile(profile_id: int, stack_level: int, purpose: str, amps: float, 
     ``Absolute`` with a start a day in the past (at midnight UTC) applies at
     once even on a wallbox whose clock is a little off.
     """
-    now = now or datetime.now(timezone.utc)
+    now = now or datetime.now(UTC)
     start = (now - timedelta(days=1)).replace(hour=0, minute=0, second=0, microsecond=0)
     return {
         "chargingProfileId": profile_id,
@@ -328,8 +328,7 @@ def clamp(raw: Mapping[str, Any], amps: float, *, charger_phases: int = 3,
     unit = schedule["chargingRateUnit"]
     for period in schedule["chargingSchedulePeriod"]:
         cap = from_amps(amps, unit, phases_used(period.get("numberPhases"), charger_phases), voltage)
-        if period["limit"] > cap:
-            period["limit"] = cap
+        period["limit"] = min(period["limit"], cap)
     return out
 
 

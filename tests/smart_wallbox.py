@@ -18,7 +18,7 @@ import asyncio
 import json
 import threading
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 import websockets
@@ -135,7 +135,7 @@ class ProfileStore:
         start = schedule.get("startSchedule")
         elapsed = 0.0
         if profile["chargingProfileKind"] == "Absolute" and start:
-            elapsed = (now - datetime.fromisoformat(start.replace("Z", "+00:00"))).total_seconds()
+            elapsed = (now - datetime.fromisoformat(start)).total_seconds()
             if elapsed < 0:
                 return None
         if "duration" in schedule and elapsed >= schedule["duration"]:
@@ -160,9 +160,9 @@ class ProfileStore:
         return None
 
     def composite(self, connector: int = 1, now: datetime | None = None) -> float | None:
-        now = now or datetime.now(timezone.utc)
+        now = now or datetime.now(UTC)
         items = list(self.profiles.values())
-        by = lambda purpose: [s for s in items if s.profile["chargingProfilePurpose"] == purpose]  # noqa: E731
+        by = lambda purpose: [s for s in items if s.profile["chargingProfilePurpose"] == purpose]
         cap = self._best(by("ChargePointMaxProfile"), now)
         tx_part = None
         if connector in self.transactions:

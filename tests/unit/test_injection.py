@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from proxy.injection import (
@@ -15,7 +15,7 @@ from proxy.injection import (
 )
 from proxy.profiles import MAX_PROFILE, TX_DEFAULT, TX_PROFILE
 
-WALL = datetime(2026, 11, 25, 12, 0, tzinfo=timezone.utc)
+WALL = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 PID = 990001
 
 
@@ -268,3 +268,15 @@ def test_meter_values_reading() -> None:
                                charger_phases=1)
     assert single.currents == (8.0, 0.0, 0.0)
     assert read_meter_values({"meterValue": "nonsense"}).currents is None
+
+
+def test_backend_max_profile_above_the_proxy_level_switches_to_tx_default() -> None:
+    control = ready_control(stack_level=8)
+    control.set_local(10.0)
+    accept(control, control.next_command(1.0, WALL))
+    control.backend_set_answered("b1", backend_profile(5, 9, MAX_PROFILE, 32.0), "Accepted", WALL)
+    # Its profile outranks the proxy's on the wallbox: the local limit must go through Tx/TxDefault.
+    assert control.strategy == "tx-default"
+    assert [n.event for n in control.drain_notes()] == ["strategy_switched"]
+    own = accept(control, control.next_command(2.0, WALL))
+    assert purpose_of(own) == TX_DEFAULT and limit_of(own) == 10.0

@@ -5,6 +5,7 @@ Time is a plain number passed in; nothing sleeps.
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -175,8 +176,8 @@ def test_bounds_hold_at_every_step_of_changing_inputs(site: Site, steps: list[tu
 
 def reversals(values: list[float]) -> int:
     """How often a sequence turns from going up to going down or back."""
-    steps = [b - a for a, b in zip(values, values[1:]) if b != a]
-    return sum(1 for x, y in zip(steps, steps[1:]) if (x > 0) != (y > 0))
+    steps = [b - a for a, b in itertools.pairwise(values) if b != a]
+    return sum(1 for x, y in itertools.pairwise(steps) if (x > 0) != (y > 0))
 
 
 def run_constant(site: Site, engine: LimitEngine, steps: list[float], closed_loop: bool) -> list[dict[str, float]]:
