@@ -272,7 +272,10 @@ class Limiter(Listener):
                 while True:
                     self._wake = trio.Event()
                     now = _now()
-                    self._tick(now)
+                    try:
+                        self._tick(now)
+                    except Exception as exc:  # noqa: BLE001 - a bug here must not stop the relay
+                        self.log.error("limiter_failed", error=f"{type(exc).__name__}: {exc}"[:300])
                     with trio.move_on_at(self._deadline(now)):
                         await self._wake.wait()
             finally:
@@ -331,7 +334,7 @@ class Limiter(Listener):
         if command.generation != control.generation or paired.closed.is_set():
             control.failed(command, "session gone", _now())
             return
-        log.info("profile_sent", action=command.action, **command.describe())
+        log.debug("profile_sent", action=command.action, **command.describe())
         status = error = None
         with trio.move_on_after(paired.session.call_timeout + 5) as scope:
             try:
@@ -345,8 +348,9 @@ class Limiter(Listener):
                 else:
                     error = frame.action or "CALLERROR"
                 control.answered(command, status if isinstance(status, str) else None, error, _now())
-                log.info("profile_answered", action=command.action, status=status, error=error,
-                         **command.describe())
+                level = log.info if status == "Accepted" or (status == "Unknown" and command.kind == "clear") \
+                    else log.warning
+                level("profile_answered", action=command.action, status=status, error=error, **command.describe())
         if scope.cancelled_caught:
             control.failed(command, "no answer", _now())
         self._log_notes(control.charger_id, control)
