@@ -30,7 +30,7 @@ from proxy.frames import MessageType, payload_of
 from proxy.injection import Command, Control, ControlSettings, field_of, read_meter_values
 from proxy.limits import ChargerLimits, LimitEngine, SiteLimits
 from proxy.logs import get_logger
-from proxy.profiles import ProfileError, replace_payload
+from proxy.profiles import replace_payload
 from proxy.relay import Listener, PairedSession
 from proxy.session import WALLBOX, Action, Observed, ProxyAnswer
 
@@ -172,7 +172,7 @@ class Limiter(Listener):
             return
         try:
             self._observed(charger_id, self.controls[charger_id], action)
-        except (ProfileError, ValueError, TypeError, KeyError, AttributeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - never let a frame's content break the session
             self.log.warning("frame_not_understood", charger=charger_id, action=action.action, error=str(exc)[:200])
         self._sync_rewriter(paired, self.controls[charger_id])
         self.poke()
@@ -248,7 +248,7 @@ class Limiter(Listener):
                 if payload is None:
                     return str(frame.text)
                 text = replace_payload(frame.text, payload)
-            except (ProfileError, ValueError, TypeError, KeyError) as exc:
+            except Exception as exc:  # noqa: BLE001 - the frame is forwarded as received
                 self.log.warning("profile_not_clamped", charger=control.charger_id, error=str(exc)[:200])
                 return str(frame.text)
             self.log.info("backend_profile_clamped", charger=control.charger_id, limit=control.local)

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 #: Sections bound to sockets or files opened at start.
 _RESTART_SECTIONS = ("metrics", "log")
-_RESTART_SERVER_KEYS = ("listen", "tls", "cert", "key", "client_ca", "require_cn_match", "certs_dir")
+_RESTART_SERVER_KEYS = ("listen", "tls", "cert", "key", "client_ca", "certs_dir")
 
 
 def needs_restart(old: Config, new: Config) -> list[str]:

@@ -410,3 +410,22 @@ async def test_limits_are_published_as_metrics(peers: LoopThread, backend: SimBa
     assert value(samples, "ocpp_proxy_site_limit_amperes", source="config") == 16.0
     assert value(samples, "ocpp_proxy_site_headroom_amperes", phase="L1") == 16.0
     await in_loop(peers, handle.close())
+
+
+async def test_frames_the_limiter_cannot_read_are_forwarded_unchanged(peers: LoopThread, backend: SimBackend,
+                                                                       start_proxy: StartProxy) -> None:
+    server = await start_proxy(site_config(backend, chargers={"CP1": 'strategy = "tx-default"'}))
+    handle = await in_loop(peers, connect_smart(proxy_url(server, "CP1"), "CP1"))
+    await settle(server.limiter)
+    bad_profile = '[2,"bad-1","SetChargingProfile",{"connectorId":"x","csChargingProfiles":42}]'
+    await in_loop(peers, backend.send_raw("CP1", bad_profile))
+    bad_meter = '[2,"bad-2","MeterValues",{"connectorId":1,"meterValue":[{"sampledValue":[{"value":[1]}]}]}]'
+    await in_loop(peers, handle.wire.send(bad_meter))
+    await wait_recorded(backend.recorders["CP1"], lambda r: bad_meter in r.received)
+    # The wallbox answered the broken profile (a CALLERROR): it had it, exactly as sent.
+    await wait_recorded(backend.recorders["CP1"], lambda r: any('"bad-1"' in t for t in r.received))
+    assert bad_profile in handle.wire.received
+    server.limiter.engine.ems_site_limit(7, trio.current_time())  # still managed afterwards
+    await settle(server.limiter)
+    assert handle.wallbox.composite() == 7.0
+    await in_loop(peers, handle.close())

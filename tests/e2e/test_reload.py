@@ -115,3 +115,14 @@ async def test_reload_without_a_running_proxy_says_so(tmp_path: Path) -> None:
     (tmp_path / "stale.pid").write_text("999999999\n")
     stale = await cli("reload", "--pidfile", str(tmp_path / "stale.pid"))
     assert stale.returncode == 1 and b"no process" in stale.stderr
+
+
+def test_keys_bound_at_start_are_reported_as_needing_a_restart() -> None:
+    from proxy.config import loads
+    from proxy.reload import needs_restart
+
+    old = loads(config_text(1234, 20))
+    new = loads(config_text(1234, 10).replace('listen = "127.0.0.1:0"', 'listen = "127.0.0.1:19999"', 1)
+                .replace('format = "json"', 'format = "console"'))
+    assert needs_restart(old, new) == ["server.listen", "log.format"]
+    assert needs_restart(old, loads(config_text(1234, 10))) == []  # [site] applies at once
