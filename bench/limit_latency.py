@@ -129,7 +129,7 @@ def machine() -> str:
 def config_text(backend_port: int, wallboxes: int) -> str:
     chargers = "".join(f'[[chargers]]\nid = "CP{n:03d}"\nmax_current = 16\n' for n in range(wallboxes))
     return (f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n[log]\nlevel = "warning"\n'
-            f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n'
+            f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n[offline]\nenabled = false\n'
             f'[site]\nmax_current = {16 * wallboxes}\nramp_up_interval = 0\nhysteresis = 0\nmin_hold_time = 0\n'
             f'interval = 60\n{chargers}')
 

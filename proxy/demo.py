@@ -18,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, TextIO
 
@@ -62,6 +64,7 @@ class LiveLog:
             print(f"{elapsed:7.3f}s  {cp_id:<6} ◀─ proxy    limit {limit}", file=self.out, flush=True)
 
 
+
 def profile_limit(text: str) -> str | None:
     """'10.7 A (ChargePointMaxProfile)' for a proxy SetChargingProfile, 'cleared' for its Clear."""
     try:
@@ -78,10 +81,10 @@ def profile_limit(text: str) -> str | None:
     return f"{value:g} {schedule['chargingRateUnit']} ({profile['chargingProfilePurpose']})"
 
 
-def demo_config(backend_port: int, wallboxes: int, site_limit: float = 32.0) -> str:
+def demo_config(backend_port: int, wallboxes: int, data_dir: str, site_limit: float = 32.0) -> str:
     chargers = "".join(f'[[chargers]]\nid = "CP{n:03d}"\nmax_current = 16\n' for n in range(1, wallboxes + 1))
     return (f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n[log]\nlevel = "warning"\n'
-            f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n'
+            f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n[offline]\ndata_dir = "{data_dir}"\n'
             f'[site]\nmax_current = {site_limit}\nramp_up_interval = 0\nhysteresis = 0\nmin_hold_time = 0\n'
             f'{chargers}')
 
@@ -126,9 +129,10 @@ async def _demo(wallboxes: int, forever: bool, out: TextIO, site_limit: float = 
     peers = LoopThread("demo-peers")
     live = LiveLog(out)
     backend = SimBackend(on_frame=live.frame)
+    data_dir = tempfile.mkdtemp(prefix="ocpp-proxy-demo-")  # the demo leaves no queue behind
     try:
         port = peers.run(backend.start())
-        server = ProxyServer(loads(demo_config(port, wallboxes, site_limit), "<demo>"))
+        server = ProxyServer(loads(demo_config(port, wallboxes, data_dir, site_limit), "<demo>"))
         async with trio.open_nursery() as nursery:
             ports = await nursery.start(server.serve)
             url = f"ws://127.0.0.1:{ports[0]}/ocpp"
@@ -147,6 +151,7 @@ async def _demo(wallboxes: int, forever: bool, out: TextIO, site_limit: float = 
     finally:
         peers.run(backend.stop())
         peers.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def run_demo(wallboxes: int = 3, forever: bool = False, out: Any = None, site_limit: float = 32.0) -> int:

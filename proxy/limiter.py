@@ -182,6 +182,8 @@ class Limiter(Listener):
         if frame.kind is MessageType.CALL:
             if observed.source == WALLBOX:
                 self._wallbox_call(charger_id, control, name, frame.msg_id or "", payload_of(frame), now)
+                if name == "BootNotification" and self._answered_locally(charger_id):
+                    control.boot_answered("Accepted")  # offline mode: the proxy accepted it itself
             return  # a backend CALL on its way: what counts is the wallbox's answer
         if observed.call is None:
             return
@@ -202,6 +204,10 @@ class Limiter(Listener):
         elif name == "StartTransaction":
             tx = field_of(answer, "transactionId")
             control.transaction_started(observed.call.msg_id or "", tx if isinstance(tx, int) else None)
+
+    def _answered_locally(self, charger_id: str) -> bool:
+        paired = self.attached.get(charger_id)
+        return paired is not None and paired.session.offline_mode
 
     def _wallbox_call(self, charger_id: str, control: Control, name: str, msg_id: str, payload: Any,
                       now: float) -> None:

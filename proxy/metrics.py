@@ -410,7 +410,7 @@ class MetricsListener(Listener):
         self.metrics = metrics
 
     def session_opened(self, paired: PairedSession) -> None:
-        self.metrics.session_opened(paired.charger_id, len(paired.upstreams))
+        self.metrics.session_opened(paired.charger_id, 0)  # upstreams arrive through upstream_state
 
     def session_closed(self, paired: PairedSession, side: str, code: int, reason: str) -> None:
         self.metrics.session_closed(paired.charger_id, side, code, len(paired.upstreams))
@@ -435,6 +435,18 @@ class MetricsListener(Listener):
         elif kind is ProxyCallFailed:
             outcome = "timeout" if action.reason == "timeout" else "closed"  # type: ignore[union-attr]
             self.metrics.own_call(action.action, outcome)  # type: ignore[union-attr]
+
+    def upstream_state(self, paired: PairedSession, name: str, up: bool, reason: str) -> None:
+        connects = paired.upstream_connects.get(name, 0)
+        if up:
+            (self.metrics.upstream_reconnected if connects > 1 else self.metrics.upstream_opened)(paired.charger_id)
+        elif connects:
+            self.metrics.upstream_closed(paired.charger_id, reason or "closed")
+        else:  # never connected in this session
+            self.metrics.upstream_failed(paired.charger_id, reason)
+
+    def queue_depth(self, paired: PairedSession, depth: int) -> None:
+        self.metrics.set_queue(paired.charger_id, depth)
 
     def frame_rejected(self, paired: PairedSession, side: str, code: int, reason: str) -> None:
         self.metrics.frame_rejected(side_label(side), "binary" if code == 1003 else "too_big")

@@ -29,6 +29,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from proxy.offline import (
+    BACKEND_TRANSACTION_ACTIONS,
+    TRANSACTION_ACTIONS,
+    OfflineResponder,
+    map_transaction,
+)
 from proxy.frames import (
     MAX_ID_LENGTH,
     Frame,
@@ -43,6 +49,8 @@ from proxy.frames import (
 WALLBOX = "wallbox"
 PROXY = "proxy"
 PRIMARY = "primary"
+#: Origin of stored CALLs replayed to the primary after an outage.
+REPLAY = "replay"
 
 #: Message ids of the proxy's own CALLs on the wallbox leg (≤ 36 characters).
 ID_PREFIX = "ocpp-proxy:"
@@ -115,7 +123,27 @@ class CallCompleted:
     seconds: float
 
 
-Action = ToWallbox | ToUpstream | ProxyAnswer | ProxyCallFailed | Malformed | Observed | CallCompleted
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Store a CALL answered locally; send ``answer`` to the wallbox only once it is committed."""
+
+    action: str
+    text: str
+    msg_id: str
+    answer: str
+    local_transaction_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """The primary answered a replayed CALL (consumed, never forwarded)."""
+
+    call: Frame
+    answer: Frame
+
+
+Action = (ToWallbox | ToUpstream | ProxyAnswer | ProxyCallFailed | Malformed | Observed | CallCompleted
+          | Persist | Replayed)
 
 
 # --- state -----------------------------------------------------------------------
@@ -146,12 +174,18 @@ class Session:
     observe: frozenset[str] = frozenset()
     #: Per action: how a CALL's text changes on its way to a destination.
     rewriters: dict[str, Rewriter] = field(default_factory=dict)
+    #: Local answers while the primary is down; None: no offline mode (the pair closes instead).
+    offline: OfflineResponder | None = None
+    #: Local transactionId → the backend's, learned when replayed StartTransactions are answered.
+    transactions: dict[int, int] = field(default_factory=dict)
 
     _to_wallbox: dict[str, _Pending] = field(default_factory=dict, init=False)
     _waiting: deque[_Waiting] = field(default_factory=deque, init=False)
     _from_wallbox: dict[str, _Pending] = field(default_factory=dict, init=False)
     _late: OrderedDict[str, _Pending] = field(default_factory=OrderedDict, init=False)
     _seq: int = field(default=0, init=False)
+    _down: set[str] = field(default_factory=set, init=False)
+    _replaying: bool = field(default=False, init=False)
     #: The frame most recently classified by from_wallbox/from_upstream
     #: (for metrics, without classifying twice).
     last_frame: Frame | None = field(default=None, init=False)
@@ -181,7 +215,7 @@ class Session:
         if report is not None and report.dropped:
             return self._refuse(report)
         if frame.kind is MessageType.CALL:
-            actions = self._submit(name, frame, self._rewrite(name, WALLBOX, frame), now)
+            actions = self._submit(name, frame, self._from_upstream_text(name, frame), now)
         elif frame.kind is None:
             actions = [ToWallbox(text)] if name == self.primary else []
         else:
@@ -237,6 +271,40 @@ class Session:
         self._waiting.clear()
         return failed
 
+    # -- upstream availability (offline mode) ---------------------------------------------
+
+    def upstream_down(self, name: str, now: float) -> list[Action]:
+        """An upstream is gone. For the primary, CALLs it never answered are answered locally."""
+        self._down.add(name)
+        if name != self.primary or self.offline is None:
+            return []
+        actions: list[Action] = []
+        for msg_id, pending in list(self._from_wallbox.items()):
+            if pending.origin == WALLBOX and pending.call is not None:
+                del self._from_wallbox[msg_id]
+                actions.extend(self._answer_locally(pending.call))
+        return actions
+
+    def upstream_up(self, name: str, replay: bool = False) -> None:
+        """An upstream is (back) up; ``replay``: stored CALLs go to it before live traffic."""
+        self._down.discard(name)
+        if name == self.primary and self.offline is not None and replay:
+            self._replaying = True
+
+    def replay_call(self, frame: Frame, text: str, now: float) -> list[Action]:
+        """Send one stored CALL to the primary; its answer comes back as :class:`Replayed`."""
+        msg_id = frame.msg_id or ""
+        self._from_wallbox[msg_id] = _Pending(REPLAY, msg_id, frame.action or "", now, frame)
+        return [ToUpstream(self.primary, text)]
+
+    def replay_finished(self) -> None:
+        self._replaying = False
+
+    @property
+    def offline_mode(self) -> bool:
+        """True while wallbox CALLs are answered locally (primary down, or its queue replaying)."""
+        return self.offline is not None and (self._replaying or self.primary in self._down)
+
     # -- introspection (tests, metrics) -----------------------------------------------
 
     @property
@@ -253,25 +321,65 @@ class Session:
         action = frame.action or ""
         msg_id = frame.msg_id or ""
         watched = action in self.observe
+        actions: list[Action] = [Observed(WALLBOX, frame, action)] if watched else []
+        if self.offline_mode:
+            return self._answer_locally(frame) + actions
+        keep = frame if watched or self.offline is not None else None
         self._from_wallbox.pop(msg_id, None)  # a retransmission moves to the back
-        self._from_wallbox[msg_id] = _Pending(WALLBOX, msg_id, action, now, frame if watched else None)
-        actions: list[Action] = [ToUpstream(name, self._rewrite(WALLBOX, name, frame)) for name in self.upstreams]
-        if watched:
-            actions.append(Observed(WALLBOX, frame, action))
-        return actions
+        self._from_wallbox[msg_id] = _Pending(WALLBOX, msg_id, action, now, keep)
+        sends: list[Action] = [ToUpstream(name, self._to_upstream_text(name, frame))
+                               for name in self.upstreams if name not in self._down]
+        return sends + actions
+
+    def _from_upstream_text(self, name: str, frame: Frame) -> str:
+        text = self._rewrite(name, WALLBOX, frame)
+        if self.transactions and frame.action in BACKEND_TRANSACTION_ACTIONS:
+            backend_to_local = {b: loc for loc, b in self.transactions.items()}
+            rewritten = frame if text is frame.text else classify(text)  # map on top of a clamp
+            mapped = map_transaction(rewritten, backend_to_local)  # the wallbox knows its local id
+            if mapped is not rewritten.text:
+                text = mapped
+        return text
+
+    def _to_upstream_text(self, name: str, frame: Frame) -> str:
+        text = self._rewrite(WALLBOX, name, frame)
+        if self.transactions and frame.action in TRANSACTION_ACTIONS and name == self.primary:
+            mapped = map_transaction(frame, self.transactions)  # a local id the backend now knows
+            if mapped is not frame.text:
+                text = mapped
+        return text
+
+    def _answer_locally(self, frame: Frame) -> list[Action]:
+        assert self.offline is not None
+        local = self.offline.answer(frame)
+        if not local.store:
+            return [ToWallbox(local.text)]
+        return [Persist(frame.action or "", frame.text, frame.msg_id or "", local.text,
+                        local.local_transaction_id)]
 
     def _upstream_answer(self, name: str, frame: Frame, now: float) -> list[Action]:
         pending = self._from_wallbox.get(frame.msg_id or "")
         actions: list[Action] = []
+        if pending is not None and pending.origin == REPLAY and name == self.primary:
+            del self._from_wallbox[frame.msg_id or ""]
+            assert pending.call is not None
+            self._learn(pending.call, frame)
+            return [CallCompleted(name, pending.action, now - pending.sent_at), Replayed(pending.call, frame)]
+        if pending is not None and pending.call is not None and name == self.primary:
+            self._learn(pending.call, frame)
         if name == self.primary:
             actions.append(ToWallbox(frame.text))
             if pending is not None:
                 del self._from_wallbox[frame.msg_id or ""]
         if pending is not None:
             actions.append(CallCompleted(name, pending.action, now - pending.sent_at))
-            if pending.call is not None and name == self.primary:
+            if pending.call is not None and name == self.primary and pending.action in self.observe:
                 actions.append(Observed(name, frame, pending.action, pending.call))
         return actions
+
+    def _learn(self, call: Frame, answer: Frame) -> None:
+        if self.offline is not None and call.action in ("Authorize", "StartTransaction"):
+            self.offline.learn(call, answer)
 
     # -- upstreams / proxy → wallbox ------------------------------------------------------
 

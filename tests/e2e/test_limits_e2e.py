@@ -5,6 +5,7 @@ proxy on 127.0.0.1 (issue 5)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -12,6 +13,7 @@ from ocpp.v16 import call
 
 from proxy.config import loads
 from proxy.limiter import Limiter
+from proxy.relay import Listener, PairedSession
 from proxy.server import ProxyServer
 from proxy.simulators import LoopThread, SimBackend, connect_wallbox
 from tests.conftest import StartProxy, proxy_url
@@ -367,10 +369,12 @@ async def test_without_site_the_proxy_injects_and_rewrites_nothing(peers: LoopTh
     await in_loop(peers, handle.close())
 
 
-async def test_fail_closed_before_any_reading(peers: LoopThread, backend: SimBackend, nursery: trio.Nursery) -> None:
+async def test_fail_closed_before_any_reading(peers: LoopThread, backend: SimBackend, nursery: trio.Nursery,
+                                             tmp_path: Path) -> None:
     """A configured meter that has not been read: fallback; fail_closed makes it 0."""
     text = site_config(backend, site="max_current = 32\nfail_closed = true").replace(
-        "[server]", '[server]\nlisten = "127.0.0.1:0"')
+        "[server]", '[server]\nlisten = "127.0.0.1:0"') + f'[offline]\ndata_dir = "{tmp_path}/data"\n'
+
     config = loads(text)
     object.__setattr__(config, "meter", object())  # stands in for the Modbus issue's [meter] section
     server = ProxyServer(config)
@@ -384,11 +388,13 @@ async def test_fail_closed_before_any_reading(peers: LoopThread, backend: SimBac
     await in_loop(peers, handle.close())
 
 
-async def test_limits_are_published_as_metrics(peers: LoopThread, backend: SimBackend, nursery: trio.Nursery) -> None:
+async def test_limits_are_published_as_metrics(peers: LoopThread, backend: SimBackend, nursery: trio.Nursery,
+                                              tmp_path: Path) -> None:
     from tests.opskit import build_stack, scrape, value
 
     text = site_config(backend, site="max_current = 16").replace(
-        "[server]", '[server]\nlisten = "127.0.0.1:0"') + '[metrics]\nlisten = "127.0.0.1:0"\n'
+        "[server]", '[server]\nlisten = "127.0.0.1:0"') + '[metrics]\nlisten = "127.0.0.1:0"\n' \
+        + f'[offline]\ndata_dir = "{tmp_path}/data"\n'
     stack = build_stack(text)
     stack.server.limiter.sinks.append(stack.metrics)  # as cli.run_proxy does
     await nursery.start(stack.monitor.serve)
@@ -428,4 +434,40 @@ async def test_frames_the_limiter_cannot_read_are_forwarded_unchanged(peers: Loo
     server.limiter.engine.ems_site_limit(7, trio.current_time())  # still managed afterwards
     await settle(server.limiter)
     assert handle.wallbox.composite() == 7.0
+    await in_loop(peers, handle.close())
+
+
+class UpstreamWatch(Listener):
+    def __init__(self) -> None:
+        self.down = trio.Event()
+
+    def upstream_state(self, paired: PairedSession, name: str, up: bool, reason: str) -> None:
+        if not up:
+            self.down.set()
+
+
+async def test_load_managed_while_the_backend_is_down(peers: LoopThread, backend: SimBackend,
+                                                      nursery: trio.Nursery, tmp_path: Path) -> None:
+    text = site_config(backend, site="max_current = 20").replace(
+        "[server]", '[server]\nlisten = "127.0.0.1:0"') + f'[offline]\ndata_dir = "{tmp_path}/data"\n'
+    watch = UpstreamWatch()
+    server = ProxyServer(loads(text), listeners=[watch])
+    await nursery.start(server.serve)
+    store = ProfileStore()
+    handle = await in_loop(peers, connect_smart(proxy_url(server, "CP1"), "CP1", store=store))
+    await settle(server.limiter)
+    assert handle.wallbox.composite() == 20.0
+    await in_loop(peers, backend.stop())  # the backend is gone; the wallbox stays connected
+    with trio.fail_after(10):
+        await watch.down.wait()
+    server.limiter.engine.ems_site_limit(11, trio.current_time())
+    await settle(server.limiter)
+    assert handle.wallbox.composite() == 11.0
+    # A reboot while offline: the proxy answered the BootNotification itself, so it
+    # re-applies at once instead of waiting for a backend answer that cannot come.
+    assert await in_loop(peers, handle.wallbox.reboot()) == "Accepted"
+    assert server.limiter.controls["CP1"].ready
+    await settle(server.limiter)
+    assert handle.wallbox.composite() == 11.0
+    assert server.sessions["CP1"].session.offline_mode
     await in_loop(peers, handle.close())

@@ -19,9 +19,9 @@ from tests.smart_wallbox import SmartHandle, connect_smart
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def config_text(backend_port: int, site_limit: float, extra: str = "") -> str:
+def config_text(backend_port: int, site_limit: float, extra: str = "", data_dir: str = "/nonexistent") -> str:
     return (f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n[metrics]\nlisten = ""\n[log]\nformat = "json"\n'
-            f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n'
+            f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n[offline]\ndata_dir = "{data_dir}"\n'
             f'[site]\nmax_current = {site_limit}\nramp_up_interval = 0\nhysteresis = 0\nmin_hold_time = 0\n'
             f'[[chargers]]\nid = "CP1"\nmax_current = 32\n{extra}')
 
@@ -61,7 +61,8 @@ async def wait_limit(handle: SmartHandle, value: float) -> None:
 async def test_reload_applies_new_limits_to_connected_wallboxes(tmp_path: Path, peers: LoopThread,
                                                                 backend: SimBackend) -> None:
     config, pidfile = tmp_path / "proxy.toml", tmp_path / "proxy.pid"
-    config.write_text(config_text(backend.port, 20))
+    text = functools.partial(config_text, data_dir=str(tmp_path / "data"))
+    config.write_text(text(backend.port, 20))
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "proxy", "run", "--config", str(config), "--pidfile", str(pidfile)],
         cwd=ROOT, stderr=subprocess.PIPE)
@@ -72,7 +73,7 @@ async def test_reload_applies_new_limits_to_connected_wallboxes(tmp_path: Path, 
         await wait_limit(handle, 20.0)
         assert pidfile.read_text().strip() == str(process.pid)
 
-        config.write_text(config_text(backend.port, 12))
+        config.write_text(text(backend.port, 12))
         done = await cli("reload", "--pidfile", str(pidfile), "--config", str(config))
         assert done.returncode == 0, done.stderr
         await wait_limit(handle, 12.0)
@@ -80,19 +81,19 @@ async def test_reload_applies_new_limits_to_connected_wallboxes(tmp_path: Path, 
         assert reloaded["site"] is True
 
         # Per-charger settings too: block this charger (limit 0).
-        config.write_text(config_text(backend.port, 12, 'enabled = false\non_disable = "block"\n'))
+        config.write_text(text(backend.port, 12, 'enabled = false\non_disable = "block"\n'))
         assert (await cli("reload", "--pid", str(process.pid))).returncode == 0
         await wait_limit(handle, 0.0)
 
         # A broken file: `reload --config` refuses before signalling; a bare SIGHUP
         # logs the problem with its key and keeps the running configuration.
-        config.write_text(config_text(backend.port, 12).replace("max_current = 12", "max_current = -3"))
+        config.write_text(text(backend.port, 12).replace("max_current = 12", "max_current = -3"))
         refused = await cli("reload", "--pidfile", str(pidfile), "--config", str(config))
         assert refused.returncode == 2 and b"site.max_current" in refused.stderr
         count = len(log.events)
         assert (await cli("reload", "--pidfile", str(pidfile))).returncode == 0
         failed = await log.wait("reload_failed", after=count)
-        assert failed["key"] == "site.max_current" and failed["line"] == 11
+        assert failed["key"] == "site.max_current" and failed["line"] == 13
         assert handle.wallbox.composite() == 0.0
 
         # One connection all along: the backend saw a single BootNotification.

@@ -280,3 +280,25 @@ def test_backend_max_profile_above_the_proxy_level_switches_to_tx_default() -> N
     assert [n.event for n in control.drain_notes()] == ["strategy_switched"]
     own = accept(control, control.next_command(2.0, WALL))
     assert purpose_of(own) == TX_DEFAULT and limit_of(own) == 10.0
+
+
+def test_clamped_backend_profile_also_gets_the_local_transaction_id() -> None:
+    """tx-default clamping and offline transaction-id mapping both apply to one frame."""
+    import json as _json
+
+    from proxy.profiles import replace_payload
+    from proxy.session import PRIMARY, Session, ToWallbox
+
+    control = ready_control(strategy="tx-default")
+    control.set_local(10.0)
+
+    def rewriter(source: str, destination: str, frame: Any) -> str:
+        payload = control.rewrite(frame.msg_id, _json.loads(frame.text)[3], WALL)
+        return frame.text if payload is None else replace_payload(frame.text, payload)
+
+    session = Session("CP1", rewriters={"SetChargingProfile": rewriter}, transactions={-1: 4711})
+    call = _json.dumps([2, "b1", "SetChargingProfile", backend_profile(3, 0, TX_PROFILE, 32.0, connector=1, tx=4711)])
+    sent = [a.text for a in session.from_upstream(PRIMARY, call, 0.0) if isinstance(a, ToWallbox)]
+    profile = _json.loads(sent[0])[3]["csChargingProfiles"]
+    assert profile["transactionId"] == -1  # the id the wallbox knows
+    assert profile["chargingSchedule"]["chargingSchedulePeriod"][0]["limit"] == 10.0  # and clamped
