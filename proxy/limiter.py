@@ -93,6 +93,7 @@ class Limiter(Listener):
         self._progress = trio.Event()
         self._ticking = False
         self._nursery: trio.Nursery | None = None
+        self._stopped = trio.CancelScope()
         self._proxy_answer: str | None = None
         self.sinks: list[LimitsSink] = []
         self.config = config
@@ -270,7 +271,16 @@ class Limiter(Listener):
         if not self._ticking:
             self._wake.set()
 
+    def stop(self) -> None:
+        """End :meth:`run` (the server is stopping)."""
+        self._stopped.cancel()
+
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._stopped = trio.CancelScope()
+        with self._stopped:
+            await self._run(task_status)
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()

@@ -92,7 +92,8 @@ class ChargerLimits:
 class ChargerView:
     """What the engine knows about one charger (EMS registers, metrics, demo)."""
 
-    #: offline | unmanaged | blocked | idle | charging | paused
+    #: "offline", or the charger's last StatusNotification status ("Available"
+    #: until the first one): what the EMS register table reports.
     state: str
     status: str | None
     currents: tuple[float, float, float]
@@ -105,6 +106,8 @@ class ChargerView:
     transaction: bool
     fallback: bool
     ems_limit: float | None = None
+    #: The engine's view: offline | unmanaged | blocked | idle | charging | paused
+    mode: str = "offline"
 
 
 @dataclass(frozen=True)
@@ -424,7 +427,8 @@ class LimitEngine:
         local = None if state.applied is None or not state.limits.managed else state.applied / 10
         limits = [v for v in (local, state.backend_limit) if v is not None]
         return ChargerView(
-            state=self._state_name(state), status=state.status(), currents=state.currents,
+            state=(state.status() or "Available") if state.connected else "offline", status=state.status(),
+            currents=state.currents, mode=self._state_name(state),
             power_w=state.power_w, energy_wh=state.energy_wh, local_limit=local,
             backend_limit=state.backend_limit, effective_limit=min(limits) if limits else None,
             enabled=state.limits.enabled and state.ems_enabled, transaction=bool(state.transactions),

@@ -360,10 +360,10 @@ def test_disable_clear_leaves_the_charger_and_counts_its_draw() -> None:
     engine.configure(engine.site, {"CP1": ChargerLimits(enabled=False, on_disable="clear"), "CP2": ChargerLimits()})
     engine.measured("CP1", (10, 10, 10), 1)
     assert engine.targets(1) == {"CP2": 14.0}
-    assert engine.charger_view("CP1").state == "unmanaged"  # type: ignore[union-attr]
+    assert engine.charger_view("CP1").mode == "unmanaged"  # type: ignore[union-attr]
     engine.configure(engine.site, {"CP1": ChargerLimits(enabled=False, on_disable="block"), "CP2": ChargerLimits()})
     assert engine.targets(2) == {"CP1": 0.0, "CP2": 16.0}
-    assert engine.charger_view("CP1").state == "blocked"  # type: ignore[union-attr]
+    assert engine.charger_view("CP1").mode == "blocked"  # type: ignore[union-attr]
 
 
 def test_ems_and_backend_limits_cap_and_free_headroom_for_others() -> None:
