@@ -124,6 +124,10 @@ async def run_proxy(config: Config, source: str = "", pidfile: str = "") -> None
             if config.metrics.listen:
                 await nursery.start(monitor.serve)
             await nursery.start(server.serve)
+            if config.meter.modbus or config.ems.modbus_listen:  # grid meter / EMS → limit engine
+                from proxy.modbus.service import run_modbus
+
+                await nursery.start(run_modbus, config, server.limiter.engine, server.limiter.poke, log)
             if pidfile:
                 write_pidfile(pidfile)
             async for signum in signals:

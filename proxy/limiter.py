@@ -51,13 +51,17 @@ class LimitsSink(Protocol):
 
 
 def meter_configured(config: Config) -> bool:
-    """A grid meter section (added by the Modbus work) makes stale readings matter."""
-    return getattr(config, "meter", None) is not None
+    """A grid meter is configured: stale or missing readings switch to the fallback."""
+    return bool(config.meter.modbus)
+
+
+def ems_configured(config: Config) -> bool:
+    return bool(config.ems.modbus_listen)
 
 
 def load_management(config: Config) -> bool:
     """Limits are managed when a site, a meter or an EMS interface is configured."""
-    return config.site is not None or meter_configured(config) or getattr(config, "ems", None) is not None
+    return config.site is not None or meter_configured(config) or ems_configured(config)
 
 
 def site_settings(config: Config) -> SiteSettings:

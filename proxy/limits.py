@@ -10,9 +10,10 @@ charging profiles.
 
 How a limit is found (SPEC section 4):
 
-* house load per phase = grid meter − managed chargers (without a meter the
-  house load is only what unmanaged chargers draw, so ``max_current`` is the
-  chargers' budget);
+* house load per phase = grid meter − managed chargers' estimated draw
+  (``_estimated_draw``: a car held by its limit counts at its limit, one
+  drawing less at its MeterValues sample); without a meter the house load is
+  only what unmanaged chargers draw, so ``max_current`` is the chargers' budget;
 * headroom = site limit (config, lowered by the EMS) − house load, per phase;
 * chargers that want current are admitted by priority, running ones before
   paused ones (so a newcomer never knocks a running charger out), each only
@@ -45,6 +46,9 @@ from dataclasses import dataclass, field
 DEMANDING = frozenset({"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE"})
 
 INFINITE = math.inf
+#: A car drawing within this of its limit is taken to be held by the limit (it
+#: will follow the next one); one drawing less draws what it wants.
+LIMITED_MARGIN = 1.0
 #: Caps and headroom above this are "unlimited" (in tenths of an ampere).
 _UNLIMITED = 10**9
 
@@ -221,6 +225,12 @@ class _Charger:
     last_increase: float | None = None
     #: When the engine paused it for lack of headroom (not: idle).
     paused_at: float | None = None
+    #: The limit in force when ``currents`` were sampled while the car was
+    #: charging; None: no such sample since the car started.
+    sampled_at_limit: int | None = None
+    #: Per site phase (tenths): what the car drew when a sample showed it taking
+    #: clearly less than it was allowed; it draws that much, not its limit.
+    demand: dict[int, int] = field(default_factory=dict)
     fallback: bool = False
 
     def demanding(self) -> bool:
@@ -230,6 +240,10 @@ class _Charger:
         if not statuses:
             return self.statuses.get(0) not in ("Unavailable", "Faulted")  # unknown: assume it may
         return any(s in DEMANDING for s in statuses)
+
+    def drawing(self) -> bool:
+        """A car is charging (as far as the charger said)."""
+        return "Charging" in self.statuses.values() or (bool(self.transactions) and not self.statuses)
 
     def status(self) -> str | None:
         for connector in sorted(self.statuses):
@@ -292,6 +306,8 @@ class LimitEngine:
         state.transactions.clear()
         state.applied = None
         state.paused_at = None
+        state.sampled_at_limit = None
+        state.demand.clear()
         self._changed()
 
     def charger_disconnected(self, charger_id: str, now: float) -> None:
@@ -308,6 +324,9 @@ class LimitEngine:
     def status(self, charger_id: str, connector_id: int, status: str, now: float) -> None:
         """StatusNotification of one connector (0: the whole charge point)."""
         state = self._state(charger_id)
+        if status == "Charging" and not state.drawing():
+            state.sampled_at_limit = None  # samples from before the car drew say nothing now
+            state.demand.clear()
         state.statuses[connector_id] = status
         if status not in DEMANDING and connector_id > 0 and not state.transactions:
             state.currents = (0.0, 0.0, 0.0)
@@ -318,6 +337,8 @@ class LimitEngine:
         """Phase currents (L1, L2, L3 of the charger) from MeterValues."""
         state = self._state(charger_id)
         state.currents = currents
+        state.sampled_at_limit = state.applied if state.drawing() else None
+        self._learn_demand(state)
         if power_w is not None:
             state.power_w = power_w
         if energy_wh is not None:
@@ -484,23 +505,71 @@ class LimitEngine:
             out[(first + i) % count] += value
         return out
 
+    def _learn_demand(self, state: _Charger) -> None:
+        """After a sample: per phase, did the car take what it was allowed, or clearly less?"""
+        allowed = state.sampled_at_limit
+        if allowed is None or allowed <= 0:
+            return  # paused or not charging: the sample says nothing about what it wants
+        raw = self._site_phase_currents(state, None, False)
+        for ph in self._phases(state.limits):
+            if raw[ph] < allowed - tenths_up(LIMITED_MARGIN):
+                state.demand[ph] = raw[ph]
+            else:
+                state.demand.pop(ph, None)
+
+    @staticmethod
+    def _following(state: _Charger) -> bool:
+        """A charging car whose draw at its current limit no sample has confirmed yet."""
+        applied, sampled = state.applied, state.sampled_at_limit
+        return (state.drawing() and applied is not None and applied > 0 and not state.demand
+                and (sampled is None or applied > sampled))
+
+    def _estimated_draw(self, state: _Charger) -> list[int]:
+        """What a managed charger draws now, per site phase, as the grid meter sees it.
+
+        MeterValues lag the grid meter (often by a minute), so a sample alone
+        misleads: a car that just started, or was just allowed more, would look
+        like house load and be paused again at once. So a *following* car (one
+        charging at a limit no sample has confirmed yet) is counted at its
+        limit, and in return gets no increase until a sample confirms it
+        (:meth:`_share`), so an estimate that is too high can neither feed on
+        itself nor hand the same current to another charger. A car seen
+        drawing clearly less than it was allowed draws that; otherwise a
+        charger counts at its sample, never above its limit.
+        """
+        measured = self._site_phase_currents(state, state.applied, False)
+        applied = state.applied
+        if applied is None or not state.drawing():
+            return measured
+        phases = self._phases(state.limits)
+        following = self._following(state)
+        out = []
+        for ph, m in enumerate(measured):
+            if ph in state.demand:
+                out.append(min(state.demand[ph], applied))
+            elif following and ph in phases:
+                out.append(applied)
+            else:
+                out.append(m)
+        return out
+
     def _house_load(self, managed: Mapping[str, _Charger], use_meter: bool, now: float) -> list[int]:
         """Per site phase, tenths: what the managed chargers cannot change.
 
         Without a (fresh) meter that is only what unmanaged chargers draw.
-        A charger's measured current counts at most up to its limit, so a
-        reading from before a decrease (MeterValues lag the grid meter) never
-        makes the house look smaller. The price: while a car is still
-        following a decrease, its excess looks like house load and the next
-        recomputation cuts a little further (undershoot, never overload),
-        which the ramp-up then recovers.
+        With a meter: grid − the managed chargers' estimated draw
+        (:meth:`_estimated_draw`). A measured current counts at most up to the
+        charger's limit, so a sample from before a decrease never makes the
+        house look smaller; an estimate that is too high (a car drawing less
+        than its limit before its next MeterValues) is corrected by the next
+        grid reading or sample.
         """
         phases = self.site.phases
         unmanaged = [s for cid, s in self._chargers.items() if s.connected and cid not in managed]
         if use_meter and self._meter is not None:
             house = [tenths_up(self._meter[ph]) for ph in range(phases)]
             for state in managed.values():
-                for ph, draw in enumerate(self._site_phase_currents(state, state.applied, False)):
+                for ph, draw in enumerate(self._estimated_draw(state)):
                     house[ph] -= draw
             return [max(0, h) for h in house]
         house = [0] * phases
@@ -538,7 +607,10 @@ class LimitEngine:
         return {**result, **idle}
 
     def _demand(self, charger_id: str, state: _Charger) -> Demand:
-        return Demand(charger_id, state.limits.priority, tenths_up(state.limits.min_current), self._cap(state),
+        cap = self._cap(state)
+        if self.site.meter and state.applied is not None and self._following(state):
+            cap = min(cap, state.applied)  # more only once a sample shows it uses what it has
+        return Demand(charger_id, state.limits.priority, tenths_up(state.limits.min_current), cap,
                       self._phases(state.limits), running=bool(state.applied))
 
     def _fallback_targets(self, managed: Mapping[str, _Charger], now: float) -> dict[str, int]:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from proxy.server import ProxyServer
 
 #: Sections bound to sockets or files opened at start.
-_RESTART_SECTIONS = ("metrics", "log")
+_RESTART_SECTIONS = ("metrics", "log", "meter", "ems")
 _RESTART_SERVER_KEYS = ("listen", "tls", "cert", "key", "client_ca", "certs_dir")
 
 

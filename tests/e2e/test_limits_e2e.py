@@ -376,8 +376,9 @@ async def test_fail_closed_before_any_reading(peers: LoopThread, backend: SimBac
     text = site_config(backend, site="max_current = 32\nfail_closed = true").replace(
         "[server]", '[server]\nlisten = "127.0.0.1:0"') + f'[offline]\ndata_dir = "{tmp_path}/data"\n'
 
-    config = loads(text)
-    object.__setattr__(config, "meter", object())  # stands in for the Modbus issue's [meter] section
+    # A [meter] the test never lets the proxy poll (nothing listens there): readings are fed
+    # to the engine directly, the way the meter poller does.
+    config = loads(text + '[meter]\nmodbus = "127.0.0.1:9"\n')
     server = ProxyServer(config)
     await nursery.start(server.serve)
     handle = await in_loop(peers, connect_smart(proxy_url(server, "CP1"), "CP1"))
@@ -475,3 +476,63 @@ async def test_load_managed_while_the_backend_is_down(peers: LoopThread, backend
     assert server.sessions["CP1"].session.offline_mode
     await in_loop(peers, handle.close())
     await trio.to_thread.run_sync(functools.partial(stopping.result, 15))
+
+
+async def test_grid_meter_over_modbus_sets_the_headroom(peers: LoopThread, backend: SimBackend,
+                                                        nursery: trio.Nursery, tmp_path: Path) -> None:
+    """A simulated SDM630 on Modbus TCP: house load = grid - charger; stale meter → fallback."""
+    from proxy.logs import get_logger
+    from proxy.modbus.maps import METERS
+    from proxy.modbus.service import run_modbus
+    from proxy.simulators import SimModbusDevice
+
+    sdm630 = METERS["sdm630"]
+
+    def grid(l1: float, l2: float, l3: float) -> dict[int, int]:
+        registers: dict[int, int] = {}
+        for field_, amps in zip(sdm630.currents, (l1, l2, l3), strict=True):
+            for offset, word in enumerate(field_.encode(amps)):
+                registers[field_.address + offset] = word
+        return registers
+
+    meter = SimModbusDevice(input=grid(30, 30, 30))
+    meter_port = await in_loop(peers, meter.start())
+    text = site_config(backend, site="max_current = 40").replace(
+        "[server]", '[server]\nlisten = "127.0.0.1:0"') + (
+        f'[offline]\ndata_dir = "{tmp_path}/data"\n'
+        f'[meter]\nmodbus = "127.0.0.1:{meter_port}"\npoll_interval = 0.05\nstale_after = 0.5\n')
+    config = loads(text)
+    server = ProxyServer(config)
+    await nursery.start(server.serve)
+    await nursery.start(run_modbus, config, server.limiter.engine, server.limiter.poke, get_logger())
+    handle = await in_loop(peers, connect_smart(proxy_url(server, "CP1"), "CP1"))
+
+    async def limit_becomes(value: float) -> None:
+        wait = functools.partial(handle.wallbox.wait_composite, value, 15.0)
+        assert await trio.to_thread.run_sync(wait, abandon_on_cancel=True), handle.wallbox.profiles()
+
+    await limit_becomes(10.0)  # 40 A fuse - 30 A house (the charger draws nothing yet)
+    # The car starts and takes 9.8 of its 10 A; the meter sees it at once, MeterValues
+    # later: the proxy must not mistake the car for house load and pause it.
+    await in_loop(peers, handle.wallbox.call(call.StatusNotification(
+        connector_id=1, error_code="NoError", status="Charging")))
+    meter.input.update(grid(39.8, 39.8, 39.8))
+    limiter = server.limiter
+    with trio.fail_after(10):  # the engine has read the new grid value (polled every 50 ms)
+        while limiter.engine.site_view(trio.current_time()).house_load != (29.8, 29.8, 29.8):
+            await limiter.next_progress()
+    await settle(limiter)
+    assert handle.wallbox.composite() == 10.0
+    await in_loop(peers, handle.wallbox.call(call.MeterValues(connector_id=1, meter_value=[{
+        "timestamp": "2026-11-25T10:00:00Z", "sampledValue": [
+            {"value": "9.8", "measurand": "Current.Import", "phase": p, "unit": "A"} for p in ("L1", "L2", "L3")]}])))
+    await settle(limiter)
+    assert handle.wallbox.composite() == 10.0
+    meter.input.update(grid(45.8, 39.8, 39.8))  # the house takes 6 A more on L1: 4 A left, below 6 A
+    await limit_becomes(0.0)
+    meter.failing = True  # no readings: after stale_after the fallback (min_current) applies
+    await limit_becomes(6.0)
+    view = server.limiter.engine.charger_view("CP1")
+    assert view is not None and view.fallback
+    await in_loop(peers, handle.close())
+    await in_loop(peers, meter.stop())

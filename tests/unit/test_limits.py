@@ -92,12 +92,14 @@ def site_phases(site: Site, charger: Charger) -> set[int]:
     return {(first + i) % count for i in range(min(charger.limits.phases, count))}
 
 
-def headroom(site: Site, previous: dict[str, float]) -> list[float]:
+def headroom(site: Site, previous: dict[str, float], draw: dict[str, list[float]] | None = None) -> list[float]:
     """Independent of the engine: site limit − house load per phase.
 
-    House load = grid − managed chargers' measured current (counted at most up
-    to the limit they had), or without a meter what unmanaged chargers draw.
+    House load = grid − managed chargers' draw (``draw``: per charger and
+    charger phase, from :class:`DrawModel`; default its measured current at
+    most up to its limit), or without a meter what unmanaged chargers draw.
     """
+    draw = draw or {}
     count = site.limits.phases
     limit = site.limits.max_current if site.ems_site is None else min(site.limits.max_current, site.ems_site)
     house = [0.0] * count
@@ -107,10 +109,10 @@ def headroom(site: Site, previous: dict[str, float]) -> list[float]:
         for c in managed:
             first = c.limits.first_phase - 1
             for i in range(min(c.limits.phases, count)):
-                draw = c.currents[i]
+                value = c.currents[i]
                 if c.id in previous:
-                    draw = min(draw, previous[c.id])
-                house[(first + i) % count] -= draw
+                    value = draw[c.id][i] if c.id in draw else min(value, previous[c.id])
+                house[(first + i) % count] -= value
         house = [max(0.0, h) for h in house]
     else:
         for c in site.chargers:
@@ -120,6 +122,55 @@ def headroom(site: Site, previous: dict[str, float]) -> list[float]:
             for i in range(min(c.limits.phases, count)):
                 house[(first + i) % count] += c.currents[i]
     return [max(0.0, limit - h) for h in house]
+
+
+class DrawModel:
+    """What a charging car is taken to draw between MeterValues (the rule the docs state).
+
+    After a sample taken while charging at limit s > 0, a phase where the car
+    drew clearly less (below s - 1 A) draws that from then on. A charging car
+    with none of those, at a limit above 0 that no sample confirmed (none
+    since it started, or taken at a lower limit), is *following*: counted at
+    its limit. Otherwise a charger counts at its sample, at most its limit.
+    """
+
+    def __init__(self, site: Site) -> None:
+        self.site = site
+        self.sampled_at: dict[str, float | None] = {c.id: None for c in site.chargers}
+        self.demand: dict[str, dict[int, float]] = {c.id: {} for c in site.chargers}
+
+    def sampled(self, charger: Charger, limit: float | None) -> None:
+        self.sampled_at[charger.id] = limit
+        if limit is None or limit <= 0:
+            return
+        for i in range(min(charger.limits.phases, self.site.limits.phases)):
+            if charger.currents[i] < limit - 1.0:
+                self.demand[charger.id][i] = charger.currents[i]
+            else:
+                self.demand[charger.id].pop(i, None)
+
+    def following(self, charger: Charger, limit: float | None) -> bool:
+        sampled = self.sampled_at[charger.id]
+        return (charger.status == "Charging" and limit is not None and limit > 0 and not self.demand[charger.id]
+                and (sampled is None or limit > sampled))
+
+    def draws(self, previous: dict[str, float]) -> dict[str, list[float]]:
+        out: dict[str, list[float]] = {}
+        for c in self.site.chargers:
+            if c.id not in previous:
+                continue
+            limit = previous[c.id]
+            following = self.following(c, limit)
+            values = []
+            for i in range(3):
+                if c.status == "Charging" and i in self.demand[c.id]:
+                    values.append(min(self.demand[c.id][i], limit))
+                elif following:
+                    values.append(limit)
+                else:
+                    values.append(min(c.currents[i], limit))
+            out[c.id] = values
+        return out
 
 
 def check_bounds(site: Site, result: dict[str, float], room: list[float]) -> None:
@@ -157,6 +208,7 @@ def test_bounds_hold_at_every_step_of_changing_inputs(site: Site, steps: list[tu
     engine = build(site)
     now = 0.0
     previous = engine.targets(now)
+    model = DrawModel(site)  # build() sampled every charger before any limit
     for dt, which, value in steps:
         now += dt
         charger = site.chargers[which % len(site.chargers)]
@@ -169,9 +221,13 @@ def test_bounds_hold_at_every_step_of_changing_inputs(site: Site, steps: list[tu
         else:
             charger.currents = (value, value, value)
             engine.measured(charger.id, charger.currents, now)
-        room = headroom(site, previous)
-        previous = engine.targets(now)
-        check_bounds(site, previous, room)
+            model.sampled(charger, previous.get(charger.id) if charger.status == "Charging" else None)
+        room = headroom(site, previous, model.draws(previous))
+        following = {c.id for c in site.chargers if site.grid is not None and model.following(c, previous.get(c.id))}
+        result = engine.targets(now)
+        check_bounds(site, result, room)
+        assert all(result[cid] <= previous[cid] for cid in following)  # no increase before a sample says so
+        previous = result
 
 
 def reversals(values: list[float]) -> int:
@@ -180,14 +236,17 @@ def reversals(values: list[float]) -> int:
     return sum(1 for x, y in itertools.pairwise(steps) if (x > 0) != (y > 0))
 
 
-def run_constant(site: Site, engine: LimitEngine, steps: list[float], closed_loop: bool) -> list[dict[str, float]]:
+def run_constant(site: Site, engine: LimitEngine, steps: list[float], closed_loop: bool,
+                 sample_every: int = 1, demand: dict[str, tuple[float, float, float]] | None = None
+                 ) -> list[dict[str, float]]:
     """Advance time with inputs held constant; with ``closed_loop`` each car draws
-    min(its demand, its limit) and the grid meter sees house + chargers."""
+    min(its demand, its limit) and the grid meter sees house + chargers at every
+    step, while the chargers' MeterValues come only every ``sample_every`` steps."""
     house = site.grid or (0.0, 0.0, 0.0)
-    demand = {c.id: c.currents for c in site.chargers}
+    demand = demand or {c.id: c.currents for c in site.chargers}
     now = 0.0
     history: list[dict[str, float]] = []
-    for dt in [*steps, *[60.0] * 30]:
+    for step, dt in enumerate([*steps, *[60.0] * 30]):
         result = engine.targets(now)
         history.append(result)
         now += dt
@@ -196,9 +255,10 @@ def run_constant(site: Site, engine: LimitEngine, steps: list[float], closed_loo
         grid = list(house)
         for c in site.chargers:
             limit = result.get(c.id)
-            drawn = tuple(0.0 if limit == 0 or c.status == "Available" else
+            drawn = tuple(0.0 if limit == 0 or c.status != "Charging" else  # only a charging car draws
                           min(d, limit) if limit is not None else d for d in demand[c.id])
-            engine.measured(c.id, drawn, now)  # type: ignore[arg-type]
+            if step % sample_every == sample_every - 1:  # the first sample comes late too
+                engine.measured(c.id, drawn, now)  # type: ignore[arg-type]
             first = c.limits.first_phase - 1
             for i in range(min(c.limits.phases, site.limits.phases)):
                 grid[(first + i) % site.limits.phases] += drawn[i]
@@ -220,15 +280,18 @@ def assert_settles(site: Site, history: list[dict[str, float]], max_reversals: i
 def test_no_oscillation_under_constant_input(site: Site, steps: list[float]) -> None:
     """Inputs held constant: limits settle and turn at most once (a hold ending).
 
-    With a meter, "constant" only makes sense for cars that draw nothing: a
-    car that keeps drawing more than its limit while the grid is over the
-    site limit is a persistent overload, which the engine keeps cutting
-    (test_persistent_overload_is_cut_down_to_zero); cars that follow their
-    limits are the closed-loop test below.
+    With a meter, a constant reading means the cars draw nothing: none is
+    charging (a charging car shows on the meter; a car that keeps drawing
+    more than its limit while the grid is over the site limit is a persistent
+    overload, which the engine keeps cutting:
+    test_persistent_overload_is_cut_down_to_zero). Cars that charge are the
+    closed-loop tests below.
     """
     if site.grid is not None:
         for charger in site.chargers:
             charger.currents = (0.0, 0.0, 0.0)
+            if charger.status == "Charging":
+                charger.status = "SuspendedEV"
     engine = build(site)
     history = run_constant(site, engine, steps, closed_loop=False)
     assert_settles(site, history, max_reversals=1)
@@ -241,6 +304,23 @@ def test_no_oscillation_with_cars_following_their_limits(site: Site, steps: list
     limit) and the meter sees it. The engine must not chase its own tail."""
     engine = build(site)
     history = run_constant(site, engine, steps, closed_loop=True)
+    assert_settles(site, history, max_reversals=2)
+
+
+@settings(max_examples=200, deadline=None)
+@given(sites(), st.lists(st.floats(0.5, 20), min_size=40, max_size=40), st.integers(2, 12))
+def test_no_oscillation_when_meter_values_lag_the_grid_meter(site: Site, steps: list[float], every: int) -> None:
+    """As above, but a charger reports its current only every few grid readings (MeterValues
+    every minute, the meter every second): a car that starts or is allowed more must not
+    look like house load and be paused again. The cars have just been plugged in: the
+    chargers' last samples say 0 A. A car reported as charging draws at least 2 A
+    on its phases (one that draws nothing reports SuspendedEV)."""
+    demand = {c.id: tuple(max(2.0, a) for a in c.currents) if c.status == "Charging" else c.currents
+              for c in site.chargers}
+    for charger in site.chargers:
+        charger.currents = (0.0, 0.0, 0.0)
+    engine = build(site)
+    history = run_constant(site, engine, steps, closed_loop=True, sample_every=every, demand=demand)
     assert_settles(site, history, max_reversals=2)
 
 
@@ -324,9 +404,14 @@ def test_house_load_from_meter_and_stale_meter_fallback() -> None:
     engine.measured("CP1", (6, 6, 6), 1)
     engine.measured("CP2", (6, 6, 6), 1)
     engine.meter_reading((22, 22, 22), 1)  # house = 22 - 12 = 10 → headroom 22
-    assert engine.targets(1) == {"CP1": 11.0, "CP2": 11.0}
     assert engine.site_view(1).house_load == (10.0, 10.0, 10.0)
-    assert engine.targets(12) == {"CP1": 6.0, "CP2": 6.0}  # stale
+    assert engine.targets(1) == {"CP1": 11.0, "CP2": 11.0}
+    # Both took all of their 6 A: they are expected to follow to 11 A, before the next
+    # MeterValues say so; the grid meter has not seen it yet, so the house looks smaller.
+    assert engine.site_view(1).house_load == (0.0, 0.0, 0.0)
+    engine.meter_reading((32, 32, 32), 2)
+    assert engine.targets(2) == {"CP1": 11.0, "CP2": 11.0}  # no chasing its own tail
+    assert engine.targets(12.5) == {"CP1": 6.0, "CP2": 6.0}  # stale
     engine.meter_reading((22, 22, 22), 13)
     engine.meter_lost(14)
     assert engine.targets(14) == {"CP1": 6.0, "CP2": 6.0}
