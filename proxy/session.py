@@ -21,6 +21,11 @@ Rules it enforces:
   pipelining (a backend that does not wait for answers) is left as it was:
   holding its second CALL behind its first would change what it sees.
 * Answers to the proxy's CALLs (ids ``ocpp-proxy:<n>``) are consumed here.
+* Secondaries with a :class:`~proxy.mirror.Mirror` (``mirrors``) get their
+  copies through it (own queue, own transaction ids, replay on reconnect:
+  ``secondary_up`` / ``secondary_down``), and their answers go to it. CALLs
+  from any upstream are judged by ``policy`` (:mod:`proxy.policy`) before they
+  may reach the wallbox.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ from proxy.frames import (
     replace_id,
     strict_problem,
 )
+from proxy.mirror import Mirror, MirrorCompleted, MirrorDropped, MirrorEvent, MirrorSend, TxMapped, transaction_id
+from proxy.policy import CommandPolicy
 
 WALLBOX = "wallbox"
 PROXY = "proxy"
@@ -115,7 +122,17 @@ class CallCompleted:
     seconds: float
 
 
-Action = ToWallbox | ToUpstream | ProxyAnswer | ProxyCallFailed | Malformed | Observed | CallCompleted
+@dataclass(frozen=True, slots=True)
+class Policed:
+    """A CALL from ``upstream`` was answered by the proxy (``mode`` answer or reject), not forwarded."""
+
+    upstream: str
+    action: str
+    mode: str
+
+
+Action = (ToWallbox | ToUpstream | ProxyAnswer | ProxyCallFailed | Malformed | Observed | CallCompleted
+          | Policed | MirrorDropped | TxMapped)
 
 
 # --- state -----------------------------------------------------------------------
@@ -146,6 +163,10 @@ class Session:
     observe: frozenset[str] = frozenset()
     #: Per action: how a CALL's text changes on its way to a destination.
     rewriters: dict[str, Rewriter] = field(default_factory=dict)
+    #: Who may send which command to the wallbox; None: every upstream's CALLs are forwarded.
+    policy: CommandPolicy | None = None
+    #: Secondaries whose copies go through a Mirror (the others get copies directly).
+    mirrors: dict[str, Mirror] = field(default_factory=dict)
 
     _to_wallbox: dict[str, _Pending] = field(default_factory=dict, init=False)
     _waiting: deque[_Waiting] = field(default_factory=deque, init=False)
@@ -180,10 +201,13 @@ class Session:
         report = self._inspect(name, frame)
         if report is not None and report.dropped:
             return self._refuse(report)
+        mirror = self.mirrors.get(name)
         if frame.kind is MessageType.CALL:
-            actions = self._submit(name, frame, self._rewrite(name, WALLBOX, frame), now)
+            actions = self._upstream_call(name, frame, now)
         elif frame.kind is None:
             actions = [ToWallbox(text)] if name == self.primary else []
+        elif mirror is not None:
+            actions = self._mirrored(name, mirror.from_upstream(frame, now))
         else:
             actions = self._upstream_answer(name, frame, now)
         return actions if report is None else [report, *actions]
@@ -202,9 +226,21 @@ class Session:
                 return True
         return False
 
+    def secondary_up(self, name: str, now: float) -> list[Action]:
+        """A mirrored secondary's connection opened: replay what it missed."""
+        mirror = self.mirrors.get(name)
+        return [] if mirror is None else self._mirrored(name, mirror.link_up(now))
+
+    def secondary_down(self, name: str) -> None:
+        mirror = self.mirrors.get(name)
+        if mirror is not None:
+            mirror.link_down()
+
     def poll(self, now: float) -> list[Action]:
         """Expire CALLs that were not answered in time."""
         actions: list[Action] = []
+        for name, mirror in self.mirrors.items():
+            actions += self._mirrored(name, mirror.poll(now))
         for wire_id, pending in list(self._to_wallbox.items()):
             if now - pending.sent_at >= self.call_timeout:
                 del self._to_wallbox[wire_id]
@@ -223,6 +259,10 @@ class Session:
         oldest = next(iter(self._from_wallbox.values()), None)
         if oldest is not None:
             deadlines.append(oldest.sent_at + 2 * self.call_timeout)
+        for mirror in self.mirrors.values():
+            deadline = mirror.next_deadline()
+            if deadline is not None:
+                deadlines.append(deadline)
         return min(deadlines, default=None)
 
     def close(self) -> list[Action]:
@@ -235,6 +275,8 @@ class Session:
                    for w in self._waiting if w.origin == PROXY]
         self._to_wallbox.clear()
         self._waiting.clear()
+        for mirror in self.mirrors.values():
+            mirror.link_down()
         return failed
 
     # -- introspection (tests, metrics) -----------------------------------------------
@@ -255,7 +297,14 @@ class Session:
         watched = action in self.observe
         self._from_wallbox.pop(msg_id, None)  # a retransmission moves to the back
         self._from_wallbox[msg_id] = _Pending(WALLBOX, msg_id, action, now, frame if watched else None)
-        actions: list[Action] = [ToUpstream(name, self._rewrite(WALLBOX, name, frame)) for name in self.upstreams]
+        actions: list[Action] = []
+        for name in self.upstreams:
+            text = self._rewrite(WALLBOX, name, frame)
+            mirror = self.mirrors.get(name)
+            if mirror is None:
+                actions.append(ToUpstream(name, text))
+            else:
+                actions += self._mirrored(name, mirror.offer(frame if text is frame.text else classify(text), now))
         if watched:
             actions.append(Observed(WALLBOX, frame, action))
         return actions
@@ -267,13 +316,50 @@ class Session:
             actions.append(ToWallbox(frame.text))
             if pending is not None:
                 del self._from_wallbox[frame.msg_id or ""]
+                if pending.action == "StartTransaction" and self.mirrors:
+                    actions += self.wallbox_transaction(frame.msg_id or "", frame)
         if pending is not None:
             actions.append(CallCompleted(name, pending.action, now - pending.sent_at))
             if pending.call is not None and name == self.primary:
                 actions.append(Observed(name, frame, pending.action, pending.call))
         return actions
 
+    def wallbox_transaction(self, msg_id: str, answer: Frame) -> list[Action]:
+        """The wallbox got ``answer`` to its StartTransaction ``msg_id``: tell the mirrors its id."""
+        wallbox_tx = transaction_id(answer)
+        actions: list[Action] = []
+        if wallbox_tx is not None:
+            for name, mirror in self.mirrors.items():
+                actions += self._mirrored(name, mirror.wallbox_transaction(msg_id, wallbox_tx))
+        return actions
+
+    def _mirrored(self, name: str, events: list[MirrorEvent]) -> list[Action]:
+        actions: list[Action] = []
+        for event in events:
+            if isinstance(event, MirrorSend):
+                actions.append(ToUpstream(name, event.text))
+            elif isinstance(event, MirrorCompleted):
+                actions.append(CallCompleted(name, event.action, event.seconds))
+            else:
+                actions.append(event)
+        return actions
+
     # -- upstreams / proxy → wallbox ------------------------------------------------------
+
+    def _upstream_call(self, name: str, frame: Frame, now: float) -> list[Action]:
+        """Policy first (forward, answer or reject), then a mirrored secondary's transaction ids."""
+        if self.policy is not None:
+            decision = self.policy.decide(name, frame)
+            if decision.reply is not None:
+                return [Policed(name, frame.action or "", decision.mode), ToUpstream(name, decision.reply)]
+        mirror = self.mirrors.get(name)
+        if mirror is not None:
+            text, error = mirror.inbound(frame)
+            if error is not None:
+                return [ToUpstream(name, error)]
+            if text != frame.text:
+                frame = classify(text)
+        return self._submit(name, frame, self._rewrite(name, WALLBOX, frame), now)
 
     def _submit(self, origin: str, frame: Frame, text: str, now: float) -> list[Action]:
         if not self._waiting and self._slot_free_for(origin):
