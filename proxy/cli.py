@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)
 
+    _certs_parser(sub)
+
     demo = sub.add_parser("demo", help="proxy + simulated backend and wallboxes on loopback")
     demo.add_argument("--wallboxes", type=int, default=3)
     demo.add_argument("--forever", action="store_true", help="keep running until Ctrl-C")
@@ -142,3 +144,61 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
     return run_demo(wallboxes=args.wallboxes, forever=args.forever)
+
+
+def _certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    certs = sub.add_parser("certs", help="create a root CA, server and wallbox client certificates")
+    kinds = certs.add_subparsers(dest="kind", required=True)
+    for name, text in (("init-ca", "root CA (ca.crt, ca.key)"),
+                       ("server", "server certificate signed by the CA, or --self-signed"),
+                       ("client", "client certificate for a wallbox id, signed by the CA (SP3)")):
+        p = kinds.add_parser(name, help=text)
+        p.add_argument("--dir", default="certs", help="CA directory and output directory (default: %(default)s)")
+        p.add_argument("--days", type=int, default=3650 if name == "init-ca" else 825)
+        p.add_argument("--subject", metavar="TOML", help='file with subject fields, e.g. O = "Tiefgarage Köln GmbH"')
+        for field in ("CN", "O", "OU", "C", "ST", "L"):
+            p.add_argument(f"--{field}", dest=f"subject_{field}", metavar="TEXT")
+        p.set_defaults(func=cmd_certs)
+    kinds.choices["server"].add_argument("--san", action="append", default=[],
+                                         help="DNS name or IP address (repeatable)")
+    kinds.choices["server"].add_argument("--self-signed", action="store_true")
+    kinds.choices["client"].add_argument("--id", required=True, help="ChargeBox id (becomes the CN)")
+
+
+def _subject_fields(args: argparse.Namespace) -> dict[str, str]:
+    import tomllib
+
+    fields: dict[str, str] = {}
+    if args.subject:
+        with open(args.subject, "rb") as handle:
+            fields.update({k: str(v) for k, v in tomllib.load(handle).items()})
+    fields.update({k[8:]: v for k, v in vars(args).items() if k.startswith("subject_") and v})
+    return fields
+
+
+def cmd_certs(args: argparse.Namespace) -> int:
+    """The manual's OpenSSL recipes, one command each; prints what it wrote."""
+    from pathlib import Path
+
+    from proxy import certs
+
+    out = Path(args.dir)
+    try:
+        fields = _subject_fields(args)
+        if args.kind == "init-ca":
+            issued, name = certs.create_ca({"CN": "ocpp-proxy root CA", **fields}, args.days), "ca"
+        else:
+            ca = None if getattr(args, "self_signed", False) else certs.read_issued(out / "ca.crt", out / "ca.key")
+            if args.kind == "server":
+                fields = {"CN": (args.san or ["localhost"])[0], **fields}
+                issued, name = certs.create_server(fields, args.san or [fields["CN"]], args.days, ca), "server"
+            else:
+                assert ca is not None
+                issued, name = certs.create_client(args.id, ca, args.days, fields), args.id
+    except (OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    certs.write(issued, out / f"{name}.crt", out / f"{name}.key")
+    print(f"wrote {out / (name + '.crt')} and {out / (name + '.key')} (mode 0600)")
+    print(f"SHA-256 fingerprint: {certs.fingerprint(issued.certificate)}")
+    return 0

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from proxy.config import ChargerSettings, Config, UpstreamTarget
+from proxy.config import ChargerSettings, Config, ServerSettings, UpstreamTarget
 
 
 @dataclass(frozen=True)
@@ -93,3 +93,13 @@ def decide(config: Config, path: str, headers: Sequence[tuple[bytes, bytes]],
         return Refuse(400, "no_subprotocol",
                       f"offered {list(offered)[:5]}, supported {config.server.subprotocols}", cb_id)
     return Admit(charger, config.upstream_for(charger), protocols, known)
+
+
+def check_client_certificate(admit: Admit, client_cn: str | None, server: ServerSettings) -> Admit | Refuse:
+    """SP3: with client CAs configured, the certificate's CN must name the charger."""
+    if not server.client_ca or not server.require_cn_match:
+        return admit
+    if client_cn != admit.charger.id:
+        return Refuse(403, "certificate_cn_mismatch",
+                      f"client certificate CN {client_cn!r} is not the ChargeBox id", admit.charger.id)
+    return admit

@@ -18,8 +18,9 @@ from trio_websocket import WebSocketConnection, WebSocketRequest
 
 from proxy import closecodes
 from proxy.config import Config, parse_listen
-from proxy.handshake import Admit, Refuse, decide
+from proxy.handshake import Admit, Refuse, check_client_certificate, decide
 from proxy.logs import get_logger
+from proxy.secure import Secured, SecureLayer
 from proxy.relay import Listener, PairedSession, SessionSettings
 from proxy.session import PRIMARY, Session
 from proxy.upstream import UpstreamUnavailable, open_upstream
@@ -35,11 +36,13 @@ class ProxyServer:
         self._changed = trio.Event()
         self._accepting: trio.CancelScope | None = None
         self.ready = trio.Event()
+        self._secure: SecureLayer
 
     # -- lifetime -----------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled or :meth:`stop`; reports the bound ports."""
+        self._secure = SecureLayer(self.config.server, self.log)  # certificate problems stop start-up
         host, port = parse_listen(self.config.server.listen)
         listeners = await trio.open_tcp_listeners(port, host=host or None)
         self.ports = sorted({lst.socket.getsockname()[1] for lst in listeners})
@@ -76,29 +79,37 @@ class ProxyServer:
 
     # -- one connection -------------------------------------------------------------------
 
-    async def _handle_stream(self, stream: trio.abc.Stream) -> None:
+    async def _handle_stream(self, stream: trio.SocketStream) -> None:
         """One connection; whatever goes wrong in it is logged and stays in it."""
         peer = _peer(stream)
         try:
+            try:
+                secured = await self._secure.wrap(stream, peer)
+            except trio.TooSlowError:
+                self._handshake_timed_out(peer)
+                return
+            if secured is None:
+                return
             async with trio.open_nursery() as nursery:
-                await self._handle_connection(nursery, stream, peer)
+                await self._handle_connection(nursery, secured, peer)
                 nursery.cancel_scope.cancel()
         except Exception as exc:  # noqa: BLE001 - one connection must never stop the server
             self.log.error("connection_failed", peer=peer, error=_describe(exc))
         finally:
             await trio.aclose_forcefully(stream)
 
-    async def _handle_connection(self, nursery: trio.Nursery, stream: trio.abc.Stream, peer: str) -> None:
+    async def _handle_connection(self, nursery: trio.Nursery, secured: Secured, peer: str) -> None:
         server = self.config.server
         request = None
         with trio.move_on_after(server.handshake_timeout):
             request = await trio_websocket.wrap_server_stream(
-                nursery, stream, max_message_size=server.max_message_bytes)
+                nursery, secured.stream, max_message_size=server.max_message_bytes)
         if request is None:
-            self.log.warning("handshake_timeout", peer=peer, seconds=server.handshake_timeout)
-            self._tell_refused(Refuse(408, "handshake_timeout", f"no handshake in {server.handshake_timeout:g} s"))
+            self._handshake_timed_out(peer)
             return
         decision = decide(self.config, request.path, request.headers, request.proposed_subprotocols)
+        if isinstance(decision, Admit) and secured.tls:
+            decision = check_client_certificate(decision, secured.client_cn, server)
         if isinstance(decision, Refuse):
             await self._refuse(request, decision, peer)
             return
@@ -111,6 +122,11 @@ class ProxyServer:
             await request.reject(refusal.status, extra_headers=refusal.headers,
                                  body=f"{refusal.reason}\n".encode())
         self._tell_refused(refusal)
+
+    def _handshake_timed_out(self, peer: str) -> None:
+        seconds = self.config.server.handshake_timeout
+        self.log.warning("handshake_timeout", peer=peer, seconds=seconds)
+        self._tell_refused(Refuse(408, "handshake_timeout", f"no handshake in {seconds:g} s"))
 
     def _tell_refused(self, refusal: Refuse) -> None:
         for listener in self.listeners:

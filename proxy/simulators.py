@@ -186,6 +186,8 @@ class SimBackend:
     port: int = 0
     subprotocols: tuple[str, ...] = ("ocpp1.6",)
     on_frame: Callable[[str, str, str], None] | None = None
+    #: An ssl.SSLContext for wss:// (server side), None for ws://.
+    ssl: Any = None
     handlers: dict[str, BackendChargePointHandler] = field(default_factory=dict)
     recorders: dict[str, Recorder] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
@@ -210,7 +212,7 @@ class SimBackend:
     async def start(self) -> int:
         self._server = await websockets.serve(self._handle, self.host, self.port,
                                               subprotocols=list(self.subprotocols),  # type: ignore[arg-type]
-                                              max_size=8 * 1024 * 1024, ping_interval=None)
+                                              max_size=8 * 1024 * 1024, ping_interval=None, ssl=self.ssl)
         self.port = self._server.sockets[0].getsockname()[1]
         return self.port
 

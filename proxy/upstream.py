@@ -11,12 +11,16 @@ import base64
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
 from trio_websocket import WebSocketConnection
 
 from proxy.config import UpstreamTarget
+
+Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+from proxy.tls import client_context
 
 
 class UpstreamUnavailable(Exception):
@@ -30,13 +34,7 @@ class UpstreamUnavailable(Exception):
 
 def client_ssl_context(target: UpstreamTarget) -> ssl.SSLContext:
     """TLS towards the backend: configured CAs (else system trust), optional client cert."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    for ca in target.ca:
-        context.load_verify_locations(cafile=ca)
-    if target.client_cert:
-        context.load_cert_chain(target.client_cert, target.client_key or None)
-    return context
+    return client_context(target.ca, target.client_cert, target.client_key)
 
 
 def auth_headers(target: UpstreamTarget) -> list[tuple[bytes, bytes]]:
@@ -52,39 +50,90 @@ async def open_upstream(target: UpstreamTarget, subprotocols: Sequence[str], *, 
                         ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[WebSocketConnection]:
     """The upstream WebSocket for the duration of the block.
 
-    The connection's reader task lives in trio-websocket's own nursery inside
-    this block, so a backend that refuses or breaks the handshake surfaces
-    here as :class:`UpstreamUnavailable` instead of escaping into the caller's
-    nursery. Errors after the handshake (the block's own) pass through.
+    TCP and TLS are opened here, before trio-websocket sees the stream, so a
+    certificate the proxy does not trust is reported as such (trio-websocket
+    would only time out). The connection's reader task lives in a nursery of
+    this block: a backend that refuses the handshake surfaces here as
+    :class:`UpstreamUnavailable` and never escapes into the caller's nursery.
     """
-    if target.url.startswith("wss:") and ssl_context is None:
-        try:
-            ssl_context = client_ssl_context(target)
-        except (OSError, ssl.SSLError) as exc:
-            raise UpstreamUnavailable(f"TLS settings unusable: {exc}", 502) from exc
+    parts = urlsplit(target.url)
+    secure = parts.scheme == "wss"
+    host, port = parts.hostname or "", parts.port or (443 if secure else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    with trio.move_on_after(target.connect_timeout) as deadline:
+        stream = await _open_stream(target, host, port, ssl_context if secure else None, secure)
+    if deadline.cancelled_caught:
+        raise UpstreamUnavailable(f"no answer within {target.connect_timeout:g} s", 504)
+    try:
+        async with _websocket(stream, target, host if parts.port is None else f"{host}:{port}", resource,
+                              subprotocols, max_message_size, close_timeout) as connection:
+            yield connection
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _open_stream(target: UpstreamTarget, host: str, port: int, context: ssl.SSLContext | None,
+                       secure: bool) -> Stream:
+    try:
+        tcp = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise UpstreamUnavailable(f"cannot connect: {exc.strerror or exc}", 502) from exc
+    if not secure:
+        return tcp
+    try:
+        context = context or client_ssl_context(target)
+    except (OSError, ssl.SSLError) as exc:
+        await tcp.aclose()
+        raise UpstreamUnavailable(f"TLS settings unusable: {exc}", 502) from exc
+    tls = trio.SSLStream(tcp, context, server_hostname=host)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(tls)
+        cause = exc.__cause__
+        reason = f"{getattr(cause, 'reason', '')}: {cause}" if cause else str(exc)
+        raise UpstreamUnavailable(f"TLS handshake failed: {reason}", 502) from exc
+    return tls
+
+
+@asynccontextmanager
+async def _websocket(stream: Stream, target: UpstreamTarget, host: str, resource: str,
+                     subprotocols: Sequence[str], max_message_size: int,
+                     close_timeout: float) -> AsyncIterator[WebSocketConnection]:
     opened = False
     try:
-        async with trio_websocket.open_websocket_url(
-                target.url, ssl_context, subprotocols=list(subprotocols),
-                extra_headers=auth_headers(target), max_message_size=max_message_size,
-                connect_timeout=target.connect_timeout, disconnect_timeout=close_timeout) as connection:
+        async with trio.open_nursery() as nursery:
+            with trio.move_on_after(target.connect_timeout) as deadline:
+                connection = await trio_websocket.wrap_client_stream(
+                    nursery, stream, host, resource, subprotocols=list(subprotocols),
+                    extra_headers=auth_headers(target), max_message_size=max_message_size)
+            if deadline.cancelled_caught:
+                raise UpstreamUnavailable(f"no WebSocket handshake within {target.connect_timeout:g} s", 504)
             opened = True
-            yield connection
-    except trio_websocket.DisconnectionTimeout:
-        pass  # the close handshake timed out; the socket is closed anyway
-    except (trio_websocket.HandshakeError, OSError, trio.BrokenResourceError) as exc:
-        if opened:
-            raise
-        raise _unavailable(exc, target) from exc
+            try:
+                yield connection
+            finally:
+                with trio.move_on_after(close_timeout):
+                    await connection.aclose()
+                nursery.cancel_scope.cancel()
+    except BaseExceptionGroup as group:
+        raise _single(group, opened) from None
 
 
-def _unavailable(exc: BaseException, target: UpstreamTarget) -> UpstreamUnavailable:
-    if isinstance(exc, trio_websocket.ConnectionTimeout):
-        return UpstreamUnavailable(f"no answer within {target.connect_timeout:g} s", 504)
-    if isinstance(exc, trio_websocket.ConnectionRejected):
-        status = exc.status_code if 400 <= exc.status_code < 500 else 502
-        return UpstreamUnavailable(f"backend refused the handshake with HTTP {exc.status_code}", status)
-    cause = exc.__cause__ or exc
-    if isinstance(cause, ssl.SSLError):
-        return UpstreamUnavailable(f"TLS handshake failed: {cause.reason or cause}", 502)
-    return UpstreamUnavailable(f"cannot connect: {cause or type(cause).__name__}", 502)
+def _single(group: BaseExceptionGroup[BaseException], opened: bool) -> BaseException:
+    """The one exception that matters in a nursery's group (the reader's or the block's)."""
+    errors = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
+    first = errors[0] if errors else group
+    if opened or isinstance(first, UpstreamUnavailable):
+        return first
+    if isinstance(first, trio_websocket.ConnectionRejected):
+        status = first.status_code if 400 <= first.status_code < 500 else 502
+        return UpstreamUnavailable(f"backend refused the handshake with HTTP {first.status_code}", status)
+    return UpstreamUnavailable(f"WebSocket handshake failed: {type(first).__name__} {first}", 502)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
