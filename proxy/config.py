@@ -150,6 +150,9 @@ class SecondarySettings:
                                "that is not a transaction message is dropped", check=positive)
     replay_rate: float = setting(50.0, "frames per second at most when catching up after an outage",
                                  check=positive)
+    reconnect_min: float = setting(1.0, "seconds before the first reconnect attempt (doubles, with jitter)",
+                                   check=positive)
+    reconnect_max: float = setting(60.0, "longest wait between reconnect attempts, seconds", check=positive)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -134,6 +134,7 @@ class Mirror:
         self.interval = 1.0 / replay_rate if replay_rate > 0 else 0.0
         self.max_attempts = max_attempts
         self.up = False
+        self._owner: object = None
         self._queue: deque[_Item] = deque()
         self._bytes = 0
         self._outstanding: _Item | None = None
@@ -203,18 +204,27 @@ class Mirror:
         self._delivered(item)
         return events + self._pump(now)
 
-    def link_up(self, now: float) -> list[MirrorEvent]:
-        """The secondary's connection is open: its last known state first, then the queue."""
-        if self.up:
+    def link_up(self, now: float, owner: object = None) -> list[MirrorEvent]:
+        """The secondary's connection is open: its last known state first, then the queue.
+
+        ``owner`` is the session whose connection this is. A wallbox that
+        reconnects gets a new session while the old one is still closing; the
+        new owner takes over and the old one's ``link_down`` is ignored.
+        """
+        if self.up and owner is self._owner:
             return self._pump(now)
-        self.up = True
+        if self.up:
+            self.link_down(self._owner)
+        self.up, self._owner = True, owner
         replay = [self._replay_item(item) for item in self._snapshot()]
         self._queue.extendleft(reversed(replay))
         self._bytes += sum(len(item.text) for item in replay)
         return self._pump(now)
 
-    def link_down(self) -> None:
+    def link_down(self, owner: object = None) -> None:
         """The connection is gone: the CALL in flight goes back to the front of the queue."""
+        if owner is not self._owner:
+            return
         self.up = False
         if self._outstanding is not None and not self._outstanding.replay:
             self._queue.appendleft(self._outstanding)

@@ -16,7 +16,7 @@ back on a fast one.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -63,6 +63,21 @@ class Listener:
     def action(self, paired: PairedSession, action: Action) -> None: ...
     def handshake_refused(self, refusal: Refuse) -> None: ...
     def frame_rejected(self, paired: PairedSession, side: str, code: int, reason: str) -> None: ...
+    def upstream_changed(self, paired: PairedSession, name: str, up: bool, detail: str) -> None:
+        """A secondary upstream connected (``up``) or was lost (``detail`` says why)."""
+
+
+class Link(Protocol):
+    """A secondary upstream's connection, owned by its paired session (see proxy/secondary.py).
+
+    It reconnects on its own and never ends the pair; what it sends comes
+    from ``put`` and is written by its own task, so a slow or dead secondary
+    never holds up the wallbox's or the primary's pumps.
+    """
+
+    def put(self, text: str) -> None: ...
+    async def run(self, paired: PairedSession) -> None: ...
+    async def close(self, code: int, reason: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -122,7 +137,7 @@ class PairedSession:
     def __init__(self, charger_id: str, session: Session, wallbox: Connection,
                  upstreams: dict[str, Connection], *, log: Any,
                  settings: SessionSettings = SessionSettings(),
-                 listeners: Sequence[Listener] = ()) -> None:
+                 listeners: Sequence[Listener] = (), links: Mapping[str, Link] | None = None) -> None:
         self.charger_id = charger_id
         self.session = session
         self.wallbox = wallbox
@@ -130,6 +145,8 @@ class PairedSession:
         self.log = log
         self.settings = settings
         self.listeners = list(listeners)
+        #: Secondary upstreams by name; ``upstreams`` holds the legs whose close ends the pair.
+        self.links = dict(links or {})
         self._wallbox_out = Outbox(wallbox)
         self._upstream_out = {name: Outbox(conn) for name, conn in upstreams.items()}
         self._waiters: dict[str, tuple[trio.Event, list[Frame | str]]] = {}
@@ -153,6 +170,8 @@ class PairedSession:
                 for name in self.upstreams:
                     nursery.start_soon(self._guard, name, self._pump_upstream, name)
                 nursery.start_soon(self._run_timers)
+                for link in self.links.values():
+                    nursery.start_soon(link.run, self)
                 if self.settings.ping_interval > 0:
                     nursery.start_soon(self._run_pings)
         finally:
@@ -255,6 +274,8 @@ class PairedSession:
                 outbox = self._upstream_out.get(action.name)  # type: ignore[union-attr]
                 if outbox is not None:
                     outbox.put(action.text)  # type: ignore[union-attr]
+                elif action.name in self.links:  # type: ignore[union-attr]
+                    self.links[action.name].put(action.text)  # type: ignore[union-attr]
             else:
                 self._notify(action)
         deadline = self.session.next_deadline()
@@ -277,6 +298,31 @@ class PairedSession:
                              dropped=action.dropped, head=action.frame.text[:200])
         for listener in self.listeners:
             listener.action(self, action)
+
+    # -- secondaries (called by their links) ----------------------------------------------
+
+    async def secondary_opened(self, name: str) -> None:
+        """Its connection is open: the session replays what it missed."""
+        for listener in self.listeners:
+            listener.upstream_changed(self, name, True, "")
+        await self._execute(self.session.secondary_up(name, trio.current_time()))
+
+    def secondary_closed(self, name: str, detail: str) -> None:
+        self.session.secondary_down(name)
+        for listener in self.listeners:
+            listener.upstream_changed(self, name, False, detail)
+
+    async def secondary_frame(self, name: str, message: str | bytes) -> tuple[int, str] | None:
+        """A frame from a secondary; a violation is returned (the link closes that leg alone)."""
+        try:
+            text = self._check(message)
+        except _Violation as exc:
+            for listener in self.listeners:
+                listener.frame_rejected(self, name, exc.code, exc.reason)
+            return exc.code, exc.reason
+        self._handle(name, self.session.from_upstream(name, text, trio.current_time()))
+        await self._flush()
+        return None
 
     # -- timers ---------------------------------------------------------------------
 
@@ -344,6 +390,8 @@ class PairedSession:
                 for name, connection in legs.items():
                     if close_all or name != side:
                         nursery.start_soon(connection.aclose, out_code, out_reason)
+                for link in self.links.values():
+                    nursery.start_soon(link.close, out_code, out_reason)
         if self._cancel is not None:
             self._cancel.cancel()
 

@@ -17,11 +17,12 @@ import trio_websocket
 from trio_websocket import WebSocketConnection, WebSocketRequest
 
 from proxy import closecodes
-from proxy.config import Config, parse_listen
+from proxy.config import ChargerSettings, Config, parse_listen
 from proxy.handshake import Admit, Refuse, check_client_certificate, decide
 from proxy.logs import get_logger
 from proxy.secure import Secured, SecureLayer
 from proxy.relay import Listener, PairedSession, SessionSettings
+from proxy.secondary import Secondaries
 from proxy.session import PRIMARY, Session
 from proxy.upstream import UpstreamUnavailable, open_upstream
 
@@ -37,12 +38,23 @@ class ProxyServer:
         self._accepting: trio.CancelScope | None = None
         self.ready = trio.Event()
         self._secure: SecureLayer
+        #: Secondary upstreams: mirrors kept across sessions, transaction id store (issue 10).
+        self.secondaries = Secondaries(config, self.log)
+        if self.secondaries.configured:
+            self.listeners.append(self.secondaries.listener)
 
     # -- lifetime -----------------------------------------------------------------------
 
     async def serve(self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled or :meth:`stop`; reports the bound ports."""
         self._secure = SecureLayer(self.config.server, self.log)  # certificate problems stop start-up
+        self.secondaries.open()
+        try:
+            await self._serve(task_status)
+        finally:
+            self.secondaries.close()
+
+    async def _serve(self, task_status: trio.TaskStatus[list[int]]) -> None:
         host, port = parse_listen(self.config.server.listen)
         listeners = await trio.open_tcp_listeners(port, host=host or None)
         self.ports = sorted({lst.socket.getsockname()[1] for lst in listeners})
@@ -151,8 +163,10 @@ class ProxyServer:
         wallbox = await request.accept(subprotocol=upstream.subprotocol)
         log.info("session_opened", peer=peer, upstream=admit.upstream.url,
                  subprotocol=upstream.subprotocol, known=admit.known)
-        paired = PairedSession(charger_id, self._new_session(charger_id), wallbox, {PRIMARY: upstream},
-                               log=log, settings=self._session_settings(), listeners=self.listeners)
+        settings = self._session_settings()
+        paired = PairedSession(charger_id, self._new_session(charger_id, admit.charger), wallbox,
+                               {PRIMARY: upstream}, log=log, settings=settings, listeners=self.listeners,
+                               links=self.secondaries.links(admit.charger, upstream.subprotocol, settings, log))
         await self._register(paired)
         try:
             await paired.run()
@@ -172,9 +186,15 @@ class ProxyServer:
             old.log.info("session_replaced")
             await old.shutdown(closecodes.GOING_AWAY, "replaced by a new connection")
 
-    def _new_session(self, charger_id: str) -> Session:
+    def _new_session(self, charger_id: str, charger: ChargerSettings | None = None) -> Session:
         server = self.config.server
-        return Session(charger_id, call_timeout=server.call_timeout, strict=server.strict)
+        session = Session(charger_id, call_timeout=server.call_timeout, strict=server.strict)
+        if charger is not None:
+            secondaries = self.secondaries.targets(charger)
+            session.upstreams = (PRIMARY, *(t.name for t in secondaries))
+            session.mirrors = {t.name: self.secondaries.mirror(charger, t) for t in secondaries}
+            session.policy = self.secondaries.policy(charger)
+        return session
 
     def _session_settings(self) -> SessionSettings:
         server = self.config.server

@@ -229,12 +229,12 @@ class Session:
     def secondary_up(self, name: str, now: float) -> list[Action]:
         """A mirrored secondary's connection opened: replay what it missed."""
         mirror = self.mirrors.get(name)
-        return [] if mirror is None else self._mirrored(name, mirror.link_up(now))
+        return [] if mirror is None else self._mirrored(name, mirror.link_up(now, owner=self))
 
     def secondary_down(self, name: str) -> None:
         mirror = self.mirrors.get(name)
         if mirror is not None:
-            mirror.link_down()
+            mirror.link_down(owner=self)
 
     def poll(self, now: float) -> list[Action]:
         """Expire CALLs that were not answered in time."""
@@ -276,7 +276,7 @@ class Session:
         self._to_wallbox.clear()
         self._waiting.clear()
         for mirror in self.mirrors.values():
-            mirror.link_down()
+            mirror.link_down(owner=self)
         return failed
 
     # -- introspection (tests, metrics) -----------------------------------------------
