@@ -112,8 +112,6 @@ class ServerSettings:
                                   check=positive)
     close_timeout: float = setting(5.0, "seconds to wait for a WebSocket close handshake", check=positive)
     strict: bool = setting(False, "drop frames that are not valid OCPP-J instead of forwarding them")
-    state_db: str = setting("ocpp-proxy.db", "SQLite file for what must survive a restart (secondaries' "
-                            "transaction ids); opened only when a charger has secondaries")
 
 
 @dataclass(frozen=True)
@@ -150,9 +148,6 @@ class SecondarySettings:
                                "that is not a transaction message is dropped", check=positive)
     replay_rate: float = setting(50.0, "frames per second at most when catching up after an outage",
                                  check=positive)
-    reconnect_min: float = setting(1.0, "seconds before the first reconnect attempt (doubles, with jitter)",
-                                   check=positive)
-    reconnect_max: float = setting(60.0, "longest wait between reconnect attempts, seconds", check=positive)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -197,6 +192,23 @@ class MetricsSettings:
 
 
 @dataclass(frozen=True)
+class OfflineSettingsSection:
+    enabled: bool = setting(True, "keep wallboxes connected and answer locally while the backend is down; "
+                                  "false: a backend outage closes or refuses the wallbox")
+    data_dir: str = setting("data", "directory of the durable queue (SQLite) of frames answered offline")
+    auth: str = setting("local_list", "Authorize/StartTransaction while offline: local_list (local_list plus "
+                                      "idTags the backend accepted while online), accept_all or reject_all",
+                        choices=("local_list", "accept_all", "reject_all"))
+    local_list: list[str] = setting([], "idTags accepted while offline (auth = local_list)")
+    heartbeat_interval: int = setting(300, "interval in the local BootNotification answer, seconds", check=positive)
+    data_transfer: str = setting("Rejected", "local answer to DataTransfer while offline",
+                                 choices=("Accepted", "Rejected", "UnknownVendorId", "UnknownMessageId"))
+    reconnect_min: float = setting(1.0, "first reconnect delay, seconds (doubles per failure, with jitter)",
+                                   check=positive)
+    reconnect_max: float = setting(60.0, "longest reconnect delay, seconds", check=positive)
+
+
+@dataclass(frozen=True)
 class UpstreamTarget:
     """Everything needed to open one upstream connection, defaults resolved."""
 
@@ -219,6 +231,8 @@ class Config:
                                      metadata={"doc": "defaults for every charger's upstream"})
     log: LogSettings = field(default_factory=LogSettings, metadata={"doc": "logging"})
     metrics: MetricsSettings = field(default_factory=MetricsSettings, metadata={"doc": "monitoring"})
+    offline: OfflineSettingsSection = field(default_factory=OfflineSettingsSection,
+                                            metadata={"doc": "backend outages"})
     chargers: list[ChargerSettings] = field(default_factory=list,
                                             metadata={"doc": "one entry per wallbox"})
     backends: dict[str, SecondarySettings] = field(default_factory=dict, metadata={

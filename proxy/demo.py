@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, TextIO
 
@@ -42,10 +44,11 @@ class LiveLog:
         print(line, file=self.out, flush=True)
 
 
-def demo_config(backend_port: int, wallboxes: int) -> str:
+def demo_config(backend_port: int, wallboxes: int, data_dir: str) -> str:
     chargers = "".join(f'[[chargers]]\nid = "CP{n:03d}"\n' for n in range(1, wallboxes + 1))
     return (f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n[log]\nlevel = "warning"\n'
-            f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n{chargers}')
+            f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n[offline]\ndata_dir = "{data_dir}"\n'
+            f'{chargers}')
 
 
 async def _wallbox_sessions(url: str, ids: list[str], rounds: int | None) -> list[WallboxHandle]:
@@ -78,9 +81,10 @@ async def _demo(wallboxes: int, forever: bool, out: TextIO) -> bool:
     peers = LoopThread("demo-peers")
     live = LiveLog(out)
     backend = SimBackend(on_frame=live.frame)
+    data_dir = tempfile.mkdtemp(prefix="ocpp-proxy-demo-")  # the demo leaves no queue behind
     try:
         port = peers.run(backend.start())
-        server = ProxyServer(loads(demo_config(port, wallboxes), "<demo>"))
+        server = ProxyServer(loads(demo_config(port, wallboxes, data_dir), "<demo>"))
         async with trio.open_nursery() as nursery:
             ports = await nursery.start(server.serve)
             url = f"ws://127.0.0.1:{ports[0]}/ocpp"
@@ -99,6 +103,7 @@ async def _demo(wallboxes: int, forever: bool, out: TextIO) -> bool:
     finally:
         peers.run(backend.stop())
         peers.close()
+        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def run_demo(wallboxes: int = 3, forever: bool = False, out: Any = None) -> int:

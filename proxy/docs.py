@@ -32,6 +32,7 @@ EXAMPLE_VALUES: dict[str, Any] = {
     "server.certs_dir": "/certs",
     "backend.url": "wss://ocpp.example.com/ocpp",
     "metrics.listen": "0.0.0.0:9520",
+    "offline.data_dir": "/data",
     "chargers[].id": "CP001",
 }
 EXAMPLE_NOTES: dict[str, str] = {
@@ -39,6 +40,7 @@ EXAMPLE_NOTES: dict[str, str] = {
     "backend.url": "replace with your backend's OCPP URL (without the charge point id)",
     "metrics.listen": "all interfaces, for Prometheus in the compose network; "
                       "the default 127.0.0.1:9520 keeps metrics local",
+    "offline.data_dir": "the /data volume of the Docker image (durable offline queue)",
     "chargers[].id": "one [[chargers]] table per wallbox",
 }
 

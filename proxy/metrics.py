@@ -440,10 +440,13 @@ class MetricsListener(Listener):
         self.metrics = metrics
 
     def session_opened(self, paired: PairedSession) -> None:
-        self.metrics.session_opened(paired.charger_id, len(paired.upstreams))
+        self.metrics.session_opened(paired.charger_id, 0)  # upstreams arrive through upstream_state
 
     def session_closed(self, paired: PairedSession, side: str, code: int, reason: str) -> None:
-        self.metrics.session_closed(paired.charger_id, side, code, len(paired.upstreams))
+        self.metrics.session_closed(paired.charger_id, side, code, int(paired.session.primary in paired.upstreams))
+        for name in paired.session.mirrors:
+            if name in paired.upstreams:
+                self.metrics.secondary_changed(paired.charger_id, name, False)
 
     def frame_received(self, paired: PairedSession, source: str, frame: Frame, size: int) -> None:
         wallbox = source == WALLBOX
@@ -453,10 +456,6 @@ class MetricsListener(Listener):
                 self.metrics.set_connector_status(paired.charger_id, connector, status)
         if paired.session.mirrors and (wallbox or source != PRIMARY):
             self._queues(paired)
-
-    def upstream_changed(self, paired: PairedSession, name: str, up: bool, detail: str) -> None:
-        self.metrics.secondary_changed(paired.charger_id, name, up)
-        self._queues(paired)
 
     def _queues(self, paired: PairedSession) -> None:
         for name, mirror in paired.session.mirrors.items():
@@ -479,6 +478,22 @@ class MetricsListener(Listener):
             self.metrics.secondary_frame_dropped(action.upstream, action.action, action.reason)  # type: ignore[union-attr]
         elif kind is Policed:
             self.metrics.policy_refusal(action.upstream, action.action, action.mode)  # type: ignore[union-attr]
+
+    def upstream_state(self, paired: PairedSession, name: str, up: bool, reason: str) -> None:
+        if name != paired.session.primary:  # a secondary: its own series, not the backend's
+            self.metrics.secondary_changed(paired.charger_id, name, up)
+            self._queues(paired)
+            return
+        connects = paired.upstream_connects.get(name, 0)
+        if up:
+            (self.metrics.upstream_reconnected if connects > 1 else self.metrics.upstream_opened)(paired.charger_id)
+        elif connects:
+            self.metrics.upstream_closed(paired.charger_id, reason or "closed")
+        else:  # never connected in this session
+            self.metrics.upstream_failed(paired.charger_id, reason)
+
+    def queue_depth(self, paired: PairedSession, depth: int) -> None:
+        self.metrics.set_queue(paired.charger_id, depth)
 
     def frame_rejected(self, paired: PairedSession, side: str, code: int, reason: str) -> None:
         self.metrics.frame_rejected(side_label(side), "binary" if code == 1003 else "too_big")

@@ -15,8 +15,10 @@ back on a fast one.
 
 from __future__ import annotations
 
+import sqlite3
 from collections import deque
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,12 +26,18 @@ import trio
 from trio_websocket import ConnectionClosed
 
 from proxy import closecodes
-from proxy.frames import Frame
+from proxy.backoff import Backoff
+from proxy.frames import Frame, MessageType, build_error, classify
 from proxy.handshake import Refuse
+from proxy.offline import TRANSACTION_ACTIONS, Stored, map_transaction, replay_plan, started_transaction
+from proxy.queue import AsyncQueue
+from proxy.upstream import UpstreamUnavailable
 from proxy.session import (
     WALLBOX,
     Action,
     Malformed,
+    Persist,
+    Replayed,
     ProxyAnswer,
     ProxyCallFailed,
     Session,
@@ -63,21 +71,11 @@ class Listener:
     def action(self, paired: PairedSession, action: Action) -> None: ...
     def handshake_refused(self, refusal: Refuse) -> None: ...
     def frame_rejected(self, paired: PairedSession, side: str, code: int, reason: str) -> None: ...
-    def upstream_changed(self, paired: PairedSession, name: str, up: bool, detail: str) -> None:
-        """A secondary upstream connected (``up``) or was lost (``detail`` says why)."""
+    def upstream_state(self, paired: PairedSession, name: str, up: bool, reason: str) -> None: ...
+    def queue_depth(self, paired: PairedSession, depth: int) -> None: ...
 
-
-class Link(Protocol):
-    """A secondary upstream's connection, owned by its paired session (see proxy/secondary.py).
-
-    It reconnects on its own and never ends the pair; what it sends comes
-    from ``put`` and is written by its own task, so a slow or dead secondary
-    never holds up the wallbox's or the primary's pumps.
-    """
-
-    def put(self, text: str) -> None: ...
-    async def run(self, paired: PairedSession) -> None: ...
-    async def close(self, code: int, reason: str) -> None: ...
+#: Opens one upstream connection for the duration of a block (raises UpstreamUnavailable).
+Connector = Callable[[], AbstractAsyncContextManager[Any]]
 
 
 @dataclass(frozen=True)
@@ -85,6 +83,9 @@ class SessionSettings:
     max_message_bytes: int = 1_048_576
     ping_interval: float = 30.0
     close_timeout: float = 5.0
+    call_timeout: float = 30.0
+    reconnect_min: float = 1.0
+    reconnect_max: float = 60.0
 
 
 class _Violation(Exception):
@@ -135,20 +136,34 @@ class Outbox:
 
 class PairedSession:
     def __init__(self, charger_id: str, session: Session, wallbox: Connection,
-                 upstreams: dict[str, Connection], *, log: Any,
+                 upstreams: dict[str, Connection | None], *, log: Any,
                  settings: SessionSettings = SessionSettings(),
-                 listeners: Sequence[Listener] = (), links: Mapping[str, Link] | None = None) -> None:
+                 listeners: Sequence[Listener] = (),
+                 reconnect: dict[str, Connector] | None = None,
+                 queue: AsyncQueue | None = None, queued: int = 0) -> None:
+        """``upstreams``: the open connection per upstream name, None for one that is down.
+
+        With ``reconnect`` (offline mode), a lost upstream is reopened with
+        backoff while the wallbox stays; without it, losing one ends the pair.
+        """
         self.charger_id = charger_id
         self.session = session
         self.wallbox = wallbox
-        self.upstreams = upstreams
+        self.upstream_names = list(upstreams)
+        #: The upstreams connected right now.
+        self.upstreams: dict[str, Connection] = {n: c for n, c in upstreams.items() if c is not None}
         self.log = log
         self.settings = settings
         self.listeners = list(listeners)
-        #: Secondary upstreams by name; ``upstreams`` holds the legs whose close ends the pair.
-        self.links = dict(links or {})
+        self.reconnect = reconnect or {}
+        self.queue = queue
+        #: Frames of this charger in the offline queue (kept exact: the replay decision uses it).
+        self.queued = queued
+        #: How often each upstream was connected in this session (1 = the first time).
+        self.upstream_connects: dict[str, int] = {}
         self._wallbox_out = Outbox(wallbox)
-        self._upstream_out = {name: Outbox(conn) for name, conn in upstreams.items()}
+        self._upstream_out = {name: Outbox(conn) for name, conn in self.upstreams.items()}
+        self._replay_waiters: dict[str, tuple[trio.Event, list[Frame]]] = {}
         self._waiters: dict[str, tuple[trio.Event, list[Frame | str]]] = {}
         self._timer_wake = trio.Event()
         self._armed: float | None = None
@@ -167,11 +182,9 @@ class PairedSession:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
                 nursery.start_soon(self._guard, WALLBOX, self._pump_wallbox)
-                for name in self.upstreams:
-                    nursery.start_soon(self._guard, name, self._pump_upstream, name)
+                for name in self.upstream_names:
+                    nursery.start_soon(self._link, name)
                 nursery.start_soon(self._run_timers)
-                for link in self.links.values():
-                    nursery.start_soon(link.run, self)
                 if self.settings.ping_interval > 0:
                     nursery.start_soon(self._run_pings)
         finally:
@@ -234,15 +247,146 @@ class PairedSession:
         get, receive = self.wallbox.get_message, self.session.from_wallbox
         while True:
             text = self._check(await get())
-            self._handle(WALLBOX, receive(text, trio.current_time()))
+            await self._handle(WALLBOX, receive(text, trio.current_time()))
             await self._flush()
 
-    async def _pump_upstream(self, name: str) -> None:
-        get, receive = self.upstreams[name].get_message, self.session.from_upstream
+    async def _pump_upstream(self, name: str, connection: Connection) -> None:
+        get, receive = connection.get_message, self.session.from_upstream
         while True:
             text = self._check(await get())
-            self._handle(name, receive(name, text, trio.current_time()))
+            await self._handle(name, receive(name, text, trio.current_time()))
             await self._flush()
+
+    # -- upstream links ----------------------------------------------------------------
+
+    async def _link(self, name: str) -> None:
+        """One upstream for the life of the pair: relay while connected, reopen while the wallbox stays."""
+        connection = self.upstreams.get(name)
+        secondary = name != self.session.primary
+        if connection is not None:
+            await self._connected(name, connection)
+        elif not secondary:  # a secondary is opened here, without a first wait
+            await self._lost(name, "unreachable when the wallbox connected")
+        connector = self.reconnect.get(name)
+        if connector is None:
+            return
+        backoff = Backoff(self.settings.reconnect_min, self.settings.reconnect_max)
+        first = secondary and connection is None
+        while True:
+            if not first:
+                await trio.sleep(backoff.next_delay())
+            first = False
+            try:
+                async with connector() as connection:
+                    backoff.reset()
+                    self.log.info("upstream_reconnected", upstream=name)
+                    await self._connected(name, connection)
+            except UpstreamUnavailable as exc:
+                self.log.info("upstream_retry_failed", upstream=name, reason=exc.reason)
+
+    async def _connected(self, name: str, connection: Connection) -> None:
+        """Relay one upstream connection until it closes; replay stored CALLs first."""
+        self.upstreams[name] = connection
+        self._upstream_out[name] = Outbox(connection)
+        self.upstream_connects[name] = self.upstream_connects.get(name, 0) + 1
+        replay = name == self.session.primary and self.queued > 0
+        self.session.upstream_up(name, replay=replay)
+        self._tell_upstream(name, True, "")
+        await self._execute(self.session.secondary_up(name, trio.current_time()))  # a secondary's backlog
+        closed: tuple[int, str] | None = None
+        async with trio.open_nursery() as link:
+            if replay:
+                link.start_soon(self._replay)
+            try:
+                await self._pump_upstream(name, connection)
+            except ConnectionClosed as exc:
+                closed = (int(exc.reason.code) if exc.reason else 1006,
+                          (exc.reason.reason if exc.reason else None) or "")
+            except _Violation as exc:
+                await self._violation(name, exc)  # ends the pair when offline mode is off
+                closed = (exc.code, exc.reason)
+            link.cancel_scope.cancel()
+        code, reason = closed or (closecodes.GOING_AWAY, "")
+        if self._ending:
+            return  # the pair is closing: not an outage (session_closed accounts for this leg)
+        if name not in self.reconnect:
+            await self._end(name, code, reason, mirror=True)
+            return
+        del self.upstreams[name]
+        self._upstream_out.pop(name, None)
+        await self._lost(name, f"closed with {code} {reason}".strip())
+
+    async def _lost(self, name: str, reason: str) -> None:
+        self.log.warning("upstream_lost", upstream=name, reason=reason, offline=self.session.offline is not None)
+        self._tell_upstream(name, False, reason)
+        await self._execute(self.session.upstream_down(name, trio.current_time()))
+
+    def _tell_upstream(self, name: str, up: bool, reason: str) -> None:
+        for listener in self.listeners:
+            listener.upstream_state(self, name, up, reason)
+
+    # -- offline queue ---------------------------------------------------------------------
+
+    async def _persist(self, action: Persist) -> None:
+        """Commit a locally answered CALL, then (only then) answer the wallbox."""
+        assert self.queue is not None
+        try:
+            await self.queue.append(self.charger_id, action.action, action.text, action.local_transaction_id)
+        except (sqlite3.Error, OSError) as exc:
+            self.log.error("queue_write_failed", action=action.action, error=str(exc))
+            self._wallbox_out.put(build_error(action.msg_id, "InternalError",
+                                              "backend unreachable and the proxy could not store the frame"))
+            return
+        self._set_queued(self.queued + 1)
+        self._wallbox_out.put(action.answer)
+
+    def _set_queued(self, depth: int) -> None:
+        self.queued = depth
+        for listener in self.listeners:
+            listener.queue_depth(self, depth)
+
+    async def _replay(self) -> None:
+        """Send stored CALLs to the primary, in order, one at a time, before live traffic."""
+        assert self.queue is not None
+        while True:
+            keep, drop = replay_plan(await self.queue.pending(self.charger_id))
+            self._set_queued(len(keep) + len(drop))
+            for entry in drop:
+                await self.queue.delivered(entry.row)
+                self._set_queued(self.queued - 1)
+            if not keep and not drop:
+                break  # no await since pending() was read: nothing new can have been stored
+            for entry in keep:
+                await self._replay_one(entry)
+        self.session.replay_finished()
+        self.log.info("replay_finished")
+
+    async def _replay_one(self, entry: Stored) -> None:
+        frame = classify(entry.text)
+        text = entry.text
+        if entry.action in TRANSACTION_ACTIONS:
+            text = map_transaction(frame, self.session.transactions)
+        msg_id = frame.msg_id or ""
+        while True:
+            event, box = trio.Event(), list[Frame]()
+            self._replay_waiters[msg_id] = (event, box)
+            await self._execute(self.session.replay_call(frame, text, trio.current_time()))
+            with trio.move_on_after(self.settings.call_timeout):
+                await event.wait()
+            self._replay_waiters.pop(msg_id, None)
+            if box:
+                break
+            self.log.warning("replay_unanswered", action=entry.action, msg_id=msg_id)
+        answer = box[0]
+        backend_tx = None
+        if answer.kind is MessageType.CALLERROR:
+            self.log.warning("replay_refused", action=entry.action, msg_id=msg_id, error=answer.action)
+        elif entry.action == "StartTransaction" and entry.local_transaction_id is not None:
+            backend_tx = started_transaction(answer)
+            if backend_tx is not None:
+                self.session.transactions[entry.local_transaction_id] = backend_tx
+        await self.queue.delivered(entry.row, self.charger_id, entry.local_transaction_id, backend_tx)  # type: ignore[union-attr]
+        self._set_queued(self.queued - 1)
 
     def _check(self, message: str | bytes) -> str:
         if not isinstance(message, str):
@@ -253,17 +397,27 @@ class PairedSession:
             raise _Violation(closecodes.MESSAGE_TOO_BIG, f"frame over {limit} bytes")
         return message
 
-    def _handle(self, source: str, actions: list[Action]) -> None:
+    async def _handle(self, source: str, actions: list[Action]) -> None:
         if self.listeners:
             frame = self.session.last_frame
             if frame is not None:
                 for listener in self.listeners:
                     listener.frame_received(self, source, frame, len(frame.text))
-        self._dispatch(actions)
+        await self._dispatch_all(actions)
 
     async def _execute(self, actions: list[Action]) -> None:
-        self._dispatch(actions)
+        await self._dispatch_all(actions)
         await self._flush()
+
+    async def _dispatch_all(self, actions: list[Action]) -> None:
+        """Dispatch in order; a Persist is committed before anything after it is queued."""
+        start = 0
+        for index, action in enumerate(actions):
+            if type(action) is Persist:
+                self._dispatch(actions[start:index])
+                await self._persist(action)
+                start = index + 1
+        self._dispatch(actions[start:] if start else actions)
 
     def _dispatch(self, actions: list[Action]) -> None:
         for action in actions:
@@ -274,8 +428,6 @@ class PairedSession:
                 outbox = self._upstream_out.get(action.name)  # type: ignore[union-attr]
                 if outbox is not None:
                     outbox.put(action.text)  # type: ignore[union-attr]
-                elif action.name in self.links:  # type: ignore[union-attr]
-                    self.links[action.name].put(action.text)  # type: ignore[union-attr]
             else:
                 self._notify(action)
         deadline = self.session.next_deadline()
@@ -288,7 +440,12 @@ class PairedSession:
             await outbox.flush()
 
     def _notify(self, action: Action) -> None:
-        if isinstance(action, (ProxyAnswer, ProxyCallFailed)):
+        if isinstance(action, Replayed):
+            replay = self._replay_waiters.get(action.call.msg_id or "")
+            if replay is not None:
+                replay[1].append(action.answer)
+                replay[0].set()
+        elif isinstance(action, (ProxyAnswer, ProxyCallFailed)):
             waiter = self._waiters.get(action.msg_id)
             if waiter is not None:
                 waiter[1].append(action.frame if isinstance(action, ProxyAnswer) else action.reason)
@@ -298,31 +455,6 @@ class PairedSession:
                              dropped=action.dropped, head=action.frame.text[:200])
         for listener in self.listeners:
             listener.action(self, action)
-
-    # -- secondaries (called by their links) ----------------------------------------------
-
-    async def secondary_opened(self, name: str) -> None:
-        """Its connection is open: the session replays what it missed."""
-        for listener in self.listeners:
-            listener.upstream_changed(self, name, True, "")
-        await self._execute(self.session.secondary_up(name, trio.current_time()))
-
-    def secondary_closed(self, name: str, detail: str) -> None:
-        self.session.secondary_down(name)
-        for listener in self.listeners:
-            listener.upstream_changed(self, name, False, detail)
-
-    async def secondary_frame(self, name: str, message: str | bytes) -> tuple[int, str] | None:
-        """A frame from a secondary; a violation is returned (the link closes that leg alone)."""
-        try:
-            text = self._check(message)
-        except _Violation as exc:
-            for listener in self.listeners:
-                listener.frame_rejected(self, name, exc.code, exc.reason)
-            return exc.code, exc.reason
-        self._handle(name, self.session.from_upstream(name, text, trio.current_time()))
-        await self._flush()
-        return None
 
     # -- timers ---------------------------------------------------------------------
 
@@ -337,9 +469,9 @@ class PairedSession:
 
     async def _run_pings(self) -> None:
         interval = self.settings.ping_interval
-        legs: dict[str, Connection] = {WALLBOX: self.wallbox, **self.upstreams}
         while True:
             await trio.sleep(interval)
+            legs: dict[str, Connection] = {WALLBOX: self.wallbox, **self.upstreams}
             async with trio.open_nursery() as nursery:
                 for side, connection in legs.items():
                     nursery.start_soon(self._ping, side, connection, interval)
@@ -350,9 +482,13 @@ class PairedSession:
                 await connection.ping()
             except ConnectionClosed:
                 return  # the reader task reports the close
-        if scope.cancelled_caught:
-            self.log.warning("ping_timeout", side=side, seconds=timeout)
-            await self._end(side, 1006, "no pong", mirror=True, dead=True)
+        if not scope.cancelled_caught:
+            return
+        self.log.warning("ping_timeout", side=side, seconds=timeout)
+        if side in self.reconnect:  # a dead upstream is dropped and reopened; the wallbox stays
+            await _drop(connection)
+            return
+        await self._end(side, 1006, "no pong", mirror=True, dead=True)
 
     # -- teardown -----------------------------------------------------------------------
 
@@ -363,6 +499,8 @@ class PairedSession:
         connection = self._leg(side)
         with trio.move_on_after(self.settings.close_timeout):
             await connection.aclose(exc.code, exc.reason)
+        if side not in (WALLBOX, self.session.primary):
+            return  # a secondary misbehaved: only its leg closes (and is reopened)
         code, reason = closecodes.after_violation(side, exc.code)
         await self._end(side, exc.code, exc.reason, mirror=False, other=(code, reason))
 
@@ -379,9 +517,7 @@ class PairedSession:
         self.close_info = (side, code, reason)
         self.log.info("session_closing", closed_by=side, code=code, reason=reason)
         if dead:
-            with trio.CancelScope() as drop:
-                drop.cancel()  # a cancelled aclose still closes the socket
-                await self._leg(side).aclose(closecodes.GOING_AWAY, reason)
+            await _drop(self._leg(side))
         out_code, out_reason = (closecodes.mirror(code, reason, side) if mirror
                                 else other or (code, closecodes.truncate(reason)))
         legs = {WALLBOX: self.wallbox, **self.upstreams}
@@ -390,10 +526,15 @@ class PairedSession:
                 for name, connection in legs.items():
                     if close_all or name != side:
                         nursery.start_soon(connection.aclose, out_code, out_reason)
-                for link in self.links.values():
-                    nursery.start_soon(link.close, out_code, out_reason)
         if self._cancel is not None:
             self._cancel.cancel()
 
     def _leg(self, side: str) -> Connection:
         return self.wallbox if side == WALLBOX else self.upstreams[side]
+
+
+async def _drop(connection: Connection) -> None:
+    """Close a connection whose peer stopped answering, without waiting for a close handshake."""
+    with trio.CancelScope() as scope:
+        scope.cancel()  # a cancelled aclose still closes the socket
+        await connection.aclose(closecodes.GOING_AWAY, "no pong")

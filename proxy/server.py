@@ -12,14 +12,21 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import functools
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from pathlib import Path
+
 import trio
 import trio_websocket
 from trio_websocket import WebSocketConnection, WebSocketRequest
 
 from proxy import closecodes
-from proxy.config import ChargerSettings, Config, parse_listen
+from proxy.config import Config, parse_listen
 from proxy.handshake import Admit, Refuse, check_client_certificate, decide
 from proxy.logs import get_logger
+from proxy.offline import OfflineResponder, OfflineSettings
+from proxy.queue import AsyncQueue
 from proxy.secure import Secured, SecureLayer
 from proxy.relay import Listener, PairedSession, SessionSettings
 from proxy.secondary import Secondaries
@@ -38,8 +45,9 @@ class ProxyServer:
         self._accepting: trio.CancelScope | None = None
         self.ready = trio.Event()
         self._secure: SecureLayer
-        #: Secondary upstreams: mirrors kept across sessions, transaction id store (issue 10).
-        self.secondaries = Secondaries(config, self.log)
+        self._queue: AsyncQueue | None = None
+        #: Secondary upstreams: mirrors kept across sessions, their transaction ids (issue 10).
+        self.secondaries = Secondaries(config)
         if self.secondaries.configured:
             self.listeners.append(self.secondaries.listener)
 
@@ -48,13 +56,9 @@ class ProxyServer:
     async def serve(self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled or :meth:`stop`; reports the bound ports."""
         self._secure = SecureLayer(self.config.server, self.log)  # certificate problems stop start-up
+        if self.config.offline.enabled and self._queue is None:
+            self._queue = AsyncQueue(Path(self.config.offline.data_dir) / "queue.sqlite3")
         self.secondaries.open()
-        try:
-            await self._serve(task_status)
-        finally:
-            self.secondaries.close()
-
-    async def _serve(self, task_status: trio.TaskStatus[list[int]]) -> None:
         host, port = parse_listen(self.config.server.listen)
         listeners = await trio.open_tcp_listeners(port, host=host or None)
         self.ports = sorted({lst.socket.getsockname()[1] for lst in listeners})
@@ -147,26 +151,41 @@ class ProxyServer:
     async def _admit(self, nursery: trio.Nursery, request: WebSocketRequest, admit: Admit, peer: str) -> None:
         charger_id = admit.charger.id
         log = self.log.bind(charger=charger_id)
-        server = self.config.server
-        try:
-            async with open_upstream(admit.upstream, admit.subprotocols, max_message_size=server.max_message_bytes,
-                                     close_timeout=server.close_timeout) as upstream:
-                await self._relay(request, admit, upstream, peer, log)
-        except UpstreamUnavailable as exc:
-            log.warning("upstream_unavailable", peer=peer, url=admit.upstream.url, reason=exc.reason,
-                        status=exc.status)
-            await self._refuse(request, Refuse(exc.status, "upstream_unavailable", exc.reason, charger_id), peer)
+        async with AsyncExitStack() as stack:
+            try:
+                upstream = await stack.enter_async_context(self._connector(admit)())
+            except UpstreamUnavailable as exc:
+                log.warning("upstream_unavailable", peer=peer, url=admit.upstream.url, reason=exc.reason,
+                            status=exc.status)
+                if not (self._queue is not None and exc.status >= 500):  # a 4xx is configuration, not an outage
+                    await self._refuse(request, Refuse(exc.status, "upstream_unavailable", exc.reason,
+                                                       charger_id), peer)
+                    return
+                upstream = None
+            await self._relay(request, admit, upstream, peer, log)
 
-    async def _relay(self, request: WebSocketRequest, admit: Admit, upstream: WebSocketConnection,
+    def _connector(self, admit: Admit) -> Callable[[], AbstractAsyncContextManager[WebSocketConnection]]:
+        server = self.config.server
+        return functools.partial(open_upstream, admit.upstream, admit.subprotocols,
+                                 max_message_size=server.max_message_bytes, close_timeout=server.close_timeout)
+
+    async def _relay(self, request: WebSocketRequest, admit: Admit, upstream: WebSocketConnection | None,
                      peer: str, log: Any) -> None:
         charger_id = admit.charger.id
-        wallbox = await request.accept(subprotocol=upstream.subprotocol)
-        log.info("session_opened", peer=peer, upstream=admit.upstream.url,
-                 subprotocol=upstream.subprotocol, known=admit.known)
-        settings = self._session_settings()
-        paired = PairedSession(charger_id, self._new_session(charger_id, admit.charger), wallbox,
-                               {PRIMARY: upstream}, log=log, settings=settings, listeners=self.listeners,
-                               links=self.secondaries.links(admit.charger, upstream.subprotocol, settings, log))
+        subprotocol = upstream.subprotocol if upstream is not None else admit.subprotocols[0]
+        session = await self._new_session(charger_id)
+        self.secondaries.attach(session, admit.charger)
+        queued = (await self._queue.depth(charger_id))[0] if self._queue is not None else 0
+        wallbox = await request.accept(subprotocol=subprotocol)
+        log.info("session_opened", peer=peer, upstream=admit.upstream.url, subprotocol=subprotocol,
+                 known=admit.known, offline=upstream is None)
+        reconnect = {PRIMARY: self._connector(admit)} if self._queue is not None else {}
+        secondaries = self.secondaries.connectors(admit.charger, subprotocol)  # opened by the pair's links
+        reconnect.update(secondaries)
+        upstreams = {PRIMARY: upstream, **dict.fromkeys(secondaries)}
+        paired = PairedSession(charger_id, session, wallbox, upstreams, log=log,
+                               settings=self._session_settings(), listeners=self.listeners,
+                               reconnect=reconnect, queue=self._queue, queued=queued)
         await self._register(paired)
         try:
             await paired.run()
@@ -186,20 +205,22 @@ class ProxyServer:
             old.log.info("session_replaced")
             await old.shutdown(closecodes.GOING_AWAY, "replaced by a new connection")
 
-    def _new_session(self, charger_id: str, charger: ChargerSettings | None = None) -> Session:
+    async def _new_session(self, charger_id: str) -> Session:
         server = self.config.server
         session = Session(charger_id, call_timeout=server.call_timeout, strict=server.strict)
-        if charger is not None:
-            secondaries = self.secondaries.targets(charger)
-            session.upstreams = (PRIMARY, *(t.name for t in secondaries))
-            session.mirrors = {t.name: self.secondaries.mirror(charger, t) for t in secondaries}
-            session.policy = self.secondaries.policy(charger)
+        if self._queue is not None:
+            offline = self.config.offline
+            settings = OfflineSettings(offline.heartbeat_interval, offline.auth, frozenset(offline.local_list),
+                                       offline.data_transfer)
+            session.offline = OfflineResponder(settings, last_local_id=await self._queue.last_local_tx(charger_id))
+            session.transactions = await self._queue.transactions(charger_id)
         return session
 
     def _session_settings(self) -> SessionSettings:
-        server = self.config.server
-        return SessionSettings(max_message_bytes=server.max_message_bytes,
-                               ping_interval=server.ping_interval, close_timeout=server.close_timeout)
+        server, offline = self.config.server, self.config.offline
+        return SessionSettings(max_message_bytes=server.max_message_bytes, ping_interval=server.ping_interval,
+                               close_timeout=server.close_timeout, call_timeout=server.call_timeout,
+                               reconnect_min=offline.reconnect_min, reconnect_max=offline.reconnect_max)
 
 
 def _describe(exc: BaseException) -> str:

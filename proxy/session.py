@@ -34,6 +34,12 @@ from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from proxy.offline import (
+    BACKEND_TRANSACTION_ACTIONS,
+    TRANSACTION_ACTIONS,
+    OfflineResponder,
+    map_transaction,
+)
 from proxy.frames import (
     MAX_ID_LENGTH,
     Frame,
@@ -50,6 +56,8 @@ from proxy.policy import CommandPolicy
 WALLBOX = "wallbox"
 PROXY = "proxy"
 PRIMARY = "primary"
+#: Origin of stored CALLs replayed to the primary after an outage.
+REPLAY = "replay"
 
 #: Message ids of the proxy's own CALLs on the wallbox leg (≤ 36 characters).
 ID_PREFIX = "ocpp-proxy:"
@@ -131,8 +139,27 @@ class Policed:
     mode: str
 
 
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Store a CALL answered locally; send ``answer`` to the wallbox only once it is committed."""
+
+    action: str
+    text: str
+    msg_id: str
+    answer: str
+    local_transaction_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """The primary answered a replayed CALL (consumed, never forwarded)."""
+
+    call: Frame
+    answer: Frame
+
+
 Action = (ToWallbox | ToUpstream | ProxyAnswer | ProxyCallFailed | Malformed | Observed | CallCompleted
-          | Policed | MirrorDropped | TxMapped)
+          | Persist | Replayed | Policed | MirrorDropped | TxMapped)
 
 
 # --- state -----------------------------------------------------------------------
@@ -167,12 +194,18 @@ class Session:
     policy: CommandPolicy | None = None
     #: Secondaries whose copies go through a Mirror (the others get copies directly).
     mirrors: dict[str, Mirror] = field(default_factory=dict)
+    #: Local answers while the primary is down; None: no offline mode (the pair closes instead).
+    offline: OfflineResponder | None = None
+    #: Local transactionId → the backend's, learned when replayed StartTransactions are answered.
+    transactions: dict[int, int] = field(default_factory=dict)
 
     _to_wallbox: dict[str, _Pending] = field(default_factory=dict, init=False)
     _waiting: deque[_Waiting] = field(default_factory=deque, init=False)
     _from_wallbox: dict[str, _Pending] = field(default_factory=dict, init=False)
     _late: OrderedDict[str, _Pending] = field(default_factory=OrderedDict, init=False)
     _seq: int = field(default=0, init=False)
+    _down: set[str] = field(default_factory=set, init=False)
+    _replaying: bool = field(default=False, init=False)
     #: The frame most recently classified by from_wallbox/from_upstream
     #: (for metrics, without classifying twice).
     last_frame: Frame | None = field(default=None, init=False)
@@ -279,6 +312,42 @@ class Session:
             mirror.link_down(owner=self)
         return failed
 
+    # -- upstream availability (offline mode) ---------------------------------------------
+
+    def upstream_down(self, name: str, now: float) -> list[Action]:
+        """An upstream is gone. For the primary, CALLs it never answered are answered locally."""
+        self._down.add(name)
+        self.secondary_down(name)
+        if name != self.primary or self.offline is None:
+            return []
+        actions: list[Action] = []
+        for msg_id, pending in list(self._from_wallbox.items()):
+            if pending.origin == WALLBOX and pending.call is not None:
+                del self._from_wallbox[msg_id]
+                local = self._answer_locally(pending.call)
+                actions.extend(local + self._local_start(msg_id, local))
+        return actions
+
+    def upstream_up(self, name: str, replay: bool = False) -> None:
+        """An upstream is (back) up; ``replay``: stored CALLs go to it before live traffic."""
+        self._down.discard(name)
+        if name == self.primary and self.offline is not None and replay:
+            self._replaying = True
+
+    def replay_call(self, frame: Frame, text: str, now: float) -> list[Action]:
+        """Send one stored CALL to the primary; its answer comes back as :class:`Replayed`."""
+        msg_id = frame.msg_id or ""
+        self._from_wallbox[msg_id] = _Pending(REPLAY, msg_id, frame.action or "", now, frame)
+        return [ToUpstream(self.primary, text)]
+
+    def replay_finished(self) -> None:
+        self._replaying = False
+
+    @property
+    def offline_mode(self) -> bool:
+        """True while wallbox CALLs are answered locally (primary down, or its queue replaying)."""
+        return self.offline is not None and (self._replaying or self.primary in self._down)
+
     # -- introspection (tests, metrics) -----------------------------------------------
 
     @property
@@ -295,23 +364,60 @@ class Session:
         action = frame.action or ""
         msg_id = frame.msg_id or ""
         watched = action in self.observe
+        actions: list[Action] = [Observed(WALLBOX, frame, action)] if watched else []
+        if self.offline_mode:
+            local = self._answer_locally(frame)
+            return local + self._mirror_copies(frame, now) + self._local_start(msg_id, local) + actions
+        keep = frame if watched or self.offline is not None else None
         self._from_wallbox.pop(msg_id, None)  # a retransmission moves to the back
-        self._from_wallbox[msg_id] = _Pending(WALLBOX, msg_id, action, now, frame if watched else None)
+        self._from_wallbox[msg_id] = _Pending(WALLBOX, msg_id, action, now, keep)
+        sends: list[Action] = [ToUpstream(name, self._to_upstream_text(name, frame))
+                               for name in self.upstreams if name not in self._down and name not in self.mirrors]
+        return sends + self._mirror_copies(frame, now) + actions
+
+    def _mirror_copies(self, frame: Frame, now: float) -> list[Action]:
+        """Secondaries get their copies through their mirrors, whatever the primary's state."""
         actions: list[Action] = []
-        for name in self.upstreams:
-            text = self._rewrite(WALLBOX, name, frame)
-            mirror = self.mirrors.get(name)
-            if mirror is None:
-                actions.append(ToUpstream(name, text))
-            else:
-                actions += self._mirrored(name, mirror.offer(frame if text is frame.text else classify(text), now))
-        if watched:
-            actions.append(Observed(WALLBOX, frame, action))
+        for name, mirror in self.mirrors.items():
+            text = self._to_upstream_text(name, frame)
+            actions += self._mirrored(name, mirror.offer(frame if text is frame.text else classify(text), now))
         return actions
+
+    def _from_upstream_text(self, name: str, frame: Frame) -> str:
+        text = self._rewrite(name, WALLBOX, frame)
+        if self.transactions and frame.action in BACKEND_TRANSACTION_ACTIONS and name == self.primary:
+            backend_to_local = {b: loc for loc, b in self.transactions.items()}
+            mapped = map_transaction(frame, backend_to_local)  # the wallbox knows its local id
+            if mapped is not frame.text:
+                text = mapped
+        return text
+
+    def _to_upstream_text(self, name: str, frame: Frame) -> str:
+        text = self._rewrite(WALLBOX, name, frame)
+        if self.transactions and frame.action in TRANSACTION_ACTIONS and name == self.primary:
+            mapped = map_transaction(frame, self.transactions)  # a local id the backend now knows
+            if mapped is not frame.text:
+                text = mapped
+        return text
+
+    def _answer_locally(self, frame: Frame) -> list[Action]:
+        assert self.offline is not None
+        local = self.offline.answer(frame)
+        if not local.store:
+            return [ToWallbox(local.text)]
+        return [Persist(frame.action or "", frame.text, frame.msg_id or "", local.text,
+                        local.local_transaction_id)]
 
     def _upstream_answer(self, name: str, frame: Frame, now: float) -> list[Action]:
         pending = self._from_wallbox.get(frame.msg_id or "")
         actions: list[Action] = []
+        if pending is not None and pending.origin == REPLAY and name == self.primary:
+            del self._from_wallbox[frame.msg_id or ""]
+            assert pending.call is not None
+            self._learn(pending.call, frame)
+            return [CallCompleted(name, pending.action, now - pending.sent_at), Replayed(pending.call, frame)]
+        if pending is not None and pending.call is not None and name == self.primary:
+            self._learn(pending.call, frame)
         if name == self.primary:
             actions.append(ToWallbox(frame.text))
             if pending is not None:
@@ -320,17 +426,26 @@ class Session:
                     actions += self.wallbox_transaction(frame.msg_id or "", frame)
         if pending is not None:
             actions.append(CallCompleted(name, pending.action, now - pending.sent_at))
-            if pending.call is not None and name == self.primary:
+            if pending.call is not None and name == self.primary and pending.action in self.observe:
                 actions.append(Observed(name, frame, pending.action, pending.call))
         return actions
 
     def wallbox_transaction(self, msg_id: str, answer: Frame) -> list[Action]:
         """The wallbox got ``answer`` to its StartTransaction ``msg_id``: tell the mirrors its id."""
         wallbox_tx = transaction_id(answer)
+        return [] if wallbox_tx is None else self._tell_mirrors(msg_id, wallbox_tx)
+
+    def _local_start(self, msg_id: str, local: list[Action]) -> list[Action]:
+        """Offline: the id the proxy handed out is the wallbox's transactionId for the mirrors."""
+        for action in local:
+            if isinstance(action, Persist) and action.local_transaction_id is not None:
+                return self._tell_mirrors(msg_id, action.local_transaction_id)
+        return []
+
+    def _tell_mirrors(self, msg_id: str, wallbox_tx: int) -> list[Action]:
         actions: list[Action] = []
-        if wallbox_tx is not None:
-            for name, mirror in self.mirrors.items():
-                actions += self._mirrored(name, mirror.wallbox_transaction(msg_id, wallbox_tx))
+        for name, mirror in self.mirrors.items():
+            actions += self._mirrored(name, mirror.wallbox_transaction(msg_id, wallbox_tx))
         return actions
 
     def _mirrored(self, name: str, events: list[MirrorEvent]) -> list[Action]:
@@ -343,6 +458,10 @@ class Session:
             else:
                 actions.append(event)
         return actions
+
+    def _learn(self, call: Frame, answer: Frame) -> None:
+        if self.offline is not None and call.action in ("Authorize", "StartTransaction"):
+            self.offline.learn(call, answer)
 
     # -- upstreams / proxy → wallbox ------------------------------------------------------
 
@@ -359,7 +478,7 @@ class Session:
                 return [ToUpstream(name, error)]
             if text != frame.text:
                 frame = classify(text)
-        return self._submit(name, frame, self._rewrite(name, WALLBOX, frame), now)
+        return self._submit(name, frame, self._from_upstream_text(name, frame), now)
 
     def _submit(self, origin: str, frame: Frame, text: str, now: float) -> list[Action]:
         if not self._waiting and self._slot_free_for(origin):

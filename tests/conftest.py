@@ -4,6 +4,7 @@ and a way to start the proxy in-process on 127.0.0.1 with a config text."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
 
 import pytest
 import trio
@@ -33,13 +34,20 @@ StartProxy = Callable[[str], Awaitable[ProxyServer]]
 
 
 @pytest.fixture
-def start_proxy(nursery: trio.Nursery) -> StartProxy:
-    """``await start_proxy(toml_text)`` → a serving ProxyServer (listen defaults to 127.0.0.1:0)."""
+def start_proxy(nursery: trio.Nursery, tmp_path: Path) -> StartProxy:
+    """``await start_proxy(toml_text)`` → a serving ProxyServer.
+
+    Defaults for tests: listen on 127.0.0.1:0, the offline queue in the test's tmp_path.
+    """
 
     async def start(text: str) -> ProxyServer:
         if "listen" not in text.split("[backend]")[0]:
             text = text.replace("[server]", '[server]\nlisten = "127.0.0.1:0"', 1) if "[server]" in text \
                 else '[server]\nlisten = "127.0.0.1:0"\n' + text
+        if "data_dir" not in text:
+            data = f'data_dir = "{tmp_path}/data"'
+            text = text.replace("[offline]", f"[offline]\n{data}", 1) if "[offline]" in text \
+                else f"{text}\n[offline]\n{data}\n"
         server = ProxyServer(loads(text))
         await nursery.start(server.serve)
         return server

@@ -5,6 +5,7 @@ not ours (urllib) for /metrics, /healthz and /readyz."""
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -56,11 +57,13 @@ async def start_backend(nursery: trio.Nursery) -> RawBackend:
     return backend
 
 
-def config_text(backend_port: int, extra: str = "", chargers: tuple[str, ...] = ("CP1",)) -> str:
+def config_text(backend_port: int, extra: str = "", chargers: tuple[str, ...] = ("CP1",),
+                offline: str = "") -> str:
     entries = "".join(f'[[chargers]]\nid = "{cp}"\n' for cp in chargers)
+    data_dir = tempfile.mkdtemp(prefix="ocpp-proxy-test-")  # the offline queue, never in the repo
     return (f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n{extra}\n'
             f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n'
-            f'[metrics]\nlisten = "127.0.0.1:0"\n{entries}')
+            f'[metrics]\nlisten = "127.0.0.1:0"\n[offline]\ndata_dir = "{data_dir}"\n{offline}\n{entries}')
 
 
 @dataclass

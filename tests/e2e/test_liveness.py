@@ -15,7 +15,7 @@ from tests.peers import in_loop
 async def test_silent_backend_is_detected_within_two_ping_intervals(
         peers: LoopThread, backend: SimBackend, start_proxy: StartProxy) -> None:
     with capture_logs() as logs:
-        server = await start_proxy(backend_config(backend, "ping_interval = 0.3"))
+        server = await start_proxy(backend_config(backend, "ping_interval = 0.3") + "[offline]\nenabled = false\n")
         handle = await in_loop(peers, connect_wallbox(proxy_url(server, "CP1"), "CP1"))
 
         async def freeze_backend() -> None:  # it stops reading: no pongs, TCP still up

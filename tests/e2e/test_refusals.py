@@ -91,7 +91,8 @@ async def test_upstream_down_refuses_wallbox(peers: LoopThread, start_proxy: Sta
     with trio.socket.socket() as sock:  # a port with nobody listening
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    text = f'[server]\n[backend]\nurl = "ws://127.0.0.1:{port}/ocpp"\nconnect_timeout = 2\n[[chargers]]\nid = "CP1"\n'
+    text = (f'[server]\n[backend]\nurl = "ws://127.0.0.1:{port}/ocpp"\nconnect_timeout = 2\n[[chargers]]\nid = "CP1"\n'
+            '[offline]\nenabled = false\n')  # with offline mode the wallbox is admitted (test_offline.py)
     with capture_logs() as logs:
         server = await start_proxy(text)
         assert await refused_status(peers, proxy_url(server, "CP1"), "CP1") == 502
@@ -116,7 +117,8 @@ async def test_backend_refusal_status_is_passed_on(peers: LoopThread, start_prox
 
 async def test_backend_close_is_mirrored_to_wallbox(peers: LoopThread, backend: SimBackend,
                                                     start_proxy: StartProxy) -> None:
-    server = await start_proxy(backend_config(backend))
+    """Without offline mode a backend close ends the pair (with it, see test_offline.py)."""
+    server = await start_proxy(backend_config(backend) + "[offline]\nenabled = false\n")
     with capture_logs() as logs:
         handle = await in_loop(peers, connect_wallbox(proxy_url(server, "CP1"), "CP1"))
         await in_loop(peers, backend.handlers["CP1"]._connection.websocket.close(4010, "maintenance"))

@@ -130,6 +130,6 @@ async def test_two_hundred_wallboxes_each_with_own_upstream(peers: LoopThread, b
     results = await in_loop(peers, everyone(), timeout=120)
     assert results == [("Accepted", 5)] * 200
     assert sorted(backend.handlers) == ids
-    assert all(len(backend.recorders[cp].received) == 5 for cp in ids)
+    assert {cp: len(backend.recorders[cp].received) for cp in ids} == {cp: 5 for cp in ids}
     with trio.fail_after(20):
         await server.wait_sessions(0)

@@ -44,15 +44,15 @@ async def three(peers: LoopThread) -> AsyncIterator[dict[str, SimBackend]]:
 def site(sims: dict[str, SimBackend], tmp_path: Path, *, ems_policy: str = "", ha_policy: str = "",
          primary_policy: str = "") -> str:
     return f"""
-[server]
-state_db = "{tmp_path / 'state.db'}"
+[offline]
+data_dir = "{tmp_path / 'data'}"
+reconnect_min = 0.05
+reconnect_max = 0.2
 [backend]
 url = "ws://127.0.0.1:{sims['primary'].port}/ocpp"
 {primary_policy}
 [backends.ems]
 url = "ws://127.0.0.1:{sims['ems'].port}/ocpp"
-reconnect_min = 0.05
-reconnect_max = 0.2
 {ems_policy}
 [[chargers]]
 id = "CP1"
@@ -167,7 +167,7 @@ def test_run_refuses_a_conflicting_config(tmp_path: Path) -> None:
 async def test_dead_secondary_loses_nothing_and_catches_up(peers: LoopThread, three: dict[str, SimBackend],
                                                           nursery: trio.Nursery, tmp_path: Path) -> None:
     metrics = Metrics(["CP1"])
-    server = ProxyServer(loads('[server]\nlisten = "127.0.0.1:0"\n' + site(three, tmp_path).replace("[server]", "")),
+    server = ProxyServer(loads('[server]\nlisten = "127.0.0.1:0"\n' + site(three, tmp_path)),
                          listeners=[MetricsListener(metrics)])
     await nursery.start(server.serve)
 

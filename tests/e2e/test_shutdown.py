@@ -55,7 +55,8 @@ async def proxy_process(tmp_path: Path, backend_port: int, chargers: int,
     config = tmp_path / "proxy.toml"
     config.write_text(f'[server]\nlisten = "127.0.0.1:0"\nclose_timeout = {close_timeout}\n'
                       f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n'
-                      f'[metrics]\nlisten = "127.0.0.1:0"\n[log]\nformat = "json"\n{entries}')
+                      f'[metrics]\nlisten = "127.0.0.1:0"\n[log]\nformat = "json"\n'
+                      f'[offline]\ndata_dir = "{tmp_path}/data"\n{entries}')
     process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
                                                cwd=ROOT, stderr=subprocess.PIPE)
     proxy = ProxyProcess(process)
@@ -194,7 +195,8 @@ async def test_port_in_use_fails_start_up_with_exit_1(tmp_path: Path) -> None:
     port = taken[0].socket.getsockname()[1]
     config = tmp_path / "proxy.toml"
     config.write_text(f'[server]\nlisten = "127.0.0.1:{port}"\n[backend]\nurl = "ws://127.0.0.1:1/ocpp"\n'
-                      '[metrics]\nlisten = "127.0.0.1:0"\n[log]\nformat = "json"\n')
+                      '[metrics]\nlisten = "127.0.0.1:0"\n[log]\nformat = "json"\n'
+                      f'[offline]\ndata_dir = "{tmp_path}/data"\n')
     with trio.fail_after(20):
         result = await trio.run_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
                                         cwd=ROOT, capture_stderr=True, check=False)
@@ -211,7 +213,8 @@ async def test_metrics_can_be_turned_off(nursery: trio.Nursery, tmp_path: Path) 
     backend = await start_backend(nursery)
     config = tmp_path / "proxy.toml"
     config.write_text(f'[server]\nlisten = "127.0.0.1:0"\n[backend]\nurl = "ws://127.0.0.1:{backend.port}/ocpp"\n'
-                      '[metrics]\nlisten = ""\n[log]\nformat = "json"\n[[chargers]]\nid = "CP0"\n')
+                      '[metrics]\nlisten = ""\n[log]\nformat = "json"\n[[chargers]]\nid = "CP0"\n'
+                      f'[offline]\ndata_dir = "{tmp_path}/data"\n')
     process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
                                                cwd=ROOT, stderr=subprocess.PIPE)
     proxy = ProxyProcess(process)

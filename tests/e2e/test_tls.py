@@ -86,7 +86,8 @@ async def test_detect_serves_plain_and_tls_on_one_port_at_once(
     trust = client_ssl(str(tmp_path / "server.crt"))  # the self-signed certificate, pinned
     plain = await in_loop(peers, connect_wallbox(proxy_url(server, "CP1"), "CP1"))
     secure = await in_loop(peers, connect_wallbox(proxy_url(server, "CP2", "wss"), "CP2", ssl=trust))
-    assert len(server.sessions) == 2
+    with trio.fail_after(5):
+        await server.wait_sessions(2)
     for handle in (plain, secure):
         answer = await in_loop(peers, handle.wallbox.call(call.Heartbeat()))
         assert answer.current_time
@@ -141,8 +142,8 @@ async def test_sp2_upstream_trusts_only_configured_ca(peers: LoopThread, start_p
     trusted = await start_proxy(config(backend, "wss", backend_extra=f'ca = ["{pki.ca_file}"]\npassword = "pw-sp2"'))
     assert await outcome(peers, proxy_url(trusted, "CP1"), "CP1") == "ok"
     assert backend.headers["CP1"]["authorization"].startswith("Basic ")
-    with capture_logs() as logs:
-        untrusted = await start_proxy(config(backend, "wss"))
+    with capture_logs() as logs:  # offline mode off: the wallbox is refused, not served offline
+        untrusted = await start_proxy(config(backend, "wss") + "[offline]\nenabled = false\n")
         assert await outcome(peers, proxy_url(untrusted, "CP2"), "CP2") == "InvalidStatus"
     failure = [e for e in logs if e["event"] == "upstream_unavailable"][0]
     assert "CERTIFICATE_VERIFY_FAILED" in failure["reason"] and failure["status"] == 502
@@ -197,6 +198,7 @@ async def test_sp3_backend_accepts_proxy_certificate_made_by_certs_cli(
     extra = f'ca = ["{pki / "ca.crt"}"]\nclient_cert = "{pki / "CP1.crt"}"\nclient_key = "{pki / "CP1.key"}"'
     server = await start_proxy(config(backend, "wss", backend_extra=extra))
     assert await outcome(peers, proxy_url(server, "CP1"), "CP1") == "ok"
-    without = await start_proxy(config(backend, "wss", backend_extra=f'ca = ["{pki / "ca.crt"}"]'))
+    without = await start_proxy(config(backend, "wss", backend_extra=f'ca = ["{pki / "ca.crt"}"]')
+                                + "[offline]\nenabled = false\n")
     assert await outcome(peers, proxy_url(without, "CP2"), "CP2") == "InvalidStatus"
     await in_loop(peers, backend.stop())
