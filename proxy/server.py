@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import errno
 import functools
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
@@ -64,16 +65,34 @@ class ProxyServer:
         self.ports = sorted({lst.socket.getsockname()[1] for lst in listeners})
         self.log.info("listening", address=self.config.server.listen, ports=self.ports,
                       tls=self.config.server.tls)
-        async with trio.open_nursery() as nursery:
-            with trio.CancelScope() as self._accepting:
-                nursery.start_soon(self._serve_listeners, listeners)
-                self.ready.set()
-                task_status.started(self.ports)
-                await trio.sleep_forever()
-            # stop(): listeners are closed; the sessions close themselves below.
+        try:
+            async with trio.open_nursery() as connections:
+                with trio.CancelScope() as self._accepting:
+                    async with trio.open_nursery() as accepting:
+                        for listener in listeners:
+                            accepting.start_soon(self._accept, listener, connections)
+                        self.ready.set()
+                        task_status.started(self.ports)
+                # stop(): no new connections; free the port at once (a restart may bind it
+                # again) while the open sessions close gracefully in `connections`.
+                for listener in listeners:
+                    await trio.aclose_forcefully(listener)
+        finally:
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
 
-    async def _serve_listeners(self, listeners: list[trio.SocketListener]) -> None:
-        await trio.serve_listeners(self._handle_stream, listeners)
+    async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        """Accept until cancelled; running out of file descriptors pauses instead of failing."""
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                self.log.error("accept_paused", error=exc.strerror)
+                await trio.sleep(0.1)
+                continue
+            connections.start_soon(self._handle_stream, stream)
 
     async def stop(self, code: int = closecodes.GOING_AWAY, reason: str = "proxy shutting down") -> None:
         """Stop accepting, close every session with ``code``, wait until they are gone."""
@@ -221,6 +240,10 @@ class ProxyServer:
         return SessionSettings(max_message_bytes=server.max_message_bytes, ping_interval=server.ping_interval,
                                close_timeout=server.close_timeout, call_timeout=server.call_timeout,
                                reconnect_min=offline.reconnect_min, reconnect_max=offline.reconnect_max)
+
+
+#: accept() failures that mean "too busy right now", not "broken" (as in trio.serve_listeners).
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
 
 
 def _describe(exc: BaseException) -> str:

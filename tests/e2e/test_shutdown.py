@@ -10,42 +10,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import trio
 import trio_websocket
 from trio_websocket import open_websocket_url
 
-from tests.opskit import RawBackend, start_backend
+from tests.opskit import ProxyProcess, RawBackend, start_backend
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class ProxyProcess:
-    process: trio.Process
-    events: list[dict[str, Any]] = field(default_factory=list)
-    _buffer: bytes = b""
-
-    async def wait_event(self, name: str) -> dict[str, Any]:
-        """Read the JSON log (stderr) until ``name`` appears."""
-        assert self.process.stderr is not None
-        with trio.fail_after(20):
-            while True:
-                for event in self.events:
-                    if event.get("event") == name:
-                        return event
-                chunk = await self.process.stderr.receive_some(65536)
-                assert chunk, f"proxy exited before {name!r}: {self.events}"
-                self._buffer += chunk
-                *lines, self._buffer = self._buffer.split(b"\n")
-                self.events += [json.loads(line) for line in lines if line.strip()]
-
-    async def drain_log(self) -> None:
-        assert self.process.stderr is not None
-        while chunk := await self.process.stderr.receive_some(65536):
-            self._buffer += chunk
-        self.events += [json.loads(line) for line in self._buffer.split(b"\n") if line.strip()]
 
 
 @asynccontextmanager

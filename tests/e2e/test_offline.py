@@ -1,0 +1,226 @@
+"""Backend outages without loss: local answers, durable queue, ordered replay (issue 7)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import trio
+from ocpp.v16 import call
+from structlog.testing import capture_logs
+
+from proxy.server import ProxyServer
+from proxy.simulators import OCMF_SAMPLE, LoopThread, SimBackend, connect_wallbox, now_iso
+from tests.conftest import StartProxy, proxy_url
+from tests.opskit import ProxyProcess
+from tests.peers import in_loop, wait_recorded
+
+ROOT = Path(__file__).resolve().parents[2]
+FAST_RECONNECT = "reconnect_min = 0.05\nreconnect_max = 0.2\n"
+
+
+async def free_port() -> int:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Wait for a state change the test cannot subscribe to; fails after ``timeout``."""
+    with trio.fail_after(timeout):
+        while not condition():
+            await trio.sleep(0.01)
+
+
+def offline_config(port: int, extra: str = "") -> str:
+    return (f'[server]\n[backend]\nurl = "ws://127.0.0.1:{port}/ocpp"\nconnect_timeout = 2\n'
+            f'[[chargers]]\nid = "CP1"\n[offline]\nauth = "accept_all"\n{FAST_RECONNECT}{extra}')
+
+
+def replayed_expectation(sent: list[str], local: int, backend: int) -> list[str]:
+    """What the backend must receive: every CALL but Heartbeats, the local transactionId mapped."""
+    return [text.replace(f'"transactionId":{local}', f'"transactionId":{backend}')
+            for text in sent if '"Heartbeat"' not in text]
+
+
+async def test_backend_down_for_a_whole_transaction(peers: LoopThread, start_proxy: StartProxy) -> None:
+    port = await free_port()
+    server = await start_proxy(offline_config(port))
+    handle = await in_loop(peers, connect_wallbox(proxy_url(server, "CP1"), "CP1"))
+    outcome = await in_loop(peers, handle.wallbox.run_session())
+    assert outcome == {"boot": "Accepted", "auth": "Accepted", "transaction_id": -1, "datatransfer": "Rejected"}
+    sent = list(handle.recorder.sent)
+    assert len(sent) == 10
+
+    backend = SimBackend(port=port)
+    with capture_logs() as logs:
+        await in_loop(peers, backend.start())
+        await wait_recorded(backend.recorder("CP1"), lambda r: len(r.received) >= 9)
+        await wait_until(lambda: any(e["event"] == "replay_finished" for e in logs))
+    received = backend.recorders["CP1"].received
+    assert received == replayed_expectation(sent, -1, 1001)
+    actions = [text.split('"')[3] for text in received]
+    assert actions.index("StartTransaction") < actions.index("MeterValues") < actions.index("StopTransaction")
+    signed = [t for t in received if '"SignedData"' in t]
+    assert len(signed) == 2 and all("OCMF|" in t for t in signed)  # MeterValues and StopTransaction
+
+    # Live frames that still carry the local id reach the backend with its id.
+    await in_loop(peers, handle.wallbox.call(call.MeterValues(connector_id=1, transaction_id=-1, meter_value=[{
+        "timestamp": now_iso(), "sampledValue": [{"value": "1.0"}]}])))
+    live = backend.recorders["CP1"].received[-1]
+    assert '"transactionId":1001' in live and '"transactionId":-1' not in live
+    await in_loop(peers, handle.close())
+    await in_loop(peers, backend.stop())
+
+
+async def test_backend_drops_mid_transaction_and_returns(peers: LoopThread, start_proxy: StartProxy) -> None:
+    port = await free_port()
+    first = SimBackend(port=port)
+    await in_loop(peers, first.start())
+    server = await start_proxy(offline_config(port))
+    handle = await in_loop(peers, connect_wallbox(proxy_url(server, "CP1"), "CP1"))
+    wallbox = handle.wallbox
+    await in_loop(peers, wallbox.call(call.BootNotification(charge_point_model="M", charge_point_vendor="V")))
+    start = await in_loop(peers, wallbox.call(call.StartTransaction(connector_id=1, id_tag="T", meter_start=0,
+                                                                     timestamp=now_iso())))
+    assert start.transaction_id == 1001
+
+    await in_loop(peers, first.stop())  # the backend goes away mid-transaction
+    paired = server.sessions["CP1"]
+    await wait_until(lambda: paired.session.offline_mode)
+    signed = [{"timestamp": now_iso(), "sampledValue": [{"value": OCMF_SAMPLE, "format": "SignedData"}]}]
+    await in_loop(peers, wallbox.call(call.MeterValues(connector_id=1, transaction_id=1001, meter_value=signed)))
+    await in_loop(peers, wallbox.call(call.StopTransaction(meter_stop=5, timestamp=now_iso(), transaction_id=1001,
+                                                           transaction_data=signed)))
+    offline_frames = handle.recorder.sent[-2:]
+    assert paired.queued == 2
+
+    second = SimBackend(port=port)
+    await in_loop(peers, second.start())
+    await wait_recorded(second.recorder("CP1"), lambda r: len(r.received) >= 2)
+    await wait_until(lambda: not paired.session.offline_mode)
+    assert second.recorders["CP1"].received == offline_frames  # byte-identical, the backend's own id kept
+    starts = [t for b in (first, second) for t in b.recorders["CP1"].received if '"StartTransaction"' in t]
+    assert len(starts) == 1  # no duplicate StartTransaction
+    assert paired.queued == 0
+    await in_loop(peers, handle.close())
+    await in_loop(peers, second.stop())
+
+
+async def test_outstanding_call_is_answered_locally_when_backend_vanishes(
+        peers: LoopThread, start_proxy: StartProxy) -> None:
+    """A CALL in flight when the backend dies is answered and stored, never lost."""
+    port = await free_port()
+    backend = SimBackend(port=port)
+    await in_loop(peers, backend.start())
+    server = await start_proxy(offline_config(port))
+    handle = await in_loop(peers, connect_wallbox(proxy_url(server, "CP1"), "CP1"))
+
+    async def freeze_and_call() -> object:
+        connection = backend.handlers["CP1"]._connection.websocket
+        connection.transport.pause_reading()  # the backend never answers
+        pending = asyncio.ensure_future(handle.wallbox.call(call.StatusNotification(
+            connector_id=1, error_code="NoError", status="Charging")))
+        await asyncio.sleep(0.2)
+        connection.transport.abort()  # and then disappears
+        return await pending
+
+    answer = await in_loop(peers, freeze_and_call())
+    assert answer is not None
+    paired = server.sessions["CP1"]
+    assert paired.queued == 1
+    await in_loop(peers, handle.close())
+    await in_loop(peers, backend.stop())
+
+
+async def test_kill_9_with_frames_queued_delivers_them_exactly_once(peers: LoopThread, tmp_path: Path) -> None:
+    backend_port = await free_port()
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n[log]\nformat = "json"\n'
+                      f'[metrics]\nlisten = ""\n{offline_config(backend_port).split("[server]")[1]}'
+                      f'data_dir = "{tmp_path}/data"\n')
+
+    async def start() -> tuple[ProxyProcess, int]:
+        process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
+                                                   cwd=ROOT, stderr=subprocess.PIPE)
+        proxy = ProxyProcess(process)
+        return proxy, (await proxy.wait_event("listening"))["ports"][0]
+
+    proxy, port = await start()
+    handle = await in_loop(peers, connect_wallbox(f"ws://127.0.0.1:{port}/ocpp/CP1", "CP1"))
+    await in_loop(peers, handle.wallbox.run_session())
+    sent = list(handle.recorder.sent)
+    proxy.process.send_signal(signal.SIGKILL)  # every answer the wallbox saw was committed first
+    assert await proxy.process.wait() == -signal.SIGKILL
+    await in_loop(peers, handle.websocket.wait_closed())
+
+    backend = SimBackend(port=backend_port)
+    await in_loop(peers, backend.start())
+    proxy, port = await start()
+    try:
+        again = await in_loop(peers, connect_wallbox(f"ws://127.0.0.1:{port}/ocpp/CP1", "CP1"))
+        await proxy.wait_event("replay_finished")
+        assert backend.recorders["CP1"].received == replayed_expectation(sent, -1, 1001)
+        await in_loop(peers, again.close())
+    finally:
+        proxy.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(15):
+            assert await proxy.process.wait() == 0
+        await in_loop(peers, backend.stop())
+    assert len(backend.recorders["CP1"].received) == 9  # exactly once, nothing after the replay
+
+
+async def test_five_hundred_wallboxes_reconnect_after_proxy_restart(
+        peers: LoopThread, backend: SimBackend, start_proxy: StartProxy, nursery: trio.Nursery,
+        tmp_path: Path) -> None:
+    port = await free_port()
+    text = (f'[server]\nlisten = "127.0.0.1:{port}"\nping_interval = 0\naccept_unknown = true\n'
+            f'[backend]\nurl = "ws://127.0.0.1:{backend.port}/ocpp"\n')
+    first = await start_proxy(text)
+    ids = [f"R{n:03d}" for n in range(500)]
+    reconnected: dict[str, float] = {}
+
+    async def wallbox(cp_id: str, go: asyncio.Event) -> None:
+        handle = await connect_wallbox(f"ws://127.0.0.1:{port}/ocpp/{cp_id}", cp_id)
+        await handle.websocket.wait_closed()  # the proxy restarts
+        await go.wait()
+        while True:  # real wallboxes retry; these retry at once, all together
+            try:
+                again = await connect_wallbox(f"ws://127.0.0.1:{port}/ocpp/{cp_id}", cp_id)
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        await again.wallbox.call(call.Heartbeat())
+        reconnected[cp_id] = asyncio.get_running_loop().time()
+        await again.close()
+
+    go = peers.submit(_make_event())
+    event = go.result(5)
+    futures = [peers.submit(wallbox(cp, event)) for cp in ids]
+    await wait_until(lambda: len(first.sessions) == 500, timeout=60)
+    with trio.fail_after(30):
+        await first.stop()
+    second = ProxyServer(first.config)
+    await nursery.start(second.serve)
+    started = peers.run(_now())
+    peers.loop.call_soon_threadsafe(event.set)
+    for future in futures:
+        await trio.to_thread.run_sync(future.result, 120, abandon_on_cancel=True)
+    assert sorted(reconnected) == ids
+    took = max(reconnected.values()) - started
+    print(f"\n500 wallboxes reconnected (handshake, upstream, Heartbeat) in {took:.2f} s")
+    with trio.fail_after(30):
+        await second.wait_sessions(0)
+
+
+async def _make_event() -> asyncio.Event:
+    return asyncio.Event()
+
+
+async def _now() -> float:
+    return asyncio.get_running_loop().time()
