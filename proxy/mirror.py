@@ -33,7 +33,7 @@ tell a secondary nothing.
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from proxy.frames import Frame, MessageType, build_error, classify, payload_of, replace_id
@@ -91,7 +91,46 @@ class TxMapped:
     upstream_tx: int
 
 
-MirrorEvent = MirrorSend | MirrorCompleted | MirrorDropped | TxMapped
+@dataclass(frozen=True, slots=True)
+class MirrorQueued:
+    """A frame entered the queue (for a durable copy; ``seq`` orders a secondary's frames)."""
+
+    upstream: str
+    seq: int
+    action: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorUnqueued:
+    """The frame ``seq`` left the queue for good (acknowledged or dropped)."""
+
+    upstream: str
+    seq: int
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorState:
+    """What a reconnect replays changed: the last BootNotification (connector -1) or a connector's status."""
+
+    upstream: str
+    connector: int
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class MirrorStartKnown:
+    """The wallbox's id for the queued StartTransaction ``msg_id`` (kept until the pair is complete)."""
+
+    upstream: str
+    msg_id: str
+    wallbox_tx: int
+
+
+MirrorEvent = (MirrorSend | MirrorCompleted | MirrorDropped | TxMapped | MirrorQueued | MirrorUnqueued
+               | MirrorState | MirrorStartKnown)
+#: Connector key of the BootNotification in :class:`MirrorState`.
+BOOT = -1
 
 
 # --- state ------------------------------------------------------------------------
@@ -103,6 +142,7 @@ class _Item:
     text: str
     replay: bool = False
     attempts: int = 0
+    seq: int = 0
 
     @property
     def transactional(self) -> bool:
@@ -124,7 +164,10 @@ class Mirror:
     def __init__(self, name: str, *, forward_actions: frozenset[str] | None = None,
                  queue_limit: int = 1000, queue_bytes: int = 8 * 1024 * 1024,
                  call_timeout: float = 30.0, replay_rate: float = 50.0, max_attempts: int = 3,
-                 transactions: Mapping[int, int] | None = None) -> None:
+                 transactions: Mapping[int, int] | None = None,
+                 queued: Sequence[tuple[int, str, str]] = (), state: Mapping[int, str] | None = None,
+                 starts: Mapping[str, int] | None = None) -> None:
+        """``transactions``, ``queued`` (seq, action, text), ``state`` and ``starts`` restore a stored mirror."""
         self.name = name
         #: Wallbox CALL actions this secondary gets; None: all.
         self.forward_actions = forward_actions
@@ -149,6 +192,19 @@ class Mirror:
         self._seen: OrderedDict[str, tuple[str, float]] = OrderedDict()
         self._sent_text = ""
         self._seq = 0
+        self._queue.extend(_Item(classify(text).msg_id or "", action, text, seq=seq) for seq, action, text in queued)
+        self._bytes = sum(len(item.text) for item in self._queue)
+        self._item_seq = max((seq for seq, _, _ in queued), default=0)
+        for item in self._queue:
+            if item.action == "StartTransaction":
+                self._starts[item.msg_id] = _Start(wallbox_tx=(starts or {}).get(item.msg_id))
+        for connector, text in (state or {}).items():
+            item = _Item(classify(text).msg_id or "", "BootNotification" if connector == BOOT else "StatusNotification",
+                         text)
+            if connector == BOOT:
+                self._boot = item
+            else:
+                self._status[connector] = item
 
     # -- introspection ---------------------------------------------------------------
 
@@ -180,9 +236,13 @@ class Mirror:
             self._starts[msg_id] = _Start()
             while len(self._starts) > _STARTS_MEMORY:
                 self._starts.popitem(last=False)
-        self._queue.append(_Item(msg_id, action, frame.text))
+        self._item_seq += 1
+        self._queue.append(_Item(msg_id, action, frame.text, seq=self._item_seq))
         self._bytes += len(frame.text)
-        return self._evict() + self._pump(now)
+        events: list[MirrorEvent] = []
+        if action != "Heartbeat":  # sent at once or not at all: nothing to keep
+            events.append(MirrorQueued(self.name, self._item_seq, action, frame.text))
+        return events + self._evict() + self._pump(now)
 
     def wallbox_transaction(self, msg_id: str, wallbox_tx: int) -> list[MirrorEvent]:
         """The wallbox was told ``wallbox_tx`` for its StartTransaction ``msg_id``."""
@@ -190,7 +250,7 @@ class Mirror:
         if start is None:
             return []
         start.wallbox_tx = wallbox_tx
-        return self._pair(msg_id, start)
+        return self._pair(msg_id, start) or [MirrorStartKnown(self.name, msg_id, wallbox_tx)]
 
     def from_upstream(self, frame: Frame, now: float) -> list[MirrorEvent]:
         """An answer from the secondary; anything but the answer to the CALL in flight is stale."""
@@ -201,7 +261,7 @@ class Mirror:
         events: list[MirrorEvent] = [MirrorCompleted(item.action, now - self._sent_at)]
         if item.action == "StartTransaction":
             events += self._started(item, frame)
-        self._delivered(item)
+        events += self._delivered(item)
         return events + self._pump(now)
 
     def link_up(self, now: float, owner: object = None) -> list[MirrorEvent]:
@@ -247,7 +307,7 @@ class Mirror:
             events.append(MirrorDropped(self.name, item.action, "unanswered"))
             if item.action == "StartTransaction":
                 events += self._refused(item.msg_id)
-            self._delivered(item)
+            events += self._delivered(item)
         return events + self._pump(now)
 
     def next_deadline(self) -> float | None:
@@ -286,7 +346,8 @@ class Mirror:
             self._bytes -= len(item.text)
             text = self._outgoing(item)
             if text is None:
-                events.append(MirrorDropped(self.name, item.action, "unknown_transaction"))
+                events += [MirrorDropped(self.name, item.action, "unknown_transaction"),
+                           MirrorUnqueued(self.name, item.seq)]
                 continue
             self._outstanding, self._sent_text = item, text
             self._sent_at = now
@@ -319,21 +380,25 @@ class Mirror:
             events.append(MirrorDropped(self.name, victim.action, "queue_full"))
             if victim.action == "StartTransaction":
                 events += self._refused(victim.msg_id)
-            self._delivered(victim)  # its state (Boot, Status) still reaches the secondary on replay
+            events += self._delivered(victim)  # its state (Boot, Status) still reaches the secondary on replay
         return events
 
     # -- state ---------------------------------------------------------------------------------
 
-    def _delivered(self, item: _Item) -> None:
+    def _delivered(self, item: _Item) -> list[MirrorEvent]:
         """``item`` left the queue: it is part of what a reconnecting secondary is told first."""
         if item.replay:
-            return
+            return []
+        events: list[MirrorEvent] = [] if item.action == "Heartbeat" else [MirrorUnqueued(self.name, item.seq)]
         if item.action == "BootNotification":
             self._boot = item
+            events.append(MirrorState(self.name, BOOT, item.text))
         elif item.action == "StatusNotification":
             connector = integer_at(item.text, (3, "connectorId"))
-            if connector is not None:
+            if connector is not None and connector >= 0:
                 self._status[connector] = item
+                events.append(MirrorState(self.name, connector, item.text))
+        return events
 
     def _snapshot(self) -> list[_Item]:
         items = [] if self._boot is None else [self._boot]

@@ -272,10 +272,12 @@ class PairedSession:
             return
         backoff = Backoff(self.settings.reconnect_min, self.settings.reconnect_max)
         first = secondary and connection is None
-        while True:
+        while not self._ending:  # the pair is closing: no new connection
             if not first:
                 await trio.sleep(backoff.next_delay())
             first = False
+            if self._ending:
+                return
             try:
                 async with connector() as connection:
                     backoff.reset()
@@ -308,7 +310,10 @@ class PairedSession:
             link.cancel_scope.cancel()
         code, reason = closed or (closecodes.GOING_AWAY, "")
         if self._ending:
-            return  # the pair is closing: not an outage (session_closed accounts for this leg)
+            # The pair is closing (not an outage): _end is closing this connection and needs its
+            # reader, which lives in the connector's block, until the close handshake is done;
+            # it cancels this task afterwards.
+            await trio.sleep_forever()
         if name not in self.reconnect:
             await self._end(name, code, reason, mirror=True)
             return
@@ -436,7 +441,7 @@ class PairedSession:
 
     async def _flush(self) -> None:
         await self._wallbox_out.flush()
-        for outbox in self._upstream_out.values():
+        for outbox in list(self._upstream_out.values()):  # a link may (re)connect meanwhile
             await outbox.flush()
 
     def _notify(self, action: Action) -> None:

@@ -8,26 +8,38 @@ never ends the pair. Its frames go through its :class:`~proxy.mirror.Mirror`
 
 :class:`Secondaries` is the server's part: one Mirror per (charger,
 secondary) for the life of the proxy, so a wallbox that reconnects does not
-lose what its secondaries have not received yet; the store of their
-transaction ids (:mod:`proxy.txmap`, in the offline queue's SQLite file); and
-the :class:`~proxy.relay.Listener` that persists new id pairs and logs what
+lose what its secondaries have not received yet; their durable copy
+(:mod:`proxy.mirrorstore`, in the offline queue's SQLite file), restored at
+start-up and written behind the sessions by :meth:`Secondaries.run` so no
+wallbox or primary frame waits for a disk; and the
+:class:`~proxy.relay.Listener` that feeds that writer and logs what
 secondaries miss or are refused.
 """
 
 from __future__ import annotations
 
 import functools
-from contextlib import AbstractAsyncContextManager
 from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from proxy.config import ChargerSettings, Config, SecondaryTarget
-from proxy.mirror import Mirror, MirrorDropped, TxMapped
+from proxy.mirror import (
+    Mirror,
+    MirrorDropped,
+    MirrorQueued,
+    MirrorStartKnown,
+    MirrorState,
+    MirrorUnqueued,
+    TxMapped,
+)
+from proxy.mirrorstore import MirrorStore, Record, Restored
 from proxy.policy import CommandPolicy
 from proxy.relay import Listener, PairedSession
 from proxy.session import PRIMARY, Action, Policed, Session
-from proxy.txmap import TxMapStore
 from proxy.upstream import open_upstream
 
 #: The SQLite file shared with the offline queue (in ``[offline] data_dir``).
@@ -40,19 +52,48 @@ class Secondaries:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.mirrors: dict[tuple[str, str], Mirror] = {}
-        self.store: TxMapStore | None = None
+        self.store: MirrorStore | None = None
         self.listener = SecondaryListener(self)
+        self._restored: dict[tuple[str, str], Restored] = {}
+        self._pending: list[tuple[str, Record]] = []
+        self._wake = trio.Event()
 
     @property
     def configured(self) -> bool:
         return any(self.config.secondaries_for(c) for c in self.config.chargers)
 
     def open(self) -> None:
-        """Open the id store at start-up (a bad path stops the proxy here, not mid-transaction)."""
+        """Open the store and read it at start-up (a bad path stops the proxy here)."""
         if self.configured and self.store is None:
-            self.store = TxMapStore(Path(self.config.offline.data_dir) / DB_NAME)
+            self.store = MirrorStore(Path(self.config.offline.data_dir) / DB_NAME)
+            self._restored = self.store.restore()
+
+    def record(self, charger: str, record: Record) -> None:
+        """Queue a change for the writer (called from sessions; never blocks)."""
+        if self.store is not None:
+            self._pending.append((charger, record))
+            self._wake.set()
+
+    async def run(self) -> None:
+        """The writer: applies recorded changes in order, in a worker thread, until cancelled."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                batch, self._pending = self._pending, []
+                if self.store is not None:
+                    await trio.to_thread.run_sync(self.store.apply, batch)
+        finally:
+            self.flush()
+
+    def flush(self) -> None:
+        """Write what is still pending (shutdown); synchronous."""
+        batch, self._pending = self._pending, []
+        if self.store is not None and batch:
+            self.store.apply(batch)
 
     def close(self) -> None:
+        self.flush()
         if self.store is not None:
             self.store.close()
             self.store = None
@@ -79,27 +120,26 @@ class Secondaries:
         key = (charger.id, target.name)
         mirror = self.mirrors.get(key)
         if mirror is None:
-            known = self.store.load(charger.id, target.name) if self.store is not None else {}
+            stored = self._restored.pop(key, Restored())
             mirror = self.mirrors[key] = Mirror(
                 target.name, forward_actions=target.forward_actions, queue_limit=target.settings.queue_limit,
                 call_timeout=self.config.server.call_timeout, replay_rate=target.settings.replay_rate,
-                transactions=known)
+                transactions=stored.transactions, queued=stored.queued, state=stored.state, starts=stored.starts)
         return mirror
 
 
 class SecondaryListener(Listener):
-    """Persists transaction id pairs; logs frames a secondary will not get and refused commands."""
+    """Hands mirror changes to the writer; logs new id pairs, frames a secondary will not get, refusals."""
 
     def __init__(self, secondaries: Secondaries) -> None:
         self.secondaries = secondaries
 
     def action(self, paired: PairedSession, action: Action) -> None:
         kind = type(action)
+        if kind in _RECORDS:
+            self.secondaries.record(paired.charger_id, action)  # type: ignore[arg-type]
         if kind is TxMapped:
             mapped: TxMapped = action  # type: ignore[assignment]
-            store = self.secondaries.store
-            if store is not None:
-                store.put(paired.charger_id, mapped.upstream, mapped.wallbox_tx, mapped.upstream_tx)
             paired.log.info("secondary_transaction", upstream=mapped.upstream, wallbox_tx=mapped.wallbox_tx,
                             upstream_tx=mapped.upstream_tx)
         elif kind is MirrorDropped:
@@ -110,3 +150,6 @@ class SecondaryListener(Listener):
             policed: Policed = action  # type: ignore[assignment]
             paired.log.info("command_refused" if policed.mode == "reject" else "command_answered",
                             upstream=policed.upstream, action=policed.action)
+
+
+_RECORDS = (TxMapped, MirrorQueued, MirrorUnqueued, MirrorState, MirrorStartKnown)

@@ -66,18 +66,22 @@ class ProxyServer:
         self.log.info("listening", address=self.config.server.listen, ports=self.ports,
                       tls=self.config.server.tls)
         try:
-            async with trio.open_nursery() as connections:
-                with trio.CancelScope() as self._accepting:
-                    async with trio.open_nursery() as accepting:
-                        for listener in listeners:
-                            accepting.start_soon(self._accept, listener, connections)
-                        self.ready.set()
-                        task_status.started(self.ports)
-                # stop(): no new connections; free the port at once (a restart may bind it
-                # again) while the open sessions close gracefully in `connections`.
-                for listener in listeners:
-                    await trio.aclose_forcefully(listener)
+            async with trio.open_nursery() as background:
+                background.start_soon(self.secondaries.run)  # writes behind the sessions
+                async with trio.open_nursery() as connections:
+                    with trio.CancelScope() as self._accepting:
+                        async with trio.open_nursery() as accepting:
+                            for listener in listeners:
+                                accepting.start_soon(self._accept, listener, connections)
+                            self.ready.set()
+                            task_status.started(self.ports)
+                    # stop(): no new connections; free the port at once (a restart may bind it
+                    # again) while the open sessions close gracefully in `connections`.
+                    for listener in listeners:
+                        await trio.aclose_forcefully(listener)
+                background.cancel_scope.cancel()
         finally:
+            self.secondaries.close()
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
 

@@ -50,7 +50,19 @@ from proxy.frames import (
     replace_id,
     strict_problem,
 )
-from proxy.mirror import Mirror, MirrorCompleted, MirrorDropped, MirrorEvent, MirrorSend, TxMapped, transaction_id
+from proxy.mirror import (
+    Mirror,
+    MirrorCompleted,
+    MirrorDropped,
+    MirrorEvent,
+    MirrorQueued,
+    MirrorSend,
+    MirrorStartKnown,
+    MirrorState,
+    MirrorUnqueued,
+    TxMapped,
+    transaction_id,
+)
 from proxy.policy import CommandPolicy
 
 WALLBOX = "wallbox"
@@ -159,7 +171,8 @@ class Replayed:
 
 
 Action = (ToWallbox | ToUpstream | ProxyAnswer | ProxyCallFailed | Malformed | Observed | CallCompleted
-          | Persist | Replayed | Policed | MirrorDropped | TxMapped)
+          | Persist | Replayed | Policed | MirrorDropped | TxMapped | MirrorQueued | MirrorUnqueued | MirrorState
+          | MirrorStartKnown)
 
 
 # --- state -----------------------------------------------------------------------

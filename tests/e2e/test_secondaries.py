@@ -221,3 +221,38 @@ async def test_dead_secondary_loses_nothing_and_catches_up(peers: LoopThread, th
     finally:
         await in_loop(peers, handle.close())
         await in_loop(peers, back.stop())
+
+
+async def test_queue_for_a_dead_secondary_survives_a_proxy_restart(peers: LoopThread,
+                                                                   three: dict[str, SimBackend],
+                                                                   tmp_path: Path) -> None:
+    """The EMS is down while a transaction runs; the proxy restarts; the EMS then gets all of it."""
+    ems = three["ems"]
+    await in_loop(peers, ems.stop())
+    text = '[server]\nlisten = "127.0.0.1:0"\n' + site(three, tmp_path)
+    async with trio.open_nursery() as nursery:
+        first = ProxyServer(loads(text))
+        await nursery.start(first.serve)
+        handle = await in_loop(peers, connect_wallbox(proxy_url(first, "CP1"), "CP1"))
+        outcome = await in_loop(peers, handle.wallbox.run_session())
+        assert outcome["transaction_id"] == 1001
+        sent = [f for f in calls(handle.recorder.sent) if classify(f).action != "Heartbeat"]
+        assert first.sessions["CP1"].session.mirrors["ems"].depth == len(sent)
+        await in_loop(peers, handle.close())
+        await first.stop()
+        nursery.cancel_scope.cancel()
+
+    back = SimBackend(port=ems.port, first_transaction_id=6001)
+    await in_loop(peers, back.start())
+    try:
+        async with trio.open_nursery() as nursery:
+            second = ProxyServer(loads(text))
+            await nursery.start(second.serve)
+            handle = await in_loop(peers, connect_wallbox(proxy_url(second, "CP1"), "CP1"))
+            await wait_recorded(back.recorder("CP1"), lambda r: sent[-1] in r.received and len(r.sent) >= len(sent))
+            assert back.recorders["CP1"].received == [with_tx(f, 1001, 6001) for f in sent]
+            await in_loop(peers, handle.close())
+            await second.stop()
+            nursery.cancel_scope.cancel()
+    finally:
+        await in_loop(peers, back.stop())

@@ -8,7 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.frames import classify
-from proxy.mirror import Mirror, MirrorCompleted, MirrorDropped, MirrorEvent, MirrorSend, TxMapped
+from proxy.mirror import (
+    Mirror,
+    MirrorCompleted,
+    MirrorDropped,
+    MirrorEvent,
+    MirrorSend,
+    MirrorStartKnown,
+    TxMapped,
+)
 from proxy.simulators import OCMF_SAMPLE
 
 SIGNED = json.dumps(OCMF_SAMPLE, ensure_ascii=False)
@@ -81,7 +89,8 @@ def test_transaction_ids_are_its_own_and_signed_data_stays_byte_identical() -> N
 def test_primary_answer_first_then_secondary() -> None:
     mirror = Mirror("ems")
     offer(mirror, start("s1"))  # queued: link down
-    assert mirror.wallbox_transaction("s1", 1001) == []
+    # Kept (durably, by the caller) until the secondary's half of the pair arrives.
+    assert mirror.wallbox_transaction("s1", 1001) == [MirrorStartKnown("ems", "s1", 1001)]
     assert mirror.wallbox_transaction("unknown", 5) == []
     mirror.link_up(0)
     events = answer(mirror, start("s1"), 1, '{"transactionId":9,"idTagInfo":{"status":"Accepted"}}')
@@ -189,7 +198,7 @@ def test_filter_retransmissions_and_heartbeats() -> None:
     assert offer(mirror, '[2,"h1","Heartbeat",{}]') == [] and mirror.depth == 0  # down: not worth queueing
     mirror.link_up(0)
     assert sent(offer(mirror, '[2,"h2","Heartbeat",{}]', 1)) == ['[2,"h2","Heartbeat",{}]']
-    assert offer(mirror, status("st1", 1, "Available"), 2) == []  # queued behind the heartbeat
+    assert sent(offer(mirror, status("st1", 1, "Available"), 2)) == []  # queued behind the heartbeat
     assert offer(mirror, status("st1", 1, "Available"), 3) == [] and mirror.depth == 2  # retransmission
     assert offer(mirror, '[2,"h3","Heartbeat",{}]', 4) == [] and mirror.depth == 2  # busy: skipped
 
