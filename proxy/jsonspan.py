@@ -20,9 +20,10 @@ from collections.abc import Sequence
 
 Span = tuple[int, int]
 
-_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# "Unrolled" string patterns: one regex step per run of plain characters, not per character.
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _SCALAR = re.compile(r"-?(?:0|[1-9]\d*)(?:\.\d+)?(?:[eE][+-]?\d+)?|true|false|null")
-_STRUCTURE = re.compile(r'"(?:[^"\\]|\\.)*"|[\[\]{}]', re.DOTALL)
+_STRUCTURE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 _WS = re.compile(r"[ \t\r\n]*")
 _INTEGER = re.compile(r"-?(?:0|[1-9]\d*)")
 
@@ -91,23 +92,21 @@ def _members(text: str, pos: int) -> list[tuple[str, Span, Span]]:
         raise _Bad
 
 
-def _elements(text: str, pos: int) -> list[Span]:
+def _element(text: str, pos: int, index: int) -> int | None:
+    """Start of element ``index`` of the array at ``pos``; the elements after it are not read."""
     if pos >= len(text) or text[pos] != "[":
         raise _Bad
-    found: list[Span] = []
     pos = _ws(text, pos + 1)
     if pos < len(text) and text[pos] == "]":
-        return found
-    while True:
-        end = _skip(text, pos)
-        found.append((pos, end))
-        pos = _ws(text, end)
-        if pos < len(text) and text[pos] == ",":
-            pos = _ws(text, pos + 1)
-            continue
+        return None
+    for _ in range(index):
+        pos = _ws(text, _skip(text, pos))
         if pos < len(text) and text[pos] == "]":
-            return found
-        raise _Bad
+            return None
+        if pos >= len(text) or text[pos] != ",":
+            raise _Bad
+        pos = _ws(text, pos + 1)
+    return pos
 
 
 def _decode(quoted: str) -> str:
@@ -124,10 +123,10 @@ def _locate(text: str, path: Sequence[int | str]) -> tuple[Span, Span | None] | 
     member: Span | None = None
     for step in path:
         if isinstance(step, int):
-            elements = _elements(text, pos)
-            if step >= len(elements):
+            found = _element(text, pos, step)
+            if found is None:
                 return None
-            pos, member = elements[step][0], None
+            pos, member = found, None
         else:
             # Like json.loads, the last of duplicate keys is the one that counts.
             matches = [(span, value) for key, span, value in _members(text, pos) if key == step]
@@ -149,11 +148,17 @@ def value_span(text: str, path: Sequence[int | str]) -> Span | None:
 
 def integer_at(text: str, path: Sequence[int | str]) -> int | None:
     """The integer literal at ``path`` (``12``, not ``12.0`` or ``"12"``), or None."""
+    found = integer_span(text, path)
+    return None if found is None else found[0]
+
+
+def integer_span(text: str, path: Sequence[int | str]) -> tuple[int, Span] | None:
+    """The integer at ``path`` and its span (to replace it without walking the text again)."""
     span = value_span(text, path)
     if span is None:
         return None
     literal = text[span[0]:span[1]]
-    return int(literal) if _INTEGER.fullmatch(literal) else None
+    return (int(literal), span) if _INTEGER.fullmatch(literal) else None
 
 
 def replace_value(text: str, path: Sequence[int | str], literal: str) -> str | None:

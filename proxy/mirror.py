@@ -32,12 +32,13 @@ tell a secondary nothing.
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from proxy.frames import Frame, MessageType, build_error, classify, payload_of, replace_id
-from proxy.jsonspan import integer_at, remove_member, replace_value
+from proxy.jsonspan import integer_at, integer_span, remove_member, replace_value
 
 #: Message ids of the mirror's own replays (BootNotification, StatusNotification).
 REPLAY_PREFIX = "ocpp-proxy:r"
@@ -360,12 +361,13 @@ class Mirror:
         path = _TX_PATH.get(item.action)
         if path is None:
             return item.text
-        wallbox_tx = integer_at(item.text, path)
-        if wallbox_tx is None:
+        found = _transaction_span(item.text, path)
+        if found is None:
             return item.text
+        wallbox_tx, (start, end) = found
         upstream_tx = self._tx.get(wallbox_tx)
         if upstream_tx is not None:
-            return replace_value(item.text, path, str(upstream_tx)) or item.text
+            return item.text[:start] + str(upstream_tx) + item.text[end:]
         if item.action == "StopTransaction":
             return None  # a transaction this secondary never saw start
         # Meter values of a transaction it does not know: still meter values of the connector.
@@ -437,6 +439,12 @@ class Mirror:
         if start.upstream_tx is None:
             return []
         return [TxMapped(self.name, start.wallbox_tx, start.upstream_tx)]
+
+
+@functools.lru_cache(maxsize=8)
+def _transaction_span(text: str, path: tuple[str | int, ...]) -> tuple[int, tuple[int, int]] | None:
+    """Cached: every secondary of a wallbox looks up the same frame, usually right after another."""
+    return integer_span(text, path)
 
 
 def transaction_id(answer: Frame) -> int | None:
