@@ -19,6 +19,7 @@ secondaries miss or are refused.
 from __future__ import annotations
 
 import functools
+import sqlite3
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
@@ -27,6 +28,7 @@ from typing import Any
 import trio
 
 from proxy.config import ChargerSettings, Config, SecondaryTarget
+from proxy.logs import get_logger
 from proxy.mirror import (
     Mirror,
     MirrorDropped,
@@ -57,6 +59,8 @@ class Secondaries:
         self._restored: dict[tuple[str, str], Restored] = {}
         self._pending: list[tuple[str, Record]] = []
         self._wake = trio.Event()
+        self._writing = False
+        self._progress = trio.Event()
 
     @property
     def configured(self) -> bool:
@@ -81,16 +85,32 @@ class Secondaries:
                 await self._wake.wait()
                 self._wake = trio.Event()
                 batch, self._pending = self._pending, []
-                if self.store is not None:
-                    await trio.to_thread.run_sync(self.store.apply, batch)
+                self._writing = True
+                try:
+                    if self.store is not None:
+                        await trio.to_thread.run_sync(self.store.apply, batch)
+                except (sqlite3.Error, OSError) as exc:  # the secondaries go on, only less durably
+                    get_logger().error("secondary_store_failed", error=str(exc), records=len(batch))
+                finally:
+                    self._writing = False
+                    self._progress.set()
+                    self._progress = trio.Event()
         finally:
             self.flush()
+
+    async def written(self) -> None:
+        """Wait until everything recorded so far is in the store (needs :meth:`run` running)."""
+        while self._pending or self._writing:
+            await self._progress.wait()
 
     def flush(self) -> None:
         """Write what is still pending (shutdown); synchronous."""
         batch, self._pending = self._pending, []
         if self.store is not None and batch:
-            self.store.apply(batch)
+            try:
+                self.store.apply(batch)
+            except (sqlite3.Error, OSError) as exc:
+                get_logger().error("secondary_store_failed", error=str(exc), records=len(batch))
 
     def close(self) -> None:
         self.flush()

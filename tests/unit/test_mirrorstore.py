@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import trio
+
 from proxy.frames import classify
 from proxy.mirror import BOOT, Mirror, MirrorEvent, MirrorQueued, MirrorSend, MirrorState, MirrorUnqueued, TxMapped
 from proxy.mirrorstore import MirrorStore, Record
@@ -72,3 +75,33 @@ def test_a_mirror_rebuilt_from_the_store_continues_where_it_stopped(tmp_path: Pa
     new = MirrorStore(tmp_path / "queue.sqlite3")
     new.apply(later)
     assert new.restore()[("CP1", "ems")].queued == []
+
+
+async def test_a_failing_store_is_logged_and_the_writer_goes_on(tmp_path: Path,
+                                                               capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.config import loads
+    from proxy.secondary import Secondaries
+
+    config = loads(f'[offline]\ndata_dir = "{tmp_path}"\n[backend]\nurl = "ws://127.0.0.1:9/ocpp"\n'
+                   '[backends.ems]\nurl = "ws://127.0.0.1:9/ems"\n[[chargers]]\nid = "CP1"\nsecondaries = ["ems"]\n')
+    secondaries = Secondaries(config)
+    secondaries.open()
+    assert secondaries.store is not None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(secondaries.run)
+        secondaries.record("CP1", MirrorQueued("ems", 1, "Heartbeat", '[2,"1","Heartbeat",{}]'))
+        with trio.fail_after(5):
+            await secondaries.written()
+        assert secondaries.store.restore()[("CP1", "ems")].queued == [(1, "Heartbeat", '[2,"1","Heartbeat",{}]')]
+        secondaries.store._db.execute("DROP TABLE secondary_frames")  # the disk "breaks"
+        secondaries.record("CP1", MirrorQueued("ems", 2, "Heartbeat", '[2,"2","Heartbeat",{}]'))
+        with trio.fail_after(5):
+            await secondaries.written()
+        assert "secondary_store_failed" in capsys.readouterr().out
+        secondaries.record("CP1", TxMapped("ems", 1001, 5))  # still writing what it can
+        with trio.fail_after(5):
+            await secondaries.written()
+        rows = secondaries.store._db.execute("SELECT wallbox_tx, upstream_tx FROM secondary_tx").fetchall()
+        assert rows == [(1001, 5)]
+        nursery.cancel_scope.cancel()
+    secondaries.close()
