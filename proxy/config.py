@@ -209,6 +209,39 @@ class OfflineSettingsSection:
 
 
 @dataclass(frozen=True)
+class MeterRegister:
+    name: str = required("which value: l1, l2, l3 (phase currents, A), power (W) or energy (Wh)")
+    address: int = required("register address (0-based, as on the wire)", check=non_negative)
+    kind: str = setting("input", "input or holding register", choices=("input", "holding"))
+    type: str = setting("float32", "uint16, int16, uint32, int32 or float32",
+                        choices=("uint16", "int16", "uint32", "int32", "float32"))
+    word_order: str = setting("big", "big: high word first; little: low word first", choices=("big", "little"))
+    scale: float = setting(1.0, "physical value = raw value x scale")
+
+
+@dataclass(frozen=True)
+class MeterSettings:
+    modbus: str = setting("", "grid meter Modbus TCP address HOST:PORT; empty: no meter",
+                          check=lambda v: None if v == "" else listen_address(v))
+    unit: int = setting(1, "Modbus unit (device) id", check=non_negative)
+    map: str = setting("sdm630", "register map: sdm630, em24 or generic ([[meter.registers]])",
+                       choices=("sdm630", "em24", "generic"))
+    poll_interval: float = setting(1.0, "seconds between readings", check=positive)
+    timeout: float = setting(1.0, "seconds per Modbus request", check=positive)
+    stale_after: float = setting(10.0, "seconds without a good reading before the engine falls back",
+                                 check=positive)
+    registers: list[MeterRegister] = setting([], "map = generic: l1, l2, l3 (and optionally power, energy)")
+
+
+@dataclass(frozen=True)
+class EmsSettings:
+    modbus_listen: str = setting("", "Modbus TCP server for an energy manager, HOST:PORT; empty: off",
+                                 check=lambda v: None if v == "" else listen_address(v))
+    ems_timeout: float = setting(0.0, "seconds an EMS limit stays valid without being written again; 0: forever",
+                                 check=non_negative)
+
+
+@dataclass(frozen=True)
 class UpstreamTarget:
     """Everything needed to open one upstream connection, defaults resolved."""
 
@@ -233,6 +266,8 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings, metadata={"doc": "monitoring"})
     offline: OfflineSettingsSection = field(default_factory=OfflineSettingsSection,
                                             metadata={"doc": "backend outages"})
+    meter: MeterSettings = field(default_factory=MeterSettings, metadata={"doc": "grid meter (Modbus TCP)"})
+    ems: EmsSettings = field(default_factory=EmsSettings, metadata={"doc": "energy manager interface (Modbus TCP)"})
     chargers: list[ChargerSettings] = field(default_factory=list,
                                             metadata={"doc": "one entry per wallbox"})
     backends: dict[str, SecondarySettings] = field(default_factory=dict, metadata={
@@ -504,6 +539,11 @@ def _cross_checks(config: Config, index: _LineIndex) -> list[Problem]:
         if metrics_port == server_port != 0:
             problems.append(Problem("metrics.listen", f"port {metrics_port} is the wallbox port (server.listen); "
                                     "metrics need their own", index.find("metrics.listen")))
+    if config.meter.map == "generic" and config.meter.modbus:
+        names = {r.name for r in config.meter.registers}
+        if not {"l1", "l2", "l3"} <= names:
+            problems.append(Problem("meter.registers", "map = generic needs registers named l1, l2 and l3",
+                                    index.find("meter")))
     if bool(config.server.cert) != bool(config.server.key):
         problems.append(Problem("server.key" if config.server.cert else "server.cert",
                                 "cert and key must be given together", index.find("server")))

@@ -33,6 +33,7 @@ from ocpp.v16.enums import Action
 T = TypeVar("T")
 
 logging.getLogger("ocpp").setLevel(logging.WARNING)
+logging.getLogger("pymodbus").setLevel(logging.ERROR)
 
 #: An Eichrecht OCMF signed meter value (S.A.F.E. format, as ABL/Phoenix meters send it).
 OCMF_SAMPLE = (
@@ -377,3 +378,64 @@ async def connect_wallbox(url: str, cp_id: str, *, subprotocols: tuple[str, ...]
             pass
 
     return WallboxHandle(wallbox, websocket, recorder, asyncio.get_running_loop().create_task(serve()))
+
+
+# --- Modbus devices ------------------------------------------------------------------
+
+
+class SimModbusDevice:
+    """A Modbus TCP device (meter, wallbox) on pymodbus's server, with registers a test can change.
+
+    Registers live in two dicts (``input``, ``holding``) read and written by the
+    server's action hook, so changing a value from the test thread is one dict
+    assignment. ``failing`` answers every request with a Modbus exception;
+    ``silent`` stops answering (a timeout for the client).
+    """
+
+    def __init__(self, input: dict[int, int] | None = None, holding: dict[int, int] | None = None,
+                 unit: int = 1, size: int = 1000) -> None:
+        self.input = dict(input or {})
+        self.holding = dict(holding or {})
+        self.unit, self.size = unit, size
+        self.failing = False
+        self.silent = False
+        self.writes: list[tuple[int, list[int]]] = []
+        self.port = 0
+        self._server: Any = None
+
+    async def _action(self, function_code: int, start: int, address: int, count: int,
+                      registers: list[int], values: list[int] | None) -> Any:
+        from pymodbus.constants import ExcCodes
+
+        if self.silent:
+            await asyncio.sleep(3600)
+        if self.failing:
+            return ExcCodes.DEVICE_FAILURE
+        table = self.input if function_code == 4 else self.holding
+        if values is not None:
+            self.writes.append((address, list(values)))
+            for offset, value in enumerate(values):
+                table[address + offset] = int(value)
+            return None
+        for offset in range(count):
+            registers[address - start + offset] = table.get(address + offset, 0)
+        return None
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        from pymodbus.server import ModbusTcpServer
+        from pymodbus.simulator import DataType, SimData, SimDevice
+
+        def block(kind: DataType) -> list[SimData]:
+            return [SimData(0, count=self.size, values=False if kind == DataType.BITS else 0, datatype=kind)]
+
+        device = SimDevice(self.unit, simdata=(block(DataType.BITS), block(DataType.BITS),
+                                               block(DataType.REGISTERS), block(DataType.REGISTERS)),
+                           action=self._action)  # type: ignore[arg-type]
+        self._server = ModbusTcpServer(device, address=(host, port))
+        await self._server.serve_forever(background=True)
+        self.port = self._server.transport.sockets[0].getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            await self._server.shutdown()
