@@ -144,3 +144,10 @@ def test_check_config_refuses_a_conflict_with_exit_2(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"{path}:5: backends.ems.policy.Reset: upstreams 'primary' (backend) and 'ems' (backends.ems)" \
         in result.stderr
+
+
+def test_the_documented_example_loads() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "several-backends.md").read_text()
+    example = doc.split("```toml\n", 1)[1].split("```", 1)[0]
+    config = loads(example, environ={"EMS_PASSWORD": "x"})
+    assert [t.name for t in config.secondaries_for(config.chargers[0])] == ["ems", "ha"]
