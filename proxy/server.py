@@ -31,6 +31,7 @@ from proxy.offline import OfflineResponder, OfflineSettings
 from proxy.queue import AsyncQueue
 from proxy.secure import Secured, SecureLayer
 from proxy.relay import Listener, PairedSession, SessionSettings
+from proxy.secondary import Secondaries
 from proxy.session import PRIMARY, Session
 from proxy.upstream import UpstreamUnavailable, open_upstream
 
@@ -49,6 +50,10 @@ class ProxyServer:
         self.ready = trio.Event()
         self._secure: SecureLayer
         self._queue: AsyncQueue | None = None
+        #: Secondary upstreams: mirrors kept across sessions, their transaction ids (issue 10).
+        self.secondaries = Secondaries(config)
+        if self.secondaries.configured:
+            self.listeners.append(self.secondaries.listener)
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -57,26 +62,31 @@ class ProxyServer:
         self._secure = SecureLayer(self.config.server, self.log)  # certificate problems stop start-up
         if self.config.offline.enabled and self._queue is None:
             self._queue = AsyncQueue(Path(self.config.offline.data_dir) / "queue.sqlite3")
+        self.secondaries.open()
         host, port = parse_listen(self.config.server.listen)
         listeners = await trio.open_tcp_listeners(port, host=host or None)
         self.ports = sorted({lst.socket.getsockname()[1] for lst in listeners})
         self.log.info("listening", address=self.config.server.listen, ports=self.ports,
                       tls=self.config.server.tls)
         try:
-            async with trio.open_nursery() as connections:
-                await connections.start(self.limiter.run)
-                with trio.CancelScope() as self._accepting:
-                    async with trio.open_nursery() as accepting:
-                        for listener in listeners:
-                            accepting.start_soon(self._accept, listener, connections)
-                        self.ready.set()
-                        task_status.started(self.ports)
-                # stop(): no new connections; free the port at once (a restart may bind it
-                # again) while the open sessions close gracefully in `connections`.
-                self.limiter.stop()  # closing sessions get no new limits
-                for listener in listeners:
-                    await trio.aclose_forcefully(listener)
+            async with trio.open_nursery() as background:
+                background.start_soon(self.secondaries.run)  # writes behind the sessions
+                async with trio.open_nursery() as connections:
+                    await connections.start(self.limiter.run)
+                    with trio.CancelScope() as self._accepting:
+                        async with trio.open_nursery() as accepting:
+                            for listener in listeners:
+                                accepting.start_soon(self._accept, listener, connections)
+                            self.ready.set()
+                            task_status.started(self.ports)
+                    # stop(): no new connections; free the port at once (a restart may bind it
+                    # again) while the open sessions close gracefully in `connections`.
+                    self.limiter.stop()  # closing sessions get no new limits
+                    for listener in listeners:
+                        await trio.aclose_forcefully(listener)
+                background.cancel_scope.cancel()
         finally:
+            self.secondaries.close()
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
 
@@ -198,12 +208,16 @@ class ProxyServer:
         charger_id = admit.charger.id
         subprotocol = upstream.subprotocol if upstream is not None else admit.subprotocols[0]
         session = await self._new_session(charger_id)
+        self.secondaries.attach(session, admit.charger)
         queued = (await self._queue.depth(charger_id))[0] if self._queue is not None else 0
         wallbox = await request.accept(subprotocol=subprotocol)
         log.info("session_opened", peer=peer, upstream=admit.upstream.url, subprotocol=subprotocol,
                  known=admit.known, offline=upstream is None)
-        reconnect = {PRIMARY: self._connector(admit)} if self._queue is not None else None
-        paired = PairedSession(charger_id, session, wallbox, {PRIMARY: upstream}, log=log,
+        reconnect = {PRIMARY: self._connector(admit)} if self._queue is not None else {}
+        secondaries = self.secondaries.connectors(admit.charger, subprotocol)  # opened by the pair's links
+        reconnect.update(secondaries)
+        upstreams = {PRIMARY: upstream, **dict.fromkeys(secondaries)}
+        paired = PairedSession(charger_id, session, wallbox, upstreams, log=log,
                                settings=self._session_settings(), listeners=self.listeners,
                                reconnect=reconnect, queue=self._queue, queued=queued)
         await self._register(paired)

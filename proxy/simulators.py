@@ -191,6 +191,8 @@ class SimBackend:
     on_frame: Callable[[str, str, str], None] | None = None
     #: An ssl.SSLContext for wss:// (server side), None for ws://.
     ssl: Any = None
+    #: The first transactionId it hands out (several backends in one test hand out different ones).
+    first_transaction_id: int = 1001
     handlers: dict[str, BackendChargePointHandler] = field(default_factory=dict)
     recorders: dict[str, Recorder] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
@@ -198,6 +200,9 @@ class SimBackend:
     connected: threading.Event = field(default_factory=threading.Event)
     _server: Any = None
     _tx: Any = field(default_factory=lambda: itertools.count(1001))
+
+    def __post_init__(self) -> None:
+        self._tx = itertools.count(self.first_transaction_id)
 
     def auth_status(self, id_tag: str) -> str:
         return "Blocked" if id_tag.startswith("BLOCKED") else "Accepted"
