@@ -85,6 +85,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     logs.configure(config.log.level, config.log.format)
+    raise_open_file_limit()
     failures: list[str] = []
     try:
         trio.run(functools.partial(run_proxy, config, source=args.config, pidfile=args.pidfile))
@@ -93,6 +94,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     for failure in failures:
         logs.get_logger().error("startup_failed", error=failure)
     return 1 if failures else 0
+
+
+def raise_open_file_limit() -> None:
+    """Soft open-file limit up to the hard one: each wallbox costs two sockets.
+
+    A shell's usual soft limit of 1024 would stop the proxy at about 500
+    wallboxes while the hard limit allows far more (Go's runtime does the same).
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError):
+            pass
+    logs.get_logger().info("open_file_limit", soft=soft, hard=hard, max_wallboxes=(soft - 64) // 2)
 
 
 def _messages(group: BaseExceptionGroup[OSError]) -> list[str]:

@@ -106,12 +106,15 @@ def _tail_problem(text: str, pos: int, kind: MessageType, has_third: bool) -> st
     return None
 
 
+_KINDS = {"2": MessageType.CALL, "3": MessageType.CALLRESULT, "4": MessageType.CALLERROR}
+
+
 def classify(text: str) -> Frame:
     """Classify a frame from its prefix and framing; never raises."""
     match = _PREFIX.match(text)
     if match is None:
         return Frame(text, None, problem="not an OCPP-J array [type, id, ...]")
-    kind = MessageType(int(match.group(1)))
+    kind = _KINDS[match.group(1)]
     raw_id = match.group(2)
     third = match.group(3)
     try:
@@ -119,7 +122,12 @@ def classify(text: str) -> Frame:
         action = _decode_string(third) if third is not None else None
     except ValueError:
         return Frame(text, None, problem="invalid string escape in id or action")
-    problem = _tail_problem(text, match.end(), kind, third is not None)
+    end = match.end()
+    # Compact frames (what nearly every peer sends) need no whitespace skipping.
+    if (text[end:end + 2] == ",{" and text[-1] == "]" and (third is not None) is (kind is MessageType.CALL)):
+        problem = None
+    else:
+        problem = _tail_problem(text, end, kind, third is not None)
     if problem is None and len(msg_id) > MAX_ID_LENGTH:
         problem = f"message id longer than {MAX_ID_LENGTH} characters"
     return Frame(text, kind, msg_id, action, match.span(2), problem)

@@ -16,7 +16,6 @@ back on a fast one.
 from __future__ import annotations
 
 import sqlite3
-from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -102,9 +101,14 @@ class Outbox:
         self.connection = connection
         self.limit = limit
         self.closed = False
-        self._queue: deque[str] = deque()
+        self._queue: list[str] = []  # short; an empty deque would cost 760 bytes per leg
         self._sending = False
         self._space = trio.Event()
+        self._blocked = False  # a producer waits for room: only then is there anyone to wake
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
 
     def put(self, text: str) -> None:
         if not self.closed:
@@ -114,22 +118,26 @@ class Outbox:
         """Write queued frames, or wait for room if another task is writing."""
         if self._sending:
             while len(self._queue) > self.limit and not self.closed:
+                self._blocked = True
                 await self._space.wait()
             return
         self._sending = True
+        queue, send = self._queue, self.connection.send_message
         try:
-            while self._queue:
-                await self.connection.send_message(self._queue.popleft())
-                if len(self._queue) <= self.limit:
+            while queue:
+                await send(queue.pop(0))
+                if self._blocked and len(queue) <= self.limit:
                     self._wake()
         except ConnectionClosed:
             self.closed = True  # the leg's reader sees the close and ends the pair
-            self._queue.clear()
+            queue.clear()
         finally:
             self._sending = False
-            self._wake()
+            if self._blocked:
+                self._wake()
 
     def _wake(self) -> None:
+        self._blocked = False
         self._space.set()
         self._space = trio.Event()
 
@@ -165,8 +173,10 @@ class PairedSession:
         self._upstream_out = {name: Outbox(conn) for name, conn in self.upstreams.items()}
         self._replay_waiters: dict[str, tuple[trio.Event, list[Frame]]] = {}
         self._waiters: dict[str, tuple[trio.Event, list[Frame | str]]] = {}
-        self._timer_wake = trio.Event()
-        self._armed: float | None = None
+        # The timer task sleeps in this scope; a new earlier deadline moves the
+        # scope's deadline instead of waking the task (no task switch per frame).
+        self._timer = trio.CancelScope()
+        self._next_ping = float("inf")
         self._ending = False
         self._cancel: trio.CancelScope | None = None
         self.closed = trio.Event()
@@ -184,9 +194,7 @@ class PairedSession:
                 nursery.start_soon(self._guard, WALLBOX, self._pump_wallbox)
                 for name in self.upstream_names:
                     nursery.start_soon(self._link, name)
-                nursery.start_soon(self._run_timers)
-                if self.settings.ping_interval > 0:
-                    nursery.start_soon(self._run_pings)
+                nursery.start_soon(self._run_timers, nursery)
         finally:
             self._finish()
 
@@ -436,13 +444,16 @@ class PairedSession:
             else:
                 self._notify(action)
         deadline = self.session.next_deadline()
-        if deadline is not None and (self._armed is None or deadline < self._armed):
-            self._timer_wake.set()
+        if deadline is not None and deadline < self._timer.deadline:
+            self._timer.deadline = deadline
 
     async def _flush(self) -> None:
-        await self._wallbox_out.flush()
+        # An empty outbox has nothing to write or wait for: skip the call.
+        if self._wallbox_out.pending:
+            await self._wallbox_out.flush()
         for outbox in list(self._upstream_out.values()):  # a link may (re)connect meanwhile
-            await outbox.flush()
+            if outbox.pending:
+                await outbox.flush()
 
     def _notify(self, action: Action) -> None:
         if isinstance(action, Replayed):
@@ -463,23 +474,34 @@ class PairedSession:
 
     # -- timers ---------------------------------------------------------------------
 
-    async def _run_timers(self) -> None:
-        while True:
-            self._armed = self.session.next_deadline()
-            with trio.move_on_at(self._armed if self._armed is not None else float("inf")):
-                await self._timer_wake.wait()
-                self._timer_wake = trio.Event()
-                continue
-            await self._execute(self.session.poll(trio.current_time()))
+    async def _run_timers(self, nursery: trio.Nursery) -> None:
+        """Session deadlines and ping rounds, in one sleeping task per pair.
 
-    async def _run_pings(self) -> None:
+        (A second task just for pings cost about 2 KiB per idle pair.) A ping
+        round runs as its own short task; the next one is due ``ping_interval``
+        after it ended, as before.
+        """
         interval = self.settings.ping_interval
+        self._next_ping = trio.current_time() + interval if interval > 0 else float("inf")
         while True:
-            await trio.sleep(interval)
-            legs: dict[str, Connection] = {WALLBOX: self.wallbox, **self.upstreams}
-            async with trio.open_nursery() as nursery:
-                for side, connection in legs.items():
-                    nursery.start_soon(self._ping, side, connection, interval)
+            deadline = self.session.next_deadline()
+            wake = self._next_ping if deadline is None else min(deadline, self._next_ping)
+            with trio.CancelScope(deadline=wake) as self._timer:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            if now >= self._next_ping:
+                self._next_ping = float("inf")  # until this round is over
+                nursery.start_soon(self._ping_round, interval)
+            await self._execute(self.session.poll(now))
+
+    async def _ping_round(self, interval: float) -> None:
+        legs: dict[str, Connection] = {WALLBOX: self.wallbox, **self.upstreams}
+        async with trio.open_nursery() as nursery:
+            for side, connection in legs.items():
+                nursery.start_soon(self._ping, side, connection, interval)
+        self._next_ping = trio.current_time() + interval
+        if self._next_ping < self._timer.deadline:
+            self._timer.deadline = self._next_ping
 
     async def _ping(self, side: str, connection: Connection, timeout: float) -> None:
         with trio.move_on_after(timeout) as scope:

@@ -19,10 +19,8 @@ from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 
 import trio
-import trio_websocket
-from trio_websocket import WebSocketConnection, WebSocketRequest
 
-from proxy import closecodes
+from proxy import closecodes, wsconn
 from proxy.config import Config, parse_listen
 from proxy.handshake import Admit, Refuse, check_client_certificate, decide
 from proxy.limiter import Limiter
@@ -152,8 +150,8 @@ class ProxyServer:
         server = self.config.server
         request = None
         with trio.move_on_after(server.handshake_timeout):
-            request = await trio_websocket.wrap_server_stream(
-                nursery, secured.stream, max_message_size=server.max_message_bytes)
+            request = await wsconn.wrap_server_stream(
+                nursery, secured.stream, max_message_size=server.max_message_bytes, close_timeout=server.close_timeout)
         if request is None:
             self._handshake_timed_out(peer)
             return
@@ -165,7 +163,7 @@ class ProxyServer:
             return
         await self._admit(nursery, request, decision, peer)
 
-    async def _refuse(self, request: WebSocketRequest, refusal: Refuse, peer: str) -> None:
+    async def _refuse(self, request: wsconn.WsRequest, refusal: Refuse, peer: str) -> None:
         self.log.warning("handshake_refused", peer=peer, charger=refusal.charge_box_id,
                          status=refusal.status, reason=refusal.reason, detail=refusal.detail)
         with trio.move_on_after(self.config.server.close_timeout):
@@ -182,7 +180,7 @@ class ProxyServer:
         for listener in self.listeners:
             listener.handshake_refused(refusal)
 
-    async def _admit(self, nursery: trio.Nursery, request: WebSocketRequest, admit: Admit, peer: str) -> None:
+    async def _admit(self, nursery: trio.Nursery, request: wsconn.WsRequest, admit: Admit, peer: str) -> None:
         charger_id = admit.charger.id
         log = self.log.bind(charger=charger_id)
         async with AsyncExitStack() as stack:
@@ -198,12 +196,12 @@ class ProxyServer:
                 upstream = None
             await self._relay(request, admit, upstream, peer, log)
 
-    def _connector(self, admit: Admit) -> Callable[[], AbstractAsyncContextManager[WebSocketConnection]]:
+    def _connector(self, admit: Admit) -> Callable[[], AbstractAsyncContextManager[wsconn.WsConnection]]:
         server = self.config.server
         return functools.partial(open_upstream, admit.upstream, admit.subprotocols,
                                  max_message_size=server.max_message_bytes, close_timeout=server.close_timeout)
 
-    async def _relay(self, request: WebSocketRequest, admit: Admit, upstream: WebSocketConnection | None,
+    async def _relay(self, request: wsconn.WsRequest, admit: Admit, upstream: wsconn.WsConnection | None,
                      peer: str, log: Any) -> None:
         charger_id = admit.charger.id
         subprotocol = upstream.subprotocol if upstream is not None else admit.subprotocols[0]

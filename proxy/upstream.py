@@ -15,8 +15,8 @@ from urllib.parse import urlsplit
 
 import trio
 import trio_websocket
-from trio_websocket import WebSocketConnection
 
+from proxy import wsconn
 from proxy.config import UpstreamTarget
 
 Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
@@ -47,14 +47,13 @@ def auth_headers(target: UpstreamTarget) -> list[tuple[bytes, bytes]]:
 @asynccontextmanager
 async def open_upstream(target: UpstreamTarget, subprotocols: Sequence[str], *, max_message_size: int,
                         close_timeout: float = 5.0,
-                        ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[WebSocketConnection]:
+                        ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[wsconn.WsConnection]:
     """The upstream WebSocket for the duration of the block.
 
-    TCP and TLS are opened here, before trio-websocket sees the stream, so a
-    certificate the proxy does not trust is reported as such (trio-websocket
-    would only time out). The connection's reader task lives in a nursery of
-    this block: a backend that refuses the handshake surfaces here as
-    :class:`UpstreamUnavailable` and never escapes into the caller's nursery.
+    TCP and TLS are opened here, before the WebSocket handshake, so a
+    certificate the proxy does not trust is reported as such. The connection
+    (:mod:`proxy.wsconn`) runs no task of its own: a backend that refuses the
+    handshake surfaces here as :class:`UpstreamUnavailable`.
     """
     parts = urlsplit(target.url)
     secure = parts.scheme == "wss"
@@ -99,41 +98,22 @@ async def _open_stream(target: UpstreamTarget, host: str, port: int, context: ss
 @asynccontextmanager
 async def _websocket(stream: Stream, target: UpstreamTarget, host: str, resource: str,
                      subprotocols: Sequence[str], max_message_size: int,
-                     close_timeout: float) -> AsyncIterator[WebSocketConnection]:
-    opened = False
+                     close_timeout: float) -> AsyncIterator[wsconn.WsConnection]:
+    connection: wsconn.WsConnection | None = None
+    with trio.move_on_after(target.connect_timeout):
+        try:
+            connection = await wsconn.wrap_client_stream(
+                stream, host, resource, subprotocols=list(subprotocols), extra_headers=auth_headers(target),
+                max_message_size=max_message_size, close_timeout=close_timeout)
+        except trio_websocket.ConnectionRejected as exc:
+            status = exc.status_code if 400 <= exc.status_code < 500 else 502
+            raise UpstreamUnavailable(f"backend refused the handshake with HTTP {exc.status_code}", status) from exc
+        except (trio_websocket.HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise UpstreamUnavailable(f"WebSocket handshake failed: {type(exc).__name__} {exc}", 502) from exc
+    if connection is None:
+        raise UpstreamUnavailable(f"no WebSocket handshake within {target.connect_timeout:g} s", 504)
     try:
-        async with trio.open_nursery() as nursery:
-            with trio.move_on_after(target.connect_timeout) as deadline:
-                connection = await trio_websocket.wrap_client_stream(
-                    nursery, stream, host, resource, subprotocols=list(subprotocols),
-                    extra_headers=auth_headers(target), max_message_size=max_message_size)
-            if deadline.cancelled_caught:
-                raise UpstreamUnavailable(f"no WebSocket handshake within {target.connect_timeout:g} s", 504)
-            opened = True
-            try:
-                yield connection
-            finally:
-                with trio.move_on_after(close_timeout):
-                    await connection.aclose()
-                nursery.cancel_scope.cancel()
-    except BaseExceptionGroup as group:
-        raise _single(group, opened) from None
-
-
-def _single(group: BaseExceptionGroup[BaseException], opened: bool) -> BaseException:
-    """The one exception that matters in a nursery's group (the reader's or the block's)."""
-    errors = [e for e in _leaves(group) if not isinstance(e, trio.Cancelled)]
-    first = errors[0] if errors else group
-    if opened or isinstance(first, UpstreamUnavailable):
-        return first
-    if isinstance(first, trio_websocket.ConnectionRejected):
-        status = first.status_code if 400 <= first.status_code < 500 else 502
-        return UpstreamUnavailable(f"backend refused the handshake with HTTP {first.status_code}", status)
-    return UpstreamUnavailable(f"WebSocket handshake failed: {type(first).__name__} {first}", 502)
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    out: list[BaseException] = []
-    for exc in group.exceptions:
-        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return out
+        yield connection
+    finally:
+        with trio.move_on_after(close_timeout):
+            await connection.aclose()

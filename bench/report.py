@@ -1,0 +1,291 @@
+"""Statistics, the targets of issue 9, and the Markdown report."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+PATHS = ("direct", "proxy", "websocat")
+KIND_NAMES = {"hb": "Heartbeat (22-28 B)", "mv": "MeterValues (1024 B)"}
+
+
+def percentiles(values: list[float] | list[int]) -> dict[str, float | None]:
+    """p50/p90/p99/max/mean of sorted values (nearest-rank)."""
+    n = len(values)
+    if n == 0:
+        return {"n": 0, "p50": None, "p90": None, "p99": None, "max": None, "mean": None}
+
+    def rank(q: float) -> float:
+        return float(values[min(n - 1, max(0, int(q * n + 0.5) - 1))])
+
+    return {"n": n, "p50": rank(0.50), "p90": rank(0.90), "p99": rank(0.99), "max": float(values[-1]),
+            "mean": sum(values) / n}
+
+
+def median_tree(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Element-wise median of the numeric leaves of equally shaped dicts."""
+    first = runs[0]
+    merged: dict[str, Any] = {}
+    for key, value in first.items():
+        values = [run.get(key) for run in runs]
+        if isinstance(value, dict):
+            merged[key] = median_tree([v for v in values if isinstance(v, dict)])
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            numbers = [v for v in values if isinstance(v, (int, float))]
+            merged[key] = statistics.median(numbers) if numbers else None
+        else:
+            merged[key] = value
+    return merged
+
+
+# --- targets -------------------------------------------------------------------------------------
+
+def _get(document: dict[str, Any], *keys: str) -> Any:
+    value: Any = document.get("results", {})
+    for key in keys:
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def targets(document: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each with the measured value and met / missed / not measured."""
+    rows: list[dict[str, Any]] = []
+
+    def add(name: str, measured: float | None, limit: float, unit: str, higher_is_better: bool = False) -> None:
+        if measured is None:
+            rows.append({"target": name, "measured": None, "unit": unit, "status": "not measured"})
+            return
+        met = measured >= limit if higher_is_better else measured <= limit
+        rows.append({"target": name, "measured": measured, "unit": unit, "status": "met" if met else "missed"})
+
+    for kind in ("hb", "mv"):
+        for q, limit in (("p50", 300.0), ("p99", 2000.0)):
+            proxy = _get(document, "rate_1000", "proxy", "latency_us", kind, q)
+            direct = _get(document, "rate_1000", "direct", "latency_us", kind, q)
+            added = proxy - direct if proxy is not None and direct is not None else None
+            add(f"added {q} round trip ≤ {limit / 1000:g} ms, 1000 wallboxes × 1/s, {KIND_NAMES[kind]}",
+                added, limit, "µs")
+    proxy_rps = _get(document, "saturate_100", "proxy", "round_trips_per_s")
+    direct_rps = _get(document, "saturate_100", "direct", "round_trips_per_s")
+    share = proxy_rps / direct_rps * 100 if proxy_rps and direct_rps else None
+    add("saturation throughput ≥ 50 % of direct, 100 connections", share, 50.0, "%", higher_is_better=True)
+    for count in ("1000", "10000"):
+        per = _get(document, f"idle_{count}", "proxy", "per_connection_bytes")
+        add(f"≤ 40 KiB RSS per idle paired connection ({count})", per / 1024 if per is not None else None,
+            40.0, "KiB")
+    idle = _get(document, "idle_10000", "proxy")
+    if isinstance(idle, dict) and "connected" in idle:
+        ok = (idle["answered_after_idle"] >= idle["connected"] == idle["requested"]
+              and not idle.get("unanswered_after_idle"))
+        rows.append({"target": "10 000 paired connections in one process",
+                     "measured": idle["connected"], "unit": "pairs",
+                     "status": "met" if ok else f"missed ({idle['connected']} pairs, "
+                                                f"{idle['answered_after_idle']} answered)"})
+    else:
+        rows.append({"target": "10 000 paired connections in one process", "measured": None, "unit": "pairs",
+                     "status": "not measured"})
+    return rows
+
+
+# --- Markdown -------------------------------------------------------------------------------------
+
+def _ms(us: float | None) -> str:
+    return "–" if us is None else f"{us / 1000:.2f}"
+
+
+def _num(value: float | None, fmt: str = "{:,.0f}") -> str:
+    return "–" if value is None else fmt.format(value)
+
+
+def _ratio(value: float | None, base: float | None) -> str:
+    return "–" if value is None or not base else f"{value / base:.2f}×"
+
+
+def _cell(result: dict[str, Any] | None, render: Any) -> str:
+    if result is None:
+        return "not run"
+    if "error" in result and len(result) <= 2:
+        return "error"
+    return str(render(result))
+
+
+def markdown(document: dict[str, Any]) -> str:
+    m = document["machine"]
+    s = document["settings"]
+    out: list[str] = ["# ocpp-proxy benchmark", ""]
+    out += [f"- date: {m['date']} (suite took {m.get('suite_seconds', '?')} s)",
+            f"- machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB RAM, "
+            f"Linux {m['kernel']}",
+            f"- load average before / after: {' '.join(f'{x:.2f}' for x in m['load_average_start'])} / "
+            f"{' '.join(f'{x:.2f}' for x in m.get('load_average_end', (0, 0, 0)))}",
+            f"- Python {m['python']}; " + ", ".join(f"{k} {v}" for k, v in m["libraries"].items())
+            + f"; {m['websocat']}",
+            f"- open-file limit (soft, hard): {m['nofile_limit']}",
+            f"- settings: {s['repeats']} runs per scenario (medians shown), rate windows {s['rate_duration']} s, "
+            f"saturation windows {s['saturate_duration']} s, warm-up {s['warmup']} s, "
+            f"{s['loadgen_procs']} load generator process(es) in saturation runs", ""]
+    results = document["results"]
+
+    out += ["## Targets (issue 9, 2-core box)", "", "| target | measured | status |", "|---|---|---|"]
+    for row in document["targets"]:
+        measured = "–" if row["measured"] is None else f"{row['measured']:,.1f} {row['unit']}"
+        out.append(f"| {row['target']} | {measured} | {row['status']} |")
+    out.append("")
+
+    rate_keys = sorted((k for k in results if k.startswith("rate_")), key=lambda k: int(k.split("_")[1]))
+    if rate_keys:
+        out += ["## Round-trip latency at 1 CALL/s per wallbox (ms)", "",
+                "CALL → CALLRESULT as the wallbox sees it; p50 / p99 / max. *added* = proxy − direct.", "",
+                "| wallboxes | CALL | direct | ocpp-proxy | websocat | proxy added p50 / p99 | samples |",
+                "|---|---|---|---|---|---|---|"]
+        for key in rate_keys:
+            row = results[key]
+            for kind, kind_name in KIND_NAMES.items():
+                cells = []
+                for path in PATHS:
+                    cells.append(_cell(row.get(path), lambda r: " / ".join(
+                        _ms(r["latency_us"][kind][q]) for q in ("p50", "p99", "max"))))
+                d = _lat(row, "direct", kind)
+                p = _lat(row, "proxy", kind)
+                added = (f"{_ms(p['p50'] - d['p50'])} / {_ms(p['p99'] - d['p99'])}"
+                         if d and p and d["p50"] is not None and p["p50"] is not None else "–")
+                samples = _lat(row, "proxy", kind) or _lat(row, "direct", kind) or {}
+                out.append(f"| {key.split('_')[1]} | {kind_name} | {' | '.join(cells)} | {added} | "
+                           f"{_num(samples.get('n'))} |")
+        noise = []
+        for key in rate_keys:
+            used = [f"{p} {r['cpu_seconds'].get('others', 0) / (r['cpu_seconds']['wall'] or 1):.2f}"
+                    for p in PATHS if isinstance(r := results[key].get(p), dict) and "cpu_seconds" in r]
+            noise.append(f"{key.split('_')[1]} wallboxes: {', '.join(used)}")
+        out += ["", "Cores used by everything else on the machine during these runs (noise): "
+                + "; ".join(noise) + ".", ""]
+
+    sat_keys = sorted((k for k in results if k.startswith("saturate_")), key=lambda k: int(k.split("_")[1]))
+    if sat_keys:
+        out += ["## Saturation (closed loop: next CALL when the answer is in)", "",
+                "Round trips per second (each is two forwarded frames); in brackets: share of direct. "
+                "p50 / p99 latency in ms.", "",
+                "| wallboxes | direct | ocpp-proxy | websocat | direct p50/p99 | proxy p50/p99 | websocat p50/p99 |",
+                "|---|---|---|---|---|---|---|"]
+        for key in sat_keys:
+            row = results[key]
+            base = _val(row, "direct", "round_trips_per_s")
+            cells = [_cell(row.get(p), lambda r: f"{r['round_trips_per_s']:,.0f}"
+                           + (f" ({r['round_trips_per_s'] / base * 100:.0f} %)" if base and p != "direct" else ""))
+                     for p in PATHS]
+            lat = [_cell(row.get(p), lambda r: f"{_ms(r['latency_us']['hb']['p50'])} / "
+                                               f"{_ms(r['latency_us']['hb']['p99'])}") for p in PATHS]
+            out.append(f"| {key.split('_')[1]} | {' | '.join(cells)} | {' | '.join(lat)} |")
+        out += ["", _ceiling(results, sat_keys)]
+        out += ["", "### CPU during saturation", "",
+                "CPU seconds used per second of load by each process group (1.00 = one core), and relay CPU "
+                "per forwarded frame. The load generator and backend must stay below a core each for the "
+                "relay to be the bottleneck. *Everything else* is the rest of the machine (other processes, "
+                "kernel threads) during the same window: the noise in that run.", "",
+                "| wallboxes | path | relay | load generator | backend | everything else | relay µs CPU / frame |",
+                "|---|---|---|---|---|---|---|"]
+        for key in sat_keys:
+            for path in PATHS:
+                r = results[key].get(path)
+                if not r or "cpu_seconds" not in r:
+                    continue
+                cpu = r["cpu_seconds"]
+                wall = cpu["wall"] or 1
+                out.append(f"| {key.split('_')[1]} | {path} | {cpu['relay'] / wall:.2f} | "
+                           f"{cpu['loadgen'] / wall:.2f} | {cpu['backend'] / wall:.2f} | "
+                           f"{cpu.get('others', 0) / wall:.2f} | "
+                           f"{_num(r.get('relay_cpu_us_per_frame'), '{:.1f}')} |")
+        out.append("")
+
+    setup_keys = [k for k in results if k.startswith("setup_")]
+    for key in setup_keys:
+        row = results[key]
+        out += [f"## Connection set-up: {key.split('_')[1]} wallboxes at once", "",
+                "From TCP connect to both the wallbox's handshake answered and the backend's handshake done "
+                "(paired); ms.", "",
+                "| path | p50 | p99 | max | all paired after (s) | relay CPU ms / connection | failed |",
+                "|---|---|---|---|---|---|---|"]
+        for path in PATHS:
+            r = row.get(path)
+            if r is None:
+                continue
+            if "setup_ms" not in r:
+                out.append(f"| {path} | error: {r.get('error', '?')} | | | | | |")
+                continue
+            t = r["setup_ms"]
+            out.append(f"| {path} | {_num(t['p50'], '{:.1f}')} | {_num(t['p99'], '{:.1f}')} | "
+                       f"{_num(t['max'], '{:.1f}')} | {_num(r['all_paired_after_s'], '{:.2f}')} | "
+                       f"{_num(r['relay_cpu_ms_per_connection'], '{:.2f}')} | {r['failures'] + r['unpaired']} |")
+        out.append("")
+
+    idle_keys = sorted((k for k in results if k.startswith("idle_")), key=lambda k: int(k.split("_")[1]))
+    if idle_keys:
+        out += ["## Memory per idle paired connection", "",
+                "After connecting minus before, divided by the connections (KiB). ocpp-proxy: RSS of its one "
+                "process, started fresh. websocat: PSS summed over its processes (one per identity); "
+                "*total* also charges each connection its share of the idle processes.", "",
+                "| requested | path | pairs | per connection | total per connection | before → after (MiB) | "
+                "all answered after idling |", "|---|---|---|---|---|---|---|"]
+        for key in idle_keys:
+            for path in PATHS:
+                r = results[key].get(path)
+                if r is None:
+                    continue
+                if "per_connection_bytes" not in r:
+                    out.append(f"| {key.split('_')[1]} | {path} | error: {r.get('error', '?')} | | | | |")
+                    continue
+                out.append(f"| {r['requested']} | {path} | {r['connected']} | "
+                           f"{r['per_connection_bytes'] / 1024:.1f} | {r['total_per_connection_bytes'] / 1024:.1f} | "
+                           f"{r['before_bytes'] / 2**20:.1f} → {r['after_bytes'] / 2**20:.1f} | "
+                           f"{_all_answered(r)} |")
+        out.append("")
+    if document.get("notes"):
+        out += ["## Notes", ""] + [f"- {note}" for note in document["notes"]] + [""]
+    return "\n".join(out)
+
+
+def _lat(row: dict[str, Any], path: str, kind: str) -> dict[str, Any] | None:
+    r = row.get(path)
+    if not isinstance(r, dict) or "latency_us" not in r:
+        return None
+    value = r["latency_us"][kind]
+    return value if isinstance(value, dict) else None
+
+
+def _val(row: dict[str, Any], path: str, key: str) -> float | None:
+    r = row.get(path)
+    if not isinstance(r, dict):
+        return None
+    value = r.get(key)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def _all_answered(r: dict[str, Any]) -> str:
+    if r["answered_after_idle"] >= r["connected"] and not r.get("unanswered_after_idle"):
+        return "yes"
+    return f"{r['answered_after_idle']} answered, {r.get('unanswered_after_idle')} not"
+
+
+def _ceiling(results: dict[str, Any], sat_keys: list[str]) -> str:
+    """The load generator's own ceiling, and whether it limited the relayed runs."""
+    parts = []
+    for key in sat_keys:
+        direct = results[key].get("direct")
+        proxy = results[key].get("proxy")
+        if not direct or "round_trips_per_s" not in direct:
+            continue
+        text = f"{key.split('_')[1]} connections: {direct['round_trips_per_s']:,.0f} round trips/s direct"
+        if proxy and "cpu_seconds" in proxy:
+            cpu = proxy["cpu_seconds"]
+            wall = cpu["wall"] or 1
+            text += (f"; through ocpp-proxy the generator used {cpu['loadgen'] / wall:.2f} of a core and the "
+                     f"backend {cpu['backend'] / wall:.2f}, the proxy {cpu['relay'] / wall:.2f}")
+        parts.append(text)
+    if not parts:
+        return ""
+    return ("**Load generator ceiling.** The direct column is the same generator against the same backend with "
+            "nothing in between, so it is the most this generator and backend can do on this machine ("
+            + "; ".join(parts) + "). A relay that reaches a share of it is not limited by the generator, "
+            "which has CPU to spare in the relayed runs.")
