@@ -37,8 +37,9 @@ from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from proxy.frames import Frame, MessageType, build_error, classify, payload_of, replace_id
+from proxy.frames import Frame, build_error, classify, replace_id
 from proxy.jsonspan import integer_at, integer_span, remove_member, replace_value
+from proxy.offline import started_transaction
 
 #: Message ids of the mirror's own replays (BootNotification, StatusNotification).
 REPLAY_PREFIX = "ocpp-proxy:r"
@@ -449,11 +450,4 @@ def _transaction_span(text: str, path: tuple[str | int, ...]) -> tuple[int, tupl
 
 def transaction_id(answer: Frame) -> int | None:
     """transactionId of a StartTransaction CALLRESULT (None for a CALLERROR or garbage)."""
-    if answer.kind is not MessageType.CALLRESULT:
-        return None
-    try:
-        payload = payload_of(answer)
-    except (ValueError, IndexError):
-        return None
-    value = payload.get("transactionId") if isinstance(payload, dict) else None
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return started_transaction(answer)
