@@ -1,4 +1,4 @@
-"""Command line: ``ocpp-proxy run | check-config | demo``.
+"""Command line: ``ocpp-proxy run | check-config | reload | demo``.
 
 Exit status: 0 success, 2 unusable configuration or arguments, 1 runtime failure.
 """
@@ -39,7 +39,15 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("--config", "-c", default="ocpp-proxy.toml", help="TOML file (default: %(default)s)")
+    run.add_argument("--pidfile", default="", help="write the process id here (for `ocpp-proxy reload`)")
     run.set_defaults(func=cmd_run)
+
+    reload = sub.add_parser("reload", help="make a running proxy re-read its config file (SIGHUP)")
+    target = reload.add_mutually_exclusive_group()
+    target.add_argument("--pidfile", default="ocpp-proxy.pid", help="pidfile of `run --pidfile` (default: %(default)s)")
+    target.add_argument("--pid", type=int, help="process id of the running proxy")
+    reload.add_argument("--config", "-c", help="validate this file first; do not signal if it has errors")
+    reload.set_defaults(func=cmd_reload)
 
     check = sub.add_parser("check-config", help="validate a config file and exit")
     check.add_argument("file")
@@ -50,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="proxy + simulated backend and wallboxes on loopback")
     demo.add_argument("--wallboxes", type=int, default=3)
     demo.add_argument("--forever", action="store_true", help="keep running until Ctrl-C")
+    demo.add_argument("--site-limit", type=float, default=32.0, help="site limit per phase, A (default: %(default)s)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -79,7 +88,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     raise_open_file_limit()
     failures: list[str] = []
     try:
-        trio.run(functools.partial(run_proxy, config, source=args.config))
+        trio.run(functools.partial(run_proxy, config, source=args.config, pidfile=args.pidfile))
     except* OSError as group:  # a port in use, an unreadable certificate: before serving
         failures = _messages(group)
     for failure in failures:
@@ -112,32 +121,48 @@ def _messages(group: BaseExceptionGroup[OSError]) -> list[str]:
     return found
 
 
-async def run_proxy(config: Config, source: str = "") -> None:
+async def run_proxy(config: Config, source: str = "", pidfile: str = "") -> None:
     """The proxy until SIGTERM/SIGINT, then a bounded graceful stop (close 1001), exit 0.
 
     The signal receiver is installed first, so a signal during start-up also
     takes the graceful path. A second signal while sessions drain stops at once.
+    SIGHUP re-reads ``source`` (see :mod:`proxy.reload`); connections stay.
     """
     from proxy.metrics import Metrics, MetricsListener
     from proxy.monitor import Monitor
+    from proxy.reload import reload_from, remove_pidfile, write_pidfile
     from proxy.server import ProxyServer
 
     log = logs.get_logger()
     metrics = Metrics(charger.id for charger in config.chargers)
     server = ProxyServer(config, listeners=[MetricsListener(metrics)])
+    server.limiter.sinks.append(metrics)
     monitor = Monitor(config, metrics, server, source=source)
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             if config.metrics.listen:
                 await nursery.start(monitor.serve)
             await nursery.start(server.serve)
+            if config.meter.modbus or config.ems.modbus_listen:  # grid meter / EMS → limit engine
+                from proxy.modbus.service import run_modbus
+
+                await nursery.start(run_modbus, config, server.limiter.engine, server.limiter.poke, log)
+            if pidfile:
+                write_pidfile(pidfile)
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    log.info("reloading", file=source)
+                    if source and reload_from(server, source, log):
+                        metrics.set_configured(charger.id for charger in server.config.chargers)
+                    continue
                 log.info("stopping", signal=signal.Signals(signum).name, sessions=len(server.sessions))
                 break
             monitor.stopping = True
             await _drain(server, signals, config.server.close_timeout * 2)
             # Features with durable state (the offline queue) close here, after their sessions.
             nursery.cancel_scope.cancel()
+    if pidfile:
+        remove_pidfile(pidfile)
     log.info("stopped")
 
 
@@ -148,6 +173,8 @@ async def _drain(server: ProxyServer, signals: AsyncIterator[int], bound: float)
 
         async def second_signal() -> None:
             async for signum in signals:
+                if signum == signal.SIGHUP:
+                    continue  # a reload while stopping changes nothing
                 log.warning("stopping_now", signal=signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
 
@@ -159,10 +186,25 @@ async def _drain(server: ProxyServer, signals: AsyncIterator[int], bound: float)
         nursery.cancel_scope.cancel()
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    from proxy.reload import read_pidfile, send_reload
+
+    if args.config and _load_or_report(args.config) is None:
+        return EXIT_CONFIG
+    try:
+        pid = args.pid if args.pid is not None else read_pidfile(args.pidfile)
+        send_reload(pid)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"reload requested (process {pid})")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo
 
-    return run_demo(wallboxes=args.wallboxes, forever=args.forever)
+    return run_demo(wallboxes=args.wallboxes, forever=args.forever, site_limit=args.site_limit)
 
 
 def _certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlsplit
 
+from proxy.policy import ANY, COMMANDS, MODES, conflicts, known_actions
+
 Check = Callable[[Any], str | None]
 
 
@@ -33,6 +35,8 @@ def setting(default: Any, doc: str, *, check: Check | None = None, secret: bool 
     meta = {"doc": doc, "check": check, "secret": secret, "choices": choices}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
     return field(default=default, metadata=meta)
 
 
@@ -66,6 +70,18 @@ def websocket_url(value: Any) -> str | None:
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         return f"must be a ws:// or wss:// URL, got {value!r}"
     return None
+
+
+def phase_number(value: Any) -> str | None:
+    return None if value in (1, 2, 3) else "must be 1, 2 or 3"
+
+
+def unwrap_optional(hint: Any) -> Any:
+    """``X | None`` → X (an optional section); anything else unchanged."""
+    args = typing.get_args(hint)
+    if type(None) in args and len(args) == 2:
+        return next(a for a in args if a is not type(None))
+    return hint
 
 
 def parse_listen(value: str) -> tuple[str, int]:
@@ -119,6 +135,41 @@ class BackendSettings:
     client_key: str = setting("", "key of client_cert")
     connect_timeout: float = setting(10.0, "seconds for TCP + TLS + WebSocket handshake upstream",
                                      check=positive)
+    policy: dict[str, str] = setting({}, "the primary backend's commands to the wallbox: action = forward, "
+                                     "answer or reject (\"*\": every other action); default: forward all")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SecondarySettings:
+    """A secondary backend: gets copies of a wallbox's messages, may send only what its policy allows."""
+
+    url: str = setting("", "URL of this backend (ws:// or wss://); the upstream id is appended; required",
+                       check=websocket_url)
+    identity: str = setting("", "identity towards this backend; empty: the charger's upstream_id (or id)")
+    password: str = setting("", "Basic-auth password towards this backend", secret=True)
+    ca: list[str] = setting([], "CA certificates trusted for wss://; empty: system trust store")
+    client_cert: str = setting("", "client certificate towards this backend (SP3)")
+    client_key: str = setting("", "key of client_cert")
+    connect_timeout: float = setting(10.0, "seconds for TCP + TLS + WebSocket handshake", check=positive)
+    forward_actions: list[str] = setting(["*"], "wallbox CALLs this backend gets, by action; [\"*\"]: all",
+                                         check=lambda v: actions_problem(v))
+    policy: dict[str, str] = setting({}, "its commands to the wallbox: action = forward, answer or reject "
+                                     "(\"*\": every other action); default: forward read-only ones "
+                                     "(GetConfiguration, GetCompositeSchedule, TriggerMessage, ...), reject the rest")
+    queue_limit: int = setting(1000, "frames kept for it while it is down or slow; when full, the oldest "
+                               "that is not a transaction message is dropped", check=positive)
+    replay_rate: float = setting(50.0, "frames per second at most when catching up after an outage",
+                                 check=positive)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Named:
+    name: str = required("name of this secondary (logs, metrics, policy messages)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class InlineSecondary(SecondarySettings, _Named):
+    """``[[chargers.secondary]]``: ``name`` first, then the keys of a named backend."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +183,53 @@ class ChargerSettings:
     upstream_ca: list[str] = setting([], "CA certificates for this charger's backend; empty: [backend] ca")
     upstream_client_cert: str = setting("", "client certificate towards the backend; empty: [backend]")
     upstream_client_key: str = setting("", "key of upstream_client_cert")
+    upstream_policy: dict[str, str] = setting({}, "this charger's primary policy, over [backend] policy")
+    secondaries: list[str] = setting([], "names of [backends.NAME] tables that get copies of this wallbox")
+    secondary: list[InlineSecondary] = field(default_factory=list, metadata={
+        "doc": "a secondary backend for this charger alone (same keys as [backends.NAME], plus name)"})
+    # Load management (used when [site], a meter or an EMS is configured).
+    max_current: float = setting(16.0, "most current per phase this charger may get, A", check=positive)
+    min_current: float = setting(6.0, "least current per phase a car can charge with, A; below it: paused",
+                                 check=non_negative)
+    phases: int = setting(3, "phases the charger is connected with (1, 2 or 3)", check=phase_number)
+    first_phase: int = setting(1, "site phase (1-3) the charger's L1 is wired to", check=phase_number)
+    priority: int = setting(0, "higher is served first when the site limit is short")
+    enabled: bool = setting(True, "false: the proxy stops charging through it, see on_disable")
+    on_disable: str = setting("clear", "with enabled = false: clear (remove the proxy's profile, the wallbox "
+                              "runs on its own) or block (limit 0)", choices=("clear", "block"))
+    strategy: str = setting("", "max-profile or tx-default for this charger; empty: the [site] strategy",
+                            choices=("", "max-profile", "tx-default"))
+    unit: str = setting("A", "unit of the proxy's charging profile: A, or W (converted with [site] voltage)",
+                        choices=("A", "W"))
+
+
+@dataclass(frozen=True)
+class SiteSettings:
+    """Local load management; without this section the proxy injects nothing."""
+
+    max_current: float = required("site limit per phase (main fuse), A", check=positive)
+    phases: int = setting(3, "phases of the site connection (1 or 3)", check=lambda v: None if v in (1, 3)
+                          else "must be 1 or 3")
+    voltage: float = setting(230.0, "phase voltage for A ↔ W conversion, V", check=positive)
+    interval: float = setting(5.0, "recompute limits at least this often, seconds", check=positive)
+    meter_timeout: float = setting(10.0, "seconds after which a grid meter reading is stale", check=positive)
+    fallback_current: float = setting(-1.0, "limit per charger while inputs are stale or unknown, A; "
+                                      "-1: each charger's min_current", check=lambda v: None if v >= 0 or v == -1
+                                      else "must be -1 or 0 or greater")
+    fail_closed: bool = setting(False, "stale or unknown inputs pause every charger (fallback 0)")
+    ramp_up_interval: float = setting(15.0, "limits go up at most this often per charger, seconds",
+                                      check=non_negative)
+    hysteresis: float = setting(1.0, "smallest increase worth sending, A", check=non_negative)
+    min_hold_time: float = setting(60.0, "a charger paused for lack of current stays paused this long, seconds",
+                                   check=non_negative)
+    profile_id: int = setting(990001, "chargingProfileId reserved for the proxy's profile", check=positive)
+    stack_level: int = setting(8, "stackLevel of the proxy's ChargePointMaxProfile (above the backend's)",
+                               check=non_negative)
+    tx_default_stack_level: int = setting(0, "stackLevel of the proxy's TxDefaultProfile (tx-default strategy; "
+                                          "below the backend's)", check=non_negative)
+    strategy: str = setting("max-profile", "max-profile (ChargePointMaxProfile) or tx-default (clamp the "
+                            "backend's TxDefault/Tx profiles); max-profile falls back to tx-default per charger "
+                            "when a wallbox rejects it", choices=("max-profile", "tx-default"))
 
 
 @dataclass(frozen=True)
@@ -227,6 +325,10 @@ class Config:
     ems: EmsSettings = field(default_factory=EmsSettings, metadata={"doc": "energy manager interface (Modbus TCP)"})
     chargers: list[ChargerSettings] = field(default_factory=list,
                                             metadata={"doc": "one entry per wallbox"})
+    site: SiteSettings | None = field(default=None, metadata={
+        "doc": "local load management; absent: the proxy injects no charging profile"})
+    backends: dict[str, SecondarySettings] = field(default_factory=dict, metadata={
+        "doc": "named secondary backends, referenced by chargers' secondaries"})
 
     def charger(self, charge_box_id: str) -> ChargerSettings | None:
         for charger in self.chargers:
@@ -246,6 +348,37 @@ class Config:
             client_key=charger.upstream_client_key or backend.client_key,
             connect_timeout=backend.connect_timeout,
         )
+
+
+    def secondaries_for(self, charger: ChargerSettings) -> list[SecondaryTarget]:
+        """The charger's secondaries in config order: referenced ones, then inline ones."""
+        entries: list[tuple[str, SecondarySettings]] = [
+            (name, self.backends[name]) for name in charger.secondaries if name in self.backends]
+        entries += [(entry.name, entry) for entry in charger.secondary]
+        return [SecondaryTarget(name, _secondary_target(charger, entry), entry) for name, entry in entries]
+
+    def primary_policy(self, charger: ChargerSettings) -> dict[str, str]:
+        return {**self.backend.policy, **charger.upstream_policy}
+
+
+@dataclass(frozen=True)
+class SecondaryTarget:
+    name: str
+    target: UpstreamTarget
+    settings: SecondarySettings
+
+    @property
+    def forward_actions(self) -> frozenset[str] | None:
+        """None: every action."""
+        actions = self.settings.forward_actions
+        return None if "*" in actions else frozenset(actions)
+
+
+def _secondary_target(charger: ChargerSettings, entry: SecondarySettings) -> UpstreamTarget:
+    identity = entry.identity or charger.upstream_id or charger.id
+    return UpstreamTarget(url=upstream_url(entry.url, identity), identity=identity, password=entry.password,
+                          ca=tuple(entry.ca), client_cert=entry.client_cert, client_key=entry.client_key,
+                          connect_timeout=entry.connect_timeout)
 
 
 def upstream_url(base: str, identity: str) -> str:
@@ -298,12 +431,7 @@ class _LineIndex:
             header = self._HEADER.match(line)
             if header:
                 name = header.group(2).replace('"', "").replace(" ", "")
-                if header.group(1) == "[[":
-                    index = counts.get(name, -1) + 1
-                    counts[name] = index
-                    prefix = f"{name}[{index}]"
-                else:
-                    prefix = name
+                prefix = self._resolve(name, header.group(1) == "[[", counts)
                 self.lines.setdefault(prefix, number)
                 continue
             key = self._KEY.match(line)
@@ -311,11 +439,26 @@ class _LineIndex:
                 dotted = f"{prefix}.{key.group(1).strip(chr(34))}" if prefix else key.group(1)
                 self.lines.setdefault(dotted, number)
 
+    @staticmethod
+    def _resolve(name: str, array: bool, counts: dict[str, int]) -> str:
+        """``chargers.secondary`` inside the third ``[[chargers]]`` → ``chargers[2].secondary[n]``."""
+        parts = name.split(".")
+        path = ""
+        for n, part in enumerate(parts):
+            path = f"{path}.{part}" if path else part
+            if array and n == len(parts) - 1:
+                counts[path] = counts.get(path, -1) + 1
+                path = f"{path}[{counts[path]}]"
+            elif path in counts:
+                path = f"{path}[{counts[path]}]"
+        return path
+
     def find(self, dotted: str) -> int | None:
         while dotted:
             if dotted in self.lines:
                 return self.lines[dotted]
-            dotted = dotted.rpartition(".")[0]
+            item = re.fullmatch(r"(.+)\[\d+\]", dotted)  # an element of a list value: the list's line
+            dotted = item.group(1) if item and item.group(1) in self.lines else dotted.rpartition(".")[0]
         return None
 
 
@@ -372,6 +515,7 @@ class _Loader:
         return _MISSING
 
     def _convert(self, hint: Any, value: Any, key: str) -> Any:
+        hint = unwrap_optional(hint)
         origin = typing.get_origin(hint)
         if origin is list:
             (item,) = typing.get_args(hint)
@@ -380,6 +524,13 @@ class _Loader:
                 return _MISSING
             items = [self._convert(item, v, f"{key}[{i}]") for i, v in enumerate(value)]
             return _MISSING if any(i is _MISSING for i in items) else items
+        if origin is dict:
+            item = typing.get_args(hint)[1]
+            if not isinstance(value, dict):
+                self.problem(key, f"must be a table, got {_tname(value)}")
+                return _MISSING
+            entries = {k: self._convert(item, v, f"{key}.{k}") for k, v in value.items()}
+            return _MISSING if any(v is _MISSING for v in entries.values()) else entries
         if dataclasses.is_dataclass(hint):
             if not isinstance(value, dict):
                 self.problem(key, f"must be a table, got {_tname(value)}")
@@ -435,6 +586,9 @@ def _cross_checks(config: Config, index: _LineIndex) -> list[Problem]:
             problems.append(Problem(f"{key}.id", f"duplicate charger id {charger.id!r} "
                                     f"(also chargers[{seen[charger.id]}])", index.find(f"{key}.id")))
         seen.setdefault(charger.id, i)
+        if charger.min_current > charger.max_current:
+            problems.append(Problem(f"{key}.min_current", f"is above max_current ({charger.max_current})",
+                                    index.find(f"{key}.min_current")))
         if not (charger.upstream_url or config.backend.url):
             problems.append(Problem(f"{key}.upstream_url", "no backend URL: set this or [backend] url",
                                     index.find(key)))
@@ -454,7 +608,104 @@ def _cross_checks(config: Config, index: _LineIndex) -> list[Problem]:
     if bool(config.server.cert) != bool(config.server.key):
         problems.append(Problem("server.key" if config.server.cert else "server.cert",
                                 "cert and key must be given together", index.find("server")))
+    problems += _secondary_checks(config, index)
     return problems
+
+
+# --- several backends per wallbox ------------------------------------------------------
+
+#: Names a secondary may not have: the session's own leg names.
+_RESERVED_NAMES = ("primary", "wallbox", "proxy")
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
+def _policy_problems(table: dict[str, str], key: str, index: _LineIndex) -> list[Problem]:
+    """Checked per entry, so each message names its own key and line."""
+    problems = []
+    for action, mode in table.items():
+        message = None
+        if action != ANY and action not in COMMANDS:
+            message = "not a command a backend sends to a wallbox (nor \"*\")"
+        elif mode not in MODES:
+            message = f"must be one of {', '.join(MODES)}; got {mode!r}"
+        if message:
+            problems.append(Problem(f"{key}.{action}", message, index.find(f"{key}.{action}")))
+    return problems
+
+
+def actions_problem(actions: list[str]) -> str | None:
+    unknown = [a for a in actions if a != "*" and a not in known_actions()]
+    if unknown:
+        return f"unknown OCPP action {unknown[0]!r}"
+    if "*" not in actions and ("StartTransaction" in actions) != ("StopTransaction" in actions):
+        return "StartTransaction and StopTransaction go together (a transaction history needs both)"
+    return None
+
+
+def _secondary_checks(config: Config, index: _LineIndex) -> list[Problem]:
+    """Names resolve and are unique, URLs are set, and no two upstreams own the same wallbox state."""
+    problems: list[Problem] = []
+
+    def problem(key: str, message: str) -> None:
+        problems.append(Problem(key, message, index.find(key)))
+
+    problems += _policy_problems(config.backend.policy, "backend.policy", index)
+    for name, entry in config.backends.items():
+        problems += _policy_problems(entry.policy, f"backends.{name}.policy", index)
+        if not _NAME.fullmatch(name) or name in _RESERVED_NAMES:
+            problem(f"backends.{name}", "name must be 1-40 of A-Z a-z 0-9 _ - and not primary, wallbox or proxy")
+        if not entry.url:
+            problem(f"backends.{name}.url", "is required")
+    for i, charger in enumerate(config.chargers):
+        problems += _policy_problems(charger.upstream_policy, f"chargers[{i}].upstream_policy", index)
+        where: dict[str, str] = {}  # secondary name → its table's key
+        for j, name in enumerate(charger.secondaries):
+            key = f"chargers[{i}].secondaries[{j}]"
+            if name not in config.backends:
+                known = ", ".join(sorted(config.backends)) or "none"
+                problem(key, f"no [backends.{name}] table (defined: {known})")
+            elif name in where:
+                problem(key, f"{name!r} is listed twice")
+            else:
+                where[name] = f"backends.{name}"
+        for j, entry in enumerate(charger.secondary):
+            key = f"chargers[{i}].secondary[{j}]"
+            if not _NAME.fullmatch(entry.name) or entry.name in _RESERVED_NAMES:
+                problem(f"{key}.name", "must be 1-40 of A-Z a-z 0-9 _ - and not primary, wallbox or proxy")
+            elif entry.name in where:
+                problem(f"{key}.name", f"{entry.name!r} is already a secondary of this charger ({where[entry.name]})")
+            else:
+                where[entry.name] = key
+            if not entry.url:
+                problem(f"{key}.url", "is required")
+            problems += _policy_problems(entry.policy, f"{key}.policy", index)
+        problems += _policy_conflicts(config, i, where, index)
+    return problems
+
+
+def _policy_conflicts(config: Config, i: int, where: dict[str, str], index: _LineIndex) -> list[Problem]:
+    """Two upstreams that may both change one kind of wallbox state: refused, naming both."""
+    charger = config.chargers[i]
+    tables: dict[str, tuple[dict[str, str], str]] = {"primary": (config.primary_policy(charger), "")}
+    for target in config.secondaries_for(charger):
+        tables[target.name] = (target.settings.policy, where.get(target.name, ""))
+    upstreams = [(name, table, name == "primary") for name, (table, _) in tables.items()]
+    problems: list[Problem] = []
+    for conflict in conflicts(upstreams):
+        table, base = tables[conflict.second]
+        action = next((a for a in conflict.actions if a in table), ANY if ANY in table else conflict.actions[0])
+        key = f"{base}.policy.{action}" if base else f"chargers[{i}].upstream_policy"
+        first = _describe_upstream(conflict.first, tables[conflict.first][1])
+        second = _describe_upstream(conflict.second, base)
+        via = "" if conflict.actions == (conflict.state,) else f" ({', '.join(conflict.actions)})"
+        problems.append(Problem(key, (
+            f"upstreams {first} and {second} may both send {conflict.state}{via} to charger {charger.id!r}; "
+            f"set {conflict.actions[0]} to \"reject\" or \"answer\" in one of their policies"), index.find(key)))
+    return problems
+
+
+def _describe_upstream(name: str, base: str) -> str:
+    return f"{name!r} ({base or 'backend'})"
 
 
 def loads(text: str, source: str = "<config>", *, environ: typing.Mapping[str, str] | None = None,
@@ -483,15 +734,26 @@ def load(path: str | Path) -> Config:
     return loads(text, str(path), base_dir=path.parent)
 
 
+def container_of(hint: Any) -> tuple[Any, str]:
+    """(item type, key suffix) of a schema field: ``[]`` for arrays of tables, ``.<name>`` for named tables."""
+    hint = unwrap_optional(hint)  # an optional section, e.g. [site]
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return typing.get_args(hint)[0], "[]"
+    if origin is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
+        return typing.get_args(hint)[1], ".<name>"
+    return hint, ""
+
+
 def schema_rows(cls: type[Any] = Config, prefix: str = "") -> Iterator[tuple[str, str, Any, str]]:
     """(key, type, default, doc) for every setting: the source of the config reference."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
         hint = hints[f.name]
-        inner = typing.get_args(hint)[0] if typing.get_origin(hint) is list else hint
+        inner, suffix = container_of(hint)
         if dataclasses.is_dataclass(inner):
-            yield from schema_rows(typing.cast(type, inner), f"{key}[]" if inner is not hint else key)
+            yield from schema_rows(typing.cast(type, inner), key + suffix)
             continue
         if f.default is not dataclasses.MISSING:
             default: Any = f.default

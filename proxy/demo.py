@@ -6,12 +6,18 @@ asyncio loop in a thread, talking to the proxy over real sockets. Each wallbox
 boots, authorizes, runs a transaction with Eichrecht-signed meter values and a
 Giro-E payment DataTransfer; the live log shows every frame as the backend sees
 it, and the summary checks that each frame arrived byte-identical.
+
+The wallboxes share a site limit (``[site] max_current``, 32 A by default): the
+live log also shows each limit the proxy sets on a wallbox (its own
+ChargePointMaxProfile, which the backend never sees), and the summary lists the
+limits every wallbox received.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import shutil
 import sys
 import tempfile
@@ -26,6 +32,11 @@ from proxy.server import ProxyServer
 from proxy.simulators import LoopThread, SimBackend, WallboxHandle, connect_wallbox
 
 _ARROWS = {"received": "─▶", "sent": "◀─"}
+#: The proxy's own CALL ids (see proxy.session.ID_PREFIX).
+_PROXY_ID = "ocpp-proxy:"
+#: Stagger between wallboxes and how long each car charges: long enough to see the sharing.
+_STAGGER = 0.4
+_CHARGING = 1.2
 
 
 class LiveLog:
@@ -43,55 +54,92 @@ class LiveLog:
             line = line[: self.width - 1] + "…"
         print(line, file=self.out, flush=True)
 
+    def wallbox_frame(self, cp_id: str, direction: str, text: str) -> None:
+        """Frames on the wallbox leg: only the proxy's own limits are shown (the rest is above)."""
+        if direction != "received" or not text.startswith(f'[2,"{_PROXY_ID}'):
+            return
+        limit = profile_limit(text)
+        if limit is not None:
+            elapsed = time.monotonic() - self.start
+            print(f"{elapsed:7.3f}s  {cp_id:<6} ◀─ proxy    limit {limit}", file=self.out, flush=True)
 
-def demo_config(backend_port: int, wallboxes: int, data_dir: str) -> str:
-    chargers = "".join(f'[[chargers]]\nid = "CP{n:03d}"\n' for n in range(1, wallboxes + 1))
+
+
+def profile_limit(text: str) -> str | None:
+    """'10.7 A (ChargePointMaxProfile)' for a proxy SetChargingProfile, 'cleared' for its Clear."""
+    try:
+        _, _, action, payload = json.loads(text)
+    except ValueError:
+        return None
+    if action == "ClearChargingProfile":
+        return "cleared"
+    if action != "SetChargingProfile":
+        return None
+    profile = payload["csChargingProfiles"]
+    schedule = profile["chargingSchedule"]
+    value = schedule["chargingSchedulePeriod"][0]["limit"]
+    return f"{value:g} {schedule['chargingRateUnit']} ({profile['chargingProfilePurpose']})"
+
+
+def demo_config(backend_port: int, wallboxes: int, data_dir: str, site_limit: float = 32.0) -> str:
+    chargers = "".join(f'[[chargers]]\nid = "CP{n:03d}"\nmax_current = 16\n' for n in range(1, wallboxes + 1))
     return (f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n[log]\nlevel = "warning"\n'
             f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n[offline]\ndata_dir = "{data_dir}"\n'
+            f'[site]\nmax_current = {site_limit}\nramp_up_interval = 0\nhysteresis = 0\nmin_hold_time = 0\n'
             f'{chargers}')
 
 
-async def _wallbox_sessions(url: str, ids: list[str], rounds: int | None) -> list[WallboxHandle]:
-    async def one(cp_id: str) -> WallboxHandle:
-        handle = await connect_wallbox(f"{url}/{cp_id}", cp_id)
+async def _wallbox_sessions(url: str, ids: list[str], rounds: int | None, live: LiveLog) -> list[WallboxHandle]:
+    async def one(index: int, cp_id: str) -> WallboxHandle:
+        await asyncio.sleep(index * _STAGGER)
+        handle = await connect_wallbox(f"{url}/{cp_id}", cp_id,
+                                       on_frame=functools.partial(live.wallbox_frame, cp_id))
         done = 0
         while rounds is None or done < rounds:
-            await handle.wallbox.run_session(id_tag=f"04A2B3C4D5{int(cp_id[2:]):04d}")
+            await handle.wallbox.run_session(id_tag=f"04A2B3C4D5{int(cp_id[2:]):04d}", charging_time=_CHARGING)
             done += 1
             if rounds is None:
                 await asyncio.sleep(5)
         return handle
 
-    return list(await asyncio.gather(*(one(cp_id) for cp_id in ids)))
+    return list(await asyncio.gather(*(one(i, cp_id) for i, cp_id in enumerate(ids))))
+
+
+def _backend_frames(texts: list[str]) -> list[str]:
+    """A wallbox's frames without the proxy's CALLs and their answers (not the backend's business)."""
+    return [t for t in texts if not t.startswith((f'[2,"{_PROXY_ID}', f'[3,"{_PROXY_ID}', f'[4,"{_PROXY_ID}'))]
 
 
 def summary(backend: SimBackend, handles: list[WallboxHandle], out: TextIO) -> bool:
-    print("\nwallbox  frames→backend  frames←backend  byte-identical", file=out)
+    print("\nwallbox  frames→backend  frames←backend  byte-identical  limits set by the proxy", file=out)
     all_ok = True
     for handle in handles:
         seen = backend.recorders[handle.wallbox.id]
-        ok = handle.recorder.sent == seen.received and seen.sent == handle.recorder.received
+        ok = (_backend_frames(handle.recorder.sent) == seen.received
+              and seen.sent == _backend_frames(handle.recorder.received))
         all_ok &= ok
-        print(f"{handle.wallbox.id:<8} {len(seen.received):>14} {len(seen.sent):>15}  {'yes' if ok else 'NO'}",
-              file=out)
+        limits = [profile_limit(t) for t in handle.recorder.received if t.startswith(f'[2,"{_PROXY_ID}')]
+        shown = " → ".join(str(limit).split(" (")[0] for limit in limits if limit) or "none"
+        print(f"{handle.wallbox.id:<8} {len(seen.received):>14} {len(seen.sent):>15}  {'yes' if ok else 'NO':<14}  "
+              f"{shown}", file=out)
     return all_ok
 
 
-async def _demo(wallboxes: int, forever: bool, out: TextIO) -> bool:
+async def _demo(wallboxes: int, forever: bool, out: TextIO, site_limit: float = 32.0) -> bool:
     peers = LoopThread("demo-peers")
     live = LiveLog(out)
     backend = SimBackend(on_frame=live.frame)
     data_dir = tempfile.mkdtemp(prefix="ocpp-proxy-demo-")  # the demo leaves no queue behind
     try:
         port = peers.run(backend.start())
-        server = ProxyServer(loads(demo_config(port, wallboxes, data_dir), "<demo>"))
+        server = ProxyServer(loads(demo_config(port, wallboxes, data_dir, site_limit), "<demo>"))
         async with trio.open_nursery() as nursery:
             ports = await nursery.start(server.serve)
             url = f"ws://127.0.0.1:{ports[0]}/ocpp"
             print(f"ocpp-proxy demo: backend ws://127.0.0.1:{port}/ocpp, proxy {url}/<id>, "
-                  f"{wallboxes} wallboxes\n", file=out)
+                  f"{wallboxes} wallboxes (max 16 A each) sharing a site limit of {site_limit:g} A\n", file=out)
             ids = [f"CP{n:03d}" for n in range(1, wallboxes + 1)]
-            run = functools.partial(peers.run, _wallbox_sessions(url, ids, None if forever else 1), 120)
+            run = functools.partial(peers.run, _wallbox_sessions(url, ids, None if forever else 1, live), 120)
             handles: list[WallboxHandle] = await trio.to_thread.run_sync(run, abandon_on_cancel=True)
             ok = summary(backend, handles, out)
             for handle in handles:
@@ -106,11 +154,11 @@ async def _demo(wallboxes: int, forever: bool, out: TextIO) -> bool:
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def run_demo(wallboxes: int = 3, forever: bool = False, out: Any = None) -> int:
+def run_demo(wallboxes: int = 3, forever: bool = False, out: Any = None, site_limit: float = 32.0) -> int:
     out = out or sys.stdout
     logs.configure("warning", "console")
     try:
-        ok = trio.run(_demo, wallboxes, forever, out)
+        ok = trio.run(_demo, wallboxes, forever, out, site_limit)
     except KeyboardInterrupt:
         return 0
     print("\nall frames arrived byte-identical" if ok else "\nMISMATCH: see above", file=out)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from proxy.config import Config, schema_rows
+from proxy.config import Config, container_of, schema_rows
 
 REFERENCE = Path("docs/config.md")
 EXAMPLE = Path("deploy/config.example.toml")
@@ -79,19 +79,13 @@ def section_docs() -> dict[str, str]:
     return dict(_section_docs(Config, ""))
 
 
-def _inner(hint: Any) -> tuple[Any, bool]:
-    if typing.get_origin(hint) is list:
-        return typing.get_args(hint)[0], True
-    return hint, False
-
-
 def _field_metadata(cls: type[Any], prefix: str) -> Iterator[tuple[str, Any]]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         key = f"{prefix}.{f.name}" if prefix else f.name
-        inner, is_list = _inner(hints[f.name])
+        inner, suffix = container_of(hints[f.name])
         if dataclasses.is_dataclass(inner):
-            yield from _field_metadata(typing.cast(type, inner), f"{key}[]" if is_list else key)
+            yield from _field_metadata(typing.cast(type, inner), key + suffix)
         else:
             yield key, f.metadata
 
@@ -99,9 +93,9 @@ def _field_metadata(cls: type[Any], prefix: str) -> Iterator[tuple[str, Any]]:
 def _section_docs(cls: type[Any], prefix: str) -> Iterator[tuple[str, str]]:
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        inner, is_list = _inner(hints[f.name])
+        inner, suffix = container_of(hints[f.name])
         if dataclasses.is_dataclass(inner):
-            key = (f"{prefix}.{f.name}" if prefix else f.name) + ("[]" if is_list else "")
+            key = (f"{prefix}.{f.name}" if prefix else f.name) + suffix
             yield key, str(f.metadata.get("doc", ""))
             yield from _section_docs(typing.cast(type, inner), key)
 
@@ -115,10 +109,13 @@ def toml_value(value: Any) -> str:
         return json.dumps(value, ensure_ascii=False)
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
     return json.dumps(str(value), ensure_ascii=False)
 
 
-_TYPE_NAMES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "list"}
+_TYPE_NAMES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "list",
+               "dict": "table"}
 
 
 def _sentence(text: str) -> str:
@@ -130,7 +127,9 @@ def _mentions_all(row: Row) -> bool:
 
 
 def _header(section: str) -> str:
-    return f"[[{section[:-2]}]]" if section.endswith("[]") else f"[{section}]"
+    """TOML header of a schema section: ``chargers[].secondary[]`` → ``[[chargers.secondary]]``."""
+    name = section.removesuffix("[]").replace("[]", "")
+    return f"[[{name}]]" if section.endswith("[]") else f"[{name}]"
 
 
 def _grouped(all_rows: Sequence[Row]) -> list[tuple[str, list[Row]]]:

@@ -36,7 +36,8 @@ from proxy import __version__
 from proxy.frames import Frame, MessageType, payload_of
 from proxy.handshake import Refuse
 from proxy.relay import Listener, PairedSession
-from proxy.session import WALLBOX, Action, CallCompleted, Malformed, ProxyAnswer, ProxyCallFailed
+from proxy.mirror import MirrorDropped
+from proxy.session import PRIMARY, WALLBOX, Action, CallCompleted, Malformed, Policed, ProxyAnswer, ProxyCallFailed
 
 
 def _ocpp_actions() -> frozenset[str]:
@@ -75,8 +76,10 @@ def action_label(action: str | None) -> str:
 
 
 def side_label(side: str) -> str:
-    """Session leg names → label values: every upstream is "backend"."""
-    return side if side in (WALLBOX, "proxy") else "backend"
+    """Session leg names → label values: the primary upstream is "backend", the others "secondary"."""
+    if side in (WALLBOX, "proxy"):
+        return side
+    return "backend" if side == PRIMARY else "secondary"
 
 
 def close_code_label(code: int) -> str:
@@ -209,6 +212,19 @@ class Metrics:
                                     "Current left for the chargers per phase (site limit - house load)", ["phase"])
         self.grid_current = family(Gauge, "ocpp_proxy_grid_current_amperes",
                                    "Grid meter current per phase", ["phase"])
+        self.secondary_up = family(Gauge, "ocpp_proxy_secondary_up",
+                                   "1 while a secondary upstream of the charger is connected", ["charger", "upstream"])
+        self.secondary_connects = family(Counter, "ocpp_proxy_secondary_connects",
+                                         "Connections opened to a secondary upstream", ["charger", "upstream"])
+        self.secondary_queue = family(Gauge, "ocpp_proxy_secondary_queue_frames",
+                                      "Wallbox frames waiting for a secondary upstream (down or slow)",
+                                      ["charger", "upstream"])
+        self.secondary_dropped = family(Counter, "ocpp_proxy_secondary_dropped_frames",
+                                        "Frames a secondary will never get (queue_full, unanswered, "
+                                        "unknown_transaction)", ["upstream", "action", "reason"])
+        self.policy_refusals = family(Counter, "ocpp_proxy_policy_refusals",
+                                      "Upstream commands the proxy answered (answer) or refused (reject) "
+                                      "instead of forwarding", ["upstream", "action", "mode"])
         self.loop_lag = Gauge("ocpp_proxy_event_loop_lag_seconds",
                               "How late the event loop ran the monitor's last heartbeat", registry=reg)
         self._scrape_time = _ScrapeTime(clock)
@@ -290,6 +306,20 @@ class Metrics:
 
     def handshake_refused(self, reason: str) -> None:
         self.handshake_rejections.child(reason).inc()
+
+    def secondary_changed(self, charger: str, upstream: str, up: bool) -> None:
+        self.secondary_up.child(charger, upstream).set(1 if up else 0)
+        if up:
+            self.secondary_connects.child(charger, upstream).inc()
+
+    def set_secondary_queue(self, charger: str, upstream: str, depth: int) -> None:
+        self.secondary_queue.child(charger, upstream).set(depth)
+
+    def secondary_frame_dropped(self, upstream: str, action: str, reason: str) -> None:
+        self.secondary_dropped.child(upstream, action_label(action), reason).inc()
+
+    def policy_refusal(self, upstream: str, action: str, mode: str) -> None:
+        self.policy_refusals.child(upstream, action_label(action), mode).inc()
 
     def frame(self, source: str, frame: Frame, length: int) -> None:
         """Hot path: one received frame."""
@@ -413,14 +443,23 @@ class MetricsListener(Listener):
         self.metrics.session_opened(paired.charger_id, 0)  # upstreams arrive through upstream_state
 
     def session_closed(self, paired: PairedSession, side: str, code: int, reason: str) -> None:
-        self.metrics.session_closed(paired.charger_id, side, code, len(paired.upstreams))
+        self.metrics.session_closed(paired.charger_id, side, code, int(paired.session.primary in paired.upstreams))
+        for name in paired.session.mirrors:
+            if name in paired.upstreams:
+                self.metrics.secondary_changed(paired.charger_id, name, False)
 
     def frame_received(self, paired: PairedSession, source: str, frame: Frame, size: int) -> None:
         wallbox = source == WALLBOX
-        self.metrics.frame(WALLBOX if wallbox else "backend", frame, size)
+        self.metrics.frame(WALLBOX if wallbox else side_label(source), frame, size)
         if wallbox and frame.action == "StatusNotification" and frame.kind is MessageType.CALL:
             for connector, status in _statuses(frame):
                 self.metrics.set_connector_status(paired.charger_id, connector, status)
+        if paired.session.mirrors and (wallbox or source != PRIMARY):
+            self._queues(paired)
+
+    def _queues(self, paired: PairedSession) -> None:
+        for name, mirror in paired.session.mirrors.items():
+            self.metrics.set_secondary_queue(paired.charger_id, name, mirror.depth)
 
     def action(self, paired: PairedSession, action: Action) -> None:
         kind = type(action)
@@ -435,8 +474,16 @@ class MetricsListener(Listener):
         elif kind is ProxyCallFailed:
             outcome = "timeout" if action.reason == "timeout" else "closed"  # type: ignore[union-attr]
             self.metrics.own_call(action.action, outcome)  # type: ignore[union-attr]
+        elif kind is MirrorDropped:
+            self.metrics.secondary_frame_dropped(action.upstream, action.action, action.reason)  # type: ignore[union-attr]
+        elif kind is Policed:
+            self.metrics.policy_refusal(action.upstream, action.action, action.mode)  # type: ignore[union-attr]
 
     def upstream_state(self, paired: PairedSession, name: str, up: bool, reason: str) -> None:
+        if name != paired.session.primary:  # a secondary: its own series, not the backend's
+            self.metrics.secondary_changed(paired.charger_id, name, up)
+            self._queues(paired)
+            return
         connects = paired.upstream_connects.get(name, 0)
         if up:
             (self.metrics.upstream_reconnected if connects > 1 else self.metrics.upstream_opened)(paired.charger_id)

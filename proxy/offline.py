@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from proxy.frames import Frame, build_error, build_result, payload_of
+from proxy.frames import Frame, MessageType, build_error, build_result, payload_of
 
 #: Actions whose frames carry a transactionId that must follow the mapping.
 TRANSACTION_ACTIONS = frozenset({"MeterValues", "StopTransaction"})
@@ -205,7 +205,9 @@ def map_transaction(frame: Frame, mapping: Mapping[int, int]) -> str:
 
 
 def started_transaction(answer: Frame) -> int | None:
-    """The backend's transactionId from a StartTransaction CALLRESULT."""
+    """The backend's transactionId from a StartTransaction CALLRESULT (None for a CALLERROR or garbage)."""
+    if answer.kind is not MessageType.CALLRESULT:
+        return None
     try:
         payload = payload_of(answer)
     except (ValueError, IndexError):

@@ -270,16 +270,22 @@ class PairedSession:
     async def _link(self, name: str) -> None:
         """One upstream for the life of the pair: relay while connected, reopen while the wallbox stays."""
         connection = self.upstreams.get(name)
-        if connection is None:
-            await self._lost(name, "unreachable when the wallbox connected")
-        else:
+        secondary = name != self.session.primary
+        if connection is not None:
             await self._connected(name, connection)
+        elif not secondary:  # a secondary is opened here, without a first wait
+            await self._lost(name, "unreachable when the wallbox connected")
         connector = self.reconnect.get(name)
         if connector is None:
             return
         backoff = Backoff(self.settings.reconnect_min, self.settings.reconnect_max)
-        while True:
-            await trio.sleep(backoff.next_delay())
+        first = secondary and connection is None
+        while not self._ending:  # the pair is closing: no new connection
+            if not first:
+                await trio.sleep(backoff.next_delay())
+            first = False
+            if self._ending:
+                return
             try:
                 async with connector() as connection:
                     backoff.reset()
@@ -296,6 +302,7 @@ class PairedSession:
         replay = name == self.session.primary and self.queued > 0
         self.session.upstream_up(name, replay=replay)
         self._tell_upstream(name, True, "")
+        await self._execute(self.session.secondary_up(name, trio.current_time()))  # a secondary's backlog
         closed: tuple[int, str] | None = None
         async with trio.open_nursery() as link:
             if replay:
@@ -311,7 +318,10 @@ class PairedSession:
             link.cancel_scope.cancel()
         code, reason = closed or (closecodes.GOING_AWAY, "")
         if self._ending:
-            return  # the pair is closing: not an outage (session_closed accounts for this leg)
+            # The pair is closing (not an outage): _end is closing this connection and needs its
+            # reader, which lives in the connector's block, until the close handshake is done;
+            # it cancels this task afterwards.
+            await trio.sleep_forever()
         if name not in self.reconnect:
             await self._end(name, code, reason, mirror=True)
             return
@@ -441,7 +451,7 @@ class PairedSession:
         # An empty outbox has nothing to write or wait for: skip the call.
         if self._wallbox_out.pending:
             await self._wallbox_out.flush()
-        for outbox in self._upstream_out.values():
+        for outbox in list(self._upstream_out.values()):  # a link may (re)connect meanwhile
             if outbox.pending:
                 await outbox.flush()
 
@@ -516,6 +526,8 @@ class PairedSession:
         connection = self._leg(side)
         with trio.move_on_after(self.settings.close_timeout):
             await connection.aclose(exc.code, exc.reason)
+        if side not in (WALLBOX, self.session.primary):
+            return  # a secondary misbehaved: only its leg closes (and is reopened)
         code, reason = closecodes.after_violation(side, exc.code)
         await self._end(side, exc.code, exc.reason, mirror=False, other=(code, reason))
 

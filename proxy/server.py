@@ -23,11 +23,13 @@ import trio
 from proxy import closecodes, wsconn
 from proxy.config import Config, parse_listen
 from proxy.handshake import Admit, Refuse, check_client_certificate, decide
+from proxy.limiter import Limiter
 from proxy.logs import get_logger
 from proxy.offline import OfflineResponder, OfflineSettings
 from proxy.queue import AsyncQueue
 from proxy.secure import Secured, SecureLayer
 from proxy.relay import Listener, PairedSession, SessionSettings
+from proxy.secondary import Secondaries
 from proxy.session import PRIMARY, Session
 from proxy.upstream import UpstreamUnavailable, open_upstream
 
@@ -35,8 +37,10 @@ from proxy.upstream import UpstreamUnavailable, open_upstream
 class ProxyServer:
     def __init__(self, config: Config, *, listeners: Sequence[Listener] = ()) -> None:
         self.config = config
-        self.listeners = list(listeners)
         self.log = get_logger()
+        #: Load management; idle (injects nothing) without [site], meter or EMS.
+        self.limiter = Limiter(config, log=self.log)
+        self.listeners = [*listeners, self.limiter]
         self.sessions: dict[str, PairedSession] = {}
         self.ports: list[int] = []
         self._changed = trio.Event()
@@ -44,6 +48,10 @@ class ProxyServer:
         self.ready = trio.Event()
         self._secure: SecureLayer
         self._queue: AsyncQueue | None = None
+        #: Secondary upstreams: mirrors kept across sessions, their transaction ids (issue 10).
+        self.secondaries = Secondaries(config)
+        if self.secondaries.configured:
+            self.listeners.append(self.secondaries.listener)
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -52,24 +60,31 @@ class ProxyServer:
         self._secure = SecureLayer(self.config.server, self.log)  # certificate problems stop start-up
         if self.config.offline.enabled and self._queue is None:
             self._queue = AsyncQueue(Path(self.config.offline.data_dir) / "queue.sqlite3")
+        self.secondaries.open()
         host, port = parse_listen(self.config.server.listen)
         listeners = await trio.open_tcp_listeners(port, host=host or None)
         self.ports = sorted({lst.socket.getsockname()[1] for lst in listeners})
         self.log.info("listening", address=self.config.server.listen, ports=self.ports,
                       tls=self.config.server.tls)
         try:
-            async with trio.open_nursery() as connections:
-                with trio.CancelScope() as self._accepting:
-                    async with trio.open_nursery() as accepting:
-                        for listener in listeners:
-                            accepting.start_soon(self._accept, listener, connections)
-                        self.ready.set()
-                        task_status.started(self.ports)
-                # stop(): no new connections; free the port at once (a restart may bind it
-                # again) while the open sessions close gracefully in `connections`.
-                for listener in listeners:
-                    await trio.aclose_forcefully(listener)
+            async with trio.open_nursery() as background:
+                background.start_soon(self.secondaries.run)  # writes behind the sessions
+                async with trio.open_nursery() as connections:
+                    await connections.start(self.limiter.run)
+                    with trio.CancelScope() as self._accepting:
+                        async with trio.open_nursery() as accepting:
+                            for listener in listeners:
+                                accepting.start_soon(self._accept, listener, connections)
+                            self.ready.set()
+                            task_status.started(self.ports)
+                    # stop(): no new connections; free the port at once (a restart may bind it
+                    # again) while the open sessions close gracefully in `connections`.
+                    self.limiter.stop()  # closing sessions get no new limits
+                    for listener in listeners:
+                        await trio.aclose_forcefully(listener)
+                background.cancel_scope.cancel()
         finally:
+            self.secondaries.close()
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
 
@@ -94,6 +109,12 @@ class ProxyServer:
             for paired in list(self.sessions.values()):
                 nursery.start_soon(paired.shutdown, code, reason)
         await self.wait_sessions(0)
+
+    def reload(self, config: Config) -> None:
+        """New settings for new connections and for load management; open sessions stay."""
+        self.config = config
+        self.limiter.reconfigure(config)
+        self.log.info("config_reloaded", chargers=len(config.chargers), site=config.site is not None)
 
     async def wait_sessions(self, count: int) -> None:
         """Wait until exactly ``count`` paired sessions are open (tests, shutdown)."""
@@ -185,12 +206,16 @@ class ProxyServer:
         charger_id = admit.charger.id
         subprotocol = upstream.subprotocol if upstream is not None else admit.subprotocols[0]
         session = await self._new_session(charger_id)
+        self.secondaries.attach(session, admit.charger)
         queued = (await self._queue.depth(charger_id))[0] if self._queue is not None else 0
         wallbox = await request.accept(subprotocol=subprotocol)
         log.info("session_opened", peer=peer, upstream=admit.upstream.url, subprotocol=subprotocol,
                  known=admit.known, offline=upstream is None)
-        reconnect = {PRIMARY: self._connector(admit)} if self._queue is not None else None
-        paired = PairedSession(charger_id, session, wallbox, {PRIMARY: upstream}, log=log,
+        reconnect = {PRIMARY: self._connector(admit)} if self._queue is not None else {}
+        secondaries = self.secondaries.connectors(admit.charger, subprotocol)  # opened by the pair's links
+        reconnect.update(secondaries)
+        upstreams = {PRIMARY: upstream, **dict.fromkeys(secondaries)}
+        paired = PairedSession(charger_id, session, wallbox, upstreams, log=log,
                                settings=self._session_settings(), listeners=self.listeners,
                                reconnect=reconnect, queue=self._queue, queued=queued)
         await self._register(paired)

@@ -21,6 +21,11 @@ Rules it enforces:
   pipelining (a backend that does not wait for answers) is left as it was:
   holding its second CALL behind its first would change what it sees.
 * Answers to the proxy's CALLs (ids ``ocpp-proxy:<n>``) are consumed here.
+* Secondaries with a :class:`~proxy.mirror.Mirror` (``mirrors``) get their
+  copies through it (own queue, own transaction ids, replay on reconnect:
+  ``secondary_up`` / ``secondary_down``), and their answers go to it. CALLs
+  from any upstream are judged by ``policy`` (:mod:`proxy.policy`) before they
+  may reach the wallbox.
 """
 
 from __future__ import annotations
@@ -45,6 +50,20 @@ from proxy.frames import (
     replace_id,
     strict_problem,
 )
+from proxy.mirror import (
+    Mirror,
+    MirrorCompleted,
+    MirrorDropped,
+    MirrorEvent,
+    MirrorQueued,
+    MirrorSend,
+    MirrorStartKnown,
+    MirrorState,
+    MirrorUnqueued,
+    TxMapped,
+    transaction_id,
+)
+from proxy.policy import CommandPolicy
 
 WALLBOX = "wallbox"
 PROXY = "proxy"
@@ -124,6 +143,15 @@ class CallCompleted:
 
 
 @dataclass(frozen=True, slots=True)
+class Policed:
+    """A CALL from ``upstream`` was answered by the proxy (``mode`` answer or reject), not forwarded."""
+
+    upstream: str
+    action: str
+    mode: str
+
+
+@dataclass(frozen=True, slots=True)
 class Persist:
     """Store a CALL answered locally; send ``answer`` to the wallbox only once it is committed."""
 
@@ -143,7 +171,8 @@ class Replayed:
 
 
 Action = (ToWallbox | ToUpstream | ProxyAnswer | ProxyCallFailed | Malformed | Observed | CallCompleted
-          | Persist | Replayed)
+          | Persist | Replayed | Policed | MirrorDropped | TxMapped | MirrorQueued | MirrorUnqueued | MirrorState
+          | MirrorStartKnown)
 
 
 # --- state -----------------------------------------------------------------------
@@ -174,6 +203,10 @@ class Session:
     observe: frozenset[str] = frozenset()
     #: Per action: how a CALL's text changes on its way to a destination.
     rewriters: dict[str, Rewriter] = field(default_factory=dict)
+    #: Who may send which command to the wallbox; None: every upstream's CALLs are forwarded.
+    policy: CommandPolicy | None = None
+    #: Secondaries whose copies go through a Mirror (the others get copies directly).
+    mirrors: dict[str, Mirror] = field(default_factory=dict)
     #: Local answers while the primary is down; None: no offline mode (the pair closes instead).
     offline: OfflineResponder | None = None
     #: Local transactionId → the backend's, learned when replayed StartTransactions are answered.
@@ -214,10 +247,13 @@ class Session:
         report = self._inspect(name, frame)
         if report is not None and report.dropped:
             return self._refuse(report)
+        mirror = self.mirrors.get(name)
         if frame.kind is MessageType.CALL:
-            actions = self._submit(name, frame, self._from_upstream_text(name, frame), now)
+            actions = self._upstream_call(name, frame, now)
         elif frame.kind is None:
             actions = [ToWallbox(text)] if name == self.primary else []
+        elif mirror is not None:
+            actions = self._mirrored(name, mirror.from_upstream(frame, now))
         else:
             actions = self._upstream_answer(name, frame, now)
         return actions if report is None else [report, *actions]
@@ -236,9 +272,21 @@ class Session:
                 return True
         return False
 
+    def secondary_up(self, name: str, now: float) -> list[Action]:
+        """A mirrored secondary's connection opened: replay what it missed."""
+        mirror = self.mirrors.get(name)
+        return [] if mirror is None else self._mirrored(name, mirror.link_up(now, owner=self))
+
+    def secondary_down(self, name: str) -> None:
+        mirror = self.mirrors.get(name)
+        if mirror is not None:
+            mirror.link_down(owner=self)
+
     def poll(self, now: float) -> list[Action]:
         """Expire CALLs that were not answered in time."""
         actions: list[Action] = []
+        for name, mirror in self.mirrors.items():
+            actions += self._mirrored(name, mirror.poll(now))
         for wire_id, pending in list(self._to_wallbox.items()):
             if now - pending.sent_at >= self.call_timeout:
                 del self._to_wallbox[wire_id]
@@ -257,6 +305,10 @@ class Session:
         oldest = next(iter(self._from_wallbox.values()), None)
         if oldest is not None:
             deadlines.append(oldest.sent_at + 2 * self.call_timeout)
+        for mirror in self.mirrors.values():
+            deadline = mirror.next_deadline()
+            if deadline is not None:
+                deadlines.append(deadline)
         return min(deadlines, default=None)
 
     def close(self) -> list[Action]:
@@ -269,6 +321,8 @@ class Session:
                    for w in self._waiting if w.origin == PROXY]
         self._to_wallbox.clear()
         self._waiting.clear()
+        for mirror in self.mirrors.values():
+            mirror.link_down(owner=self)
         return failed
 
     # -- upstream availability (offline mode) ---------------------------------------------
@@ -276,13 +330,15 @@ class Session:
     def upstream_down(self, name: str, now: float) -> list[Action]:
         """An upstream is gone. For the primary, CALLs it never answered are answered locally."""
         self._down.add(name)
+        self.secondary_down(name)
         if name != self.primary or self.offline is None:
             return []
         actions: list[Action] = []
         for msg_id, pending in list(self._from_wallbox.items()):
             if pending.origin == WALLBOX and pending.call is not None:
                 del self._from_wallbox[msg_id]
-                actions.extend(self._answer_locally(pending.call))
+                local = self._answer_locally(pending.call)
+                actions.extend(local + self._local_start(msg_id, local))
         return actions
 
     def upstream_up(self, name: str, replay: bool = False) -> None:
@@ -323,20 +379,30 @@ class Session:
         watched = action in self.observe
         actions: list[Action] = [Observed(WALLBOX, frame, action)] if watched else []
         if self.offline_mode:
-            return self._answer_locally(frame) + actions
+            local = self._answer_locally(frame)
+            return local + self._mirror_copies(frame, now) + self._local_start(msg_id, local) + actions
         keep = frame if watched or self.offline is not None else None
         self._from_wallbox.pop(msg_id, None)  # a retransmission moves to the back
         self._from_wallbox[msg_id] = _Pending(WALLBOX, msg_id, action, now, keep)
         sends: list[Action] = [ToUpstream(name, self._to_upstream_text(name, frame))
-                               for name in self.upstreams if name not in self._down]
-        return sends + actions
+                               for name in self.upstreams if name not in self._down and name not in self.mirrors]
+        return sends + self._mirror_copies(frame, now) + actions
+
+    def _mirror_copies(self, frame: Frame, now: float) -> list[Action]:
+        """Secondaries get their copies through their mirrors, whatever the primary's state."""
+        actions: list[Action] = []
+        for name, mirror in self.mirrors.items():
+            text = self._to_upstream_text(name, frame)
+            actions += self._mirrored(name, mirror.offer(frame if text is frame.text else classify(text), now))
+        return actions
 
     def _from_upstream_text(self, name: str, frame: Frame) -> str:
         text = self._rewrite(name, WALLBOX, frame)
-        if self.transactions and frame.action in BACKEND_TRANSACTION_ACTIONS:
+        if self.transactions and frame.action in BACKEND_TRANSACTION_ACTIONS and name == self.primary:
             backend_to_local = {b: loc for loc, b in self.transactions.items()}
-            mapped = map_transaction(frame, backend_to_local)  # the wallbox knows its local id
-            if mapped is not frame.text:
+            rewritten = frame if text is frame.text else classify(text)  # map on top of a clamp
+            mapped = map_transaction(rewritten, backend_to_local)  # the wallbox knows its local id
+            if mapped is not rewritten.text:
                 text = mapped
         return text
 
@@ -370,10 +436,41 @@ class Session:
             actions.append(ToWallbox(frame.text))
             if pending is not None:
                 del self._from_wallbox[frame.msg_id or ""]
+                if pending.action == "StartTransaction" and self.mirrors:
+                    actions += self.wallbox_transaction(frame.msg_id or "", frame)
         if pending is not None:
             actions.append(CallCompleted(name, pending.action, now - pending.sent_at))
             if pending.call is not None and name == self.primary and pending.action in self.observe:
                 actions.append(Observed(name, frame, pending.action, pending.call))
+        return actions
+
+    def wallbox_transaction(self, msg_id: str, answer: Frame) -> list[Action]:
+        """The wallbox got ``answer`` to its StartTransaction ``msg_id``: tell the mirrors its id."""
+        wallbox_tx = transaction_id(answer)
+        return [] if wallbox_tx is None else self._tell_mirrors(msg_id, wallbox_tx)
+
+    def _local_start(self, msg_id: str, local: list[Action]) -> list[Action]:
+        """Offline: the id the proxy handed out is the wallbox's transactionId for the mirrors."""
+        for action in local:
+            if isinstance(action, Persist) and action.local_transaction_id is not None:
+                return self._tell_mirrors(msg_id, action.local_transaction_id)
+        return []
+
+    def _tell_mirrors(self, msg_id: str, wallbox_tx: int) -> list[Action]:
+        actions: list[Action] = []
+        for name, mirror in self.mirrors.items():
+            actions += self._mirrored(name, mirror.wallbox_transaction(msg_id, wallbox_tx))
+        return actions
+
+    def _mirrored(self, name: str, events: list[MirrorEvent]) -> list[Action]:
+        actions: list[Action] = []
+        for event in events:
+            if isinstance(event, MirrorSend):
+                actions.append(ToUpstream(name, event.text))
+            elif isinstance(event, MirrorCompleted):
+                actions.append(CallCompleted(name, event.action, event.seconds))
+            else:
+                actions.append(event)
         return actions
 
     def _learn(self, call: Frame, answer: Frame) -> None:
@@ -381,6 +478,21 @@ class Session:
             self.offline.learn(call, answer)
 
     # -- upstreams / proxy → wallbox ------------------------------------------------------
+
+    def _upstream_call(self, name: str, frame: Frame, now: float) -> list[Action]:
+        """Policy first (forward, answer or reject), then a mirrored secondary's transaction ids."""
+        if self.policy is not None:
+            decision = self.policy.decide(name, frame)
+            if decision.reply is not None:
+                return [Policed(name, frame.action or "", decision.mode), ToUpstream(name, decision.reply)]
+        mirror = self.mirrors.get(name)
+        if mirror is not None:
+            text, error = mirror.inbound(frame)
+            if error is not None:
+                return [ToUpstream(name, error)]
+            if text != frame.text:
+                frame = classify(text)
+        return self._submit(name, frame, self._from_upstream_text(name, frame), now)
 
     def _submit(self, origin: str, frame: Frame, text: str, now: float) -> list[Action]:
         if not self._waiting and self._slot_free_for(origin):

@@ -86,6 +86,8 @@ class LoopThread:
                 pass
             self.loop.call_soon_threadsafe(self.loop.stop)
             self._thread.join(timeout=10)
+        if not self.loop.is_running() and not self.loop.is_closed():
+            self.loop.close()  # its selector and self-pipe: not left to the garbage collector
 
 
 class Recorder:
@@ -189,6 +191,8 @@ class SimBackend:
     on_frame: Callable[[str, str, str], None] | None = None
     #: An ssl.SSLContext for wss:// (server side), None for ws://.
     ssl: Any = None
+    #: The first transactionId it hands out (several backends in one test hand out different ones).
+    first_transaction_id: int = 1001
     handlers: dict[str, BackendChargePointHandler] = field(default_factory=dict)
     recorders: dict[str, Recorder] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
@@ -196,6 +200,9 @@ class SimBackend:
     connected: threading.Event = field(default_factory=threading.Event)
     _server: Any = None
     _tx: Any = field(default_factory=lambda: itertools.count(1001))
+
+    def __post_init__(self) -> None:
+        self._tx = itertools.count(self.first_transaction_id)
 
     def auth_status(self, id_tag: str) -> str:
         return "Blocked" if id_tag.startswith("BLOCKED") else "Accepted"
@@ -306,9 +313,12 @@ class SimWallbox(OcppPeer):  # type: ignore[misc]
         self.commands.append("TriggerMessage")
         return call_result.TriggerMessage(status="Accepted")
 
-    async def run_session(self, id_tag: str = "04A2B3C4D5E6F7") -> dict[str, Any]:
+    async def run_session(self, id_tag: str = "04A2B3C4D5E6F7", charging_time: float = 0.0) -> dict[str, Any]:
         """Boot, heartbeat, status, authorize, a transaction with signed meter values,
-        a Giro-E DataTransfer, stop. Returns what the backend answered."""
+        a Giro-E DataTransfer, stop. Returns what the backend answered.
+
+        ``charging_time``: seconds the car charges between start and stop (the demo's
+        load management needs time to show)."""
         boot = await self.call(call.BootNotification(charge_point_model="Sim-22", charge_point_vendor="ocpp-proxy"))
         await self.call(call.Heartbeat())
         await self.call(call.StatusNotification(connector_id=1, error_code="NoError", status="Preparing"))
@@ -317,6 +327,8 @@ class SimWallbox(OcppPeer):  # type: ignore[misc]
                                                       timestamp=now_iso()))
         tx = start.transaction_id
         await self.call(call.StatusNotification(connector_id=1, error_code="NoError", status="Charging"))
+        if charging_time:
+            await asyncio.sleep(charging_time)
         await self.call(call.MeterValues(connector_id=1, transaction_id=tx, meter_value=[{
             "timestamp": now_iso(),
             "sampledValue": [

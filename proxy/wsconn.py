@@ -167,27 +167,25 @@ class WsConnection:
             if key == payload:
                 break
 
-    async def _peer_closed(self, code: int, reason: str) -> None:
-        if self._reason is None:
-            self._reason = CloseReason(code, reason or None)
+    async def _send_close_once(self, code: int, reason: str) -> None:
         if not self._close_sent:
             self._close_sent = True
             try:
                 await self._write(wsframes.encode(CLOSE, wsframes.close_payload(code, reason), self.is_client))
             except ConnectionClosed:
                 pass
+
+    async def _peer_closed(self, code: int, reason: str) -> None:
+        if self._reason is None:
+            self._reason = CloseReason(code, reason or None)
+        await self._send_close_once(code, reason)
         self._finish()
         await self._close_stream()
 
     async def _violation(self, code: int, reason: str) -> None:
         if self._reason is None:
             self._reason = CloseReason(code, reason)
-        if not self._close_sent:
-            self._close_sent = True
-            try:
-                await self._write(wsframes.encode(CLOSE, wsframes.close_payload(code, reason), self.is_client))
-            except ConnectionClosed:
-                pass
+        await self._send_close_once(code, reason)
         self._finish()
         if code != wsframes.MESSAGE_TOO_BIG:
             await self._close_stream()

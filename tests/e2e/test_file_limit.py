@@ -24,7 +24,8 @@ async def test_soft_open_file_limit_is_raised_to_the_hard_limit(tmp_path: Path) 
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     config = tmp_path / "proxy.toml"
     config.write_text('[server]\nlisten = "127.0.0.1:0"\n[backend]\nurl = "ws://127.0.0.1:9/ocpp"\n'
-                      '[metrics]\nlisten = ""\n[log]\nformat = "json"\n')
+                      '[metrics]\nlisten = ""\n[log]\nformat = "json"\n'
+                      f'[offline]\ndata_dir = "{tmp_path}/data"\n')
     process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
                                                cwd=ROOT, stderr=subprocess.PIPE, preexec_fn=low_soft_limit)
     proxy = ProxyProcess(process)

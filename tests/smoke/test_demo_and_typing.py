@@ -18,6 +18,8 @@ def test_demo_runs_and_reports_byte_identical_frames() -> None:
     text = out.getvalue()
     assert "all frames arrived byte-identical" in text
     assert "CP002" in text and "DataTransfer" in text and "StopTransaction" in text
+    # Two wallboxes share the demo's 32 A site limit: the proxy's limits are shown.
+    assert "◀─ proxy    limit 16 A (ChargePointMaxProfile)" in text and "limits set by the proxy" in text
 
 
 def test_mypy_strict_is_clean() -> None:

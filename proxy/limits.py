@@ -1,0 +1,660 @@
+"""The local limit engine (sans-IO): events in, a current limit per charger out.
+
+Everything here is plain arithmetic on amperes and seconds. The engine knows
+nothing about OCPP frames, sockets or clocks: callers feed it what happened
+(a charger connected, its status, its measured phase currents, a grid meter
+reading, an EMS limit, a new configuration) together with ``now`` (any
+monotonic clock, seconds), and ask :meth:`LimitEngine.targets` for the limit
+each connected charger should have. The trio side turns those limits into
+charging profiles.
+
+How a limit is found (SPEC section 4):
+
+* house load per phase = grid meter − managed chargers' estimated draw
+  (``_estimated_draw``: a car held by its limit counts at its limit, one
+  drawing less at its MeterValues sample); without a meter the house load is
+  only what unmanaged chargers draw, so ``max_current`` is the chargers' budget;
+* headroom = site limit (config, lowered by the EMS) − house load, per phase;
+* chargers that want current are admitted by priority, running ones before
+  paused ones (so a newcomer never knocks a running charger out), each only
+  if its minimum fits; a charger whose minimum does not fit gets 0 (paused)
+  rather than a current the car cannot use;
+* the rest of the headroom is shared by priority, and fairly (equal current)
+  within one priority, up to each charger's cap (its max_current, the EMS
+  limit, the backend's own limit);
+* chargers without a car (Available, Finishing, ...) share what is then
+  left, the same way: under-used sites send no profile at every plug-in,
+  crowded ones keep idle chargers at 0 so a new car never overloads the fuse;
+* decreases apply at once; increases only every ``ramp_up_interval`` and by at
+  least ``hysteresis``; a charger paused for lack of headroom stays paused for
+  ``min_hold_time`` and needs its minimum plus ``hysteresis`` to resume;
+* while a configured meter has not been read yet or is stale, every charger
+  that wants current gets ``fallback_current`` (0 with ``fail_closed``).
+
+Arithmetic is done in integer tenths of an ampere (OCPP limits have one
+decimal), so "the sum never exceeds the headroom" holds exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+#: Connector statuses in which a charger wants current. ``SuspendedEVSE`` is
+#: what a wallbox reports while the proxy pauses it: it still wants current.
+DEMANDING = frozenset({"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE"})
+
+INFINITE = math.inf
+#: A car drawing within this of its limit is taken to be held by the limit (it
+#: will follow the next one); one drawing less draws what it wants.
+LIMITED_MARGIN = 1.0
+#: Caps and headroom above this are "unlimited" (in tenths of an ampere).
+_UNLIMITED = 10**9
+
+
+# --- settings --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SiteLimits:
+    """Engine view of ``[site]`` (plus whether a grid meter is configured)."""
+
+    max_current: float = INFINITE
+    phases: int = 3
+    meter: bool = False
+    meter_timeout: float = 10.0
+    #: None: each charger's min_current.
+    fallback_current: float | None = None
+    fail_closed: bool = False
+    ramp_up_interval: float = 15.0
+    hysteresis: float = 1.0
+    min_hold_time: float = 60.0
+
+
+@dataclass(frozen=True)
+class ChargerLimits:
+    """Engine view of one ``[[chargers]]`` entry."""
+
+    max_current: float = 16.0
+    min_current: float = 6.0
+    phases: int = 3
+    #: The site phase (1-3) the charger's L1 is wired to.
+    first_phase: int = 1
+    priority: int = 0
+    enabled: bool = True
+    on_disable: str = "clear"
+
+    @property
+    def managed(self) -> bool:
+        """A disabled charger with ``on_disable = "clear"`` is left to itself."""
+        return self.enabled or self.on_disable == "block"
+
+
+# --- outputs ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ChargerView:
+    """What the engine knows about one charger (EMS registers, metrics, demo)."""
+
+    #: "offline", or the charger's last StatusNotification status ("Available"
+    #: until the first one): what the EMS register table reports.
+    state: str
+    status: str | None
+    currents: tuple[float, float, float]
+    power_w: float | None
+    energy_wh: float | None
+    local_limit: float | None
+    backend_limit: float | None
+    effective_limit: float | None
+    enabled: bool
+    transaction: bool
+    fallback: bool
+    ems_limit: float | None = None
+    #: The engine's view: offline | unmanaged | blocked | idle | charging | paused
+    mode: str = "offline"
+
+
+@dataclass(frozen=True)
+class SiteView:
+    #: In force: the configured limit, lowered by the EMS.
+    site_limit: float
+    house_load: tuple[float, ...]
+    headroom: tuple[float, ...]
+    meter_fresh: bool
+    fallback: bool
+    config_limit: float | None = None
+    ems_limit: float | None = None
+
+
+# --- allocation (pure) -------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Demand:
+    """One charger asking for current, in tenths of an ampere."""
+
+    charger_id: str
+    priority: int
+    minimum: int
+    cap: int
+    phases: frozenset[int]
+    running: bool
+
+
+def allocate(demands: Iterable[Demand], headroom: list[int], hysteresis: int = 0) -> dict[str, int]:
+    """Share ``headroom`` (per phase) among ``demands``; every result is 0 or in [minimum, cap].
+
+    Admission reserves minimums in order (priority, running first, id); a
+    paused charger needs ``minimum + hysteresis`` to be admitted. Then each
+    priority group, highest first, fills up to its caps with equal increments.
+    """
+    ordered = sorted(demands, key=lambda d: (-d.priority, not d.running, d.charger_id))
+    result = {d.charger_id: 0 for d in ordered}
+    remaining = list(headroom)
+    admitted: list[Demand] = []
+    for demand in ordered:
+        if demand.cap < demand.minimum or demand.minimum <= 0 and demand.cap <= 0:
+            continue
+        need = demand.minimum if demand.running else demand.minimum + hysteresis
+        if all(remaining[ph] >= max(need, 1) for ph in demand.phases):
+            admitted.append(demand)
+            for ph in demand.phases:
+                remaining[ph] -= demand.minimum
+            result[demand.charger_id] = demand.minimum
+    for priority in sorted({d.priority for d in admitted}, reverse=True):
+        _fill([d for d in admitted if d.priority == priority], result, remaining)
+    return result
+
+
+def _fill(group: list[Demand], result: dict[str, int], remaining: list[int]) -> None:
+    """Progressive filling: raise everyone equally until a cap or a phase runs out."""
+    active = [d for d in group if result[d.charger_id] < d.cap]
+    while active:
+        users: dict[int, int] = {}
+        for d in active:
+            for ph in d.phases:
+                users[ph] = users.get(ph, 0) + 1
+        step = min(d.cap - result[d.charger_id] for d in active)
+        for ph, count in users.items():
+            step = min(step, remaining[ph] // count)
+        frozen: set[str] = set()
+        if step > 0:
+            for d in active:
+                result[d.charger_id] += step
+                for ph in d.phases:
+                    remaining[ph] -= step
+        else:
+            # Fewer tenths left on a phase than chargers on it: hand them out in order.
+            tight = {ph for ph, count in users.items() if remaining[ph] < count}
+            for d in active:
+                if d.phases & tight:
+                    if all(remaining[ph] >= 1 for ph in d.phases):
+                        result[d.charger_id] += 1
+                        for ph in d.phases:
+                            remaining[ph] -= 1
+                    frozen.add(d.charger_id)
+        active = [d for d in active if d.charger_id not in frozen and result[d.charger_id] < d.cap
+                  and all(remaining[ph] > 0 for ph in d.phases)]
+
+
+def tenths_down(amps: float) -> int:
+    if amps >= _UNLIMITED / 10:
+        return _UNLIMITED
+    return max(0, math.floor(amps * 10 + 1e-6))
+
+
+def tenths_up(amps: float) -> int:
+    return max(0, math.ceil(amps * 10 - 1e-6))
+
+
+# --- the engine --------------------------------------------------------------------------
+
+@dataclass
+class _Charger:
+    limits: ChargerLimits
+    connected: bool = False
+    statuses: dict[int, str] = field(default_factory=dict)
+    transactions: set[int] = field(default_factory=set)
+    currents: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    power_w: float | None = None
+    energy_wh: float | None = None
+    ems_limit: float | None = None
+    ems_enabled: bool = True
+    backend_limit: float | None = None
+    #: The limit last decided (tenths); None before the first decision.
+    applied: int | None = None
+    last_increase: float | None = None
+    #: When the engine paused it for lack of headroom (not: idle).
+    paused_at: float | None = None
+    #: The limit in force when ``currents`` were sampled while the car was
+    #: charging; None: no such sample since the car started.
+    sampled_at_limit: int | None = None
+    #: Per site phase (tenths): what the car drew when a sample showed it taking
+    #: clearly less than it was allowed; it draws that much, not its limit.
+    demand: dict[int, int] = field(default_factory=dict)
+    fallback: bool = False
+
+    def demanding(self) -> bool:
+        if self.transactions:
+            return True
+        statuses = [s for connector, s in self.statuses.items() if connector > 0]
+        if not statuses:
+            return self.statuses.get(0) not in ("Unavailable", "Faulted")  # unknown: assume it may
+        return any(s in DEMANDING for s in statuses)
+
+    def drawing(self) -> bool:
+        """A car is charging (as far as the charger said)."""
+        return "Charging" in self.statuses.values() or (bool(self.transactions) and not self.statuses)
+
+    def status(self) -> str | None:
+        for connector in sorted(self.statuses):
+            if connector > 0:
+                return self.statuses[connector]
+        return self.statuses.get(0)
+
+
+class LimitEngine:
+    """Limits per charger from site, meter, EMS and charger inputs.
+
+    ``on_input`` (optional) is called after every input, so a driver can
+    recompute at once instead of at its next tick.
+    """
+
+    def __init__(self, site: SiteLimits = SiteLimits(), chargers: Mapping[str, ChargerLimits] | None = None,
+                 default: ChargerLimits = ChargerLimits()) -> None:
+        self.site = site
+        self.default = default
+        self._configured: dict[str, ChargerLimits] = dict(chargers or {})
+        self._chargers: dict[str, _Charger] = {}
+        self._meter: tuple[float, float, float] | None = None
+        self._meter_at: float | None = None
+        self._ems_site: float | None = None
+        self._fallback = False
+        self.on_input: Callable[[], None] | None = None
+
+    # -- inputs: configuration ---------------------------------------------------------------
+
+    def configure(self, site: SiteLimits, chargers: Mapping[str, ChargerLimits],
+                  default: ChargerLimits | None = None, now: float = 0.0) -> None:
+        """A reloaded configuration; connected chargers keep their state."""
+        self.site = site
+        self.default = default or self.default
+        self._configured = dict(chargers)
+        for charger_id, state in self._chargers.items():
+            limits = self._limits_for(charger_id)
+            if limits.managed != state.limits.managed:
+                state.applied = state.paused_at = None
+            state.limits = limits
+        if not site.meter:
+            self._meter = self._meter_at = None
+        self._changed()
+
+    def _limits_for(self, charger_id: str) -> ChargerLimits:
+        return self._configured.get(charger_id, self.default)
+
+    def _state(self, charger_id: str) -> _Charger:
+        state = self._chargers.get(charger_id)
+        if state is None:
+            state = self._chargers[charger_id] = _Charger(self._limits_for(charger_id))
+        return state
+
+    # -- inputs: chargers ------------------------------------------------------------------------
+
+    def charger_connected(self, charger_id: str, now: float) -> None:
+        state = self._state(charger_id)
+        state.connected = True
+        state.statuses.clear()
+        state.transactions.clear()
+        state.applied = None
+        state.paused_at = None
+        state.sampled_at_limit = None
+        state.demand.clear()
+        self._changed()
+
+    def charger_disconnected(self, charger_id: str, now: float) -> None:
+        state = self._chargers.get(charger_id)
+        if state is not None:
+            state.connected = False
+            state.statuses.clear()
+            state.transactions.clear()
+            state.currents = (0.0, 0.0, 0.0)
+            state.power_w = None
+            state.applied = None
+            self._changed()
+
+    def status(self, charger_id: str, connector_id: int, status: str, now: float) -> None:
+        """StatusNotification of one connector (0: the whole charge point)."""
+        state = self._state(charger_id)
+        if status == "Charging" and not state.drawing():
+            state.sampled_at_limit = None  # samples from before the car drew say nothing now
+            state.demand.clear()
+        state.statuses[connector_id] = status
+        if status not in DEMANDING and connector_id > 0 and not state.transactions:
+            state.currents = (0.0, 0.0, 0.0)
+        self._changed()
+
+    def measured(self, charger_id: str, currents: tuple[float, float, float], now: float,
+                 power_w: float | None = None, energy_wh: float | None = None) -> None:
+        """Phase currents (L1, L2, L3 of the charger) from MeterValues."""
+        state = self._state(charger_id)
+        state.currents = currents
+        state.sampled_at_limit = state.applied if state.drawing() else None
+        self._learn_demand(state)
+        if power_w is not None:
+            state.power_w = power_w
+        if energy_wh is not None:
+            state.energy_wh = energy_wh
+        self._changed()
+
+    def transaction_started(self, charger_id: str, connector_id: int, now: float) -> None:
+        self._state(charger_id).transactions.add(connector_id)
+        self._changed()
+
+    def transaction_stopped(self, charger_id: str, connector_id: int | None, now: float) -> None:
+        """``connector_id`` None: the connector is not known (StopTransaction has none)."""
+        state = self._state(charger_id)
+        if connector_id is None:
+            state.transactions.clear()
+        else:
+            state.transactions.discard(connector_id)
+        if not state.transactions:
+            state.currents = (0.0, 0.0, 0.0)
+        self._changed()
+
+    def backend_limit(self, charger_id: str, amps: float | None, now: float) -> None:
+        """The backend's own composite limit on this charger (None: none)."""
+        state = self._state(charger_id)
+        if state.backend_limit != amps:
+            state.backend_limit = amps
+            self._changed()
+
+    # -- inputs: meter and EMS (the Modbus side) ----------------------------------------------------
+
+    def meter_reading(self, currents: tuple[float, float, float], now: float) -> None:
+        """Grid phase currents at the site's connection point."""
+        self._meter = currents
+        self._meter_at = now
+        self._changed()
+
+    def meter_lost(self, now: float) -> None:
+        """The meter stopped answering: fallback until the next reading."""
+        self._meter = self._meter_at = None
+        self._changed()
+
+    def ems_site_limit(self, amps: float | None, now: float) -> None:
+        """Site limit per phase written by the EMS (None: only the configured one)."""
+        self._ems_site = amps
+        self._changed()
+
+    def ems_charger_limit(self, charger_id: str, amps: float | None, now: float) -> None:
+        self._state(charger_id).ems_limit = amps
+        self._changed()
+
+    def ems_charger_enabled(self, charger_id: str, enabled: bool, now: float) -> None:
+        """An EMS pause is a limit of 0; the charger's profile stays installed."""
+        self._state(charger_id).ems_enabled = enabled
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_input is not None:
+            self.on_input()
+
+    # -- outputs --------------------------------------------------------------------------------
+
+    @property
+    def site_limit(self) -> float:
+        if self._ems_site is None:
+            return self.site.max_current
+        return min(self.site.max_current, max(0.0, self._ems_site))
+
+    def meter_fresh(self, now: float) -> bool:
+        return self._meter_at is not None and now - self._meter_at <= self.site.meter_timeout
+
+    def managed(self, charger_id: str) -> bool:
+        state = self._chargers.get(charger_id)
+        return (state.limits if state else self._limits_for(charger_id)).managed
+
+    def targets(self, now: float) -> dict[str, float]:
+        """The limit (A, 0 = paused) of every connected managed charger, as of ``now``.
+
+        This commits: ramp-up and hold timers count from the values returned.
+        """
+        managed = {cid: s for cid, s in self._chargers.items() if s.connected and s.limits.managed}
+        self._fallback = self.site.meter and not self.meter_fresh(now)
+        wanted = self._fallback_targets(managed, now) if self._fallback else self._share(managed, now)
+        result: dict[str, float] = {}
+        for charger_id, state in managed.items():
+            state.fallback = self._fallback
+            result[charger_id] = self._apply(state, wanted.get(charger_id, 0), now) / 10
+        return result
+
+    def next_event(self, now: float) -> float | None:
+        """The next time a target may change without new input (meter goes stale, timers)."""
+        times: list[float] = []
+        if self.site.meter and self._meter_at is not None and self.meter_fresh(now):
+            times.append(self._meter_at + self.site.meter_timeout + 1e-3)
+        for state in self._chargers.values():
+            if not state.connected:
+                continue
+            if state.last_increase is not None and now < state.last_increase + self.site.ramp_up_interval:
+                times.append(state.last_increase + self.site.ramp_up_interval)
+            if state.paused_at is not None and now < state.paused_at + self.site.min_hold_time:
+                times.append(state.paused_at + self.site.min_hold_time)
+        return min(times, default=None)
+
+    def charger_view(self, charger_id: str) -> ChargerView | None:
+        state = self._chargers.get(charger_id)
+        if state is None:
+            return None
+        local = None if state.applied is None or not state.limits.managed else state.applied / 10
+        limits = [v for v in (local, state.backend_limit) if v is not None]
+        return ChargerView(
+            state=(state.status() or "Available") if state.connected else "offline", status=state.status(),
+            currents=state.currents, mode=self._state_name(state),
+            power_w=state.power_w, energy_wh=state.energy_wh, local_limit=local,
+            backend_limit=state.backend_limit, effective_limit=min(limits) if limits else None,
+            enabled=state.limits.enabled and state.ems_enabled, transaction=bool(state.transactions),
+            fallback=state.fallback and state.connected, ems_limit=state.ems_limit)
+
+    def site_view(self, now: float) -> SiteView:
+        house = self._house_load(self._managed_connected(), self.meter_fresh(now), now)
+        limit = self.site_limit
+        return SiteView(site_limit=limit, house_load=tuple(h / 10 for h in house),
+                        headroom=tuple(max(0.0, round(limit - h / 10, 1)) for h in house),
+                        meter_fresh=self.meter_fresh(now), fallback=self._fallback,
+                        config_limit=None if math.isinf(self.site.max_current) else self.site.max_current,
+                        ems_limit=self._ems_site)
+
+    def chargers(self) -> list[str]:
+        return sorted(self._chargers)
+
+    # -- internals ------------------------------------------------------------------------------------
+
+    def _managed_connected(self) -> dict[str, _Charger]:
+        return {cid: s for cid, s in self._chargers.items() if s.connected and s.limits.managed}
+
+    @staticmethod
+    def _state_name(state: _Charger) -> str:
+        if not state.connected:
+            return "offline"
+        if not state.limits.managed:
+            return "unmanaged"
+        if not (state.limits.enabled and state.ems_enabled):
+            return "blocked"
+        if not state.demanding():
+            return "idle"
+        return "charging" if state.applied else "paused"
+
+    def _phases(self, limits: ChargerLimits) -> frozenset[int]:
+        count = self.site.phases
+        first = (limits.first_phase - 1) % count
+        return frozenset((first + i) % count for i in range(min(limits.phases, count)))
+
+    def _site_phase_currents(self, state: _Charger, cap: int | None, round_up: bool) -> list[int]:
+        """The charger's measured draw on each site phase, never above its limit.
+
+        Rounded towards the safe side: down where it is subtracted from the
+        grid reading, up where it adds to the house load.
+        """
+        out = [0] * self.site.phases
+        count = self.site.phases
+        first = (state.limits.first_phase - 1) % count
+        for i, amps in enumerate(state.currents[:min(state.limits.phases, count)]):
+            value = tenths_up(amps) if round_up else tenths_down(amps)
+            if cap is not None:
+                value = min(value, cap)
+            out[(first + i) % count] += value
+        return out
+
+    def _learn_demand(self, state: _Charger) -> None:
+        """After a sample: per phase, did the car take what it was allowed, or clearly less?"""
+        allowed = state.sampled_at_limit
+        if allowed is None or allowed <= 0:
+            return  # paused or not charging: the sample says nothing about what it wants
+        raw = self._site_phase_currents(state, None, False)
+        for ph in self._phases(state.limits):
+            if raw[ph] < allowed - tenths_up(LIMITED_MARGIN):
+                state.demand[ph] = raw[ph]
+            else:
+                state.demand.pop(ph, None)
+
+    @staticmethod
+    def _following(state: _Charger) -> bool:
+        """A charging car whose draw at its current limit no sample has confirmed yet."""
+        applied, sampled = state.applied, state.sampled_at_limit
+        return (state.drawing() and applied is not None and applied > 0 and not state.demand
+                and (sampled is None or applied > sampled))
+
+    def _estimated_draw(self, state: _Charger) -> list[int]:
+        """What a managed charger draws now, per site phase, as the grid meter sees it.
+
+        MeterValues lag the grid meter (often by a minute), so a sample alone
+        misleads: a car that just started, or was just allowed more, would look
+        like house load and be paused again at once. So a *following* car (one
+        charging at a limit no sample has confirmed yet) is counted at its
+        limit, and in return gets no increase until a sample confirms it
+        (:meth:`_share`), so an estimate that is too high can neither feed on
+        itself nor hand the same current to another charger. A car seen
+        drawing clearly less than it was allowed draws that; otherwise a
+        charger counts at its sample, never above its limit.
+        """
+        measured = self._site_phase_currents(state, state.applied, False)
+        applied = state.applied
+        if applied is None or not state.drawing():
+            return measured
+        phases = self._phases(state.limits)
+        following = self._following(state)
+        out = []
+        for ph, m in enumerate(measured):
+            if ph in state.demand:
+                out.append(min(state.demand[ph], applied))
+            elif following and ph in phases:
+                out.append(applied)
+            else:
+                out.append(m)
+        return out
+
+    def _house_load(self, managed: Mapping[str, _Charger], use_meter: bool, now: float) -> list[int]:
+        """Per site phase, tenths: what the managed chargers cannot change.
+
+        Without a (fresh) meter that is only what unmanaged chargers draw.
+        With a meter: grid − the managed chargers' estimated draw
+        (:meth:`_estimated_draw`). A measured current counts at most up to the
+        charger's limit, so a sample from before a decrease never makes the
+        house look smaller; an estimate that is too high (a car drawing less
+        than its limit before its next MeterValues) is corrected by the next
+        grid reading or sample.
+        """
+        phases = self.site.phases
+        unmanaged = [s for cid, s in self._chargers.items() if s.connected and cid not in managed]
+        if use_meter and self._meter is not None:
+            house = [tenths_up(self._meter[ph]) for ph in range(phases)]
+            for state in managed.values():
+                for ph, draw in enumerate(self._estimated_draw(state)):
+                    house[ph] -= draw
+            return [max(0, h) for h in house]
+        house = [0] * phases
+        for state in unmanaged:
+            for ph, draw in enumerate(self._site_phase_currents(state, None, True)):
+                house[ph] += draw
+        return house
+
+    def _cap(self, state: _Charger) -> int:
+        if not (state.limits.enabled and state.ems_enabled):
+            return 0
+        caps = [state.limits.max_current]
+        caps += [v for v in (state.ems_limit, state.backend_limit) if v is not None]
+        return tenths_down(max(0.0, min(caps)))
+
+    def _in_hold(self, state: _Charger, now: float) -> bool:
+        return (state.applied == 0 and state.paused_at is not None
+                and now - state.paused_at < self.site.min_hold_time)
+
+    def _share(self, managed: Mapping[str, _Charger], now: float) -> dict[str, int]:
+        house = self._house_load(managed, self.site.meter, now)
+        limit = tenths_down(self.site_limit)
+        headroom = [max(0, limit - h) for h in house]
+        hysteresis = tenths_up(self.site.hysteresis)
+        wanting = {cid: s for cid, s in managed.items() if s.demanding()}
+        result = allocate((self._demand(cid, s) for cid, s in wanting.items() if not self._in_hold(s, now)),
+                          headroom, hysteresis)
+        # Chargers without a car share what is left, so a car plugged in there
+        # starts at once where the site has room; they never take from the others.
+        for cid, value in result.items():
+            for ph in self._phases(managed[cid].limits):
+                headroom[ph] -= value
+        idle = allocate((self._demand(cid, s) for cid, s in managed.items() if cid not in wanting),
+                        headroom, hysteresis)
+        return {**result, **idle}
+
+    def _demand(self, charger_id: str, state: _Charger) -> Demand:
+        cap = self._cap(state)
+        if self.site.meter and state.applied is not None and self._following(state):
+            cap = min(cap, state.applied)  # more only once a sample shows it uses what it has
+        return Demand(charger_id, state.limits.priority, tenths_up(state.limits.min_current), cap,
+                      self._phases(state.limits), running=bool(state.applied))
+
+    def _fallback_targets(self, managed: Mapping[str, _Charger], now: float) -> dict[str, int]:
+        """Stale inputs: each charger its fallback, as far as the site limit allows (cars first)."""
+        if self.site.fail_closed:
+            return {}
+        remaining = [max(0, tenths_down(self.site_limit) - h) for h in self._house_load(managed, False, now)]
+        wanted: dict[str, int] = {}
+        order = sorted(managed.items(), key=lambda item: (not item[1].demanding(), -item[1].limits.priority,
+                                                           item[0]))
+        for charger_id, state in order:
+            fallback = state.limits.min_current if self.site.fallback_current is None else self.site.fallback_current
+            value = min(tenths_down(fallback), self._cap(state))
+            if value < tenths_up(state.limits.min_current) or value <= 0:
+                continue
+            phases = self._phases(state.limits)
+            if all(remaining[ph] >= value for ph in phases):
+                for ph in phases:
+                    remaining[ph] -= value
+                wanted[charger_id] = value
+        return wanted
+
+    def _apply(self, state: _Charger, target: int, now: float) -> int:
+        """Hysteresis, ramp-up and hold: what the charger actually gets now."""
+        previous = state.applied
+        site = self.site
+        if previous is None or target < previous:
+            if target == 0 and previous and state.demanding():
+                state.paused_at = now
+            elif target == 0 and not state.demanding():
+                state.paused_at = None
+            state.applied = target
+            return target
+        if target == previous:
+            return previous
+        resuming_idle = previous == 0 and state.paused_at is None
+        ramp_ok = (state.last_increase is None or now - state.last_increase >= site.ramp_up_interval
+                   or resuming_idle)
+        if previous == 0:
+            allowed = ramp_ok and not self._in_hold(state, now)
+        else:
+            allowed = ramp_ok and target - previous >= tenths_up(site.hysteresis)
+        if allowed:
+            state.applied = target
+            state.last_increase = now
+            state.paused_at = None
+        return state.applied if state.applied is not None else target

@@ -1,0 +1,47 @@
+"""The load-management keys: defaults, an absent [site], and errors that name key and line."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.config import ConfigError, loads
+from proxy.limiter import charger_limits, load_management, site_limits
+
+BASE = '[backend]\nurl = "ws://backend.example/ocpp"\n'
+
+
+def test_no_site_section_means_no_load_management() -> None:
+    config = loads(BASE + '[[chargers]]\nid = "CP1"\n')
+    assert config.site is None and not load_management(config)
+
+
+def test_site_and_charger_keys() -> None:
+    config = loads(BASE + '[site]\nmax_current = 35\nfallback_current = 0\nfail_closed = true\n'
+                   '[[chargers]]\nid = "CP1"\nmax_current = 32\nmin_current = 8\nphases = 1\nfirst_phase = 2\n'
+                   'priority = 2\nenabled = false\non_disable = "block"\nstrategy = "tx-default"\nunit = "W"\n')
+    assert load_management(config)
+    site = site_limits(config)
+    assert (site.max_current, site.phases, site.fallback_current, site.fail_closed, site.meter) == (
+        35.0, 3, 0.0, True, False)
+    assert site_limits(loads(BASE + "[site]\nmax_current = 20\n")).fallback_current is None  # -1: min_current
+    limits = charger_limits(config.chargers[0])
+    assert (limits.max_current, limits.min_current, limits.phases, limits.first_phase, limits.priority) == (
+        32.0, 8.0, 1, 2, 2)
+    assert not limits.enabled and limits.managed  # block: still managed, at 0
+    assert (config.chargers[0].strategy, config.chargers[0].unit) == ("tx-default", "W")
+
+
+def test_errors_name_key_and_line() -> None:
+    text = (BASE + "[site]\nphases = 2\nhysteresis = -1\nstrategy = \"fastest\"\n"
+            '[[chargers]]\nid = "CP1"\nmin_current = 20\non_disable = "explode"\nphases = 4\n')
+    with pytest.raises(ConfigError) as caught:
+        loads(text, "site.toml")
+    rendered = str(caught.value)
+    for expected in ("site.toml:3: site.max_current: is required",
+                     "site.toml:4: site.phases: must be 1 or 3",
+                     "site.toml:5: site.hysteresis: must be 0 or greater",
+                     "site.toml:6: site.strategy: must be one of max-profile, tx-default",
+                     "site.toml:10: chargers[0].on_disable: must be one of clear, block",
+                     "site.toml:11: chargers[0].phases: must be 1, 2 or 3",
+                     "site.toml:9: chargers[0].min_current: is above max_current (16.0)"):
+        assert expected in rendered, rendered
