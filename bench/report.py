@@ -241,6 +241,19 @@ def markdown(document: dict[str, Any]) -> str:
                            f"{r['before_bytes'] / 2**20:.1f} → {r['after_bytes'] / 2**20:.1f} | "
                            f"{_all_answered(r)} |")
         out.append("")
+    limit_keys = [k for k in results if k.startswith("limits_")]
+    for key in limit_keys:
+        r = results[key].get("proxy", {})
+        out += [f"## Limit change → SetChargingProfile ({key.split('_')[1]} wallboxes)", "",
+                "`bench/limit_latency.py`: an EMS site-limit change makes the limit engine give every "
+                "wallbox a new limit; time until each wallbox process has read its SetChargingProfile "
+                "(ms). Only ocpp-proxy has load management: no direct or websocat column.", ""]
+        if "p50_ms" in r:
+            out += ["| p50 | p99 | max | last wallbox of a round (median) | frames |", "|---|---|---|---|---|",
+                    f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.2f} | "
+                    f"{r['round_all_sent_p50_ms']:.2f} | {r['samples']} |", ""]
+        else:
+            out += [f"error: {r.get('error', '?')}", ""]
     if document.get("notes"):
         out += ["## Notes", ""] + [f"- {note}" for note in document["notes"]] + [""]
     return "\n".join(out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -21,6 +22,7 @@ from typing import Any
 
 from bench import report
 from bench.procs import (
+    ROOT,
     Backend,
     Direct,
     LoadGen,
@@ -31,6 +33,7 @@ from bench.procs import (
     websocat_binary,
     workdir,
 )
+from bench.procs import _env as env
 from bench.sysinfo import load_average, machine, pss_bytes, raise_nofile, rss_bytes, system_busy_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -51,6 +54,9 @@ class Settings:
     websocat_max: int = 1000
     paths: tuple[str, ...] = ("direct", "proxy", "websocat")
     loadgen_procs: int = 1
+    #: Limit change → SetChargingProfile (bench/limit_latency.py); 0 wallboxes skips it.
+    limit_wallboxes: int = 100
+    limit_rounds: int = 20
 
 
 @dataclass
@@ -247,6 +253,27 @@ def run_idle(suite: Suite) -> None:
             suite.results.setdefault(f"idle_{count}", {})[name] = result
 
 
+def run_limits(suite: Suite) -> None:
+    """bench/limit_latency.py in a child process (its proxy runs in-process there, its peers in a third)."""
+    settings = suite.settings
+    if not settings.limit_wallboxes:
+        return
+    suite.log(f"limits n={settings.limit_wallboxes} ({settings.limit_rounds} rounds)")
+    budget = 120.0 + settings.limit_rounds * 10
+    code = ("import json, sys, trio; from bench.limit_latency import bench_main; "
+            f"print(json.dumps(trio.run(bench_main, {settings.limit_wallboxes}, {settings.limit_rounds}, {budget})))")
+    try:
+        done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env(), capture_output=True, text=True,
+                              timeout=budget + 30)
+        if done.returncode != 0:
+            raise RuntimeError(f"exit {done.returncode}: {done.stderr.strip()[-300:]}")
+        result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+        result.pop("worst", None)
+    except (subprocess.TimeoutExpired, RuntimeError, ValueError, IndexError) as exc:
+        result = {"error": f"{type(exc).__name__}: {exc}"[:300]}
+    suite.results[f"limits_{settings.limit_wallboxes}"] = {"proxy": result}
+
+
 def build_paths(settings: Settings, work: Path, notes: list[str]) -> dict[str, Path_]:
     paths: dict[str, Path_] = {}
     for name in settings.paths:
@@ -283,6 +310,7 @@ def run_suite(settings: Settings, out: Path | None = RESULTS) -> dict[str, Any]:
         if settings.setup_count:
             run_repeated(suite, "setup", (settings.setup_count,), measure_setup)
         run_idle(suite)
+        run_limits(suite)
     finally:
         for path in paths.values():
             path.stop()
@@ -306,7 +334,8 @@ def run_suite(settings: Settings, out: Path | None = RESULTS) -> dict[str, Any]:
 
 def quick_settings() -> Settings:
     return Settings(rate_counts=(1, 100), saturate_counts=(1, 100), setup_count=200, idle_counts=(1000,),
-                    rate_duration=4.0, saturate_duration=3.0, repeats=1, settle=1.0)
+                    rate_duration=4.0, saturate_duration=3.0, repeats=1, settle=1.0, limit_wallboxes=20,
+                    limit_rounds=5)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -314,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small counts, short windows, one run")
     parser.add_argument("--repeats", type=int, help="runs per scenario (median reported)")
     parser.add_argument("--paths", help="comma-separated subset of direct,proxy,websocat")
-    parser.add_argument("--only", help="comma-separated subset of rate,saturate,setup,idle")
+    parser.add_argument("--only", help="comma-separated subset of rate,saturate,setup,idle,limits")
     parser.add_argument("--counts", help="comma-separated wallbox counts for the rate and saturation scenarios")
     parser.add_argument("--loadgen-procs", type=int, help="load generator processes in saturation runs")
     parser.add_argument("--out", type=Path, default=RESULTS, help="report directory (default: %(default)s)")
@@ -338,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
             settings.setup_count = 0
         if "idle" not in only:
             settings.idle_counts = ()
+        if "limits" not in only:
+            settings.limit_wallboxes = 0
     document = run_suite(settings, args.out)
     print(report.markdown(document))
     return 0

