@@ -10,18 +10,9 @@ from hypothesis import strategies as st
 from proxy.frames import classify
 from proxy.mirror import Mirror, TxMapped
 from proxy.policy import CommandPolicy
-from proxy.session import PRIMARY, Action, CallCompleted, Policed, Session, ToUpstream, ToWallbox
+from proxy.session import PRIMARY, CallCompleted, Policed, Session, ToWallbox
 from tests.unit.test_mirror import SIGNED, boot, meter, start, status, stop
-
-
-def sent(actions: list[Action]) -> list[tuple[str, str]]:
-    out = []
-    for action in actions:
-        if isinstance(action, ToWallbox):
-            out.append(("wallbox", action.text))
-        elif isinstance(action, ToUpstream):
-            out.append((action.name, action.text))
-    return out
+from tests.unit.test_session import sent
 
 
 def three_way(**policy: dict[str, str]) -> Session:
