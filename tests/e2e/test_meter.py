@@ -12,6 +12,7 @@ from proxy.modbus.client import ModbusClient
 from proxy.modbus.maps import METERS
 from proxy.modbus.meter import MeterPoller
 from proxy.simulators import LoopThread, SimModbusDevice
+from tests.e2e.test_offline import wait_until
 from tests.peers import in_loop
 
 
@@ -21,12 +22,6 @@ def sdm630(l1: float, l2: float, l3: float) -> dict[int, int]:
         data = struct.pack(">f", value)
         registers[address], registers[address + 1] = int.from_bytes(data[:2], "big"), int.from_bytes(data[2:], "big")
     return registers
-
-
-async def wait_for(condition: object, timeout: float = 5.0) -> None:
-    with trio.fail_after(timeout):
-        while not condition():  # type: ignore[operator]
-            await trio.sleep(0.02)
 
 
 async def test_meter_readings_stall_and_recovery(peers: LoopThread, nursery: trio.Nursery) -> None:
@@ -43,22 +38,22 @@ async def test_meter_readings_stall_and_recovery(peers: LoopThread, nursery: tri
                          poll_interval=0.05, stale_after=0.5, log=get_logger())
     nursery.start_soon(poller.run)
 
-    await wait_for(lambda: poller.last is not None)
+    await wait_until(lambda: poller.last is not None)
     assert poller.last.currents == (5.0, 5.0, 5.0)  # type: ignore[union-attr]
     assert engine.targets(trio.current_time())["CP1"] == 16  # 32 A fuse, 5 A house load
 
     # The grid reading includes the car (16 A): 45 A means a 29 A house load, 3 A left, below 6 A.
     meter.input.update(sdm630(45.0, 45.0, 45.0))
-    await wait_for(lambda: poller.last is not None and poller.last.currents[0] == 45.0)
+    await wait_until(lambda: poller.last is not None and poller.last.currents[0] == 45.0)
     assert engine.targets(trio.current_time())["CP1"] == 0  # paused rather than starved
 
     meter.silent = True  # the meter stops answering: fallback within stale_after
-    await wait_for(lambda: poller.lost)
+    await wait_until(lambda: poller.lost)
     assert engine.targets(trio.current_time())["CP1"] == 6  # fallback_current default: its minimum
     assert not engine.site_view(trio.current_time()).meter_fresh
 
     meter.input.update(sdm630(5.0, 5.0, 5.0))
     meter.silent = False  # recovery restores normal limits
-    await wait_for(lambda: not poller.lost)
+    await wait_until(lambda: not poller.lost)
     assert engine.site_view(trio.current_time()).meter_fresh
     await in_loop(peers, meter.stop())
