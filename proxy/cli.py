@@ -134,7 +134,7 @@ async def run_proxy(config: Config, source: str = "", pidfile: str = "") -> None
     from proxy.server import ProxyServer
 
     log = logs.get_logger()
-    metrics = Metrics(charger.id for charger in config.chargers)
+    metrics = Metrics(charger.id for charger in config.all_chargers)
     server = ProxyServer(config, listeners=[MetricsListener(metrics)])
     server.limiter.sinks.append(metrics)
     monitor = Monitor(config, metrics, server, source=source)
@@ -153,7 +153,7 @@ async def run_proxy(config: Config, source: str = "", pidfile: str = "") -> None
                 if signum == signal.SIGHUP:
                     log.info("reloading", file=source)
                     if source and reload_from(server, source, log):
-                        metrics.set_configured(charger.id for charger in server.config.chargers)
+                        metrics.set_configured(charger.id for charger in server.config.all_chargers)
                     continue
                 log.info("stopping", signal=signal.Signals(signum).name, sessions=len(server.sessions))
                 break

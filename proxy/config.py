@@ -203,6 +203,28 @@ class ChargerSettings:
                         choices=("A", "W"))
 
 
+@dataclass(frozen=True, kw_only=True)
+class ModbusChargerSettings(ChargerSettings):
+    """A Modbus-only wallbox the proxy presents to the backend as an OCPP 1.6 charge point."""
+
+    modbus: str = required("the wallbox's Modbus TCP address, HOST:PORT (an RS485 gateway for RTU wallboxes)",
+                           check=listen_address)
+    modbus_unit: int = setting(1, "Modbus unit (device) id", check=non_negative)
+    map: str = setting("heidelberg", "register map: heidelberg (Heidelberg/Amperfied Energy Control)",
+                       choices=("heidelberg",))
+    fixed_id_tag: str = setting("", "idTag for Authorize and StartTransaction when a car plugs in (wallboxes "
+                                "without a reader); empty: charging starts by RemoteStartTransaction only")
+    vendor: str = setting("", "chargePointVendor in BootNotification; empty: the map's vendor")
+    model: str = setting("", "chargePointModel in BootNotification; empty: the map's model")
+    serial_number: str = setting("", "chargePointSerialNumber in BootNotification; empty: not sent")
+    poll_interval: float = setting(1.0, "seconds between reads of the wallbox's registers", check=positive)
+    timeout: float = setting(1.0, "seconds per Modbus request", check=positive)
+    fault_after: float = setting(10.0, "seconds without an answer before the charge point reports Faulted",
+                                 check=positive)
+    meter_interval: int = setting(60, "MeterValueSampleInterval, seconds between MeterValues in a transaction "
+                                  "(the backend may change it with ChangeConfiguration)", check=non_negative)
+
+
 @dataclass(frozen=True)
 class SiteSettings:
     """Local load management; without this section the proxy injects nothing."""
@@ -325,16 +347,38 @@ class Config:
     ems: EmsSettings = field(default_factory=EmsSettings, metadata={"doc": "energy manager interface (Modbus TCP)"})
     chargers: list[ChargerSettings] = field(default_factory=list,
                                             metadata={"doc": "one entry per wallbox"})
+    modbus_chargers: list[ModbusChargerSettings] = field(default_factory=list, metadata={
+        "doc": "Modbus-only wallboxes, each presented to the backend as an OCPP 1.6 charge point"})
     site: SiteSettings | None = field(default=None, metadata={
         "doc": "local load management; absent: the proxy injects no charging profile"})
     backends: dict[str, SecondarySettings] = field(default_factory=dict, metadata={
         "doc": "named secondary backends, referenced by chargers' secondaries"})
 
+    @property
+    def all_chargers(self) -> list[ChargerSettings]:
+        """Every managed charger: OCPP wallboxes, then virtual charge points (the EMS register order)."""
+        return [*self.chargers, *self.modbus_chargers]
+
     def charger(self, charge_box_id: str) -> ChargerSettings | None:
+        """The OCPP wallbox allowed to connect as ``charge_box_id`` (virtual ones never connect)."""
         for charger in self.chargers:
             if charger.id == charge_box_id:
                 return charger
         return None
+
+    def is_virtual(self, charge_box_id: str) -> bool:
+        return any(c.id == charge_box_id for c in self.modbus_chargers)
+
+    def settings_for(self, charger_id: str) -> ChargerSettings | None:
+        """Any charger's settings, virtual ones included (load management, secondaries)."""
+        return next((c for c in self.all_chargers if c.id == charger_id), None)
+
+    def charger_entries(self) -> Iterator[tuple[str, ChargerSettings]]:
+        """(config key, charger) for every entry, so checks name the right table."""
+        for i, charger in enumerate(self.chargers):
+            yield f"chargers[{i}]", charger
+        for i, virtual in enumerate(self.modbus_chargers):
+            yield f"modbus_chargers[{i}]", virtual
 
     def upstream_for(self, charger: ChargerSettings) -> UpstreamTarget:
         backend = self.backend
@@ -579,13 +623,12 @@ def _tname_type(hint: Any) -> str:
 def _cross_checks(config: Config, index: _LineIndex) -> list[Problem]:
     """Rules that span several keys."""
     problems: list[Problem] = []
-    seen: dict[str, int] = {}
-    for i, charger in enumerate(config.chargers):
-        key = f"chargers[{i}]"
+    seen: dict[str, str] = {}
+    for key, charger in config.charger_entries():
         if charger.id in seen:
             problems.append(Problem(f"{key}.id", f"duplicate charger id {charger.id!r} "
-                                    f"(also chargers[{seen[charger.id]}])", index.find(f"{key}.id")))
-        seen.setdefault(charger.id, i)
+                                    f"(also {seen[charger.id]})", index.find(f"{key}.id")))
+        seen.setdefault(charger.id, key)
         if charger.min_current > charger.max_current:
             problems.append(Problem(f"{key}.min_current", f"is above max_current ({charger.max_current})",
                                     index.find(f"{key}.min_current")))
@@ -656,11 +699,11 @@ def _secondary_checks(config: Config, index: _LineIndex) -> list[Problem]:
             problem(f"backends.{name}", "name must be 1-40 of A-Z a-z 0-9 _ - and not primary, wallbox or proxy")
         if not entry.url:
             problem(f"backends.{name}.url", "is required")
-    for i, charger in enumerate(config.chargers):
-        problems += _policy_problems(charger.upstream_policy, f"chargers[{i}].upstream_policy", index)
+    for base, charger in config.charger_entries():
+        problems += _policy_problems(charger.upstream_policy, f"{base}.upstream_policy", index)
         where: dict[str, str] = {}  # secondary name → its table's key
         for j, name in enumerate(charger.secondaries):
-            key = f"chargers[{i}].secondaries[{j}]"
+            key = f"{base}.secondaries[{j}]"
             if name not in config.backends:
                 known = ", ".join(sorted(config.backends)) or "none"
                 problem(key, f"no [backends.{name}] table (defined: {known})")
@@ -669,7 +712,7 @@ def _secondary_checks(config: Config, index: _LineIndex) -> list[Problem]:
             else:
                 where[name] = f"backends.{name}"
         for j, entry in enumerate(charger.secondary):
-            key = f"chargers[{i}].secondary[{j}]"
+            key = f"{base}.secondary[{j}]"
             if not _NAME.fullmatch(entry.name) or entry.name in _RESERVED_NAMES:
                 problem(f"{key}.name", "must be 1-40 of A-Z a-z 0-9 _ - and not primary, wallbox or proxy")
             elif entry.name in where:
@@ -679,13 +722,13 @@ def _secondary_checks(config: Config, index: _LineIndex) -> list[Problem]:
             if not entry.url:
                 problem(f"{key}.url", "is required")
             problems += _policy_problems(entry.policy, f"{key}.policy", index)
-        problems += _policy_conflicts(config, i, where, index)
+        problems += _policy_conflicts(config, base, charger, where, index)
     return problems
 
 
-def _policy_conflicts(config: Config, i: int, where: dict[str, str], index: _LineIndex) -> list[Problem]:
+def _policy_conflicts(config: Config, entry: str, charger: ChargerSettings, where: dict[str, str],
+                      index: _LineIndex) -> list[Problem]:
     """Two upstreams that may both change one kind of wallbox state: refused, naming both."""
-    charger = config.chargers[i]
     tables: dict[str, tuple[dict[str, str], str]] = {"primary": (config.primary_policy(charger), "")}
     for target in config.secondaries_for(charger):
         tables[target.name] = (target.settings.policy, where.get(target.name, ""))
@@ -694,7 +737,7 @@ def _policy_conflicts(config: Config, i: int, where: dict[str, str], index: _Lin
     for conflict in conflicts(upstreams):
         table, base = tables[conflict.second]
         action = next((a for a in conflict.actions if a in table), ANY if ANY in table else conflict.actions[0])
-        key = f"{base}.policy.{action}" if base else f"chargers[{i}].upstream_policy"
+        key = f"{base}.policy.{action}" if base else f"{entry}.upstream_policy"
         first = _describe_upstream(conflict.first, tables[conflict.first][1])
         second = _describe_upstream(conflict.second, base)
         via = "" if conflict.actions == (conflict.state,) else f" ({', '.join(conflict.actions)})"

@@ -74,6 +74,8 @@ def decide(config: Config, path: str, headers: Sequence[tuple[bytes, bytes]],
         return Refuse(400, "bad_path", "charge point id is not valid UTF-8")
     if cb_id is None:
         return Refuse(404, "no_charge_point_id", f"path {path[:100]!r} names no charge point")
+    if config.is_virtual(cb_id):  # the proxy itself is that charge point; a second one would replace it
+        return Refuse(409, "virtual_charge_point", "id belongs to a [[modbus_chargers]] entry", cb_id)
     charger = config.charger(cb_id)
     known = charger is not None
     if charger is None:

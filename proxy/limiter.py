@@ -110,7 +110,7 @@ class Limiter(Listener):
         """Apply a (re)loaded configuration; connections stay as they are."""
         self.config = config
         was_active, self.active = self.active, load_management(config)
-        chargers = {c.id: charger_limits(c) for c in config.chargers}
+        chargers = {c.id: charger_limits(c) for c in config.all_chargers}
         self.engine.configure(site_limits(config), chargers, default=charger_limits(ChargerSettings(id="")),
                               now=_now())
         for charger_id, control in self.controls.items():
@@ -124,7 +124,7 @@ class Limiter(Listener):
 
     def _control_settings(self, charger_id: str) -> ControlSettings:
         site = site_settings(self.config)
-        charger = self.config.charger(charger_id) or ChargerSettings(id=charger_id)
+        charger = self.config.settings_for(charger_id) or ChargerSettings(id=charger_id)
         managed = self.active and (charger.enabled or charger.on_disable == "block")
         return ControlSettings(managed=managed, strategy=charger.strategy or site.strategy,
                                profile_id=site.profile_id, stack_level=site.stack_level,

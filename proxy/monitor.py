@@ -96,7 +96,7 @@ class Monitor:
     def readiness(self) -> Readiness:
         server = self.server
         listening = server is not None and server.ready.is_set()
-        return Readiness(config_source=self.source, chargers=len(self.config.chargers),
+        return Readiness(config_source=self.source, chargers=len(self.config.all_chargers),
                          ports=list(server.ports) if server is not None else [],
                          listening=listening, stopping=self.stopping, status=self.metrics.status())
 

@@ -418,3 +418,44 @@ def validate(action: str, payload: Mapping[str, Any]) -> None:
         _validate_payload(Call("validate", action, copy.deepcopy(dict(payload))), "1.6")
     except OCPPError as exc:
         raise ProfileError(f"{action}: {exc}") from exc
+
+
+# --- composite schedule (GetCompositeSchedule of a virtual charge point) -----------------------
+
+def composite_schedule(installed: Iterable[Installed], start: datetime, duration: int, *, charger_phases: int = 3,
+                       voltage: float = DEFAULT_VOLTAGE, transactions: Iterable[Transaction] = (),
+                       connectors: Iterable[int] = ()) -> list[tuple[int, float | None]]:
+    """(seconds after ``start``, limit in A or None) at each change of the composite limit.
+
+    The limit can only change where a profile's period, validity or duration
+    starts or ends, so evaluating :func:`composite_limit` at those instants is exact.
+    """
+    items, running = list(installed), list(transactions)
+    end = start + timedelta(seconds=duration)
+    instants = {start}
+    for item in items:
+        instants.update(t for t in _edges(item, start, end, running) if start <= t < end)
+    result: list[tuple[int, float | None]] = []
+    for instant in sorted(instants):
+        limit = composite_limit(items, instant, charger_phases=charger_phases, voltage=voltage,
+                                transactions=running, connectors=connectors)
+        if not result or result[-1][1] != limit:
+            result.append((int((instant - start).total_seconds()), limit))
+    return result
+
+
+def _edges(item: Installed, start: datetime, end: datetime, running: list[Transaction]) -> Iterable[datetime]:
+    profile = item.profile
+    yield from (t for t in (profile.valid_from, profile.valid_to) if t is not None)
+    if profile.kind == "Relative":
+        bases = [t.started for t in running] or [start]
+    else:
+        bases = [profile.start_schedule or profile.valid_from or item.installed_at]
+    if profile.kind == "Recurring":
+        cycle = timedelta(seconds=_RECURRENCE.get(profile.recurrency or "Daily", 86_400))
+        first = bases[0] + cycle * ((start - bases[0]) // cycle)
+        bases = [first + cycle * n for n in range(int((end - first) / cycle) + 1)]
+    for base in bases:
+        yield from (base + timedelta(seconds=p.start) for p in profile.periods)
+        if profile.duration is not None:
+            yield base + timedelta(seconds=profile.duration)

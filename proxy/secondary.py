@@ -64,7 +64,7 @@ class Secondaries:
 
     @property
     def configured(self) -> bool:
-        return any(self.config.secondaries_for(c) for c in self.config.chargers)
+        return any(self.config.secondaries_for(c) for c in self.config.all_chargers)
 
     def open(self) -> None:
         """Open the store and read it at start-up (a bad path stops the proxy here)."""

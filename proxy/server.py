@@ -14,21 +14,22 @@ from typing import Any
 
 import errno
 import functools
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
 
 import trio
 
 from proxy import closecodes, wsconn
-from proxy.config import Config, parse_listen
+from proxy.config import Config, ModbusChargerSettings, parse_listen
 from proxy.handshake import Admit, Refuse, check_client_certificate, decide
 from proxy.limiter import Limiter
+from proxy.localconn import LocalConnection
 from proxy.logs import get_logger
 from proxy.offline import OfflineResponder, OfflineSettings
 from proxy.queue import AsyncQueue
 from proxy.secure import Secured, SecureLayer
-from proxy.relay import Listener, PairedSession, SessionSettings
+from proxy.relay import Connection, Listener, PairedSession, SessionSettings
 from proxy.secondary import Secondaries
 from proxy.session import PRIMARY, Session
 from proxy.upstream import UpstreamUnavailable, open_upstream
@@ -75,6 +76,8 @@ class ProxyServer:
                         async with trio.open_nursery() as accepting:
                             for listener in listeners:
                                 accepting.start_soon(self._accept, listener, connections)
+                            for charger in self.config.modbus_chargers:  # they "connect" like wallboxes
+                                accepting.start_soon(self._virtual, charger, connections)
                             self.ready.set()
                             task_status.started(self.ports)
                     # stop(): no new connections; free the port at once (a restart may bind it
@@ -100,6 +103,16 @@ class ProxyServer:
                 await trio.sleep(0.1)
                 continue
             connections.start_soon(self._handle_stream, stream)
+
+    async def _virtual(self, charger: ModbusChargerSettings, connections: trio.Nursery) -> None:
+        from proxy.modbus.wallbox import VirtualWallbox
+
+        def open_session(wallbox: LocalConnection) -> None:
+            connections.start_soon(self.serve_virtual, charger, wallbox)
+
+        await VirtualWallbox(charger, open_session, log=self.log.bind(charger=charger.id),
+                             call_timeout=self.config.server.call_timeout,
+                             retry_max=self.config.offline.reconnect_max).run()
 
     async def stop(self, code: int = closecodes.GOING_AWAY, reason: str = "proxy shutting down") -> None:
         """Stop accepting, close every session with ``code``, wait until they are gone."""
@@ -194,21 +207,47 @@ class ProxyServer:
                                                        charger_id), peer)
                     return
                 upstream = None
-            await self._relay(request, admit, upstream, peer, log)
+            await self._relay(functools.partial(_accept_request, request), admit, upstream, peer, log)
 
     def _connector(self, admit: Admit) -> Callable[[], AbstractAsyncContextManager[wsconn.WsConnection]]:
         server = self.config.server
         return functools.partial(open_upstream, admit.upstream, admit.subprotocols,
                                  max_message_size=server.max_message_bytes, close_timeout=server.close_timeout)
 
-    async def _relay(self, request: wsconn.WsRequest, admit: Admit, upstream: wsconn.WsConnection | None,
-                     peer: str, log: Any) -> None:
+    async def serve_virtual(self, charger: ModbusChargerSettings, wallbox: LocalConnection) -> None:
+        """A virtual charge point's session: paired like a wallbox's, without a handshake.
+
+        The upstream refusing (4xx) or being down without offline mode closes
+        ``wallbox`` with 1008 or 1013 and the reason; its runner retries later.
+        """
+        admit = Admit(charger, self.config.upstream_for(charger), (wallbox.subprotocol,), known=True)
+        log = self.log.bind(charger=charger.id)
+        peer = f"modbus:{charger.modbus}"
+        try:
+            async with AsyncExitStack() as stack:
+                try:
+                    upstream = await stack.enter_async_context(self._connector(admit)())
+                except UpstreamUnavailable as exc:
+                    log.warning("upstream_unavailable", peer=peer, url=admit.upstream.url, reason=exc.reason,
+                                status=exc.status)
+                    if not (self._queue is not None and exc.status >= 500):
+                        code = closecodes.TRY_AGAIN_LATER if exc.status >= 500 else closecodes.POLICY_VIOLATION
+                        await wallbox.aclose(code, closecodes.truncate(f"upstream: {exc.reason}"))
+                        return
+                    upstream = None
+                await self._relay(_accept_local(wallbox), admit, upstream, peer, log)
+        except Exception as exc:  # noqa: BLE001 - as for a socket connection: logged, contained
+            log.error("connection_failed", peer=peer, error=_describe(exc))
+            await wallbox.aclose(closecodes.INTERNAL_ERROR, "proxy error")
+
+    async def _relay(self, accept: Callable[[str | None], Awaitable[Connection]], admit: Admit,
+                     upstream: wsconn.WsConnection | None, peer: str, log: Any) -> None:
         charger_id = admit.charger.id
         subprotocol = upstream.subprotocol if upstream is not None else admit.subprotocols[0]
         session = await self._new_session(charger_id)
         self.secondaries.attach(session, admit.charger)
         queued = (await self._queue.depth(charger_id))[0] if self._queue is not None else 0
-        wallbox = await request.accept(subprotocol=subprotocol)
+        wallbox = await accept(subprotocol)
         log.info("session_opened", peer=peer, upstream=admit.upstream.url, subprotocol=subprotocol,
                  known=admit.known, offline=upstream is None)
         reconnect = {PRIMARY: self._connector(admit)} if self._queue is not None else {}
@@ -257,6 +296,16 @@ class ProxyServer:
 
 #: accept() failures that mean "too busy right now", not "broken" (as in trio.serve_listeners).
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+async def _accept_request(request: wsconn.WsRequest, subprotocol: str | None) -> Connection:
+    return await request.accept(subprotocol=subprotocol)
+
+
+def _accept_local(connection: LocalConnection) -> Callable[[str | None], Awaitable[Connection]]:
+    async def accept(subprotocol: str | None) -> Connection:
+        return connection
+    return accept
 
 
 def _describe(exc: BaseException) -> str:

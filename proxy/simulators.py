@@ -18,6 +18,7 @@ import concurrent.futures
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -446,3 +447,59 @@ class SimModbusDevice:
     async def stop(self) -> None:
         if self._server is not None:
             await self._server.shutdown()
+
+
+class SimHeidelberg(SimModbusDevice):
+    """A Heidelberg Energy Control wallbox and its car, on the vendor's register map.
+
+    Written from the vendor's register table, independently of the proxy's map:
+    input 5 charging state (A1=2 … C2=7), 6-8 phase currents (0.1 A), 14 power
+    (VA), 17-18 energy (VAh, high word first); holding 259 remote lock, 261 max
+    current (0.1 A, 0 or 60-160). The car draws min(its own limit, the register)
+    on every phase while it requests current and the wallbox allows it; energy
+    grows with real time. ``fault`` forces a state value (9 E, 10 F, 11 error, or
+    any garbage) and ``raw`` overrides single input registers.
+    """
+
+    def __init__(self, unit: int = 1, car_amps: float = 16.0, voltage: float = 230.0) -> None:
+        super().__init__(input={4: 0x0108}, holding={257: 0, 258: 0, 259: 1, 261: 160, 262: 0}, unit=unit)
+        self.plugged = False
+        self.requesting = True      # a plugged car asks for current
+        self.car_amps = car_amps
+        self.voltage = voltage
+        self.energy_vah = 1_000_000.0
+        self.fault: int | None = None
+        self.raw: dict[int, int] = {}
+        self._last = time.monotonic()
+        self.refresh()
+
+    @property
+    def limit_amps(self) -> float:
+        return self.holding.get(261, 0) / 10
+
+    def refresh(self) -> None:
+        now = time.monotonic()
+        allowed = self.limit_amps >= 6.0 and self.holding.get(259, 1) == 1
+        amps = min(self.car_amps, self.limit_amps) if self.plugged and self.requesting and allowed else 0.0
+        self.energy_vah += 3 * amps * self.voltage * (now - self._last) / 3600
+        self._last = now
+        if not self.plugged:
+            state = 3 if allowed else 2
+        elif not self.requesting:
+            state = 5 if allowed else 4
+        else:
+            state = 7 if allowed else 6
+        tenths = round(amps * 10)
+        energy = int(self.energy_vah)
+        self.input.update({5: self.fault if self.fault is not None else state, 6: tenths, 7: tenths, 8: tenths,
+                           10: round(self.voltage), 11: round(self.voltage), 12: round(self.voltage),
+                           14: round(3 * amps * self.voltage), 17: energy >> 16, 18: energy & 0xFFFF})
+        self.input.update(self.raw)
+
+    async def _action(self, function_code: int, start: int, address: int, count: int,
+                      registers: list[int], values: list[int] | None) -> Any:
+        self.refresh()  # integrate energy up to now with the old limit
+        result = await super()._action(function_code, start, address, count, registers, values)
+        if values is not None:
+            self.refresh()
+        return result

@@ -1,0 +1,261 @@
+"""A Modbus-only wallbox appears to an ``ocpp``-library central system as an OCPP 1.6 charge point (issue 6).
+
+The wallbox is :class:`SimHeidelberg`, a real pymodbus server on 127.0.0.1 with
+the vendor's register map; the central system is the ``ocpp`` library, which
+validates every frame it receives against the OCPP 1.6 schemas and answers a
+CallError to anything invalid, so "no CallError from the backend" below means
+every frame the virtual charge point sent was schema-valid.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ocpp.v16 import call
+
+from proxy.session import PRIMARY
+from proxy.simulators import LoopThread, Recorder, SimBackend, SimHeidelberg
+from tests.conftest import StartProxy, backend_config
+from tests.e2e.test_limits_e2e import settle
+from tests.e2e.test_offline import wait_until
+from tests.peers import in_loop, wait_recorded
+
+
+def virtual_config(backend: SimBackend, modbus_port: int, extra: str = "") -> str:
+    return backend_config(backend, chargers=()) + (
+        f'[[modbus_chargers]]\nid = "HD1"\nmodbus = "127.0.0.1:{modbus_port}"\nfixed_id_tag = "FIXED-0001"\n'
+        f'poll_interval = 0.05\nmeter_interval = 1\nfault_after = 0.5\ntimeout = 0.3\n{extra}')
+
+
+def calls(recorder: Recorder, action: str) -> list[dict[str, Any]]:
+    """Payloads of the CALLs the backend received for ``action``."""
+    found = []
+    for text in list(recorder.received):
+        frame = json.loads(text)
+        if frame[0] == 2 and frame[2] == action:
+            found.append(frame[3])
+    return found
+
+
+def statuses(recorder: Recorder) -> list[str]:
+    return [p["status"] for p in calls(recorder, "StatusNotification") if p["connectorId"] == 1]
+
+
+def is_subsequence(wanted: list[str], seen: list[str]) -> bool:
+    remaining = iter(seen)
+    return all(item in remaining for item in wanted)
+
+
+async def wait_status(recorder: Recorder, status: str) -> None:
+    await wait_recorded(recorder, lambda r: bool(statuses(r)) and statuses(r)[-1] == status)
+
+
+def tx_profile(limit: float, transaction_id: int) -> dict[str, Any]:
+    return {"chargingProfileId": 7, "transactionId": transaction_id, "stackLevel": 1,
+            "chargingProfilePurpose": "TxProfile", "chargingProfileKind": "Relative",
+            "chargingSchedule": {"chargingRateUnit": "A",
+                                 "chargingSchedulePeriod": [{"startPeriod": 0, "limit": limit}]}}
+
+
+async def start_wallbox(peers: LoopThread) -> SimHeidelberg:
+    sim = SimHeidelberg()
+    await in_loop(peers, sim.start())
+    return sim
+
+
+async def plug_and_charge(backend: SimBackend, sim: SimHeidelberg) -> tuple[Recorder, int]:
+    """Plug a car in and wait until it charges; the recorder and the backend's transactionId."""
+    rec = backend.recorder("HD1")
+    await wait_status(rec, "Available")
+    sim.plugged = True
+    await wait_recorded(rec, lambda r: bool(calls(r, "StartTransaction")))
+    await wait_status(rec, "Charging")
+    transaction_id = json.loads(next(t for t in rec.sent if '"transactionId"' in t))[2]["transactionId"]
+    return rec, transaction_id
+
+
+async def test_whole_session_through_the_proxy(peers: LoopThread, backend: SimBackend,
+                                              start_proxy: StartProxy) -> None:
+    sim = await start_wallbox(peers)
+    await start_proxy(virtual_config(backend, sim.port))
+    rec = backend.recorder("HD1")
+    await wait_recorded(rec, lambda r: bool(calls(r, "BootNotification")))
+    boot = calls(rec, "BootNotification")[0]
+    assert boot == {"chargePointVendor": "Heidelberg", "chargePointModel": "Energy Control"}
+    assert backend.paths["HD1"] == "/ocpp/HD1"
+    await wait_until(lambda: sim.limit_amps == 0.0)  # no transaction, no current
+
+    # plug in: Authorize and StartTransaction with the fixed id tag, then charging at the wallbox's maximum
+    rec, transaction_id = await plug_and_charge(backend, sim)
+    start = calls(rec, "StartTransaction")[0]
+    assert calls(rec, "Authorize") == [{"idTag": "FIXED-0001"}]
+    assert start["idTag"] == "FIXED-0001" and start["connectorId"] == 1 and start["meterStart"] == 1_000_000
+    assert transaction_id == 1001
+    await wait_until(lambda: sim.limit_amps == 16.0)
+
+    # meter values from the energy and current registers, in the transaction
+    await wait_recorded(rec, lambda r: any(p.get("transactionId") == 1001 for p in calls(r, "MeterValues")))
+    sample = next(p for p in calls(rec, "MeterValues") if p.get("transactionId") == 1001)
+    values = {(v["measurand"], v.get("phase")): v for v in sample["meterValue"][0]["sampledValue"]}
+    assert values[("Current.Import", "L1")]["value"] == "16.0" and values[("Current.Import", "L1")]["unit"] == "A"
+    assert int(values[("Energy.Active.Import.Register", None)]["value"]) >= 1_000_000
+    assert values[("Power.Active.Import", None)]["value"] == str(3 * 16 * 230)
+
+    # the backend limits the transaction to 10 A: the wallbox's current register follows
+    result = await in_loop(peers, backend.call("HD1", call.SetChargingProfile(
+        connector_id=1, cs_charging_profiles=tx_profile(10, transaction_id))))
+    assert result.status == "Accepted"
+    await wait_until(lambda: sim.limit_amps == 10.0)
+    assert sim.writes[-1] == (261, [100])
+
+    # RemoteStop: StopTransaction with reason Remote, current 0, Finishing while the car is still plugged
+    stop = await in_loop(peers, backend.call("HD1", call.RemoteStopTransaction(transaction_id=transaction_id)))
+    assert stop.status == "Accepted"
+    await wait_recorded(rec, lambda r: bool(calls(r, "StopTransaction")))
+    stopped = calls(rec, "StopTransaction")[0]
+    assert stopped["transactionId"] == 1001 and stopped["reason"] == "Remote" and stopped["idTag"] == "FIXED-0001"
+    assert stopped["meterStop"] >= start["meterStart"]
+    await wait_until(lambda: sim.limit_amps == 0.0)
+    await wait_status(rec, "Finishing")
+
+    sim.plugged = False
+    await wait_status(rec, "Available")
+    assert is_subsequence(["Available", "Preparing", "Charging", "Finishing", "Available"], statuses(rec))
+    assert set(statuses(rec)) <= {"Available", "Preparing", "SuspendedEVSE", "Charging", "Finishing"}
+    assert len(calls(rec, "StartTransaction")) == 1  # unplugging after a stop starts nothing
+    assert not [t for t in rec.sent if t.startswith("[4")]  # the backend found nothing invalid
+    await in_loop(peers, sim.stop())
+
+
+async def test_composite_limit_is_min_of_backend_and_local_engine(peers: LoopThread, backend: SimBackend,
+                                                                  start_proxy: StartProxy) -> None:
+    sim = await start_wallbox(peers)
+    text = virtual_config(backend, sim.port) + "[site]\nmax_current = 7\nramp_up_interval = 0\n"
+    server = await start_proxy(text)
+    rec, transaction_id = await plug_and_charge(backend, sim)
+    await wait_until(lambda: sim.limit_amps == 7.0)  # the site's 7 A, not the wallbox's 16 A
+    result = await in_loop(peers, backend.call("HD1", call.SetChargingProfile(
+        connector_id=1, cs_charging_profiles=tx_profile(10, transaction_id))))
+    assert result.status == "Accepted"
+    # the proxy's ChargePointMaxProfile reached the virtual charge point, never the backend
+    assert not [p for p in calls(rec, "SetChargingProfile")]
+    assert not any("ocpp-proxy:" in t for t in rec.received)
+    await settle(server.limiter)
+    view = server.limiter.engine.charger_view("HD1")
+    assert view is not None and view.local_limit == 7.0
+    assert sim.limit_amps == 7.0  # min(backend 10 A, local 7 A)
+    await in_loop(peers, sim.stop())
+
+
+async def test_unplug_stops_and_commands_are_answered_like_a_wallbox(peers: LoopThread, backend: SimBackend,
+                                                                     start_proxy: StartProxy) -> None:
+    sim = await start_wallbox(peers)
+    await start_proxy(virtual_config(backend, sim.port))
+    rec, transaction_id = await plug_and_charge(backend, sim)
+
+    config = await in_loop(peers, backend.call("HD1", call.GetConfiguration(key=["MeterValueSampleInterval", "Nope"])))
+    assert config.configuration_key == [{"key": "MeterValueSampleInterval", "readonly": False, "value": "1"}]
+    assert config.unknown_key == ["Nope"]
+    change = await in_loop(peers, backend.call("HD1", call.ChangeConfiguration(key="NumberOfConnectors", value="2")))
+    assert change.status == "Rejected"  # read-only
+    change = await in_loop(peers, backend.call("HD1", call.ChangeConfiguration(key="Nope", value="1")))
+    assert change.status == "NotSupported"
+    availability = await in_loop(peers, backend.call("HD1", call.ChangeAvailability(connector_id=0,
+                                                                                     type="Inoperative")))
+    assert availability.status == "Scheduled"  # a transaction runs
+    hard = await in_loop(peers, backend.call("HD1", call.Reset(type="Hard")))
+    assert hard.status == "Rejected"
+
+    # an action of OCPP 1.6 it does not offer, and one that does not exist
+    await in_loop(peers, backend.send_raw("HD1", '[2,"u1","UpdateFirmware",{"location":"ftp://x","retrieveDate":'
+                                                 '"2026-01-01T00:00:00Z"}]'))
+    await in_loop(peers, backend.send_raw("HD1", '[2,"u2","FlyToTheMoon",{}]'))
+    await wait_recorded(rec, lambda r: sum(t.startswith("[4") for t in r.received) >= 2)
+    errors = {json.loads(t)[1]: json.loads(t)[2] for t in rec.received if t.startswith("[4")}
+    assert errors == {"u1": "NotSupported", "u2": "NotImplemented"}
+
+    sim.plugged = False  # unplugging ends the transaction
+    await wait_recorded(rec, lambda r: bool(calls(r, "StopTransaction")))
+    stopped = calls(rec, "StopTransaction")[0]
+    assert stopped["reason"] == "EVDisconnected" and stopped["transactionId"] == transaction_id
+    await wait_status(rec, "Unavailable")  # the scheduled availability change applies after the transaction
+    await wait_until(lambda: sim.limit_amps == 0.0)
+
+    operative = await in_loop(peers, backend.call("HD1", call.ChangeAvailability(connector_id=1, type="Operative")))
+    assert operative.status == "Accepted"
+    await wait_status(rec, "Available")
+    soft = await in_loop(peers, backend.call("HD1", call.Reset(type="Soft")))
+    assert soft.status == "Accepted"
+    await wait_recorded(rec, lambda r: len(calls(r, "BootNotification")) == 2)  # boots again
+    await in_loop(peers, sim.stop())
+
+
+async def test_remote_start_without_fixed_tag(peers: LoopThread, backend: SimBackend,
+                                              start_proxy: StartProxy) -> None:
+    sim = await start_wallbox(peers)
+    await start_proxy(virtual_config(backend, sim.port).replace('fixed_id_tag = "FIXED-0001"\n', ""))
+    rec = backend.recorder("HD1")
+    await wait_status(rec, "Available")
+    sim.plugged = True
+    await wait_status(rec, "Preparing")
+    assert not calls(rec, "Authorize")  # no reader and no fixed tag: it waits for the backend
+    result = await in_loop(peers, backend.call("HD1", call.RemoteStartTransaction(id_tag="APP-USER-7")))
+    assert result.status == "Accepted"
+    await wait_recorded(rec, lambda r: bool(calls(r, "StartTransaction")))
+    assert calls(rec, "StartTransaction")[0]["idTag"] == "APP-USER-7"
+    await wait_status(rec, "Charging")
+    await wait_until(lambda: sim.limit_amps == 16.0)
+    await in_loop(peers, sim.stop())
+
+
+async def test_modbus_trouble_is_logged_and_ends_no_session(peers: LoopThread, backend: SimBackend,
+                                                           start_proxy: StartProxy) -> None:
+    sim = await start_wallbox(peers)
+    server = await start_proxy(virtual_config(backend, sim.port))
+    rec, transaction_id = await plug_and_charge(backend, sim)
+    session = server.sessions["HD1"]
+
+    sim.raw = {6: 5000}  # 500 A: garbage; the reading is refused and the transaction goes on
+    sim.failing = True    # then Modbus exception responses: Faulted after fault_after
+    await wait_status(rec, "Faulted")
+    faulted = [p for p in calls(rec, "StatusNotification") if p["status"] == "Faulted"][-1]
+    assert faulted["errorCode"] == "OtherError" and "not answering" in faulted["info"]
+    sim.failing, sim.raw = False, {}
+    await wait_status(rec, "Charging")  # back: the same transaction continues
+    sim.silent = True  # timeouts
+    await wait_status(rec, "Faulted")
+    sim.silent = False
+    await wait_status(rec, "Charging")
+    sim.fault = 99  # a state value the vendor never defined
+    await wait_status(rec, "Faulted")
+    sim.fault = None
+    await wait_status(rec, "Charging")
+    assert server.sessions["HD1"] is session and not calls(rec, "StopTransaction")
+    assert len(calls(rec, "StartTransaction")) == 1
+    await in_loop(peers, sim.stop())
+
+
+async def test_backend_outage_is_bridged_by_the_offline_queue(peers: LoopThread, start_proxy: StartProxy) -> None:
+    backend = SimBackend()
+    await in_loop(peers, backend.start())
+    sim = await start_wallbox(peers)
+    text = virtual_config(backend, sim.port).replace("[backend]\n", "[backend]\nconnect_timeout = 1\n") + (
+        "[offline]\nauth = \"accept_all\"\nreconnect_min = 0.1\nreconnect_max = 0.2\n")
+    server = await start_proxy(text)
+    rec, transaction_id = await plug_and_charge(backend, sim)
+    port = backend.port
+    await in_loop(peers, backend.stop())
+    session = server.sessions["HD1"]
+    await wait_until(lambda: PRIMARY not in session.upstreams)
+    sim.plugged = False  # the transaction ends while the backend is away: answered locally, queued
+    await wait_until(lambda: session.queued > 0)
+    back = SimBackend(port=port, first_transaction_id=5000)
+    await in_loop(peers, back.start())
+    rec2 = back.recorder("HD1")
+    await wait_recorded(rec2, lambda r: bool(calls(r, "StopTransaction")), timeout=15)
+    stopped = calls(rec2, "StopTransaction")[0]
+    assert stopped["transactionId"] == transaction_id and stopped["reason"] == "EVDisconnected"
+    assert server.sessions["HD1"] is session  # the charge point never noticed the outage
+    await in_loop(peers, back.stop())
+    await in_loop(peers, sim.stop())
