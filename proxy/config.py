@@ -173,9 +173,11 @@ class InlineSecondary(SecondarySettings, _Named):
 
 
 @dataclass(frozen=True)
-class ChargerSettings:
-    id: str = required("ChargeBox id the wallbox connects with (last URL path segment)")
-    password: str = setting("", "Basic-auth password this wallbox must send (SP1/SP2)", secret=True)
+class ChargerBase:
+    """What every managed charger has: an OCPP wallbox (``[[chargers]]``) or a virtual one."""
+
+    id: str = required("charge point id: the ChargeBox id the wallbox connects with (last URL path segment); "
+                       "for a Modbus wallbox, the id it gets")
     upstream_id: str = setting("", "identity towards the backend; empty: same as id")
     upstream_url: str = setting("", "backend URL for this charger; empty: [backend] url", check=websocket_url)
     upstream_password: str = setting("", "password towards the backend; empty: [backend] password",
@@ -204,7 +206,14 @@ class ChargerSettings:
 
 
 @dataclass(frozen=True, kw_only=True)
-class ModbusChargerSettings(ChargerSettings):
+class ChargerSettings(ChargerBase):
+    """A wallbox that connects over OCPP."""
+
+    password: str = setting("", "Basic-auth password this wallbox must send (SP1/SP2)", secret=True)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModbusChargerSettings(ChargerBase):
     """A Modbus-only wallbox the proxy presents to the backend as an OCPP 1.6 charge point."""
 
     modbus: str = required("the wallbox's Modbus TCP address, HOST:PORT (an RS485 gateway for RTU wallboxes)",
@@ -355,7 +364,7 @@ class Config:
         "doc": "named secondary backends, referenced by chargers' secondaries"})
 
     @property
-    def all_chargers(self) -> list[ChargerSettings]:
+    def all_chargers(self) -> list[ChargerBase]:
         """Every managed charger: OCPP wallboxes, then virtual charge points (the EMS register order)."""
         return [*self.chargers, *self.modbus_chargers]
 
@@ -369,18 +378,18 @@ class Config:
     def is_virtual(self, charge_box_id: str) -> bool:
         return any(c.id == charge_box_id for c in self.modbus_chargers)
 
-    def settings_for(self, charger_id: str) -> ChargerSettings | None:
+    def settings_for(self, charger_id: str) -> ChargerBase | None:
         """Any charger's settings, virtual ones included (load management, secondaries)."""
         return next((c for c in self.all_chargers if c.id == charger_id), None)
 
-    def charger_entries(self) -> Iterator[tuple[str, ChargerSettings]]:
+    def charger_entries(self) -> Iterator[tuple[str, ChargerBase]]:
         """(config key, charger) for every entry, so checks name the right table."""
         for i, charger in enumerate(self.chargers):
             yield f"chargers[{i}]", charger
         for i, virtual in enumerate(self.modbus_chargers):
             yield f"modbus_chargers[{i}]", virtual
 
-    def upstream_for(self, charger: ChargerSettings) -> UpstreamTarget:
+    def upstream_for(self, charger: ChargerBase) -> UpstreamTarget:
         backend = self.backend
         identity = charger.upstream_id or charger.id
         return UpstreamTarget(
@@ -394,14 +403,14 @@ class Config:
         )
 
 
-    def secondaries_for(self, charger: ChargerSettings) -> list[SecondaryTarget]:
+    def secondaries_for(self, charger: ChargerBase) -> list[SecondaryTarget]:
         """The charger's secondaries in config order: referenced ones, then inline ones."""
         entries: list[tuple[str, SecondarySettings]] = [
             (name, self.backends[name]) for name in charger.secondaries if name in self.backends]
         entries += [(entry.name, entry) for entry in charger.secondary]
         return [SecondaryTarget(name, _secondary_target(charger, entry), entry) for name, entry in entries]
 
-    def primary_policy(self, charger: ChargerSettings) -> dict[str, str]:
+    def primary_policy(self, charger: ChargerBase) -> dict[str, str]:
         return {**self.backend.policy, **charger.upstream_policy}
 
 
@@ -418,7 +427,7 @@ class SecondaryTarget:
         return None if "*" in actions else frozenset(actions)
 
 
-def _secondary_target(charger: ChargerSettings, entry: SecondarySettings) -> UpstreamTarget:
+def _secondary_target(charger: ChargerBase, entry: SecondarySettings) -> UpstreamTarget:
     identity = entry.identity or charger.upstream_id or charger.id
     return UpstreamTarget(url=upstream_url(entry.url, identity), identity=identity, password=entry.password,
                           ca=tuple(entry.ca), client_cert=entry.client_cert, client_key=entry.client_key,
@@ -726,7 +735,7 @@ def _secondary_checks(config: Config, index: _LineIndex) -> list[Problem]:
     return problems
 
 
-def _policy_conflicts(config: Config, entry: str, charger: ChargerSettings, where: dict[str, str],
+def _policy_conflicts(config: Config, entry: str, charger: ChargerBase, where: dict[str, str],
                       index: _LineIndex) -> list[Problem]:
     """Two upstreams that may both change one kind of wallbox state: refused, naming both."""
     tables: dict[str, tuple[dict[str, str], str]] = {"primary": (config.primary_policy(charger), "")}

@@ -15,12 +15,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
 
-from proxy.config import ChargerSettings, Config, ServerSettings, UpstreamTarget
+from proxy.config import ChargerBase, ChargerSettings, Config, ServerSettings, UpstreamTarget
 
 
 @dataclass(frozen=True)
 class Admit:
-    charger: ChargerSettings
+    charger: ChargerBase
     upstream: UpstreamTarget
     #: What the wallbox offered and the proxy supports, in the wallbox's order:
     #: offered to the backend exactly like this.

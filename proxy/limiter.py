@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import trio
 
-from proxy.config import ChargerSettings, Config, SiteSettings
+from proxy.config import ChargerBase, ChargerSettings, Config, SiteSettings
 from proxy.frames import MessageType, payload_of
 from proxy.injection import Command, Control, ControlSettings, field_of, read_meter_values
 from proxy.limits import ChargerLimits, LimitEngine, SiteLimits
@@ -78,7 +78,7 @@ def site_limits(config: Config) -> SiteLimits:
         min_hold_time=site.min_hold_time)
 
 
-def charger_limits(charger: ChargerSettings) -> ChargerLimits:
+def charger_limits(charger: ChargerBase) -> ChargerLimits:
     return ChargerLimits(max_current=charger.max_current, min_current=charger.min_current, phases=charger.phases,
                          first_phase=charger.first_phase, priority=charger.priority, enabled=charger.enabled,
                          on_disable=charger.on_disable)

@@ -27,7 +27,7 @@ from typing import Any
 
 import trio
 
-from proxy.config import ChargerSettings, Config, SecondaryTarget
+from proxy.config import ChargerBase, Config, SecondaryTarget
 from proxy.logs import get_logger
 from proxy.mirror import (
     Mirror,
@@ -118,7 +118,7 @@ class Secondaries:
             self.store.close()
             self.store = None
 
-    def attach(self, session: Session, charger: ChargerSettings) -> None:
+    def attach(self, session: Session, charger: ChargerBase) -> None:
         """Give a new session its secondaries (names, mirrors) and the command policy."""
         targets = self.config.secondaries_for(charger)
         session.upstreams = (PRIMARY, *(t.name for t in targets))
@@ -126,7 +126,7 @@ class Secondaries:
         tables = {PRIMARY: self.config.primary_policy(charger), **{t.name: t.settings.policy for t in targets}}
         session.policy = CommandPolicy(PRIMARY, tables)
 
-    def connectors(self, charger: ChargerSettings,
+    def connectors(self, charger: ChargerBase,
                    subprotocol: str | None) -> dict[str, Callable[[], AbstractAsyncContextManager[Any]]]:
         """How each secondary is opened: its own URL, identity and TLS, the wallbox's subprotocol."""
         server = self.config.server
@@ -136,7 +136,7 @@ class Secondaries:
                                           close_timeout=server.close_timeout)
                 for t in self.config.secondaries_for(charger)}
 
-    def _mirror(self, charger: ChargerSettings, target: SecondaryTarget) -> Mirror:
+    def _mirror(self, charger: ChargerBase, target: SecondaryTarget) -> Mirror:
         key = (charger.id, target.name)
         mirror = self.mirrors.get(key)
         if mirror is None:

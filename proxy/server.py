@@ -111,6 +111,7 @@ class ProxyServer:
             connections.start_soon(self.serve_virtual, charger, wallbox)
 
         await VirtualWallbox(charger, open_session, log=self.log.bind(charger=charger.id),
+                             data_dir=self.config.offline.data_dir,
                              call_timeout=self.config.server.call_timeout,
                              retry_max=self.config.offline.reconnect_max).run()
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import math
+import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -127,8 +128,17 @@ class _Tx:
     meter_start: int
     started: datetime
     transaction_id: int | None = None
-    stopping: bool = False
+    #: reason, meterStop and timestamp once the transaction ends (the StopTransaction to deliver).
+    stop: dict[str, Any] | None = None
     profile: dict[str, Any] | None = None  # a RemoteStart's TxProfile, installed once the id is known
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop is not None
+
+    def record(self) -> dict[str, Any]:
+        return {"id_tag": self.id_tag, "meter_start": self.meter_start, "started": _iso(self.started),
+                "transaction_id": self.transaction_id, "stop": self.stop}
 
 
 @dataclass
@@ -170,7 +180,6 @@ class VirtualChargePoint:
         self.keys = _keys(settings)
         self.online = False
         self.booted = False
-        self._ids = 0
         self._queue: deque[_Call] = deque()
         self._outstanding: _Outstanding | None = None
         self._boot_retry: float | None = None
@@ -190,6 +199,30 @@ class VirtualChargePoint:
         self.status: str | None = None  # last StatusNotification sent for the connector
         self._next_meter: float | None = None
         self.current: float | None = None  # last SetCurrent
+        self._restored = False  # a transaction from before a restart waits for the first reading
+
+    # -- durability: the transaction outlives a proxy restart ---------------------------------
+
+    def record(self) -> dict[str, Any] | None:
+        """What must survive a restart: the open transaction, or None. The runner stores it on change."""
+        return None if self.tx is None else self.tx.record()
+
+    def restore(self, record: dict[str, Any]) -> list[Action]:
+        """Continue a transaction from before a restart (at-least-once: an unanswered message is sent again).
+
+        At the first reading it goes on if the car is still plugged in, and
+        stops with reason ``PowerLoss`` if it is not.
+        """
+        tx = self.tx = _Tx(str(record["id_tag"]), int(record["meter_start"]),
+                           datetime.fromisoformat(str(record["started"]).replace("Z", "+00:00")),
+                           record.get("transaction_id"), record.get("stop"))
+        self._plug_used = self._restored = True
+        if tx.transaction_id is None:
+            self._queue.append(self._start_call(tx))
+        if tx.stop is not None:
+            self._queue.append(self._stop_call(tx))
+        return [Log("virtual_transaction_restored", "info", {"transaction_id": tx.transaction_id,
+                                                             "stopping": tx.stopping})]
 
     # -- the session ---------------------------------------------------------------------
 
@@ -252,6 +285,10 @@ class VirtualChargePoint:
         fault = reading.state.fault
         if fault is None and reading.state.plugged != self.plugged:
             actions += self._plug_changed(reading.state.plugged, now, wall)
+        if self._restored and fault is None:
+            self._restored = False
+            if not reading.state.plugged and self.tx is not None and not self.tx.stopping:
+                actions += self._stop("PowerLoss", now, wall)  # unplugged while the proxy was down
         actions += self._maybe_start(now, wall)
         actions += self._apply(now, wall)
         return actions + self._pump(now)
@@ -317,8 +354,7 @@ class VirtualChargePoint:
             return []
         call = self._queue.popleft()
         call.attempts += 1
-        self._ids += 1
-        msg_id = f"{self._ids}"
+        msg_id = str(uuid.uuid4())  # unique across restarts, as the ocpp library's charge points do
         self._outstanding = _Outstanding(msg_id, call, now + self.settings.call_timeout)
         self._last_call = now
         return [Send(Call(msg_id, call.action, call.build()).to_json())]
@@ -333,6 +369,9 @@ class VirtualChargePoint:
         elif call.action == "StartTransaction" and self.tx is not None:
             self.tx, self._finished = None, True  # never confirmed: no charging without a transaction
             return [log, Log("virtual_transaction_abandoned", "error", {"attempts": call.attempts})]
+        elif call.action == "StopTransaction" and self.tx is not None:
+            self.tx = None  # undeliverable: logged loudly rather than blocking the connector forever
+            return [log, Log("virtual_stop_undelivered", "error", {"attempts": call.attempts})]
         elif call.action == "Authorize":
             self._authorizing = False
         return [log]
@@ -439,12 +478,16 @@ class VirtualChargePoint:
     def _begin(self, id_tag: str, wall: datetime, profile: dict[str, Any] | None) -> list[Action]:
         energy = int(self.reading.energy_wh) if self.reading else 0
         tx = self.tx = _Tx(id_tag, energy, wall, profile=profile)
+        self._queue.append(self._start_call(tx))
+        self._next_meter = None
+        return [Log("virtual_transaction_starting", "info", {"id_tag": id_tag, "meter_start": energy})]
 
+    def _start_call(self, tx: _Tx) -> _Call:
         def answered(payload: dict[str, Any], now: float, wall: datetime) -> list[Action]:
             tx.transaction_id = int(payload.get("transactionId") or 0)
             status = (payload.get("idTagInfo") or {}).get("status")
             actions: list[Action] = [Log("virtual_transaction_started", "info",
-                                         {"transaction_id": tx.transaction_id, "id_tag": id_tag})]
+                                         {"transaction_id": tx.transaction_id, "id_tag": tx.id_tag})]
             if tx.profile is not None:
                 self._install(CONNECTOR, {**tx.profile, "transactionId": tx.transaction_id}, wall)
             if status != "Accepted" and self.tx is tx and not tx.stopping:
@@ -452,33 +495,34 @@ class VirtualChargePoint:
             return actions
 
         def build() -> dict[str, Any]:
-            return {"connectorId": CONNECTOR, "idTag": id_tag, "meterStart": tx.meter_start,
+            return {"connectorId": CONNECTOR, "idTag": tx.id_tag, "meterStart": tx.meter_start,
                     "timestamp": _iso(tx.started)}
-        self._queue.append(_Call("StartTransaction", build, answered))
-        self._next_meter = None
-        return [Log("virtual_transaction_starting", "info", {"id_tag": id_tag, "meter_start": energy})]
+        return _Call("StartTransaction", build, answered)
 
     def _stop(self, reason: str, now: float, wall: datetime) -> list[Action]:
         tx = self.tx
         assert tx is not None
-        tx.stopping = True
-        self._finished = self.plugged
         meter_stop = int(self.reading.energy_wh) if self.reading else tx.meter_start
-
-        def build() -> dict[str, Any]:
-            return {"transactionId": tx.transaction_id or 0, "idTag": tx.id_tag, "meterStop": meter_stop,
-                    "timestamp": _iso(wall), "reason": reason}
-
-        def answered(payload: dict[str, Any], now: float, wall: datetime) -> list[Action]:
-            if self.tx is tx:
-                self.tx = None
-            return [Log("virtual_transaction_stopped", "info", {"transaction_id": tx.transaction_id})]
-        self._queue.append(_Call("StopTransaction", build, answered))
+        tx.stop = {"reason": reason, "meter_stop": meter_stop, "timestamp": _iso(wall)}
+        self._finished = self.plugged
+        self._queue.append(self._stop_call(tx))
         self.profiles = [i for i in self.profiles if i.profile.purpose != TX_PROFILE]
         self._next_meter = None
         if self._scheduled_inoperative:
             self._scheduled_inoperative, self.inoperative = False, True
         return [Log("virtual_transaction_stopping", "info", {"reason": reason, "meter_stop": meter_stop})]
+
+    def _stop_call(self, tx: _Tx) -> _Call:
+        def build() -> dict[str, Any]:
+            stop = tx.stop or {}
+            return {"transactionId": tx.transaction_id or 0, "idTag": tx.id_tag, "meterStop": stop["meter_stop"],
+                    "timestamp": stop["timestamp"], "reason": stop["reason"]}
+
+        def answered(payload: dict[str, Any], now: float, wall: datetime) -> list[Action]:
+            if self.tx is tx:
+                self.tx = None
+            return [Log("virtual_transaction_stopped", "info", {"transaction_id": tx.transaction_id})]
+        return _Call("StopTransaction", build, answered)
 
     def _meter_due(self, now: float) -> bool:
         tx, interval = self.tx, int(self.keys.values["MeterValueSampleInterval"])

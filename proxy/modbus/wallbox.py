@@ -19,9 +19,13 @@ it never ends the OCPP session.
 
 from __future__ import annotations
 
+import json
+import os
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import trio
 from trio_websocket import ConnectionClosed
@@ -50,7 +54,7 @@ def virtual_settings(charger: ModbusChargerSettings, wallbox: WallboxMap, call_t
 
 class VirtualWallbox:
     def __init__(self, charger: ModbusChargerSettings, open_session: Callable[[LocalConnection], None], *,
-                 log: Any, call_timeout: float = 30.0, retry_max: float = 60.0) -> None:
+                 log: Any, data_dir: str | Path, call_timeout: float = 30.0, retry_max: float = 60.0) -> None:
         self.charger = charger
         self.map = WALLBOXES[charger.map]
         self.open_session = open_session
@@ -63,11 +67,14 @@ class VirtualWallbox:
         self._connection: LocalConnection | None = None
         self._poke = trio.Event()
         self._set_up = False
+        self.record_path = Path(data_dir) / "virtual" / f"{quote(charger.id, safe='')}.json"
+        self._saved: dict[str, Any] | None = None
 
     async def run(self) -> None:
         """Until cancelled; the session is closed with 1001 on the way out."""
         self.log.info("virtual_charge_point", modbus=self.charger.modbus, map=self.charger.map,
                       fixed_id_tag=bool(self.charger.fixed_id_tag))
+        await self._restore()
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._poll_loop)
@@ -104,6 +111,10 @@ class VirtualWallbox:
             await trio.sleep(backoff.next_delay())
 
     async def _execute(self, actions: Sequence[Action]) -> None:
+        record = self.core.record()
+        if record != self._saved:  # stored before any frame about it leaves
+            await trio.to_thread.run_sync(_write_atomically, self.record_path, record)
+            self._saved = record
         for action in actions:
             if isinstance(action, Send):
                 if self._connection is not None:
@@ -115,6 +126,23 @@ class VirtualWallbox:
                 self._poke.set()  # the poll loop writes it now
             elif isinstance(action, Log):
                 getattr(self.log, action.level)(action.event, **action.fields)
+
+    async def _restore(self) -> None:
+        try:
+            text = await trio.to_thread.run_sync(self.record_path.read_text)
+        except FileNotFoundError:
+            return
+        try:
+            record = json.loads(text)
+            actions = self.core.restore(record)
+        except (ValueError, KeyError, TypeError) as exc:
+            broken = self.record_path.with_suffix(".broken")
+            self.log.error("virtual_record_unreadable", file=str(self.record_path), error=str(exc)[:200],
+                           kept_as=str(broken))
+            await trio.to_thread.run_sync(self.record_path.replace, broken)
+            return
+        self._saved = record
+        await self._execute(actions)
 
     # -- Modbus side --------------------------------------------------------------------------
 
@@ -158,6 +186,20 @@ class VirtualWallbox:
             self.log.warning("virtual_write_failed", register=field.address, amps=wanted, error=str(exc))
             return
         self.log.info("virtual_current_set", amps=wanted, was=reading.limit)
+
+
+def _write_atomically(path: Path, record: dict[str, Any] | None) -> None:
+    """The transaction record, or its removal, durable before returning (temp file, fsync, rename)."""
+    if record is None:
+        path.unlink(missing_ok=True)
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_suffix(".tmp")
+    with open(temp, "w", encoding="utf-8") as file:
+        json.dump(record, file)
+        file.flush()
+        os.fsync(file.fileno())
+    temp.replace(path)
 
 
 def _wall() -> datetime:
