@@ -289,6 +289,7 @@ class VirtualChargePoint:
             self._restored = False
             if not reading.state.plugged and self.tx is not None and not self.tx.stopping:
                 actions += self._stop("PowerLoss", now, wall)  # unplugged while the proxy was down
+        actions += self._apply(now, wall)  # Preparing goes out before the Authorize, as on a real wallbox
         actions += self._maybe_start(now, wall)
         actions += self._apply(now, wall)
         return actions + self._pump(now)

@@ -69,6 +69,7 @@ class VirtualWallbox:
         self._set_up = False
         self.record_path = Path(data_dir) / "virtual" / f"{quote(charger.id, safe='')}.json"
         self._saved: dict[str, Any] | None = None
+        self._saving = trio.Lock()
 
     async def run(self) -> None:
         """Until cancelled; the session is closed with 1001 on the way out."""
@@ -111,10 +112,11 @@ class VirtualWallbox:
             await trio.sleep(backoff.next_delay())
 
     async def _execute(self, actions: Sequence[Action]) -> None:
-        record = self.core.record()
-        if record != self._saved:  # stored before any frame about it leaves
-            await trio.to_thread.run_sync(_write_atomically, self.record_path, record)
-            self._saved = record
+        async with self._saving:  # both loops execute actions; one writer at a time
+            record = self.core.record()
+            if record != self._saved:  # stored before any frame about it leaves
+                await trio.to_thread.run_sync(_write_atomically, self.record_path, record)
+                self._saved = record
         for action in actions:
             if isinstance(action, Send):
                 if self._connection is not None:

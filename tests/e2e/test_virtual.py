@@ -10,10 +10,14 @@ every frame the virtual charge point sent was schema-valid.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
+import trio
 from ocpp.v16 import call
 
+from proxy.config import loads
+from proxy.server import ProxyServer
 from proxy.session import PRIMARY
 from proxy.simulators import LoopThread, Recorder, SimBackend, SimHeidelberg
 from tests.conftest import StartProxy, backend_config
@@ -258,4 +262,39 @@ async def test_backend_outage_is_bridged_by_the_offline_queue(peers: LoopThread,
     assert stopped["transactionId"] == transaction_id and stopped["reason"] == "EVDisconnected"
     assert server.sessions["HD1"] is session  # the charge point never noticed the outage
     await in_loop(peers, back.stop())
+    await in_loop(peers, sim.stop())
+
+
+async def test_transaction_survives_a_proxy_restart(peers: LoopThread, backend: SimBackend, tmp_path: Path,
+                                                    nursery: trio.Nursery) -> None:
+    """Stopped with a car charging; restarted twice: it goes on, then stops with PowerLoss after an unplug."""
+    sim = await start_wallbox(peers)
+    text = virtual_config(backend, sim.port).replace("[server]", f'[server]\nlisten = "127.0.0.1:0"', 1) + (
+        f'[offline]\ndata_dir = "{tmp_path}/data"\n')
+
+    async def run_proxy() -> ProxyServer:
+        server = ProxyServer(loads(text))
+        await nursery.start(server.serve)
+        return server
+
+    first = await run_proxy()
+    rec, transaction_id = await plug_and_charge(backend, sim)
+    await first.stop()
+    assert json.loads((tmp_path / "data" / "virtual" / "HD1.json").read_text())["transaction_id"] == transaction_id
+
+    second = await run_proxy()  # the car is still plugged in: the same transaction goes on
+    await wait_recorded(rec, lambda r: len(calls(r, "BootNotification")) == 2)
+    await wait_until(lambda: sim.limit_amps == 16.0)
+    await wait_recorded(rec, lambda r: any(p.get("transactionId") == transaction_id
+                                           for p in calls(r, "MeterValues")[-1:]))
+    assert len(calls(rec, "StartTransaction")) == 1 and not calls(rec, "StopTransaction")
+    await second.stop()
+
+    sim.plugged = False  # unplugged while the proxy is down
+    await run_proxy()
+    await wait_recorded(rec, lambda r: bool(calls(r, "StopTransaction")))
+    stopped = calls(rec, "StopTransaction")[0]
+    assert stopped["transactionId"] == transaction_id and stopped["reason"] == "PowerLoss"
+    assert len(calls(rec, "StartTransaction")) == 1
+    await wait_until(lambda: not (tmp_path / "data" / "virtual" / "HD1.json").exists())
     await in_loop(peers, sim.stop())
