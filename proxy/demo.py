@@ -11,6 +11,13 @@ The wallboxes share a site limit (``[site] max_current``, 32 A by default): the
 live log also shows each limit the proxy sets on a wallbox (its own
 ChargePointMaxProfile, which the backend never sees), and the summary lists the
 limits every wallbox received.
+
+Modbus is in it too: a simulated SDM630 grid meter reports the house load
+(6 A per phase plus what the Modbus wallbox draws), and a simulated Heidelberg
+Energy Control wallbox without OCPP appears to the backend as charge point
+``HD001`` (a virtual charge point with a fixed RFID): a car plugs in, charges
+under the shared limit and leaves; the summary lists the currents the proxy
+wrote to its register.
 """
 
 from __future__ import annotations
@@ -29,7 +36,9 @@ import trio
 from proxy import logs
 from proxy.config import loads
 from proxy.server import ProxyServer
-from proxy.simulators import LoopThread, SimBackend, WallboxHandle, connect_wallbox
+from proxy.logs import get_logger
+from proxy.modbus.service import run_modbus
+from proxy.simulators import LoopThread, SimBackend, SimHeidelberg, SimSdm630, WallboxHandle, connect_wallbox
 
 _ARROWS = {"received": "─▶", "sent": "◀─"}
 #: The proxy's own CALL ids (see proxy.session.ID_PREFIX).
@@ -37,6 +46,8 @@ _PROXY_ID = "ocpp-proxy:"
 #: Stagger between wallboxes and how long each car charges: long enough to see the sharing.
 _STAGGER = 0.4
 _CHARGING = 1.2
+_VIRTUAL = "HD001"
+_HOUSE_AMPS = 6.0
 
 
 class LiveLog:
@@ -81,12 +92,19 @@ def profile_limit(text: str) -> str | None:
     return f"{value:g} {schedule['chargingRateUnit']} ({profile['chargingProfilePurpose']})"
 
 
-def demo_config(backend_port: int, wallboxes: int, data_dir: str, site_limit: float = 32.0) -> str:
+def demo_config(backend_port: int, wallboxes: int, data_dir: str, site_limit: float = 32.0,
+                meter_port: int = 0, wallbox_port: int = 0) -> str:
     chargers = "".join(f'[[chargers]]\nid = "CP{n:03d}"\nmax_current = 16\n' for n in range(1, wallboxes + 1))
+    modbus = ""
+    if meter_port:
+        modbus += f'[meter]\nmodbus = "127.0.0.1:{meter_port}"\nmap = "sdm630"\npoll_interval = 0.2\n'
+    if wallbox_port:
+        modbus += (f'[[modbus_chargers]]\nid = "{_VIRTUAL}"\nmodbus = "127.0.0.1:{wallbox_port}"\n'
+                   f'fixed_id_tag = "DEMO-RFID-0001"\npoll_interval = 0.1\nmeter_interval = 1\n')
     return (f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n[log]\nlevel = "warning"\n'
             f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n[offline]\ndata_dir = "{data_dir}"\n'
             f'[site]\nmax_current = {site_limit}\nramp_up_interval = 0\nhysteresis = 0\nmin_hold_time = 0\n'
-            f'{chargers}')
+            f'{modbus}{chargers}')
 
 
 async def _wallbox_sessions(url: str, ids: list[str], rounds: int | None, live: LiveLog) -> list[WallboxHandle]:
@@ -110,6 +128,45 @@ def _backend_frames(texts: list[str]) -> list[str]:
     return [t for t in texts if not t.startswith((f'[2,"{_PROXY_ID}', f'[3,"{_PROXY_ID}', f'[4,"{_PROXY_ID}'))]
 
 
+async def _modbus_car(backend: SimBackend, wallbox: SimHeidelberg, meter: SimSdm630) -> None:
+    """A car at the Modbus wallbox: plug in, charge, leave; the grid meter sees house load plus the car."""
+
+    def frames(action: str) -> int:
+        recorder = backend.recorders.get(_VIRTUAL)
+        return sum(1 for text in recorder.received if f'"{action}"' in text) if recorder else 0
+
+    async def follow_meter() -> None:
+        while True:
+            amps = _HOUSE_AMPS + wallbox.limit_amps * (wallbox.plugged and wallbox.limit_amps >= 6)
+            meter.set_currents(amps, amps, amps)
+            await trio.sleep(0.1)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(follow_meter)
+        with trio.fail_after(20):
+            while frames("StatusNotification") < 2:  # booted, connectors reported
+                await trio.sleep(0.05)
+            wallbox.plugged = True
+            while frames("StartTransaction") < 1:
+                await trio.sleep(0.05)
+            await trio.sleep(_CHARGING * 2)
+            wallbox.plugged = False
+            while frames("StopTransaction") < 1:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+
+
+def modbus_summary(backend: SimBackend, wallbox: SimHeidelberg, out: TextIO) -> bool:
+    recorder = backend.recorders.get(_VIRTUAL)
+    received = recorder.received if recorder else []
+    actions = [json.loads(t)[2] for t in received if t.startswith("[2,")]
+    currents = [f"{values[0] / 10:g} A" for address, values in wallbox.writes if address == 261]
+    shown = " → ".join(c for i, c in enumerate(currents) if i == 0 or c != currents[i - 1])
+    print(f"{_VIRTUAL:<8} {len(received):>14} {len(recorder.sent if recorder else []):>15}  "
+          f"{'(Modbus)':<14}  current register: {shown}", file=out)
+    return {"BootNotification", "Authorize", "StartTransaction", "MeterValues", "StopTransaction"} <= set(actions)
+
+
 def summary(backend: SimBackend, handles: list[WallboxHandle], out: TextIO) -> bool:
     print("\nwallbox  frames→backend  frames←backend  byte-identical  limits set by the proxy", file=out)
     all_ok = True
@@ -130,25 +187,41 @@ async def _demo(wallboxes: int, forever: bool, out: TextIO, site_limit: float = 
     live = LiveLog(out)
     backend = SimBackend(on_frame=live.frame)
     data_dir = tempfile.mkdtemp(prefix="ocpp-proxy-demo-")  # the demo leaves no queue behind
+    meter, wallbox = SimSdm630(), SimHeidelberg()
+    meter.set_currents(_HOUSE_AMPS, _HOUSE_AMPS, _HOUSE_AMPS)
     try:
         port = peers.run(backend.start())
-        server = ProxyServer(loads(demo_config(port, wallboxes, data_dir, site_limit), "<demo>"))
+        meter_port, wallbox_port = peers.run(meter.start()), peers.run(wallbox.start())
+        config = loads(demo_config(port, wallboxes, data_dir, site_limit, meter_port, wallbox_port), "<demo>")
+        server = ProxyServer(config)
         async with trio.open_nursery() as nursery:
             ports = await nursery.start(server.serve)
+            await nursery.start(run_modbus, config, server.limiter.engine, server.limiter.poke, get_logger())
             url = f"ws://127.0.0.1:{ports[0]}/ocpp"
             print(f"ocpp-proxy demo: backend ws://127.0.0.1:{port}/ocpp, proxy {url}/<id>, "
-                  f"{wallboxes} wallboxes (max 16 A each) sharing a site limit of {site_limit:g} A\n", file=out)
+                  f"{wallboxes} wallboxes (max 16 A each) and Modbus wallbox {_VIRTUAL} sharing a site limit of "
+                  f"{site_limit:g} A; grid meter (SDM630) 127.0.0.1:{meter_port}, house load {_HOUSE_AMPS:g} A\n",
+                  file=out)
             ids = [f"CP{n:03d}" for n in range(1, wallboxes + 1)]
             run = functools.partial(peers.run, _wallbox_sessions(url, ids, None if forever else 1, live), 120)
-            handles: list[WallboxHandle] = await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+            handles: list[WallboxHandle] = []
+
+            async def ocpp_wallboxes() -> None:
+                handles.extend(await trio.to_thread.run_sync(run, abandon_on_cancel=True))
+
+            async with trio.open_nursery() as cars:
+                cars.start_soon(ocpp_wallboxes)
+                cars.start_soon(_modbus_car, backend, wallbox, meter)
             ok = summary(backend, handles, out)
+            ok &= modbus_summary(backend, wallbox, out)
             for handle in handles:
                 peers.run(handle.close())
-            with trio.fail_after(10):
-                await server.wait_sessions(0)
+            await server.stop()
             nursery.cancel_scope.cancel()
         return ok
     finally:
+        peers.run(wallbox.stop())
+        peers.run(meter.stop())
         peers.run(backend.stop())
         peers.close()
         shutil.rmtree(data_dir, ignore_errors=True)

@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import itertools
 import logging
+import struct
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -503,3 +504,13 @@ class SimHeidelberg(SimModbusDevice):
         if values is not None:
             self.refresh()
         return result
+
+
+class SimSdm630(SimModbusDevice):
+    """An Eastron SDM630 grid meter: phase currents as IEEE 754 floats (input registers 30007-30012)."""
+
+    def set_currents(self, l1: float, l2: float, l3: float) -> None:
+        for address, value in ((6, l1), (8, l2), (10, l3)):
+            data = struct.pack(">f", value)
+            self.input[address], self.input[address + 1] = (int.from_bytes(data[:2], "big"),
+                                                            int.from_bytes(data[2:], "big"))

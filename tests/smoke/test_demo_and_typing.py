@@ -20,6 +20,11 @@ def test_demo_runs_and_reports_byte_identical_frames() -> None:
     assert "CP002" in text and "DataTransfer" in text and "StopTransaction" in text
     # Two wallboxes share the demo's 32 A site limit: the proxy's limits are shown.
     assert "◀─ proxy    limit 16 A (ChargePointMaxProfile)" in text and "limits set by the proxy" in text
+    # The Modbus wallbox appears to the backend as charge point HD001 and runs a whole transaction
+    # (modbus_summary checks Boot, Authorize, Start, MeterValues and Stop arrived).
+    virtual = [line for line in text.splitlines() if "HD001  ─▶ backend" in line]
+    assert any('"StartTransaction"' in line for line in virtual) and any('"MeterValues"' in line for line in virtual)
+    assert "current register: 0 A → " in text
 
 
 def test_mypy_strict_is_clean() -> None:
