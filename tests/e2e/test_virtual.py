@@ -15,12 +15,15 @@ from typing import Any
 
 import trio
 from ocpp.v16 import call
+from structlog.testing import capture_logs
 
 from proxy.config import loads
 from proxy.server import ProxyServer
+from proxy.logs import get_logger
+from proxy.modbus.service import run_modbus
 from proxy.session import PRIMARY
-from proxy.simulators import LoopThread, Recorder, SimBackend, SimHeidelberg
-from tests.conftest import StartProxy, backend_config
+from proxy.simulators import LoopThread, Recorder, SimBackend, SimHeidelberg, SimSdm630, connect_wallbox
+from tests.conftest import StartProxy, backend_config, proxy_url
 from tests.e2e.test_limits_e2e import settle
 from tests.e2e.test_offline import wait_until
 from tests.peers import in_loop, wait_recorded
@@ -214,30 +217,51 @@ async def test_remote_start_without_fixed_tag(peers: LoopThread, backend: SimBac
 
 
 async def test_modbus_trouble_is_logged_and_ends_no_session(peers: LoopThread, backend: SimBackend,
-                                                           start_proxy: StartProxy) -> None:
+                                                           start_proxy: StartProxy, nursery: trio.Nursery) -> None:
+    """Garbage, exception responses and timeouts from the wallbox, negative currents from the grid meter."""
     sim = await start_wallbox(peers)
-    server = await start_proxy(virtual_config(backend, sim.port))
-    rec, transaction_id = await plug_and_charge(backend, sim)
-    session = server.sessions["HD1"]
+    meter = SimSdm630()
+    meter.set_currents(5.0, 5.0, 5.0)
+    meter_port = await in_loop(peers, meter.start())
+    text = virtual_config(backend, sim.port).replace("[backend]", '[[chargers]]\nid = "CP1"\n[backend]', 1) + (
+        f'[meter]\nmodbus = "127.0.0.1:{meter_port}"\npoll_interval = 0.05\ntimeout = 0.3\n'
+        "[site]\nmax_current = 32\nmeter_timeout = 60\n")
+    with capture_logs() as logs:
+        server = await start_proxy(text)
+        await nursery.start(run_modbus, server.config, server.limiter.engine, server.limiter.poke, get_logger())
+        ocpp_wallbox = await in_loop(peers, connect_wallbox(proxy_url(server, "CP1"), "CP1"))
+        rec, transaction_id = await plug_and_charge(backend, sim)
+        sessions = dict(server.sessions)
 
-    sim.raw = {6: 5000}  # 500 A: garbage; the reading is refused and the transaction goes on
-    sim.failing = True    # then Modbus exception responses: Faulted after fault_after
-    await wait_status(rec, "Faulted")
-    faulted = [p for p in calls(rec, "StatusNotification") if p["status"] == "Faulted"][-1]
-    assert faulted["errorCode"] == "OtherError" and "not answering" in faulted["info"]
-    sim.failing, sim.raw = False, {}
-    await wait_status(rec, "Charging")  # back: the same transaction continues
-    sim.silent = True  # timeouts
-    await wait_status(rec, "Faulted")
-    sim.silent = False
-    await wait_status(rec, "Charging")
-    sim.fault = 99  # a state value the vendor never defined
-    await wait_status(rec, "Faulted")
-    sim.fault = None
-    await wait_status(rec, "Charging")
-    assert server.sessions["HD1"] is session and not calls(rec, "StopTransaction")
-    assert len(calls(rec, "StartTransaction")) == 1
+        meter.set_currents(-5.0, 5.0, 5.0)  # a negative current: refused, logged
+        await wait_until(lambda: any(e["event"] == "meter_read_failed" for e in logs))
+        sim.raw = {6: 5000}  # 500 A from the wallbox: garbage, refused, logged
+        await wait_until(lambda: any("implausible" in e.get("error", "") for e in logs
+                                     if e["event"] == "virtual_read_failed"))
+        sim.failing = True  # Modbus exception responses: Faulted after fault_after
+        await wait_status(rec, "Faulted")
+        faulted = [p for p in calls(rec, "StatusNotification") if p["status"] == "Faulted"][-1]
+        assert faulted["errorCode"] == "OtherError" and "not answering" in faulted["info"]
+        sim.failing, sim.raw = False, {}
+        meter.set_currents(5.0, 5.0, 5.0)
+        await wait_status(rec, "Charging")  # back: the same transaction continues
+        sim.silent = True  # timeouts
+        await wait_status(rec, "Faulted")
+        sim.silent = False
+        await wait_status(rec, "Charging")
+        sim.fault = 99  # a state value the vendor never defined
+        await wait_status(rec, "Faulted")
+        sim.fault = None
+        await wait_status(rec, "Charging")
+    failures = [e["error"] for e in logs if e["event"] == "virtual_read_failed"]
+    assert any("exception" in f for f in failures) and any("no answer" in f for f in failures)
+    assert any("unknown state register value 99" in f for f in failures)
+    assert any("implausible phase current -5" in e["error"] for e in logs if e["event"] == "meter_read_failed")
+    assert server.sessions == sessions  # neither session ended
+    assert not calls(rec, "StopTransaction") and len(calls(rec, "StartTransaction")) == 1
+    await in_loop(peers, ocpp_wallbox.close())
     await in_loop(peers, sim.stop())
+    await in_loop(peers, meter.stop())
 
 
 async def test_backend_outage_is_bridged_by_the_offline_queue(peers: LoopThread, start_proxy: StartProxy) -> None:

@@ -96,3 +96,26 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(good)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_modbus_chargers_are_checked_like_chargers() -> None:
+    text = ('[backend]\nurl = "ws://b/ocpp"\n[[chargers]]\nid = "A"\n'
+            '[[modbus_chargers]]\nid = "A"\nmodbus = "127.0.0.1:502"\n'
+            '[[modbus_chargers]]\nid = "B"\nmap = "abb"\npassword = "x"\n')
+    assert errors(text) == [
+        "site.toml:8: modbus_chargers[1].modbus: is required",
+        "site.toml:10: modbus_chargers[1].map: must be one of heidelberg; got 'abb'",
+        "site.toml:11: modbus_chargers[1].password: unknown key",  # nothing connects to a virtual charge point
+    ]
+    assert errors(text.split("[[modbus_chargers]]\nid = \"B\"")[0]) == [
+        "site.toml:6: modbus_chargers[0].id: duplicate charger id 'A' (also chargers[0])"]
+
+
+def test_virtual_chargers_share_load_management_and_upstream_settings() -> None:
+    config = loads('[backend]\nurl = "ws://b/ocpp"\n[[chargers]]\nid = "CP1"\n[[modbus_chargers]]\nid = "HD1"\n'
+                   'modbus = "10.0.0.5:502"\nupstream_id = "DE*HD*1"\nmax_current = 11\nfixed_id_tag = "TAG"\n')
+    assert [c.id for c in config.all_chargers] == ["CP1", "HD1"]  # the EMS register order
+    assert config.charger("HD1") is None and config.is_virtual("HD1")  # no wallbox may connect as HD1
+    settings = config.settings_for("HD1")
+    assert settings is not None and settings.max_current == 11
+    assert config.upstream_for(settings).url == "ws://b/ocpp/DE%2AHD%2A1"

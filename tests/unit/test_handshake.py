@@ -47,3 +47,11 @@ def test_close_code_mirroring() -> None:
     assert mirror(1005, None, "primary") == (1000, "")
     assert mirror(1004, "x", "primary") == (1001, "primary closed with 1004")
     assert len(truncate("€" * 100).encode()) <= 123
+
+
+def test_a_virtual_charge_points_id_is_refused() -> None:
+    config = loads('[server]\naccept_unknown = true\n[backend]\nurl = "ws://b/ocpp"\n'
+                   '[[modbus_chargers]]\nid = "HD1"\nmodbus = "127.0.0.1:502"\n')
+    refusal = decide(config, "/ocpp/HD1", [], ["ocpp1.6"])
+    assert isinstance(refusal, Refuse) and refusal.status == 409 and refusal.reason == "virtual_charge_point"
+    assert isinstance(decide(config, "/ocpp/OTHER", [], ["ocpp1.6"]), Admit)
