@@ -76,7 +76,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load_or_report(args.file)
     if config is None:
         return EXIT_CONFIG
-    print(f"{args.file}: OK ({len(config.chargers)} chargers)")
+    virtual = f", {len(config.modbus_chargers)} Modbus wallboxes" if config.modbus_chargers else ""
+    print(f"{args.file}: OK ({len(config.chargers)} chargers{virtual})")
     return 0
 
 
