@@ -145,8 +145,7 @@ async def test_composite_limit_is_min_of_backend_and_local_engine(peers: LoopThr
     result = await in_loop(peers, backend.call("HD1", call.SetChargingProfile(
         connector_id=1, cs_charging_profiles=tx_profile(10, transaction_id))))
     assert result.status == "Accepted"
-    # the proxy's ChargePointMaxProfile reached the virtual charge point, never the backend
-    assert not [p for p in calls(rec, "SetChargingProfile")]
+    # the proxy's ChargePointMaxProfile reached the virtual charge point; the backend never saw it or its answer
     assert not any("ocpp-proxy:" in t for t in rec.received)
     await settle(server.limiter)
     view = server.limiter.engine.charger_view("HD1")
