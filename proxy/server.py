@@ -43,6 +43,8 @@ class ProxyServer:
         self.limiter = Limiter(config, log=self.log)
         self.listeners = [*listeners, self.limiter]
         self.sessions: dict[str, PairedSession] = {}
+        #: Modbus wallboxes presented as charge points (``[[modbus_chargers]]``), by id.
+        self.virtual: dict[str, Any] = {}
         self.ports: list[int] = []
         self._changed = trio.Event()
         self._accepting: trio.CancelScope | None = None
@@ -110,10 +112,11 @@ class ProxyServer:
         def open_session(wallbox: LocalConnection) -> None:
             connections.start_soon(self.serve_virtual, charger, wallbox)
 
-        await VirtualWallbox(charger, open_session, log=self.log.bind(charger=charger.id),
-                             data_dir=self.config.offline.data_dir,
-                             call_timeout=self.config.server.call_timeout,
-                             retry_max=self.config.offline.reconnect_max).run()
+        virtual = VirtualWallbox(charger, open_session, log=self.log.bind(charger=charger.id),
+                                 data_dir=self.config.offline.data_dir, call_timeout=self.config.server.call_timeout,
+                                 retry_max=self.config.offline.reconnect_max)
+        self.virtual[charger.id] = virtual
+        await virtual.run()
 
     async def stop(self, code: int = closecodes.GOING_AWAY, reason: str = "proxy shutting down") -> None:
         """Stop accepting, close every session with ``code``, wait until they are gone."""

@@ -67,6 +67,8 @@ class VirtualWallbox:
         self._connection: LocalConnection | None = None
         self._poke = trio.Event()
         self._set_up = False
+        #: Polls made (successful or not), for benchmarks and diagnostics.
+        self.polls = 0
         self.record_path = Path(data_dir) / "virtual" / f"{quote(charger.id, safe='')}.json"
         self._saved: dict[str, Any] | None = None
         self._saving = trio.Lock()
@@ -156,6 +158,7 @@ class VirtualWallbox:
             self._poke = trio.Event()
 
     async def _poll_once(self) -> None:
+        self.polls += 1
         now, wall = trio.current_time(), _wall()
         try:
             if not self._set_up:
