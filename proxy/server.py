@@ -198,8 +198,16 @@ class ProxyServer:
             listener.handshake_refused(refusal)
 
     async def _admit(self, nursery: trio.Nursery, request: wsconn.WsRequest, admit: Admit, peer: str) -> None:
-        charger_id = admit.charger.id
-        log = self.log.bind(charger=charger_id)
+        async def refuse(exc: UpstreamUnavailable) -> None:
+            await self._refuse(request, Refuse(exc.status, "upstream_unavailable", exc.reason, admit.charger.id),
+                               peer)
+
+        await self._pair(admit, peer, functools.partial(_accept_request, request), refuse)
+
+    async def _pair(self, admit: Admit, peer: str, accept: Callable[[str | None], Awaitable[Connection]],
+                    refuse: Callable[[UpstreamUnavailable], Awaitable[None]]) -> None:
+        """Open the upstream, then relay; an unreachable backend is an outage (5xx) or a refusal (4xx)."""
+        log = self.log.bind(charger=admit.charger.id)
         async with AsyncExitStack() as stack:
             try:
                 upstream = await stack.enter_async_context(self._connector(admit)())
@@ -207,11 +215,10 @@ class ProxyServer:
                 log.warning("upstream_unavailable", peer=peer, url=admit.upstream.url, reason=exc.reason,
                             status=exc.status)
                 if not (self._queue is not None and exc.status >= 500):  # a 4xx is configuration, not an outage
-                    await self._refuse(request, Refuse(exc.status, "upstream_unavailable", exc.reason,
-                                                       charger_id), peer)
+                    await refuse(exc)
                     return
                 upstream = None
-            await self._relay(functools.partial(_accept_request, request), admit, upstream, peer, log)
+            await self._relay(accept, admit, upstream, peer, log)
 
     def _connector(self, admit: Admit) -> Callable[[], AbstractAsyncContextManager[wsconn.WsConnection]]:
         server = self.config.server
@@ -225,23 +232,16 @@ class ProxyServer:
         ``wallbox`` with 1008 or 1013 and the reason; its runner retries later.
         """
         admit = Admit(charger, self.config.upstream_for(charger), (wallbox.subprotocol,), known=True)
-        log = self.log.bind(charger=charger.id)
         peer = f"modbus:{charger.modbus}"
+
+        async def refuse(exc: UpstreamUnavailable) -> None:
+            code = closecodes.TRY_AGAIN_LATER if exc.status >= 500 else closecodes.POLICY_VIOLATION
+            await wallbox.aclose(code, closecodes.truncate(f"upstream: {exc.reason}"))
+
         try:
-            async with AsyncExitStack() as stack:
-                try:
-                    upstream = await stack.enter_async_context(self._connector(admit)())
-                except UpstreamUnavailable as exc:
-                    log.warning("upstream_unavailable", peer=peer, url=admit.upstream.url, reason=exc.reason,
-                                status=exc.status)
-                    if not (self._queue is not None and exc.status >= 500):
-                        code = closecodes.TRY_AGAIN_LATER if exc.status >= 500 else closecodes.POLICY_VIOLATION
-                        await wallbox.aclose(code, closecodes.truncate(f"upstream: {exc.reason}"))
-                        return
-                    upstream = None
-                await self._relay(_accept_local(wallbox), admit, upstream, peer, log)
+            await self._pair(admit, peer, _accept_local(wallbox), refuse)
         except Exception as exc:  # noqa: BLE001 - as for a socket connection: logged, contained
-            log.error("connection_failed", peer=peer, error=_describe(exc))
+            self.log.error("connection_failed", charger=charger.id, peer=peer, error=_describe(exc))
             await wallbox.aclose(closecodes.INTERNAL_ERROR, "proxy error")
 
     async def _relay(self, accept: Callable[[str | None], Awaitable[Connection]], admit: Admit,

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+import trio_websocket
 from ocpp.v16 import call
 from structlog.testing import capture_logs
 
@@ -320,4 +321,26 @@ async def test_transaction_survives_a_proxy_restart(peers: LoopThread, backend: 
     assert stopped["transactionId"] == transaction_id and stopped["reason"] == "PowerLoss"
     assert len(calls(rec, "StartTransaction")) == 1
     await wait_until(lambda: not (tmp_path / "data" / "virtual" / "HD1.json").exists())
+    await in_loop(peers, sim.stop())
+
+
+async def test_backend_refusing_the_charge_point_is_logged_and_retried(peers: LoopThread, start_proxy: StartProxy,
+                                                                       nursery: trio.Nursery) -> None:
+    """A backend that answers 404 (it does not know the id): no crash, logged, tried again later."""
+
+    async def refuse(request: trio_websocket.WebSocketRequest) -> None:
+        await request.reject(404, body=b"unknown charge point\n")
+
+    backend = await nursery.start(trio_websocket.serve_websocket, refuse, "127.0.0.1", 0, None)
+    sim = await start_wallbox(peers)
+    text = (f'[backend]\nurl = "ws://127.0.0.1:{backend.port}/ocpp"\n[offline]\nreconnect_max = 0.2\n'
+            f'[[modbus_chargers]]\nid = "HD1"\nmodbus = "127.0.0.1:{sim.port}"\npoll_interval = 0.05\n')
+    with capture_logs() as logs:
+        server = await start_proxy(text)
+        await wait_until(lambda: sum(e["event"] == "virtual_session_ended" for e in logs) >= 2)
+    refused = [e for e in logs if e["event"] == "upstream_unavailable"]
+    assert refused and all(e["status"] == 404 for e in refused)
+    ended = [e for e in logs if e["event"] == "virtual_session_ended"]
+    assert ended[0]["code"] == 1008 and "404" in ended[0]["reason"]
+    assert "HD1" in server.virtual and sim.limit_amps == 0.0  # the wallbox is still polled, and not charging
     await in_loop(peers, sim.stop())
