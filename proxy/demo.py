@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -196,7 +197,14 @@ async def _demo(wallboxes: int, forever: bool, out: TextIO, site_limit: float = 
         server = ProxyServer(config)
         async with trio.open_nursery() as nursery:
             ports = await nursery.start(server.serve)
-            await nursery.start(run_modbus, config, server.limiter.engine, server.limiter.poke, get_logger())
+            inputs = trio.CancelScope()  # the grid meter: stopped before the wallboxes leave
+
+            async def modbus_inputs(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
+                with inputs:
+                    await run_modbus(config, server.limiter.engine, server.limiter.poke, get_logger(),
+                                     task_status=task_status)
+
+            await nursery.start(modbus_inputs)
             url = f"ws://127.0.0.1:{ports[0]}/ocpp"
             print(f"ocpp-proxy demo: backend ws://127.0.0.1:{port}/ocpp, proxy {url}/<id>, "
                   f"{wallboxes} wallboxes (max 16 A each) and Modbus wallbox {_VIRTUAL} sharing a site limit of "
@@ -214,8 +222,15 @@ async def _demo(wallboxes: int, forever: bool, out: TextIO, site_limit: float = 
                 cars.start_soon(_modbus_car, backend, wallbox, meter)
             ok = summary(backend, handles, out)
             ok &= modbus_summary(backend, wallbox, out)
-            for handle in handles:
-                peers.run(handle.close())
+            inputs.cancel()
+            with trio.move_on_after(5):  # limits in flight are answered; then no new ones
+                await server.limiter.wait_settled()
+            server.limiter.stop()
+
+            async def close_all() -> None:  # in the peers' loop; trio keeps serving the close handshakes
+                await asyncio.gather(*(handle.close() for handle in handles))
+
+            await trio.to_thread.run_sync(peers.run, close_all())
             await server.stop()
             nursery.cancel_scope.cancel()
         return ok
@@ -230,6 +245,8 @@ async def _demo(wallboxes: int, forever: bool, out: TextIO, site_limit: float = 
 def run_demo(wallboxes: int = 3, forever: bool = False, out: Any = None, site_limit: float = 32.0) -> int:
     out = out or sys.stdout
     logs.configure("warning", "console")
+    # The simulated Modbus devices complain when the proxy hangs up mid-request at the end; not news.
+    logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
     try:
         ok = trio.run(_demo, wallboxes, forever, out, site_limit)
     except KeyboardInterrupt:
