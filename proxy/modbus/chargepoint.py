@@ -397,15 +397,20 @@ class VirtualChargePoint:
         self._queue.appendleft(self._status_call(0, lambda: "Unavailable" if self.inoperative else "Available"))
         return [Log("virtual_booted", "info", {"heartbeat": self._heartbeat_interval})]
 
-    def _status_call(self, connector: int, status: Callable[[], str]) -> _Call:
-        def build() -> dict[str, Any]:
-            payload = {"connectorId": connector, "status": status(), "errorCode": "NoError"}
-            if payload["status"] == "Faulted":
-                payload["errorCode"] = "OtherError"
-                code = self.reading.state.fault if self.reading and not self.lost else None
-                payload["vendorErrorCode" if code else "info"] = code or "Modbus wallbox not answering"
-            return payload
-        return _Call("StatusNotification", build)
+    def _status_call(self, connector: int, status: str | Callable[[], str]) -> _Call:
+        """A status known now is sent as it is now (with its fault code); a callable is asked at send time."""
+        if isinstance(status, str):
+            payload = self._status_payload(connector, status)
+            return _Call("StatusNotification", lambda: payload)
+        return _Call("StatusNotification", lambda: self._status_payload(connector, status()))
+
+    def _status_payload(self, connector: int, status: str) -> dict[str, Any]:
+        payload = {"connectorId": connector, "status": status, "errorCode": "NoError"}
+        if status == "Faulted":
+            payload["errorCode"] = "OtherError"
+            code = self.reading.state.fault if self.reading and not self.lost else None
+            payload["vendorErrorCode" if code else "info"] = code or "Modbus wallbox not answering"
+        return payload
 
     # -- status and current ---------------------------------------------------------------------
 
@@ -432,7 +437,7 @@ class VirtualChargePoint:
         status = self.connector_status()
         if status != self.status and self.booted:
             self.status = status
-            self._queue.append(self._status_call(CONNECTOR, _fixed(status)))
+            self._queue.append(self._status_call(CONNECTOR, status))
         return actions
 
     def _target(self, wall: datetime) -> float:
@@ -735,10 +740,6 @@ _KNOWN_ACTIONS = frozenset(a.value for a in V16Action)
 
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-
-
-def _fixed(status: str) -> Callable[[], str]:
-    return lambda: status
 
 
 def _sample(value: str, measurand: str, unit: str, context: str) -> dict[str, Any]:

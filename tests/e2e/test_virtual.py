@@ -16,6 +16,7 @@ from typing import Any
 import trio
 import trio_websocket
 from ocpp.v16 import call
+from pymodbus.client import AsyncModbusTcpClient
 from structlog.testing import capture_logs
 
 from proxy.config import loads
@@ -137,10 +138,13 @@ async def test_whole_session_through_the_proxy(peers: LoopThread, backend: SimBa
 
 
 async def test_composite_limit_is_min_of_backend_and_local_engine(peers: LoopThread, backend: SimBackend,
-                                                                  start_proxy: StartProxy) -> None:
+                                                                  start_proxy: StartProxy,
+                                                                  nursery: trio.Nursery) -> None:
     sim = await start_wallbox(peers)
-    text = virtual_config(backend, sim.port) + "[site]\nmax_current = 7\nramp_up_interval = 0\n"
+    text = virtual_config(backend, sim.port) + (
+        '[site]\nmax_current = 7\nramp_up_interval = 0\n[ems]\nmodbus_listen = "127.0.0.1:0"\n')
     server = await start_proxy(text)
+    ems = await nursery.start(run_modbus, server.config, server.limiter.engine, server.limiter.poke, get_logger())
     rec, transaction_id = await plug_and_charge(backend, sim)
     await wait_until(lambda: sim.limit_amps == 7.0)  # the site's 7 A, not the wallbox's 16 A
     result = await in_loop(peers, backend.call("HD1", call.SetChargingProfile(
@@ -152,6 +156,17 @@ async def test_composite_limit_is_min_of_backend_and_local_engine(peers: LoopThr
     view = server.limiter.engine.charger_view("HD1")
     assert view is not None and view.local_limit == 7.0
     assert sim.limit_amps == 7.0  # min(backend 10 A, local 7 A)
+
+    async def ems_read() -> list[int]:  # a virtual charge point is an EMS charger like any other
+        client = AsyncModbusTcpClient("127.0.0.1", port=ems.ports[0])
+        await client.connect()
+        try:
+            return list((await client.read_input_registers(100, count=13, device_id=1)).registers)
+        finally:
+            client.close()
+
+    registers = await in_loop(peers, ems_read())
+    assert registers[2] == 3 and registers[10] == 70  # state Charging, effective limit 7.0 A
     await in_loop(peers, sim.stop())
 
 

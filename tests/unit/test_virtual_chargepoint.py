@@ -254,3 +254,21 @@ def test_modbus_outage_reports_faulted_and_recovers() -> None:
     assert faulted["status"] == "Faulted" and faulted["errorCode"] == "OtherError"
     h.read(7, amps=16)
     assert h.cp.connector_status() == "Charging" and h.cp.record() is not None
+
+
+def test_status_follows_the_vehicle_state_register() -> None:
+    h = Harness(fixed_id_tag="TAG1")
+    h.charging()
+    seen = []
+    for state, amps in ((6, 0), (7, 16), (5, 0), (4, 0), (7, 16), (10, 0), (7, 16)):
+        h.read(state, amps=amps)
+        seen.append(h.cp.connector_status())
+    # C1 wallbox not yet allowing, C2 charging, B2 car paused itself, B1, C2 again, F fault, recovered
+    assert seen == ["SuspendedEVSE", "Charging", "SuspendedEV", "SuspendedEV", "Charging", "Faulted", "Charging"]
+    h.answer_all()
+    sent = [f[3]["status"] for f in h.sent if f[0] == 2 and f[2] == "StatusNotification" and f[3]["connectorId"] == 1]
+    assert sent[-4:] == ["SuspendedEV", "Charging", "Faulted", "Charging"]
+    faulted = next(f[3] for f in h.sent if f[0] == 2 and f[2] == "StatusNotification" and f[3]["status"] == "Faulted")
+    assert faulted["vendorErrorCode"] == "F" and faulted["errorCode"] == "OtherError"
+    h.call("ChangeAvailability", {"connectorId": 0, "type": "Inoperative"})
+    assert h.cp.connector_status() == "Charging"  # Scheduled: the transaction goes on
