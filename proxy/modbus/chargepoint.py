@@ -187,6 +187,7 @@ class VirtualChargePoint:
         self.reading: WallboxReading | None = None
         self.plugged = False
         self._failing_since: float | None = None
+        self._last_error: str | None = None
         self.lost = False  # no good reading for fault_after
         self.inoperative = False
         self._scheduled_inoperative = False
@@ -281,7 +282,7 @@ class VirtualChargePoint:
         actions: list[Action] = []
         if self.lost:
             actions.append(Log("virtual_wallbox_back"))
-        self.reading, self._failing_since, self.lost = reading, None, False
+        self.reading, self._failing_since, self.lost, self._last_error = reading, None, False, None
         fault = reading.state.fault
         if fault is None and reading.state.plugged != self.plugged:
             actions += self._plug_changed(reading.state.plugged, now, wall)
@@ -295,7 +296,10 @@ class VirtualChargePoint:
         return actions + self._pump(now)
 
     def read_failed(self, reason: str, now: float, wall: datetime) -> list[Action]:
-        actions: list[Action] = [Log("virtual_read_failed", "warning", {"error": reason})]
+        actions: list[Action] = []
+        if reason != self._last_error:  # a wallbox that is off fails every poll: one line per kind of failure
+            actions.append(Log("virtual_read_failed", "warning", {"error": reason}))
+        self._last_error = reason
         if self._failing_since is None:
             self._failing_since = now
         if not self.lost and now - self._failing_since >= self.settings.fault_after:
