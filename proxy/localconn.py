@@ -55,8 +55,9 @@ class LocalConnection:
         """Close both directions; the first close's code and reason are what both ends see."""
         if self._shared.close is None:
             self._shared.close = CloseReason(code, reason)
-        await self._send.aclose()     # the other end reads what is queued, then the close
-        await self._receive.aclose()  # this end stops reading; the other end's sends fail
+        self._send.close()     # the other end reads what is queued, then the close
+        self._receive.close()  # this end stops reading; the other end's sends fail
+        await trio.lowlevel.checkpoint()  # closing is done even when this checkpoint is cancelled
 
     async def ping(self, payload: bytes | None = None) -> None:
         if self._shared.close is not None:
