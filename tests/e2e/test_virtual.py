@@ -304,6 +304,34 @@ async def test_backend_outage_is_bridged_by_the_offline_queue(peers: LoopThread,
     await in_loop(peers, sim.stop())
 
 
+async def test_without_offline_mode_the_charge_point_keeps_its_transaction(peers: LoopThread,
+                                                                           start_proxy: StartProxy) -> None:
+    """Offline mode off: the session ends with the backend, the charge point queues and delivers later."""
+    backend = SimBackend()
+    await in_loop(peers, backend.start())
+    sim = await start_wallbox(peers)
+    text = virtual_config(backend, sim.port).replace("[backend]\n", "[backend]\nconnect_timeout = 1\n") + (
+        "[offline]\nenabled = false\nreconnect_max = 0.3\n")
+    server = await start_proxy(text)
+    rec, transaction_id = await plug_and_charge(backend, sim)
+    port = backend.port
+    await in_loop(peers, backend.stop())
+    await wait_until(lambda: "HD1" not in server.sessions or not server.virtual["HD1"].core.online)
+    sim.plugged = False  # ends while nobody listens: the StopTransaction waits in the charge point
+    core = server.virtual["HD1"].core
+    await wait_until(lambda: core.tx is not None and core.tx.stopping)
+    back = SimBackend(port=port, first_transaction_id=5000)
+    await in_loop(peers, back.start())
+    rec2 = back.recorder("HD1")
+    await wait_recorded(rec2, lambda r: bool(calls(r, "StopTransaction")), timeout=15)
+    stopped = calls(rec2, "StopTransaction")[0]
+    assert stopped["transactionId"] == transaction_id and stopped["reason"] == "EVDisconnected"
+    assert calls(rec2, "BootNotification") and not calls(rec2, "StartTransaction")  # booted again, no new start
+    await wait_until(lambda: core.record() is None)  # answered: the transaction is closed
+    await in_loop(peers, back.stop())
+    await in_loop(peers, sim.stop())
+
+
 async def test_transaction_survives_a_proxy_restart(peers: LoopThread, backend: SimBackend, tmp_path: Path,
                                                     nursery: trio.Nursery) -> None:
     """Stopped with a car charging; restarted twice: it goes on, then stops with PowerLoss after an unplug."""
