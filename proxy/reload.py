@@ -20,7 +20,7 @@ import signal
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from proxy.config import Config, ConfigError, load
+from proxy.config import Config, ConfigError, ModbusChargerSettings, load
 
 if TYPE_CHECKING:
     from proxy.server import ProxyServer
@@ -38,7 +38,16 @@ def needs_restart(old: Config, new: Config) -> list[str]:
         before, after = getattr(old, section), getattr(new, section)
         changed += [f"{section}.{f.name}" for f in dataclasses.fields(before)
                     if getattr(before, f.name) != getattr(after, f.name)]
+    if [_virtual_identity(c) for c in old.modbus_chargers] != [_virtual_identity(c) for c in new.modbus_chargers]:
+        changed.append("modbus_chargers")  # their runners start with the server; load settings do reload
     return changed
+
+
+def _virtual_identity(charger: ModbusChargerSettings) -> tuple[Any, ...]:
+    """What a running virtual charge point was started with (its load-management keys reload)."""
+    return (charger.id, charger.modbus, charger.modbus_unit, charger.map, charger.fixed_id_tag, charger.vendor,
+            charger.model, charger.serial_number, charger.poll_interval, charger.timeout, charger.fault_after,
+            charger.meter_interval)
 
 
 def reload_from(server: ProxyServer, path: str, log: Any) -> bool:

@@ -128,7 +128,10 @@ class ProxyServer:
         await self.wait_sessions(0)
 
     def reload(self, config: Config) -> None:
-        """New settings for new connections and for load management; open sessions stay."""
+        """New settings for new connections and for load management; open sessions stay.
+
+        Virtual charge points keep running as started (see :func:`proxy.reload.needs_restart`).
+        """
         self.config = config
         self.limiter.reconfigure(config)
         self.log.info("config_reloaded", chargers=len(config.chargers), site=config.site is not None)
@@ -231,6 +234,8 @@ class ProxyServer:
         The upstream refusing (4xx) or being down without offline mode closes
         ``wallbox`` with 1008 or 1013 and the reason; its runner retries later.
         """
+        # the upstream settings as they are now: a reload applies them at the next session, as for a wallbox
+        charger = next((c for c in self.config.modbus_chargers if c.id == charger.id), charger)
         admit = Admit(charger, self.config.upstream_for(charger), (wallbox.subprotocol,), known=True)
         peer = f"modbus:{charger.modbus}"
 

@@ -127,3 +127,7 @@ def test_keys_bound_at_start_are_reported_as_needing_a_restart() -> None:
                 .replace('format = "json"', 'format = "console"'))
     assert needs_restart(old, new) == ["server.listen", "log.format"]
     assert needs_restart(old, loads(config_text(1234, 10))) == []  # [site] applies at once
+    virtual = '[[modbus_chargers]]\nid = "HD1"\nmodbus = "127.0.0.1:502"\nmax_current = 16\n'
+    with_virtual = loads(config_text(1234, 10) + virtual)
+    assert needs_restart(old, with_virtual) == ["modbus_chargers"]  # a new virtual charge point starts at restart
+    assert needs_restart(with_virtual, loads(config_text(1234, 10) + virtual.replace("16", "10"))) == []
