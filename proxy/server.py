@@ -130,9 +130,13 @@ class ProxyServer:
     def reload(self, config: Config) -> None:
         """New settings for new connections and for load management; open sessions stay.
 
-        Virtual charge points keep running as started (see :func:`proxy.reload.needs_restart`).
+        Virtual charge points keep running as started (see :func:`proxy.reload.needs_restart`)
+        and take the new current limits.
         """
         self.config = config
+        for charger in config.modbus_chargers:
+            if charger.id in self.virtual:
+                self.virtual[charger.id].reconfigure(charger)
         self.limiter.reconfigure(config)
         self.log.info("config_reloaded", chargers=len(config.chargers), site=config.site is not None)
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -72,6 +73,13 @@ class VirtualWallbox:
         self.record_path = Path(data_dir) / "virtual" / f"{quote(charger.id, safe='')}.json"
         self._saved: dict[str, Any] | None = None
         self._saving = trio.Lock()
+
+    def reconfigure(self, charger: ModbusChargerSettings) -> None:
+        """A reload: the current limits apply from the next poll (the rest needs a restart)."""
+        new = virtual_settings(charger, self.map, self.core.settings.call_timeout)
+        self.core.settings = replace(self.core.settings, min_current=new.min_current, max_current=new.max_current,
+                                     phases=new.phases)
+        self._poke.set()
 
     async def run(self) -> None:
         """Until cancelled; the session is closed with 1001 on the way out."""

@@ -387,3 +387,18 @@ async def test_backend_refusing_the_charge_point_is_logged_and_retried(peers: Lo
     assert ended[0]["code"] == 1008 and "404" in ended[0]["reason"]
     assert "HD1" in server.virtual and sim.limit_amps == 0.0  # the wallbox is still polled, and not charging
     await in_loop(peers, sim.stop())
+
+
+async def test_reload_changes_the_current_of_a_charging_virtual_charge_point(peers: LoopThread, backend: SimBackend,
+                                                                             start_proxy: StartProxy) -> None:
+    sim = await start_wallbox(peers)
+    text = virtual_config(backend, sim.port)
+    server = await start_proxy(text)
+    await plug_and_charge(backend, sim)
+    await wait_until(lambda: sim.limit_amps == 16.0)
+    server.reload(loads(text.replace('fixed_id_tag = "FIXED-0001"\n', 'fixed_id_tag = "FIXED-0001"\nmax_current = 10\n')
+                        .replace("[server]", f'[server]\nlisten = "127.0.0.1:0"', 1)
+                        + f'[offline]\ndata_dir = "{server.config.offline.data_dir}"\n'))
+    await wait_until(lambda: sim.limit_amps == 10.0)
+    assert server.sessions["HD1"] and len(calls(backend.recorder("HD1"), "StartTransaction")) == 1
+    await in_loop(peers, sim.stop())
