@@ -112,11 +112,17 @@ class ProxyServer:
         def open_session(wallbox: LocalConnection) -> None:
             connections.start_soon(self.serve_virtual, charger, wallbox)
 
-        virtual = VirtualWallbox(charger, open_session, log=self.log.bind(charger=charger.id),
-                                 data_dir=self.config.offline.data_dir, call_timeout=self.config.server.call_timeout,
-                                 retry_max=self.config.offline.reconnect_max)
-        self.virtual[charger.id] = virtual
-        await virtual.run()
+        log = self.log.bind(charger=charger.id)
+        while True:  # like one connection, one virtual charge point must never stop the server
+            virtual = VirtualWallbox(charger, open_session, log=log, data_dir=self.config.offline.data_dir,
+                                     call_timeout=self.config.server.call_timeout,
+                                     retry_max=self.config.offline.reconnect_max)
+            self.virtual[charger.id] = virtual
+            try:
+                await virtual.run()
+            except Exception as exc:  # noqa: BLE001 - logged; it starts again from its stored transaction
+                log.error("virtual_charge_point_failed", error=_describe(exc), restart_in=_VIRTUAL_RESTART)
+            await trio.sleep(_VIRTUAL_RESTART)
 
     async def stop(self, code: int = closecodes.GOING_AWAY, reason: str = "proxy shutting down") -> None:
         """Stop accepting, close every session with ``code``, wait until they are gone."""
@@ -306,6 +312,9 @@ class ProxyServer:
                                close_timeout=server.close_timeout, call_timeout=server.call_timeout,
                                reconnect_min=offline.reconnect_min, reconnect_max=offline.reconnect_max)
 
+
+#: Seconds before a virtual charge point that failed is started again.
+_VIRTUAL_RESTART = 5.0
 
 #: accept() failures that mean "too busy right now", not "broken" (as in trio.serve_listeners).
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}

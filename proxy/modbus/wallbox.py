@@ -125,8 +125,11 @@ class VirtualWallbox:
         async with self._saving:  # both loops execute actions; one writer at a time
             record = self.core.record()
             if record != self._saved:  # stored before any frame about it leaves
-                await trio.to_thread.run_sync(_write_atomically, self.record_path, record)
-                self._saved = record
+                try:
+                    await trio.to_thread.run_sync(_write_atomically, self.record_path, record)
+                    self._saved = record
+                except OSError as exc:  # charging goes on; only a restart could lose the transaction now
+                    self.log.error("virtual_record_write_failed", file=str(self.record_path), error=str(exc))
         for action in actions:
             if isinstance(action, Send):
                 if self._connection is not None:
@@ -143,6 +146,9 @@ class VirtualWallbox:
         try:
             text = await trio.to_thread.run_sync(self.record_path.read_text)
         except FileNotFoundError:
+            return
+        except OSError as exc:
+            self.log.error("virtual_record_unreadable", file=str(self.record_path), error=str(exc))
             return
         try:
             record = json.loads(text)

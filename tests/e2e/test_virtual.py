@@ -402,3 +402,17 @@ async def test_reload_changes_the_current_of_a_charging_virtual_charge_point(pee
     await wait_until(lambda: sim.limit_amps == 10.0)
     assert server.sessions["HD1"] and len(calls(backend.recorder("HD1"), "StartTransaction")) == 1
     await in_loop(peers, sim.stop())
+
+
+async def test_an_unwritable_record_is_logged_and_charging_goes_on(peers: LoopThread, backend: SimBackend,
+                                                                   start_proxy: StartProxy, tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "virtual").write_text("not a directory")  # the record cannot be written
+    sim = await start_wallbox(peers)
+    with capture_logs() as logs:
+        server = await start_proxy(virtual_config(backend, sim.port))
+        await plug_and_charge(backend, sim)
+        await wait_until(lambda: sim.limit_amps == 16.0)
+    assert any(e["event"] == "virtual_record_write_failed" for e in logs)
+    assert not any(e["event"] == "virtual_charge_point_failed" for e in logs) and "HD1" in server.sessions
+    await in_loop(peers, sim.stop())
