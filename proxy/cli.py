@@ -147,7 +147,8 @@ async def run_proxy(config: Config, source: str = "", pidfile: str = "") -> None
             if config.meter.modbus or config.ems.modbus_listen:  # grid meter / EMS → limit engine
                 from proxy.modbus.service import run_modbus
 
-                await nursery.start(run_modbus, config, server.limiter.engine, server.limiter.poke, log)
+                await nursery.start(functools.partial(run_modbus, config, server.limiter.engine,
+                                                      server.limiter.poke, log, health=metrics))
             if pidfile:
                 write_pidfile(pidfile)
             async for signum in signals:

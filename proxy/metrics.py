@@ -212,6 +212,9 @@ class Metrics:
                                     "Current left for the chargers per phase (site limit - house load)", ["phase"])
         self.grid_current = family(Gauge, "ocpp_proxy_grid_current_amperes",
                                    "Grid meter current per phase", ["phase"])
+        self.modbus_wallbox_up = family(Gauge, "ocpp_proxy_modbus_wallbox_up",
+                                        "1 while a Modbus wallbox (virtual charge point) answers with good "
+                                        "readings, else 0", ["charger"])
         self.secondary_up = family(Gauge, "ocpp_proxy_secondary_up",
                                    "1 while a secondary upstream of the charger is connected", ["charger", "upstream"])
         self.secondary_connects = family(Counter, "ocpp_proxy_secondary_connects",
@@ -389,6 +392,9 @@ class Metrics:
         for index, value in enumerate((headroom or ())[:3], start=1):
             self.site_headroom.child(f"L{index}").set(value)
 
+    def set_modbus_wallbox(self, charger: str, up: bool) -> None:
+        self.modbus_wallbox_up.child(charger).set(1.0 if up else 0.0)
+
     def set_meter(self, up: bool, currents: Sequence[float] | None = None,
                   read_at: float | None = None) -> None:
         """Grid meter state; ``read_at`` is the Unix time of the last good reading."""
@@ -494,6 +500,9 @@ class MetricsListener(Listener):
 
     def queue_depth(self, paired: PairedSession, depth: int) -> None:
         self.metrics.set_queue(paired.charger_id, depth)
+
+    def modbus_wallbox(self, charger: str, up: bool) -> None:
+        self.metrics.set_modbus_wallbox(charger, up)
 
     def frame_rejected(self, paired: PairedSession, side: str, code: int, reason: str) -> None:
         self.metrics.frame_rejected(side_label(side), "binary" if code == 1003 else "too_big")

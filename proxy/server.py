@@ -116,13 +116,18 @@ class ProxyServer:
         while True:  # like one connection, one virtual charge point must never stop the server
             virtual = VirtualWallbox(charger, open_session, log=log, data_dir=self.config.offline.data_dir,
                                      call_timeout=self.config.server.call_timeout,
-                                     retry_max=self.config.offline.reconnect_max)
+                                     retry_max=self.config.offline.reconnect_max,
+                                     health=functools.partial(self._modbus_wallbox, charger.id))
             self.virtual[charger.id] = virtual
             try:
                 await virtual.run()
             except Exception as exc:  # noqa: BLE001 - logged; it starts again from its stored transaction
                 log.error("virtual_charge_point_failed", error=_describe(exc), restart_in=_VIRTUAL_RESTART)
             await trio.sleep(_VIRTUAL_RESTART)
+
+    def _modbus_wallbox(self, charger_id: str, up: bool) -> None:
+        for listener in self.listeners:
+            listener.modbus_wallbox(charger_id, up)
 
     async def stop(self, code: int = closecodes.GOING_AWAY, reason: str = "proxy shutting down") -> None:
         """Stop accepting, close every session with ``code``, wait until they are gone."""

@@ -9,7 +9,8 @@ with ``sink.meter_lost`` so the engine falls back to its safe current.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,6 +22,12 @@ from proxy.modbus.registers import Block, blocks, value_at
 
 #: Larger phase currents than this are a wiring or map error, not a reading.
 MAX_PLAUSIBLE_AMPS = 10_000.0
+
+
+class MeterHealth(Protocol):
+    """Where the meter's state is reported (the Prometheus metrics)."""
+
+    def set_meter(self, up: bool, currents: Sequence[float] | None = None, read_at: float | None = None) -> None: ...
 
 
 class MeterSink(Protocol):
@@ -48,10 +55,12 @@ def decode_reading(meter: MeterMap, data: dict[Block, list[int]]) -> Reading:
 
 class MeterPoller:
     def __init__(self, client: ModbusClient, meter: MeterMap, sink: MeterSink, *, poll_interval: float,
-                 stale_after: float, log: Any, on_change: Callable[[], None] = lambda: None) -> None:
+                 stale_after: float, log: Any, on_change: Callable[[], None] = lambda: None,
+                 health: MeterHealth | None = None) -> None:
         self.client, self.meter, self.sink = client, meter, sink
         self.poll_interval, self.stale_after = poll_interval, stale_after
         self.log, self.on_change = log, on_change
+        self.health = health
         self.last: Reading | None = None
         self.last_ok: float | None = None
         self.lost = False
@@ -73,6 +82,8 @@ class MeterPoller:
             reading = decode_reading(self.meter, data)
         except (ModbusError, ValueError) as exc:
             self.log.warning("meter_read_failed", error=str(exc))
+            if self.health is not None:
+                self.health.set_meter(False)
             if not self.lost and now - (self.last_ok if self.last_ok is not None else started) >= self.stale_after:
                 self.lost = True
                 self.log.error("meter_stale", seconds=self.stale_after)
@@ -84,4 +95,6 @@ class MeterPoller:
         self.lost = False
         self.last, self.last_ok = reading, now
         self.sink.meter_reading(reading.currents, now)
+        if self.health is not None:
+            self.health.set_meter(True, reading.currents, time.time())
         self.on_change()

@@ -11,7 +11,7 @@ from proxy.config import Config, MeterSettings, parse_listen
 from proxy.modbus.client import ModbusClient
 from proxy.modbus.ems import EmsRegisters, EmsServer, EmsSink
 from proxy.modbus.maps import METERS, MeterMap
-from proxy.modbus.meter import MeterPoller, MeterSink
+from proxy.modbus.meter import MeterHealth, MeterPoller, MeterSink
 from proxy.modbus.registers import Field
 
 
@@ -23,7 +23,8 @@ def meter_map(settings: MeterSettings) -> MeterMap:
 
 
 async def run_modbus(config: Config, engine: Any, on_change: Callable[[], None], log: Any,
-                     *, task_status: trio.TaskStatus[EmsServer | None] = trio.TASK_STATUS_IGNORED) -> None:
+                     *, health: MeterHealth | None = None,
+                     task_status: trio.TaskStatus[EmsServer | None] = trio.TASK_STATUS_IGNORED) -> None:
     """Meter poller and EMS server, as configured; returns only when cancelled."""
     async with trio.open_nursery() as nursery:
         if config.meter.modbus:
@@ -32,7 +33,7 @@ async def run_modbus(config: Config, engine: Any, on_change: Callable[[], None],
             sink: MeterSink = engine
             poller = MeterPoller(client, meter_map(config.meter), sink, poll_interval=config.meter.poll_interval,
                                  stale_after=config.meter.stale_after, log=log.bind(part="meter"),
-                                 on_change=on_change)
+                                 on_change=on_change, health=health)
             nursery.start_soon(poller.run)
         server = None
         if config.ems.modbus_listen:

@@ -55,7 +55,8 @@ def virtual_settings(charger: ModbusChargerSettings, wallbox: WallboxMap, call_t
 
 class VirtualWallbox:
     def __init__(self, charger: ModbusChargerSettings, open_session: Callable[[LocalConnection], None], *,
-                 log: Any, data_dir: str | Path, call_timeout: float = 30.0, retry_max: float = 60.0) -> None:
+                 log: Any, data_dir: str | Path, call_timeout: float = 30.0, retry_max: float = 60.0,
+                 health: Callable[[bool], None] = lambda up: None) -> None:
         self.charger = charger
         self.map = WALLBOXES[charger.map]
         self.open_session = open_session
@@ -70,6 +71,9 @@ class VirtualWallbox:
         self._set_up = False
         #: Polls made (successful or not), for benchmarks and diagnostics.
         self.polls = 0
+        #: Told whether the last poll gave a good reading, when that changes (metrics).
+        self.health = health
+        self._healthy: bool | None = None
         self.record_path = Path(data_dir) / "virtual" / f"{quote(charger.id, safe='')}.json"
         self._saved: dict[str, Any] | None = None
         self._saving = trio.Lock()
@@ -183,13 +187,21 @@ class VirtualWallbox:
             reading = self.map.decode(data)
         except ModbusError as exc:
             self._set_up = False  # the wallbox may have restarted: its settings again when it is back
+            self._report(False)
             await self._execute(self.core.read_failed(str(exc), now, wall))
         except ValueError as exc:
+            self._report(False)
             await self._execute(self.core.read_failed(f"implausible values: {exc}", now, wall))
         else:
+            self._report(True)
             await self._execute(self.core.read(reading, now, wall))
             await self._write_current(reading)
         await self._execute(self.core.tick(trio.current_time(), _wall()))
+
+    def _report(self, healthy: bool) -> None:
+        if healthy != self._healthy:
+            self._healthy = healthy
+            self.health(healthy)
 
     async def _write_current(self, reading: WallboxReading) -> None:
         wanted = self.core.current or 0.0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 
 import pytest
@@ -219,3 +220,49 @@ async def test_handshake_timeouts_are_counted(nursery: trio.Nursery) -> None:
     await stream.aclose()
     _, samples = await scrape(stack)
     assert value(samples, "ocpp_proxy_handshake_rejections_total", reason="handshake_timeout") == 1
+
+
+async def test_modbus_meter_and_wallbox_health_reach_the_metrics(nursery: trio.Nursery) -> None:
+    """The meter poller and a virtual charge point report their state as cli.run_proxy wires them."""
+    from proxy.logs import get_logger
+    from proxy.modbus.service import run_modbus
+    from proxy.simulators import LoopThread, SimHeidelberg, SimSdm630
+    from tests.e2e.test_offline import wait_until
+    from tests.peers import in_loop
+
+    peers = LoopThread("metrics-modbus")
+    try:
+        meter, wallbox = SimSdm630(), SimHeidelberg()
+        meter.set_currents(12.5, 11.0, 10.0)
+        meter_port, wallbox_port = await in_loop(peers, meter.start()), await in_loop(peers, wallbox.start())
+        backend = await start_backend(nursery)
+        text = config_text(backend.port, chargers=()) + (
+            f'[meter]\nmodbus = "127.0.0.1:{meter_port}"\npoll_interval = 0.05\ntimeout = 0.2\n'
+            f'[[modbus_chargers]]\nid = "HD1"\nmodbus = "127.0.0.1:{wallbox_port}"\npoll_interval = 0.05\n'
+            f'timeout = 0.2\n')
+        stack = await start_stack(nursery, text)
+        await nursery.start(functools.partial(run_modbus, stack.config, stack.server.limiter.engine,
+                                              stack.server.limiter.poke, get_logger(), health=stack.metrics))
+
+        async def sample(name: str, **labels: str) -> float | None:
+            _, samples = await scrape(stack)
+            return samples.get((name, frozenset(labels.items())))
+
+        async def becomes(expected: float, name: str, **labels: str) -> None:
+            with trio.fail_after(10):
+                while await sample(name, **labels) != expected:
+                    await trio.sleep(0.05)
+
+        await becomes(1.0, "ocpp_proxy_meter_up")
+        await becomes(12.5, "ocpp_proxy_grid_current_amperes", phase="L1")
+        await becomes(1.0, "ocpp_proxy_modbus_wallbox_up", charger="HD1")
+        meter.failing = wallbox.failing = True
+        await becomes(0.0, "ocpp_proxy_meter_up")
+        await becomes(0.0, "ocpp_proxy_modbus_wallbox_up", charger="HD1")
+        meter.failing = wallbox.failing = False
+        await becomes(1.0, "ocpp_proxy_modbus_wallbox_up", charger="HD1")
+        await wait_until(lambda: "HD1" in stack.server.sessions)
+        await in_loop(peers, meter.stop())
+        await in_loop(peers, wallbox.stop())
+    finally:
+        peers.close()
