@@ -24,6 +24,8 @@ upstream reconnects (offline mode), event-loop lag (the monitor's heartbeat).
 
 from __future__ import annotations
 
+import collections
+
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -444,6 +446,10 @@ class MetricsListener(Listener):
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        #: Per charger, when each queued frame was stored, oldest first: the queue is FIFO, so
+        #: depth going up appends "now" and going down drops the oldest. Frames found in the queue
+        #: at start count from when they were first seen (the age is then a lower bound).
+        self._queued_at: dict[str, collections.deque[float]] = {}
 
     def session_opened(self, paired: PairedSession) -> None:
         self.metrics.session_opened(paired.charger_id, 0)  # upstreams arrive through upstream_state
@@ -499,7 +505,13 @@ class MetricsListener(Listener):
             self.metrics.upstream_failed(paired.charger_id, reason)
 
     def queue_depth(self, paired: PairedSession, depth: int) -> None:
-        self.metrics.set_queue(paired.charger_id, depth)
+        times = self._queued_at.setdefault(paired.charger_id, collections.deque())
+        now = self.metrics.clock()
+        while len(times) < depth:
+            times.append(now)
+        while len(times) > depth:
+            times.popleft()
+        self.metrics.set_queue(paired.charger_id, depth, times[0] if times else None)
 
     def modbus_wallbox(self, charger: str, up: bool) -> None:
         self.metrics.set_modbus_wallbox(charger, up)

@@ -266,3 +266,23 @@ async def test_modbus_meter_and_wallbox_health_reach_the_metrics(nursery: trio.N
         await in_loop(peers, wallbox.stop())
     finally:
         peers.close()
+
+
+async def test_offline_queue_depth_and_oldest_age_come_from_the_sessions(nursery: trio.Nursery) -> None:
+    """Backend down: frames answered locally are queued; depth and the oldest frame's age are exported."""
+    now = [5_000.0]
+    unused = trio.socket.socket()
+    await unused.bind(("127.0.0.1", 0))
+    port = unused.getsockname()[1]
+    unused.close()  # nothing listens there: the backend is down
+    stack = await start_stack(nursery, config_text(port, offline="reconnect_min = 30\nreconnect_max = 60\n"),
+                              clock=lambda: now[0])
+    async with open_websocket_url(stack.url("CP1"), subprotocols=["ocpp1.6"]) as ws:
+        status = '[2,"s1","StatusNotification",{"connectorId":1,"status":"Available","errorCode":"NoError"}]'
+        assert json.loads(await call(ws, status))[0] == 3  # answered locally
+        now[0] += 20
+        assert json.loads(await call(ws, status.replace("s1", "s2")))[0] == 3
+        now[0] += 10
+        _, samples = await scrape(stack)
+        assert value(samples, "ocpp_proxy_queue_frames", charger="CP1") == 2
+        assert value(samples, "ocpp_proxy_queue_oldest_age_seconds", charger="CP1") == 30.0
