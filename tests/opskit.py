@@ -149,12 +149,12 @@ class ProxyProcess:
     events: list[dict[str, Any]] = field(default_factory=list)
     _buffer: bytes = b""
 
-    async def wait_event(self, name: str) -> dict[str, Any]:
-        """Read the JSON log (stderr) until ``name`` appears."""
+    async def wait_event(self, name: str, after: int = 0) -> dict[str, Any]:
+        """Read the JSON log (stderr) until ``name`` appears among the events from index ``after`` on."""
         assert self.process.stderr is not None
         with trio.fail_after(20):
             while True:
-                for event in self.events:
+                for event in self.events[after:]:
                     if event.get("event") == name:
                         return event
                 chunk = await self.process.stderr.receive_some(65536)

@@ -124,6 +124,25 @@ def check_wire(handle: SmartHandle, sim: SimBackend, cp_id: str,
     return proxy_calls
 
 
+class MinProbe:
+    """Sets the EMS site limit and checks the wallbox ends up at min(backend, EMS, site 32 A)."""
+
+    def __init__(self, limiter: Limiter, wallbox: Any, cs: Backend) -> None:
+        self.limiter, self.wallbox, self.cs = limiter, wallbox, cs
+        self.local: float | None = None  # EMS site limit; None: only the configured 32 A
+
+    def ems(self, amps: float | None) -> None:
+        self.local = amps
+        self.limiter.engine.ems_site_limit(amps, trio.current_time())
+
+    async def check(self) -> None:
+        await settle(self.limiter)
+        want = expected(self.cs.limit(), self.local, 32.0)
+        assert self.wallbox.composite() == want, (self.wallbox.profiles(), self.cs.limit(), self.local)
+        view = self.limiter.engine.charger_view("CP1")
+        assert view is not None and view.effective_limit == want
+
+
 async def test_effective_limit_is_min_of_backend_and_local(peers: LoopThread, backend: SimBackend,
                                                            start_proxy: StartProxy) -> None:
     server = await start_proxy(site_config(backend))
@@ -134,47 +153,34 @@ async def test_effective_limit_is_min_of_backend_and_local(peers: LoopThread, ba
     await settle(limiter)
     assert wallbox.composite() == 32.0  # the site allows the charger's maximum
 
-    local: float | None = None  # EMS site limit; None: only the configured 32 A
-
-    def ems(amps: float | None) -> None:
-        nonlocal local
-        local = amps
-        limiter.engine.ems_site_limit(amps, trio.current_time())
-
-    async def check() -> None:
-        await settle(limiter)
-        want = expected(cs.limit(), local, 32.0)
-        assert wallbox.composite() == want, (wallbox.profiles(), cs.limit(), local)
-        view = limiter.engine.charger_view("CP1")
-        assert view is not None and view.effective_limit == want
-
-    ems(20)
-    await check()
+    probe = MinProbe(limiter, wallbox, cs)
+    probe.ems(20)
+    await probe.check()
     assert await cs.set(0, profile(11, 1, "TxDefaultProfile", 16)) == "Accepted"
-    await check()
+    await probe.check()
     assert await cs.set(0, profile(12, 1, "ChargePointMaxProfile", 12)) == "Accepted"
-    await check()  # the proxy's own ChargePointMaxProfile now carries min(12, 20)
-    ems(10)
-    await check()
+    await probe.check()  # the proxy's own ChargePointMaxProfile now carries min(12, 20)
+    probe.ems(10)
+    await probe.check()
     tx = await in_loop(peers, wallbox.start_transaction())
     cs.transactions({1: tx})
     assert await cs.set(1, profile(13, 0, "TxProfile", 8, tx=tx)) == "Accepted"
-    await check()
-    ems(None)
-    await check()
+    await probe.check()
+    probe.ems(None)
+    await probe.check()
     # A backend Clear that hits the proxy's profile too (by purpose): it is put back.
     assert await cs.clear(charging_profile_purpose="ChargePointMaxProfile") == "Accepted"
-    await check()
+    await probe.check()
     assert PID in wallbox.profiles() and 12 not in wallbox.profiles()
     await in_loop(peers, wallbox.stop_transaction())
     cs.transactions({})
-    await check()
+    await probe.check()
     # Watts from the backend, converted: 6900 W / (230 V x 3 phases) = 10 A.
     assert await cs.set(0, profile(14, 2, "TxDefaultProfile", 6900, unit="W")) == "Accepted"
-    await check()
+    await probe.check()
     # An empty Clear wipes every profile on the wallbox; the proxy re-installs only its own.
     assert await cs.clear() == "Accepted"
-    await check()
+    await probe.check()
     assert list(wallbox.profiles()) == [PID]
 
     # A burst: the backend installs profiles while the local limit moves under it.
@@ -185,10 +191,10 @@ async def test_effective_limit_is_min_of_backend_and_local(peers: LoopThread, ba
     async with trio.open_nursery() as nursery:
         nursery.start_soon(backend_burst)
         for amps in (30, 12, 6, 22, 16, 24):
-            ems(amps)
+            probe.ems(amps)
             with trio.fail_after(10):
                 await limiter.next_progress()
-    await check()
+    await probe.check()
 
     # The backend uses an id from the proxy's namespace: both still arrive, no collision.
     answer = await in_loop(peers, backend.handlers["CP1"].call(call.GetConfiguration(key=["X"]),
@@ -253,39 +259,29 @@ async def test_wallbox_rejecting_max_profile_is_limited_through_tx_default(
     handle = await in_loop(peers, connect_smart(proxy_url(server, "CP1"), "CP1", store=store))
     wallbox = handle.wallbox
     cs = Backend(peers, backend, "CP1", handle)
-    local: float | None = None
-
-    def ems(amps: float | None) -> None:
-        nonlocal local
-        local = amps
-        limiter.engine.ems_site_limit(amps, trio.current_time())
-
-    async def check() -> None:
-        await settle(limiter)
-        assert wallbox.composite() == expected(cs.limit(), local, 32.0), (wallbox.profiles(), cs.limit(), local)
-
-    ems(10)
-    await check()
+    probe = MinProbe(limiter, wallbox, cs)
+    probe.ems(10)
+    await probe.check()
     assert limiter.controls["CP1"].strategy == "tx-default"
     assert [p.profile["chargingProfilePurpose"] for p in wallbox.profiles().values()] == ["TxDefaultProfile"]
     assert await cs.set(0, profile(31, 2, "TxDefaultProfile", 20)) == "Accepted"
-    await check()  # clamped on its way: 10
+    await probe.check()  # clamped on its way: 10
     tx = await in_loop(peers, wallbox.start_transaction())
     cs.transactions({1: tx})
     assert await cs.set(1, profile(32, 0, "TxProfile", 8, tx=tx)) == "Accepted"
-    await check()  # 8
-    ems(6)
-    await check()  # both backend profiles re-sent clamped at 6
-    ems(None)
-    await check()  # the backend's own 8 again
+    await probe.check()  # 8
+    probe.ems(6)
+    await probe.check()  # both backend profiles re-sent clamped at 6
+    probe.ems(None)
+    await probe.check()  # the backend's own 8 again
     assert await cs.set(1, profile(33, 1, "TxProfile", 11040, unit="W", tx=tx)) == "Accepted"
-    ems(12)
-    await check()
+    probe.ems(12)
+    await probe.check()
     await in_loop(peers, wallbox.stop_transaction())
     cs.transactions({})
-    await check()
+    await probe.check()
     assert await cs.clear(id=31) == "Accepted"
-    await check()  # the backend has no TxDefault left: the proxy's own carries the limit
+    await probe.check()  # the backend has no TxDefault left: the proxy's own carries the limit
     assert PID in wallbox.profiles()
     own = check_wire(handle, backend, "CP1")
     assert ("ChargePointMaxProfile" in json.dumps(own[0][2])) and len(own) > 3

@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 import functools
-import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import trio
 
 from proxy.simulators import LoopThread, SimBackend
+from tests.opskit import ProxyProcess
 from tests.peers import in_loop
 from tests.smart_wallbox import SmartHandle, connect_smart
 
@@ -24,28 +23,6 @@ def config_text(backend_port: int, site_limit: float, extra: str = "", data_dir:
             f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n[offline]\ndata_dir = "{data_dir}"\n'
             f'[site]\nmax_current = {site_limit}\nramp_up_interval = 0\nhysteresis = 0\nmin_hold_time = 0\n'
             f'[[chargers]]\nid = "CP1"\nmax_current = 32\n{extra}')
-
-
-class Log:
-    """The proxy's JSON log on stderr, read as far as needed."""
-
-    def __init__(self, process: trio.Process) -> None:
-        self.process = process
-        self.events: list[dict[str, Any]] = []
-        self._buffer = b""
-
-    async def wait(self, name: str, after: int = 0) -> dict[str, Any]:
-        assert self.process.stderr is not None
-        with trio.fail_after(20):
-            while True:
-                for event in self.events[after:]:
-                    if event.get("event") == name:
-                        return event
-                chunk = await self.process.stderr.receive_some(65536)
-                assert chunk, f"proxy exited before {name!r}: {self.events}"
-                self._buffer += chunk
-                *lines, self._buffer = self._buffer.split(b"\n")
-                self.events += [json.loads(line) for line in lines if line.strip()]
 
 
 async def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
@@ -66,9 +43,9 @@ async def test_reload_applies_new_limits_to_connected_wallboxes(tmp_path: Path, 
     process = await trio.lowlevel.open_process(
         [sys.executable, "-m", "proxy", "run", "--config", str(config), "--pidfile", str(pidfile)],
         cwd=ROOT, stderr=subprocess.PIPE)
-    log = Log(process)
+    log = ProxyProcess(process)
     try:
-        port = (await log.wait("listening"))["ports"][0]
+        port = (await log.wait_event("listening"))["ports"][0]
         handle = await in_loop(peers, connect_smart(f"ws://127.0.0.1:{port}/ocpp/CP1", "CP1"))
         await wait_limit(handle, 20.0)
         assert pidfile.read_text().strip() == str(process.pid)
@@ -77,7 +54,7 @@ async def test_reload_applies_new_limits_to_connected_wallboxes(tmp_path: Path, 
         done = await cli("reload", "--pidfile", str(pidfile), "--config", str(config))
         assert done.returncode == 0, done.stderr
         await wait_limit(handle, 12.0)
-        reloaded = await log.wait("config_reloaded")
+        reloaded = await log.wait_event("config_reloaded")
         assert reloaded["site"] is True
 
         # Per-charger settings too: block this charger (limit 0).
@@ -92,7 +69,7 @@ async def test_reload_applies_new_limits_to_connected_wallboxes(tmp_path: Path, 
         assert refused.returncode == 2 and b"site.max_current" in refused.stderr
         count = len(log.events)
         assert (await cli("reload", "--pidfile", str(pidfile))).returncode == 0
-        failed = await log.wait("reload_failed", after=count)
+        failed = await log.wait_event("reload_failed", after=count)
         assert failed["key"] == "site.max_current" and failed["line"] == 13
         assert handle.wallbox.composite() == 0.0
 

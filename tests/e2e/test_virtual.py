@@ -279,26 +279,39 @@ async def test_modbus_trouble_is_logged_and_ends_no_session(peers: LoopThread, b
     await in_loop(peers, meter.stop())
 
 
-async def test_backend_outage_is_bridged_by_the_offline_queue(peers: LoopThread, start_proxy: StartProxy) -> None:
+async def charging_then_backend_gone(peers: LoopThread, start_proxy: StartProxy,
+                                     offline: str) -> tuple[ProxyServer, SimHeidelberg, int, int]:
+    """A car charging at HD1, then the backend stops: (server, wallbox, backend port, transactionId)."""
     backend = SimBackend()
     await in_loop(peers, backend.start())
     sim = await start_wallbox(peers)
     text = virtual_config(backend, sim.port).replace("[backend]\n", "[backend]\nconnect_timeout = 1\n") + (
-        "[offline]\nauth = \"accept_all\"\nreconnect_min = 0.1\nreconnect_max = 0.2\n")
+        f"[offline]\n{offline}")
     server = await start_proxy(text)
-    rec, transaction_id = await plug_and_charge(backend, sim)
-    port = backend.port
+    _, transaction_id = await plug_and_charge(backend, sim)
     await in_loop(peers, backend.stop())
+    return server, sim, backend.port, transaction_id
+
+
+async def stop_after_backend_returns(peers: LoopThread, port: int, transaction_id: int) -> tuple[SimBackend, Recorder]:
+    """The backend is back on ``port``; the unplug's StopTransaction reaches it with the original id."""
+    back = SimBackend(port=port, first_transaction_id=5000)
+    await in_loop(peers, back.start())
+    rec = back.recorder("HD1")
+    await wait_recorded(rec, lambda r: bool(calls(r, "StopTransaction")), timeout=15)
+    stopped = calls(rec, "StopTransaction")[0]
+    assert stopped["transactionId"] == transaction_id and stopped["reason"] == "EVDisconnected"
+    return back, rec
+
+
+async def test_backend_outage_is_bridged_by_the_offline_queue(peers: LoopThread, start_proxy: StartProxy) -> None:
+    server, sim, port, transaction_id = await charging_then_backend_gone(
+        peers, start_proxy, 'auth = "accept_all"\nreconnect_min = 0.1\nreconnect_max = 0.2\n')
     session = server.sessions["HD1"]
     await wait_until(lambda: PRIMARY not in session.upstreams)
     sim.plugged = False  # the transaction ends while the backend is away: answered locally, queued
     await wait_until(lambda: session.queued > 0)
-    back = SimBackend(port=port, first_transaction_id=5000)
-    await in_loop(peers, back.start())
-    rec2 = back.recorder("HD1")
-    await wait_recorded(rec2, lambda r: bool(calls(r, "StopTransaction")), timeout=15)
-    stopped = calls(rec2, "StopTransaction")[0]
-    assert stopped["transactionId"] == transaction_id and stopped["reason"] == "EVDisconnected"
+    back, _ = await stop_after_backend_returns(peers, port, transaction_id)
     assert server.sessions["HD1"] is session  # the charge point never noticed the outage
     await in_loop(peers, back.stop())
     await in_loop(peers, sim.stop())
@@ -307,26 +320,14 @@ async def test_backend_outage_is_bridged_by_the_offline_queue(peers: LoopThread,
 async def test_without_offline_mode_the_charge_point_keeps_its_transaction(peers: LoopThread,
                                                                            start_proxy: StartProxy) -> None:
     """Offline mode off: the session ends with the backend, the charge point queues and delivers later."""
-    backend = SimBackend()
-    await in_loop(peers, backend.start())
-    sim = await start_wallbox(peers)
-    text = virtual_config(backend, sim.port).replace("[backend]\n", "[backend]\nconnect_timeout = 1\n") + (
-        "[offline]\nenabled = false\nreconnect_max = 0.3\n")
-    server = await start_proxy(text)
-    rec, transaction_id = await plug_and_charge(backend, sim)
-    port = backend.port
-    await in_loop(peers, backend.stop())
-    await wait_until(lambda: "HD1" not in server.sessions or not server.virtual["HD1"].core.online)
-    sim.plugged = False  # ends while nobody listens: the StopTransaction waits in the charge point
+    server, sim, port, transaction_id = await charging_then_backend_gone(
+        peers, start_proxy, "enabled = false\nreconnect_max = 0.3\n")
     core = server.virtual["HD1"].core
+    await wait_until(lambda: "HD1" not in server.sessions or not core.online)
+    sim.plugged = False  # ends while nobody listens: the StopTransaction waits in the charge point
     await wait_until(lambda: core.tx is not None and core.tx.stopping)
-    back = SimBackend(port=port, first_transaction_id=5000)
-    await in_loop(peers, back.start())
-    rec2 = back.recorder("HD1")
-    await wait_recorded(rec2, lambda r: bool(calls(r, "StopTransaction")), timeout=15)
-    stopped = calls(rec2, "StopTransaction")[0]
-    assert stopped["transactionId"] == transaction_id and stopped["reason"] == "EVDisconnected"
-    assert calls(rec2, "BootNotification") and not calls(rec2, "StartTransaction")  # booted again, no new start
+    back, rec = await stop_after_backend_returns(peers, port, transaction_id)
+    assert calls(rec, "BootNotification") and not calls(rec, "StartTransaction")  # booted again, no new start
     await wait_until(lambda: core.record() is None)  # answered: the transaction is closed
     await in_loop(peers, back.stop())
     await in_loop(peers, sim.stop())
