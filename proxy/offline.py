@@ -28,6 +28,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from proxy.frames import Frame, MessageType, build_error, build_result, payload_of
+from proxy.profiles import format_time
 
 #: Actions whose frames carry a transactionId that must follow the mapping.
 TRANSACTION_ACTIONS = frozenset({"MeterValues", "StopTransaction"})
@@ -56,7 +57,7 @@ class LocalAnswer:
 
 
 def now_iso() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return format_time(datetime.now(timezone.utc))
 
 
 @dataclass

@@ -98,6 +98,11 @@ def parse_time(value: Any) -> datetime | None:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
+def format_time(moment: datetime) -> str:
+    """An OCPP dateTime in UTC, whole seconds (what the schemas and most backends expect)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def _int(obj: Mapping[str, Any], key: str, required: bool = True) -> int | None:
     value = obj.get(key)
     if value is None and not required:
@@ -312,7 +317,7 @@ def build_profile(profile_id: int, stack_level: int, purpose: str, amps: float, 
         "chargingProfilePurpose": purpose,
         "chargingProfileKind": "Absolute",
         "chargingSchedule": {
-            "startSchedule": start.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "startSchedule": format_time(start),
             "chargingRateUnit": unit,
             "chargingSchedulePeriod": [{"startPeriod": 0, "limit": from_amps(amps, unit, phases, voltage),
                                         "numberPhases": phases}],

@@ -31,7 +31,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from ocpp.exceptions import NotImplementedError as OcppNotImplemented
@@ -48,9 +48,11 @@ from proxy.profiles import (
     Transaction,
     composite_limit,
     composite_schedule,
+    format_time,
     from_amps,
     parse_clear,
     parse_set,
+    parse_time,
     replaces,
 )
 
@@ -137,7 +139,7 @@ class _Tx:
         return self.stop is not None
 
     def record(self) -> dict[str, Any]:
-        return {"id_tag": self.id_tag, "meter_start": self.meter_start, "started": _iso(self.started),
+        return {"id_tag": self.id_tag, "meter_start": self.meter_start, "started": format_time(self.started),
                 "transaction_id": self.transaction_id, "stop": self.stop}
 
 
@@ -214,8 +216,10 @@ class VirtualChargePoint:
         At the first reading it goes on if the car is still plugged in, and
         stops with reason ``PowerLoss`` if it is not.
         """
-        tx = self.tx = _Tx(str(record["id_tag"]), int(record["meter_start"]),
-                           datetime.fromisoformat(str(record["started"]).replace("Z", "+00:00")),
+        started = parse_time(record["started"])
+        if started is None:
+            raise ValueError("the record has no start time")
+        tx = self.tx = _Tx(str(record["id_tag"]), int(record["meter_start"]), started,
                            record.get("transaction_id"), record.get("stop"))
         self._plug_used = self._restored = True
         if tx.transaction_id is None:
@@ -506,14 +510,14 @@ class VirtualChargePoint:
 
         def build() -> dict[str, Any]:
             return {"connectorId": CONNECTOR, "idTag": tx.id_tag, "meterStart": tx.meter_start,
-                    "timestamp": _iso(tx.started)}
+                    "timestamp": format_time(tx.started)}
         return _Call("StartTransaction", build, answered)
 
     def _stop(self, reason: str, now: float, wall: datetime) -> list[Action]:
         tx = self.tx
         assert tx is not None
         meter_stop = int(self.reading.energy_wh) if self.reading else tx.meter_start
-        tx.stop = {"reason": reason, "meter_stop": meter_stop, "timestamp": _iso(wall)}
+        tx.stop = {"reason": reason, "meter_stop": meter_stop, "timestamp": format_time(wall)}
         self._finished = self.plugged
         self._queue.append(self._stop_call(tx))
         self.profiles = [i for i in self.profiles if i.profile.purpose != TX_PROFILE]
@@ -559,7 +563,7 @@ class VirtualChargePoint:
                 if reading.power_w is not None:
                     values.append(_sample(f"{reading.power_w:.0f}", "Power.Active.Import", "W", context))
             payload: dict[str, Any] = {"connectorId": CONNECTOR,
-                                       "meterValue": [{"timestamp": _iso(wall), "sampledValue": values}]}
+                                       "meterValue": [{"timestamp": format_time(wall), "sampledValue": values}]}
             if tx is not None and tx.transaction_id:
                 payload["transactionId"] = tx.transaction_id
             return payload
@@ -616,9 +620,9 @@ class VirtualChargePoint:
         periods = [{"startPeriod": offset,
                     "limit": from_amps(self.settings.max_current if amps is None else amps, unit,
                                        self.settings.phases)} for offset, amps in steps]
-        schedule = {"duration": payload["duration"], "startSchedule": _iso(start), "chargingRateUnit": unit,
+        schedule = {"duration": payload["duration"], "startSchedule": format_time(start), "chargingRateUnit": unit,
                     "chargingSchedulePeriod": periods}
-        return {"status": "Accepted", "connectorId": payload["connectorId"], "scheduleStart": _iso(start),
+        return {"status": "Accepted", "connectorId": payload["connectorId"], "scheduleStart": format_time(start),
                 "chargingSchedule": schedule}, []
 
     def _on_remote_start(self, payload: dict[str, Any], now: float, wall: datetime) -> _Handled:
@@ -740,10 +744,6 @@ _HANDLERS: dict[str, Callable[[VirtualChargePoint, dict[str, Any], float, dateti
 }
 #: Every OCPP 1.6 action: one without a handler here is NotSupported, anything else NotImplemented.
 _KNOWN_ACTIONS = frozenset(a.value for a in V16Action)
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _sample(value: str, measurand: str, unit: str, context: str) -> dict[str, Any]:
