@@ -32,10 +32,6 @@ class LocalConnection:
         self._send, self._receive, self._shared = send, receive, shared
         self.subprotocol = subprotocol
 
-    @property
-    def closed(self) -> CloseReason | None:
-        return self._shared.close
-
     async def get_message(self) -> str:
         try:
             return await self._receive.receive()

@@ -9,14 +9,12 @@ pair.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Any
-
 import errno
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -34,6 +32,9 @@ from proxy.secondary import Secondaries
 from proxy.session import PRIMARY, Session
 from proxy.upstream import UpstreamUnavailable, open_upstream
 
+if TYPE_CHECKING:
+    from proxy.modbus.wallbox import VirtualWallbox
+
 
 class ProxyServer:
     def __init__(self, config: Config, *, listeners: Sequence[Listener] = ()) -> None:
@@ -44,7 +45,7 @@ class ProxyServer:
         self.listeners = [*listeners, self.limiter]
         self.sessions: dict[str, PairedSession] = {}
         #: Modbus wallboxes presented as charge points (``[[modbus_chargers]]``), by id.
-        self.virtual: dict[str, Any] = {}
+        self.virtual: dict[str, VirtualWallbox] = {}
         self.ports: list[int] = []
         self._changed = trio.Event()
         self._accepting: trio.CancelScope | None = None

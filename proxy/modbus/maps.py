@@ -100,13 +100,12 @@ class WallboxMap:
         energy = value_at(self.energy, data)
         if energy < 0 or (power is not None and power < 0):
             raise ValueError(f"negative power {power} W or energy {energy} Wh")
-        return WallboxReading(raw_state, state, (currents[0], currents[1], currents[2]), power, energy,
+        return WallboxReading(state, (currents[0], currents[1], currents[2]), power, energy,
                               value_at(self.current_limit, data))
 
 
 @dataclass(frozen=True)
 class WallboxReading:
-    raw_state: int
     state: VehicleState
     currents: tuple[float, float, float]
     power_w: float | None

@@ -53,7 +53,7 @@ class Harness:
 
     def read(self, state: int, amps: float = 0.0, energy: float = 5000.0, limit: float | None = None) -> None:
         state_info = HEIDELBERG.states[state]
-        reading = WallboxReading(state, state_info, (amps, amps, amps), 3 * 230 * amps, energy,
+        reading = WallboxReading(state_info, (amps, amps, amps), 3 * 230 * amps, energy,
                                  self.cp.current or 0.0 if limit is None else limit)
         self.run(self.cp.read(reading, self.now, self.wall))
 
