@@ -204,10 +204,7 @@ class VirtualWallbox:
             self.health(healthy)
 
     async def _write_current(self, reading: WallboxReading) -> None:
-        wanted = self.core.current or 0.0
-        if wanted < self.map.min_current:
-            wanted = 0.0
-        wanted = min(wanted, self.map.max_current)
+        wanted = self.core.current or 0.0  # 0 or within the map's range: virtual_settings bounds the core
         if abs(reading.limit - wanted) < 0.05:
             return
         field = self.map.current_limit
