@@ -51,6 +51,16 @@ class RawBackend:
             self.closes[charger] = exc.reason.code if exc.reason else None
 
 
+async def read_to_end(stream: trio.SocketStream) -> bytes:
+    """Everything the peer sends until it closes (bounded), then close our side."""
+    data = b""
+    with trio.fail_after(5):
+        while chunk := await stream.receive_some(65536):
+            data += chunk
+    await stream.aclose()
+    return data
+
+
 async def start_backend(nursery: trio.Nursery) -> RawBackend:
     backend = RawBackend()
     server = await nursery.start(trio_websocket.serve_websocket, backend.handler, "127.0.0.1", 0, None)

@@ -13,7 +13,8 @@ import trio_websocket
 from trio_websocket import open_websocket_url
 
 from proxy.health import Heartbeat
-from tests.opskit import build_stack, config_text, http_get, scrape, start_backend, start_stack, value
+from tests.opskit import (build_stack, config_text, http_get, read_to_end, scrape, start_backend, start_stack,
+                          value)
 
 
 async def test_readiness_follows_start_up_and_shutdown(nursery: trio.Nursery) -> None:
@@ -116,15 +117,6 @@ async def _raw_request(port: int, request: bytes) -> trio.SocketStream:
     return stream
 
 
-async def _read_all(stream: trio.SocketStream) -> bytes:
-    data = b""
-    with trio.fail_after(5):
-        while chunk := await stream.receive_some(65536):
-            data += chunk
-    await stream.aclose()
-    return data
-
-
 async def test_healthz_fails_after_the_event_loop_was_blocked(nursery: trio.Nursery) -> None:
     backend = await start_backend(nursery)
     stack = build_stack(config_text(backend.port))
@@ -138,7 +130,7 @@ async def test_healthz_fails_after_the_event_loop_was_blocked(nursery: trio.Nurs
     sock.sendall(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
     time.sleep(0.6)  # noqa: ASYNC251 - blocking is the point
     sock.setblocking(False)
-    answer = await _read_all(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
+    answer = await read_to_end(trio.SocketStream(trio.socket.from_stdlib_socket(sock)))
     assert answer.startswith(b"HTTP/1.1 503 "), answer
     assert b"event loop s" in answer  # "silent" or "stalled", whichever task ran first
 
@@ -181,11 +173,11 @@ async def test_http_details(nursery: trio.Nursery) -> None:
                                       b"GET /metrics HTTP/1.1\r\nhost: x\r\n"
                                       b"accept: application/openmetrics-text; version=1.0.0\r\n"
                                       b"connection: close\r\n\r\n")
-    answer = await _read_all(stream)
+    answer = await read_to_end(stream)
     assert answer.count(b"HTTP/1.1 200 OK") == 2
     assert b"content-type: application/openmetrics-text" in answer and answer.rstrip().endswith(b"# EOF")
 
-    garbage = await _read_all(await _raw_request(port, b"NOT HTTP AT ALL\r\n\r\n"))
+    garbage = await read_to_end(await _raw_request(port, b"NOT HTTP AT ALL\r\n\r\n"))
     assert garbage.startswith(b"HTTP/1.1 400 ")
 
 

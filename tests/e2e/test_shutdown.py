@@ -15,7 +15,7 @@ import trio
 import trio_websocket
 from trio_websocket import open_websocket_url
 
-from tests.opskit import ProxyProcess, RawBackend, start_backend
+from tests.opskit import ProxyProcess, RawBackend, read_to_end, start_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -118,15 +118,6 @@ async def stuck_wallbox(proxy: ProxyProcess, port: int) -> trio.SocketStream:
     assert handshake.startswith(b"HTTP/1.1 101 ")
     await proxy.wait_event("session_opened")
     return stream
-
-
-async def read_to_end(stream: trio.SocketStream) -> bytes:
-    rest = b""
-    with trio.fail_after(5):
-        while chunk := await stream.receive_some(4096):
-            rest += chunk
-    await stream.aclose()
-    return rest
 
 
 async def test_sigint_with_a_wallbox_that_never_answers_the_close(nursery: trio.Nursery, tmp_path: Path) -> None:
