@@ -443,7 +443,8 @@ class VirtualChargePoint:
             self.current = amps
             actions.append(SetCurrent(amps))
         status = self.connector_status()
-        if status != self.status and self.booted:
+        known = self.reading is not None or self.lost  # before the first reading the connector's state is unknown
+        if status != self.status and self.booted and known:
             self.status = status
             self._queue.append(self._status_call(CONNECTOR, status))
         return actions

@@ -114,6 +114,22 @@ def test_nothing_but_boot_until_it_is_accepted_then_retry_after_the_interval() -
     assert h.actions_sent()[-1] == "Heartbeat"  # at the interval the backend gave
 
 
+def test_connector_status_waits_for_the_first_reading() -> None:
+    """Booted before Modbus answered: the connector's state is unknown, so nothing is claimed about it."""
+    h = Harness()
+    h.run(h.cp.connected(h.now))
+    h.answer({"status": "Accepted", "currentTime": "2026-11-25T12:00:00Z", "interval": 60})
+    h.answer_all()
+    h.later(1)
+    h.answer_all()
+    statuses = [(f[3]["connectorId"], f[3]["status"]) for f in h.sent if f[0] == 2 and f[2] == "StatusNotification"]
+    assert statuses == [(0, "Available")]
+    h.read(3)
+    h.answer_all()
+    statuses = [(f[3]["connectorId"], f[3]["status"]) for f in h.sent if f[0] == 2 and f[2] == "StatusNotification"]
+    assert statuses == [(0, "Available"), (1, "Available")]
+
+
 def test_fixed_tag_plug_authorize_start_and_current() -> None:
     h = Harness(fixed_id_tag="TAG1", max_current=16)
     h.charging()
