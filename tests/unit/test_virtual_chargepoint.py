@@ -130,6 +130,18 @@ def test_connector_status_waits_for_the_first_reading() -> None:
     assert statuses == [(0, "Available"), (1, "Available")]
 
 
+def test_a_wallbox_that_never_answers_is_reported_faulted() -> None:
+    h = Harness(fault_after=5)
+    h.run(h.cp.connected(h.now))
+    h.answer({"status": "Accepted", "currentTime": "2026-11-25T12:00:00Z", "interval": 60})
+    for _ in range(6):
+        h.run(h.cp.read_failed("no answer", h.now, h.wall))
+        h.answer_all()
+        h.later(1)
+    statuses = [(f[3]["connectorId"], f[3]["status"]) for f in h.sent if f[0] == 2 and f[2] == "StatusNotification"]
+    assert statuses == [(0, "Available"), (1, "Faulted")]
+
+
 def test_fixed_tag_plug_authorize_start_and_current() -> None:
     h = Harness(fixed_id_tag="TAG1", max_current=16)
     h.charging()
