@@ -193,6 +193,7 @@ class VirtualChargePoint:
         self.lost = False  # no good reading for fault_after
         self.inoperative = False
         self._scheduled_inoperative = False
+        self._changed_keys: dict[str, str] = {}  # by ChangeConfiguration: kept across restarts
         self.tx: _Tx | None = None
         self._plug_used = False    # this plug-in already started its transaction (or tried to)
         self._finished = False     # this plug-in's transaction has ended: Finishing until unplugged
@@ -204,18 +205,51 @@ class VirtualChargePoint:
         self.current: float | None = None  # last SetCurrent
         self._restored = False  # a transaction from before a restart waits for the first reading
 
-    # -- durability: the transaction outlives a proxy restart ---------------------------------
+    # -- durability: what a wallbox keeps across a restart ------------------------------------
 
     def record(self) -> dict[str, Any] | None:
-        """What must survive a restart: the open transaction, or None. The runner stores it on change."""
-        return None if self.tx is None else self.tx.record()
+        """What a real wallbox keeps across a reboot, or None when there is nothing to keep.
+
+        The open transaction; the availability (OCPP 1.6 section 5.2: "Connector set to
+        Unavailable shall persist a reboot"); configuration keys the backend changed; the
+        installed charging profiles. The runner stores it whenever it changes.
+        """
+        state: dict[str, Any] = {}
+        if self.tx is not None:
+            state["transaction"] = self.tx.record()
+        if self.inoperative or self._scheduled_inoperative:
+            state["availability"] = "Inoperative" if self.inoperative else "Scheduled"
+        if self._changed_keys:
+            state["configuration"] = dict(self._changed_keys)
+        if self.profiles:
+            state["profiles"] = [{"connector": i.connector, "installed_at": format_time(i.installed_at),
+                                  "profile": copy.deepcopy(dict(i.profile.raw))} for i in self.profiles]
+        return state or None
 
     def restore(self, record: dict[str, Any]) -> list[Action]:
-        """Continue a transaction from before a restart (at-least-once: an unanswered message is sent again).
+        """Take back what :meth:`record` kept before a restart.
 
-        At the first reading it goes on if the car is still plugged in, and
-        stops with reason ``PowerLoss`` if it is not.
+        A transaction goes on at the first reading if the car is still plugged in, and
+        stops with reason ``PowerLoss`` if it is not (at-least-once: an unanswered
+        message is sent again). Keys and profiles pass the same checks as from the backend.
         """
+        if "id_tag" in record:  # written when the record held only the transaction
+            record = {"transaction": record}
+        actions = self._restore_transaction(record["transaction"]) if "transaction" in record else []
+        availability = record.get("availability")
+        self.inoperative, self._scheduled_inoperative = availability == "Inoperative", availability == "Scheduled"
+        for key, value in dict(record.get("configuration", {})).items():
+            if self._change_key(str(key), str(value)) != "Accepted":
+                actions.append(Log("virtual_record_key_dropped", "warning", {"key": key}))
+        for item in record.get("profiles", []):
+            installed_at = parse_time(item["installed_at"])
+            if installed_at is None or self._install(item["connector"], item["profile"], installed_at) != "Accepted":
+                actions.append(Log("virtual_record_profile_dropped", "warning", {"profile": item.get("profile")}))
+        return actions + [Log("virtual_state_restored", "info", {
+            "availability": availability or "Operative", "keys": len(self._changed_keys),
+            "profiles": len(self.profiles)})]
+
+    def _restore_transaction(self, record: dict[str, Any]) -> list[Action]:
         started = parse_time(record["started"])
         if started is None:
             raise ValueError("the record has no start time")
@@ -687,21 +721,29 @@ class VirtualChargePoint:
 
     def _on_change_configuration(self, payload: dict[str, Any], now: float, wall: datetime) -> _Handled:
         key, value = payload["key"], payload["value"]
+        status = self._change_key(key, value)
+        if status != "Accepted":
+            return {"status": status}, []
+        return {"status": status}, [Log("virtual_configuration_changed", "info",
+                                        {"key": key, "value": self.keys.values[key]})]
+
+    def _change_key(self, key: str, value: str) -> str:
+        """ChangeConfiguration's status; an accepted value is kept across restarts, as a wallbox does."""
         if key not in self.keys.values:
-            return {"status": "NotSupported"}, []
+            return "NotSupported"
         kind = self.keys.writable.get(key)
         if kind is None:
-            return {"status": "Rejected"}, []
+            return "Rejected"
         if kind is bool:
             if value.lower() not in ("true", "false"):
-                return {"status": "Rejected"}, []
+                return "Rejected"
             value = value.lower()
         elif not value.isdigit():
-            return {"status": "Rejected"}, []
-        self.keys.values[key] = value
+            return "Rejected"
+        self.keys.values[key] = self._changed_keys[key] = value
         if key == "MeterValueSampleInterval":
             self._next_meter = None
-        return {"status": "Accepted"}, [Log("virtual_configuration_changed", "info", {"key": key, "value": value})]
+        return "Accepted"
 
     def _on_trigger(self, payload: dict[str, Any], now: float, wall: datetime) -> _Handled:
         requested = payload["requestedMessage"]

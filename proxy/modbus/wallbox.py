@@ -217,7 +217,7 @@ class VirtualWallbox:
 
 
 def _write_atomically(path: Path, record: dict[str, Any] | None) -> None:
-    """The transaction record, or its removal, durable before returning (temp file, fsync, rename)."""
+    """The kept state, or its removal, durable before returning (temp file, fsync, rename)."""
     if record is None:
         path.unlink(missing_ok=True)
         return

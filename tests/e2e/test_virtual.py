@@ -10,6 +10,7 @@ every frame the virtual charge point sent was schema-valid.
 from __future__ import annotations
 
 import json
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -333,22 +334,26 @@ async def test_without_offline_mode_the_charge_point_keeps_its_transaction(peers
     await in_loop(peers, sim.stop())
 
 
-async def test_transaction_survives_a_proxy_restart(peers: LoopThread, backend: SimBackend, tmp_path: Path,
-                                                    nursery: trio.Nursery) -> None:
-    """Stopped with a car charging; restarted twice: it goes on, then stops with PowerLoss after an unplug."""
-    sim = await start_wallbox(peers)
-    text = virtual_config(backend, sim.port).replace("[server]", f'[server]\nlisten = "127.0.0.1:0"', 1) + (
-        f'[offline]\ndata_dir = "{tmp_path}/data"\n')
+def restartable(text: str, tmp_path: Path, nursery: trio.Nursery) -> Callable[[], Awaitable[ProxyServer]]:
+    """Starts a proxy on ``text`` with its data in ``tmp_path``; each call is a restart of the same box."""
+    text = text.replace("[server]", '[server]\nlisten = "127.0.0.1:0"', 1) + f'[offline]\ndata_dir = "{tmp_path}/data"\n'
 
     async def run_proxy() -> ProxyServer:
         server = ProxyServer(loads(text))
         await nursery.start(server.serve)
         return server
+    return run_proxy
 
+
+async def test_transaction_survives_a_proxy_restart(peers: LoopThread, backend: SimBackend, tmp_path: Path,
+                                                    nursery: trio.Nursery) -> None:
+    """Stopped with a car charging; restarted twice: it goes on, then stops with PowerLoss after an unplug."""
+    sim = await start_wallbox(peers)
+    run_proxy = restartable(virtual_config(backend, sim.port), tmp_path, nursery)
     first = await run_proxy()
     rec, transaction_id = await plug_and_charge(backend, sim)
     await first.stop()
-    assert json.loads((tmp_path / "data" / "virtual" / "HD1.json").read_text())["transaction_id"] == transaction_id
+    assert json.loads((tmp_path / "data" / "virtual" / "HD1.json").read_text())["transaction"]["transaction_id"] == transaction_id
 
     second = await run_proxy()  # the car is still plugged in: the same transaction goes on
     await wait_recorded(rec, lambda r: len(calls(r, "BootNotification")) == 2)
@@ -365,6 +370,41 @@ async def test_transaction_survives_a_proxy_restart(peers: LoopThread, backend: 
     assert stopped["transactionId"] == transaction_id and stopped["reason"] == "PowerLoss"
     assert len(calls(rec, "StartTransaction")) == 1
     await wait_until(lambda: not (tmp_path / "data" / "virtual" / "HD1.json").exists())
+    await in_loop(peers, sim.stop())
+
+
+async def test_availability_and_configuration_survive_a_proxy_restart(peers: LoopThread, backend: SimBackend,
+                                                                      tmp_path: Path, nursery: trio.Nursery) -> None:
+    """As on a real wallbox (OCPP 1.6 section 5.2), Inoperative stays Inoperative across a reboot."""
+    sim = await start_wallbox(peers)
+    run_proxy = restartable(virtual_config(backend, sim.port), tmp_path, nursery)
+    first = await run_proxy()
+    rec = backend.recorder("HD1")
+    await wait_status(rec, "Available")
+    inoperative = await in_loop(peers, backend.call("HD1", call.ChangeAvailability(connector_id=0, type="Inoperative")))
+    changed = await in_loop(peers, backend.call("HD1", call.ChangeConfiguration(key="MeterValueSampleInterval",
+                                                                                value="20")))
+    assert inoperative.status == "Accepted" and changed.status == "Accepted"
+    await wait_status(rec, "Unavailable")
+    await first.stop()
+    before = len(calls(rec, "StatusNotification"))
+
+    second = await run_proxy()
+    await wait_recorded(rec, lambda r: len(calls(r, "StatusNotification")) >= before + 2)
+    assert len(calls(rec, "BootNotification")) == 2
+    assert calls(rec, "StatusNotification")[before:] == [  # connector 0 and 1, both still out of service
+        {"connectorId": 0, "status": "Unavailable", "errorCode": "NoError"},
+        {"connectorId": 1, "status": "Unavailable", "errorCode": "NoError"}]
+    config = await in_loop(peers, backend.call("HD1", call.GetConfiguration(key=["MeterValueSampleInterval"])))
+    assert config.configuration_key[0]["value"] == "20"
+    sim.plugged = True
+    core = second.virtual["HD1"].core
+    await wait_until(lambda: core.plugged)  # seen, and not started: the connector is Unavailable
+    assert not calls(rec, "Authorize") and not calls(rec, "StartTransaction")
+    operative = await in_loop(peers, backend.call("HD1", call.ChangeAvailability(connector_id=0, type="Operative")))
+    assert operative.status == "Accepted"
+    await wait_recorded(rec, lambda r: bool(calls(r, "StartTransaction")))
+    await wait_status(rec, "Charging")
     await in_loop(peers, sim.stop())
 
 

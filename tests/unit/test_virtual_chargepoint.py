@@ -150,8 +150,8 @@ def test_fixed_tag_plug_authorize_start_and_current() -> None:
     start = next(f[3] for f in h.sent if f[0] == 2 and f[2] == "StartTransaction")
     assert start == {"connectorId": 1, "idTag": "TAG1", "meterStart": 5000, "timestamp": "2026-11-25T12:00:00Z"}
     assert h.currents == [0.0, 16.0]
-    assert h.cp.record() == {"id_tag": "TAG1", "meter_start": 5000, "started": "2026-11-25T12:00:00Z",
-                             "transaction_id": 42, "stop": None}
+    assert h.cp.record() == {"transaction": {"id_tag": "TAG1", "meter_start": 5000, "started": "2026-11-25T12:00:00Z",
+                                             "transaction_id": 42, "stop": None}}
 
 
 def test_rejected_tag_starts_nothing_and_unplug_makes_it_available() -> None:
@@ -252,7 +252,7 @@ def test_restored_transaction_goes_on_when_plugged_and_stops_when_not() -> None:
     record = {"id_tag": "TAG1", "meter_start": 5000, "started": "2026-11-25T11:00:00Z", "transaction_id": 42,
               "stop": None}
     plugged = Harness(fixed_id_tag="TAG1")
-    plugged.run(plugged.cp.restore(dict(record)))
+    plugged.run(plugged.cp.restore({"transaction": dict(record)}))
     plugged.run(plugged.cp.connected(plugged.now))
     plugged.read(6, limit=0)  # the car is still there; the wallbox stopped while the proxy was away
     plugged.answer({"status": "Accepted", "currentTime": "2026-11-25T12:00:00Z", "interval": 300})
@@ -260,11 +260,52 @@ def test_restored_transaction_goes_on_when_plugged_and_stops_when_not() -> None:
     assert "StartTransaction" not in plugged.actions_sent() and plugged.cp.current == 16.0
 
     gone = Harness(fixed_id_tag="TAG1")
-    gone.run(gone.cp.restore(dict(record)))
+    gone.run(gone.cp.restore(dict(record)))  # a record from before it held more than the transaction
     gone.boot()  # the first reading (state A2) says the car is gone
     stop = next(f[3] for f in gone.sent if f[0] == 2 and f[2] == "StopTransaction")
     assert stop["reason"] == "PowerLoss" and stop["transactionId"] == 42 and stop["meterStop"] == 5000
     assert gone.cp.record() is None
+
+
+def test_availability_keys_and_profiles_survive_a_restart_as_on_a_wallbox() -> None:
+    """OCPP 1.6 section 5.2: an Unavailable connector stays so across a reboot; keys and profiles are kept too."""
+    h = Harness(fixed_id_tag="TAG1")
+    h.boot()
+    assert h.cp.record() is None  # nothing to keep yet: no file
+    assert h.call("ChangeAvailability", {"connectorId": 0, "type": "Inoperative"})[2] == {"status": "Accepted"}
+    assert h.call("ChangeConfiguration", {"key": "MeterValueSampleInterval", "value": "30"}, "b2")[2] == {
+        "status": "Accepted"}
+    daily = profile("TxDefaultProfile", 8, pid=9)
+    assert h.call("SetChargingProfile", {"connectorId": 1, "csChargingProfiles": daily}, "b3")[2] == {
+        "status": "Accepted"}
+    record = h.cp.record()
+    assert record is not None and record["availability"] == "Inoperative"
+    assert record["configuration"] == {"MeterValueSampleInterval": "30"}
+    assert [p["profile"] for p in record["profiles"]] == [daily]
+
+    again = Harness(fixed_id_tag="TAG1")  # the proxy restarted
+    again.run(again.cp.restore(json.loads(json.dumps(record))))
+    again.boot()
+    again.read(6)  # a car plugs in: an Unavailable connector starts nothing
+    again.answer_all()
+    statuses = [(f[3]["connectorId"], f[3]["status"]) for f in again.sent if f[2:3] == ["StatusNotification"]]
+    assert statuses == [(0, "Unavailable"), (1, "Unavailable")]
+    assert "Authorize" not in again.actions_sent()
+    assert again.call("GetConfiguration", {"key": ["MeterValueSampleInterval"]})[2]["configurationKey"][0][
+        "value"] == "30"
+    assert again.cp.record() == record
+    assert again.call("ChangeAvailability", {"connectorId": 0, "type": "Operative"}, "b2")[2] == {"status": "Accepted"}
+    again.answer_all()
+    assert "StartTransaction" in again.actions_sent() and again.cp.current == 8.0  # the kept TxDefaultProfile
+
+
+def test_a_kept_key_or_profile_that_no_longer_passes_is_dropped_and_logged() -> None:
+    h = Harness()
+    h.run(h.cp.restore({"configuration": {"NumberOfConnectors": "2", "HeartbeatInterval": "60"},
+                        "profiles": [{"connector": 1, "installed_at": "2026-11-25T11:00:00Z",
+                                      "profile": profile("TxDefaultProfile", 8, stack=100)}]}))
+    assert h.logs.count("virtual_record_key_dropped") == 1 and "virtual_record_profile_dropped" in h.logs
+    assert h.cp.record() == {"configuration": {"HeartbeatInterval": "60"}}
 
 
 def test_modbus_outage_reports_faulted_and_recovers() -> None:
