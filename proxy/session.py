@@ -371,6 +371,11 @@ class Session:
     def wallbox_waiting(self) -> int:
         return len(self._waiting)
 
+    @property
+    def upstream_outstanding(self) -> int:
+        """Wallbox CALLs forwarded upstream and not yet answered."""
+        return len(self._from_wallbox)
+
     # -- wallbox → upstreams ------------------------------------------------------------
 
     def _wallbox_call(self, frame: Frame, now: float) -> list[Action]:

@@ -121,19 +121,26 @@ async def test_outstanding_call_is_answered_locally_when_backend_vanishes(
     server = await start_proxy(offline_config(port))
     handle = await in_loop(peers, connect_wallbox(proxy_url(server, "CP1"), "CP1"))
 
-    async def freeze_and_call() -> object:
-        connection = backend.handlers["CP1"]._connection.websocket
-        connection.transport.pause_reading()  # the backend never answers
-        pending = asyncio.ensure_future(handle.wallbox.call(call.StatusNotification(
-            connector_id=1, error_code="NoError", status="Charging")))
-        await asyncio.sleep(0.2)
-        connection.transport.abort()  # and then disappears
-        return await pending
+    transport = backend.handlers["CP1"]._connection.websocket.transport
 
-    answer = await in_loop(peers, freeze_and_call())
-    assert answer is not None
+    async def freeze() -> None:
+        transport.pause_reading()  # the backend never answers
+
+    async def vanish() -> None:
+        transport.abort()
+
+    async def status() -> object:
+        return await handle.wallbox.call(call.StatusNotification(connector_id=1, error_code="NoError",
+                                                                 status="Charging"))
+
+    await in_loop(peers, freeze())
+    pending = peers.submit(status())
     paired = server.sessions["CP1"]
-    assert paired.queued == 1
+    await wait_until(lambda: paired.session.upstream_outstanding == 1)  # forwarded, unanswered: in flight
+    await in_loop(peers, vanish())
+    answer = await trio.to_thread.run_sync(pending.result, 20)
+    assert answer is not None
+    assert paired.queued == 1 and paired.session.upstream_outstanding == 0
     await in_loop(peers, handle.close())
     await in_loop(peers, backend.stop())
 

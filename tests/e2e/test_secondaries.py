@@ -185,7 +185,7 @@ async def test_dead_secondary_loses_nothing_and_catches_up(peers: LoopThread, th
     await in_loop(peers, first_ems.stop())  # the EMS goes away for a while
     paired = server.sessions["CP1"]
     mirror = paired.session.mirrors["ems"]
-    with trio.fail_after(5):
+    with trio.fail_after(10):
         while mirror.up:
             await trio.sleep(0.01)
     outcome = await in_loop(peers, wallbox.run_session())
@@ -208,7 +208,7 @@ async def test_dead_secondary_loses_nothing_and_catches_up(peers: LoopThread, th
         assert json.loads(received[1])[3]["status"] == "Available"
         queued = [f for f in sent_during_outage if classify(f).action != "Heartbeat"]
         assert received[2:] == [with_tx(f, 1001, 6001) for f in queued]
-        with trio.fail_after(5):  # its last answer is on its way to the proxy
+        with trio.fail_after(10):  # its last answer is on its way to the proxy
             while mirror.depth:
                 await trio.sleep(0.01)
         assert metric("ocpp_proxy_secondary_connects_total", charger="CP1", upstream="ems") == 2
