@@ -22,6 +22,7 @@ from structlog.testing import capture_logs
 from proxy.frames import classify, strict_problem
 from proxy.simulators import LoopThread, SimBackend
 from tests.conftest import StartProxy, backend_config, proxy_url
+from tests.e2e.test_offline import wait_until
 
 VALID = '[2,"ok-1","Heartbeat",{}]'
 
@@ -44,13 +45,15 @@ def is_valid_ocpp(text: str) -> bool:
 
 
 async def control_round_trip(control: trio_websocket.WebSocketConnection, n: int) -> None:
-    with trio.fail_after(5):
+    with trio.fail_after(10):
         await control.send_message(f'[2,"control-{n}","Heartbeat",{{}}]')
         answer = json.loads(await control.get_message())
     assert answer[0] == 3 and answer[1] == f"control-{n}"
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# A loaded CI machine makes generation slow; that is no finding about the proxy (too_slow).
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(frames=st.lists(hostile_frames.filter(lambda t: not is_valid_ocpp(t)), min_size=1, max_size=4))
 async def test_fuzzed_frames_get_callerror_or_drop_and_spare_other_sessions(
         peers: LoopThread, backend: SimBackend, start_proxy: StartProxy, frames: list[str]) -> None:
@@ -63,12 +66,11 @@ async def test_fuzzed_frames_get_callerror_or_drop_and_spare_other_sessions(
                 await control_round_trip(control, n)  # other sessions are untouched
                 frame = classify(text)
                 if frame.is_call and frame.msg_id and len(frame.msg_id) <= 36:
-                    with trio.fail_after(5):
+                    with trio.fail_after(10):
                         error = json.loads(await fuzz.get_message())
                     assert error[:3] == [4, frame.msg_id, "FormationViolation"]
-                else:
-                    await control_round_trip(control, n + 1000)  # the drop was handled by now
-                    assert [e for e in logs if e["event"] == "malformed_frame" and e["dropped"]]
+                else:  # the two sessions are separate tasks: wait for the drop rather than assume an order
+                    await wait_until(lambda: any(e["event"] == "malformed_frame" and e["dropped"] for e in logs))
         assert "FUZZ" in server.sessions  # a misbehaving wallbox is answered, not disconnected
 
 
