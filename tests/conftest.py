@@ -8,11 +8,17 @@ from pathlib import Path
 
 import pytest
 import trio
+from hypothesis import HealthCheck, settings
 
 from proxy.config import loads
 from proxy.server import ProxyServer
 from proxy.simulators import LoopThread, SimBackend
 from tests.peers import in_loop
+
+# Speed is what bench/ measures. On a loaded CI machine a slow example is no finding about the
+# code, so property tests have no per-example deadline and no too_slow health check.
+settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile("suite")
 
 
 @pytest.fixture

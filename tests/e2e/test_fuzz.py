@@ -51,9 +51,8 @@ async def control_round_trip(control: trio_websocket.WebSocketConnection, n: int
     assert answer[0] == 3 and answer[1] == f"control-{n}"
 
 
-# A loaded CI machine makes generation slow; that is no finding about the proxy (too_slow).
-@settings(max_examples=60, deadline=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+# A list here replaces the suite profile's (tests/conftest.py), so too_slow is named again.
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(frames=st.lists(hostile_frames.filter(lambda t: not is_valid_ocpp(t)), min_size=1, max_size=4))
 async def test_fuzzed_frames_get_callerror_or_drop_and_spare_other_sessions(
         peers: LoopThread, backend: SimBackend, start_proxy: StartProxy, frames: list[str]) -> None:
