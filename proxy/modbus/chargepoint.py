@@ -223,7 +223,7 @@ class VirtualChargePoint:
             state["configuration"] = dict(self._changed_keys)
         if self.profiles:
             state["profiles"] = [{"connector": i.connector, "installed_at": format_time(i.installed_at),
-                                  "profile": copy.deepcopy(dict(i.profile.raw))} for i in self.profiles]
+                                  "profile": dict(i.profile.raw)} for i in self.profiles]
         return state or None
 
     def restore(self, record: dict[str, Any]) -> list[Action]:
@@ -436,7 +436,7 @@ class VirtualChargePoint:
             return [Log("virtual_boot_not_accepted", "warning", {"status": status})]
         self.booted = True
         self.status = None
-        self._queue.appendleft(self._status_call(0, lambda: "Unavailable" if self.inoperative else "Available"))
+        self._queue.appendleft(self._status_call(0, self._charge_point_status))
         return [Log("virtual_booted", "info", {"heartbeat": self._heartbeat_interval})]
 
     def _status_call(self, connector: int, status: str | Callable[[], str]) -> _Call:
@@ -455,6 +455,10 @@ class VirtualChargePoint:
         return payload
 
     # -- status and current ---------------------------------------------------------------------
+
+    def _charge_point_status(self) -> str:
+        """Connector 0, the charge point as a whole: only its availability (OCPP 1.6 section 4.9)."""
+        return "Unavailable" if self.inoperative else "Available"
 
     def connector_status(self) -> str:
         reading = self.reading
@@ -691,7 +695,7 @@ class VirtualChargePoint:
         self.inoperative = not operative
         actions = self._apply(now, wall)
         if payload["connectorId"] == 0:
-            self._queue.append(self._status_call(0, lambda: "Unavailable" if self.inoperative else "Available"))
+            self._queue.append(self._status_call(0, self._charge_point_status))
         return {"status": "Accepted"}, actions + self._maybe_start(now, wall)
 
     def _on_reset(self, payload: dict[str, Any], now: float, wall: datetime) -> _Handled:
@@ -752,7 +756,11 @@ class VirtualChargePoint:
         elif requested == "Heartbeat":
             self._queue.append(_Call("Heartbeat", dict))
         elif requested == "StatusNotification":
-            self._queue.append(self._status_call(payload.get("connectorId", CONNECTOR), self.connector_status))
+            connector = payload.get("connectorId", CONNECTOR)
+            if connector not in (0, CONNECTOR):
+                return {"status": "Rejected"}, []
+            self._queue.append(self._status_call(connector, self._charge_point_status if connector == 0
+                                                 else self.connector_status))
         elif requested == "MeterValues":
             self._queue.append(self._meter_call(wall, "Trigger"))
         else:

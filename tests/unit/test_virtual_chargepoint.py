@@ -232,6 +232,19 @@ def test_trigger_messages_and_unknown_actions() -> None:
     assert h.call("DataTransfer", {"vendorId": "x"}, "b6")[2] == {"status": "UnknownVendorId"}
 
 
+def test_triggered_status_of_connector_0_is_the_charge_point_not_the_connector() -> None:
+    h = Harness(fixed_id_tag="TAG1")
+    h.charging()
+    for n, connector in enumerate((0, 1)):
+        assert h.call("TriggerMessage", {"requestedMessage": "StatusNotification", "connectorId": connector},
+                      f"t{n}")[2] == {"status": "Accepted"}
+        h.answer_all()
+    triggered = [(f[3]["connectorId"], f[3]["status"]) for f in h.sent if f[2:3] == ["StatusNotification"]][-2:]
+    assert triggered == [(0, "Available"), (1, "SuspendedEVSE")]  # a connector's state is none of connector 0's
+    trigger = h.call("TriggerMessage", {"requestedMessage": "StatusNotification", "connectorId": 2}, "t2")
+    assert trigger[2] == {"status": "Rejected"}  # there is no connector 2
+
+
 def test_transaction_messages_are_retried_and_heartbeats_are_not() -> None:
     h = Harness(fixed_id_tag="TAG1", call_timeout=10)
     h.charging()
