@@ -1,0 +1,32 @@
+"""The stand-alone benchmark scripts run end to end with tiny counts (no timing assertions)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_bench(script: str, *args: str) -> str:
+    """Run ``bench/<script>`` as a user would; its output, which must name the machine it ran on."""
+    result = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "machine: " in result.stdout and "cores, Python" in result.stdout
+    return result.stdout
+
+
+def test_limit_latency_bench_runs_with_small_counts() -> None:
+    out = run_bench("limit_latency.py", "--wallboxes", "3", "--rounds", "2", "--budget", "60")
+    assert "3 wallboxes, 2 rounds (6 frames)" in out
+    assert "p50 " in out and "p99 " in out
+
+
+def test_modbus_bench_runs_with_small_counts() -> None:
+    out = run_bench("modbus.py", "--polls", "20", "--wallboxes", "3", "--window", "1.5")
+    for client in ("trio framer", "sync in thread", "asyncio native"):
+        assert client in out
+    assert "3 virtual charge points" in out and "all booted and in a transaction" in out
+    assert "µs per poll" in out
