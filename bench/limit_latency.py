@@ -174,9 +174,9 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 async def bench_main(wallboxes: int, rounds: int, budget: float) -> dict[str, Any]:
-    from proxy import logs
+    from proxy.ops import logs
     from proxy.config import loads
-    from proxy.server import ProxyServer
+    from proxy.runtime.server import ProxyServer
 
     logs.configure("warning", "json")
     arrivals = Arrivals()

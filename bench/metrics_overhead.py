@@ -15,9 +15,9 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
-from proxy.frames import classify
-from proxy.metrics import Metrics, MetricsListener
-from proxy.session import CallCompleted
+from proxy.messages.ocppj import classify
+from proxy.ops.metrics import Metrics, MetricsListener
+from proxy.core.session import CallCompleted
 
 
 class _Paired:

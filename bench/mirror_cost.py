@@ -12,10 +12,10 @@ from __future__ import annotations
 import json
 import timeit
 
-from proxy.mirror import Mirror
-from proxy.policy import CommandPolicy
-from proxy.session import PRIMARY, Session
-from proxy.simulators import OCMF_SAMPLE
+from proxy.core.mirror import Mirror
+from proxy.core.policy import CommandPolicy
+from proxy.core.session import PRIMARY, Session
+from proxy.demo.peers import OCMF_SAMPLE
 
 METER = json.dumps([2, "m", "MeterValues", {"connectorId": 1, "transactionId": 1001, "meterValue": [{
     "timestamp": "2026-11-25T10:00:00Z", "sampledValue": [{"value": OCMF_SAMPLE, "format": "SignedData"}]}]}],

@@ -67,7 +67,7 @@ async def devices_main(count: int) -> None:
     """Start ``count`` wallboxes (cars plugged in) and a backend; print their ports; run until stdin closes."""
     import websockets
 
-    from proxy.simulators import SimHeidelberg
+    from proxy.demo.peers import SimHeidelberg
 
     boxes = [SimHeidelberg() for _ in range(count)]
     ports = [await box.start() for box in boxes]
@@ -161,12 +161,12 @@ def _config(backend: int, ports: Sequence[int], data_dir: str) -> str:
 
 
 async def _scale(backend: int, ports: Sequence[int], window: float, data_dir: str) -> dict[str, float]:
-    from proxy import logs
+    from proxy.ops import logs
     from proxy.config import loads
-    from proxy.server import ProxyServer
+    from proxy.runtime.server import ProxyServer
 
     import proxy.modbus.wallbox  # noqa: F401 - first-use imports are not per-charger memory
-    from proxy.profiles import validate
+    from proxy.loadmgmt.profiles import validate
 
     logs.configure("warning", "json")
     validate("Heartbeat", {})  # loads the OCPP schema machinery once

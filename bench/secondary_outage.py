@@ -40,7 +40,7 @@ from pathlib import Path
 
 import websockets
 
-from proxy.simulators import OCMF_SAMPLE, LoopThread, SimBackend
+from proxy.demo.peers import OCMF_SAMPLE, LoopThread, SimBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 

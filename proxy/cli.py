@@ -14,11 +14,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from proxy import __version__, logs
+from proxy import __version__
+from proxy.ops import logs
 from proxy.config import Config, ConfigError, load
 
 if TYPE_CHECKING:
-    from proxy.server import ProxyServer
+    from proxy.runtime.server import ProxyServer
 
 EXIT_CONFIG = 2
 
@@ -127,12 +128,12 @@ async def run_proxy(config: Config, source: str = "", pidfile: str = "") -> None
 
     The signal receiver is installed first, so a signal during start-up also
     takes the graceful path. A second signal while sessions drain stops at once.
-    SIGHUP re-reads ``source`` (see :mod:`proxy.reload`); connections stay.
+    SIGHUP re-reads ``source`` (see :mod:`proxy.runtime.reload`); connections stay.
     """
-    from proxy.metrics import Metrics, MetricsListener
-    from proxy.monitor import Monitor
-    from proxy.reload import reload_from, remove_pidfile, write_pidfile
-    from proxy.server import ProxyServer
+    from proxy.ops.metrics import Metrics, MetricsListener
+    from proxy.ops.monitor import Monitor
+    from proxy.runtime.reload import reload_from, remove_pidfile, write_pidfile
+    from proxy.runtime.server import ProxyServer
 
     log = logs.get_logger()
     metrics = Metrics(charger.id for charger in config.all_chargers)
@@ -189,7 +190,7 @@ async def _drain(server: ProxyServer, signals: AsyncIterator[int], bound: float)
 
 
 def cmd_reload(args: argparse.Namespace) -> int:
-    from proxy.reload import read_pidfile, send_reload
+    from proxy.runtime.reload import read_pidfile, send_reload
 
     if args.config and _load_or_report(args.config) is None:
         return EXIT_CONFIG
@@ -204,7 +205,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy.demo import run_demo
+    from proxy.demo.run import run_demo
 
     return run_demo(wallboxes=args.wallboxes, forever=args.forever, site_limit=args.site_limit)
 
@@ -243,7 +244,7 @@ def cmd_certs(args: argparse.Namespace) -> int:
     """The manual's OpenSSL recipes, one command each; prints what it wrote."""
     from pathlib import Path
 
-    from proxy import certs
+    from proxy.ops import certs
 
     out = Path(args.dir)
     try:

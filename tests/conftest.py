@@ -11,8 +11,8 @@ import trio
 from hypothesis import HealthCheck, settings
 
 from proxy.config import loads
-from proxy.server import ProxyServer
-from proxy.simulators import LoopThread, SimBackend
+from proxy.runtime.server import ProxyServer
+from proxy.demo.peers import LoopThread, SimBackend
 from tests.peers import in_loop
 
 # Speed is what bench/ measures. On a loaded CI machine a slow example is no finding about the

@@ -18,9 +18,9 @@ import trio_websocket
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import Config, loads
-from proxy.metrics import Metrics, MetricsListener
-from proxy.monitor import Monitor
-from proxy.server import ProxyServer
+from proxy.ops.metrics import Metrics, MetricsListener
+from proxy.ops.monitor import Monitor
+from proxy.runtime.server import ProxyServer
 
 
 @dataclass

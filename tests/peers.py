@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from proxy.simulators import LoopThread, Recorder
+from proxy.demo.peers import LoopThread, Recorder
 
 T = TypeVar("T")
 

@@ -3,7 +3,7 @@
 It keeps the charging profiles it accepts, applies the OCPP 1.6 replacement
 and ClearChargingProfile rules, and computes its own composite limit
 (TxProfile > TxDefaultProfile by stack level, capped by ChargePointMaxProfile).
-It is written from the specification, independently of ``proxy/profiles.py``,
+It is written from the specification, independently of ``proxy/loadmgmt/profiles.py``,
 so the tests compare two implementations rather than one with itself.
 
 Its connection reads the socket eagerly and notes every CALL that arrives

@@ -15,9 +15,10 @@ import trio
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from proxy import docs
+from proxy.config import docs
 from proxy.cli import _parser
-from proxy.config import load, schema_rows
+from proxy.config import load
+from proxy.config.docs import schema_rows
 from tests.opskit import config_text, http_get, start_backend, start_stack
 from tests.test_install import dockerfile_instructions
 
@@ -185,7 +186,7 @@ def test_systemd_unit_verifies(tmp_path: Path) -> None:
 def test_config_reference_and_example_are_up_to_date() -> None:
     for path, text in docs.generated().items():
         assert (ROOT / path).read_text(encoding="utf-8") == text, \
-            f"{path} is out of date: run `python -m proxy.docs` and commit the result"
+            f"{path} is out of date: run `python -m proxy.config.docs` and commit the result"
 
 
 def test_example_config_shows_every_key_and_loads() -> None:
@@ -206,7 +207,7 @@ def test_docs_check_mode_reports_a_stale_file(tmp_path: Path) -> None:
 
 
 def test_metrics_reference_lists_every_family() -> None:
-    from proxy.metrics import Metrics
+    from proxy.ops.metrics import Metrics
 
     table = (ROOT / "docs" / "metrics.md").read_text()
     documented = set(re.findall(r"^\| `(ocpp_proxy_[a-z0-9_]+)`", table, re.MULTILINE))

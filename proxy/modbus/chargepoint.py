@@ -12,7 +12,7 @@ Rejected), Heartbeats, StatusNotification from the vehicle state register,
 Authorize + StartTransaction with ``fixed_id_tag`` when a car plugs in (or
 after RemoteStartTransaction), periodic MeterValues, StopTransaction on
 unplug, RemoteStop, reset or deauthorisation. Charging profiles are kept and
-evaluated like a wallbox does (:func:`proxy.profiles.composite_limit`): the
+evaluated like a wallbox does (:func:`proxy.loadmgmt.profiles.composite_limit`): the
 backend's and the proxy's own ChargePointMaxProfile meet here, so the current
 written to the wallbox is min(backend, local engine), and 0 unless a
 transaction runs. One CALL is outstanding at a time (OCPP-J 4.1.1); the
@@ -40,7 +40,7 @@ from ocpp.messages import Call, CallError, CallResult, _validate_payload, unpack
 from ocpp.v16.enums import Action as V16Action
 
 from proxy.modbus.maps import WallboxReading
-from proxy.profiles import (
+from proxy.loadmgmt.profiles import (
     MAX_PROFILE,
     TX_PROFILE,
     Installed,

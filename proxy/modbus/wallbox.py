@@ -31,10 +31,10 @@ from urllib.parse import quote
 import trio
 from trio_websocket import ConnectionClosed
 
-from proxy import closecodes
-from proxy.backoff import Backoff
+from proxy.wire import closecodes
+from proxy.core.backoff import Backoff
 from proxy.config import ModbusChargerSettings, parse_listen
-from proxy.localconn import LocalConnection, local_pair
+from proxy.wire.local import LocalConnection, local_pair
 from proxy.modbus.chargepoint import Action, Log, Send, SetCurrent, VirtualChargePoint, VirtualSettings
 from proxy.modbus.client import ModbusClient, ModbusError
 from proxy.modbus.maps import WALLBOXES, WallboxMap, WallboxReading

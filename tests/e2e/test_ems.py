@@ -5,9 +5,9 @@ from __future__ import annotations
 import trio
 from pymodbus.client import AsyncModbusTcpClient
 
-from proxy.logs import get_logger
+from proxy.ops.logs import get_logger
 from proxy.modbus.service import run_modbus
-from proxy.simulators import LoopThread, SimBackend
+from proxy.demo.peers import LoopThread, SimBackend
 from tests.conftest import StartProxy, proxy_url
 from tests.e2e.test_limits_e2e import Backend, profile, settle, site_config
 from tests.peers import in_loop

@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from proxy.frames import classify, strict_problem
-from proxy.simulators import LoopThread, SimBackend
+from proxy.messages.ocppj import classify, strict_problem
+from proxy.demo.peers import LoopThread, SimBackend
 from tests.conftest import StartProxy, backend_config, proxy_url
 from tests.e2e.test_offline import wait_until
 

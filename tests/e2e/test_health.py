@@ -12,7 +12,7 @@ import trio
 import trio_websocket
 from trio_websocket import open_websocket_url
 
-from proxy.health import Heartbeat
+from proxy.ops.health import Heartbeat
 from tests.opskit import (build_stack, config_text, http_get, read_to_end, scrape, start_backend, start_stack,
                           value)
 

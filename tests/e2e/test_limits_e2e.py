@@ -13,10 +13,10 @@ import trio
 from ocpp.v16 import call
 
 from proxy.config import loads
-from proxy.limiter import Limiter
-from proxy.relay import Listener, PairedSession
-from proxy.server import ProxyServer
-from proxy.simulators import LoopThread, SimBackend, connect_wallbox
+from proxy.loadmgmt.driver import Limiter
+from proxy.runtime.relay import Listener, PairedSession
+from proxy.runtime.server import ProxyServer
+from proxy.demo.peers import LoopThread, SimBackend, connect_wallbox
 from tests.conftest import StartProxy, proxy_url
 from tests.peers import in_loop, wait_recorded
 from tests.smart_wallbox import ProfileStore, SmartHandle, connect_smart
@@ -477,10 +477,10 @@ async def test_load_managed_while_the_backend_is_down(peers: LoopThread, backend
 async def test_grid_meter_over_modbus_sets_the_headroom(peers: LoopThread, backend: SimBackend,
                                                         nursery: trio.Nursery, tmp_path: Path) -> None:
     """A simulated SDM630 on Modbus TCP: house load = grid - charger; stale meter → fallback."""
-    from proxy.logs import get_logger
+    from proxy.ops.logs import get_logger
     from proxy.modbus.maps import METERS
     from proxy.modbus.service import run_modbus
-    from proxy.simulators import SimModbusDevice
+    from proxy.demo.peers import SimModbusDevice
 
     sdm630 = METERS["sdm630"]
 

@@ -7,7 +7,7 @@ import os
 import trio
 from structlog.testing import capture_logs
 
-from proxy.simulators import LoopThread, SimBackend, connect_wallbox
+from proxy.demo.peers import LoopThread, SimBackend, connect_wallbox
 from tests.conftest import StartProxy, backend_config, proxy_url
 from tests.peers import in_loop
 

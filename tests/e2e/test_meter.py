@@ -6,12 +6,12 @@ import struct
 
 import trio
 
-from proxy.limits import ChargerLimits, LimitEngine, SiteLimits
-from proxy.logs import get_logger
+from proxy.loadmgmt.engine import ChargerLimits, LimitEngine, SiteLimits
+from proxy.ops.logs import get_logger
 from proxy.modbus.client import ModbusClient
 from proxy.modbus.maps import METERS
 from proxy.modbus.meter import MeterPoller
-from proxy.simulators import LoopThread, SimModbusDevice
+from proxy.demo.peers import LoopThread, SimModbusDevice
 from tests.e2e.test_offline import wait_until
 from tests.peers import in_loop
 

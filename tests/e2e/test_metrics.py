@@ -224,9 +224,9 @@ async def test_handshake_timeouts_are_counted(nursery: trio.Nursery) -> None:
 
 async def test_modbus_meter_and_wallbox_health_reach_the_metrics(nursery: trio.Nursery) -> None:
     """The meter poller and a virtual charge point report their state as cli.run_proxy wires them."""
-    from proxy.logs import get_logger
+    from proxy.ops.logs import get_logger
     from proxy.modbus.service import run_modbus
-    from proxy.simulators import LoopThread, SimHeidelberg, SimSdm630
+    from proxy.demo.peers import LoopThread, SimHeidelberg, SimSdm630
     from tests.e2e.test_offline import wait_until
     from tests.peers import in_loop
 

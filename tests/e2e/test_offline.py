@@ -13,8 +13,8 @@ import trio
 from ocpp.v16 import call
 from structlog.testing import capture_logs
 
-from proxy.server import ProxyServer
-from proxy.simulators import OCMF_SAMPLE, LoopThread, SimBackend, connect_wallbox, now_iso
+from proxy.runtime.server import ProxyServer
+from proxy.demo.peers import OCMF_SAMPLE, LoopThread, SimBackend, connect_wallbox, now_iso
 from tests.conftest import StartProxy, proxy_url
 from tests.opskit import ProxyProcess
 from tests.peers import in_loop, wait_recorded

@@ -11,7 +11,7 @@ import websockets
 from ocpp.v16 import call
 from structlog.testing import capture_logs
 
-from proxy.simulators import LoopThread, SimBackend, connect_wallbox
+from proxy.demo.peers import LoopThread, SimBackend, connect_wallbox
 from tests.conftest import StartProxy, backend_config, proxy_url
 from tests.peers import in_loop, wait_recorded
 

@@ -7,7 +7,7 @@ import json
 import trio
 from ocpp.v16 import call
 
-from proxy.simulators import GIROE_DATA, OCMF_SAMPLE, LoopThread, SimBackend, connect_wallbox
+from proxy.demo.peers import GIROE_DATA, OCMF_SAMPLE, LoopThread, SimBackend, connect_wallbox
 from tests.conftest import StartProxy, backend_config, proxy_url
 from tests.peers import in_loop, wait_recorded
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import trio
 
-from proxy.simulators import LoopThread, SimBackend
+from proxy.demo.peers import LoopThread, SimBackend
 from tests.opskit import ProxyProcess
 from tests.peers import in_loop
 from tests.smart_wallbox import SmartHandle, connect_smart
@@ -97,7 +97,7 @@ async def test_reload_without_a_running_proxy_says_so(tmp_path: Path) -> None:
 
 def test_keys_bound_at_start_are_reported_as_needing_a_restart() -> None:
     from proxy.config import loads
-    from proxy.reload import needs_restart
+    from proxy.runtime.reload import needs_restart
 
     old = loads(config_text(1234, 20))
     new = loads(config_text(1234, 10).replace('listen = "127.0.0.1:0"', 'listen = "127.0.0.1:19999"', 1)

@@ -19,10 +19,10 @@ from ocpp.v16 import call
 from prometheus_client import generate_latest
 
 from proxy.config import loads
-from proxy.frames import classify
-from proxy.metrics import Metrics, MetricsListener
-from proxy.server import ProxyServer
-from proxy.simulators import OCMF_SAMPLE, LoopThread, SimBackend, WallboxHandle, connect_wallbox
+from proxy.messages.ocppj import classify
+from proxy.ops.metrics import Metrics, MetricsListener
+from proxy.runtime.server import ProxyServer
+from proxy.demo.peers import OCMF_SAMPLE, LoopThread, SimBackend, WallboxHandle, connect_wallbox
 from tests.conftest import StartProxy, proxy_url
 from tests.opskit import parse, value
 from tests.peers import in_loop, wait_recorded

@@ -1,6 +1,6 @@
 """TLS off/detect/on and security profiles 2 and 3 on both legs (issue 4).
 
-Every certificate is created inside the test (proxy.certs or the `certs` CLI);
+Every certificate is created inside the test (proxy.ops.certs or the `certs` CLI);
 every handshake is real, on 127.0.0.1.
 """
 
@@ -18,9 +18,9 @@ import trio
 from ocpp.v16 import call
 from structlog.testing import capture_logs
 
-from proxy import certs
-from proxy.logs import get_logger
-from proxy.simulators import LoopThread, SimBackend, connect_wallbox
+from proxy.ops import certs
+from proxy.ops.logs import get_logger
+from proxy.demo.peers import LoopThread, SimBackend, connect_wallbox
 from tests.conftest import StartProxy, proxy_url
 from tests.peers import in_loop
 
@@ -113,7 +113,7 @@ async def test_on_refuses_plain_and_off_refuses_tls(peers: LoopThread, backend: 
 
 async def test_self_signed_certificate_created_once_with_private_key(tmp_path: Path) -> None:
     from proxy.config import loads
-    from proxy.secure import SecureLayer
+    from proxy.wire.tls_listener import SecureLayer
 
     settings = loads(f'[server]\ntls = "on"\ncerts_dir = "{tmp_path}"').server
     with capture_logs() as logs:

@@ -21,11 +21,11 @@ from pymodbus.client import AsyncModbusTcpClient
 from structlog.testing import capture_logs
 
 from proxy.config import loads
-from proxy.server import ProxyServer
-from proxy.logs import get_logger
+from proxy.runtime.server import ProxyServer
+from proxy.ops.logs import get_logger
 from proxy.modbus.service import run_modbus
-from proxy.session import PRIMARY
-from proxy.simulators import LoopThread, Recorder, SimBackend, SimHeidelberg, SimSdm630, connect_wallbox
+from proxy.core.session import PRIMARY
+from proxy.demo.peers import LoopThread, Recorder, SimBackend, SimHeidelberg, SimSdm630, connect_wallbox
 from tests.conftest import StartProxy, backend_config, proxy_url
 from tests.e2e.test_limits_e2e import settle
 from tests.e2e.test_offline import wait_until

@@ -1,4 +1,4 @@
-"""Wire-level behaviour of the proxy's own WebSocket layer (proxy/wsconn.py).
+"""Wire-level behaviour of the proxy's own WebSocket layer (proxy/wire/connection.py).
 
 A hand-made client (raw bytes over a trio socket, frames built by wsproto)
 does what library peers rarely do: pipelines a frame behind its upgrade
@@ -22,8 +22,8 @@ from cryptography.x509.oid import NameOID
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import CloseConnection, Message, Ping, Pong, TextMessage
 
-from proxy import wsconn
-from proxy.simulators import SimBackend
+from proxy.wire import connection as wsconn
+from proxy.demo.peers import SimBackend
 from tests.conftest import StartProxy, backend_config
 from tests.peers import wait_recorded
 

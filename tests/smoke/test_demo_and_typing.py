@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from proxy.demo import run_demo
+from proxy.demo.run import run_demo
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -11,9 +11,9 @@ import pytest
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from proxy import certs
+from proxy.ops import certs
 from proxy.config import loads
-from proxy.server import ProxyServer
+from proxy.runtime.server import ProxyServer
 
 
 def test_certs_cli_output_verifies(tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import ConfigError, loads, schema_rows, upstream_url
+from proxy.config import ConfigError, loads, upstream_url
+from proxy.config.docs import schema_rows
 
 GOOD = """
 [server]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from proxy.config import ConfigError, loads
-from proxy.limiter import charger_limits, load_management, site_limits
+from proxy.loadmgmt.driver import charger_limits, load_management, site_limits
 
 BASE = '[backend]\nurl = "ws://backend.example/ocpp"\n'
 

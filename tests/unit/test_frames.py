@@ -7,7 +7,7 @@ import json
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.frames import MessageType, build_call, build_error, build_result, classify, replace_id, strict_problem
+from proxy.messages.ocppj import MessageType, build_call, build_error, build_result, classify, replace_id, strict_problem
 
 
 def test_call_result_error_are_routed() -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import base64
 
-from proxy.closecodes import mirror, truncate
+from proxy.wire.closecodes import mirror, truncate
 from proxy.config import loads
-from proxy.handshake import Admit, Refuse, basic_password, charge_box_id, decide
+from proxy.core.admission import Admit, Refuse, basic_password, charge_box_id, decide
 
 CONFIG = loads('[backend]\nurl = "ws://b/ocpp"\n[[chargers]]\nid = "CP 1"\npassword = "secret-password-16"\n'
                '[[chargers]]\nid = "OPEN"\n')

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from proxy.injection import (
+from proxy.loadmgmt.control import (
     BOOT_WAIT,
     UNKNOWN,
     Command,
@@ -13,7 +13,7 @@ from proxy.injection import (
     ControlSettings,
     read_meter_values,
 )
-from proxy.profiles import MAX_PROFILE, TX_DEFAULT, TX_PROFILE
+from proxy.loadmgmt.profiles import MAX_PROFILE, TX_DEFAULT, TX_PROFILE
 
 WALL = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
 PID = 990001
@@ -286,8 +286,8 @@ def test_clamped_backend_profile_also_gets_the_local_transaction_id() -> None:
     """tx-default clamping and offline transaction-id mapping both apply to one frame."""
     import json as _json
 
-    from proxy.profiles import replace_payload
-    from proxy.session import PRIMARY, Session, ToWallbox
+    from proxy.loadmgmt.profiles import replace_payload
+    from proxy.core.session import PRIMARY, Session, ToWallbox
 
     control = ready_control(strategy="tx-default")
     control.set_local(10.0)

@@ -8,8 +8,8 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.jsonspan import integer_at, remove_member, replace_value, value_span
-from proxy.simulators import OCMF_SAMPLE
+from proxy.messages.jsonspan import integer_at, remove_member, replace_value, value_span
+from proxy.demo.peers import OCMF_SAMPLE
 
 METER = ('[2,"m1","MeterValues",{"connectorId":1,"transactionId":1001,"meterValue":[{"timestamp":'
          '"2026-11-25T10:00:00Z","sampledValue":[{"value":' + json.dumps(OCMF_SAMPLE, ensure_ascii=False)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.limits import ChargerLimits, Demand, LimitEngine, SiteLimits, allocate
+from proxy.loadmgmt.engine import ChargerLimits, Demand, LimitEngine, SiteLimits, allocate
 
 EPS = 1e-9
 

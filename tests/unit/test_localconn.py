@@ -7,7 +7,7 @@ import trio
 import trio.testing
 from trio_websocket import ConnectionClosed
 
-from proxy.localconn import local_pair
+from proxy.wire.local import local_pair
 
 
 async def test_messages_in_order_then_the_close_both_ends_see() -> None:

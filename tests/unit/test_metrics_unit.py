@@ -6,7 +6,7 @@ import pytest
 from prometheus_client import generate_latest
 
 from proxy.config import ConfigError, loads
-from proxy.metrics import Metrics, action_label, close_code_label
+from proxy.ops.metrics import Metrics, action_label, close_code_label
 from tests.opskit import parse, value
 
 

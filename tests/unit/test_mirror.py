@@ -7,8 +7,8 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.frames import classify
-from proxy.mirror import (
+from proxy.messages.ocppj import classify
+from proxy.core.mirror import (
     Mirror,
     MirrorCompleted,
     MirrorDropped,
@@ -17,7 +17,7 @@ from proxy.mirror import (
     MirrorStartKnown,
     TxMapped,
 )
-from proxy.simulators import OCMF_SAMPLE
+from proxy.demo.peers import OCMF_SAMPLE
 
 SIGNED = json.dumps(OCMF_SAMPLE, ensure_ascii=False)
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import structlog.testing
 import trio
 
-from proxy.frames import classify
-from proxy.mirror import BOOT, Mirror, MirrorEvent, MirrorQueued, MirrorSend, MirrorState, MirrorUnqueued, TxMapped
-from proxy.mirrorstore import MirrorStore, Record
+from proxy.messages.ocppj import classify
+from proxy.core.mirror import BOOT, Mirror, MirrorEvent, MirrorQueued, MirrorSend, MirrorState, MirrorUnqueued, TxMapped
+from proxy.storage.secondary_store import MirrorStore, Record
 from tests.unit.test_mirror import boot, meter, start, status, stop
 
 
@@ -79,7 +79,7 @@ def test_a_mirror_rebuilt_from_the_store_continues_where_it_stopped(tmp_path: Pa
 
 async def test_a_failing_store_is_logged_and_the_writer_goes_on(tmp_path: Path) -> None:
     from proxy.config import loads
-    from proxy.secondary import Secondaries
+    from proxy.runtime.secondary import Secondaries
 
     config = loads(f'[offline]\ndata_dir = "{tmp_path}"\n[backend]\nurl = "ws://127.0.0.1:9/ocpp"\n'
                    '[backends.ems]\nurl = "ws://127.0.0.1:9/ems"\n[[chargers]]\nid = "CP1"\nsecondaries = ["ems"]\n')

@@ -9,9 +9,9 @@ from pathlib import Path
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.backoff import Backoff
-from proxy.frames import classify
-from proxy.offline import (
+from proxy.core.backoff import Backoff
+from proxy.messages.ocppj import classify
+from proxy.core.offline import (
     OfflineResponder,
     OfflineSettings,
     Stored,
@@ -19,8 +19,8 @@ from proxy.offline import (
     replace_transaction_id,
     replay_plan,
 )
-from proxy.queue import Queue
-from proxy.session import PRIMARY, Persist, Session, ToUpstream, ToWallbox
+from proxy.storage.offline_queue import Queue
+from proxy.core.session import PRIMARY, Persist, Session, ToUpstream, ToWallbox
 
 
 def answer(responder: OfflineResponder, text: str) -> list[object]:

@@ -8,8 +8,8 @@ import pytest
 from ocpp.messages import get_validator
 from ocpp.v16.enums import Action
 
-from proxy.frames import classify
-from proxy.policy import (
+from proxy.messages.ocppj import classify
+from proxy.core.policy import (
     ANSWER,
     COMMANDS,
     EXCLUSIVE,

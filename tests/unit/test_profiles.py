@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from proxy.frames import classify
-from proxy.profiles import (
+from proxy.messages.ocppj import classify
+from proxy.loadmgmt.profiles import (
     MAX_PROFILE,
     TX_DEFAULT,
     TX_PROFILE,

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from proxy.frames import Frame
-from proxy.session import (
+from proxy.messages.ocppj import Frame
+from proxy.core.session import (
     PRIMARY,
     Action,
     CallCompleted,

@@ -7,10 +7,10 @@ import json
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.frames import classify
-from proxy.mirror import Mirror, TxMapped
-from proxy.policy import CommandPolicy
-from proxy.session import PRIMARY, CallCompleted, Policed, Session, ToWallbox
+from proxy.messages.ocppj import classify
+from proxy.core.mirror import Mirror, TxMapped
+from proxy.core.policy import CommandPolicy
+from proxy.core.session import PRIMARY, CallCompleted, Policed, Session, ToWallbox
 from tests.unit.test_mirror import SIGNED, boot, meter, start, status, stop
 from tests.unit.test_session import sent
 

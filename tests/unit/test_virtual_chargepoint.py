@@ -8,8 +8,8 @@ from typing import Any
 
 from proxy.modbus.chargepoint import Action, Log, Send, SetCurrent, VirtualChargePoint, VirtualSettings
 from proxy.modbus.maps import WALLBOXES, WallboxReading
-from proxy.profiles import composite_schedule, parse_set
-from proxy.profiles import Installed
+from proxy.loadmgmt.profiles import composite_schedule, parse_set
+from proxy.loadmgmt.profiles import Installed
 
 HEIDELBERG = WALLBOXES["heidelberg"]
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
-from proxy.wsframes import (
+from proxy.wire.codec import (
     BINARY,
     CLOSE,
     PING,

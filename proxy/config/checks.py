@@ -1,0 +1,131 @@
+"""Rules that span several keys (duplicate ids, backends, ports, secondaries and their policies)."""
+
+from __future__ import annotations
+
+import re
+
+from proxy.config.problems import LineIndex, Problem
+from proxy.config.schema import ChargerBase, Config, parse_listen
+from proxy.core.policy import ANY, COMMANDS, MODES, conflicts
+
+
+def cross_checks(config: Config, index: LineIndex) -> list[Problem]:
+    """Rules that span several keys."""
+    problems: list[Problem] = []
+    seen: dict[str, str] = {}
+    for key, charger in config.charger_entries():
+        if charger.id in seen:
+            problems.append(Problem(f"{key}.id", f"duplicate charger id {charger.id!r} "
+                                    f"(also {seen[charger.id]})", index.find(f"{key}.id")))
+        seen.setdefault(charger.id, key)
+        if charger.min_current > charger.max_current:
+            problems.append(Problem(f"{key}.min_current", f"is above max_current ({charger.max_current})",
+                                    index.find(f"{key}.min_current")))
+        if not (charger.upstream_url or config.backend.url):
+            problems.append(Problem(f"{key}.upstream_url", "no backend URL: set this or [backend] url",
+                                    index.find(key)))
+    if config.server.accept_unknown and not config.backend.url:
+        problems.append(Problem("backend.url", "accept_unknown needs a default backend URL",
+                                index.find("backend")))
+    if config.metrics.listen and config.server.listen:
+        metrics_port, server_port = parse_listen(config.metrics.listen)[1], parse_listen(config.server.listen)[1]
+        if metrics_port == server_port != 0:
+            problems.append(Problem("metrics.listen", f"port {metrics_port} is the wallbox port (server.listen); "
+                                    "metrics need their own", index.find("metrics.listen")))
+    if config.meter.map == "generic" and config.meter.modbus:
+        names = {r.name for r in config.meter.registers}
+        if not {"l1", "l2", "l3"} <= names:
+            problems.append(Problem("meter.registers", "map = generic needs registers named l1, l2 and l3",
+                                    index.find("meter")))
+    if bool(config.server.cert) != bool(config.server.key):
+        problems.append(Problem("server.key" if config.server.cert else "server.cert",
+                                "cert and key must be given together", index.find("server")))
+    problems += _secondary_checks(config, index)
+    return problems
+
+
+# --- several backends per wallbox ------------------------------------------------------
+
+#: Names a secondary may not have: the session's own leg names.
+_RESERVED_NAMES = ("primary", "wallbox", "proxy")
+_NAME = re.compile(r"[A-Za-z0-9_-]{1,40}")
+
+
+def _policy_problems(table: dict[str, str], key: str, index: LineIndex) -> list[Problem]:
+    """Checked per entry, so each message names its own key and line."""
+    problems = []
+    for action, mode in table.items():
+        message = None
+        if action != ANY and action not in COMMANDS:
+            message = "not a command a backend sends to a wallbox (nor \"*\")"
+        elif mode not in MODES:
+            message = f"must be one of {', '.join(MODES)}; got {mode!r}"
+        if message:
+            problems.append(Problem(f"{key}.{action}", message, index.find(f"{key}.{action}")))
+    return problems
+
+
+def _secondary_checks(config: Config, index: LineIndex) -> list[Problem]:
+    """Names resolve and are unique, URLs are set, and no two upstreams own the same wallbox state."""
+    problems: list[Problem] = []
+
+    def problem(key: str, message: str) -> None:
+        problems.append(Problem(key, message, index.find(key)))
+
+    problems += _policy_problems(config.backend.policy, "backend.policy", index)
+    for name, entry in config.backends.items():
+        problems += _policy_problems(entry.policy, f"backends.{name}.policy", index)
+        if not _NAME.fullmatch(name) or name in _RESERVED_NAMES:
+            problem(f"backends.{name}", "name must be 1-40 of A-Z a-z 0-9 _ - and not primary, wallbox or proxy")
+        if not entry.url:
+            problem(f"backends.{name}.url", "is required")
+    for base, charger in config.charger_entries():
+        problems += _policy_problems(charger.upstream_policy, f"{base}.upstream_policy", index)
+        where: dict[str, str] = {}  # secondary name → its table's key
+        for j, name in enumerate(charger.secondaries):
+            key = f"{base}.secondaries[{j}]"
+            if name not in config.backends:
+                known = ", ".join(sorted(config.backends)) or "none"
+                problem(key, f"no [backends.{name}] table (defined: {known})")
+            elif name in where:
+                problem(key, f"{name!r} is listed twice")
+            else:
+                where[name] = f"backends.{name}"
+        for j, entry in enumerate(charger.secondary):
+            key = f"{base}.secondary[{j}]"
+            if not _NAME.fullmatch(entry.name) or entry.name in _RESERVED_NAMES:
+                problem(f"{key}.name", "must be 1-40 of A-Z a-z 0-9 _ - and not primary, wallbox or proxy")
+            elif entry.name in where:
+                problem(f"{key}.name", f"{entry.name!r} is already a secondary of this charger ({where[entry.name]})")
+            else:
+                where[entry.name] = key
+            if not entry.url:
+                problem(f"{key}.url", "is required")
+            problems += _policy_problems(entry.policy, f"{key}.policy", index)
+        problems += _policy_conflicts(config, base, charger, where, index)
+    return problems
+
+
+def _policy_conflicts(config: Config, entry: str, charger: ChargerBase, where: dict[str, str],
+                      index: LineIndex) -> list[Problem]:
+    """Two upstreams that may both change one kind of wallbox state: refused, naming both."""
+    tables: dict[str, tuple[dict[str, str], str]] = {"primary": (config.primary_policy(charger), "")}
+    for target in config.secondaries_for(charger):
+        tables[target.name] = (target.settings.policy, where.get(target.name, ""))
+    upstreams = [(name, table, name == "primary") for name, (table, _) in tables.items()]
+    problems: list[Problem] = []
+    for conflict in conflicts(upstreams):
+        table, base = tables[conflict.second]
+        action = next((a for a in conflict.actions if a in table), ANY if ANY in table else conflict.actions[0])
+        key = f"{base}.policy.{action}" if base else f"{entry}.upstream_policy"
+        first = _describe_upstream(conflict.first, tables[conflict.first][1])
+        second = _describe_upstream(conflict.second, base)
+        via = "" if conflict.actions == (conflict.state,) else f" ({', '.join(conflict.actions)})"
+        problems.append(Problem(key, (
+            f"upstreams {first} and {second} may both send {conflict.state}{via} to charger {charger.id!r}; "
+            f"set {conflict.actions[0]} to \"reject\" or \"answer\" in one of their policies"), index.find(key)))
+    return problems
+
+
+def _describe_upstream(name: str, base: str) -> str:
+    return f"{name!r} ({base or 'backend'})"

@@ -1,0 +1,272 @@
+"""Generated documentation: the config reference and the example config.
+
+Both come from the schema in :mod:`proxy.config` (``schema_rows()`` plus the
+fields' metadata), so they cannot drift from what the loader accepts; a test
+compares the committed files with a fresh rendering. After changing the
+schema, run from the repository root::
+
+    python -m proxy.config.docs          # rewrite docs/config.md and deploy/config.example.toml
+    python -m proxy.config.docs --check  # exit 1 if either is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import typing
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from proxy.config.schema import Config, unwrap_optional
+
+def container_of(hint: Any) -> tuple[Any, str]:
+    """(item type, key suffix) of a schema field: ``[]`` for arrays of tables, ``.<name>`` for named tables."""
+    hint = unwrap_optional(hint)  # an optional section, e.g. [site]
+    origin = typing.get_origin(hint)
+    if origin is list:
+        return typing.get_args(hint)[0], "[]"
+    if origin is dict and dataclasses.is_dataclass(typing.get_args(hint)[1]):
+        return typing.get_args(hint)[1], ".<name>"
+    return hint, ""
+
+
+def schema_rows(cls: type[Any] = Config, prefix: str = "") -> Iterator[tuple[str, str, Any, str]]:
+    """(key, type, default, doc) for every setting: the source of the config reference."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        hint = hints[f.name]
+        inner, suffix = container_of(hint)
+        if dataclasses.is_dataclass(inner):
+            yield from schema_rows(typing.cast(type, inner), key + suffix)
+            continue
+        if f.default is not dataclasses.MISSING:
+            default: Any = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            default = f.default_factory()
+        else:
+            default = "(required)"
+        yield key, getattr(hint, "__name__", str(hint)), default, f.metadata.get("doc", "")
+
+
+REFERENCE = Path("docs/config.md")
+EXAMPLE = Path("deploy/config.example.toml")
+
+#: Keys the example sets (the rest are shown commented out with their defaults):
+#: what a Docker deployment of the gateway changes.
+EXAMPLE_VALUES: dict[str, Any] = {
+    "server.certs_dir": "/certs",
+    "backend.url": "wss://ocpp.example.com/ocpp",
+    "metrics.listen": "0.0.0.0:9520",
+    "offline.data_dir": "/data",
+    "chargers[].id": "CP001",
+}
+EXAMPLE_NOTES: dict[str, str] = {
+    "server.certs_dir": "the /certs volume of the Docker image",
+    "backend.url": "replace with your backend's OCPP URL (without the charge point id)",
+    "metrics.listen": "all interfaces, for Prometheus in the compose network; "
+                      "the default 127.0.0.1:9520 keeps metrics local",
+    "offline.data_dir": "the /data volume of the Docker image (durable offline queue)",
+    "chargers[].id": "one [[chargers]] table per wallbox",
+}
+
+
+@dataclass(frozen=True)
+class Row:
+    key: str
+    type: str
+    default: Any
+    doc: str
+    choices: tuple[str, ...]
+    secret: bool
+    required: bool
+
+    @property
+    def section(self) -> str:
+        return self.key.rpartition(".")[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.rpartition(".")[2]
+
+
+def rows() -> list[Row]:
+    """schema_rows() with each field's choices / secret / required flags."""
+    meta = dict(_field_metadata(Config, ""))
+    found = []
+    for key, type_name, default, doc in schema_rows():
+        info = meta.get(key, {})
+        found.append(Row(key, type_name, default, doc, tuple(info.get("choices") or ()),
+                         bool(info.get("secret")), bool(info.get("required"))))
+    return found
+
+
+def section_docs() -> dict[str, str]:
+    return dict(_section_docs(Config, ""))
+
+
+def _field_metadata(cls: type[Any], prefix: str) -> Iterator[tuple[str, Any]]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        inner, suffix = container_of(hints[f.name])
+        if dataclasses.is_dataclass(inner):
+            yield from _field_metadata(typing.cast(type, inner), key + suffix)
+        else:
+            yield key, f.metadata
+
+
+def _section_docs(cls: type[Any], prefix: str) -> Iterator[tuple[str, str]]:
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        inner, suffix = container_of(hints[f.name])
+        if dataclasses.is_dataclass(inner):
+            key = (f"{prefix}.{f.name}" if prefix else f.name) + suffix
+            yield key, str(f.metadata.get("doc", ""))
+            yield from _section_docs(typing.cast(type, inner), key)
+
+
+def toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k} = {toml_value(v)}" for k, v in value.items()) + "}"
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+_TYPE_NAMES = {"str": "string", "int": "integer", "float": "number", "bool": "boolean", "list": "list",
+               "dict": "table"}
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:].rstrip(".") + "."
+
+
+def _mentions_all(row: Row) -> bool:
+    return all(choice in row.doc for choice in row.choices)
+
+
+def _header(section: str) -> str:
+    """TOML header of a schema section: ``chargers[].secondary[]`` → ``[[chargers.secondary]]``."""
+    name = section.removesuffix("[]").replace("[]", "")
+    return f"[[{name}]]" if section.endswith("[]") else f"[{name}]"
+
+
+def _grouped(all_rows: Sequence[Row]) -> list[tuple[str, list[Row]]]:
+    groups: dict[str, list[Row]] = {}
+    for row in all_rows:
+        groups.setdefault(row.section, []).append(row)
+    return list(groups.items())
+
+
+# --- docs/config.md ------------------------------------------------------------------
+
+def render_reference() -> str:
+    docs = section_docs()
+    out = [
+        "# Configuration reference",
+        "",
+        "<!-- Generated from the schema in proxy/config/schema.py by `python -m proxy.config.docs`. Do not edit:",
+        "     tests/test_deploy.py fails when this file and the schema differ. -->",
+        "",
+        "ocpp-proxy reads one TOML file (`ocpp-proxy run --config FILE`). "
+        "`ocpp-proxy check-config FILE` validates it without starting; every error names the key "
+        "and the line. Every key is optional unless marked *required*; a missing table means "
+        "all its defaults. A commented example with every key is "
+        "[`deploy/config.example.toml`](../deploy/config.example.toml).",
+        "",
+        "**Secrets** (marked *secret*) may instead be given as `<key>_env = \"VARIABLE\"` "
+        "(read from that environment variable) or `<key>_file = \"path\"` (read from that file, "
+        "relative to the config file; for Docker secrets). They never appear in logs.",
+        "",
+    ]
+    for section, group in _grouped(rows()):
+        title = f"`{_header(section)}`" if section else "Top level"
+        out += [f"## {title}", ""]
+        if docs.get(section):
+            out += [_sentence(docs[section]), ""]
+        out += ["| key | type | default | meaning |", "|---|---|---|---|"]
+        for row in group:
+            default = "*required*" if row.required else f"`{toml_value(row.default)}`"
+            notes = [row.doc]
+            if row.choices and not _mentions_all(row):
+                notes.append("one of " + ", ".join(f"`{c}`" for c in row.choices))
+            if row.secret:
+                notes.append(f"*secret*: or `{row.name}_env` / `{row.name}_file`")
+            meaning = "; ".join(notes).replace("|", "\\|")
+            out.append(f"| `{row.name}` | {_TYPE_NAMES.get(row.type, row.type)} | {default} | {meaning} |")
+        out.append("")
+    return "\n".join(out)
+
+
+# --- deploy/config.example.toml ---------------------------------------------------------
+
+def render_example() -> str:
+    docs = section_docs()
+    out = [
+        "# ocpp-proxy example configuration: every key, with its documentation and default.",
+        "# Generated by `python -m proxy.config.docs` from the schema (docs/config.md is the reference).",
+        "# Uncommented keys are what a Docker deployment usually changes; everything else shows",
+        "# its default, commented out. Check your edits with: ocpp-proxy check-config FILE",
+        "",
+    ]
+    for section, group in _grouped(rows()):
+        active = [row for row in group if row.key in EXAMPLE_VALUES]
+        if section:
+            hash_ = "" if active else "# "
+            out.append(f"{hash_}{_header(section)}" + (f"  # {docs[section]}" if docs.get(section) else ""))
+        for row in group:
+            doc = row.doc + (f" ({', '.join(row.choices)})" if row.choices and not _mentions_all(row) else "")
+            out.append(f"# {doc}")
+            if row.secret:
+                out.append(f"#   secret: or {row.name}_env = \"VARIABLE\" / {row.name}_file = \"path\"")
+            if row.key in EXAMPLE_VALUES:
+                note = EXAMPLE_NOTES.get(row.key)
+                out.append(f"{row.name} = {toml_value(EXAMPLE_VALUES[row.key])}" + (f"  # {note}" if note else ""))
+            elif row.required:
+                out.append(f"# {row.name} = ...  (required)")
+            else:
+                out.append(f"# {row.name} = {toml_value(row.default)}")
+        out.append("")
+    return "\n".join(out)
+
+
+def generated() -> dict[Path, str]:
+    return {REFERENCE: render_reference(), EXAMPLE: render_example()}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m proxy.config.docs", description=__doc__.splitlines()[0])
+    parser.add_argument("--check", action="store_true", help="exit 1 if a file is out of date")
+    parser.add_argument("--root", default=".", help="repository root (default: current directory)")
+    args = parser.parse_args(argv)
+    root = Path(args.root)
+    stale = []
+    for path, text in generated().items():
+        target = root / path
+        current = target.read_text(encoding="utf-8") if target.exists() else None
+        if current == text:
+            continue
+        stale.append(str(path))
+        if not args.check:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
+    if args.check and stale:
+        print(f"out of date: {', '.join(stale)}; run: python -m proxy.config.docs", file=sys.stderr)
+        return 1
+    print(("updated: " + ", ".join(stale)) if stale else "up to date")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,243 @@
+"""Answering a wallbox while its backend is unreachable, and replaying afterwards (sans-IO).
+
+While the primary upstream is down, the wallbox keeps charging and keeps
+being load-managed: the proxy answers its CALLs the way a lenient backend
+would and stores each one (exact text) for later. When the backend is back,
+the stored CALLs are replayed in order before live traffic; the one thing
+edited on the way is the transactionId the proxy handed out locally, replaced
+by the one the backend returned for the replayed StartTransaction, as a
+surgical edit of that number only (signed meter data stays byte-identical).
+
+Decisions, documented in docs/offline.md:
+
+* Local transaction ids are negative (-1, -2, ...): every backend issues
+  positive ids, so a local id can never collide with a real one.
+* Heartbeats answered offline are not replayed (they carry no data and the
+  backend's clock answer would be stale). Of several BootNotifications only
+  the last one is replayed, in its place.
+* Actions the proxy cannot answer meaningfully (anything not listed in
+  ``_LOCAL_ANSWERS``) get a CALLERROR and are not stored.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from proxy.messages.ocppj import Frame, MessageType, build_error, build_result, payload_of
+from proxy.loadmgmt.profiles import format_time
+
+#: Actions whose frames carry a transactionId that must follow the mapping.
+TRANSACTION_ACTIONS = frozenset({"MeterValues", "StopTransaction"})
+#: Backend CALLs naming a transaction by the backend's id, which the wallbox knows by its local one.
+BACKEND_TRANSACTION_ACTIONS = frozenset({"RemoteStopTransaction", "SetChargingProfile"})
+
+_NOT_REPLAYED = frozenset({"Heartbeat"})
+
+
+@dataclass(frozen=True)
+class OfflineSettings:
+    heartbeat_interval: int = 300
+    auth: str = "local_list"  # local_list | accept_all | reject_all
+    local_list: frozenset[str] = frozenset()
+    data_transfer: str = "Rejected"
+
+
+@dataclass(frozen=True)
+class LocalAnswer:
+    """What the proxy answers, and whether the CALL is stored for replay."""
+
+    text: str
+    store: bool
+    #: For StartTransaction: the local transaction id handed out.
+    local_transaction_id: int | None = None
+
+
+def now_iso() -> str:
+    return format_time(datetime.now(timezone.utc))
+
+
+@dataclass
+class OfflineResponder:
+    """Local answers per action; keeps the authorization cache and the local id counter."""
+
+    settings: OfflineSettings = field(default_factory=OfflineSettings)
+    #: idTags the backend accepted while online (Authorize / StartTransaction answers, SendLocalList).
+    accepted_cache: set[str] = field(default_factory=set)
+    #: The last local id handed out (negative numbers, persisted by the caller).
+    last_local_id: int = 0
+
+    def answer(self, frame: Frame, payload: Mapping[str, Any] | None = None) -> LocalAnswer:
+        action = frame.action or ""
+        msg_id = frame.msg_id or ""
+        builder = _LOCAL_ANSWERS.get(action)
+        if builder is None:
+            return LocalAnswer(build_error(msg_id, "GenericError",
+                                           f"backend unreachable; {action} cannot be answered offline"), False)
+        if payload is None:
+            try:
+                payload = payload_of(frame)
+            except ValueError:
+                return LocalAnswer(build_error(msg_id, "FormationViolation", "payload is not JSON"), False)
+        if not isinstance(payload, Mapping):
+            return LocalAnswer(build_error(msg_id, "FormationViolation", "payload is not an object"), False)
+        return builder(self, msg_id, payload)
+
+    def id_tag_status(self, id_tag: Any) -> str:
+        policy = self.settings.auth
+        if policy == "accept_all":
+            return "Accepted"
+        if policy == "reject_all":
+            return "Invalid"
+        known = id_tag in self.settings.local_list or id_tag in self.accepted_cache
+        return "Accepted" if known else "Invalid"
+
+    def learn(self, call: Frame, answer: Frame) -> None:
+        """Remember idTags the backend accepted (the authorization cache)."""
+        try:
+            request, result = payload_of(call), payload_of(answer)
+        except (ValueError, IndexError):
+            return
+        if call.action in ("Authorize", "StartTransaction"):
+            status = (result.get("idTagInfo") or {}).get("status") if isinstance(result, dict) else None
+            tag = request.get("idTag") if isinstance(request, dict) else None
+            if isinstance(tag, str):
+                (self.accepted_cache.add if status == "Accepted" else self.accepted_cache.discard)(tag)
+        elif call.action == "SendLocalList" and isinstance(request, dict):
+            if request.get("updateType") == "Full":
+                self.accepted_cache.clear()
+            for entry in request.get("localAuthorizationList") or []:
+                tag, info = entry.get("idTag"), entry.get("idTagInfo")
+                if isinstance(tag, str):
+                    accepted = isinstance(info, dict) and info.get("status") == "Accepted"
+                    (self.accepted_cache.add if accepted else self.accepted_cache.discard)(tag)
+
+    def _next_local_id(self) -> int:
+        self.last_local_id -= 1
+        return self.last_local_id
+
+
+def _boot(r: OfflineResponder, msg_id: str, _: Mapping[str, Any]) -> LocalAnswer:
+    return LocalAnswer(build_result(msg_id, {"currentTime": now_iso(), "interval": r.settings.heartbeat_interval,
+                                             "status": "Accepted"}), True)
+
+
+def _heartbeat(r: OfflineResponder, msg_id: str, _: Mapping[str, Any]) -> LocalAnswer:
+    return LocalAnswer(build_result(msg_id, {"currentTime": now_iso()}), True)
+
+
+def _empty(r: OfflineResponder, msg_id: str, _: Mapping[str, Any]) -> LocalAnswer:
+    return LocalAnswer(build_result(msg_id, {}), True)
+
+
+def _authorize(r: OfflineResponder, msg_id: str, payload: Mapping[str, Any]) -> LocalAnswer:
+    return LocalAnswer(build_result(msg_id, {"idTagInfo": {"status": r.id_tag_status(payload.get("idTag"))}}), True)
+
+
+def _start(r: OfflineResponder, msg_id: str, payload: Mapping[str, Any]) -> LocalAnswer:
+    local = r._next_local_id()
+    status = r.id_tag_status(payload.get("idTag"))
+    return LocalAnswer(build_result(msg_id, {"transactionId": local, "idTagInfo": {"status": status}}), True, local)
+
+
+def _data_transfer(r: OfflineResponder, msg_id: str, _: Mapping[str, Any]) -> LocalAnswer:
+    return LocalAnswer(build_result(msg_id, {"status": r.settings.data_transfer}), True)
+
+
+_LOCAL_ANSWERS = {
+    "BootNotification": _boot,
+    "Heartbeat": _heartbeat,
+    "StatusNotification": _empty,
+    "MeterValues": _empty,
+    "StopTransaction": _empty,
+    "Authorize": _authorize,
+    "StartTransaction": _start,
+    "DataTransfer": _data_transfer,
+    "FirmwareStatusNotification": _empty,
+    "DiagnosticsStatusNotification": _empty,
+    "SecurityEventNotification": _empty,
+    "LogStatusNotification": _empty,
+    "SignedFirmwareStatusNotification": _empty,
+}
+
+
+# --- transaction id mapping ----------------------------------------------------
+
+_TX_KEY = re.compile(r'(?<!\\)"transactionId"\s*:\s*(-?\d+)(?![\d.eE])')
+
+
+def transaction_id_of(frame: Frame) -> int | None:
+    """The payload's top-level (or charging profile's) transactionId, parsed."""
+    try:
+        payload = payload_of(frame)
+    except (ValueError, IndexError):
+        return None
+    if not isinstance(payload, dict):
+        return None
+    value = payload.get("transactionId")
+    if value is None and isinstance(payload.get("csChargingProfiles"), dict):
+        value = payload["csChargingProfiles"].get("transactionId")
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def replace_transaction_id(text: str, old: int, new: int) -> str | None:
+    """``text`` with the one ``"transactionId": old`` changed to ``new``; None if not exactly one.
+
+    Only unescaped keys match, so a ``transactionId`` inside a signed-data
+    string (where its quotes are escaped) is never touched.
+    """
+    matches = [m for m in _TX_KEY.finditer(text) if int(m.group(1)) == old]
+    if len(matches) != 1:
+        return None
+    start, end = matches[0].span(1)
+    return text[:start] + str(new) + text[end:]
+
+
+def map_transaction(frame: Frame, mapping: Mapping[int, int]) -> str:
+    """The frame's text with a mapped transactionId substituted (unchanged when not mapped)."""
+    old = transaction_id_of(frame)
+    if old is None or old not in mapping:
+        return frame.text
+    replaced = replace_transaction_id(frame.text, old, mapping[old])
+    return frame.text if replaced is None else replaced
+
+
+def started_transaction(answer: Frame) -> int | None:
+    """The backend's transactionId from a StartTransaction CALLRESULT (None for a CALLERROR or garbage)."""
+    if answer.kind is not MessageType.CALLRESULT:
+        return None
+    try:
+        payload = payload_of(answer)
+    except (ValueError, IndexError):
+        return None
+    value = payload.get("transactionId") if isinstance(payload, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+# --- replay planning -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stored:
+    """One stored CALL: queue row id, action, exact text, local transaction id it started."""
+
+    row: int
+    action: str
+    text: str
+    local_transaction_id: int | None = None
+
+
+def replay_plan(entries: Iterable[Stored]) -> tuple[list[Stored], list[Stored]]:
+    """(to replay in order, to drop): Heartbeats dropped, only the last BootNotification kept."""
+    entries = list(entries)
+    last_boot = max((e.row for e in entries if e.action == "BootNotification"), default=None)
+    keep: list[Stored] = []
+    drop: list[Stored] = []
+    for entry in entries:
+        skip = entry.action in _NOT_REPLAYED or (entry.action == "BootNotification" and entry.row != last_boot)
+        (drop if skip else keep).append(entry)
+    return keep, drop
+

@@ -1,0 +1,178 @@
+"""Which upstream may command the wallbox, and how (sans-IO).
+
+With several backends per wallbox (the billing backend plus an EMS or a home
+automation system) only one of them may own each kind of state on the
+wallbox: two backends that both install charging profiles or both reset the
+wallbox fight each other, and the user sees a wallbox that misbehaves. So
+every CALL an upstream sends to the wallbox is judged per upstream and action:
+
+``forward``
+    it reaches the wallbox (the primary's default for everything);
+``answer``
+    the proxy answers it on the wallbox's behalf (Accepted, or an empty
+    answer where the action has no status) and the wallbox never sees it, for
+    backends that insist on sending a command the site does not want;
+``reject``
+    the proxy answers with a CALLERROR: ``SecurityError`` for an OCPP command
+    this upstream is not permitted to send, ``NotSupported`` for an action the
+    proxy does not know (a vendor extension it cannot judge).
+
+Secondaries default to ``forward`` for read-only commands and ``reject`` for
+everything else. :func:`conflicts` finds configurations where two upstreams
+could both change one kind of state; the configuration loader refuses them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.messages.ocppj import Frame, build_error, build_result
+
+FORWARD = "forward"
+ANSWER = "answer"
+REJECT = "reject"
+MODES = (FORWARD, ANSWER, REJECT)
+
+#: In a policy table: the mode for every action not listed.
+ANY = "*"
+
+#: What the proxy answers for each command in ``answer`` mode (OCPP 1.6 and its
+#: security extension): a success status, or the empty answer where the
+#: response has no required field. Each payload is valid against the 1.6 schema.
+LOCAL_ANSWERS: dict[str, dict[str, Any]] = {
+    "CancelReservation": {"status": "Accepted"},
+    "CertificateSigned": {"status": "Accepted"},
+    "ChangeAvailability": {"status": "Accepted"},
+    "ChangeConfiguration": {"status": "Accepted"},
+    "ClearCache": {"status": "Accepted"},
+    "ClearChargingProfile": {"status": "Accepted"},
+    "DataTransfer": {"status": "Accepted"},
+    "DeleteCertificate": {"status": "Accepted"},
+    "ExtendedTriggerMessage": {"status": "Accepted"},
+    "GetCompositeSchedule": {"status": "Rejected"},  # there is no schedule the proxy could report
+    "GetConfiguration": {},
+    "GetDiagnostics": {},
+    "GetInstalledCertificateIds": {"status": "NotFound"},
+    "GetLocalListVersion": {"listVersion": -1},  # -1: no local list management for this upstream
+    "GetLog": {"status": "Rejected"},  # accepting would promise an upload that never happens
+    "InstallCertificate": {"status": "Accepted"},
+    "RemoteStartTransaction": {"status": "Accepted"},
+    "RemoteStopTransaction": {"status": "Accepted"},
+    "ReserveNow": {"status": "Accepted"},
+    "Reset": {"status": "Accepted"},
+    "SendLocalList": {"status": "Accepted"},
+    "SetChargingProfile": {"status": "Accepted"},
+    "SignedUpdateFirmware": {"status": "Accepted"},
+    "TriggerMessage": {"status": "Accepted"},
+    "UnlockConnector": {"status": "Unlocked"},
+    "UpdateFirmware": {},
+}
+
+#: Every command a backend sends to a 1.6 wallbox.
+COMMANDS = frozenset(LOCAL_ANSWERS)
+
+#: Commands that change nothing on the wallbox: secondaries may send them by default.
+#: (TriggerMessage makes the wallbox send a message it would send anyway; every
+#: upstream receives it.) GetDiagnostics/GetLog are not here: they make the
+#: wallbox upload files to a URL of the caller's choosing.
+READ_ONLY = frozenset({"GetConfiguration", "GetCompositeSchedule", "GetLocalListVersion",
+                       "TriggerMessage", "ExtendedTriggerMessage"})
+
+#: State only one upstream may change per wallbox: name → commands.
+EXCLUSIVE: dict[str, frozenset[str]] = {
+    "charging profiles": frozenset({"SetChargingProfile", "ClearChargingProfile"}),
+    "Reset": frozenset({"Reset"}),
+    "firmware": frozenset({"UpdateFirmware", "SignedUpdateFirmware"}),
+    "availability": frozenset({"ChangeAvailability"}),
+    "configuration changes": frozenset({"ChangeConfiguration"}),
+}
+
+
+@functools.cache
+def known_actions() -> frozenset[str]:
+    """Every OCPP 1.6 and 2.0.1 action name (for checking configured action lists)."""
+    from ocpp.v16.enums import Action as Action16
+    from ocpp.v201.enums import Action as Action201
+
+    return frozenset(a.value for a in Action16) | frozenset(a.value for a in Action201)
+
+
+def default_mode(action: str, *, primary: bool) -> str:
+    if primary:
+        return FORWARD
+    return FORWARD if action in READ_ONLY else REJECT
+
+
+def mode_for(table: Mapping[str, str], action: str, *, primary: bool) -> str:
+    """The mode of ``action`` under one upstream's table (explicit, then ``*``, then default)."""
+    mode = table.get(action)
+    if mode is None:
+        mode = table.get(ANY)
+    return mode if mode is not None else default_mode(action, primary=primary)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """``reply`` is the frame the proxy sends back to the upstream instead of forwarding."""
+
+    mode: str
+    reply: str | None = None
+
+
+class CommandPolicy:
+    """Per-upstream tables for one wallbox; upstreams not listed get the defaults."""
+
+    def __init__(self, primary: str, tables: Mapping[str, Mapping[str, str]] | None = None) -> None:
+        self.primary = primary
+        self.tables: dict[str, dict[str, str]] = {name: dict(t) for name, t in (tables or {}).items()}
+
+    def mode(self, upstream: str, action: str) -> str:
+        return mode_for(self.tables.get(upstream, {}), action, primary=upstream == self.primary)
+
+    def decide(self, upstream: str, frame: Frame) -> Decision:
+        """Judge one CALL from ``upstream`` towards the wallbox."""
+        action = frame.action or ""
+        mode = self.mode(upstream, action)
+        if mode == FORWARD:
+            return Decision(FORWARD)
+        msg_id = frame.msg_id or ""
+        if mode == ANSWER:
+            return Decision(ANSWER, build_result(msg_id, LOCAL_ANSWERS.get(action, {})))
+        return Decision(REJECT, rejection(msg_id, upstream, action))
+
+
+def rejection(msg_id: str, upstream: str, action: str) -> str:
+    if action in COMMANDS:
+        return build_error(msg_id, "SecurityError",
+                           f"ocpp-proxy: {action} from upstream {upstream!r} is not permitted by its policy")
+    return build_error(msg_id, "NotSupported", f"ocpp-proxy: {action} is not forwarded from upstream {upstream!r}")
+
+
+# --- start-up check ------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Conflict:
+    """Two upstreams of one wallbox may both change ``state`` (via ``actions``)."""
+
+    state: str
+    first: str
+    second: str
+    #: The commands of ``state`` that ``second`` forwards (first such key names the line).
+    actions: tuple[str, ...]
+
+
+def forwarding(table: Mapping[str, str], actions: frozenset[str], *, primary: bool) -> tuple[str, ...]:
+    return tuple(sorted(a for a in actions if mode_for(table, a, primary=primary) == FORWARD))
+
+
+def conflicts(upstreams: Sequence[tuple[str, Mapping[str, str], bool]]) -> Iterator[Conflict]:
+    """Pairs of upstreams (name, policy table, is primary) that may both send one kind of state."""
+    for state, actions in EXCLUSIVE.items():
+        senders = [(name, forwarding(table, actions, primary=primary)) for name, table, primary in upstreams]
+        senders = [(name, found) for name, found in senders if found]
+        first = senders[0][0] if senders else ""
+        for name, found in senders[1:]:
+            yield Conflict(state, first, name, found)

@@ -1,0 +1,584 @@
+"""Per-wallbox routing and CALL arbitration (sans-IO).
+
+A :class:`Session` sits between one wallbox and one or more upstreams (the
+first is the *primary*, whose answers reach the wallbox; any others are
+secondaries that get copies). It takes frames and the current time and returns
+actions: texts to send to a leg, answers to the proxy's own CALLs, and
+observations for the limit engine and metrics. It owns no sockets and no
+clock, so every routing rule is testable by feeding strings.
+
+Rules it enforces:
+
+* Frames are forwarded as the text received. The only edit ever made here is
+  the message id on the wallbox leg, for CALLs whose id could collide
+  (a secondary's, or a primary id inside the proxy's reserved namespace); the
+  answer gets its original id back. Action-specific rewrites (charging profile
+  clamping, transaction id mapping) are plugged in via ``rewriters`` and run
+  only for the actions registered there.
+* The proxy and secondaries have at most one CALL outstanding on the wallbox,
+  and never while another origin has one: their CALLs wait in FIFO order until
+  the slot is free or the outstanding CALL times out. The primary's own
+  pipelining (a backend that does not wait for answers) is left as it was:
+  holding its second CALL behind its first would change what it sees.
+* Answers to the proxy's CALLs (ids ``ocpp-proxy:<n>``) are consumed here.
+* Secondaries with a :class:`~proxy.core.mirror.Mirror` (``mirrors``) get their
+  copies through it (own queue, own transaction ids, replay on reconnect:
+  ``secondary_up`` / ``secondary_down``), and their answers go to it. CALLs
+  from any upstream are judged by ``policy`` (:mod:`proxy.core.policy`) before they
+  may reach the wallbox.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from proxy.core.offline import (
+    BACKEND_TRANSACTION_ACTIONS,
+    TRANSACTION_ACTIONS,
+    OfflineResponder,
+    map_transaction,
+)
+from proxy.messages.ocppj import (
+    MAX_ID_LENGTH,
+    Frame,
+    MessageType,
+    build_call,
+    build_error,
+    classify,
+    replace_id,
+    strict_problem,
+)
+from proxy.core.mirror import (
+    Mirror,
+    MirrorCompleted,
+    MirrorDropped,
+    MirrorEvent,
+    MirrorQueued,
+    MirrorSend,
+    MirrorStartKnown,
+    MirrorState,
+    MirrorUnqueued,
+    TxMapped,
+    transaction_id,
+)
+from proxy.core.policy import CommandPolicy
+
+WALLBOX = "wallbox"
+PROXY = "proxy"
+PRIMARY = "primary"
+#: Origin of stored CALLs replayed to the primary after an outage.
+REPLAY = "replay"
+
+#: Message ids of the proxy's own CALLs on the wallbox leg (≤ 36 characters).
+ID_PREFIX = "ocpp-proxy:"
+
+#: How many timed-out CALLs are remembered so a late answer is still routed.
+_LATE_MEMORY = 64
+
+#: Rewriter(source, destination, frame) → text to send (``frame.text`` = unchanged).
+#: A rewriter changes payload fields only, never the ``[type, "id", "Action"`` prefix.
+Rewriter = Callable[[str, str, Frame], str]
+
+
+# --- actions -------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class ToWallbox:
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ToUpstream:
+    name: str
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyAnswer:
+    """The wallbox answered one of the proxy's CALLs (CALLRESULT or CALLERROR)."""
+
+    msg_id: str
+    action: str
+    frame: Frame
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyCallFailed:
+    msg_id: str
+    action: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Malformed:
+    source: str
+    frame: Frame
+    problem: str
+    dropped: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Observed:
+    """A frame whose action the session was asked to watch.
+
+    For an answer, ``call`` is the CALL it answers, so a watcher can pair a
+    SetChargingProfile with its Accepted/Rejected without keeping state.
+    """
+
+    source: str
+    frame: Frame
+    action: str
+    call: Frame | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallCompleted:
+    """Round trip of a CALL: ``leg`` is the side that answered it."""
+
+    leg: str
+    action: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class Policed:
+    """A CALL from ``upstream`` was answered by the proxy (``mode`` answer or reject), not forwarded."""
+
+    upstream: str
+    action: str
+    mode: str
+
+
+@dataclass(frozen=True, slots=True)
+class Persist:
+    """Store a CALL answered locally; send ``answer`` to the wallbox only once it is committed."""
+
+    action: str
+    text: str
+    msg_id: str
+    answer: str
+    local_transaction_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Replayed:
+    """The primary answered a replayed CALL (consumed, never forwarded)."""
+
+    call: Frame
+    answer: Frame
+
+
+Action = (ToWallbox | ToUpstream | ProxyAnswer | ProxyCallFailed | Malformed | Observed | CallCompleted
+          | Persist | Replayed | Policed | MirrorDropped | TxMapped | MirrorQueued | MirrorUnqueued | MirrorState
+          | MirrorStartKnown)
+
+
+# --- state -----------------------------------------------------------------------
+
+@dataclass(slots=True)
+class _Pending:
+    origin: str
+    origin_id: str
+    action: str
+    sent_at: float
+    call: Frame | None = None
+
+
+@dataclass(slots=True)
+class _Waiting:
+    origin: str
+    frame: Frame
+    text: str
+
+
+@dataclass
+class Session:
+    charger_id: str
+    upstreams: tuple[str, ...] = (PRIMARY,)
+    call_timeout: float = 30.0
+    strict: bool = False
+    #: Actions whose frames (and answers) are reported as :class:`Observed`.
+    observe: frozenset[str] = frozenset()
+    #: Per action: how a CALL's text changes on its way to a destination.
+    rewriters: dict[str, Rewriter] = field(default_factory=dict)
+    #: Who may send which command to the wallbox; None: every upstream's CALLs are forwarded.
+    policy: CommandPolicy | None = None
+    #: Secondaries whose copies go through a Mirror (the others get copies directly).
+    mirrors: dict[str, Mirror] = field(default_factory=dict)
+    #: Local answers while the primary is down; None: no offline mode (the pair closes instead).
+    offline: OfflineResponder | None = None
+    #: Local transactionId → the backend's, learned when replayed StartTransactions are answered.
+    transactions: dict[int, int] = field(default_factory=dict)
+
+    _to_wallbox: dict[str, _Pending] = field(default_factory=dict, init=False)
+    _waiting: deque[_Waiting] = field(default_factory=deque, init=False)
+    _from_wallbox: dict[str, _Pending] = field(default_factory=dict, init=False)
+    _late: OrderedDict[str, _Pending] = field(default_factory=OrderedDict, init=False)
+    _seq: int = field(default=0, init=False)
+    _down: set[str] = field(default_factory=set, init=False)
+    _replaying: bool = field(default=False, init=False)
+    #: The frame most recently classified by from_wallbox/from_upstream
+    #: (for metrics, without classifying twice).
+    last_frame: Frame | None = field(default=None, init=False)
+
+    @property
+    def primary(self) -> str:
+        return self.upstreams[0]
+
+    # -- inputs ---------------------------------------------------------------
+
+    def from_wallbox(self, text: str, now: float) -> list[Action]:
+        frame = self.last_frame = classify(text)
+        report = self._inspect(WALLBOX, frame)
+        if report is not None and report.dropped:
+            return self._refuse(report)
+        if frame.kind is MessageType.CALL:
+            actions = self._wallbox_call(frame, now)
+        elif frame.kind is None:
+            actions = [ToUpstream(self.primary, text)]
+        else:
+            actions = self._wallbox_answer(frame, now)
+        return actions if report is None else [report, *actions]
+
+    def from_upstream(self, name: str, text: str, now: float) -> list[Action]:
+        frame = self.last_frame = classify(text)
+        report = self._inspect(name, frame)
+        if report is not None and report.dropped:
+            return self._refuse(report)
+        mirror = self.mirrors.get(name)
+        if frame.kind is MessageType.CALL:
+            actions = self._upstream_call(name, frame, now)
+        elif frame.kind is None:
+            actions = [ToWallbox(text)] if name == self.primary else []
+        elif mirror is not None:
+            actions = self._mirrored(name, mirror.from_upstream(frame, now))
+        else:
+            actions = self._upstream_answer(name, frame, now)
+        return actions if report is None else [report, *actions]
+
+    def proxy_call(self, action: str, payload: dict[str, object], now: float) -> tuple[str, list[Action]]:
+        """Queue a CALL of the proxy's own towards the wallbox; returns its id."""
+        msg_id = self._next_id()
+        text = build_call(msg_id, action, payload)
+        return msg_id, self._submit(PROXY, classify(text), text, now)
+
+    def cancel_proxy_call(self, msg_id: str) -> bool:
+        """Withdraw a proxy CALL that is still waiting (e.g. a superseded limit)."""
+        for item in self._waiting:
+            if item.origin == PROXY and item.frame.msg_id == msg_id:
+                self._waiting.remove(item)
+                return True
+        return False
+
+    def secondary_up(self, name: str, now: float) -> list[Action]:
+        """A mirrored secondary's connection opened: replay what it missed."""
+        mirror = self.mirrors.get(name)
+        return [] if mirror is None else self._mirrored(name, mirror.link_up(now, owner=self))
+
+    def secondary_down(self, name: str) -> None:
+        mirror = self.mirrors.get(name)
+        if mirror is not None:
+            mirror.link_down(owner=self)
+
+    def poll(self, now: float) -> list[Action]:
+        """Expire CALLs that were not answered in time."""
+        actions: list[Action] = []
+        for name, mirror in self.mirrors.items():
+            actions += self._mirrored(name, mirror.poll(now))
+        for wire_id, pending in list(self._to_wallbox.items()):
+            if now - pending.sent_at >= self.call_timeout:
+                del self._to_wallbox[wire_id]
+                self._remember_late(wire_id, pending)
+                if pending.origin == PROXY:
+                    actions.append(ProxyCallFailed(wire_id, pending.action, "timeout"))
+        for msg_id, pending in list(self._from_wallbox.items()):
+            if now - pending.sent_at < 2 * self.call_timeout:
+                break  # insertion order = age order
+            del self._from_wallbox[msg_id]
+        actions.extend(self._drain(now))
+        return actions
+
+    def next_deadline(self) -> float | None:
+        deadlines = [p.sent_at + self.call_timeout for p in self._to_wallbox.values()]
+        oldest = next(iter(self._from_wallbox.values()), None)
+        if oldest is not None:
+            deadlines.append(oldest.sent_at + 2 * self.call_timeout)
+        for mirror in self.mirrors.values():
+            deadline = mirror.next_deadline()
+            if deadline is not None:
+                deadlines.append(deadline)
+        return min(deadlines, default=None)
+
+    def close(self) -> list[Action]:
+        """The session ends: every proxy CALL still open or waiting fails."""
+        failed: list[Action] = [
+            ProxyCallFailed(wire_id, p.action, "session closed")
+            for wire_id, p in self._to_wallbox.items() if p.origin == PROXY
+        ]
+        failed += [ProxyCallFailed(w.frame.msg_id or "", w.frame.action or "", "session closed")
+                   for w in self._waiting if w.origin == PROXY]
+        self._to_wallbox.clear()
+        self._waiting.clear()
+        for mirror in self.mirrors.values():
+            mirror.link_down(owner=self)
+        return failed
+
+    # -- upstream availability (offline mode) ---------------------------------------------
+
+    def upstream_down(self, name: str, now: float) -> list[Action]:
+        """An upstream is gone. For the primary, CALLs it never answered are answered locally."""
+        self._down.add(name)
+        self.secondary_down(name)
+        if name != self.primary or self.offline is None:
+            return []
+        actions: list[Action] = []
+        for msg_id, pending in list(self._from_wallbox.items()):
+            if pending.origin == WALLBOX and pending.call is not None:
+                del self._from_wallbox[msg_id]
+                local = self._answer_locally(pending.call)
+                actions.extend(local + self._local_start(msg_id, local))
+        return actions
+
+    def upstream_up(self, name: str, replay: bool = False) -> None:
+        """An upstream is (back) up; ``replay``: stored CALLs go to it before live traffic."""
+        self._down.discard(name)
+        if name == self.primary and self.offline is not None and replay:
+            self._replaying = True
+
+    def replay_call(self, frame: Frame, text: str, now: float) -> list[Action]:
+        """Send one stored CALL to the primary; its answer comes back as :class:`Replayed`."""
+        msg_id = frame.msg_id or ""
+        self._from_wallbox[msg_id] = _Pending(REPLAY, msg_id, frame.action or "", now, frame)
+        return [ToUpstream(self.primary, text)]
+
+    def replay_finished(self) -> None:
+        self._replaying = False
+
+    @property
+    def offline_mode(self) -> bool:
+        """True while wallbox CALLs are answered locally (primary down, or its queue replaying)."""
+        return self.offline is not None and (self._replaying or self.primary in self._down)
+
+    # -- introspection (tests, metrics) -----------------------------------------------
+
+    @property
+    def wallbox_outstanding(self) -> int:
+        return len(self._to_wallbox)
+
+    @property
+    def wallbox_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def upstream_outstanding(self) -> int:
+        """Wallbox CALLs forwarded upstream and not yet answered."""
+        return len(self._from_wallbox)
+
+    # -- wallbox → upstreams ------------------------------------------------------------
+
+    def _wallbox_call(self, frame: Frame, now: float) -> list[Action]:
+        action = frame.action or ""
+        msg_id = frame.msg_id or ""
+        watched = action in self.observe
+        actions: list[Action] = [Observed(WALLBOX, frame, action)] if watched else []
+        if self.offline_mode:
+            local = self._answer_locally(frame)
+            return local + self._mirror_copies(frame, now) + self._local_start(msg_id, local) + actions
+        keep = frame if watched or self.offline is not None else None
+        self._from_wallbox.pop(msg_id, None)  # a retransmission moves to the back
+        self._from_wallbox[msg_id] = _Pending(WALLBOX, msg_id, action, now, keep)
+        sends: list[Action] = [ToUpstream(name, self._to_upstream_text(name, frame))
+                               for name in self.upstreams if name not in self._down and name not in self.mirrors]
+        return sends + self._mirror_copies(frame, now) + actions
+
+    def _mirror_copies(self, frame: Frame, now: float) -> list[Action]:
+        """Secondaries get their copies through their mirrors, whatever the primary's state."""
+        actions: list[Action] = []
+        for name, mirror in self.mirrors.items():
+            text = self._to_upstream_text(name, frame)
+            actions += self._mirrored(name, mirror.offer(frame if text is frame.text else classify(text), now))
+        return actions
+
+    def _from_upstream_text(self, name: str, frame: Frame) -> str:
+        text = self._rewrite(name, WALLBOX, frame)
+        if self.transactions and frame.action in BACKEND_TRANSACTION_ACTIONS and name == self.primary:
+            backend_to_local = {b: loc for loc, b in self.transactions.items()}
+            rewritten = frame if text is frame.text else classify(text)  # map on top of a clamp
+            mapped = map_transaction(rewritten, backend_to_local)  # the wallbox knows its local id
+            if mapped is not rewritten.text:
+                text = mapped
+        return text
+
+    def _to_upstream_text(self, name: str, frame: Frame) -> str:
+        text = self._rewrite(WALLBOX, name, frame)
+        if self.transactions and frame.action in TRANSACTION_ACTIONS and name == self.primary:
+            mapped = map_transaction(frame, self.transactions)  # a local id the backend now knows
+            if mapped is not frame.text:
+                text = mapped
+        return text
+
+    def _answer_locally(self, frame: Frame) -> list[Action]:
+        assert self.offline is not None
+        local = self.offline.answer(frame)
+        if not local.store:
+            return [ToWallbox(local.text)]
+        return [Persist(frame.action or "", frame.text, frame.msg_id or "", local.text,
+                        local.local_transaction_id)]
+
+    def _upstream_answer(self, name: str, frame: Frame, now: float) -> list[Action]:
+        pending = self._from_wallbox.get(frame.msg_id or "")
+        actions: list[Action] = []
+        if pending is not None and pending.origin == REPLAY and name == self.primary:
+            del self._from_wallbox[frame.msg_id or ""]
+            assert pending.call is not None
+            self._learn(pending.call, frame)
+            return [CallCompleted(name, pending.action, now - pending.sent_at), Replayed(pending.call, frame)]
+        if pending is not None and pending.call is not None and name == self.primary:
+            self._learn(pending.call, frame)
+        if name == self.primary:
+            actions.append(ToWallbox(frame.text))
+            if pending is not None:
+                del self._from_wallbox[frame.msg_id or ""]
+                if pending.action == "StartTransaction" and self.mirrors:
+                    actions += self.wallbox_transaction(frame.msg_id or "", frame)
+        if pending is not None:
+            actions.append(CallCompleted(name, pending.action, now - pending.sent_at))
+            if pending.call is not None and name == self.primary and pending.action in self.observe:
+                actions.append(Observed(name, frame, pending.action, pending.call))
+        return actions
+
+    def wallbox_transaction(self, msg_id: str, answer: Frame) -> list[Action]:
+        """The wallbox got ``answer`` to its StartTransaction ``msg_id``: tell the mirrors its id."""
+        wallbox_tx = transaction_id(answer)
+        return [] if wallbox_tx is None else self._tell_mirrors(msg_id, wallbox_tx)
+
+    def _local_start(self, msg_id: str, local: list[Action]) -> list[Action]:
+        """Offline: the id the proxy handed out is the wallbox's transactionId for the mirrors."""
+        for action in local:
+            if isinstance(action, Persist) and action.local_transaction_id is not None:
+                return self._tell_mirrors(msg_id, action.local_transaction_id)
+        return []
+
+    def _tell_mirrors(self, msg_id: str, wallbox_tx: int) -> list[Action]:
+        actions: list[Action] = []
+        for name, mirror in self.mirrors.items():
+            actions += self._mirrored(name, mirror.wallbox_transaction(msg_id, wallbox_tx))
+        return actions
+
+    def _mirrored(self, name: str, events: list[MirrorEvent]) -> list[Action]:
+        actions: list[Action] = []
+        for event in events:
+            if isinstance(event, MirrorSend):
+                actions.append(ToUpstream(name, event.text))
+            elif isinstance(event, MirrorCompleted):
+                actions.append(CallCompleted(name, event.action, event.seconds))
+            else:
+                actions.append(event)
+        return actions
+
+    def _learn(self, call: Frame, answer: Frame) -> None:
+        if self.offline is not None and call.action in ("Authorize", "StartTransaction"):
+            self.offline.learn(call, answer)
+
+    # -- upstreams / proxy → wallbox ------------------------------------------------------
+
+    def _upstream_call(self, name: str, frame: Frame, now: float) -> list[Action]:
+        """Policy first (forward, answer or reject), then a mirrored secondary's transaction ids."""
+        if self.policy is not None:
+            decision = self.policy.decide(name, frame)
+            if decision.reply is not None:
+                return [Policed(name, frame.action or "", decision.mode), ToUpstream(name, decision.reply)]
+        mirror = self.mirrors.get(name)
+        if mirror is not None:
+            text, error = mirror.inbound(frame)
+            if error is not None:
+                return [ToUpstream(name, error)]
+            if text != frame.text:
+                frame = classify(text)
+        return self._submit(name, frame, self._from_upstream_text(name, frame), now)
+
+    def _submit(self, origin: str, frame: Frame, text: str, now: float) -> list[Action]:
+        if not self._waiting and self._slot_free_for(origin):
+            return self._send_to_wallbox(origin, frame, text, now)
+        self._waiting.append(_Waiting(origin, frame, text))
+        return []
+
+    def _slot_free_for(self, origin: str) -> bool:
+        """Free slot: nothing outstanding, or only the primary's own pipelined CALLs."""
+        if not self._to_wallbox:
+            return True
+        return origin == self.primary and all(p.origin == origin for p in self._to_wallbox.values())
+
+    def _send_to_wallbox(self, origin: str, frame: Frame, text: str, now: float) -> list[Action]:
+        origin_id = frame.msg_id or ""
+        wire_id = origin_id
+        if origin != PROXY and self._needs_own_id(origin, origin_id):
+            wire_id = self._next_id()
+            text = replace_id(frame, wire_id, text)
+        action = frame.action or ""
+        watched = action in self.observe
+        self._to_wallbox[wire_id] = _Pending(origin, origin_id, action, now, frame if watched else None)
+        actions: list[Action] = [ToWallbox(text)]
+        if watched and origin != PROXY:
+            actions.append(Observed(origin, frame, action))
+        return actions
+
+    def _needs_own_id(self, origin: str, origin_id: str) -> bool:
+        return (origin != self.primary or origin_id.startswith(ID_PREFIX)
+                or origin_id in self._to_wallbox)
+
+    def _wallbox_answer(self, frame: Frame, now: float) -> list[Action]:
+        wire_id = frame.msg_id or ""
+        pending = self._to_wallbox.pop(wire_id, None) or self._late.pop(wire_id, None)
+        if pending is None:
+            return [ToUpstream(self.primary, frame.text)]
+        actions: list[Action] = [CallCompleted(WALLBOX, pending.action, now - pending.sent_at)]
+        if pending.origin == PROXY:
+            actions.append(ProxyAnswer(wire_id, pending.action, frame))
+        else:
+            text = frame.text if wire_id == pending.origin_id else replace_id(frame, pending.origin_id)
+            actions.append(ToUpstream(pending.origin, text))
+        if pending.call is not None:
+            actions.append(Observed(WALLBOX, frame, pending.action, pending.call))
+        actions.extend(self._drain(now))
+        return actions
+
+    def _drain(self, now: float) -> list[Action]:
+        actions: list[Action] = []
+        while self._waiting and self._slot_free_for(self._waiting[0].origin):
+            item = self._waiting.popleft()
+            actions.extend(self._send_to_wallbox(item.origin, item.frame, item.text, now))
+        return actions
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def _next_id(self) -> str:
+        self._seq += 1
+        return f"{ID_PREFIX}{self._seq}"
+
+    def _remember_late(self, wire_id: str, pending: _Pending) -> None:
+        self._late[wire_id] = pending
+        while len(self._late) > _LATE_MEMORY:
+            self._late.popitem(last=False)
+
+    def _rewrite(self, source: str, destination: str, frame: Frame) -> str:
+        rewriter = self.rewriters.get(frame.action or "")
+        return frame.text if rewriter is None else rewriter(source, destination, frame)
+
+    def _inspect(self, source: str, frame: Frame) -> Malformed | None:
+        """Report a frame with a problem; strict mode drops it (a full parse, off by default)."""
+        if not self.strict and frame.problem is None:
+            return None
+        problem = strict_problem(frame) if self.strict else frame.problem
+        return None if problem is None else Malformed(source, frame, problem, dropped=self.strict)
+
+    def _refuse(self, report: Malformed) -> list[Action]:
+        """Strict mode: answer a malformed CALL with a CALLERROR to its sender, forward nothing."""
+        frame = report.frame
+        actions: list[Action] = [report]
+        if frame.kind is MessageType.CALL and frame.msg_id and len(frame.msg_id) <= MAX_ID_LENGTH:
+            error = build_error(frame.msg_id, "FormationViolation", report.problem[:200])
+            actions.append(ToWallbox(error) if report.source == WALLBOX else ToUpstream(report.source, error))
+        return actions

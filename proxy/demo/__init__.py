@@ -1,0 +1,1 @@
+"""The demo and its simulated OCPP peers (asyncio); never imported by the runtime."""

@@ -1,0 +1,547 @@
+"""Charging-profile control for one wallbox (sans-IO).
+
+A :class:`Control` keeps what the proxy knows about one wallbox's charging
+profiles and decides the proxy's next CALL so that the wallbox's effective
+limit is min(backend's limit, local limit):
+
+* ``max-profile`` (default): the proxy's own ChargePointMaxProfile (reserved
+  id and stack level) carries min(local, the backend's ChargePointMaxProfile
+  limit); the wallbox itself takes the minimum with the backend's Tx and
+  TxDefault profiles.
+* ``tx-default``: for wallboxes that reject or ignore ChargePointMaxProfile.
+  The backend's TxDefault/Tx profiles are clamped to the local limit on their
+  way to the wallbox (the only frames the proxy ever rewrites) and re-sent
+  clamped when the local limit moves; when the backend has no TxDefault the
+  proxy installs its own at a low stack level, which any backend TxDefault
+  outranks or replaces.
+
+It learns from frames the session observed: the backend's SetChargingProfile
+and ClearChargingProfile with the wallbox's answers (the backend's intent),
+BootNotification (profiles and transactions may be gone), transactions
+(TxProfile lifetime, Relative schedules). It never sends an empty
+ClearChargingProfile: the proxy clears its own profile by id only.
+
+Times: ``now`` is the driver's monotonic clock (retries, waits); ``wall`` is
+UTC wall-clock time, for evaluating the backend's schedules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from proxy.loadmgmt.profiles import (
+    MAX_PROFILE,
+    TX_DEFAULT,
+    TX_PROFILE,
+    Installed,
+    Profile,
+    ProfileError,
+    Transaction,
+    build_profile,
+    clamp,
+    clear_payload,
+    composite_limit,
+    parse_clear,
+    parse_profile,
+    parse_set,
+    replaces,
+    set_payload,
+    validate,
+    validate_own,
+)
+
+MAX_STRATEGY = "max-profile"
+TX_STRATEGY = "tx-default"
+STRATEGIES = (MAX_STRATEGY, TX_STRATEGY)
+
+#: Seconds to wait for a BootNotification before treating the wallbox as booted.
+BOOT_WAIT = 10.0
+
+
+class _Unknown:
+    def __repr__(self) -> str:
+        return "UNKNOWN"
+
+
+#: The proxy does not know whether its profile is on the wallbox (after a
+#: reconnect, a reboot, a lost answer, a backend Clear that may have hit it).
+UNKNOWN = _Unknown()
+
+#: What identifies the proxy's own profile as installed: purpose, stack level, unit, limit.
+Signature = tuple[str, int, str, float]
+
+
+@dataclass(frozen=True)
+class ControlSettings:
+    managed: bool = True
+    strategy: str = MAX_STRATEGY
+    profile_id: int = 990_001
+    stack_level: int = 8
+    tx_default_stack_level: int = 0
+    unit: str = "A"
+    phases: int = 3
+    voltage: float = 230.0
+    retry: float = 5.0
+
+
+@dataclass(frozen=True)
+class Command:
+    """A CALL the proxy sends to the wallbox, and what to remember when it is answered."""
+
+    action: str
+    payload: dict[str, Any]
+    #: "limit" (the proxy's own profile), "clear" (the proxy's own), "restore" (a backend profile, re-sent)
+    kind: str
+    generation: int
+    signature: Signature | None = None
+    installed: Installed | None = None
+
+    def describe(self) -> dict[str, Any]:
+        if self.kind == "clear":
+            return {"profile_id": self.payload.get("id")}
+        profile = self.payload["csChargingProfiles"]
+        period = profile["chargingSchedule"]["chargingSchedulePeriod"]
+        return {"profile_id": profile["chargingProfileId"], "purpose": profile["chargingProfilePurpose"],
+                "stack_level": profile["stackLevel"], "unit": profile["chargingSchedule"]["chargingRateUnit"],
+                "limit": period[0]["limit"] if len(period) == 1 else [p["limit"] for p in period]}
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something the driver should log: ``event`` plus key/values."""
+
+    event: str
+    level: str
+    fields: Mapping[str, Any]
+
+
+@dataclass
+class Control:
+    charger_id: str
+    settings: ControlSettings = field(default_factory=ControlSettings)
+
+    def __post_init__(self) -> None:
+        self.strategy = self.settings.strategy
+        self.local: float | None = None
+        #: The backend's profiles as the backend believes them installed (by id).
+        self.backend: dict[int, Installed] = {}
+        #: The versions of backend profiles on the wallbox (maybe clamped), where known.
+        self.on_wallbox: dict[int, Installed] = {}
+        self.own: Signature | None | _Unknown = UNKNOWN  # None: absent
+        self.rejected: set[Any] = set()
+        self.inflight: Command | None = None
+        self.generation = 0
+        self.connected = False
+        self.ready = False
+        self.ready_at: float | None = None
+        self.awaiting_boot = False
+        self.retry_at: float | None = None
+        self.transactions: dict[int, Transaction] = {}
+        self.connectors: set[int] = set()
+        self._starting: dict[str, int] = {}
+        self._rewritten: dict[str, Installed] = {}
+        self.notes: list[Note] = []
+
+    # -- configuration -------------------------------------------------------------------
+
+    def configure(self, settings: ControlSettings) -> None:
+        if settings.strategy != self.settings.strategy:
+            self.strategy = settings.strategy
+            self.rejected.clear()
+        self.settings = settings
+
+    @property
+    def rewrites(self) -> bool:
+        """Whether the backend's SetChargingProfile frames go through :meth:`rewrite`."""
+        return self.connected and self.settings.managed and self.strategy == TX_STRATEGY
+
+    def set_local(self, amps: float | None) -> None:
+        self.local = amps
+
+    # -- the wallbox's life --------------------------------------------------------------------
+
+    def wallbox_connected(self, now: float) -> None:
+        """A new connection: the proxy's profile state is unknown until re-applied."""
+        self.generation += 1
+        self.connected = True
+        self.inflight = None
+        self.ready = False
+        self.ready_at = now + BOOT_WAIT
+        self.awaiting_boot = False
+        self.retry_at = None
+        self.own = UNKNOWN
+        self.on_wallbox.clear()
+
+    def wallbox_disconnected(self) -> None:
+        self.generation += 1
+        self.connected = False
+        self.inflight = None
+        self._rewritten.clear()
+
+    def boot(self, now: float) -> None:
+        """BootNotification: the wallbox (re)started; transactions and TxProfiles are gone.
+
+        The proxy waits for the backend's answer (no CALLs to a wallbox the
+        backend rejected or keeps pending), but at most BOOT_WAIT: a backend
+        that does not answer must not switch load management off.
+        """
+        self.awaiting_boot = True
+        self.ready = False
+        self.ready_at = now + BOOT_WAIT
+        self.own = UNKNOWN
+        self.on_wallbox.clear()
+        self.transactions.clear()
+        self.retry_at = None
+        for pid in [pid for pid, item in self.backend.items() if item.profile.purpose == TX_PROFILE]:
+            del self.backend[pid]
+        if self.inflight is not None:  # its answer no longer tells anything
+            self.generation += 1
+            self.inflight = None
+
+    def boot_answered(self, status: str | None) -> None:
+        """The backend's answer to BootNotification (None: a CALLERROR or no status)."""
+        self.awaiting_boot = False
+        self.ready = status not in ("Rejected", "Pending")
+        self.ready_at = None
+
+    def wallbox_call(self) -> None:
+        """Any other CALL from the wallbox: it is booted (a reconnect without Boot)."""
+        if not self.awaiting_boot:
+            self.ready = True
+
+    def status(self, connector: int) -> None:
+        if connector > 0:
+            self.connectors.add(connector)
+
+    def transaction_starting(self, msg_id: str, connector: int, wall: datetime) -> None:
+        self._starting[msg_id] = connector
+        self.transactions[connector] = Transaction(connector, None, wall)
+        self.connectors.add(connector)
+
+    def transaction_started(self, msg_id: str, transaction_id: int | None) -> None:
+        connector = self._starting.pop(msg_id, None)
+        current = self.transactions.get(connector) if connector is not None else None
+        if current is not None:
+            self.transactions[current.connector] = Transaction(current.connector, transaction_id, current.started)
+
+    def transaction_stopped(self, transaction_id: int | None) -> int | None:
+        """Returns the connector the transaction ran on (None: not known)."""
+        connector = None
+        for tx in list(self.transactions.values()):
+            if transaction_id is None or tx.transaction_id in (None, transaction_id):
+                connector = tx.connector
+                del self.transactions[tx.connector]
+                break
+        for store in (self.backend, self.on_wallbox):
+            for pid in [pid for pid, item in store.items() if item.profile.purpose == TX_PROFILE
+                        and (item.connector == connector or item.profile.transaction_id == transaction_id)]:
+                del store[pid]
+        return connector
+
+    # -- the backend's profiles ----------------------------------------------------------------------
+
+    def rewrite(self, msg_id: str, payload: Any, wall: datetime) -> dict[str, Any] | None:
+        """Under tx-default: the backend's Tx/TxDefault SetChargingProfile clamped (None: unchanged)."""
+        if not self.rewrites or self.local is None:
+            return None
+        connector, profile = parse_set(payload)
+        if profile.purpose not in (TX_DEFAULT, TX_PROFILE):
+            return None
+        clamped = self._clamped(profile)
+        if clamped == profile.raw:
+            return None
+        self._rewritten[msg_id] = Installed(connector, parse_profile(clamped), wall)
+        out = dict(payload)
+        out["csChargingProfiles"] = clamped
+        return out
+
+    def backend_set_answered(self, msg_id: str, payload: Any, status: str | None, wall: datetime) -> None:
+        sent = self._rewritten.pop(msg_id, None)
+        if status != "Accepted":
+            return
+        connector, profile = parse_set(payload)
+        item = Installed(connector, profile, wall)
+        for pid in [pid for pid, old in self.backend.items() if replaces(item, old)]:
+            del self.backend[pid]
+        self.backend[profile.id] = item
+        self._installed(sent or item, own=False)
+        if profile.id == self.settings.profile_id:
+            self._note("backend_uses_proxy_profile_id", "warning", profile_id=profile.id)
+        if (profile.purpose == MAX_PROFILE and self.strategy == MAX_STRATEGY and self.settings.managed
+                and profile.stack_level > self.settings.stack_level):
+            self._switch("backend ChargePointMaxProfile outranks the proxy's",
+                         backend_stack_level=profile.stack_level)
+
+    def backend_clear_answered(self, payload: Any, status: str | None) -> None:
+        if status != "Accepted":
+            return
+        request = parse_clear(payload)
+        for store in (self.backend, self.on_wallbox):
+            for pid in [pid for pid, item in store.items() if request.matches(item)]:
+                del store[pid]
+        own = self._own_installed()
+        if own is not None and request.may_match(own) and self.own is not None:
+            self.own = UNKNOWN  # re-install once this Clear is answered: now
+
+    def backend_limit(self, wall: datetime) -> float | None:
+        """The backend's composite limit (A per phase), None when it sets none."""
+        if not self.backend:
+            return None
+        return composite_limit(self.backend.values(), wall, charger_phases=self.settings.phases,
+                               voltage=self.settings.voltage, transactions=self.transactions.values(),
+                               connectors=self.connectors)
+
+    # -- deciding the next CALL -----------------------------------------------------------------------
+
+    def next_event(self) -> float | None:
+        times = [t for t in (self.retry_at, None if self.ready else self.ready_at) if t is not None]
+        return min(times, default=None)
+
+    def _decide(self, now: float, wall: datetime) -> Command | None:
+        if not self.connected or self.inflight is not None:
+            return None
+        if not self.ready and (self.ready_at is None or now < self.ready_at):
+            return None
+        if self.retry_at is not None and now < self.retry_at:
+            return None
+        return self._restore_command(wall) or self._own_command(wall)
+
+    def peek(self, now: float, wall: datetime) -> Command | None:
+        """What :meth:`next_command` would send, without committing to it."""
+        return self._decide(now, wall)
+
+    def next_command(self, now: float, wall: datetime) -> Command | None:
+        """The proxy's next CALL to this wallbox, or None (nothing to change, or not now)."""
+        command = self._decide(now, wall)
+        if command is None:
+            return None
+        self.ready = True
+        self.retry_at = None
+        try:
+            if command.kind == "restore":
+                validate(command.action, command.payload)  # the backend's profile, clamped: check it all
+            else:
+                validate_own(command.action, command.payload)
+        except ProfileError as exc:
+            self._note("profile_invalid", "error", reason=str(exc))
+            self.rejected.add(command.signature if command.kind != "restore" else _restore_key(command))
+            return None
+        self.inflight = command
+        return command
+
+    def _clamped(self, profile: Profile) -> dict[str, Any]:
+        if self.local is None:
+            return dict(profile.raw)
+        return clamp(profile.raw, self.local, charger_phases=self.settings.phases, voltage=self.settings.voltage)
+
+    def _restore_command(self, wall: datetime) -> Command | None:
+        """Backend Tx/TxDefault profiles whose version on the wallbox is not the one it should have."""
+        clamping = self.rewrites and self.local is not None
+        for pid, item in sorted(self.backend.items()):
+            if item.profile.purpose not in (TX_DEFAULT, TX_PROFILE):
+                continue
+            have = self.on_wallbox.get(pid)
+            if have is None and not clamping:
+                continue  # unknown, and not the proxy's business to re-install
+            want = self._clamped(item.profile) if clamping else dict(item.profile.raw)
+            if have is not None and dict(have.profile.raw) == want:
+                continue
+            if (pid, repr(want)) in self.rejected:
+                continue
+            installed = Installed(item.connector, parse_profile(want), wall)
+            return Command("SetChargingProfile", set_payload(item.connector, want), "restore", self.generation,
+                           installed=installed)
+        return None
+
+    def _desired_own(self, wall: datetime) -> tuple[Signature, dict[str, Any]] | None | _Unknown:
+        """(signature, profile) the proxy's own profile should be; None: absent; UNKNOWN: wait."""
+        s = self.settings
+        if not s.managed:
+            return None
+        if self.local is None:
+            return UNKNOWN
+        if self.strategy == MAX_STRATEGY:
+            amps = self.local
+            backend_max = self._backend_max(wall)
+            if backend_max is not None:
+                amps = min(amps, backend_max)
+            purpose, level = MAX_PROFILE, s.stack_level
+        else:
+            if any(item.profile.purpose == TX_DEFAULT for item in self.backend.values()):
+                return None
+            amps, purpose, level = self.local, TX_DEFAULT, s.tx_default_stack_level
+        profile = build_profile(s.profile_id, level, purpose, amps, unit=s.unit, phases=s.phases,
+                                voltage=s.voltage, now=wall)
+        limit = float(profile["chargingSchedule"]["chargingSchedulePeriod"][0]["limit"])
+        return (purpose, level, s.unit, limit), profile
+
+    def _backend_max(self, wall: datetime) -> float | None:
+        items = [i for i in self.backend.values() if i.profile.purpose == MAX_PROFILE]
+        if not items:
+            return None
+        return composite_limit(items, wall, charger_phases=self.settings.phases, voltage=self.settings.voltage)
+
+    def _own_command(self, wall: datetime) -> Command | None:
+        desired = self._desired_own(wall)
+        if isinstance(desired, _Unknown):
+            return None
+        if desired is None:
+            if self.own is None:
+                return None
+            return Command("ClearChargingProfile", clear_payload(self.settings.profile_id), "clear", self.generation)
+        signature, profile = desired
+        if self.own == signature or signature in self.rejected:
+            return None
+        installed = Installed(0, parse_profile(profile), wall)
+        return Command("SetChargingProfile", set_payload(0, profile), "limit", self.generation,
+                       signature=signature, installed=installed)
+
+    # -- answers to the proxy's CALLs -------------------------------------------------------------------
+
+    def answered(self, command: Command, status: str | None, error: str | None, now: float) -> None:
+        """The wallbox answered ``command``: ``status`` from a CALLRESULT, or ``error`` (CALLERROR code)."""
+        if command.generation != self.generation:
+            return
+        self.inflight = None
+        if command.kind == "clear":
+            if status in ("Accepted", "Unknown"):
+                self.own = None
+            else:
+                self._retry(now, command, status or error)
+            return
+        if status == "Accepted":
+            assert command.installed is not None
+            self._installed(command.installed, own=command.kind == "limit")
+            if command.kind == "limit":
+                self.own = command.signature
+            return
+        refused = status in ("Rejected", "NotSupported") or error in ("NotSupported", "NotImplemented")
+        if not refused:
+            self._retry(now, command, status or error)
+            return
+        if command.kind == "limit" and command.signature and command.signature[0] == MAX_PROFILE \
+                and self.strategy == MAX_STRATEGY:
+            self._switch(f"wallbox answered {status or error} to ChargePointMaxProfile")
+            return
+        self.rejected.add(command.signature if command.kind == "limit" else _restore_key(command))
+        self._note("profile_rejected", "error", answer=status or error, **command.describe())
+
+    def failed(self, command: Command, reason: str, now: float) -> None:
+        """No answer (timeout, connection gone): state unknown, try again later."""
+        if command.generation != self.generation:
+            return
+        self.inflight = None
+        self._retry(now, command, reason)
+
+    # -- helpers ------------------------------------------------------------------------------------------
+
+    def _retry(self, now: float, command: Command, reason: str | None) -> None:
+        if command.kind in ("limit", "clear"):
+            self.own = UNKNOWN
+        else:
+            assert command.installed is not None
+            self.on_wallbox.pop(command.installed.profile.id, None)
+        self.retry_at = now + self.settings.retry
+        self._note("profile_retry", "warning", reason=reason, seconds=self.settings.retry, **command.describe())
+
+    def _own_installed(self) -> Installed | None:
+        """The proxy's profile as a model entry (for Clear matching), where it may be installed."""
+        if self.own is None:
+            return None
+        if isinstance(self.own, tuple):
+            purpose, level = self.own[0], self.own[1]
+        elif self.strategy == MAX_STRATEGY:
+            purpose, level = MAX_PROFILE, self.settings.stack_level
+        else:
+            purpose, level = TX_DEFAULT, self.settings.tx_default_stack_level
+        profile = Profile(self.settings.profile_id, level, purpose, "Absolute", self.settings.unit, ())
+        return Installed(0, profile, datetime.min)
+
+    def _installed(self, item: Installed, *, own: bool) -> None:
+        """A profile went onto the wallbox: what it replaced is gone."""
+        for pid in [pid for pid, old in self.on_wallbox.items() if replaces(item, old)]:
+            del self.on_wallbox[pid]
+        if not own:
+            self.on_wallbox[item.profile.id] = item
+            mine = self._own_installed()
+            if mine is not None and replaces(item, mine):
+                self.own = None
+
+    def _switch(self, reason: str, **fields: Any) -> None:
+        self.strategy = TX_STRATEGY
+        self.own = UNKNOWN
+        self._note("strategy_switched", "warning", strategy=TX_STRATEGY, reason=reason, **fields)
+
+    def _note(self, event: str, level: str, **fields: Any) -> None:
+        self.notes.append(Note(event, level, fields))
+
+    def drain_notes(self) -> list[Note]:
+        notes, self.notes = self.notes, []
+        return notes
+
+
+def _restore_key(command: Command) -> tuple[int | None, str]:
+    profile = command.payload.get("csChargingProfiles")
+    return (command.installed.profile.id if command.installed else None, repr(profile))
+
+
+# --- reading the frames the limit engine needs ----------------------------------------------------
+
+@dataclass(frozen=True)
+class Meter:
+    """Measurements from one MeterValues.req."""
+
+    currents: tuple[float, float, float] | None
+    power_w: float | None
+    energy_wh: float | None
+
+
+_PHASE_INDEX = {"L1": 0, "L2": 1, "L3": 2, "L1-N": 0, "L2-N": 1, "L3-N": 2}
+_SCALE = {"W": 1.0, "kW": 1000.0, "Wh": 1.0, "kWh": 1000.0, "A": 1.0}
+
+
+def read_meter_values(payload: Any, charger_phases: int = 3) -> Meter:
+    """Current.Import per phase, Power.Active.Import and the energy register of the latest sample.
+
+    Signed values (``format = SignedData``) and unparsable values are skipped.
+    A current without a phase is taken as the current on each of the
+    charger's phases.
+    """
+    values = payload.get("meterValue") if isinstance(payload, dict) else None
+    if not isinstance(values, list) or not values:
+        return Meter(None, None, None)
+    currents: list[float | None] = [None, None, None]
+    power = energy = None
+    for sample in values:
+        sampled = sample.get("sampledValue") if isinstance(sample, dict) else None
+        for item in sampled if isinstance(sampled, list) else []:
+            if not isinstance(item, dict) or item.get("format") == "SignedData":
+                continue
+            try:
+                value = float(item.get("value", ""))
+            except (TypeError, ValueError):
+                continue
+            measurand = item.get("measurand", "Energy.Active.Import.Register")
+            scale = _SCALE.get(str(item.get("unit", "")), 1.0)
+            if measurand == "Current.Import":
+                phase = item.get("phase")
+                if phase in _PHASE_INDEX:
+                    currents[_PHASE_INDEX[phase]] = value
+                elif phase is None:
+                    for i in range(max(1, min(charger_phases, 3))):
+                        currents[i] = value
+            elif measurand == "Power.Active.Import" and item.get("phase") is None:
+                power = value * scale
+            elif measurand == "Energy.Active.Import.Register" and item.get("phase") is None:
+                energy = value * scale
+    measured = None
+    if any(c is not None for c in currents):
+        measured = (currents[0] or 0.0, currents[1] or 0.0, currents[2] or 0.0)
+    return Meter(measured, power, energy)
+
+
+def field_of(payload: Any, key: str) -> Any:
+    return payload.get(key) if isinstance(payload, dict) else None

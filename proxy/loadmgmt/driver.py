@@ -1,0 +1,428 @@
+"""Load management on the wire (trio): the limit engine and the profile controls, driven.
+
+:class:`Limiter` is a :class:`~proxy.runtime.relay.Listener`. For every session it
+asks to observe the frames the limit engine and the profile control need,
+feeds them to the sans-IO :class:`~proxy.loadmgmt.engine.LimitEngine` and one
+:class:`~proxy.loadmgmt.control.Control` per wallbox, and sends the proxy's
+SetChargingProfile / ClearChargingProfile through
+:meth:`PairedSession.request` (the session holds them while the backend has
+a CALL outstanding on the wallbox, and consumes their answers).
+
+One task (:meth:`run`, started in the server's nursery) recomputes when an
+input changes and at least every ``[site] interval``; each CALL runs in a
+short task of that task's nursery, at most one per wallbox at a time.
+
+Without ``[site]`` (and without meter or EMS) the limiter stays out of the
+way: it observes nothing, registers no rewriter and sends nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import trio
+
+from proxy.config import ChargerBase, ChargerSettings, Config, SiteSettings
+from proxy.messages.ocppj import MessageType, payload_of
+from proxy.loadmgmt.control import Command, Control, ControlSettings, field_of, read_meter_values
+from proxy.loadmgmt.engine import ChargerLimits, LimitEngine, SiteLimits
+from proxy.ops.logs import get_logger
+from proxy.loadmgmt.profiles import replace_payload
+from proxy.runtime.relay import Listener, PairedSession
+from proxy.core.session import WALLBOX, Action, Observed, ProxyAnswer
+
+#: What the limiter reads from a session.
+OBSERVE = frozenset({"BootNotification", "StatusNotification", "MeterValues", "StartTransaction",
+                     "StopTransaction", "SetChargingProfile", "ClearChargingProfile"})
+REWRITTEN = "SetChargingProfile"
+
+
+class LimitsSink(Protocol):
+    """Where the limits are published after each recomputation (``proxy.ops.metrics.Metrics`` fits)."""
+
+    def set_charger_limits(self, charger: str, *, effective: float | None = None, local: float | None = None,
+                           backend: float | None = None, ems: float | None = None) -> None: ...
+    def set_charger_current(self, charger: str, phases: Sequence[float]) -> None: ...
+    def set_site(self, *, limit: float | None = None, ems_limit: float | None = None,
+                 effective_limit: float | None = None, headroom: Sequence[float] | None = None) -> None: ...
+
+
+def meter_configured(config: Config) -> bool:
+    """A grid meter is configured: stale or missing readings switch to the fallback."""
+    return bool(config.meter.modbus)
+
+
+def ems_configured(config: Config) -> bool:
+    return bool(config.ems.modbus_listen)
+
+
+def load_management(config: Config) -> bool:
+    """Limits are managed when a site, a meter or an EMS interface is configured."""
+    return config.site is not None or meter_configured(config) or ems_configured(config)
+
+
+def site_settings(config: Config) -> SiteSettings:
+    return config.site or SiteSettings(max_current=math.inf)
+
+
+def site_limits(config: Config) -> SiteLimits:
+    site = site_settings(config)
+    return SiteLimits(
+        max_current=site.max_current, phases=site.phases, meter=meter_configured(config),
+        meter_timeout=site.meter_timeout,
+        fallback_current=None if site.fallback_current < 0 else site.fallback_current,
+        fail_closed=site.fail_closed, ramp_up_interval=site.ramp_up_interval, hysteresis=site.hysteresis,
+        min_hold_time=site.min_hold_time)
+
+
+def charger_limits(charger: ChargerBase) -> ChargerLimits:
+    return ChargerLimits(max_current=charger.max_current, min_current=charger.min_current, phases=charger.phases,
+                         first_phase=charger.first_phase, priority=charger.priority, enabled=charger.enabled,
+                         on_disable=charger.on_disable)
+
+
+class Limiter(Listener):
+    def __init__(self, config: Config, *, log: Any = None) -> None:
+        self.log = log or get_logger()
+        self.engine = LimitEngine()
+        self.controls: dict[str, Control] = {}
+        self.sessions: dict[str, PairedSession] = {}
+        #: The sessions the limiter manages (observe set, engine told), by charger.
+        self.attached: dict[str, PairedSession] = {}
+        self.active = False
+        self._wake = trio.Event()
+        self._progress = trio.Event()
+        self._ticking = False
+        self._nursery: trio.Nursery | None = None
+        self._stopped = trio.CancelScope()
+        self._proxy_answer: str | None = None
+        self.sinks: list[LimitsSink] = []
+        self.config = config
+        self.reconfigure(config)
+        self.engine.on_input = self.poke
+
+    # -- configuration --------------------------------------------------------------------------
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a (re)loaded configuration; connections stay as they are."""
+        self.config = config
+        was_active, self.active = self.active, load_management(config)
+        chargers = {c.id: charger_limits(c) for c in config.all_chargers}
+        self.engine.configure(site_limits(config), chargers, default=charger_limits(ChargerSettings(id="")),
+                              now=_now())
+        for charger_id, control in self.controls.items():
+            control.configure(self._control_settings(charger_id))
+        if self.active:
+            for paired in list(self.sessions.values()):
+                self._attach(paired)
+        if was_active != self.active:
+            self.log.info("load_management", active=self.active)
+        self.poke()
+
+    def _control_settings(self, charger_id: str) -> ControlSettings:
+        site = site_settings(self.config)
+        charger = self.config.settings_for(charger_id) or ChargerSettings(id=charger_id)
+        managed = self.active and (charger.enabled or charger.on_disable == "block")
+        return ControlSettings(managed=managed, strategy=charger.strategy or site.strategy,
+                               profile_id=site.profile_id, stack_level=site.stack_level,
+                               tx_default_stack_level=site.tx_default_stack_level, unit=charger.unit,
+                               phases=charger.phases, voltage=site.voltage, retry=site.interval)
+
+    # -- Listener hooks (synchronous, from the sessions' tasks) ---------------------------------------------
+
+    def session_opened(self, paired: PairedSession) -> None:
+        self.sessions[paired.charger_id] = paired
+        if self.active:
+            self._attach(paired)
+
+    def session_closed(self, paired: PairedSession, side: str, code: int, reason: str) -> None:
+        charger_id = paired.charger_id
+        if self.sessions.get(charger_id) is not paired:
+            return  # replaced by a newer connection, which is the one that counts
+        del self.sessions[charger_id]
+        if self.attached.get(charger_id) is paired:
+            del self.attached[charger_id]
+            self.controls[charger_id].wallbox_disconnected()
+            self.engine.charger_disconnected(charger_id, _now())
+            for sink in self.sinks:
+                sink.set_charger_limits(charger_id)
+
+    def _attach(self, paired: PairedSession) -> None:
+        charger_id = paired.charger_id
+        control = self.controls.get(charger_id)
+        if control is None:
+            control = self.controls[charger_id] = Control(charger_id, self._control_settings(charger_id))
+        if self.attached.get(charger_id) is paired:
+            return
+        self.attached[charger_id] = paired  # a reconnect replaces the old session here
+        paired.session.observe = paired.session.observe | OBSERVE
+        now = _now()
+        control.wallbox_connected(now)
+        self.engine.charger_connected(charger_id, now)
+        self._sync_rewriter(paired, control)
+
+    def action(self, paired: PairedSession, action: Action) -> None:
+        if isinstance(action, ProxyAnswer):
+            self._proxy_answer = action.msg_id
+            return
+        if not isinstance(action, Observed):
+            return
+        own_answer = action.call is not None and action.call.msg_id == self._proxy_answer
+        self._proxy_answer = None
+        charger_id = paired.charger_id
+        if own_answer or self.attached.get(charger_id) is not paired:
+            return
+        try:
+            self._observed(charger_id, self.controls[charger_id], action)
+        except Exception as exc:  # noqa: BLE001 - never let a frame's content break the session
+            self.log.warning("frame_not_understood", charger=charger_id, action=action.action, error=str(exc)[:200])
+        self._sync_rewriter(paired, self.controls[charger_id])
+        self.poke()
+
+    def _observed(self, charger_id: str, control: Control, observed: Observed) -> None:
+        frame, name, now = observed.frame, observed.action, _now()
+        if frame.kind is MessageType.CALL:
+            if observed.source == WALLBOX:
+                self._wallbox_call(charger_id, control, name, frame.msg_id or "", payload_of(frame), now)
+                if name == "BootNotification" and self._answered_locally(charger_id):
+                    control.boot_answered("Accepted")  # offline mode: the proxy accepted it itself
+            return  # a backend CALL on its way: what counts is the wallbox's answer
+        if observed.call is None:
+            return
+        if frame.kind is not MessageType.CALLRESULT:
+            if name == "BootNotification" and observed.source != WALLBOX:
+                control.boot_answered(None)
+            return
+        answer = payload_of(frame)
+        status = field_of(answer, "status")
+        if observed.source == WALLBOX:  # the wallbox answered the backend
+            if name == "SetChargingProfile":
+                control.backend_set_answered(observed.call.msg_id or "", payload_of(observed.call), status, _wall())
+            elif name == "ClearChargingProfile":
+                control.backend_clear_answered(payload_of(observed.call), status)
+            self._log_notes(charger_id, control)
+        elif name == "BootNotification":
+            control.boot_answered(status if isinstance(status, str) else None)
+        elif name == "StartTransaction":
+            tx = field_of(answer, "transactionId")
+            control.transaction_started(observed.call.msg_id or "", tx if isinstance(tx, int) else None)
+
+    def _answered_locally(self, charger_id: str) -> bool:
+        paired = self.attached.get(charger_id)
+        return paired is not None and paired.session.offline_mode
+
+    def _wallbox_call(self, charger_id: str, control: Control, name: str, msg_id: str, payload: Any,
+                      now: float) -> None:
+        engine = self.engine
+        if name == "BootNotification":
+            control.boot(now)
+            engine.transaction_stopped(charger_id, None, now)
+            return
+        control.wallbox_call()
+        if name == "StatusNotification":
+            connector, status = field_of(payload, "connectorId"), field_of(payload, "status")
+            if isinstance(connector, int) and isinstance(status, str):
+                control.status(connector)
+                engine.status(charger_id, connector, status, now)
+        elif name == "MeterValues":
+            meter = read_meter_values(payload, control.settings.phases)
+            if meter.currents is not None or meter.power_w is not None or meter.energy_wh is not None:
+                engine.measured(charger_id, meter.currents or engine_currents(engine, charger_id), now,
+                                meter.power_w, meter.energy_wh)
+        elif name == "StartTransaction":
+            connector = field_of(payload, "connectorId")
+            connector = connector if isinstance(connector, int) else 1
+            control.transaction_starting(msg_id, connector, _wall())
+            engine.transaction_started(charger_id, connector, now)
+        elif name == "StopTransaction":
+            tx = field_of(payload, "transactionId")
+            connector = control.transaction_stopped(tx if isinstance(tx, int) else None)
+            engine.transaction_stopped(charger_id, connector, now)
+
+    def _sync_rewriter(self, paired: PairedSession, control: Control) -> None:
+        rewriters = paired.session.rewriters
+        if control.rewrites:
+            if REWRITTEN not in rewriters:
+                rewriters[REWRITTEN] = self._rewriter(control)
+        elif getattr(rewriters.get(REWRITTEN), "limiter_rewriter", False):
+            del rewriters[REWRITTEN]
+
+    def _rewriter(self, control: Control) -> Any:
+        def rewrite(source: str, destination: str, frame: Any) -> str:
+            if destination != WALLBOX or source == WALLBOX:
+                return str(frame.text)
+            try:
+                payload = control.rewrite(frame.msg_id or "", payload_of(frame), _wall())
+                if payload is None:
+                    return str(frame.text)
+                text = replace_payload(frame.text, payload)
+            except Exception as exc:  # noqa: BLE001 - the frame is forwarded as received
+                self.log.warning("profile_not_clamped", charger=control.charger_id, error=str(exc)[:200])
+                return str(frame.text)
+            self.log.info("backend_profile_clamped", charger=control.charger_id, limit=control.local)
+            return text
+
+        rewrite.limiter_rewriter = True  # type: ignore[attr-defined]
+        return rewrite
+
+    # -- the task -----------------------------------------------------------------------------------------
+
+    def poke(self) -> None:
+        """An input changed: recompute now (call from the trio thread)."""
+        if not self._ticking:
+            self._wake.set()
+
+    def stop(self) -> None:
+        """End :meth:`run` (the server is stopping)."""
+        self._stopped.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self._stopped = trio.CancelScope()
+        with self._stopped:
+            await self._run(task_status)
+
+    async def _run(self, task_status: trio.TaskStatus[None]) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            try:
+                while True:
+                    self._wake = trio.Event()
+                    now = _now()
+                    try:
+                        self._tick(now)
+                    except Exception as exc:  # noqa: BLE001 - a bug here must not stop the relay
+                        self.log.error("limiter_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+                    with trio.move_on_at(self._deadline(now)):
+                        await self._wake.wait()
+            finally:
+                self._nursery = None
+
+    def _deadline(self, now: float) -> float:
+        times = [now + site_settings(self.config).interval]
+        engine_next = self.engine.next_event(now) if self.active else None
+        if engine_next is not None:
+            times.append(engine_next)
+        times += [t for cid in self.attached if (t := self.controls[cid].next_event()) is not None]
+        return max(now, min(times))
+
+    def _tick(self, now: float) -> None:
+        wall = _wall()
+        self._ticking = True
+        try:
+            for charger_id in self.attached:
+                self.engine.backend_limit(charger_id, self.controls[charger_id].backend_limit(wall), now)
+            targets = self.engine.targets(now) if self.active else {}
+        finally:
+            self._ticking = False
+        for charger_id in sorted(self.attached):
+            self.controls[charger_id].set_local(targets.get(charger_id))
+            self._next(charger_id, now, wall)
+        if self.sinks and self.active:
+            self._publish(now)
+        self._progressed()
+
+    def _publish(self, now: float) -> None:
+        site = self.engine.site_view(now)
+        views = {cid: self.engine.charger_view(cid) for cid in self.attached}
+        for sink in self.sinks:
+            sink.set_site(limit=site.config_limit, ems_limit=site.ems_limit, effective_limit=site.site_limit,
+                          headroom=site.headroom)
+            for charger_id, view in views.items():
+                if view is None:
+                    continue
+                sink.set_charger_limits(charger_id, effective=view.effective_limit, local=view.local_limit,
+                                        backend=view.backend_limit, ems=view.ems_limit)
+                sink.set_charger_current(charger_id, view.currents)
+
+    def _next(self, charger_id: str, now: float, wall: datetime) -> None:
+        control = self.controls[charger_id]
+        paired = self.sessions.get(charger_id)
+        if paired is None or self._nursery is None:
+            return
+        command = control.next_command(now, wall)
+        self._log_notes(charger_id, control)
+        self._sync_rewriter(paired, control)
+        if command is not None:
+            self._nursery.start_soon(self._send, paired, control, command)
+
+    async def _send(self, paired: PairedSession, control: Control, command: Command) -> None:
+        log = self.log.bind(charger=control.charger_id)
+        if command.generation != control.generation or paired.closed.is_set():
+            control.failed(command, "session gone", _now())
+            return
+        log.debug("profile_sent", action=command.action, **command.describe())
+        status = error = None
+        with trio.move_on_after(paired.session.call_timeout + 5) as scope:
+            try:
+                frame = await paired.request(command.action, command.payload)
+            except RuntimeError as exc:
+                control.failed(command, str(exc), _now())
+                log.warning("profile_failed", action=command.action, reason=str(exc)[:200])
+            else:
+                if frame.kind is MessageType.CALLRESULT:
+                    status = field_of(payload_of(frame), "status")
+                else:
+                    error = frame.action or "CALLERROR"
+                control.answered(command, status if isinstance(status, str) else None, error, _now())
+                level = log.info if status == "Accepted" or (status == "Unknown" and command.kind == "clear") \
+                    else log.warning
+                level("profile_answered", action=command.action, status=status, error=error, **command.describe())
+        if scope.cancelled_caught:
+            control.failed(command, "no answer", _now())
+        self._log_notes(control.charger_id, control)
+        if self.sessions.get(control.charger_id) is paired:
+            self._next(control.charger_id, _now(), _wall())
+        self._progressed()
+
+    def _log_notes(self, charger_id: str, control: Control) -> None:
+        for note in control.drain_notes():
+            getattr(self.log, note.level)(note.event, charger=charger_id, **note.fields)
+
+    def _progressed(self) -> None:
+        self._progress.set()
+        self._progress = trio.Event()
+
+    # -- for tests, the benchmark and the demo ---------------------------------------------------------------
+
+    def settled(self) -> bool:
+        """No CALL in flight, none due, and no recomputation pending."""
+        if self._wake.is_set():
+            return False
+        now, wall = _now(), _wall()
+        for charger_id in self.attached:
+            control = self.controls[charger_id]
+            if control.inflight is not None or control.peek(now, wall) is not None:
+                return False
+        return True
+
+    async def next_progress(self) -> None:
+        """Wait for the next recomputation or answer (callers bound it with ``trio.fail_after``)."""
+        await self._progress.wait()
+
+    async def wait_settled(self) -> None:
+        """Wait until :meth:`settled` (callers bound it with ``trio.fail_after``)."""
+        while not self.settled():
+            await self._progress.wait()
+
+    def views(self) -> Mapping[str, Any]:
+        return {cid: self.engine.charger_view(cid) for cid in sorted(self.sessions)}
+
+
+def engine_currents(engine: LimitEngine, charger_id: str) -> tuple[float, float, float]:
+    view = engine.charger_view(charger_id)
+    return view.currents if view is not None else (0.0, 0.0, 0.0)
+
+
+def _now() -> float:
+    try:
+        return trio.current_time()
+    except RuntimeError:  # constructed outside trio.run (configuration only)
+        return 0.0
+
+
+def _wall() -> datetime:
+    return datetime.now(UTC)

@@ -1,0 +1,1 @@
+"""Operations: metrics, the monitor HTTP server, health, logging, certificates."""

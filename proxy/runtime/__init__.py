@@ -1,0 +1,1 @@
+"""The trio layer: the wallbox listener, paired sessions, upstream connections, reload."""

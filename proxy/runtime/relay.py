@@ -1,0 +1,568 @@
+"""The nursery that joins one wallbox, its upstream(s) and its Session (trio).
+
+:class:`PairedSession` moves text between WebSocket connections and the
+sans-IO :class:`~proxy.core.session.Session`, runs the session's timers and the
+pings, and tears the pair down together: when one leg closes, the others are
+closed with the mirrored code (``closecodes``) and the nursery exits, so no
+task or socket outlives the pair.
+
+Sends go through one :class:`Outbox` per connection: actions are queued
+synchronously in the order the session produced them and written by one task
+at a time, so two pumps can never reorder frames towards a leg. The outbox is
+bounded; a pump that would overfill it waits, which is how a slow peer pushes
+back on a fast one.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+from trio_websocket import ConnectionClosed
+
+from proxy.wire import closecodes
+from proxy.core.backoff import Backoff
+from proxy.messages.ocppj import Frame, MessageType, build_error, classify
+from proxy.core.admission import Refuse
+from proxy.core.offline import TRANSACTION_ACTIONS, Stored, map_transaction, replay_plan, started_transaction
+from proxy.storage.offline_queue import AsyncQueue
+from proxy.runtime.upstream import UpstreamUnavailable
+from proxy.core.session import (
+    WALLBOX,
+    Action,
+    Malformed,
+    Persist,
+    Replayed,
+    ProxyAnswer,
+    ProxyCallFailed,
+    Session,
+    ToUpstream,
+    ToWallbox,
+)
+
+#: Frames queued towards one connection before the producing pump waits.
+OUTBOX_LIMIT = 64
+
+
+class Connection(Protocol):
+    """What the relay needs of a WebSocket (trio-websocket's connection fits)."""
+
+    async def get_message(self) -> str | bytes: ...
+    async def send_message(self, message: str | bytes) -> None: ...
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None: ...
+    async def ping(self, payload: bytes | None = None) -> None: ...
+
+
+class Listener:
+    """Receives what happens in sessions: metrics, limit engine, tests.
+
+    Methods are called synchronously from the session's tasks and must not
+    block; they are no-ops here so a listener overrides only what it needs.
+    """
+
+    def session_opened(self, paired: PairedSession) -> None: ...
+    def session_closed(self, paired: PairedSession, side: str, code: int, reason: str) -> None: ...
+    def frame_received(self, paired: PairedSession, source: str, frame: Frame, size: int) -> None: ...
+    def action(self, paired: PairedSession, action: Action) -> None: ...
+    def handshake_refused(self, refusal: Refuse) -> None: ...
+    def frame_rejected(self, paired: PairedSession, side: str, code: int, reason: str) -> None: ...
+    def upstream_state(self, paired: PairedSession, name: str, up: bool, reason: str) -> None: ...
+    def queue_depth(self, paired: PairedSession, depth: int) -> None: ...
+    def modbus_wallbox(self, charger: str, up: bool) -> None: ...
+
+#: Opens one upstream connection for the duration of a block (raises UpstreamUnavailable).
+Connector = Callable[[], AbstractAsyncContextManager[Any]]
+
+
+@dataclass(frozen=True)
+class SessionSettings:
+    max_message_bytes: int = 1_048_576
+    ping_interval: float = 30.0
+    close_timeout: float = 5.0
+    call_timeout: float = 30.0
+    reconnect_min: float = 1.0
+    reconnect_max: float = 60.0
+
+
+class _Violation(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason
+
+
+class Outbox:
+    """Ordered, bounded sending to one connection from several tasks."""
+
+    def __init__(self, connection: Connection, limit: int = OUTBOX_LIMIT) -> None:
+        self.connection = connection
+        self.limit = limit
+        self.closed = False
+        self._queue: list[str] = []  # short; an empty deque would cost 760 bytes per leg
+        self._sending = False
+        self._space = trio.Event()
+        self._blocked = False  # a producer waits for room: only then is there anyone to wake
+
+    @property
+    def pending(self) -> int:
+        return len(self._queue)
+
+    def put(self, text: str) -> None:
+        if not self.closed:
+            self._queue.append(text)
+
+    async def flush(self) -> None:
+        """Write queued frames, or wait for room if another task is writing."""
+        if self._sending:
+            while len(self._queue) > self.limit and not self.closed:
+                self._blocked = True
+                await self._space.wait()
+            return
+        self._sending = True
+        queue, send = self._queue, self.connection.send_message
+        try:
+            while queue:
+                await send(queue.pop(0))
+                if self._blocked and len(queue) <= self.limit:
+                    self._wake()
+        except ConnectionClosed:
+            self.closed = True  # the leg's reader sees the close and ends the pair
+            queue.clear()
+        finally:
+            self._sending = False
+            if self._blocked:
+                self._wake()
+
+    def _wake(self) -> None:
+        self._blocked = False
+        self._space.set()
+        self._space = trio.Event()
+
+
+class PairedSession:
+    def __init__(self, charger_id: str, session: Session, wallbox: Connection,
+                 upstreams: dict[str, Connection | None], *, log: Any,
+                 settings: SessionSettings = SessionSettings(),
+                 listeners: Sequence[Listener] = (),
+                 reconnect: dict[str, Connector] | None = None,
+                 queue: AsyncQueue | None = None, queued: int = 0) -> None:
+        """``upstreams``: the open connection per upstream name, None for one that is down.
+
+        With ``reconnect`` (offline mode), a lost upstream is reopened with
+        backoff while the wallbox stays; without it, losing one ends the pair.
+        """
+        self.charger_id = charger_id
+        self.session = session
+        self.wallbox = wallbox
+        self.upstream_names = list(upstreams)
+        #: The upstreams connected right now.
+        self.upstreams: dict[str, Connection] = {n: c for n, c in upstreams.items() if c is not None}
+        self.log = log
+        self.settings = settings
+        self.listeners = list(listeners)
+        self.reconnect = reconnect or {}
+        self.queue = queue
+        #: Frames of this charger in the offline queue (kept exact: the replay decision uses it).
+        self.queued = queued
+        #: How often each upstream was connected in this session (1 = the first time).
+        self.upstream_connects: dict[str, int] = {}
+        self._wallbox_out = Outbox(wallbox)
+        self._upstream_out = {name: Outbox(conn) for name, conn in self.upstreams.items()}
+        self._replay_waiters: dict[str, tuple[trio.Event, list[Frame]]] = {}
+        self._waiters: dict[str, tuple[trio.Event, list[Frame | str]]] = {}
+        # The timer task sleeps in this scope; a new earlier deadline moves the
+        # scope's deadline instead of waking the task (no task switch per frame).
+        self._timer = trio.CancelScope()
+        self._next_ping = float("inf")
+        self._ending = False
+        self._cancel: trio.CancelScope | None = None
+        self.closed = trio.Event()
+        self.close_info: tuple[str, int, str] | None = None
+
+    # -- lifetime ---------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Relay until one leg closes; returns after every leg is closed."""
+        for listener in self.listeners:
+            listener.session_opened(self)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._cancel = nursery.cancel_scope
+                nursery.start_soon(self._guard, WALLBOX, self._pump_wallbox)
+                for name in self.upstream_names:
+                    nursery.start_soon(self._link, name)
+                nursery.start_soon(self._run_timers, nursery)
+        finally:
+            self._finish()
+
+    async def shutdown(self, code: int, reason: str) -> None:
+        """Close every leg with ``code`` (proxy stopping, charger replaced)."""
+        await self._end("proxy", code, reason, mirror=False, close_all=True)
+
+    def _finish(self) -> None:
+        for action in self.session.close():
+            self._notify(action)
+        for event, box in self._waiters.values():
+            box.append("session closed")
+            event.set()
+        side, code, reason = self.close_info or ("proxy", closecodes.GOING_AWAY, "")
+        for listener in self.listeners:
+            listener.session_closed(self, side, code, reason)
+        self.closed.set()
+
+    # -- proxy CALLs --------------------------------------------------------------
+
+    async def call_wallbox(self, action: str, payload: dict[str, Any]) -> str:
+        """Queue a proxy CALL; its answer arrives as a ProxyAnswer action."""
+        msg_id, actions = self.session.proxy_call(action, payload, trio.current_time())
+        await self._execute(actions)
+        return msg_id
+
+    async def request(self, action: str, payload: dict[str, Any]) -> Frame:
+        """Proxy CALL and wait for its answer; raises RuntimeError on timeout or close."""
+        event, box = trio.Event(), list[Frame | str]()
+        msg_id, actions = self.session.proxy_call(action, payload, trio.current_time())
+        self._waiters[msg_id] = (event, box)
+        try:
+            await self._execute(actions)
+            await event.wait()
+        finally:
+            self._waiters.pop(msg_id, None)
+        result = box[0]
+        if isinstance(result, str):
+            raise RuntimeError(f"{action} {msg_id}: {result}")
+        return result
+
+    # -- pumps ------------------------------------------------------------------------
+
+    async def _guard(self, side: str, pump: Callable[..., Awaitable[None]], *args: Any) -> None:
+        try:
+            await pump(*args)
+        except ConnectionClosed as exc:
+            code = int(exc.reason.code) if exc.reason else 1006
+            reason = (exc.reason.reason if exc.reason else None) or ""
+            if code == closecodes.MESSAGE_TOO_BIG and reason.startswith("Exceeded maximum"):
+                await self._violation(side, _Violation(code, reason))
+            else:
+                await self._end(side, code, reason, mirror=True)
+        except _Violation as exc:
+            await self._violation(side, exc)
+
+    async def _pump_wallbox(self) -> None:
+        get, receive = self.wallbox.get_message, self.session.from_wallbox
+        while True:
+            text = self._check(await get())
+            await self._handle(WALLBOX, receive(text, trio.current_time()))
+            await self._flush()
+
+    async def _pump_upstream(self, name: str, connection: Connection) -> None:
+        get, receive = connection.get_message, self.session.from_upstream
+        while True:
+            text = self._check(await get())
+            await self._handle(name, receive(name, text, trio.current_time()))
+            await self._flush()
+
+    # -- upstream links ----------------------------------------------------------------
+
+    async def _link(self, name: str) -> None:
+        """One upstream for the life of the pair: relay while connected, reopen while the wallbox stays."""
+        connection = self.upstreams.get(name)
+        secondary = name != self.session.primary
+        if connection is not None:
+            await self._connected(name, connection)
+        elif not secondary:  # a secondary is opened here, without a first wait
+            await self._lost(name, "unreachable when the wallbox connected")
+        connector = self.reconnect.get(name)
+        if connector is None:
+            return
+        backoff = Backoff(self.settings.reconnect_min, self.settings.reconnect_max)
+        first = secondary and connection is None
+        while not self._ending:  # the pair is closing: no new connection
+            if not first:
+                await trio.sleep(backoff.next_delay())
+            first = False
+            if self._ending:
+                return
+            try:
+                async with connector() as connection:
+                    backoff.reset()
+                    self.log.info("upstream_reconnected", upstream=name)
+                    await self._connected(name, connection)
+            except UpstreamUnavailable as exc:
+                self.log.info("upstream_retry_failed", upstream=name, reason=exc.reason)
+
+    async def _connected(self, name: str, connection: Connection) -> None:
+        """Relay one upstream connection until it closes; replay stored CALLs first."""
+        self.upstreams[name] = connection
+        self._upstream_out[name] = Outbox(connection)
+        self.upstream_connects[name] = self.upstream_connects.get(name, 0) + 1
+        replay = name == self.session.primary and self.queued > 0
+        self.session.upstream_up(name, replay=replay)
+        self._tell_upstream(name, True, "")
+        await self._execute(self.session.secondary_up(name, trio.current_time()))  # a secondary's backlog
+        closed: tuple[int, str] | None = None
+        async with trio.open_nursery() as link:
+            if replay:
+                link.start_soon(self._replay)
+            try:
+                await self._pump_upstream(name, connection)
+            except ConnectionClosed as exc:
+                closed = (int(exc.reason.code) if exc.reason else 1006,
+                          (exc.reason.reason if exc.reason else None) or "")
+            except _Violation as exc:
+                await self._violation(name, exc)  # ends the pair when offline mode is off
+                closed = (exc.code, exc.reason)
+            link.cancel_scope.cancel()
+        code, reason = closed or (closecodes.GOING_AWAY, "")
+        if self._ending:
+            # The pair is closing (not an outage): _end is closing this connection and needs its
+            # reader, which lives in the connector's block, until the close handshake is done;
+            # it cancels this task afterwards.
+            await trio.sleep_forever()
+        if name not in self.reconnect:
+            await self._end(name, code, reason, mirror=True)
+            return
+        del self.upstreams[name]
+        self._upstream_out.pop(name, None)
+        await self._lost(name, f"closed with {code} {reason}".strip())
+
+    async def _lost(self, name: str, reason: str) -> None:
+        self.log.warning("upstream_lost", upstream=name, reason=reason, offline=self.session.offline is not None)
+        self._tell_upstream(name, False, reason)
+        await self._execute(self.session.upstream_down(name, trio.current_time()))
+
+    def _tell_upstream(self, name: str, up: bool, reason: str) -> None:
+        for listener in self.listeners:
+            listener.upstream_state(self, name, up, reason)
+
+    # -- offline queue ---------------------------------------------------------------------
+
+    async def _persist(self, action: Persist) -> None:
+        """Commit a locally answered CALL, then (only then) answer the wallbox."""
+        assert self.queue is not None
+        try:
+            await self.queue.append(self.charger_id, action.action, action.text, action.local_transaction_id)
+        except (sqlite3.Error, OSError) as exc:
+            self.log.error("queue_write_failed", action=action.action, error=str(exc))
+            self._wallbox_out.put(build_error(action.msg_id, "InternalError",
+                                              "backend unreachable and the proxy could not store the frame"))
+            return
+        self._set_queued(self.queued + 1)
+        self._wallbox_out.put(action.answer)
+
+    def _set_queued(self, depth: int) -> None:
+        self.queued = depth
+        for listener in self.listeners:
+            listener.queue_depth(self, depth)
+
+    async def _replay(self) -> None:
+        """Send stored CALLs to the primary, in order, one at a time, before live traffic."""
+        assert self.queue is not None
+        while True:
+            keep, drop = replay_plan(await self.queue.pending(self.charger_id))
+            self._set_queued(len(keep) + len(drop))
+            for entry in drop:
+                await self.queue.delivered(entry.row)
+                self._set_queued(self.queued - 1)
+            if not keep and not drop:
+                break  # no await since pending() was read: nothing new can have been stored
+            for entry in keep:
+                await self._replay_one(entry)
+        self.session.replay_finished()
+        self.log.info("replay_finished")
+
+    async def _replay_one(self, entry: Stored) -> None:
+        frame = classify(entry.text)
+        text = entry.text
+        if entry.action in TRANSACTION_ACTIONS:
+            text = map_transaction(frame, self.session.transactions)
+        msg_id = frame.msg_id or ""
+        while True:
+            event, box = trio.Event(), list[Frame]()
+            self._replay_waiters[msg_id] = (event, box)
+            await self._execute(self.session.replay_call(frame, text, trio.current_time()))
+            with trio.move_on_after(self.settings.call_timeout):
+                await event.wait()
+            self._replay_waiters.pop(msg_id, None)
+            if box:
+                break
+            self.log.warning("replay_unanswered", action=entry.action, msg_id=msg_id)
+        answer = box[0]
+        backend_tx = None
+        if answer.kind is MessageType.CALLERROR:
+            self.log.warning("replay_refused", action=entry.action, msg_id=msg_id, error=answer.action)
+        elif entry.action == "StartTransaction" and entry.local_transaction_id is not None:
+            backend_tx = started_transaction(answer)
+            if backend_tx is not None:
+                self.session.transactions[entry.local_transaction_id] = backend_tx
+        await self.queue.delivered(entry.row, self.charger_id, entry.local_transaction_id, backend_tx)  # type: ignore[union-attr]
+        self._set_queued(self.queued - 1)
+
+    def _check(self, message: str | bytes) -> str:
+        if not isinstance(message, str):
+            raise _Violation(closecodes.UNSUPPORTED_DATA, "binary frames are not OCPP-J")
+        limit = self.settings.max_message_bytes
+        # trio-websocket limits characters; a UTF-8 frame can be up to 4x longer in bytes.
+        if len(message) * 4 > limit and len(message.encode("utf-8")) > limit:
+            raise _Violation(closecodes.MESSAGE_TOO_BIG, f"frame over {limit} bytes")
+        return message
+
+    async def _handle(self, source: str, actions: list[Action]) -> None:
+        if self.listeners:
+            frame = self.session.last_frame
+            if frame is not None:
+                for listener in self.listeners:
+                    listener.frame_received(self, source, frame, len(frame.text))
+        await self._dispatch_all(actions)
+
+    async def _execute(self, actions: list[Action]) -> None:
+        await self._dispatch_all(actions)
+        await self._flush()
+
+    async def _dispatch_all(self, actions: list[Action]) -> None:
+        """Dispatch in order; a Persist is committed before anything after it is queued."""
+        start = 0
+        for index, action in enumerate(actions):
+            if type(action) is Persist:
+                self._dispatch(actions[start:index])
+                await self._persist(action)
+                start = index + 1
+        self._dispatch(actions[start:] if start else actions)
+
+    def _dispatch(self, actions: list[Action]) -> None:
+        for action in actions:
+            kind = type(action)
+            if kind is ToWallbox:
+                self._wallbox_out.put(action.text)  # type: ignore[union-attr]
+            elif kind is ToUpstream:
+                outbox = self._upstream_out.get(action.name)  # type: ignore[union-attr]
+                if outbox is not None:
+                    outbox.put(action.text)  # type: ignore[union-attr]
+            else:
+                self._notify(action)
+        deadline = self.session.next_deadline()
+        if deadline is not None and deadline < self._timer.deadline:
+            self._timer.deadline = deadline
+
+    async def _flush(self) -> None:
+        # An empty outbox has nothing to write or wait for: skip the call.
+        if self._wallbox_out.pending:
+            await self._wallbox_out.flush()
+        for outbox in list(self._upstream_out.values()):  # a link may (re)connect meanwhile
+            if outbox.pending:
+                await outbox.flush()
+
+    def _notify(self, action: Action) -> None:
+        if isinstance(action, Replayed):
+            replay = self._replay_waiters.get(action.call.msg_id or "")
+            if replay is not None:
+                replay[1].append(action.answer)
+                replay[0].set()
+        elif isinstance(action, (ProxyAnswer, ProxyCallFailed)):
+            waiter = self._waiters.get(action.msg_id)
+            if waiter is not None:
+                waiter[1].append(action.frame if isinstance(action, ProxyAnswer) else action.reason)
+                waiter[0].set()
+        elif isinstance(action, Malformed):
+            self.log.warning("malformed_frame", source=action.source, problem=action.problem,
+                             dropped=action.dropped, head=action.frame.text[:200])
+        for listener in self.listeners:
+            listener.action(self, action)
+
+    # -- timers ---------------------------------------------------------------------
+
+    async def _run_timers(self, nursery: trio.Nursery) -> None:
+        """Session deadlines and ping rounds, in one sleeping task per pair.
+
+        (A second task just for pings cost about 2 KiB per idle pair.) A ping
+        round runs as its own short task; the next one is due ``ping_interval``
+        after it ended, as before.
+        """
+        interval = self.settings.ping_interval
+        self._next_ping = trio.current_time() + interval if interval > 0 else float("inf")
+        while True:
+            deadline = self.session.next_deadline()
+            wake = self._next_ping if deadline is None else min(deadline, self._next_ping)
+            with trio.CancelScope(deadline=wake) as self._timer:
+                await trio.sleep_forever()
+            now = trio.current_time()
+            if now >= self._next_ping:
+                self._next_ping = float("inf")  # until this round is over
+                nursery.start_soon(self._ping_round, interval)
+            await self._execute(self.session.poll(now))
+
+    async def _ping_round(self, interval: float) -> None:
+        legs: dict[str, Connection] = {WALLBOX: self.wallbox, **self.upstreams}
+        async with trio.open_nursery() as nursery:
+            for side, connection in legs.items():
+                nursery.start_soon(self._ping, side, connection, interval)
+        self._next_ping = trio.current_time() + interval
+        if self._next_ping < self._timer.deadline:
+            self._timer.deadline = self._next_ping
+
+    async def _ping(self, side: str, connection: Connection, timeout: float) -> None:
+        with trio.move_on_after(timeout) as scope:
+            try:
+                await connection.ping()
+            except ConnectionClosed:
+                return  # the reader task reports the close
+        if not scope.cancelled_caught:
+            return
+        self.log.warning("ping_timeout", side=side, seconds=timeout)
+        if side in self.reconnect:  # a dead upstream is dropped and reopened; the wallbox stays
+            await _drop(connection)
+            return
+        await self._end(side, 1006, "no pong", mirror=True, dead=True)
+
+    # -- teardown -----------------------------------------------------------------------
+
+    async def _violation(self, side: str, exc: _Violation) -> None:
+        self.log.warning("frame_refused", side=side, code=exc.code, reason=exc.reason)
+        for listener in self.listeners:
+            listener.frame_rejected(self, side, exc.code, exc.reason)
+        connection = self._leg(side)
+        with trio.move_on_after(self.settings.close_timeout):
+            await connection.aclose(exc.code, exc.reason)
+        if side not in (WALLBOX, self.session.primary):
+            return  # a secondary misbehaved: only its leg closes (and is reopened)
+        code, reason = closecodes.after_violation(side, exc.code)
+        await self._end(side, exc.code, exc.reason, mirror=False, other=(code, reason))
+
+    async def _end(self, side: str, code: int, reason: str, *, mirror: bool, close_all: bool = False,
+                   other: tuple[int, str] | None = None, dead: bool = False) -> None:
+        """First close wins: log it, close the remaining legs, cancel the pair's tasks.
+
+        ``dead``: ``side`` stopped answering; its socket is dropped without
+        waiting for a close handshake that will never come.
+        """
+        if self._ending:
+            return
+        self._ending = True
+        self.close_info = (side, code, reason)
+        self.log.info("session_closing", closed_by=side, code=code, reason=reason)
+        if dead:
+            await _drop(self._leg(side))
+        out_code, out_reason = (closecodes.mirror(code, reason, side) if mirror
+                                else other or (code, closecodes.truncate(reason)))
+        legs = {WALLBOX: self.wallbox, **self.upstreams}
+        with trio.move_on_after(self.settings.close_timeout):
+            async with trio.open_nursery() as nursery:
+                for name, connection in legs.items():
+                    if close_all or name != side:
+                        nursery.start_soon(connection.aclose, out_code, out_reason)
+        if self._cancel is not None:
+            self._cancel.cancel()
+
+    def _leg(self, side: str) -> Connection:
+        return self.wallbox if side == WALLBOX else self.upstreams[side]
+
+
+async def _drop(connection: Connection) -> None:
+    """Close a connection whose peer stopped answering, without waiting for a close handshake."""
+    with trio.CancelScope() as scope:
+        scope.cancel()  # a cancelled aclose still closes the socket
+        await connection.aclose(closecodes.GOING_AWAY, "no pong")

@@ -1,0 +1,175 @@
+"""Secondary upstreams of a wallbox: what outlives a session, and how they are opened.
+
+A secondary's connection is an upstream link of its paired session like the
+primary's (:meth:`proxy.runtime.relay.PairedSession._link`): opened after the wallbox
+was admitted, reopened with backoff while the wallbox stays, and its loss
+never ends the pair. Its frames go through its :class:`~proxy.core.mirror.Mirror`
+(sans-IO), which keeps what it is owed while it is away or slow.
+
+:class:`Secondaries` is the server's part: one Mirror per (charger,
+secondary) for the life of the proxy, so a wallbox that reconnects does not
+lose what its secondaries have not received yet; their durable copy
+(:mod:`proxy.storage.secondary_store`, in the offline queue's SQLite file), restored at
+start-up and written behind the sessions by :meth:`Secondaries.run` so no
+wallbox or primary frame waits for a disk; and the
+:class:`~proxy.runtime.relay.Listener` that feeds that writer and logs what
+secondaries miss or are refused.
+"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from proxy.config import ChargerBase, Config, SecondaryTarget
+from proxy.ops.logs import get_logger
+from proxy.core.mirror import (
+    Mirror,
+    MirrorDropped,
+    MirrorQueued,
+    MirrorStartKnown,
+    MirrorState,
+    MirrorUnqueued,
+    TxMapped,
+)
+from proxy.storage.secondary_store import MirrorStore, Record, Restored
+from proxy.core.policy import CommandPolicy
+from proxy.runtime.relay import Listener, PairedSession
+from proxy.core.session import PRIMARY, Action, Policed, Session
+from proxy.runtime.upstream import open_upstream
+
+#: The SQLite file shared with the offline queue (in ``[offline] data_dir``).
+DB_NAME = "queue.sqlite3"
+
+
+class Secondaries:
+    """What the server keeps for secondaries across sessions: mirrors, the id store, their listener."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.mirrors: dict[tuple[str, str], Mirror] = {}
+        self.store: MirrorStore | None = None
+        self.listener = SecondaryListener(self)
+        self._restored: dict[tuple[str, str], Restored] = {}
+        self._pending: list[tuple[str, Record]] = []
+        self._wake = trio.Event()
+        self._writing = False
+        self._progress = trio.Event()
+
+    @property
+    def configured(self) -> bool:
+        return any(self.config.secondaries_for(c) for c in self.config.all_chargers)
+
+    def open(self) -> None:
+        """Open the store and read it at start-up (a bad path stops the proxy here)."""
+        if self.configured and self.store is None:
+            self.store = MirrorStore(Path(self.config.offline.data_dir) / DB_NAME)
+            self._restored = self.store.restore()
+
+    def record(self, charger: str, record: Record) -> None:
+        """Queue a change for the writer (called from sessions; never blocks)."""
+        if self.store is not None:
+            self._pending.append((charger, record))
+            self._wake.set()
+
+    async def run(self) -> None:
+        """The writer: applies recorded changes in order, in a worker thread, until cancelled."""
+        try:
+            while True:
+                await self._wake.wait()
+                self._wake = trio.Event()
+                batch, self._pending = self._pending, []
+                self._writing = True
+                try:
+                    if self.store is not None:
+                        await trio.to_thread.run_sync(self.store.apply, batch)
+                except (sqlite3.Error, OSError) as exc:  # the secondaries go on, only less durably
+                    get_logger().error("secondary_store_failed", error=str(exc), records=len(batch))
+                finally:
+                    self._writing = False
+                    self._progress.set()
+                    self._progress = trio.Event()
+        finally:
+            self.flush()
+
+    async def written(self) -> None:
+        """Wait until everything recorded so far is in the store (needs :meth:`run` running)."""
+        while self._pending or self._writing:
+            await self._progress.wait()
+
+    def flush(self) -> None:
+        """Write what is still pending (shutdown); synchronous."""
+        batch, self._pending = self._pending, []
+        if self.store is not None and batch:
+            try:
+                self.store.apply(batch)
+            except (sqlite3.Error, OSError) as exc:
+                get_logger().error("secondary_store_failed", error=str(exc), records=len(batch))
+
+    def close(self) -> None:
+        self.flush()
+        if self.store is not None:
+            self.store.close()
+            self.store = None
+
+    def attach(self, session: Session, charger: ChargerBase) -> None:
+        """Give a new session its secondaries (names, mirrors) and the command policy."""
+        targets = self.config.secondaries_for(charger)
+        session.upstreams = (PRIMARY, *(t.name for t in targets))
+        session.mirrors = {t.name: self._mirror(charger, t) for t in targets}
+        tables = {PRIMARY: self.config.primary_policy(charger), **{t.name: t.settings.policy for t in targets}}
+        session.policy = CommandPolicy(PRIMARY, tables)
+
+    def connectors(self, charger: ChargerBase,
+                   subprotocol: str | None) -> dict[str, Callable[[], AbstractAsyncContextManager[Any]]]:
+        """How each secondary is opened: its own URL, identity and TLS, the wallbox's subprotocol."""
+        server = self.config.server
+        offered = [subprotocol] if subprotocol else []
+        return {t.name: functools.partial(open_upstream, t.target, offered,
+                                          max_message_size=server.max_message_bytes,
+                                          close_timeout=server.close_timeout)
+                for t in self.config.secondaries_for(charger)}
+
+    def _mirror(self, charger: ChargerBase, target: SecondaryTarget) -> Mirror:
+        key = (charger.id, target.name)
+        mirror = self.mirrors.get(key)
+        if mirror is None:
+            stored = self._restored.pop(key, Restored())
+            mirror = self.mirrors[key] = Mirror(
+                target.name, forward_actions=target.forward_actions, queue_limit=target.settings.queue_limit,
+                call_timeout=self.config.server.call_timeout, replay_rate=target.settings.replay_rate,
+                transactions=stored.transactions, queued=stored.queued, state=stored.state, starts=stored.starts)
+        return mirror
+
+
+class SecondaryListener(Listener):
+    """Hands mirror changes to the writer; logs new id pairs, frames a secondary will not get, refusals."""
+
+    def __init__(self, secondaries: Secondaries) -> None:
+        self.secondaries = secondaries
+
+    def action(self, paired: PairedSession, action: Action) -> None:
+        kind = type(action)
+        if kind in _RECORDS:
+            self.secondaries.record(paired.charger_id, action)  # type: ignore[arg-type]
+        if kind is TxMapped:
+            mapped: TxMapped = action  # type: ignore[assignment]
+            paired.log.info("secondary_transaction", upstream=mapped.upstream, wallbox_tx=mapped.wallbox_tx,
+                            upstream_tx=mapped.upstream_tx)
+        elif kind is MirrorDropped:
+            dropped: MirrorDropped = action  # type: ignore[assignment]
+            paired.log.warning("secondary_frame_dropped", upstream=dropped.upstream, action=dropped.action,
+                               reason=dropped.reason)
+        elif kind is Policed:
+            policed: Policed = action  # type: ignore[assignment]
+            paired.log.info("command_refused" if policed.mode == "reject" else "command_answered",
+                            upstream=policed.upstream, action=policed.action)
+
+
+_RECORDS = (TxMapped, MirrorQueued, MirrorUnqueued, MirrorState, MirrorStartKnown)

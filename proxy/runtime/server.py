@@ -1,0 +1,352 @@
+"""The wallbox-facing listener (trio): accept, authenticate, pair, relay.
+
+Each TCP connection gets one nursery. In it: the WebSocket handshake (bounded
+by ``handshake_timeout``), the decision from :mod:`proxy.core.admission`, the
+upstream connection, and then the :class:`~proxy.runtime.relay.PairedSession`. When the
+handler returns, that nursery is gone and with it every task and socket of the
+pair.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+from collections.abc import Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from proxy.wire import closecodes
+from proxy.wire import connection as wsconn
+from proxy.config import Config, ModbusChargerSettings, parse_listen
+from proxy.core.admission import Admit, Refuse, check_client_certificate, decide
+from proxy.loadmgmt.driver import Limiter
+from proxy.wire.local import LocalConnection
+from proxy.ops.logs import get_logger
+from proxy.core.offline import OfflineResponder, OfflineSettings
+from proxy.storage.offline_queue import AsyncQueue
+from proxy.wire.tls_listener import Secured, SecureLayer
+from proxy.runtime.relay import Connection, Listener, PairedSession, SessionSettings
+from proxy.runtime.secondary import Secondaries
+from proxy.core.session import PRIMARY, Session
+from proxy.runtime.upstream import UpstreamUnavailable, open_upstream
+
+if TYPE_CHECKING:
+    from proxy.modbus.wallbox import VirtualWallbox
+
+
+class ProxyServer:
+    def __init__(self, config: Config, *, listeners: Sequence[Listener] = ()) -> None:
+        self.config = config
+        self.log = get_logger()
+        #: Load management; idle (injects nothing) without [site], meter or EMS.
+        self.limiter = Limiter(config, log=self.log)
+        self.listeners = [*listeners, self.limiter]
+        self.sessions: dict[str, PairedSession] = {}
+        #: Modbus wallboxes presented as charge points (``[[modbus_chargers]]``), by id.
+        self.virtual: dict[str, VirtualWallbox] = {}
+        self.ports: list[int] = []
+        self._changed = trio.Event()
+        self._accepting: trio.CancelScope | None = None
+        self.ready = trio.Event()
+        self._secure: SecureLayer
+        self._queue: AsyncQueue | None = None
+        #: Secondary upstreams: mirrors kept across sessions, their transaction ids (issue 10).
+        self.secondaries = Secondaries(config)
+        if self.secondaries.configured:
+            self.listeners.append(self.secondaries.listener)
+
+    # -- lifetime -----------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen until cancelled or :meth:`stop`; reports the bound ports."""
+        self._secure = SecureLayer(self.config.server, self.log)  # certificate problems stop start-up
+        if self.config.offline.enabled and self._queue is None:
+            self._queue = AsyncQueue(Path(self.config.offline.data_dir) / "queue.sqlite3")
+        self.secondaries.open()
+        host, port = parse_listen(self.config.server.listen)
+        listeners = await trio.open_tcp_listeners(port, host=host or None)
+        self.ports = sorted({lst.socket.getsockname()[1] for lst in listeners})
+        self.log.info("listening", address=self.config.server.listen, ports=self.ports,
+                      tls=self.config.server.tls)
+        try:
+            async with trio.open_nursery() as background:
+                background.start_soon(self.secondaries.run)  # writes behind the sessions
+                async with trio.open_nursery() as connections:
+                    await connections.start(self.limiter.run)
+                    with trio.CancelScope() as self._accepting:
+                        async with trio.open_nursery() as accepting:
+                            for listener in listeners:
+                                accepting.start_soon(self._accept, listener, connections)
+                            for charger in self.config.modbus_chargers:  # they "connect" like wallboxes
+                                accepting.start_soon(self._virtual, charger, connections)
+                            self.ready.set()
+                            task_status.started(self.ports)
+                    # stop(): no new connections; free the port at once (a restart may bind it
+                    # again) while the open sessions close gracefully in `connections`.
+                    self.limiter.stop()  # closing sessions get no new limits
+                    for listener in listeners:
+                        await trio.aclose_forcefully(listener)
+                background.cancel_scope.cancel()
+        finally:
+            self.secondaries.close()
+            for listener in listeners:
+                await trio.aclose_forcefully(listener)
+
+    async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
+        """Accept until cancelled; running out of file descriptors pauses instead of failing."""
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:
+                if exc.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                self.log.error("accept_paused", error=exc.strerror)
+                await trio.sleep(0.1)
+                continue
+            connections.start_soon(self._handle_stream, stream)
+
+    async def _virtual(self, charger: ModbusChargerSettings, connections: trio.Nursery) -> None:
+        from proxy.modbus.wallbox import VirtualWallbox
+
+        def open_session(wallbox: LocalConnection) -> None:
+            connections.start_soon(self.serve_virtual, charger, wallbox)
+
+        log = self.log.bind(charger=charger.id)
+        while True:  # like one connection, one virtual charge point must never stop the server
+            virtual = VirtualWallbox(charger, open_session, log=log, data_dir=self.config.offline.data_dir,
+                                     call_timeout=self.config.server.call_timeout,
+                                     retry_max=self.config.offline.reconnect_max,
+                                     health=functools.partial(self._modbus_wallbox, charger.id))
+            self.virtual[charger.id] = virtual
+            try:
+                await virtual.run()
+            except Exception as exc:  # noqa: BLE001 - logged; it starts again from its stored transaction
+                log.error("virtual_charge_point_failed", error=_describe(exc), restart_in=_VIRTUAL_RESTART)
+            await trio.sleep(_VIRTUAL_RESTART)
+
+    def _modbus_wallbox(self, charger_id: str, up: bool) -> None:
+        for listener in self.listeners:
+            listener.modbus_wallbox(charger_id, up)
+
+    async def stop(self, code: int = closecodes.GOING_AWAY, reason: str = "proxy shutting down") -> None:
+        """Stop accepting, close every session with ``code``, wait until they are gone."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+        async with trio.open_nursery() as nursery:
+            for paired in list(self.sessions.values()):
+                nursery.start_soon(paired.shutdown, code, reason)
+        await self.wait_sessions(0)
+
+    def reload(self, config: Config) -> None:
+        """New settings for new connections and for load management; open sessions stay.
+
+        Virtual charge points keep running as started (see :func:`proxy.runtime.reload.needs_restart`)
+        and take the new current limits.
+        """
+        self.config = config
+        for charger in config.modbus_chargers:
+            if charger.id in self.virtual:
+                self.virtual[charger.id].reconfigure(charger)
+        self.limiter.reconfigure(config)
+        self.log.info("config_reloaded", chargers=len(config.chargers), site=config.site is not None)
+
+    async def wait_sessions(self, count: int) -> None:
+        """Wait until exactly ``count`` paired sessions are open (tests, shutdown)."""
+        while len(self.sessions) != count:
+            await self._changed.wait()
+
+    def _changed_now(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()
+
+    # -- one connection -------------------------------------------------------------------
+
+    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+        """One connection; whatever goes wrong in it is logged and stays in it."""
+        peer = _peer(stream)
+        try:
+            try:
+                secured = await self._secure.wrap(stream, peer)
+            except trio.TooSlowError:
+                self._handshake_timed_out(peer)
+                return
+            if secured is None:
+                return
+            async with trio.open_nursery() as nursery:
+                await self._handle_connection(nursery, secured, peer)
+                nursery.cancel_scope.cancel()
+        except Exception as exc:  # noqa: BLE001 - one connection must never stop the server
+            self.log.error("connection_failed", peer=peer, error=_describe(exc))
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _handle_connection(self, nursery: trio.Nursery, secured: Secured, peer: str) -> None:
+        server = self.config.server
+        request = None
+        with trio.move_on_after(server.handshake_timeout):
+            request = await wsconn.wrap_server_stream(
+                nursery, secured.stream, max_message_size=server.max_message_bytes, close_timeout=server.close_timeout)
+        if request is None:
+            self._handshake_timed_out(peer)
+            return
+        decision = decide(self.config, request.path, request.headers, request.proposed_subprotocols)
+        if isinstance(decision, Admit) and secured.tls:
+            decision = check_client_certificate(decision, secured.client_cn, server)
+        if isinstance(decision, Refuse):
+            await self._refuse(request, decision, peer)
+            return
+        await self._admit(nursery, request, decision, peer)
+
+    async def _refuse(self, request: wsconn.WsRequest, refusal: Refuse, peer: str) -> None:
+        self.log.warning("handshake_refused", peer=peer, charger=refusal.charge_box_id,
+                         status=refusal.status, reason=refusal.reason, detail=refusal.detail)
+        with trio.move_on_after(self.config.server.close_timeout):
+            await request.reject(refusal.status, extra_headers=refusal.headers,
+                                 body=f"{refusal.reason}\n".encode())
+        self._tell_refused(refusal)
+
+    def _handshake_timed_out(self, peer: str) -> None:
+        seconds = self.config.server.handshake_timeout
+        self.log.warning("handshake_timeout", peer=peer, seconds=seconds)
+        self._tell_refused(Refuse(408, "handshake_timeout", f"no handshake in {seconds:g} s"))
+
+    def _tell_refused(self, refusal: Refuse) -> None:
+        for listener in self.listeners:
+            listener.handshake_refused(refusal)
+
+    async def _admit(self, nursery: trio.Nursery, request: wsconn.WsRequest, admit: Admit, peer: str) -> None:
+        async def refuse(exc: UpstreamUnavailable) -> None:
+            await self._refuse(request, Refuse(exc.status, "upstream_unavailable", exc.reason, admit.charger.id),
+                               peer)
+
+        await self._pair(admit, peer, functools.partial(_accept_request, request), refuse)
+
+    async def _pair(self, admit: Admit, peer: str, accept: Callable[[str | None], Awaitable[Connection]],
+                    refuse: Callable[[UpstreamUnavailable], Awaitable[None]]) -> None:
+        """Open the upstream, then relay; an unreachable backend is an outage (5xx) or a refusal (4xx)."""
+        log = self.log.bind(charger=admit.charger.id)
+        async with AsyncExitStack() as stack:
+            try:
+                upstream = await stack.enter_async_context(self._connector(admit)())
+            except UpstreamUnavailable as exc:
+                log.warning("upstream_unavailable", peer=peer, url=admit.upstream.url, reason=exc.reason,
+                            status=exc.status)
+                if not (self._queue is not None and exc.status >= 500):  # a 4xx is configuration, not an outage
+                    await refuse(exc)
+                    return
+                upstream = None
+            await self._relay(accept, admit, upstream, peer, log)
+
+    def _connector(self, admit: Admit) -> Callable[[], AbstractAsyncContextManager[wsconn.WsConnection]]:
+        server = self.config.server
+        return functools.partial(open_upstream, admit.upstream, admit.subprotocols,
+                                 max_message_size=server.max_message_bytes, close_timeout=server.close_timeout)
+
+    async def serve_virtual(self, charger: ModbusChargerSettings, wallbox: LocalConnection) -> None:
+        """A virtual charge point's session: paired like a wallbox's, without a handshake.
+
+        The upstream refusing (4xx) or being down without offline mode closes
+        ``wallbox`` with 1008 or 1013 and the reason; its runner retries later.
+        """
+        # the upstream settings as they are now: a reload applies them at the next session, as for a wallbox
+        charger = next((c for c in self.config.modbus_chargers if c.id == charger.id), charger)
+        admit = Admit(charger, self.config.upstream_for(charger), (wallbox.subprotocol,), known=True)
+        peer = f"modbus:{charger.modbus}"
+
+        async def refuse(exc: UpstreamUnavailable) -> None:
+            code = closecodes.TRY_AGAIN_LATER if exc.status >= 500 else closecodes.POLICY_VIOLATION
+            await wallbox.aclose(code, closecodes.truncate(f"upstream: {exc.reason}"))
+
+        try:
+            await self._pair(admit, peer, _accept_local(wallbox), refuse)
+        except Exception as exc:  # noqa: BLE001 - as for a socket connection: logged, contained
+            self.log.error("connection_failed", charger=charger.id, peer=peer, error=_describe(exc))
+            await wallbox.aclose(closecodes.INTERNAL_ERROR, "proxy error")
+
+    async def _relay(self, accept: Callable[[str | None], Awaitable[Connection]], admit: Admit,
+                     upstream: wsconn.WsConnection | None, peer: str, log: Any) -> None:
+        charger_id = admit.charger.id
+        subprotocol = upstream.subprotocol if upstream is not None else admit.subprotocols[0]
+        session = await self._new_session(charger_id)
+        self.secondaries.attach(session, admit.charger)
+        queued = (await self._queue.depth(charger_id))[0] if self._queue is not None else 0
+        wallbox = await accept(subprotocol)
+        log.info("session_opened", peer=peer, upstream=admit.upstream.url, subprotocol=subprotocol,
+                 known=admit.known, offline=upstream is None)
+        reconnect = {PRIMARY: self._connector(admit)} if self._queue is not None else {}
+        secondaries = self.secondaries.connectors(admit.charger, subprotocol)  # opened by the pair's links
+        reconnect.update(secondaries)
+        upstreams = {PRIMARY: upstream, **dict.fromkeys(secondaries)}
+        paired = PairedSession(charger_id, session, wallbox, upstreams, log=log,
+                               settings=self._session_settings(), listeners=self.listeners,
+                               reconnect=reconnect, queue=self._queue, queued=queued)
+        await self._register(paired)
+        try:
+            await paired.run()
+        finally:
+            if self.sessions.get(charger_id) is paired:
+                del self.sessions[charger_id]
+                self._changed_now()
+            side, code, reason = paired.close_info or ("proxy", 1001, "")
+            log.info("session_closed", closed_by=side, code=code, reason=reason)
+
+    async def _register(self, paired: PairedSession) -> None:
+        """A wallbox that reconnects replaces its old session (the old TCP may be half-dead)."""
+        old = self.sessions.get(paired.charger_id)
+        self.sessions[paired.charger_id] = paired
+        self._changed_now()
+        if old is not None:
+            old.log.info("session_replaced")
+            await old.shutdown(closecodes.GOING_AWAY, "replaced by a new connection")
+
+    async def _new_session(self, charger_id: str) -> Session:
+        server = self.config.server
+        session = Session(charger_id, call_timeout=server.call_timeout, strict=server.strict)
+        if self._queue is not None:
+            offline = self.config.offline
+            settings = OfflineSettings(offline.heartbeat_interval, offline.auth, frozenset(offline.local_list),
+                                       offline.data_transfer)
+            session.offline = OfflineResponder(settings, last_local_id=await self._queue.last_local_tx(charger_id))
+            session.transactions = await self._queue.transactions(charger_id)
+        return session
+
+    def _session_settings(self) -> SessionSettings:
+        server, offline = self.config.server, self.config.offline
+        return SessionSettings(max_message_bytes=server.max_message_bytes, ping_interval=server.ping_interval,
+                               close_timeout=server.close_timeout, call_timeout=server.call_timeout,
+                               reconnect_min=offline.reconnect_min, reconnect_max=offline.reconnect_max)
+
+
+#: Seconds before a virtual charge point that failed is started again.
+_VIRTUAL_RESTART = 5.0
+
+#: accept() failures that mean "too busy right now", not "broken" (as in trio.serve_listeners).
+_ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+async def _accept_request(request: wsconn.WsRequest, subprotocol: str | None) -> Connection:
+    return await request.accept(subprotocol=subprotocol)
+
+
+def _accept_local(connection: LocalConnection) -> Callable[[str | None], Awaitable[Connection]]:
+    async def accept(subprotocol: str | None) -> Connection:
+        return connection
+    return accept
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup):
+        return "; ".join(_describe(e) for e in exc.exceptions)
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _peer(stream: Any) -> str:
+    sock = getattr(stream, "socket", None)
+    try:
+        host, port = sock.getpeername()[:2] if sock is not None else ("?", 0)
+    except OSError:
+        return "?"
+    return f"{host}:{port}"

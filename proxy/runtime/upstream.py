@@ -1,0 +1,119 @@
+"""Opening the connection to a backend (trio).
+
+:func:`open_upstream` turns an :class:`UpstreamTarget` into an open WebSocket
+or an :class:`UpstreamUnavailable` that says why, with the HTTP status the
+wallbox should see if its own handshake is refused because of it.
+"""
+
+from __future__ import annotations
+
+import base64
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from urllib.parse import urlsplit
+
+import trio
+import trio_websocket
+
+from proxy.wire import connection as wsconn
+from proxy.config import UpstreamTarget
+
+Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
+from proxy.wire.tls import client_context
+
+
+class UpstreamUnavailable(Exception):
+    def __init__(self, reason: str, status: int) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        #: Status for the wallbox: the backend's own 4xx is passed on
+        #: (an unknown id stays unknown), network trouble becomes 502/504.
+        self.status = status
+
+
+def client_ssl_context(target: UpstreamTarget) -> ssl.SSLContext:
+    """TLS towards the backend: configured CAs (else system trust), optional client cert."""
+    return client_context(target.ca, target.client_cert, target.client_key)
+
+
+def auth_headers(target: UpstreamTarget) -> list[tuple[bytes, bytes]]:
+    if not target.password:
+        return []
+    token = base64.b64encode(f"{target.identity}:{target.password}".encode())
+    return [(b"Authorization", b"Basic " + token)]
+
+
+@asynccontextmanager
+async def open_upstream(target: UpstreamTarget, subprotocols: Sequence[str], *, max_message_size: int,
+                        close_timeout: float = 5.0,
+                        ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[wsconn.WsConnection]:
+    """The upstream WebSocket for the duration of the block.
+
+    TCP and TLS are opened here, before the WebSocket handshake, so a
+    certificate the proxy does not trust is reported as such. The connection
+    (:mod:`proxy.wire.connection`) runs no task of its own: a backend that refuses the
+    handshake surfaces here as :class:`UpstreamUnavailable`.
+    """
+    parts = urlsplit(target.url)
+    secure = parts.scheme == "wss"
+    host, port = parts.hostname or "", parts.port or (443 if secure else 80)
+    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    with trio.move_on_after(target.connect_timeout) as deadline:
+        stream = await _open_stream(target, host, port, ssl_context if secure else None, secure)
+    if deadline.cancelled_caught:
+        raise UpstreamUnavailable(f"no answer within {target.connect_timeout:g} s", 504)
+    try:
+        async with _websocket(stream, target, host if parts.port is None else f"{host}:{port}", resource,
+                              subprotocols, max_message_size, close_timeout) as connection:
+            yield connection
+    finally:
+        await trio.aclose_forcefully(stream)
+
+
+async def _open_stream(target: UpstreamTarget, host: str, port: int, context: ssl.SSLContext | None,
+                       secure: bool) -> Stream:
+    try:
+        tcp = await trio.open_tcp_stream(host, port)
+    except OSError as exc:
+        raise UpstreamUnavailable(f"cannot connect: {exc.strerror or exc}", 502) from exc
+    if not secure:
+        return tcp
+    try:
+        context = context or client_ssl_context(target)
+    except (OSError, ssl.SSLError) as exc:
+        await tcp.aclose()
+        raise UpstreamUnavailable(f"TLS settings unusable: {exc}", 502) from exc
+    tls = trio.SSLStream(tcp, context, server_hostname=host)
+    try:
+        await tls.do_handshake()
+    except trio.BrokenResourceError as exc:
+        await trio.aclose_forcefully(tls)
+        cause = exc.__cause__
+        reason = f"{getattr(cause, 'reason', '')}: {cause}" if cause else str(exc)
+        raise UpstreamUnavailable(f"TLS handshake failed: {reason}", 502) from exc
+    return tls
+
+
+@asynccontextmanager
+async def _websocket(stream: Stream, target: UpstreamTarget, host: str, resource: str,
+                     subprotocols: Sequence[str], max_message_size: int,
+                     close_timeout: float) -> AsyncIterator[wsconn.WsConnection]:
+    connection: wsconn.WsConnection | None = None
+    with trio.move_on_after(target.connect_timeout):
+        try:
+            connection = await wsconn.wrap_client_stream(
+                stream, host, resource, subprotocols=list(subprotocols), extra_headers=auth_headers(target),
+                max_message_size=max_message_size, close_timeout=close_timeout)
+        except trio_websocket.ConnectionRejected as exc:
+            status = exc.status_code if 400 <= exc.status_code < 500 else 502
+            raise UpstreamUnavailable(f"backend refused the handshake with HTTP {exc.status_code}", status) from exc
+        except (trio_websocket.HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise UpstreamUnavailable(f"WebSocket handshake failed: {type(exc).__name__} {exc}", 502) from exc
+    if connection is None:
+        raise UpstreamUnavailable(f"no WebSocket handshake within {target.connect_timeout:g} s", 504)
+    try:
+        yield connection
+    finally:
+        with trio.move_on_after(close_timeout):
+            await connection.aclose()

@@ -1,0 +1,531 @@
+"""Lean WebSocket connections for the relay (trio): the ``relay.Connection`` protocol.
+
+Why not trio-websocket on the hot path: per frame it runs a reader task, a
+memory channel hop, a lock, wsproto's event objects and generators, and a 4 KiB
+receive buffer; profiles of the proxy at saturation showed that machinery
+taking most of the CPU. Here there is no task per connection: the caller of
+:meth:`WsConnection.get_message` reads the socket itself (answering pings and
+closes on the way), and :meth:`WsConnection.send_message` writes straight to
+the socket when it can take the bytes, waiting for writability only when not.
+Plain TCP connections use the socket directly; other streams (TLS) go through
+``receive_some``/``send_all``. All connections share one receive buffer: trio
+runs one task at a time and the bytes are copied out before any await.
+
+The surface is trio-websocket's, so callers and tests keep working: the same
+exceptions (:class:`~trio_websocket.ConnectionClosed` with a ``CloseReason``,
+``HandshakeError``, ``ConnectionRejected``, ``ConnectionTimeout``,
+``DisconnectionTimeout``), ``wrap_server_stream`` returning a request with
+``path``/``headers``/``proposed_subprotocols``/``accept``/``reject``, and
+``open_websocket_url``. The HTTP upgrade itself is wsproto's.
+
+Behaviour kept from trio-websocket: a peer's close is answered and reported as
+its code and reason (1005 when it gave none); a dropped TCP connection is 1006;
+a message over ``max_message_size`` closes with 1009 "Exceeded maximum message
+size"; a protocol error (1002) or invalid UTF-8 (1007) is sent to the peer
+(trio-websocket only dropped the TCP connection) and reported to the caller
+with its code; after a local close, pending and later messages
+are dropped, and a reader blocked in get_message keeps reading until the peer
+answers the close (then raises ConnectionClosed). Pings are answered only while
+someone reads (as with trio-websocket's queue of one).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import NoReturn, cast
+
+import trio
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    DisconnectionTimeout,
+    HandshakeError,
+)
+from wsproto import ConnectionType
+from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
+from wsproto.handshake import H11Handshake
+from wsproto.utilities import ProtocolError
+
+from proxy.wire import codec
+from proxy.wire.codec import BINARY, CLOSE, PING, PONG, TEXT, VIOLATION
+
+__all__ = ["CloseReason", "ConnectionClosed", "ConnectionRejected", "ConnectionTimeout",
+           "DisconnectionTimeout", "HandshakeError", "WsConnection", "WsRequest", "open_websocket_url",
+           "wrap_client_stream", "wrap_server_stream"]
+
+RECEIVE_SIZE = 262_144
+_buffer = bytearray(RECEIVE_SIZE)
+_view = memoryview(_buffer)
+_ABNORMAL = 1006
+_HANDSHAKE_LIMIT = 65_536
+
+
+class WsConnection:
+    """One open WebSocket connection (after the handshake)."""
+
+    def __init__(self, stream: trio.abc.Stream, *, client: bool, subprotocol: str | None,
+                 path: str, max_message_size: int, close_timeout: float = 5.0,
+                 leftover: bytes = b"") -> None:
+        self.stream = stream
+        self.subprotocol = subprotocol
+        self.path = path
+        self.is_client = client
+        self.close_timeout = close_timeout
+        sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        # trio's socket wraps a stdlib socket; using that directly skips trio's
+        # per-call checkpoints and retry helper (we do our own waiting).
+        self._raw: socket.socket | None = getattr(sock, "_sock", None)
+        self._parser = codec.FrameParser(from_client=not client, max_message_size=max_message_size)
+        # A list, not a deque: it rarely holds more than one message, and an
+        # empty deque costs 760 bytes per connection against a list's 56.
+        self._messages: list[str | bytes] = []
+        self._reason: CloseReason | None = None
+        self._close_sent = False
+        self._close_seen = trio.Event()
+        self._reading = False
+        self._send_lock = trio.Lock()
+        self._pings: OrderedDict[bytes, trio.Event] = OrderedDict()
+        self._stream_closed = False
+        self._leftover = leftover
+
+    @property
+    def closed(self) -> CloseReason | None:
+        return self._reason
+
+    # -- receiving ----------------------------------------------------------------------
+
+    async def get_message(self) -> str | bytes:
+        """The next message; raises ConnectionClosed once the connection is closed."""
+        messages = self._messages
+        while not messages:
+            if self._close_seen.is_set():
+                raise ConnectionClosed(self._reason)
+            if self._reading:  # aclose() is reading until the peer answers its close
+                await self._close_seen.wait()
+                continue
+            await self._read_once()
+        return messages.pop(0)
+
+    async def _read_once(self) -> None:
+        if self._reading:
+            raise trio.BusyResourceError("another task is already reading this WebSocket")
+        self._reading = True
+        try:
+            data = self._leftover or await self._receive()
+            self._leftover = b""
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            data = b""
+        finally:
+            self._reading = False
+        if not data:
+            self._lost()
+            return
+        await self._handle(self._parser.feed(data))
+
+    async def _receive(self) -> bytes:
+        raw = self._raw
+        if raw is None:
+            return bytes(await self.stream.receive_some(RECEIVE_SIZE))
+        while True:
+            await trio.lowlevel.wait_readable(raw)
+            try:
+                n = raw.recv_into(_buffer)
+            except (BlockingIOError, InterruptedError):
+                continue
+            return _view[:n].tobytes()
+
+    async def _handle(self, events: list[codec.Event]) -> None:
+        for opcode, value in events:
+            if opcode == TEXT or opcode == BINARY:
+                if self._reason is None or not self._close_sent:
+                    self._messages.append(value)  # type: ignore[arg-type]
+            elif opcode == PING:
+                if not self._close_sent:
+                    await self._send_frame(PONG, value)  # type: ignore[arg-type]
+            elif opcode == PONG:
+                self._pong(value)  # type: ignore[arg-type]
+            elif opcode == CLOSE:
+                await self._peer_closed(*cast(tuple[int, str], value))
+            elif opcode == VIOLATION:
+                await self._violation(*cast(tuple[int, str], value))
+
+    def _pong(self, payload: bytes) -> None:
+        """A pong answers its ping and every ping sent before it."""
+        if payload not in self._pings:
+            return
+        while self._pings:
+            key, event = self._pings.popitem(last=False)
+            event.set()
+            if key == payload:
+                break
+
+    async def _send_close_once(self, code: int, reason: str) -> None:
+        if not self._close_sent:
+            self._close_sent = True
+            try:
+                await self._write(codec.encode(CLOSE, codec.close_payload(code, reason), self.is_client))
+            except ConnectionClosed:
+                pass
+
+    async def _peer_closed(self, code: int, reason: str) -> None:
+        if self._reason is None:
+            self._reason = CloseReason(code, reason or None)
+        await self._send_close_once(code, reason)
+        self._finish()
+        await self._close_stream()
+
+    async def _violation(self, code: int, reason: str) -> None:
+        if self._reason is None:
+            self._reason = CloseReason(code, reason)
+        await self._send_close_once(code, reason)
+        self._finish()
+        if code != codec.MESSAGE_TOO_BIG:
+            await self._close_stream()
+
+    def _lost(self) -> None:
+        if self._reason is None:
+            self._reason = CloseReason(_ABNORMAL, None)
+        self._finish()
+
+    def _finish(self) -> None:
+        """No more frames will be read: wake whoever waits for a close or a pong."""
+        self._close_seen.set()
+        for event in self._pings.values():
+            event.set()
+        self._pings.clear()
+
+    # -- sending ------------------------------------------------------------------------
+
+    async def send_message(self, message: str | bytes) -> None:
+        if self._reason is not None or self._close_sent:
+            raise ConnectionClosed(self._reason or CloseReason(1000, None))
+        if isinstance(message, str):
+            await self._write(codec.encode(TEXT, message.encode("utf-8"), self.is_client))
+        elif isinstance(message, bytes):
+            await self._write(codec.encode(BINARY, message, self.is_client))
+        else:
+            raise ValueError("message must be str or bytes")
+
+    async def ping(self, payload: bytes | None = None) -> None:
+        """Send a ping and wait for its pong (raises ConnectionClosed if the connection ends)."""
+        if self._reason is not None:
+            raise ConnectionClosed(self._reason)
+        if payload is None:
+            payload = os.urandom(4)
+        if payload in self._pings:
+            raise ValueError(f"Payload value {payload!r} is already in flight.")
+        event = trio.Event()
+        self._pings[payload] = event
+        await self._send_frame(PING, payload)
+        await event.wait()
+        if self._reason is not None and self._close_seen.is_set():
+            raise ConnectionClosed(self._reason)
+
+    async def _send_frame(self, opcode: int, payload: bytes) -> None:
+        await self._write(codec.encode(opcode, payload, self.is_client))
+
+    async def _write(self, data: bytes) -> None:
+        """Write all of ``data``; without waiting when the socket takes it at once."""
+        if self._stream_closed:
+            raise ConnectionClosed(self._reason or CloseReason(_ABNORMAL, None))
+        raw = self._raw
+        lock = self._send_lock
+        if raw is not None and not lock.locked():
+            try:
+                sent = raw.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                self._broken()
+            if sent == len(data):
+                return
+            lock.acquire_nowait()
+            try:
+                await self._write_rest(raw, memoryview(data)[sent:])
+            finally:
+                lock.release()
+            return
+        async with lock:
+            if self._stream_closed:
+                raise ConnectionClosed(self._reason or CloseReason(_ABNORMAL, None))
+            if raw is not None:
+                await self._write_rest(raw, memoryview(data))
+                return
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self._broken()
+
+    async def _write_rest(self, raw: socket.socket, rest: memoryview) -> None:
+        while rest:
+            try:
+                await trio.lowlevel.wait_writable(raw)
+            except trio.ClosedResourceError:
+                self._broken()
+            try:
+                sent = raw.send(rest)
+            except (BlockingIOError, InterruptedError):
+                continue
+            except OSError:
+                self._broken()
+            rest = rest[sent:]
+
+    def _broken(self) -> NoReturn:
+        if self._reason is None:
+            self._reason = CloseReason(_ABNORMAL, None)
+        self._finish()
+        raise ConnectionClosed(self._reason)
+
+    # -- closing ------------------------------------------------------------------------
+
+    async def aclose(self, code: int = 1000, reason: str | None = None) -> None:
+        """Close handshake (bounded by ``close_timeout``), then close the socket.
+
+        Idempotent; a cancelled aclose still closes the socket.
+        """
+        try:
+            if self._stream_closed or self._close_seen.is_set():
+                return
+            if self._reason is None:
+                self._reason = CloseReason(1000, None)
+            self._messages.clear()
+            if not self._close_sent:
+                self._close_sent = True
+                try:
+                    await self._write(codec.encode(CLOSE, codec.close_payload(code, reason or ""),
+                                                      self.is_client))
+                except ConnectionClosed:
+                    return
+            with trio.move_on_after(self.close_timeout):
+                # Until the peer's close: the task already reading (a pump in
+                # get_message, which keeps reading until then) sees it, else we read.
+                while not self._close_seen.is_set():
+                    if self._reading:
+                        await self._close_seen.wait()
+                    else:
+                        await self._read_once()
+        finally:
+            await self._close_stream()
+
+    async def _close_stream(self) -> None:
+        if self._stream_closed:
+            return
+        self._stream_closed = True
+        self._finish()
+        if self._raw is not None and isinstance(self.stream, trio.SocketStream):
+            self.stream.socket.close()  # synchronous: nothing to flush, cannot be cancelled
+            return
+        await trio.aclose_forcefully(self.stream)
+
+
+# --- server side ------------------------------------------------------------------------------
+
+class WsRequest:
+    """A wallbox's upgrade request, to accept or reject."""
+
+    def __init__(self, stream: trio.abc.Stream, handshake: H11Handshake, event: Request,
+                 max_message_size: int, close_timeout: float) -> None:
+        self._stream = stream
+        self._handshake: H11Handshake | None = handshake
+        self._event = event
+        self._max_message_size = max_message_size
+        self._close_timeout = close_timeout
+
+    @property
+    def path(self) -> str:
+        return self._event.target
+
+    @property
+    def headers(self) -> list[tuple[bytes, bytes]]:
+        return list(self._event.extra_headers)
+
+    @property
+    def proposed_subprotocols(self) -> tuple[str, ...]:
+        return tuple(self._event.subprotocols)
+
+    async def accept(self, *, subprotocol: str | None = None,
+                     extra_headers: list[tuple[bytes, bytes]] | None = None) -> WsConnection:
+        handshake = self._take_handshake()
+        data = handshake.send(AcceptConnection(subprotocol=subprotocol, extra_headers=extra_headers or []))
+        await self._stream.send_all(data)
+        leftover = _trailing(handshake)
+        return WsConnection(self._stream, client=False, subprotocol=subprotocol, path=self.path,
+                            max_message_size=self._max_message_size, close_timeout=self._close_timeout,
+                            leftover=leftover)
+
+    async def reject(self, status_code: int, *, extra_headers: list[tuple[bytes, bytes]] | None = None,
+                     body: bytes | None = None) -> None:
+        headers = list(extra_headers or [])
+        if body:
+            headers.append((b"Content-length", str(len(body)).encode("ascii")))
+        handshake = self._take_handshake()
+        data = handshake.send(RejectConnection(status_code=status_code, headers=headers, has_body=bool(body)))
+        if body:
+            data += handshake.send(RejectData(data=body))
+        await self._stream.send_all(data)
+
+    def _take_handshake(self) -> H11Handshake:
+        """The handshake engine, once: the caller keeps the request for the whole
+        session, and the engine (h11 state, wsproto's unused frame machinery) is
+        4 KiB per connection."""
+        handshake = self._handshake
+        if handshake is None:
+            raise RuntimeError("the request was already accepted or rejected")
+        self._handshake = None
+        return handshake
+
+
+def _trailing(handshake: H11Handshake) -> bytes:
+    """Bytes the peer sent right after its handshake (frames pipelined behind it)."""
+    h11_connection = getattr(handshake, "_h11_connection", None)
+    trailing = getattr(h11_connection, "trailing_data", (b"", False))
+    return bytes(trailing[0])
+
+
+async def wrap_server_stream(nursery: trio.Nursery | None, stream: trio.abc.Stream, *,
+                             max_message_size: int = 1_048_576, close_timeout: float = 5.0) -> WsRequest | None:
+    """Read the upgrade request; None when the peer hung up or sent no valid request.
+
+    (``nursery`` is accepted for trio-websocket's signature; no task is started.)
+    A malformed request is answered with 400 first.
+    """
+    handshake = H11Handshake(ConnectionType.SERVER)
+    received = 0
+    while True:
+        try:
+            data = await stream.receive_some(_HANDSHAKE_LIMIT)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None
+        received += len(data)
+        if not data or received > _HANDSHAKE_LIMIT:
+            return None
+        try:
+            handshake.receive_data(bytes(data))
+        except ProtocolError as exc:
+            hint = getattr(exc, "event_hint", None)
+            if isinstance(hint, RejectConnection):
+                try:
+                    await stream.send_all(handshake.send(hint))
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
+                    pass
+            return None
+        for event in handshake.events():
+            if isinstance(event, Request):
+                return WsRequest(stream, handshake, event, max_message_size, close_timeout)
+
+
+# --- client side ------------------------------------------------------------------------------
+
+def _url_to_host(url: str, ssl_context: ssl.SSLContext | None) -> tuple[str, int, str, ssl.SSLContext | None]:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("ws", "wss"):
+        raise ValueError('WebSocket URL scheme must be "ws:" or "wss:"')
+    if parts.scheme == "ws" and ssl_context is not None:
+        raise ValueError("SSL context must be None for ws: URL scheme")
+    if parts.scheme == "wss" and ssl_context is None:
+        ssl_context = ssl.create_default_context()
+    if parts.hostname is None:
+        raise ValueError("URL host must not be None")
+    port = parts.port or (443 if parts.scheme == "wss" else 80)
+    resource = parts.path or "/"
+    if "?" in url:
+        resource += "?" + parts.query
+    return parts.hostname, port, resource, ssl_context
+
+
+async def connect_websocket(host: str, port: int, resource: str, ssl_context: ssl.SSLContext | None, *,
+                            subprotocols: Sequence[str] = (), extra_headers: list[tuple[bytes, bytes]] | None = None,
+                            max_message_size: int = 1_048_576, close_timeout: float = 5.0) -> WsConnection:
+    stream: trio.abc.Stream
+    if ssl_context is None:
+        stream = await trio.open_tcp_stream(host, port)
+    else:
+        stream = await trio.open_ssl_over_tcp_stream(host, port, ssl_context=ssl_context, https_compatible=True)
+    try:
+        return await _client_handshake(stream, host if port in (80, 443) else f"{host}:{port}", resource,
+                                       subprotocols, extra_headers or [], max_message_size, close_timeout)
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
+
+
+async def wrap_client_stream(stream: trio.abc.Stream, host: str, resource: str, *,
+                             subprotocols: Sequence[str] = (), extra_headers: list[tuple[bytes, bytes]] | None = None,
+                             max_message_size: int = 1_048_576, close_timeout: float = 5.0) -> WsConnection:
+    """The client handshake on an open stream (TCP or TLS); ``host`` is the Host header value.
+
+    Raises ConnectionRejected (the backend answered with an HTTP status) or
+    HandshakeError; the caller owns the stream and closes it on failure.
+    """
+    return await _client_handshake(stream, host, resource, subprotocols, extra_headers or [],
+                                   max_message_size, close_timeout)
+
+
+async def _client_handshake(stream: trio.abc.Stream, host: str, resource: str, subprotocols: Sequence[str],
+                            extra_headers: list[tuple[bytes, bytes]], max_message_size: int,
+                            close_timeout: float) -> WsConnection:
+    handshake = H11Handshake(ConnectionType.CLIENT)
+    await stream.send_all(handshake.send(Request(host=host, target=resource, subprotocols=list(subprotocols),
+                                                 extra_headers=extra_headers)))
+    rejected: RejectConnection | None = None
+    body = b""
+    while True:
+        data = await stream.receive_some(_HANDSHAKE_LIMIT)
+        if not data:
+            if rejected is not None:
+                raise ConnectionRejected(rejected.status_code, tuple(rejected.headers), body)
+            raise HandshakeError("connection closed during the WebSocket handshake")
+        try:
+            handshake.receive_data(bytes(data))
+        except ProtocolError as exc:
+            raise HandshakeError(str(exc)) from exc
+        for event in handshake.events():
+            if isinstance(event, AcceptConnection):
+                return WsConnection(stream, client=True, subprotocol=event.subprotocol, path=resource,
+                                    max_message_size=max_message_size, close_timeout=close_timeout,
+                                    leftover=_trailing(handshake))
+            if isinstance(event, RejectConnection):
+                rejected = event
+                if not event.has_body:
+                    raise ConnectionRejected(event.status_code, tuple(event.headers), None)
+            elif isinstance(event, RejectData) and rejected is not None:
+                body += event.data
+                if event.body_finished:
+                    raise ConnectionRejected(rejected.status_code, tuple(rejected.headers), body)
+
+
+@asynccontextmanager
+async def open_websocket_url(url: str, ssl_context: ssl.SSLContext | None = None, *,
+                             subprotocols: Sequence[str] = (), extra_headers: list[tuple[bytes, bytes]] | None = None,
+                             max_message_size: int = 1_048_576, connect_timeout: float = 60.0,
+                             disconnect_timeout: float = 60.0) -> AsyncIterator[WsConnection]:
+    """A client connection for the duration of the block (trio-websocket's errors and timeouts)."""
+    host, port, resource, context = _url_to_host(url, ssl_context)
+    try:
+        with trio.fail_after(connect_timeout):
+            connection = await connect_websocket(host, port, resource, context, subprotocols=subprotocols,
+                                                 extra_headers=extra_headers, max_message_size=max_message_size,
+                                                 close_timeout=disconnect_timeout)
+    except trio.TooSlowError:
+        raise ConnectionTimeout from None
+    except OSError as exc:
+        raise HandshakeError from exc
+    failed = False
+    try:
+        yield connection
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        with trio.move_on_after(disconnect_timeout) as scope:
+            await connection.aclose()
+        if scope.cancelled_caught and not failed:
+            raise DisconnectionTimeout
