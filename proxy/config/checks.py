@@ -7,6 +7,7 @@ import re
 from proxy.config.problems import LineIndex, Problem
 from proxy.config.schema import ChargerBase, Config, parse_listen
 from proxy.core.policy import ANY, COMMANDS, MODES, conflicts
+from proxy.messages.versions import KNOWN, RELAY_ONLY, SUPPORTED
 
 
 def cross_checks(config: Config, index: LineIndex) -> list[Problem]:
@@ -40,7 +41,25 @@ def cross_checks(config: Config, index: LineIndex) -> list[Problem]:
     if bool(config.server.cert) != bool(config.server.key):
         problems.append(Problem("server.key" if config.server.cert else "server.cert",
                                 "cert and key must be given together", index.find("server")))
+    problems += _subprotocol_checks(config, index)
     problems += _secondary_checks(config, index)
+    return problems
+
+
+def _subprotocol_checks(config: Config, index: LineIndex) -> list[Problem]:
+    """Only registered OCPP names; say which of them the proxy answers and load-manages in."""
+    problems: list[Problem] = []
+    supported = ", ".join(SUPPORTED)
+    for j, name in enumerate(config.server.subprotocols):
+        if name not in KNOWN:
+            problems.append(Problem(
+                f"server.subprotocols[{j}]",
+                f"unknown subprotocol {name[:40]!r}: use {supported} ([site] load management and offline mode "
+                f"work in these) or {', '.join(RELAY_ONLY)} (relayed only: nothing injected or answered locally)",
+                index.find("server.subprotocols")))
+    if not config.server.subprotocols:
+        problems.append(Problem("server.subprotocols", f"is empty: no wallbox could connect (use {supported})",
+                                index.find("server.subprotocols")))
     return problems
 
 

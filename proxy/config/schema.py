@@ -21,6 +21,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from proxy.core.policy import known_actions
+from proxy.messages.versions import DEFAULT_SUBPROTOCOLS
 
 Check = Callable[[Any], str | None]
 
@@ -118,7 +119,9 @@ class ServerSettings:
     password: str = setting("", "global Basic-auth password for wallboxes without their own (SP1/SP2)",
                             secret=True)
     accept_unknown: bool = setting(False, "admit charge point ids that have no [[chargers]] entry")
-    subprotocols: list[str] = setting(["ocpp1.6"], "WebSocket subprotocols the proxy relays")
+    subprotocols: list[str] = setting(list(DEFAULT_SUBPROTOCOLS), "WebSocket subprotocols the proxy relays: "
+                                      "ocpp1.6, ocpp2.0.1 and ocpp2.1 get offline answers and load management "
+                                      "in their own version; ocpp1.2, ocpp1.5 and ocpp2.0 are relayed only")
     max_message_bytes: int = setting(1_048_576, "largest text frame accepted, in bytes (close 1009 above)",
                                      check=positive)
     handshake_timeout: float = setting(10.0, "seconds a wallbox may take for the TLS + HTTP handshake",

@@ -22,13 +22,14 @@ Decisions, documented in docs/offline.md:
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
 from proxy.messages.ocppj import Frame, MessageType, build_error, build_result, payload_of
 from proxy.loadmgmt.profiles import format_time
+from proxy.messages.versions import OcppVersion
 
 #: Actions whose frames carry a transactionId that must follow the mapping.
 TRANSACTION_ACTIONS = frozenset({"MeterValues", "StopTransaction"})
@@ -62,28 +63,36 @@ def now_iso() -> str:
 
 @dataclass
 class OfflineResponder:
-    """Local answers per action; keeps the authorization cache and the local id counter."""
+    """Local answers per action; keeps the authorization cache and the local id counter.
+
+    ``version`` (the session's negotiated OCPP version) picks the answer table:
+    a 2.0.1 station never gets a 1.6-shaped answer, nor the reverse.
+    """
 
     settings: OfflineSettings = field(default_factory=OfflineSettings)
-    #: idTags the backend accepted while online (Authorize / StartTransaction answers, SendLocalList).
+    #: idTags (2.x: idToken values) the backend accepted while online (Authorize / transaction answers,
+    #: SendLocalList).
     accepted_cache: set[str] = field(default_factory=set)
-    #: The last local id handed out (negative numbers, persisted by the caller).
+    #: The last local id handed out (negative numbers, persisted by the caller; 1.6 only).
     last_local_id: int = 0
+    version: OcppVersion = OcppVersion.V16
 
     def answer(self, frame: Frame, payload: Mapping[str, Any] | None = None) -> LocalAnswer:
         action = frame.action or ""
         msg_id = frame.msg_id or ""
-        builder = _LOCAL_ANSWERS.get(action)
+        builder = _answers(self.version).get(action)
         if builder is None:
             return LocalAnswer(build_error(msg_id, "GenericError",
                                            f"backend unreachable; {action} cannot be answered offline"), False)
+        # 1.6 spells the code FormationViolation, 2.0.1 and 2.1 FormatViolation.
+        format_error = "FormatViolation" if self.version.is_v2 else "FormationViolation"
         if payload is None:
             try:
                 payload = payload_of(frame)
             except ValueError:
-                return LocalAnswer(build_error(msg_id, "FormationViolation", "payload is not JSON"), False)
+                return LocalAnswer(build_error(msg_id, format_error, "payload is not JSON"), False)
         if not isinstance(payload, Mapping):
-            return LocalAnswer(build_error(msg_id, "FormationViolation", "payload is not an object"), False)
+            return LocalAnswer(build_error(msg_id, format_error, "payload is not an object"), False)
         return builder(self, msg_id, payload)
 
     def id_tag_status(self, id_tag: Any) -> str:
@@ -101,7 +110,11 @@ class OfflineResponder:
             request, result = payload_of(call), payload_of(answer)
         except (ValueError, IndexError):
             return
-        if call.action in ("Authorize", "StartTransaction"):
+        if self.version.is_v2:
+            from proxy.core import offline_v2  # it builds on this module
+
+            offline_v2.learn(self, call.action or "", request, result)
+        elif call.action in ("Authorize", "StartTransaction"):
             status = (result.get("idTagInfo") or {}).get("status") if isinstance(result, dict) else None
             tag = request.get("idTag") if isinstance(request, dict) else None
             if isinstance(tag, str):
@@ -162,6 +175,18 @@ _LOCAL_ANSWERS = {
     "LogStatusNotification": _empty,
     "SignedFirmwareStatusNotification": _empty,
 }
+
+
+def _answers(version: OcppVersion) -> Mapping[str, Callable[[OfflineResponder, str, Mapping[str, Any]], LocalAnswer]]:
+    if version.is_v2:
+        from proxy.core import offline_v2  # it builds on this module
+
+        return offline_v2.LOCAL_ANSWERS
+    return _LOCAL_ANSWERS
+
+
+#: Actions whose answers teach the authorization cache (per version: 2.x has no StartTransaction).
+LEARNING_ACTIONS = frozenset({"Authorize", "StartTransaction", "TransactionEvent"})
 
 
 # --- transaction id mapping ----------------------------------------------------

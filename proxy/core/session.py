@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 
 from proxy.core.offline import (
     BACKEND_TRANSACTION_ACTIONS,
+    LEARNING_ACTIONS,
     TRANSACTION_ACTIONS,
     OfflineResponder,
     map_transaction,
@@ -64,6 +65,7 @@ from proxy.core.mirror import (
     transaction_id,
 )
 from proxy.core.policy import CommandPolicy
+from proxy.messages.versions import OcppVersion
 
 WALLBOX = "wallbox"
 PROXY = "proxy"
@@ -209,8 +211,11 @@ class Session:
     mirrors: dict[str, Mirror] = field(default_factory=dict)
     #: Local answers while the primary is down; None: no offline mode (the pair closes instead).
     offline: OfflineResponder | None = None
-    #: Local transactionId → the backend's, learned when replayed StartTransactions are answered.
+    #: Local transactionId → the backend's, learned when replayed StartTransactions are answered (1.6 only).
     transactions: dict[int, int] = field(default_factory=dict)
+    #: The OCPP version of everything the proxy originates or answers in this session (from the
+    #: negotiated subprotocol); None: a subprotocol the proxy does not speak, relayed only.
+    version: OcppVersion | None = OcppVersion.V16
 
     _to_wallbox: dict[str, _Pending] = field(default_factory=dict, init=False)
     _waiting: deque[_Waiting] = field(default_factory=deque, init=False)
@@ -478,8 +483,14 @@ class Session:
                 actions.append(event)
         return actions
 
+    def _local_list_answered(self, call: Frame, answer: Frame) -> None:
+        """The wallbox took the backend's local list: its tokens count offline too (docs/offline.md)."""
+        if self.offline is not None and answer.kind is MessageType.CALLRESULT \
+                and '"Accepted"' in answer.text:  # SendLocalList answers carry only a status
+            self.offline.learn(call, answer)
+
     def _learn(self, call: Frame, answer: Frame) -> None:
-        if self.offline is not None and call.action in ("Authorize", "StartTransaction"):
+        if self.offline is not None and call.action in LEARNING_ACTIONS:
             self.offline.learn(call, answer)
 
     # -- upstreams / proxy → wallbox ------------------------------------------------------
@@ -519,7 +530,8 @@ class Session:
             text = replace_id(frame, wire_id, text)
         action = frame.action or ""
         watched = action in self.observe
-        self._to_wallbox[wire_id] = _Pending(origin, origin_id, action, now, frame if watched else None)
+        keep = watched or (action == "SendLocalList" and origin == self.primary and self.offline is not None)
+        self._to_wallbox[wire_id] = _Pending(origin, origin_id, action, now, frame if keep else None)
         actions: list[Action] = [ToWallbox(text)]
         if watched and origin != PROXY:
             actions.append(Observed(origin, frame, action))
@@ -540,7 +552,9 @@ class Session:
         else:
             text = frame.text if wire_id == pending.origin_id else replace_id(frame, pending.origin_id)
             actions.append(ToUpstream(pending.origin, text))
-        if pending.call is not None:
+        if pending.call is not None and pending.action == "SendLocalList":
+            self._local_list_answered(pending.call, frame)
+        if pending.call is not None and pending.action in self.observe:
             actions.append(Observed(WALLBOX, frame, pending.action, pending.call))
         actions.extend(self._drain(now))
         return actions

@@ -33,6 +33,7 @@ from proxy.ops.logs import get_logger
 from proxy.loadmgmt.profiles import replace_payload
 from proxy.runtime.relay import Listener, PairedSession
 from proxy.core.session import WALLBOX, Action, Observed, ProxyAnswer
+from proxy.messages.versions import OcppVersion
 
 #: What the limiter reads from a session.
 OBSERVE = frozenset({"BootNotification", "StatusNotification", "MeterValues", "StartTransaction",
@@ -151,6 +152,8 @@ class Limiter(Listener):
                 sink.set_charger_limits(charger_id)
 
     def _attach(self, paired: PairedSession) -> None:
+        if paired.session.version is not OcppVersion.V16:
+            return  # profiles are built in 1.6 shapes: nothing is injected into another version's session
         charger_id = paired.charger_id
         control = self.controls.get(charger_id)
         if control is None:

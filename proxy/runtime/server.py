@@ -31,6 +31,7 @@ from proxy.wire.tls_listener import Secured, SecureLayer
 from proxy.runtime.relay import Connection, Listener, PairedSession, SessionSettings
 from proxy.runtime.secondary import Secondaries
 from proxy.core.session import PRIMARY, Session
+from proxy.messages.versions import OcppVersion, version_of
 from proxy.runtime.upstream import UpstreamUnavailable, open_upstream
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class ProxyServer:
         self._queue: AsyncQueue | None = None
         #: Secondary upstreams: mirrors kept across sessions, their transaction ids (issue 10).
         self.secondaries = Secondaries(config)
+        self._relay_only_seen: set[str] = set()
         if self.secondaries.configured:
             self.listeners.append(self.secondaries.listener)
 
@@ -234,15 +236,18 @@ class ProxyServer:
             except UpstreamUnavailable as exc:
                 log.warning("upstream_unavailable", peer=peer, url=admit.upstream.url, reason=exc.reason,
                             status=exc.status)
-                if not (self._queue is not None and exc.status >= 500):  # a 4xx is configuration, not an outage
+                # A 4xx is configuration, not an outage; and the proxy answers only in a version it speaks.
+                if not (self._queue is not None and exc.status >= 500 and offline_subprotocol(admit)):
                     await refuse(exc)
                     return
                 upstream = None
             await self._relay(accept, admit, upstream, peer, log)
 
-    def _connector(self, admit: Admit) -> Callable[[], AbstractAsyncContextManager[wsconn.WsConnection]]:
+    def _connector(self, admit: Admit, subprotocols: Sequence[str] | None = None,
+                   ) -> Callable[[], AbstractAsyncContextManager[wsconn.WsConnection]]:
+        """Opens the primary; ``subprotocols``: offer only these (a reconnect keeps the wallbox's version)."""
         server = self.config.server
-        return functools.partial(open_upstream, admit.upstream, admit.subprotocols,
+        return functools.partial(open_upstream, admit.upstream, subprotocols or admit.subprotocols,
                                  max_message_size=server.max_message_bytes, close_timeout=server.close_timeout)
 
     async def serve_virtual(self, charger: ModbusChargerSettings, wallbox: LocalConnection) -> None:
@@ -269,14 +274,20 @@ class ProxyServer:
     async def _relay(self, accept: Callable[[str | None], Awaitable[Connection]], admit: Admit,
                      upstream: wsconn.WsConnection | None, peer: str, log: Any) -> None:
         charger_id = admit.charger.id
-        subprotocol = upstream.subprotocol if upstream is not None else admit.subprotocols[0]
-        session = await self._new_session(charger_id)
+        subprotocol = upstream.subprotocol if upstream is not None else offline_subprotocol(admit)
+        # A backend that chose no subprotocol: the wallbox speaks what it offered first.
+        version = version_of(subprotocol or admit.subprotocols[0])
+        if version is None:
+            self._relay_only(subprotocol or admit.subprotocols[0], log)
+        session = await self._new_session(charger_id, version)
         self.secondaries.attach(session, admit.charger)
         queued = (await self._queue.depth(charger_id))[0] if self._queue is not None else 0
         wallbox = await accept(subprotocol)
         log.info("session_opened", peer=peer, upstream=admit.upstream.url, subprotocol=subprotocol,
                  known=admit.known, offline=upstream is None)
-        reconnect = {PRIMARY: self._connector(admit)} if self._queue is not None else {}
+        reconnect = {}
+        if session.offline is not None:
+            reconnect[PRIMARY] = self._connector(admit, (subprotocol,) if subprotocol else None)
         secondaries = self.secondaries.connectors(admit.charger, subprotocol)  # opened by the pair's links
         reconnect.update(secondaries)
         upstreams = {PRIMARY: upstream, **dict.fromkeys(secondaries)}
@@ -302,15 +313,25 @@ class ProxyServer:
             old.log.info("session_replaced")
             await old.shutdown(closecodes.GOING_AWAY, "replaced by a new connection")
 
-    async def _new_session(self, charger_id: str) -> Session:
+    def _relay_only(self, subprotocol: str, log: Any) -> None:
+        """A subprotocol the proxy does not speak: said once per name, not per connection."""
+        if subprotocol not in self._relay_only_seen:
+            self._relay_only_seen.add(subprotocol)
+            log.warning("subprotocol_relay_only", subprotocol=subprotocol[:40],
+                        detail="relayed byte for byte; no offline answers, no load management")
+
+    async def _new_session(self, charger_id: str, version: OcppVersion | None = OcppVersion.V16) -> Session:
+        """``version`` None: relay only (no offline answers, so no reconnect either)."""
         server = self.config.server
-        session = Session(charger_id, call_timeout=server.call_timeout, strict=server.strict)
-        if self._queue is not None:
+        session = Session(charger_id, call_timeout=server.call_timeout, strict=server.strict, version=version)
+        if self._queue is not None and version is not None:
             offline = self.config.offline
             settings = OfflineSettings(offline.heartbeat_interval, offline.auth, frozenset(offline.local_list),
                                        offline.data_transfer)
-            session.offline = OfflineResponder(settings, last_local_id=await self._queue.last_local_tx(charger_id))
-            session.transactions = await self._queue.transactions(charger_id)
+            session.offline = OfflineResponder(settings, last_local_id=await self._queue.last_local_tx(charger_id),
+                                               version=version)
+            if version is OcppVersion.V16:  # 2.0.1 stations make their own transactionIds: nothing is mapped
+                session.transactions = await self._queue.transactions(charger_id)
         return session
 
     def _session_settings(self) -> SessionSettings:
@@ -325,6 +346,11 @@ _VIRTUAL_RESTART = 5.0
 
 #: accept() failures that mean "too busy right now", not "broken" (as in trio.serve_listeners).
 _ACCEPT_CAPACITY_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS}
+
+
+def offline_subprotocol(admit: Admit) -> str | None:
+    """With the backend down, the wallbox gets the first offered subprotocol the proxy can answer in."""
+    return next((p for p in admit.subprotocols if version_of(p) is not None), None)
 
 
 async def _accept_request(request: wsconn.WsRequest, subprotocol: str | None) -> Connection:

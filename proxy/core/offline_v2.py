@@ -1,0 +1,113 @@
+"""Local answers for OCPP 2.0.1 and 2.1 stations while the backend is unreachable (sans-IO).
+
+The same rules as for 1.6 (:mod:`proxy.core.offline`): answer the way a lenient
+backend would, store the CALL's exact text before answering, replay it in order.
+What differs is the shape of the answers and of authorization: 2.x names a token
+``idToken`` = ``{"idToken": "...", "type": "..."}`` and answers with
+``idTokenInfo``. A 2.x station makes its own ``transactionId`` (a string), so
+unlike 1.6 there is no local id to hand out and nothing is ever remapped: every
+TransactionEvent (seqNo, offline flag, signed meter values) reaches the backend
+byte-identical. The table of answers is in docs/offline.md.
+
+2.0.1 and 2.1 answer identically here: the responses these actions need have
+the same required fields in both versions (each is checked against both
+versions' schemas in tests/unit/test_offline_v2.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from proxy.core.offline import LocalAnswer, OfflineResponder, now_iso
+from proxy.messages.ocppj import build_result
+
+#: idToken types that carry no identity to check: a station sends these for free vending.
+_NO_AUTH_TYPES = frozenset({"NoAuthorization"})
+
+
+def token_of(id_token: Any) -> str | None:
+    """The token value of an ``IdTokenType`` object (None when it is not one)."""
+    if isinstance(id_token, Mapping):
+        value = id_token.get("idToken")
+        return value if isinstance(value, str) else None
+    return None
+
+
+def token_status(responder: OfflineResponder, id_token: Any) -> str:
+    """``idTokenInfo.status`` per ``offline_auth``; the configured ``local_list`` holds token values."""
+    if isinstance(id_token, Mapping) and id_token.get("type") in _NO_AUTH_TYPES \
+            and responder.settings.auth != "reject_all":
+        return "Accepted"
+    return responder.id_tag_status(token_of(id_token))
+
+
+def learn(responder: OfflineResponder, action: str, request: Any, result: Any) -> None:
+    """The authorization cache from the backend's 2.x answers (Authorize, TransactionEvent, SendLocalList)."""
+    if not isinstance(request, Mapping):
+        return
+    cache = responder.accepted_cache
+    if action in ("Authorize", "TransactionEvent"):
+        token = token_of(request.get("idToken"))
+        info = result.get("idTokenInfo") if isinstance(result, Mapping) else None
+        if token is not None and isinstance(info, Mapping):  # a TransactionEvent answer may carry no verdict
+            (cache.add if info.get("status") == "Accepted" else cache.discard)(token)
+    elif action == "SendLocalList":
+        if request.get("updateType") == "Full":
+            cache.clear()
+        for entry in request.get("localAuthorizationList") or []:
+            if not isinstance(entry, Mapping):
+                continue
+            token, info = token_of(entry.get("idToken")), entry.get("idTokenInfo")
+            if token is not None:
+                accepted = isinstance(info, Mapping) and info.get("status") == "Accepted"
+                (cache.add if accepted else cache.discard)(token)
+
+
+def _boot(r: OfflineResponder, msg_id: str, _: Mapping[str, Any]) -> LocalAnswer:
+    return LocalAnswer(build_result(msg_id, {"currentTime": now_iso(), "interval": r.settings.heartbeat_interval,
+                                             "status": "Accepted"}), True)
+
+
+def _heartbeat(r: OfflineResponder, msg_id: str, _: Mapping[str, Any]) -> LocalAnswer:
+    return LocalAnswer(build_result(msg_id, {"currentTime": now_iso()}), True)
+
+
+def _empty(r: OfflineResponder, msg_id: str, _: Mapping[str, Any]) -> LocalAnswer:
+    return LocalAnswer(build_result(msg_id, {}), True)
+
+
+def _authorize(r: OfflineResponder, msg_id: str, payload: Mapping[str, Any]) -> LocalAnswer:
+    return LocalAnswer(build_result(msg_id, {"idTokenInfo": {"status": token_status(r, payload.get("idToken"))}}),
+                       True)
+
+
+def _transaction_event(r: OfflineResponder, msg_id: str, payload: Mapping[str, Any]) -> LocalAnswer:
+    """``idTokenInfo`` is required when the request carried an idToken (OCPP 2.0.1 part 2, E01-E15)."""
+    answer: dict[str, Any] = {}
+    if "idToken" in payload:
+        answer["idTokenInfo"] = {"status": token_status(r, payload.get("idToken"))}
+    return LocalAnswer(build_result(msg_id, answer), True)
+
+
+def _data_transfer(r: OfflineResponder, msg_id: str, _: Mapping[str, Any]) -> LocalAnswer:
+    return LocalAnswer(build_result(msg_id, {"status": r.settings.data_transfer}), True)
+
+
+Builder = Callable[[OfflineResponder, str, Mapping[str, Any]], LocalAnswer]
+
+#: Station CALL → local answer, for 2.0.1 and 2.1. Everything else gets a CALLERROR and is not stored.
+LOCAL_ANSWERS: dict[str, Builder] = {
+    "BootNotification": _boot,
+    "Heartbeat": _heartbeat,
+    "StatusNotification": _empty,
+    "Authorize": _authorize,
+    "TransactionEvent": _transaction_event,
+    "MeterValues": _empty,
+    "NotifyEvent": _empty,
+    "NotifyReport": _empty,
+    "SecurityEventNotification": _empty,
+    "FirmwareStatusNotification": _empty,
+    "LogStatusNotification": _empty,
+    "DataTransfer": _data_transfer,
+}
