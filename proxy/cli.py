@@ -17,6 +17,7 @@ import trio
 from proxy import __version__
 from proxy.ops import logs
 from proxy.config import Config, ConfigError, load
+from proxy.storage.offline_queue import StorageUnusable
 
 if TYPE_CHECKING:
     from proxy.runtime.server import ProxyServer
@@ -93,9 +94,27 @@ def cmd_run(args: argparse.Namespace) -> int:
         trio.run(functools.partial(run_proxy, config, source=args.config, pidfile=args.pidfile))
     except* OSError as group:  # a port in use, an unreadable certificate: before serving
         failures = _messages(group)
+    except* StorageUnusable as group:
+        failures = [_storage_unusable(exc) for exc in _leaves(group)]
     for failure in failures:
         logs.get_logger().error("startup_failed", error=failure)
     return 1 if failures else 0
+
+
+def _storage_unusable(exc: StorageUnusable) -> str:
+    """The start-up message for a queue database that cannot be opened: file, key, what to do."""
+    logs.get_logger().error("queue_database_unusable", file=str(exc.path), key="[offline] data_dir",
+                            error=exc.detail)
+    return (f"the queue database {exc.path} (from [offline] data_dir) cannot be used: {exc.detail}. "
+            "Fix its permissions or the disk, or move the file away to start with an empty queue "
+            "(the frames in it are then not replayed)")
+
+
+def _leaves(group: BaseExceptionGroup[StorageUnusable]) -> list[StorageUnusable]:
+    found: list[StorageUnusable] = []
+    for exc in group.exceptions:
+        found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return found
 
 
 def raise_open_file_limit() -> None:

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from proxy.messages.ocppj import Frame, MessageType, build_error, build_result, payload_of
+from proxy.messages.ocppj import Frame, MessageType, build_error, build_result, classify, payload_of
 from proxy.loadmgmt.profiles import format_time
 from proxy.messages.versions import OcppVersion
 
@@ -247,22 +247,88 @@ def started_transaction(answer: Frame) -> int | None:
 
 @dataclass(frozen=True)
 class Stored:
-    """One stored CALL: queue row id, action, exact text, local transaction id it started."""
+    """One stored CALL: queue row id, action, exact text, local transaction id it started.
+
+    ``attempts``: how often it was marked sent (see :class:`InFlight`); more
+    than 0 means it may have reached the backend without its answer being
+    committed (the proxy was killed, or the connection was lost, meanwhile).
+    """
 
     row: int
     action: str
     text: str
     local_transaction_id: int | None = None
+    attempts: int = 0
+
+
+class InFlight:
+    """What a replay does with a frame that may already have reached the backend (docs/offline.md).
+
+    A frame is marked sent (durably) before it goes out, so after a restart
+    or a lost connection the proxy knows which frames the backend may have
+    processed without their answer being committed. Per action:
+
+    * ``RESEND`` (everything billing depends on, and anything unknown): sent
+      again with its original message id. At-least-once is kept; the backend
+      may see it twice. StartTransaction is the costly case: a backend that
+      does not recognise the repeated message id opens a second transaction,
+      so it is resent (without it the stored MeterValues and StopTransaction
+      would name a transaction the backend never heard of) and reported as a
+      possible duplicate (log ``replay_possible_duplicate``, metric).
+    * ``SUPERSEDED`` (state reports: BootNotification, StatusNotification,
+      firmware/diagnostics/log status): dropped when a later queued frame
+      reports the same state (the same action, for StatusNotification the same
+      connector), which the backend gets anyway; resent otherwise.
+    """
+
+    RESEND = "resend"
+    SUPERSEDED = "superseded"
+
+
+#: State reports: an in-flight one is dropped when a later queued frame reports the same state.
+_STATE_REPORTS = frozenset({"BootNotification", "StatusNotification", "FirmwareStatusNotification",
+                            "DiagnosticsStatusNotification", "LogStatusNotification",
+                            "SignedFirmwareStatusNotification"})
+
+
+def in_flight_policy(action: str) -> str:
+    """:class:`InFlight` decision for a frame of ``action`` that was marked sent before."""
+    return InFlight.SUPERSEDED if action in _STATE_REPORTS else InFlight.RESEND
+
+
+def _state_key(entry: Stored) -> tuple[str, object] | None:
+    """What state a report describes (action, connector), or None for frames that are not state reports."""
+    if entry.action not in _STATE_REPORTS:
+        return None
+    if entry.action != "StatusNotification":
+        return entry.action, None
+    try:
+        payload = payload_of(classify(entry.text))
+    except (ValueError, IndexError):
+        return None
+    return entry.action, payload.get("connectorId") if isinstance(payload, dict) else None
 
 
 def replay_plan(entries: Iterable[Stored]) -> tuple[list[Stored], list[Stored]]:
-    """(to replay in order, to drop): Heartbeats dropped, only the last BootNotification kept."""
+    """(to replay in order, to drop).
+
+    Heartbeats are dropped, only the last BootNotification is kept, and a
+    state report that was already sent once is dropped when a later frame
+    reports the same state (:class:`InFlight`).
+    """
     entries = list(entries)
     last_boot = max((e.row for e in entries if e.action == "BootNotification"), default=None)
+    latest: dict[tuple[str, object], int] = {}
+    for entry in entries:
+        key = _state_key(entry)
+        if key is not None:
+            latest[key] = entry.row
     keep: list[Stored] = []
     drop: list[Stored] = []
     for entry in entries:
         skip = entry.action in _NOT_REPLAYED or (entry.action == "BootNotification" and entry.row != last_boot)
+        if not skip and entry.attempts and in_flight_policy(entry.action) == InFlight.SUPERSEDED:
+            key = _state_key(entry)
+            skip = key is not None and latest[key] != entry.row
         (drop if skip else keep).append(entry)
     return keep, drop
-

@@ -230,6 +230,17 @@ class Metrics:
         self.policy_refusals = family(Counter, "ocpp_proxy_policy_refusals",
                                       "Upstream commands the proxy answered (answer) or refused (reject) "
                                       "instead of forwarding", ["upstream", "action", "mode"])
+        self.storage_errors = family(Counter, "ocpp_proxy_storage_errors",
+                                     "Failed storage operations (append: a frame refused; mark, deliver, mirror: "
+                                     "retried; read; write)", ["operation"])
+        self.storage_failing = Gauge("ocpp_proxy_storage_failing",
+                                     "1 from a failed storage operation until one succeeds again", registry=reg)
+        self.upstream_lost = family(Counter, "ocpp_proxy_upstream_lost",
+                                    "Backend connections given up by the proxy: stall (not reading), call_timeout "
+                                    "(a CALL unanswered), ping_timeout", ["reason"])
+        self.replay_resent = family(Counter, "ocpp_proxy_replay_resent",
+                                    "Replayed frames sent again after an earlier send without a committed answer "
+                                    "(the backend may have them twice)", ["action"])
         self.loop_lag = Gauge("ocpp_proxy_event_loop_lag_seconds",
                               "How late the event loop ran the monitor's last heartbeat", registry=reg)
         self._scrape_time = _ScrapeTime(clock)
@@ -322,6 +333,12 @@ class Metrics:
 
     def secondary_frame_dropped(self, upstream: str, action: str, reason: str) -> None:
         self.secondary_dropped.child(upstream, action_label(action), reason).inc()
+
+    def storage_error(self, operation: str, detail: str) -> None:
+        """A storage operation failed (``detail``) or, with an empty detail, worked again."""
+        if detail:
+            self.storage_errors.child(operation).inc()
+        self.storage_failing.set(1 if detail else 0)
 
     def policy_refusal(self, upstream: str, action: str, mode: str) -> None:
         self.policy_refusals.child(upstream, action_label(action), mode).inc()
@@ -515,6 +532,15 @@ class MetricsListener(Listener):
 
     def modbus_wallbox(self, charger: str, up: bool) -> None:
         self.metrics.set_modbus_wallbox(charger, up)
+
+    def storage_error(self, operation: str, detail: str) -> None:
+        self.metrics.storage_error(operation, detail)
+
+    def replay_resent(self, paired: PairedSession, action: str) -> None:
+        self.metrics.replay_resent.child(action_label(action)).inc()
+
+    def upstream_given_up(self, paired: PairedSession, name: str, kind: str) -> None:
+        self.metrics.upstream_lost.child(kind).inc()
 
     def frame_rejected(self, paired: PairedSession, side: str, code: int, reason: str) -> None:
         self.metrics.frame_rejected(side_label(side), "binary" if code == 1003 else "too_big")

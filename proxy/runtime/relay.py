@@ -15,7 +15,6 @@ back on a fast one.
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -28,7 +27,16 @@ from proxy.wire import closecodes
 from proxy.core.backoff import Backoff
 from proxy.messages.ocppj import Frame, MessageType, build_error, classify
 from proxy.core.admission import Refuse
-from proxy.core.offline import TRANSACTION_ACTIONS, Stored, map_transaction, replay_plan, started_transaction
+from proxy.core.offline import (
+    TRANSACTION_ACTIONS,
+    InFlight,
+    Stored,
+    in_flight_policy,
+    map_transaction,
+    replay_plan,
+    started_transaction,
+)
+from proxy.storage.interface import StorageError
 from proxy.storage.offline_queue import AsyncQueue
 from proxy.runtime.upstream import UpstreamUnavailable
 from proxy.core.session import (
@@ -72,6 +80,9 @@ class Listener:
     def frame_rejected(self, paired: PairedSession, side: str, code: int, reason: str) -> None: ...
     def upstream_state(self, paired: PairedSession, name: str, up: bool, reason: str) -> None: ...
     def queue_depth(self, paired: PairedSession, depth: int) -> None: ...
+    def replay_resent(self, paired: PairedSession, action: str) -> None: ...
+    def storage_error(self, operation: str, detail: str) -> None: ...
+    def upstream_given_up(self, paired: PairedSession, name: str, kind: str) -> None: ...
     def modbus_wallbox(self, charger: str, up: bool) -> None: ...
 
 #: Opens one upstream connection for the duration of a block (raises UpstreamUnavailable).
@@ -346,8 +357,8 @@ class PairedSession:
         assert self.queue is not None
         try:
             await self.queue.append(self.charger_id, action.action, action.text, action.local_transaction_id)
-        except (sqlite3.Error, OSError) as exc:
-            self.log.error("queue_write_failed", action=action.action, error=str(exc))
+        except StorageError as exc:
+            self.log.error("queue_write_failed", action=action.action, error=exc.detail)
             self._wallbox_out.put(build_error(action.msg_id, "InternalError",
                                               "backend unreachable and the proxy could not store the frame"))
             return
@@ -362,11 +373,17 @@ class PairedSession:
     async def _replay(self) -> None:
         """Send stored CALLs to the primary, in order, one at a time, before live traffic."""
         assert self.queue is not None
+        backoff = Backoff(self.settings.reconnect_min, self.settings.reconnect_max)
         while True:
-            keep, drop = replay_plan(await self.queue.pending(self.charger_id))
+            try:
+                keep, drop = replay_plan(await self.queue.pending(self.charger_id))
+            except StorageError as exc:  # unreadable for now: the wallbox stays answered locally
+                self.log.error("replay_read_failed", error=exc.detail)
+                await trio.sleep(backoff.next_delay())
+                continue
             self._set_queued(len(keep) + len(drop))
             for entry in drop:
-                await self.queue.delivered(entry.row)
+                await self.queue.delivered(entry.row, self.charger_id)
                 self._set_queued(self.queued - 1)
             if not keep and not drop:
                 break  # no await since pending() was read: nothing new can have been stored
@@ -381,6 +398,13 @@ class PairedSession:
         if entry.action in TRANSACTION_ACTIONS:
             text = map_transaction(frame, self.session.transactions)
         msg_id = frame.msg_id or ""
+        if entry.attempts and in_flight_policy(entry.action) == InFlight.RESEND:
+            # Sent before without a committed answer: the backend may see it twice (docs/offline.md).
+            self.log.warning("replay_possible_duplicate", action=entry.action, msg_id=msg_id,
+                             attempts=entry.attempts, local_tx=entry.local_transaction_id)
+            for listener in self.listeners:
+                listener.replay_resent(self, entry.action)
+        await self.queue.mark_sent(entry.row)  # type: ignore[union-attr]  # durably, before it goes out
         while True:
             event, box = trio.Event(), list[Frame]()
             self._replay_waiters[msg_id] = (event, box)

@@ -19,10 +19,8 @@ secondaries miss or are refused.
 from __future__ import annotations
 
 import functools
-import sqlite3
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
-from pathlib import Path
 from typing import Any
 
 import trio
@@ -38,14 +36,17 @@ from proxy.core.mirror import (
     MirrorUnqueued,
     TxMapped,
 )
-from proxy.storage.secondary_store import MirrorStore, Record, Restored
+from proxy.core.backoff import Backoff
+from proxy.storage.interface import MirrorRecord as Record
+from proxy.storage.interface import RestoredMirror, Storage, StorageError
+from proxy.storage.secondary_store import restored
 from proxy.core.policy import CommandPolicy
 from proxy.runtime.relay import Listener, PairedSession
 from proxy.core.session import PRIMARY, Action, Policed, Session
 from proxy.runtime.upstream import open_upstream
 
-#: The SQLite file shared with the offline queue (in ``[offline] data_dir``).
-DB_NAME = "queue.sqlite3"
+#: Records kept for a retry while the store fails; beyond it the oldest are given up (logged).
+RETRY_LIMIT = 100_000
 
 
 class Secondaries:
@@ -54,23 +55,40 @@ class Secondaries:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.mirrors: dict[tuple[str, str], Mirror] = {}
-        self.store: MirrorStore | None = None
+        self.store: Storage | None = None
         self.listener = SecondaryListener(self)
-        self._restored: dict[tuple[str, str], Restored] = {}
+        #: Called with (operation, detail) when a write fails, with an empty detail when a retry succeeds.
+        self.on_error: Callable[[str, str], None] | None = None
+        self._restored: dict[tuple[str, str], RestoredMirror] = {}
         self._pending: list[tuple[str, Record]] = []
+        #: Records whose write failed, retried (in order, before newer ones) with backoff.
+        self._failed: list[tuple[str, Record]] = []
         self._wake = trio.Event()
         self._writing = False
         self._progress = trio.Event()
+        self._failed_before = 0
 
     @property
     def configured(self) -> bool:
         return any(self.config.secondaries_for(c) for c in self.config.all_chargers)
 
-    def open(self) -> None:
-        """Open the store and read it at start-up (a bad path stops the proxy here)."""
+    def open(self, storage: Storage) -> None:
+        """Use ``storage`` and read it at start-up (an unreadable store stops the proxy here)."""
         if self.configured and self.store is None:
-            self.store = MirrorStore(Path(self.config.offline.data_dir) / DB_NAME)
-            self._restored = self.store.restore()
+            self.store = storage
+            self._restored = storage.restore_mirrors()
+
+    @property
+    def backlog(self) -> dict[str, int]:
+        """Frames waiting per charger, summed over its secondaries (what a drain without the wallbox sends)."""
+        found: dict[str, int] = {}
+        for (charger, _), mirror in self.mirrors.items():
+            if mirror.depth:
+                found[charger] = found.get(charger, 0) + mirror.depth
+        for (charger, _), stored in self._restored.items():
+            if stored.queued:
+                found[charger] = found.get(charger, 0) + len(stored.queued)
+        return found
 
     def record(self, charger: str, record: Record) -> None:
         """Queue a change for the writer (called from sessions; never blocks)."""
@@ -79,18 +97,30 @@ class Secondaries:
             self._wake.set()
 
     async def run(self) -> None:
-        """The writer: applies recorded changes in order, in a worker thread, until cancelled."""
+        """The writer: applies recorded changes in order, in a worker thread, until cancelled.
+
+        A batch that fails is written record by record: what can be written
+        is, the rest is kept and retried with backoff before newer records
+        (every record is idempotent), so a full disk delays durability but
+        loses nothing while the process lives.
+        """
+        backoff = Backoff(0.5, 30.0)
         try:
             while True:
-                await self._wake.wait()
+                if self._failed:
+                    with trio.move_on_after(backoff.next_delay()):
+                        await self._wake.wait()  # new records: retry with them
+                else:
+                    await self._wake.wait()
                 self._wake = trio.Event()
-                batch, self._pending = self._pending, []
+                batch, self._pending = self._failed + self._pending, []
+                self._failed = []
                 self._writing = True
                 try:
-                    if self.store is not None:
-                        await trio.to_thread.run_sync(self.store.apply, batch)
-                except (sqlite3.Error, OSError) as exc:  # the secondaries go on, only less durably
-                    get_logger().error("secondary_store_failed", error=str(exc), records=len(batch))
+                    if self.store is not None and batch:
+                        await trio.to_thread.run_sync(self._write, batch)
+                    if not self._failed:
+                        backoff.reset()
                 finally:
                     self._writing = False
                     self._progress.set()
@@ -98,25 +128,53 @@ class Secondaries:
         finally:
             self.flush()
 
+    def _write(self, batch: list[tuple[str, Record]]) -> None:
+        """One transaction for the batch; after a failure, one per record (worker thread)."""
+        assert self.store is not None
+        retried = bool(self._failed_before)
+        try:
+            self.store.write_mirrors(batch)
+        except StorageError as exc:
+            self._report(exc, len(batch))
+            for record in batch:
+                try:
+                    self.store.write_mirrors([record])
+                except StorageError:
+                    self._failed.append(record)
+            if len(self._failed) > RETRY_LIMIT:
+                given_up = len(self._failed) - RETRY_LIMIT
+                del self._failed[:given_up]
+                get_logger().error("secondary_store_gave_up", records=given_up)
+        self._failed_before = len(self._failed)
+        if retried and not self._failed and self.on_error is not None:
+            self.on_error("mirror", "")
+
+    def _report(self, exc: StorageError, records: int) -> None:
+        get_logger().error("secondary_store_failed", error=exc.detail, records=records)
+        if self.on_error is not None:
+            self.on_error(exc.operation, exc.detail)
+
     async def written(self) -> None:
-        """Wait until everything recorded so far is in the store (needs :meth:`run` running)."""
+        """Wait until everything recorded so far was tried once (needs :meth:`run` running)."""
         while self._pending or self._writing:
+            await self._progress.wait()
+
+    async def settled(self) -> None:
+        """Wait until everything recorded so far is in the store, retries included (tests)."""
+        while self._pending or self._writing or self._failed:
             await self._progress.wait()
 
     def flush(self) -> None:
         """Write what is still pending (shutdown); synchronous."""
-        batch, self._pending = self._pending, []
+        batch, self._pending = self._failed + self._pending, []
+        self._failed = []
         if self.store is not None and batch:
-            try:
-                self.store.apply(batch)
-            except (sqlite3.Error, OSError) as exc:
-                get_logger().error("secondary_store_failed", error=str(exc), records=len(batch))
+            self._write(batch)
 
     def close(self) -> None:
+        """Write what is pending; the store itself is closed by its owner (the server)."""
         self.flush()
-        if self.store is not None:
-            self.store.close()
-            self.store = None
+        self.store = None
 
     def attach(self, session: Session, charger: ChargerBase) -> None:
         """Give a new session its secondaries (names, mirrors) and the command policy."""
@@ -140,7 +198,7 @@ class Secondaries:
         key = (charger.id, target.name)
         mirror = self.mirrors.get(key)
         if mirror is None:
-            stored = self._restored.pop(key, Restored())
+            stored = self._restored.pop(key, restored())
             mirror = self.mirrors[key] = Mirror(
                 target.name, forward_actions=target.forward_actions, queue_limit=target.settings.queue_limit,
                 call_timeout=self.config.server.call_timeout, replay_rate=target.settings.replay_rate,

@@ -26,7 +26,7 @@ from proxy.loadmgmt.driver import Limiter
 from proxy.wire.local import LocalConnection
 from proxy.ops.logs import get_logger
 from proxy.core.offline import OfflineResponder, OfflineSettings
-from proxy.storage.offline_queue import AsyncQueue
+from proxy.storage.offline_queue import DB_NAME, AsyncQueue, SqliteStorage
 from proxy.wire.tls_listener import Secured, SecureLayer
 from proxy.runtime.relay import Connection, Listener, PairedSession, SessionSettings
 from proxy.runtime.secondary import Secondaries
@@ -53,6 +53,7 @@ class ProxyServer:
         self._accepting: trio.CancelScope | None = None
         self.ready = trio.Event()
         self._secure: SecureLayer
+        self._storage: SqliteStorage | None = None
         self._queue: AsyncQueue | None = None
         #: Secondary upstreams: mirrors kept across sessions, their transaction ids (issue 10).
         self.secondaries = Secondaries(config)
@@ -65,9 +66,7 @@ class ProxyServer:
     async def serve(self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled or :meth:`stop`; reports the bound ports."""
         self._secure = SecureLayer(self.config.server, self.log)  # certificate problems stop start-up
-        if self.config.offline.enabled and self._queue is None:
-            self._queue = AsyncQueue(Path(self.config.offline.data_dir) / "queue.sqlite3")
-        self.secondaries.open()
+        self._open_storage()
         host, port = parse_listen(self.config.server.listen)
         listeners = await trio.open_tcp_listeners(port, host=host or None)
         self.ports = sorted({lst.socket.getsockname()[1] for lst in listeners})
@@ -76,6 +75,8 @@ class ProxyServer:
         try:
             async with trio.open_nursery() as background:
                 background.start_soon(self.secondaries.run)  # writes behind the sessions
+                if self._queue is not None:
+                    background.start_soon(self._queue.retry_deferred)
                 async with trio.open_nursery() as connections:
                     await connections.start(self.limiter.run)
                     with trio.CancelScope() as self._accepting:
@@ -94,8 +95,36 @@ class ProxyServer:
                 background.cancel_scope.cancel()
         finally:
             self.secondaries.close()
+            if self._queue is not None:
+                self._queue.close()  # a last try of deferred deliveries; closes the file
+            elif self._storage is not None:
+                self._storage.close()
+            self._queue = self._storage = None
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
+
+    def _open_storage(self) -> None:
+        """The durable store, if offline mode or a secondary needs it (raises StorageUnusable)."""
+        if self._storage is not None or not (self.config.offline.enabled or self.secondaries.configured):
+            return
+        self._storage = SqliteStorage(Path(self.config.offline.data_dir) / DB_NAME)
+        if self.config.offline.enabled:
+            self._queue = AsyncQueue(self._storage, on_error=self._storage_error)
+        self.secondaries.on_error = self._storage_error
+        self.secondaries.open(self._storage)
+
+    def _storage_error(self, operation: str, detail: str) -> None:
+        """A failed (or, with an empty detail, recovered) storage operation: logged and counted."""
+        if detail:
+            self.log.error("storage_error", operation=operation, error=detail, file=self._storage_location)
+        else:
+            self.log.info("storage_recovered", operation=operation)
+        for listener in self.listeners:
+            listener.storage_error(operation, detail)
+
+    @property
+    def _storage_location(self) -> str:
+        return self._storage.location if self._storage is not None else ""
 
     async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
         """Accept until cancelled; running out of file descriptors pauses instead of failing."""

@@ -1,33 +1,55 @@
-"""Durable offline queue and transaction-id map (SQLite, WAL, synchronous=FULL).
+"""The SQLite implementation of :class:`~proxy.storage.interface.Storage`, and its trio front.
 
-A CALL answered locally is committed here before its answer goes out, so a
-crash (``kill -9``) or power loss loses nothing the wallbox was told was
-received. Rows are deleted only after the backend answered the replayed CALL,
-in the same transaction that records the backend's transactionId.
+:class:`SqliteStorage`: one file in ``[offline] data_dir`` (WAL). The offline
+queue's connection commits with ``synchronous=FULL``: a CALL answered locally
+is on disk before its answer goes out, so a crash (``kill -9``) or a power cut
+loses nothing the wallbox was told was received. The secondaries' mirrors are
+in the same file (:mod:`proxy.storage.secondary_store`, their own connection).
 
-Guarantee: each stored CALL reaches the backend at least once, with its
-original message id; it is sent twice only if the proxy dies in the
-milliseconds between sending a replayed CALL and committing its answer, and
-then with the same uniqueId, which OCPP backends must treat as a
-retransmission.
+:class:`AsyncQueue` is what sessions use, from trio:
 
-SQLite blocks, so :class:`AsyncQueue` runs every call in one worker thread
-(one connection, serialized by a CapacityLimiter), keeping the trio loop free.
+* **Group commit.** Appends, sent-marks and deliveries from every session are
+  collected while one commit runs and go to the disk together in the next one
+  (one transaction, one fsync), in one worker thread, so a slow disk never
+  blocks the event loop and 100 wallboxes answered offline cost one fsync per
+  batch instead of one per frame. Each caller still returns only after its own
+  change is committed.
+* **Storage trouble never ends a session.** An append that fails is reported
+  to its caller (the frame is refused with a CALLERROR, nothing else). A
+  sent-mark or a delivery that fails is kept in memory and retried with
+  backoff (they are idempotent) while reads act as if it had been committed,
+  so a delivered frame is not replayed again by this process. Every failure is
+  reported to ``on_error`` (log event and metric) and the recovery too.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import trio
 
+from proxy.core.backoff import Backoff
 from proxy.core.offline import Stored
+from proxy.storage.interface import (
+    Append,
+    Change,
+    Delivered,
+    MarkSent,
+    MirrorRecord,
+    RestoredMirror,
+    StorageError,
+)
+from proxy.storage.secondary_store import MirrorStore
 
 T = TypeVar("T")
+
+#: The file in ``[offline] data_dir`` (shared by the offline queue and the secondaries' mirrors).
+DB_NAME = "queue.sqlite3"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS frames (
@@ -49,92 +71,345 @@ CREATE TABLE IF NOT EXISTS counters (
     charger TEXT PRIMARY KEY,
     last_local_tx INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS chargers (
+    charger TEXT PRIMARY KEY,
+    subprotocol TEXT NOT NULL
+);
 """
 
 
-class Queue:
-    """The synchronous store; use :class:`AsyncQueue` from trio code."""
+class StorageUnusable(StorageError):
+    """The database file exists (or must be created) but cannot be used; names the file."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__("open", detail)
         self.path = path
-        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
-        self.db.executescript(_SCHEMA)
+
+
+class SqliteStorage:
+    """:class:`~proxy.storage.interface.Storage` in one SQLite file (blocking; see :class:`AsyncQueue`)."""
+
+    def __init__(self, path: Path, *, mirrors: bool = True) -> None:
+        self.path = path
+        self.location = str(path)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(_SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(frames)")}
+            if "attempts" not in columns:  # a queue written before sent-marks existed
+                self.db.execute("ALTER TABLE frames ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+            self.db.execute("SELECT count(*) FROM frames").fetchone()
+            self.mirrors = MirrorStore(path) if mirrors else None
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageUnusable(path, _detail(exc)) from exc
 
     def close(self) -> None:
         self.db.close()
+        if self.mirrors is not None:
+            self.mirrors.close()
 
-    def append(self, charger: str, action: str, text: str, local_tx: int | None = None) -> int:
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            cursor = self.db.execute("INSERT INTO frames (charger, action, text, local_tx, created) "
-                                     "VALUES (?, ?, ?, ?, ?)", (charger, action, text, local_tx, time.time()))
-            if local_tx is not None:
-                self.db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(charger) DO UPDATE "
-                                "SET last_local_tx = min(last_local_tx, excluded.last_local_tx)",
-                                (charger, local_tx))
+    # -- writes -------------------------------------------------------------------------
+
+    def write(self, changes: Sequence[Change]) -> list[int | None]:
+        results: list[int | None] = []
+        db = self.db
+        try:
+            with db:
+                db.execute("BEGIN IMMEDIATE")
+                for change in changes:
+                    results.append(self._apply(change))
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError(_operation(changes), _detail(exc)) from exc
+        return results
+
+    def _apply(self, change: Change) -> int | None:
+        db = self.db
+        if isinstance(change, Append):
+            cursor = db.execute("INSERT INTO frames (charger, action, text, local_tx, created) VALUES (?, ?, ?, ?, ?)",
+                                (change.charger, change.action, change.text, change.local_tx, time.time()))
+            if change.local_tx is not None:
+                db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(charger) DO UPDATE "
+                           "SET last_local_tx = min(last_local_tx, excluded.last_local_tx)",
+                           (change.charger, change.local_tx))
             return int(cursor.lastrowid or 0)
+        if isinstance(change, MarkSent):
+            db.execute("UPDATE frames SET attempts = attempts + 1 WHERE row = ?", (change.row,))
+            return None
+        if change.local_tx is not None and change.backend_tx is not None:
+            db.execute("INSERT OR REPLACE INTO transactions VALUES (?, ?, ?)",
+                       (change.charger, change.local_tx, change.backend_tx))
+        db.execute("DELETE FROM frames WHERE row = ?", (change.row,))
+        return None
+
+    def set_subprotocol(self, charger: str, subprotocol: str) -> None:
+        try:
+            self.db.execute("INSERT OR REPLACE INTO chargers VALUES (?, ?)", (charger, subprotocol))
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError("write", _detail(exc)) from exc
+
+    # -- reads --------------------------------------------------------------------------
+
+    def _read(self, sql: str, *args: object) -> list[tuple[object, ...]]:
+        try:
+            return list(self.db.execute(sql, args))
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError("read", _detail(exc)) from exc
 
     def pending(self, charger: str) -> list[Stored]:
-        rows = self.db.execute("SELECT row, action, text, local_tx FROM frames WHERE charger = ? ORDER BY row",
-                               (charger,))
-        return [Stored(row, action, text, local_tx) for row, action, text, local_tx in rows]
+        rows = self._read("SELECT row, action, text, local_tx, attempts FROM frames WHERE charger = ? ORDER BY row",
+                          charger)
+        return [Stored(int(row), str(action), str(text), None if local is None else int(local),  # type: ignore[call-overload]
+                       int(attempts))  # type: ignore[call-overload]
+                for row, action, text, local, attempts in rows]
 
-    def delivered(self, row: int, charger: str = "", local_tx: int | None = None,
-                  backend_tx: int | None = None) -> None:
-        """Forget a replayed CALL; for a StartTransaction also record the id mapping."""
-        with self.db:
-            self.db.execute("BEGIN IMMEDIATE")
-            if local_tx is not None and backend_tx is not None:
-                self.db.execute("INSERT OR REPLACE INTO transactions VALUES (?, ?, ?)",
-                                (charger, local_tx, backend_tx))
-            self.db.execute("DELETE FROM frames WHERE row = ?", (row,))
-
-    def transactions(self, charger: str) -> dict[int, int]:
-        rows = self.db.execute("SELECT local_tx, backend_tx FROM transactions WHERE charger = ?", (charger,))
-        return {local: backend for local, backend in rows}
-
-    def last_local_tx(self, charger: str) -> int:
-        row = self.db.execute("SELECT last_local_tx FROM counters WHERE charger = ?", (charger,)).fetchone()
-        return int(row[0]) if row else 0
+    def backlog(self) -> dict[str, int]:
+        rows = self._read("SELECT charger, count(*) FROM frames GROUP BY charger")
+        return {str(charger): int(count) for charger, count in rows}  # type: ignore[call-overload]
 
     def depth(self, charger: str) -> tuple[int, float | None]:
-        """(queued frames, age in seconds of the oldest)."""
-        count, oldest = self.db.execute("SELECT count(*), min(created) FROM frames WHERE charger = ?",
-                                        (charger,)).fetchone()
-        return int(count), (time.time() - oldest) if oldest is not None else None
+        [(count, oldest)] = self._read("SELECT count(*), min(created) FROM frames WHERE charger = ?", charger)
+        return int(count), None if oldest is None else float(oldest)  # type: ignore[call-overload, arg-type]
+
+    def transactions(self, charger: str) -> dict[int, int]:
+        rows = self._read("SELECT local_tx, backend_tx FROM transactions WHERE charger = ?", charger)
+        return {int(local): int(backend) for local, backend in rows}  # type: ignore[call-overload]
+
+    def last_local_tx(self, charger: str) -> int:
+        rows = self._read("SELECT last_local_tx FROM counters WHERE charger = ?", charger)
+        return int(rows[0][0]) if rows else 0  # type: ignore[call-overload]
+
+    def subprotocol(self, charger: str) -> str | None:
+        rows = self._read("SELECT subprotocol FROM chargers WHERE charger = ?", charger)
+        return str(rows[0][0]) if rows else None
+
+    # -- secondaries' mirrors ------------------------------------------------------------
+
+    def write_mirrors(self, records: Sequence[tuple[str, MirrorRecord]]) -> None:
+        assert self.mirrors is not None
+        try:
+            self.mirrors.apply(records)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError("mirror", _detail(exc)) from exc
+
+    def restore_mirrors(self) -> dict[tuple[str, str], RestoredMirror]:
+        assert self.mirrors is not None
+        try:
+            return self.mirrors.restore()
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError("read", _detail(exc)) from exc
+
+
+def _detail(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _operation(changes: Sequence[Change]) -> str:
+    kinds = {type(change) for change in changes}
+    return "append" if Append in kinds else "deliver" if Delivered in kinds else "mark"
+
+
+# --- trio front -------------------------------------------------------------------------
+
+#: Reports a storage failure (operation, detail) or, with an empty detail, a recovery.
+ErrorHook = Callable[[str, str], None]
+
+
+@dataclass(eq=False)
+class _Slot:
+    change: Change
+    done: bool = False
+    result: int | None = None
+    error: StorageError | None = None
+
+
+@dataclass
+class _Deferred:
+    """Sent-marks and deliveries whose commit failed: retried, and already applied to reads."""
+
+    changes: list[MarkSent | Delivered] = field(default_factory=list)
+    #: Rows delivered but not yet deleted on disk (hidden from pending/depth).
+    gone: dict[int, str] = field(default_factory=dict)
+    marks: dict[int, int] = field(default_factory=dict)
+    mapped: dict[str, dict[int, int]] = field(default_factory=dict)
 
 
 class AsyncQueue:
-    """The queue for trio code: every call runs in the queue's own worker thread."""
+    """The storage for trio code: group commit, one worker thread, deferred retries."""
 
-    def __init__(self, path: Path) -> None:
-        self.queue = Queue(path)
+    def __init__(self, storage: SqliteStorage, *, on_error: ErrorHook | None = None,
+                 retry_min: float = 0.5, retry_max: float = 30.0) -> None:
+        self.storage = storage
+        self.on_error = on_error
         self._limiter = trio.CapacityLimiter(1)
+        self._batch: list[_Slot] = []
+        self._committing = False
+        self._committed = trio.Event()
+        self._deferred = _Deferred()
+        self._retry_wake = trio.Event()
+        self._backoff = Backoff(retry_min, retry_max)
+        self._failing = False
+        #: Commits done and changes committed (the benchmark reports changes per commit).
+        self.commits = 0
+        self.committed_changes = 0
+
+    @property
+    def deferred(self) -> int:
+        """Sent-marks and deliveries waiting for a retry."""
+        return len(self._deferred.changes)
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
         return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
 
+    # -- writes ---------------------------------------------------------------------
+
     async def append(self, charger: str, action: str, text: str, local_tx: int | None = None) -> int:
-        return await self.run(self.queue.append, charger, action, text, local_tx)
+        """Commit one frame (with whatever else is waiting); raises StorageError if it could not be stored."""
+        slot = await self._commit(Append(charger, action, text, local_tx))
+        if slot.error is not None:
+            raise slot.error
+        assert slot.result is not None
+        return slot.result
+
+    async def mark_sent(self, row: int) -> None:
+        """Mark ``row`` sent before it goes out; a failure is retried later and never raised."""
+        await self._commit(MarkSent(row))
+
+    async def delivered(self, row: int, charger: str, local_tx: int | None = None,
+                        backend_tx: int | None = None) -> None:
+        """Forget a replayed frame (and record its transaction id pair); failures are retried, never raised."""
+        await self._commit(Delivered(row, charger, local_tx, backend_tx))
+
+    async def _commit(self, change: Change) -> _Slot:
+        slot = _Slot(change)
+        self._batch.append(slot)
+        while not slot.done:
+            if self._committing:
+                await self._committed.wait()
+            else:
+                await self._commit_batch()
+        if slot.error is not None and not isinstance(change, Append):
+            self._defer(change, slot.error)
+        return slot
+
+    async def _commit_batch(self) -> None:
+        """Commit everything waiting, in one transaction (the caller is the batch's leader)."""
+        self._committing = True
+        batch, self._batch = self._batch, []
+        try:
+            results = await self.run(self.storage.write, [slot.change for slot in batch])
+            for slot, result in zip(batch, results):
+                slot.result = result
+            self.commits += 1
+            self.committed_changes += len(batch)
+            if self._failing:
+                self._report("write", "")
+        except StorageError as exc:
+            for slot in batch:
+                slot.error = exc
+            self._report(exc.operation, exc.detail)
+        finally:
+            for slot in batch:
+                slot.done = True
+            self._committing = False
+            self._committed.set()
+            self._committed = trio.Event()
+
+    def _defer(self, change: MarkSent | Delivered, error: StorageError) -> None:
+        deferred = self._deferred
+        deferred.changes.append(change)
+        if isinstance(change, MarkSent):
+            deferred.marks[change.row] = deferred.marks.get(change.row, 0) + 1
+        else:
+            deferred.gone[change.row] = change.charger
+            if change.local_tx is not None and change.backend_tx is not None:
+                deferred.mapped.setdefault(change.charger, {})[change.local_tx] = change.backend_tx
+        self._retry_wake.set()
+
+    async def retry_deferred(self) -> None:
+        """Retry failed sent-marks and deliveries with backoff, until cancelled (the server runs this)."""
+        while True:
+            await self._retry_wake.wait()
+            self._retry_wake = trio.Event()
+            while self._deferred.changes:
+                await trio.sleep(self._backoff.next_delay())
+                if await self.flush_deferred():
+                    self._backoff.reset()
+
+    async def flush_deferred(self) -> bool:
+        """One retry of everything deferred; True when it all got committed."""
+        deferred, self._deferred = self._deferred, _Deferred()
+        if not deferred.changes:
+            return True
+        try:
+            await self.run(self.storage.write, deferred.changes)
+        except StorageError as exc:
+            # Put them back in front of whatever failed meanwhile (order matters only per row).
+            failed_meanwhile, self._deferred = self._deferred, deferred
+            for change in failed_meanwhile.changes:
+                self._defer(change, exc)
+            self._report(exc.operation, exc.detail)
+            return False
+        self._report("retry", "")
+        return not self._deferred.changes
+
+    def _report(self, operation: str, detail: str) -> None:
+        self._failing = bool(detail)
+        if self.on_error is not None:
+            self.on_error(operation, detail)
+
+    # -- reads (deferred changes applied) ------------------------------------------------
+
+    async def _read(self, fn: Callable[..., T], *args: object) -> T:
+        try:
+            return await self.run(fn, *args)
+        except StorageError as exc:
+            self._report(exc.operation, exc.detail)
+            raise
 
     async def pending(self, charger: str) -> list[Stored]:
-        return await self.run(self.queue.pending, charger)
-
-    async def delivered(self, row: int, charger: str = "", local_tx: int | None = None,
-                        backend_tx: int | None = None) -> None:
-        await self.run(self.queue.delivered, row, charger, local_tx, backend_tx)
-
-    async def transactions(self, charger: str) -> dict[int, int]:
-        return await self.run(self.queue.transactions, charger)
+        entries = await self._read(self.storage.pending, charger)
+        deferred = self._deferred
+        if not deferred.changes:
+            return entries
+        return [Stored(e.row, e.action, e.text, e.local_transaction_id, e.attempts + deferred.marks.get(e.row, 0))
+                for e in entries if e.row not in deferred.gone]
 
     async def depth(self, charger: str) -> tuple[int, float | None]:
-        return await self.run(self.queue.depth, charger)
+        count, oldest = await self._read(self.storage.depth, charger)
+        gone = sum(1 for owner in self._deferred.gone.values() if owner == charger)
+        return max(count - gone, 0), oldest
+
+    async def backlog(self) -> dict[str, int]:
+        found = await self._read(self.storage.backlog)
+        for charger in self._deferred.gone.values():
+            found[charger] = found.get(charger, 0) - 1
+        return {charger: count for charger, count in found.items() if count > 0}
+
+    async def transactions(self, charger: str) -> dict[int, int]:
+        found = await self._read(self.storage.transactions, charger)
+        found.update(self._deferred.mapped.get(charger, {}))
+        return found
 
     async def last_local_tx(self, charger: str) -> int:
-        return await self.run(self.queue.last_local_tx, charger)
+        return await self._read(self.storage.last_local_tx, charger)
+
+    async def subprotocol(self, charger: str) -> str | None:
+        return await self._read(self.storage.subprotocol, charger)
+
+    async def set_subprotocol(self, charger: str, subprotocol: str) -> None:
+        try:
+            await self.run(self.storage.set_subprotocol, charger, subprotocol)
+        except StorageError as exc:
+            self._report(exc.operation, exc.detail)  # only a drain without its wallbox needs it
 
     def close(self) -> None:
-        self.queue.close()
+        """Last synchronous retry of deferred changes, then close the file."""
+        if self._deferred.changes:
+            try:
+                self.storage.write(self._deferred.changes)
+            except StorageError as exc:
+                self._report(exc.operation, exc.detail)
+        self.storage.close()

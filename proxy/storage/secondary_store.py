@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy.core.mirror import TX_MEMORY, MirrorQueued, MirrorStartKnown, MirrorState, MirrorUnqueued, TxMapped
-
-Record = TxMapped | MirrorQueued | MirrorUnqueued | MirrorState | MirrorStartKnown
+from proxy.storage.interface import MirrorRecord as Record
+from proxy.storage.interface import RestoredMirror
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS secondary_tx (
@@ -43,15 +42,9 @@ CREATE TABLE IF NOT EXISTS secondary_state (
 """
 
 
-@dataclass
-class Restored:
-    """One mirror's stored part: id pairs (oldest first), queued frames, replay state."""
-
-    transactions: dict[int, int] = field(default_factory=dict)
-    queued: list[tuple[int, str, str]] = field(default_factory=list)
-    state: dict[int, str] = field(default_factory=dict)
-    #: Queued StartTransactions whose wallbox id is known: msg id → wallbox transactionId.
-    starts: dict[str, int] = field(default_factory=dict)
+def restored() -> RestoredMirror:
+    """An empty stored part (a mirror nothing was stored for)."""
+    return RestoredMirror({}, [], {}, {})
 
 
 class MirrorStore:
@@ -68,12 +61,12 @@ class MirrorStore:
         row = self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM secondary_tx").fetchone()
         self._tx_seq = int(row[0])
 
-    def restore(self) -> dict[tuple[str, str], Restored]:
+    def restore(self) -> dict[tuple[str, str], RestoredMirror]:
         """Everything stored, by (charger, upstream)."""
-        found: dict[tuple[str, str], Restored] = {}
+        found: dict[tuple[str, str], RestoredMirror] = {}
 
-        def entry(charger: str, upstream: str) -> Restored:
-            return found.setdefault((charger, upstream), Restored())
+        def entry(charger: str, upstream: str) -> RestoredMirror:
+            return found.setdefault((charger, upstream), restored())
 
         db = self._db
         for charger, upstream, wallbox_tx, upstream_tx in db.execute(
@@ -91,7 +84,7 @@ class MirrorStore:
         return found
 
     def load(self, charger: str, upstream: str) -> dict[int, int]:
-        return self.restore().get((charger, upstream), Restored()).transactions
+        return self.restore().get((charger, upstream), restored()).transactions
 
     def apply(self, records: Sequence[tuple[str, Record]]) -> None:
         """Write (charger, record) pairs in order, in one transaction."""

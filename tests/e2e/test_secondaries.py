@@ -116,8 +116,8 @@ async def test_transaction_reaches_all_three_with_own_ids(peers: LoopThread, thr
                    for f in tx_frames)
     # The ids each secondary gave are persisted for a restart.
     assert server.secondaries.store is not None
-    assert server.secondaries.store.load("CP1", "ems") == {1001: 5001}
-    assert server.secondaries.store.load("CP1", "ha") == {1001: 7001}
+    assert server.secondaries.store.restore_mirrors()[("CP1", "ems")].transactions == {1001: 5001}
+    assert server.secondaries.store.restore_mirrors()[("CP1", "ha")].transactions == {1001: 7001}
     await in_loop(peers, handle.close())
 
 

@@ -77,31 +77,43 @@ def test_a_mirror_rebuilt_from_the_store_continues_where_it_stopped(tmp_path: Pa
     assert new.restore()[("CP1", "ems")].queued == []
 
 
-async def test_a_failing_store_is_logged_and_the_writer_goes_on(tmp_path: Path) -> None:
+async def test_a_failing_store_is_logged_retried_and_the_writer_goes_on(tmp_path: Path) -> None:
     from proxy.config import loads
     from proxy.runtime.secondary import Secondaries
+    from proxy.storage.offline_queue import DB_NAME, SqliteStorage
 
     config = loads(f'[offline]\ndata_dir = "{tmp_path}"\n[backend]\nurl = "ws://127.0.0.1:9/ocpp"\n'
                    '[backends.ems]\nurl = "ws://127.0.0.1:9/ems"\n[[chargers]]\nid = "CP1"\nsecondaries = ["ems"]\n')
+    storage = SqliteStorage(tmp_path / DB_NAME)
+    assert storage.mirrors is not None
+    db = storage.mirrors._db
     secondaries = Secondaries(config)
-    secondaries.open()
-    assert secondaries.store is not None
+    errors: list[tuple[str, str]] = []
+    secondaries.on_error = lambda operation, detail: errors.append((operation, detail))
+    secondaries.open(storage)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(secondaries.run)
         secondaries.record("CP1", MirrorQueued("ems", 1, "Heartbeat", '[2,"1","Heartbeat",{}]'))
-        with trio.fail_after(5):
+        with trio.fail_after(10):
             await secondaries.written()
-        assert secondaries.store.restore()[("CP1", "ems")].queued == [(1, "Heartbeat", '[2,"1","Heartbeat",{}]')]
-        secondaries.store._db.execute("DROP TABLE secondary_frames")  # the disk "breaks"
+        assert storage.restore_mirrors()[("CP1", "ems")].queued == [(1, "Heartbeat", '[2,"1","Heartbeat",{}]')]
+        db.execute("DROP TABLE secondary_frames")  # the disk "breaks" for this table
         with structlog.testing.capture_logs() as logged:
             secondaries.record("CP1", MirrorQueued("ems", 2, "Heartbeat", '[2,"2","Heartbeat",{}]'))
-            with trio.fail_after(5):
+            with trio.fail_after(10):
                 await secondaries.written()
         assert [e["event"] for e in logged] == ["secondary_store_failed"] and logged[0]["records"] == 1
+        assert errors and errors[0][0] == "mirror" and errors[0][1]
         secondaries.record("CP1", TxMapped("ems", 1001, 5))  # still writing what it can
-        with trio.fail_after(5):
+        with trio.fail_after(10):
             await secondaries.written()
-        rows = secondaries.store._db.execute("SELECT wallbox_tx, upstream_tx FROM secondary_tx").fetchall()
-        assert rows == [(1001, 5)]
+        assert db.execute("SELECT wallbox_tx, upstream_tx FROM secondary_tx").fetchall() == [(1001, 5)]
+        db.execute("CREATE TABLE secondary_frames (charger TEXT NOT NULL, upstream TEXT NOT NULL, "
+                   "seq INTEGER NOT NULL, action TEXT NOT NULL, text TEXT NOT NULL, PRIMARY KEY (charger, upstream, seq))")
+        with trio.fail_after(10):
+            await secondaries.settled()  # the kept record is retried with backoff
+        assert db.execute("SELECT seq FROM secondary_frames").fetchall() == [(2,)]
+        assert errors[-1] == ("mirror", "")  # recovered
         nursery.cancel_scope.cancel()
     secondaries.close()
+    storage.close()

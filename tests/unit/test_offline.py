@@ -19,7 +19,8 @@ from proxy.core.offline import (
     replace_transaction_id,
     replay_plan,
 )
-from proxy.storage.offline_queue import Queue
+from proxy.storage.interface import Append, Delivered, MarkSent
+from proxy.storage.offline_queue import SqliteStorage
 from proxy.core.session import PRIMARY, Persist, Session, ToUpstream, ToWallbox
 
 
@@ -76,19 +77,38 @@ def test_replay_plan_drops_heartbeats_and_older_boots() -> None:
 
 
 def test_queue_survives_reopen_and_keeps_order(tmp_path: Path) -> None:
-    queue = Queue(tmp_path / "q.sqlite3")
-    rows = [queue.append("CP1", "StartTransaction", '[2,"s","StartTransaction",{}]', -1),
-            queue.append("CP1", "MeterValues", '[2,"m","MeterValues",{}]'),
-            queue.append("CP2", "Heartbeat", '[2,"h","Heartbeat",{}]')]
+    queue = SqliteStorage(tmp_path / "q.sqlite3")
+    rows = queue.write([Append("CP1", "StartTransaction", '[2,"s","StartTransaction",{}]', -1),
+                        Append("CP1", "MeterValues", '[2,"m","MeterValues",{}]'),
+                        Append("CP2", "Heartbeat", '[2,"h","Heartbeat",{}]')])
+    assert all(isinstance(row, int) for row in rows) and rows == sorted(rows)  # type: ignore[type-var]
     queue.close()
-    queue = Queue(tmp_path / "q.sqlite3")
+    queue = SqliteStorage(tmp_path / "q.sqlite3")
     assert [e.row for e in queue.pending("CP1")] == rows[:2]
     assert queue.last_local_tx("CP1") == -1 and queue.last_local_tx("CP2") == 0
-    queue.delivered(rows[0], "CP1", -1, 1001)
+    assert queue.backlog() == {"CP1": 2, "CP2": 1}
+    first = rows[0]
+    assert isinstance(first, int)
+    queue.write([MarkSent(first)])
+    assert queue.pending("CP1")[0].attempts == 1
+    queue.write([Delivered(first, "CP1", -1, 1001)])
+    queue.write([Delivered(first, "CP1", -1, 1001), MarkSent(first)])  # idempotent: a retry changes nothing
     assert queue.transactions("CP1") == {-1: 1001}
     assert [e.action for e in queue.pending("CP1")] == ["MeterValues"]
     assert queue.depth("CP1")[0] == 1
     assert queue.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_replay_plan_drops_a_state_report_sent_before_only_when_a_later_one_supersedes_it() -> None:
+    status = '[2,"%s","StatusNotification",{"connectorId":%d,"status":"%s","errorCode":"NoError"}]'
+    entries = [Stored(1, "StatusNotification", status % ("a", 1, "Preparing"), attempts=1),
+               Stored(2, "StartTransaction", "s", -1, attempts=1),
+               Stored(3, "StatusNotification", status % ("b", 2, "Available"), attempts=1),
+               Stored(4, "StatusNotification", status % ("c", 1, "Charging")),
+               Stored(5, "MeterValues", "m", attempts=2)]
+    keep, drop = replay_plan(entries)
+    # Connector 1's in-flight report is superseded by row 4; connector 2's is the latest: resent.
+    assert [e.row for e in keep] == [2, 3, 4, 5] and [e.row for e in drop] == [1]
 
 
 def test_session_answers_locally_while_primary_is_down() -> None:

@@ -1,0 +1,148 @@
+"""The one storage interface of the proxy's durable state (typed, backend-neutral).
+
+Everything the proxy must not lose goes through :class:`Storage`: the offline
+queue of each charger's primary, the transaction-id map of its replays, its
+local transaction-id counter, and its secondaries' mirrors. SQLite implements it
+today (:class:`proxy.storage.offline_queue.SqliteStorage`); a PostgreSQL
+implementation (several proxies sharing one database) will implement the same
+methods with the same guarantees, and will add fuse reservations, virtual
+charge point records and leases as further parts of this interface. What each
+method guarantees is in ``docs/storage.md``; the short form is in each
+docstring here.
+
+Rules every implementation follows:
+
+* **Durable before return.** A write method returns only once its changes
+  survive a crash of the process (``kill -9``) and, for :meth:`Storage.write`,
+  a power cut. A write method that raises changed nothing.
+* **One transaction per call.** :meth:`Storage.write` applies a whole batch or
+  nothing, so callers group many frames into one commit (group commit).
+* **Errors are** :class:`StorageError` **only** (disk full, I/O error, a lost
+  database connection), so the trio layer needs to know one exception type.
+* **Idempotent deliveries and marks.** Applying a :class:`Delivered` or a
+  :class:`MarkSent` twice has the effect of applying it once, so a caller may
+  retry any write whose outcome it does not know.
+* **Order.** :meth:`Storage.pending` returns a charger's frames in the order
+  their :class:`Append` calls were committed (and, within one batch, listed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.core.mirror import MirrorQueued, MirrorStartKnown, MirrorState, MirrorUnqueued, TxMapped
+from proxy.core.offline import Stored
+
+#: One change to a secondary's mirror (see :mod:`proxy.core.mirror`).
+MirrorRecord = TxMapped | MirrorQueued | MirrorUnqueued | MirrorState | MirrorStartKnown
+
+
+class StorageError(Exception):
+    """The store could not do what was asked (disk full, I/O error, database gone).
+
+    ``operation`` names the call for logs and metrics (``append``, ``mark``,
+    ``deliver``, ``read``, ``mirror``, ``open``).
+    """
+
+    def __init__(self, operation: str, detail: str) -> None:
+        super().__init__(f"{operation}: {detail}")
+        self.operation = operation
+        self.detail = detail
+
+
+@dataclass(frozen=True, slots=True)
+class Append:
+    """Queue one CALL answered locally (exact text); ``local_tx``: the id its local answer handed out."""
+
+    charger: str
+    action: str
+    text: str
+    local_tx: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MarkSent:
+    """The queued frame ``row`` is about to be sent to the backend (replay)."""
+
+    row: int
+
+
+@dataclass(frozen=True, slots=True)
+class Delivered:
+    """The backend answered the replayed frame ``row``: forget it, and record ``local_tx`` → ``backend_tx``."""
+
+    row: int
+    charger: str
+    local_tx: int | None = None
+    backend_tx: int | None = None
+
+
+#: One change in a :meth:`Storage.write` batch.
+Change = Append | MarkSent | Delivered
+
+
+@dataclass
+class RestoredMirror:
+    """One mirror's stored part: id pairs (oldest first), queued frames, replay state."""
+
+    transactions: dict[int, int]
+    queued: list[tuple[int, str, str]]
+    state: dict[int, str]
+    #: Queued StartTransactions whose wallbox id is known: msg id → wallbox transactionId.
+    starts: dict[str, int]
+
+
+class Storage(Protocol):
+    """Durable state of the proxy. Blocking calls: the trio layer runs them in a worker thread."""
+
+    #: Where the data lives, for messages (a file path, a database URL without its password).
+    location: str
+
+    def write(self, changes: Sequence[Change]) -> list[int | None]:
+        """Apply ``changes`` in order in one transaction; durable (fsync) before return.
+
+        Returns, per change, the new row of an :class:`Append` (rows grow in
+        commit order) and None for the others. :class:`Delivered` of a row
+        that is gone and :class:`MarkSent` of a row that is gone do nothing.
+        """
+        ...
+
+    def pending(self, charger: str) -> list[Stored]:
+        """The charger's queued frames, oldest first, with how often each was marked sent."""
+        ...
+
+    def backlog(self) -> dict[str, int]:
+        """Queued frames per charger, for every charger that has any (start-up: which queues to drain)."""
+        ...
+
+    def depth(self, charger: str) -> tuple[int, float | None]:
+        """(queued frames, Unix time the oldest was stored; None when empty)."""
+        ...
+
+    def transactions(self, charger: str) -> dict[int, int]:
+        """Local transaction id → the backend's, as recorded by :class:`Delivered`."""
+        ...
+
+    def last_local_tx(self, charger: str) -> int:
+        """The lowest (negative) local transaction id ever appended for the charger; 0 if none."""
+        ...
+
+    def set_subprotocol(self, charger: str, subprotocol: str) -> None:
+        """Remember the subprotocol the charger's wallbox last used (a drain without it offers this one)."""
+        ...
+
+    def subprotocol(self, charger: str) -> str | None:
+        ...
+
+    def write_mirrors(self, records: Sequence[tuple[str, MirrorRecord]]) -> None:
+        """Apply (charger, record) pairs in order in one transaction; survives a process crash once returned."""
+        ...
+
+    def restore_mirrors(self) -> dict[tuple[str, str], RestoredMirror]:
+        """Every mirror's stored part, by (charger, secondary name)."""
+        ...
+
+    def close(self) -> None:
+        ...

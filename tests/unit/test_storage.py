@@ -1,0 +1,101 @@
+"""The storage interface's SQLite implementation under load and on a full disk (real filesystem)."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+import trio
+
+from proxy.storage.interface import Append, StorageError
+from proxy.storage.offline_queue import DB_NAME, AsyncQueue, SqliteStorage, StorageUnusable
+from tests.diskfull import small_disk
+
+
+async def test_group_commit_puts_concurrent_appends_into_few_transactions(tmp_path: Path) -> None:
+    queue = AsyncQueue(SqliteStorage(tmp_path / DB_NAME))
+    rows: dict[str, int] = {}
+
+    async def wallbox(n: int) -> None:
+        for k in range(10):
+            rows[f"{n}/{k}"] = await queue.append(f"CP{n}", "MeterValues", f'[2,"{n}/{k}","MeterValues",{{}}]')
+
+    async with trio.open_nursery() as nursery:
+        for n in range(50):
+            nursery.start_soon(wallbox, n)
+    assert queue.committed_changes == 500
+    assert queue.commits < 500 / 4, queue.commits  # many frames per transaction
+    for n in range(50):  # every frame committed, each charger's in its own order
+        pending = await queue.pending(f"CP{n}")
+        assert [e.row for e in pending] == [rows[f"{n}/{k}"] for k in range(10)]
+    queue.close()
+
+
+async def test_a_full_disk_refuses_appends_and_defers_deliveries_and_marks_until_space_returns(
+        tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk") as disk:
+        path = disk.path / DB_NAME
+        errors: list[tuple[str, str]] = []
+        queue = AsyncQueue(SqliteStorage(path), on_error=lambda op, detail: errors.append((op, detail)),
+                           retry_min=0.01, retry_max=0.05)
+        rows = [await queue.append("CP1", "MeterValues", f'[2,"{k}","MeterValues",{{}}]') for k in range(3)]
+        disk.fill(path)
+        with pytest.raises(StorageError) as refused:
+            await queue.append("CP1", "MeterValues", '[2,"x","MeterValues",{}]')
+        assert "full" in refused.value.detail
+        await queue.mark_sent(rows[0])  # neither raises: kept and retried
+        await queue.delivered(rows[0], "CP1", -1, 1001)
+        assert queue.deferred == 2
+        assert [op for op, _ in errors] == ["append", "mark", "deliver"]
+        # Reads already show the outcome: the delivered frame is not replayed again.
+        assert [e.row for e in await queue.pending("CP1")] == rows[1:]
+        assert (await queue.depth("CP1"))[0] == 2 and await queue.transactions("CP1") == {-1: 1001}
+        assert not await queue.flush_deferred()  # still full
+        disk.free()
+        assert await queue.flush_deferred()
+        assert queue.deferred == 0 and errors[-1] == ("retry", "")
+        queue.close()
+        reopened = SqliteStorage(path)  # on disk now
+        assert [e.row for e in reopened.pending("CP1")] == rows[1:] and reopened.transactions("CP1") == {-1: 1001}
+        reopened.close()
+
+
+async def test_the_retry_task_commits_deferred_deliveries_once_the_disk_has_room(tmp_path: Path) -> None:
+    with small_disk(tmp_path / "disk") as disk:
+        path = disk.path / DB_NAME
+        queue = AsyncQueue(SqliteStorage(path), retry_min=0.01, retry_max=0.05)
+        row = await queue.append("CP1", "MeterValues", '[2,"1","MeterValues",{}]')
+        disk.fill(path)
+        await queue.delivered(row, "CP1")
+        assert queue.deferred == 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.retry_deferred)
+            disk.free()
+            with trio.fail_after(10):
+                while queue.deferred:
+                    await trio.sleep(0.01)  # the retry loop's own backoff is what is waited for
+            nursery.cancel_scope.cancel()
+        assert queue.storage.pending("CP1") == []
+        queue.close()
+
+
+def test_an_unusable_database_names_its_file(tmp_path: Path) -> None:
+    path = tmp_path / DB_NAME
+    path.write_bytes(b"this is not a database" * 100)
+    with pytest.raises(StorageUnusable) as unusable:
+        SqliteStorage(path)
+    assert unusable.value.path == path and "not a database" in unusable.value.detail
+
+
+def test_a_queue_written_before_sent_marks_is_upgraded(tmp_path: Path) -> None:
+    path = tmp_path / DB_NAME
+    with sqlite3.connect(path) as db:
+        db.execute("CREATE TABLE frames (row INTEGER PRIMARY KEY AUTOINCREMENT, charger TEXT NOT NULL, "
+                   "action TEXT NOT NULL, text TEXT NOT NULL, local_tx INTEGER, created REAL NOT NULL)")
+        db.execute("INSERT INTO frames (charger, action, text, created) VALUES ('CP1', 'Heartbeat', 'h', 1)")
+    storage = SqliteStorage(path)
+    [entry] = storage.pending("CP1")
+    assert entry.attempts == 0 and entry.text == "h"
+    storage.write([Append("CP1", "Heartbeat", "h2")])
+    storage.close()
