@@ -306,7 +306,9 @@ def _state_key(entry: Stored) -> tuple[str, object] | None:
         payload = payload_of(classify(entry.text))
     except (ValueError, IndexError):
         return None
-    return entry.action, payload.get("connectorId") if isinstance(payload, dict) else None
+    if not isinstance(payload, dict):
+        return None
+    return entry.action, (payload.get("evseId"), payload.get("connectorId"))  # 1.6: no evseId
 
 
 def replay_plan(entries: Iterable[Stored]) -> tuple[list[Stored], list[Stored]]:
