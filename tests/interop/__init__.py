@@ -2,15 +2,18 @@
 
 ``peer.js`` runs an ocpp-rpc station or CSMS with strict schema validation;
 :class:`NodePeer` starts it as a child process and talks to it in JSON lines.
-``npm ci --prefix tests/interop`` installs it (``.ci/run`` does); a missing
-install fails the tests that need it, with that command in the message.
+The first test that needs it installs it from the committed lock file
+(``npm ci --prefix tests/interop``, once per checkout, under a file lock), so the
+README's test command needs no extra step; without Node.js the tests that need it
+fail with a message naming what to install (they never skip).
 """
 
 from __future__ import annotations
 
+import fcntl
 import json
-import subprocess
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,17 @@ HERE = Path(__file__).resolve().parent
 
 
 def node() -> str:
+    """The Node.js binary, with ocpp-rpc installed beside ``peer.js`` (installed here on first use)."""
     found = shutil.which("node")
-    assert found is not None, "Node.js is needed for the interop tests (apt-get install nodejs npm)"
-    assert (HERE / "node_modules" / "ocpp-rpc").is_dir(), \
-        "ocpp-rpc is not installed: run `npm ci --prefix tests/interop`"
+    npm = shutil.which("npm")
+    assert found is not None and npm is not None, \
+        "Node.js and npm are needed for the interop tests (Debian: apt-get install nodejs npm)"
+    with open(HERE / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (HERE / "node_modules" / "ocpp-rpc").is_dir():
+            done = subprocess.run([npm, "ci", "--prefix", str(HERE), "--no-audit", "--no-fund"],
+                                  capture_output=True, text=True, timeout=300)
+            assert done.returncode == 0, f"npm ci --prefix tests/interop failed:\n{done.stderr[-2000:]}"
     return found
 
 
