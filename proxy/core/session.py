@@ -498,7 +498,7 @@ class Session:
     def _upstream_call(self, name: str, frame: Frame, now: float) -> list[Action]:
         """Policy first (forward, answer or reject), then a mirrored secondary's transaction ids."""
         if self.policy is not None:
-            decision = self.policy.decide(name, frame)
+            decision = self.policy.decide(name, frame, self.version)
             if decision.reply is not None:
                 return [Policed(name, frame.action or "", decision.mode), ToUpstream(name, decision.reply)]
         mirror = self.mirrors.get(name)

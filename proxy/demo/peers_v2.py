@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
@@ -129,6 +130,8 @@ class SimCsms:
     host: str = "127.0.0.1"
     #: The version it speaks, when the subprotocol it accepts is another name (a relay-only test).
     speaks: str = ""
+    #: Called with (station id, "sent"/"received", text) for every frame (the demo's live log).
+    on_frame: Callable[[str, str, str], None] | None = None
     port: int = 0
     handlers: dict[str, Any] = field(default_factory=dict)
     recorders: dict[str, Recorder] = field(default_factory=dict)
@@ -136,7 +139,10 @@ class SimCsms:
     _server: Any = None
 
     def recorder(self, cp_id: str) -> Recorder:
-        return self.recorders.setdefault(cp_id, Recorder())
+        if cp_id not in self.recorders:
+            hook = self.on_frame
+            self.recorders[cp_id] = Recorder(None if hook is None else lambda d, t: hook(cp_id, d, t))
+        return self.recorders[cp_id]
 
     async def start(self) -> int:
         self._server = await websockets.serve(self._handle, self.host, self.port, subprotocols=[self.subprotocol],  # type: ignore[list-item]
@@ -230,24 +236,29 @@ class StationHandle:
             transaction_info={"transaction_id": tx_id}, evse={"id": 1, "connector_id": 1}, id_token=id_token,
             meter_value=meter_value))
 
-    async def signed_transaction(self, tx_id: str, token: str = "04A2B3C4D5E6F7") -> list[Any]:
+    async def signed_transaction(self, tx_id: str, token: str = "04A2B3C4D5E6F7",
+                                 charging_time: float = 0.0) -> list[Any]:
         """Authorize, Started (signed), Updated (currents), Ended (signed): the answers, in order."""
         id_token = {"id_token": token, "type": "ISO14443"}
-        return [
+        answers = [
             await self.send(self.calls.Authorize(id_token=id_token)),
             await self.transaction_event("Started", tx_id, [signed_value(1000.0)], "Authorized", id_token),
             await self.transaction_event("Updated", tx_id, [current_values((16.0, 16.0, 16.0))], "MeterValuePeriodic"),
-            await self.transaction_event("Ended", tx_id, [signed_value(2200.0, "Transaction.End")], "EVDeparted"),
         ]
+        await asyncio.sleep(charging_time)
+        answers.append(await self.transaction_event("Ended", tx_id, [signed_value(2200.0, "Transaction.End")],
+                                                    "EVDeparted"))
+        return answers
 
 
 async def connect_station(url: str, cp_id: str, *, subprotocol: str = "ocpp2.0.1",
                           offered: tuple[str, ...] | None = None,
-                          refuse_purposes: frozenset[str] = frozenset()) -> StationHandle:
+                          refuse_purposes: frozenset[str] = frozenset(),
+                          on_frame: Callable[[str, str], None] | None = None) -> StationHandle:
     """Open a 2.x station connection and start its message loop (raises on HTTP refusal)."""
     websocket = await websockets.connect(url, subprotocols=list(offered or (subprotocol,)),  # type: ignore[arg-type]
                                          max_size=8 * 1024 * 1024, ping_interval=None, open_timeout=15)
-    recorder = Recorder()
+    recorder = Recorder(on_frame)
     station = _station_class(subprotocol)(cp_id, RecordingConnection(websocket, recorder), response_timeout=15)
     station.profiles = {}
     station.refuse_purposes = refuse_purposes

@@ -5,7 +5,9 @@ Everything runs in this process: the proxy on trio, and ``ocpp``-library peers
 asyncio loop in a thread, talking to the proxy over real sockets. Each wallbox
 boots, authorizes, runs a transaction with Eichrecht-signed meter values and a
 Giro-E payment DataTransfer; the live log shows every frame as the backend sees
-it, and the summary checks that each frame arrived byte-identical.
+it, and the summary checks that each frame arrived byte-identical. Beside the
+1.6 wallboxes an OCPP 2.0.1 station (:mod:`proxy.demo.peers_v2`) does the same
+with TransactionEvent, against its own 2.0.1 CSMS.
 
 The wallboxes share a site limit (``[site] max_current``, 32 A by default): the
 live log also shows each limit the proxy sets on a wallbox (its own
@@ -39,7 +41,17 @@ from proxy.config import loads
 from proxy.runtime.server import ProxyServer
 from proxy.ops.logs import get_logger
 from proxy.modbus.service import run_modbus
-from proxy.demo.peers import LoopThread, SimBackend, SimHeidelberg, SimSdm630, WallboxHandle, connect_wallbox
+from proxy.demo.peers import (
+    LoopThread,
+    Recorder,
+    SimBackend,
+    SimHeidelberg,
+    SimSdm630,
+    WallboxHandle,
+    connect_wallbox,
+    now_iso,
+)
+from proxy.demo.peers_v2 import SimCsms, StationHandle, connect_station
 
 _ARROWS = {"received": "─▶", "sent": "◀─"}
 #: The proxy's own CALL ids (see proxy.core.session.ID_PREFIX).
@@ -48,6 +60,8 @@ _PROXY_ID = "ocpp-proxy:"
 _STAGGER = 0.4
 _CHARGING = 1.2
 _VIRTUAL = "HD001"
+#: The OCPP 2.0.1 station beside the 1.6 wallboxes.
+_STATION = "CS201"
 _HOUSE_AMPS = 6.0
 
 
@@ -78,7 +92,7 @@ class LiveLog:
 
 
 def profile_limit(text: str) -> str | None:
-    """'10.7 A (ChargePointMaxProfile)' for a proxy SetChargingProfile, 'cleared' for its Clear."""
+    """'10.7 A (ChargePointMaxProfile)' for a proxy SetChargingProfile (1.6 or 2.x), 'cleared' for its Clear."""
     try:
         _, _, action, payload = json.loads(text)
     except ValueError:
@@ -87,15 +101,19 @@ def profile_limit(text: str) -> str | None:
         return "cleared"
     if action != "SetChargingProfile":
         return None
-    profile = payload["csChargingProfiles"]
+    profile = payload.get("csChargingProfiles") or payload["chargingProfile"]
     schedule = profile["chargingSchedule"]
+    schedule = schedule[0] if isinstance(schedule, list) else schedule  # 2.x: a list of schedules
     value = schedule["chargingSchedulePeriod"][0]["limit"]
     return f"{value:g} {schedule['chargingRateUnit']} ({profile['chargingProfilePurpose']})"
 
 
 def demo_config(backend_port: int, wallboxes: int, data_dir: str, site_limit: float = 32.0,
-                meter_port: int = 0, wallbox_port: int = 0) -> str:
+                meter_port: int = 0, wallbox_port: int = 0, csms_port: int = 0) -> str:
     chargers = "".join(f'[[chargers]]\nid = "CP{n:03d}"\nmax_current = 16\n' for n in range(1, wallboxes + 1))
+    if csms_port:  # the 2.0.1 station has its own CSMS (a backend speaks one version per connection)
+        chargers += (f'[[chargers]]\nid = "{_STATION}"\nmax_current = 16\n'
+                     f'upstream_url = "ws://127.0.0.1:{csms_port}/ocpp"\n')
     modbus = ""
     if meter_port:
         modbus += f'[meter]\nmodbus = "127.0.0.1:{meter_port}"\nmap = "sdm630"\npoll_interval = 0.2\n'
@@ -122,6 +140,23 @@ async def _wallbox_sessions(url: str, ids: list[str], rounds: int | None, live: 
         return handle
 
     return list(await asyncio.gather(*(one(i, cp_id) for i, cp_id in enumerate(ids))))
+
+
+async def _station_session(url: str, rounds: int | None, live: LiveLog) -> StationHandle:
+    """The 2.0.1 station: boot, a connector status, a whole signed transaction (TransactionEvent)."""
+    await asyncio.sleep(_STAGGER / 2)
+    handle = await connect_station(f"{url}/{_STATION}", _STATION,
+                                   on_frame=functools.partial(live.wallbox_frame, _STATION))
+    await handle.boot()
+    await handle.send(handle.calls.StatusNotification(timestamp=now_iso(), connector_status="Occupied",
+                                                      evse_id=1, connector_id=1))
+    done = 0
+    while rounds is None or done < rounds:
+        done += 1
+        await handle.signed_transaction(f"demo-tx-{done}", token="04A2B3C4D5E6F7", charging_time=_CHARGING)
+        if rounds is None:
+            await asyncio.sleep(5)
+    return handle
 
 
 def _backend_frames(texts: list[str]) -> list[str]:
@@ -168,17 +203,20 @@ def modbus_summary(backend: SimBackend, wallbox: SimHeidelberg, out: TextIO) -> 
     return {"BootNotification", "Authorize", "StartTransaction", "MeterValues", "StopTransaction"} <= set(actions)
 
 
-def summary(backend: SimBackend, handles: list[WallboxHandle], out: TextIO) -> bool:
+def summary(backend: SimBackend, handles: list[WallboxHandle], out: TextIO,
+            station: tuple[SimCsms, StationHandle] | None = None) -> bool:
     print("\nwallbox  frames→backend  frames←backend  byte-identical  limits set by the proxy", file=out)
+    rows: list[tuple[str, Recorder, Recorder]] = [(h.wallbox.id, h.recorder, backend.recorders[h.wallbox.id])
+                                                  for h in handles]
+    if station is not None:
+        rows.append((_STATION, station[1].recorder, station[0].recorders[_STATION]))
     all_ok = True
-    for handle in handles:
-        seen = backend.recorders[handle.wallbox.id]
-        ok = (_backend_frames(handle.recorder.sent) == seen.received
-              and seen.sent == _backend_frames(handle.recorder.received))
+    for cp_id, own, seen in rows:
+        ok = _backend_frames(own.sent) == seen.received and seen.sent == _backend_frames(own.received)
         all_ok &= ok
-        limits = [profile_limit(t) for t in handle.recorder.received if t.startswith(f'[2,"{_PROXY_ID}')]
+        limits = [profile_limit(t) for t in own.received if t.startswith(f'[2,"{_PROXY_ID}')]
         shown = " → ".join(str(limit).split(" (")[0] for limit in limits if limit) or "none"
-        print(f"{handle.wallbox.id:<8} {len(seen.received):>14} {len(seen.sent):>15}  {'yes' if ok else 'NO':<14}  "
+        print(f"{cp_id:<8} {len(seen.received):>14} {len(seen.sent):>15}  {'yes' if ok else 'NO':<14}  "
               f"{shown}", file=out)
     return all_ok
 
@@ -187,13 +225,16 @@ async def _demo(wallboxes: int, forever: bool, out: TextIO, site_limit: float = 
     peers = LoopThread("demo-peers")
     live = LiveLog(out)
     backend = SimBackend(on_frame=live.frame)
+    csms = SimCsms("ocpp2.0.1", on_frame=live.frame)
     data_dir = tempfile.mkdtemp(prefix="ocpp-proxy-demo-")  # the demo leaves no queue behind
     meter, wallbox = SimSdm630(), SimHeidelberg()
     meter.set_currents(_HOUSE_AMPS, _HOUSE_AMPS, _HOUSE_AMPS)
     try:
         port = peers.run(backend.start())
         meter_port, wallbox_port = peers.run(meter.start()), peers.run(wallbox.start())
-        config = loads(demo_config(port, wallboxes, data_dir, site_limit, meter_port, wallbox_port), "<demo>")
+        csms_port = peers.run(csms.start())
+        config = loads(demo_config(port, wallboxes, data_dir, site_limit, meter_port, wallbox_port, csms_port),
+                       "<demo>")
         server = ProxyServer(config)
         async with trio.open_nursery() as nursery:
             ports = await nursery.start(server.serve)
@@ -207,20 +248,27 @@ async def _demo(wallboxes: int, forever: bool, out: TextIO, site_limit: float = 
             await nursery.start(modbus_inputs)
             url = f"ws://127.0.0.1:{ports[0]}/ocpp"
             print(f"ocpp-proxy demo: backend ws://127.0.0.1:{port}/ocpp, proxy {url}/<id>, "
-                  f"{wallboxes} wallboxes (max 16 A each) and Modbus wallbox {_VIRTUAL} sharing a site limit of "
+                  f"{wallboxes} OCPP 1.6 wallboxes, OCPP 2.0.1 station {_STATION} (its CSMS ws://127.0.0.1:"
+                  f"{csms_port}/ocpp; max 16 A each) and Modbus wallbox {_VIRTUAL} sharing a site limit of "
                   f"{site_limit:g} A; grid meter (SDM630) 127.0.0.1:{meter_port}, house load {_HOUSE_AMPS:g} A\n",
                   file=out)
             ids = [f"CP{n:03d}" for n in range(1, wallboxes + 1)]
             run = functools.partial(peers.run, _wallbox_sessions(url, ids, None if forever else 1, live), 120)
             handles: list[WallboxHandle] = []
+            stations: list[StationHandle] = []
+            run_station = functools.partial(peers.run, _station_session(url, None if forever else 1, live), 120)
 
             async def ocpp_wallboxes() -> None:
                 handles.extend(await trio.to_thread.run_sync(run, abandon_on_cancel=True))
 
+            async def ocpp_station() -> None:
+                stations.append(await trio.to_thread.run_sync(run_station, abandon_on_cancel=True))
+
             async with trio.open_nursery() as cars:
                 cars.start_soon(ocpp_wallboxes)
+                cars.start_soon(ocpp_station)
                 cars.start_soon(_modbus_car, backend, wallbox, meter)
-            ok = summary(backend, handles, out)
+            ok = summary(backend, handles, out, (csms, stations[0]))
             ok &= modbus_summary(backend, wallbox, out)
             inputs.cancel()
             with trio.move_on_after(5):  # limits in flight are answered; then no new ones
@@ -228,7 +276,7 @@ async def _demo(wallboxes: int, forever: bool, out: TextIO, site_limit: float = 
             server.limiter.stop()
 
             async def close_all() -> None:  # in the peers' loop; trio keeps serving the close handshakes
-                await asyncio.gather(*(handle.close() for handle in handles))
+                await asyncio.gather(*(h.close() for h in handles), *(s.close() for s in stations))
 
             await trio.to_thread.run_sync(peers.run, close_all())
             await server.stop()
@@ -238,6 +286,7 @@ async def _demo(wallboxes: int, forever: bool, out: TextIO, site_limit: float = 
         peers.run(wallbox.stop())
         peers.run(meter.stop())
         peers.run(backend.stop())
+        peers.run(csms.stop())
         peers.close()
         shutil.rmtree(data_dir, ignore_errors=True)
 

@@ -6,7 +6,7 @@ and offers one setter per fact. :class:`MetricsListener` is the
 :class:`~proxy.runtime.relay.Listener` that feeds it from live sessions.
 
 Label sets are bounded, because a wallbox or backend must not be able to
-create series at will: actions outside the OCPP 1.6 / 2.0.1 action names
+create series at will: actions outside the OCPP 1.6 / 2.0.1 / 2.1 action names
 become ``other``, close codes outside the RFC 6455 range collapse to
 ``3xxx``/``4xxx``, statuses outside the OCPP enums become ``other``.
 
@@ -45,21 +45,23 @@ from proxy.core.session import PRIMARY, WALLBOX, Action, CallCompleted, Malforme
 def _ocpp_actions() -> frozenset[str]:
     from ocpp.v16.enums import Action as Action16
     from ocpp.v201.enums import Action as Action201
+    from ocpp.v21.enums import Action as Action21
 
-    return frozenset(a.value for a in Action16) | frozenset(a.value for a in Action201)
+    return frozenset(a.value for enum in (Action16, Action201, Action21) for a in enum)
 
 
 def _ocpp_statuses() -> frozenset[str]:
     from ocpp.v16.enums import ChargePointStatus
     from ocpp.v201.enums import ConnectorStatusEnumType
+    from ocpp.v21.enums import ConnectorStatusEnumType as ConnectorStatus21
 
-    return frozenset(s.value for s in ChargePointStatus) | frozenset(s.value for s in ConnectorStatusEnumType)
+    return frozenset(s.value for enum in (ChargePointStatus, ConnectorStatusEnumType, ConnectorStatus21) for s in enum)
 
 
 # ``*_created`` series double the series count and no dashboard here uses them.
 disable_created_metrics()  # type: ignore[no-untyped-call]
 
-#: Action label values: every OCPP 1.6 and 2.0.1 action; anything else is "other".
+#: Action label values: every OCPP 1.6, 2.0.1 and 2.1 action; anything else is "other".
 KNOWN_ACTIONS = _ocpp_actions()
 KNOWN_STATUSES = _ocpp_statuses()
 OTHER = "other"

@@ -9,12 +9,15 @@ from ocpp.messages import get_validator
 from ocpp.v16.enums import Action
 
 from proxy.messages.ocppj import classify
+from proxy.messages.versions import OcppVersion
 from proxy.core.policy import (
     ANSWER,
     COMMANDS,
     EXCLUSIVE,
     FORWARD,
+    BUILT_ANSWERS_V2,
     LOCAL_ANSWERS,
+    LOCAL_ANSWERS_V2,
     READ_ONLY,
     REJECT,
     CommandPolicy,
@@ -29,8 +32,66 @@ FROM_WALLBOX = {"Authorize", "BootNotification", "DataTransfer", "DiagnosticsSta
                 "StartTransaction", "StatusNotification", "StopTransaction"}
 
 
-def test_commands_are_every_1_6_backend_to_wallbox_action() -> None:
-    assert COMMANDS == {a.value for a in Action} - FROM_WALLBOX | {"DataTransfer"}
+#: OCPP 2.0.1 messages a station sends (CSMS → station commands are the rest, DataTransfer both ways).
+FROM_STATION_201 = {"Authorize", "BootNotification", "ClearedChargingLimit", "DataTransfer",
+                    "FirmwareStatusNotification", "Get15118EVCertificate", "GetCertificateStatus", "Heartbeat",
+                    "LogStatusNotification", "MeterValues", "NotifyChargingLimit", "NotifyCustomerInformation",
+                    "NotifyDisplayMessages", "NotifyEVChargingNeeds", "NotifyEVChargingSchedule", "NotifyEvent",
+                    "NotifyMonitoringReport", "NotifyReport", "PublishFirmwareStatusNotification",
+                    "ReportChargingProfiles", "ReservationStatusUpdate", "SecurityEventNotification",
+                    "SignCertificate", "StatusNotification", "TransactionEvent"}
+
+
+def test_commands_are_every_1_6_and_2_0_1_backend_to_wallbox_action() -> None:
+    from ocpp.v201.enums import Action as Action201
+
+    v16 = {a.value for a in Action} - FROM_WALLBOX | {"DataTransfer"}
+    v201 = {a.value for a in Action201} - FROM_STATION_201 | {"DataTransfer"}
+    assert COMMANDS == v16 | v201
+    assert set(LOCAL_ANSWERS_V2) | set(BUILT_ANSWERS_V2) == v201
+
+
+@pytest.mark.parametrize("version", ["2.0.1", "2.1"])
+@pytest.mark.parametrize("action", sorted(LOCAL_ANSWERS_V2))
+def test_local_answers_are_valid_ocpp_2(action: str, version: str) -> None:
+    get_validator(3, action, version).validate(LOCAL_ANSWERS_V2[action])
+
+
+#: A schema-valid request for each 2.x command whose answer is built from it.
+V2_REQUESTS = {
+    "GetVariables": {"getVariableData": [{"component": {"name": "EVSE", "evse": {"id": 1}},
+                                          "variable": {"name": "Power"}}]},
+    "SetVariables": {"setVariableData": [{"attributeValue": "32", "component": {"name": "SmartChargingCtrlr"},
+                                          "variable": {"name": "LimitChangeSignificance"}}]},
+    "SetVariableMonitoring": {"setMonitoringData": [{"value": 1.0, "type": "Delta", "severity": 5,
+                                                     "component": {"name": "C"}, "variable": {"name": "V"}}]},
+    "ClearVariableMonitoring": {"id": [3, 4]},
+}
+
+
+@pytest.mark.parametrize("version", [OcppVersion.V201, OcppVersion.V21])
+@pytest.mark.parametrize("action", sorted(BUILT_ANSWERS_V2))
+def test_built_2x_answers_are_valid_and_list_what_was_asked(action: str, version: OcppVersion) -> None:
+    request = V2_REQUESTS[action]
+    get_validator(2, action, version.value).validate(request)
+    policy = CommandPolicy("primary", {"ems": {action: "answer"}})
+    decision = policy.decide("ems", classify(json.dumps([2, "e1", action, request])), version)
+    message = json.loads(decision.reply or "")
+    assert message[:2] == [3, "e1"]
+    get_validator(3, action, version.value).validate(message[2])
+    assert len(next(iter(message[2].values()))) == len(next(iter(request.values())))
+
+
+def test_answers_follow_the_session_version() -> None:
+    policy = CommandPolicy("primary", {"ems": {"*": "answer"}})
+    frame = classify('[2,"e2","GetLocalListVersion",{}]')
+    assert json.loads(policy.decide("ems", frame).reply or "")[2] == {"listVersion": -1}
+    assert json.loads(policy.decide("ems", frame, OcppVersion.V201).reply or "")[2] == {"versionNumber": 0}
+    for text, version in (('[2,"e3","SetDERControl",{}]', OcppVersion.V21),  # 2.1-only: no answer known
+                          ('[2,"e4","GetVariables",{"getVariableData":[]}]', OcppVersion.V201),
+                          ('[2,"e5","Reset",{"type":"Immediate"}]', None)):  # relay-only session
+        reply = json.loads(policy.decide("ems", classify(text), version).reply or "")
+        assert reply[0] == 4 and reply[2] == "NotSupported"
 
 
 @pytest.mark.parametrize("action", sorted(LOCAL_ANSWERS))
