@@ -1,4 +1,4 @@
-"""Command line: ``ocpp-proxy run | check-config | reload | demo``.
+"""ocpp-proxy: OCPP gateway between wallboxes and their backend.
 
 Exit status: 0 success, 2 unusable configuration or arguments, 1 runtime failure.
 """
@@ -10,19 +10,22 @@ import functools
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import trio
 
 from proxy import __version__
 from proxy.ops import logs
-from proxy.config import Config, ConfigError, load
+from proxy.config import Config, ConfigError, LineIndex, StartupError, load, startup_step
 from proxy.storage.offline_queue import StorageUnusable
 
 if TYPE_CHECKING:
+    from proxy.ops.certs import Issued
     from proxy.runtime.server import ProxyServer
 
 EXIT_CONFIG = 2
+_E = TypeVar("_E", bound=BaseException)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -35,9 +38,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ocpp-proxy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="ocpp-proxy", description=__doc__.splitlines()[0],
+        epilog="Exit status: 0 success, 2 unusable configuration or arguments, 1 runtime failure. "
+               "`ocpp-proxy COMMAND --help` describes each command.")
     parser.add_argument("--version", action="version", version=f"ocpp-proxy {__version__}")
-    sub = parser.add_subparsers(dest="command")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("--config", "-c", default="ocpp-proxy.toml", help="TOML file (default: %(default)s)")
@@ -51,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     reload.add_argument("--config", "-c", help="validate this file first; do not signal if it has errors")
     reload.set_defaults(func=cmd_reload)
 
-    check = sub.add_parser("check-config", help="validate a config file and exit")
+    check = sub.add_parser("check-config", help="validate a config file and everything `run` needs from "
+                           "this machine (files, keys, addresses, directories), then exit")
     check.add_argument("file")
     check.set_defaults(func=cmd_check_config)
 
@@ -66,20 +73,31 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _load_or_report(path: str) -> Config | None:
+    """The config, checked against this machine too (:mod:`proxy.ops.preflight`); None after reporting."""
+    from proxy.ops.preflight import preflight
+
     try:
-        return load(path)
+        config = load(path)
+        problems = preflight(config, LineIndex(Path(path).read_text(encoding="utf-8")))
+        if problems:
+            raise ConfigError(path, problems)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"error: {problem.render(exc.source)}", file=sys.stderr)
         return None
+    return config
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load_or_report(args.file)
     if config is None:
         return EXIT_CONFIG
-    virtual = f", {len(config.modbus_chargers)} Modbus wallboxes" if config.modbus_chargers else ""
-    print(f"{args.file}: OK ({len(config.chargers)} chargers{virtual})")
+    virtual = f", {plural(len(config.modbus_chargers), 'Modbus wallbox')}" if config.modbus_chargers else ""
+    print(f"{args.file}: OK ({plural(len(config.chargers), 'charger')}{virtual})")
     return 0
 
 
@@ -89,15 +107,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_CONFIG
     logs.configure(config.log.level, config.log.format)
     raise_open_file_limit()
-    failures: list[str] = []
+    failures: list[OSError | str] = []
     try:
         trio.run(functools.partial(run_proxy, config, source=args.config, pidfile=args.pidfile))
-    except* OSError as group:  # a port in use, an unreadable certificate: before serving
-        failures = _messages(group)
+    except* OSError as group:  # a port in use, an unusable data directory: before serving
+        failures = [*_leaves(group)]
     except* StorageUnusable as group:
         failures = [_storage_unusable(exc) for exc in _leaves(group)]
     for failure in failures:
-        logs.get_logger().error("startup_failed", error=failure)
+        named = {"key": failure.key, "value": failure.value} if isinstance(failure, StartupError) else {}
+        logs.get_logger().error("startup_failed", error=str(failure), **named)
     return 1 if failures else 0
 
 
@@ -110,8 +129,8 @@ def _storage_unusable(exc: StorageUnusable) -> str:
             "(the frames in it are then not replayed)")
 
 
-def _leaves(group: BaseExceptionGroup[StorageUnusable]) -> list[StorageUnusable]:
-    found: list[StorageUnusable] = []
+def _leaves(group: BaseExceptionGroup[_E]) -> list[_E]:
+    found: list[_E] = []
     for exc in group.exceptions:
         found.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
     return found
@@ -135,13 +154,6 @@ def raise_open_file_limit() -> None:
     logs.get_logger().info("open_file_limit", soft=soft, hard=hard, max_wallboxes=(soft - 64) // 2)
 
 
-def _messages(group: BaseExceptionGroup[OSError]) -> list[str]:
-    found: list[str] = []
-    for exc in group.exceptions:
-        found.extend(_messages(exc) if isinstance(exc, BaseExceptionGroup) else [str(exc)])
-    return found
-
-
 async def run_proxy(config: Config, source: str = "", pidfile: str = "") -> None:
     """The proxy until SIGTERM/SIGINT, then a bounded graceful stop (close 1001), exit 0.
 
@@ -162,13 +174,15 @@ async def run_proxy(config: Config, source: str = "", pidfile: str = "") -> None
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
             if config.metrics.listen:
-                await nursery.start(monitor.serve)
+                with startup_step("metrics.listen", config.metrics.listen):
+                    await nursery.start(monitor.serve)
             await nursery.start(server.serve)
             if config.meter.modbus or config.ems.modbus_listen:  # grid meter / EMS → limit engine
                 from proxy.modbus.service import run_modbus
 
-                await nursery.start(functools.partial(run_modbus, config, server.limiter.engine,
-                                                      server.limiter.poke, log, health=metrics))
+                with startup_step("ems.modbus_listen", config.ems.modbus_listen):
+                    await nursery.start(functools.partial(run_modbus, config, server.limiter.engine,
+                                                          server.limiter.poke, log, health=metrics))
             if pidfile:
                 write_pidfile(pidfile)
             async for signum in signals:
@@ -229,59 +243,95 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(wallboxes=args.wallboxes, forever=args.forever, site_limit=args.site_limit)
 
 
+#: Default validity per kind, days: a site CA for ten years; leaf certificates for 825 days,
+#: the longest most TLS clients accept.
+_DAYS = {"init-ca": 3650, "server": 825, "client": 825}
+
+
 def _certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     certs = sub.add_parser("certs", help="create a root CA, server and wallbox client certificates")
-    kinds = certs.add_subparsers(dest="kind", required=True)
+    kinds = certs.add_subparsers(dest="kind", required=True, metavar="KIND")
     for name, text in (("init-ca", "root CA (ca.crt, ca.key)"),
                        ("server", "server certificate signed by the CA, or --self-signed"),
                        ("client", "client certificate for a wallbox id, signed by the CA (SP3)")):
-        p = kinds.add_parser(name, help=text)
+        p = kinds.add_parser(name, help=text, description=text)
         p.add_argument("--dir", default="certs", help="CA directory and output directory (default: %(default)s)")
-        p.add_argument("--days", type=int, default=3650 if name == "init-ca" else 825)
+        p.add_argument("--days", type=int, default=_DAYS[name], metavar="N",
+                       help="validity in days from now (default: %(default)s)")
         p.add_argument("--subject", metavar="TOML", help='file with subject fields, e.g. O = "Tiefgarage Köln GmbH"')
-        for field in ("CN", "O", "OU", "C", "ST", "L"):
-            p.add_argument(f"--{field}", dest=f"subject_{field}", metavar="TEXT")
+        for field, meaning in (("CN", "common name"), ("O", "organisation"), ("OU", "organisational unit"),
+                               ("C", "country, two letters (DE)"), ("ST", "state"), ("L", "locality")):
+            p.add_argument(f"--{field}", dest=f"subject_{field}", metavar="TEXT", help=f"subject: {meaning}")
+        p.add_argument("--force", action="store_true",
+                       help="replace existing files (a new CA key invalidates every certificate the old one issued)")
         p.set_defaults(func=cmd_certs)
     kinds.choices["server"].add_argument("--san", action="append", default=[],
-                                         help="DNS name or IP address (repeatable)")
+                                         help="DNS name or IP address the wallboxes use in their URL (repeatable); "
+                                              "without it: localhost only")
     kinds.choices["server"].add_argument("--self-signed", action="store_true")
     kinds.choices["client"].add_argument("--id", required=True, help="ChargeBox id (becomes the CN)")
 
 
 def _subject_fields(args: argparse.Namespace) -> dict[str, str]:
+    """Subject fields from --subject and the options; a bad value is reported with where it came from."""
     import tomllib
 
-    fields: dict[str, str] = {}
+    from proxy.ops import certs
+
+    fields: dict[str, tuple[str, str]] = {}  # field → (value, where it was given)
     if args.subject:
         with open(args.subject, "rb") as handle:
-            fields.update({k: str(v) for k, v in tomllib.load(handle).items()})
-    fields.update({k[8:]: v for k, v in vars(args).items() if k.startswith("subject_") and v})
-    return fields
+            fields.update({k: (str(v), f"{args.subject}: {k}") for k, v in tomllib.load(handle).items()})
+    fields.update({k[8:]: (v, f"--{k[8:]}") for k, v in vars(args).items() if k.startswith("subject_") and v})
+    for name, (value, where) in fields.items():
+        try:
+            certs.subject({name: value})
+        except ValueError as exc:
+            hint = " (two letters, e.g. DE)" if name == "C" else ""
+            raise ValueError(f"{where} {value!r}: {exc}{hint}") from None
+    return {name: value for name, (value, _) in fields.items()}
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
     """The manual's OpenSSL recipes, one command each; prints what it wrote."""
-    from pathlib import Path
-
     from proxy.ops import certs
 
     out = Path(args.dir)
+    name = {"init-ca": "ca", "server": "server"}.get(args.kind) or args.id
+    cert_path, key_path = out / f"{name}.crt", out / f"{name}.key"
+    found = None if args.force else certs.existing(key_path, cert_path)
+    if found is not None:
+        consequence = " (every certificate the old CA issued would stop verifying)" if args.kind == "init-ca" else ""
+        print(f"error: {found} exists; not replaced{consequence}. Use --force to replace it, "
+              f"or --dir for another directory", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.days <= 0:
+        print(f"error: --days {args.days}: must be 1 or more", file=sys.stderr)
+        return EXIT_CONFIG
     try:
         fields = _subject_fields(args)
-        if args.kind == "init-ca":
-            issued, name = certs.create_ca({"CN": "ocpp-proxy root CA", **fields}, args.days), "ca"
-        else:
-            ca = None if getattr(args, "self_signed", False) else certs.read_issued(out / "ca.crt", out / "ca.key")
-            if args.kind == "server":
-                fields = {"CN": (args.san or ["localhost"])[0], **fields}
-                issued, name = certs.create_server(fields, args.san or [fields["CN"]], args.days, ca), "server"
-            else:
-                assert ca is not None
-                issued, name = certs.create_client(args.id, ca, args.days, fields), args.id
+        issued = _issue(args, out, fields)
+        certs.write(issued, cert_path, key_path, overwrite=args.force)
     except (OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    certs.write(issued, out / f"{name}.crt", out / f"{name}.key")
-    print(f"wrote {out / (name + '.crt')} and {out / (name + '.key')} (mode 0600)")
+    print(f"wrote {cert_path} and {key_path} (mode 0600)")
     print(f"SHA-256 fingerprint: {certs.fingerprint(issued.certificate)}")
+    if args.kind == "server" and not args.san:
+        print("note: no --san given, so this certificate is valid for the name localhost only; wallboxes "
+              "connecting to another name or address will refuse it. Issue it again with --force and "
+              "--san NAME (repeatable) for every name and address they use.", file=sys.stderr)
     return 0
+
+
+def _issue(args: argparse.Namespace, out: Path, fields: dict[str, str]) -> Issued:
+    from proxy.ops import certs
+
+    if args.kind == "init-ca":
+        return certs.create_ca({"CN": "ocpp-proxy root CA", **fields}, args.days)
+    ca = None if getattr(args, "self_signed", False) else certs.read_issued(out / "ca.crt", out / "ca.key")
+    if args.kind == "server":
+        fields = {"CN": (args.san or ["localhost"])[0], **fields}
+        return certs.create_server(fields, args.san or [fields["CN"]], args.days, ca)
+    assert ca is not None
+    return certs.create_client(args.id, ca, args.days, fields)

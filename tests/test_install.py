@@ -93,7 +93,7 @@ def test_wheel_installs_into_a_fresh_venv_like_the_image(tmp_path: Path) -> None
     version = run([script, "--version"], cwd=elsewhere, env=env)
     assert version.stdout.strip() == f"ocpp-proxy {proxy.__version__}"
     checked = run([script, "check-config", str(ROOT / "deploy" / "config.example.toml")], cwd=elsewhere, env=env)
-    assert checked.stdout.strip().endswith("OK (1 chargers)")
+    assert checked.stdout.strip().endswith("OK (1 charger)")
     # The installed package is the venv's copy, not this source tree.
     where = run([str(venv / "bin" / "python"), "-c", "import proxy; print(proxy.__file__)"], cwd=elsewhere, env=env)
     assert where.stdout.strip().startswith(str(venv))

@@ -41,6 +41,8 @@ from proxy.config.problems import (  # noqa: F401
     ConfigError as ConfigError,
     LineIndex as LineIndex,
     Problem as Problem,
+    StartupError as StartupError,
+    startup_step as startup_step,
 )
 from proxy.config.loader import (  # noqa: F401
     load as load,

@@ -10,8 +10,8 @@ from proxy.core.policy import ANY, COMMANDS, MODES, conflicts
 from proxy.messages.versions import KNOWN, RELAY_ONLY, SUPPORTED
 
 
-def cross_checks(config: Config, index: LineIndex) -> list[Problem]:
-    """Rules that span several keys."""
+def cross_checks(config: Config, index: LineIndex, failed: frozenset[str] = frozenset()) -> list[Problem]:
+    """Rules that span several keys; ``failed``: keys already reported (their rules would repeat them)."""
     problems: list[Problem] = []
     seen: dict[str, str] = {}
     for key, charger in config.charger_entries():
@@ -22,17 +22,13 @@ def cross_checks(config: Config, index: LineIndex) -> list[Problem]:
         if charger.min_current > charger.max_current:
             problems.append(Problem(f"{key}.min_current", f"is above max_current ({charger.max_current})",
                                     index.find(f"{key}.min_current")))
-        if not (charger.upstream_url or config.backend.url):
+        if not (charger.upstream_url or config.backend.url) and "backend.url" not in failed:
             problems.append(Problem(f"{key}.upstream_url", "no backend URL: set this or [backend] url",
                                     index.find(key)))
-    if config.server.accept_unknown and not config.backend.url:
+    if config.server.accept_unknown and not config.backend.url and "backend.url" not in failed:
         problems.append(Problem("backend.url", "accept_unknown needs a default backend URL",
                                 index.find("backend")))
-    if config.metrics.listen and config.server.listen:
-        metrics_port, server_port = parse_listen(config.metrics.listen)[1], parse_listen(config.server.listen)[1]
-        if metrics_port == server_port != 0:
-            problems.append(Problem("metrics.listen", f"port {metrics_port} is the wallbox port (server.listen); "
-                                    "metrics need their own", index.find("metrics.listen")))
+    problems += _port_clashes(config, index)
     if config.meter.map == "generic" and config.meter.modbus:
         names = {r.name for r in config.meter.registers}
         if not {"l1", "l2", "l3"} <= names:
@@ -60,6 +56,30 @@ def _subprotocol_checks(config: Config, index: LineIndex) -> list[Problem]:
     if not config.server.subprotocols:
         problems.append(Problem("server.subprotocols", f"is empty: no wallbox could connect (use {supported})",
                                 index.find("server.subprotocols")))
+    return problems
+
+
+#: The addresses the proxy listens on, by key (each binds its own port).
+_LISTENERS = {"server.listen": "the wallbox port", "metrics.listen": "the metrics port",
+              "ems.modbus_listen": "the EMS Modbus port"}
+
+
+def _port_clashes(config: Config, index: LineIndex) -> list[Problem]:
+    """Two listeners on one port clash unless both name different specific hosts."""
+    bound: list[tuple[str, str, int]] = []
+    problems: list[Problem] = []
+    for key, what in _LISTENERS.items():
+        section, _, name = key.partition(".")
+        value = getattr(getattr(config, section), name)
+        if not value:
+            continue
+        host, port = parse_listen(value)
+        for other, other_host, other_port in bound:
+            wildcard = {host, other_host} & {"", "0.0.0.0", "::"}
+            if port == other_port != 0 and (wildcard or host == other_host):
+                problems.append(Problem(key, f"port {port} is already {_LISTENERS[other]} ({other}); "
+                                        f"{what} needs its own", index.find(key)))
+        bound.append((key, host, port))
     return problems
 
 

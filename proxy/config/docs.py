@@ -84,6 +84,7 @@ class Row:
     choices: tuple[str, ...]
     secret: bool
     required: bool
+    path: bool
 
     @property
     def section(self) -> str:
@@ -101,7 +102,7 @@ def rows() -> list[Row]:
     for key, type_name, default, doc in schema_rows():
         info = meta.get(key, {})
         found.append(Row(key, type_name, default, doc, tuple(info.get("choices") or ()),
-                         bool(info.get("secret")), bool(info.get("required"))))
+                         bool(info.get("secret")), bool(info.get("required")), bool(info.get("path"))))
     return found
 
 
@@ -171,6 +172,15 @@ def _grouped(all_rows: Sequence[Row]) -> list[tuple[str, list[Row]]]:
 
 # --- docs/config.md ------------------------------------------------------------------
 
+def path_rule(all_rows: Sequence[Row]) -> str:
+    """The one rule for relative paths, naming every key it covers."""
+    names = ", ".join(f"`{name}`" for name in dict.fromkeys(row.name for row in all_rows if row.path))
+    return (f"{names} and every `<key>_file`: a relative path is relative to the directory of the config "
+            "file, whatever the working directory, so `ocpp-proxy run --config /etc/ocpp-proxy/site.toml` "
+            "finds the same files from anywhere (the defaults `certs` and `data` too). "
+            "An absolute path is used as written.")
+
+
 def render_reference() -> str:
     docs = section_docs()
     out = [
@@ -189,6 +199,8 @@ def render_reference() -> str:
         "(read from that environment variable) or `<key>_file = \"path\"` (read from that file, "
         "relative to the config file; for Docker secrets). They never appear in logs.",
         "",
+        "**Paths**: " + path_rule(rows()),
+        "",
     ]
     for section, group in _grouped(rows()):
         title = f"`{_header(section)}`" if section else "Top level"
@@ -203,6 +215,8 @@ def render_reference() -> str:
                 notes.append("one of " + ", ".join(f"`{c}`" for c in row.choices))
             if row.secret:
                 notes.append(f"*secret*: or `{row.name}_env` / `{row.name}_file`")
+            if row.path:
+                notes.append("*path*, relative to the config file")
             meaning = "; ".join(notes).replace("|", "\\|")
             out.append(f"| `{row.name}` | {_TYPE_NAMES.get(row.type, row.type)} | {default} | {meaning} |")
         out.append("")

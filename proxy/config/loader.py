@@ -7,6 +7,7 @@ key and line) lives here; the rules that span several keys are in :mod:`proxy.co
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import os
 import re
 import tomllib
@@ -39,18 +40,26 @@ class _Loader:
             if present is _MISSING:
                 if f.metadata.get("required"):
                     self.problem(key, "is required")
+                elif f.metadata.get("path") and f.default not in (dataclasses.MISSING, ""):
+                    values[f.name] = self._path(f.default)  # a default directory follows the rule too
                 continue
             value = self._convert(hints[f.name], present, key)
             if value is not _MISSING and self._valid(f, value, key):
-                values[f.name] = value
+                values[f.name] = self._path(value) if f.metadata.get("path") else value
         for name in table:
             base = name.removesuffix("_env").removesuffix("_file")
             if name not in known and not (base in known and _is_secret(cls, base)):
-                self.problem(f"{path}.{name}" if path else name, "unknown key")
+                self.problem(f"{path}.{name}" if path else name, "unknown key" + _did_you_mean(cls, name))
         try:
             return cls(**values)
         except TypeError:  # a required field had a problem; already reported
             return None
+
+    def _path(self, value: Any) -> Any:
+        """The one rule for file and directory names: relative to the config file's directory."""
+        if isinstance(value, list):
+            return [self._path(v) for v in value]
+        return str(self.base_dir / value) if value else value
 
     def _take(self, f: dataclasses.Field[Any], table: dict[str, Any], key: str) -> Any:
         if f.name in table:
@@ -120,6 +129,15 @@ class _Loader:
 _MISSING: Any = object()
 
 
+def _did_you_mean(cls: type[Any], name: str) -> str:
+    """'; did you mean max_current?' for a misspelt key (secrets also by their _env/_file forms)."""
+    names = [f.name for f in dataclasses.fields(cls)]
+    names += [f"{f.name}{suffix}" for f in dataclasses.fields(cls) if f.metadata.get("secret")
+              for suffix in ("_env", "_file")]
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.75)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
 def _is_secret(cls: type[Any], name: str) -> bool:
     return any(f.name == name and f.metadata.get("secret") for f in dataclasses.fields(cls))
 
@@ -135,16 +153,21 @@ def _tname_type(hint: Any) -> str:
 
 def loads(text: str, source: str = "<config>", *, environ: typing.Mapping[str, str] | None = None,
           base_dir: Path | None = None) -> Config:
-    """Parse and validate TOML text; raise ConfigError listing every problem."""
+    """Parse and validate TOML text; raise ConfigError listing every problem.
+
+    Relative paths (keys marked ``path`` and ``*_file`` secrets) are made absolute against
+    ``base_dir``: the config file's directory (:func:`load`), else the working directory.
+    """
     try:
         table = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         line = re.search(r"line (\d+)", str(exc))
         raise ConfigError(source, [Problem("(syntax)", str(exc), int(line.group(1)) if line else None)])
     index = LineIndex(text)
-    loader = _Loader(index, os.environ if environ is None else environ, base_dir or Path.cwd())
+    loader = _Loader(index, os.environ if environ is None else environ, (base_dir or Path.cwd()).absolute())
     config = loader.build(Config, table, "")
-    problems = loader.problems + ([] if config is None else cross_checks(config, index))
+    failed = frozenset(problem.key for problem in loader.problems)
+    problems = loader.problems + ([] if config is None else cross_checks(config, index, failed))
     if problems or config is None:
         raise ConfigError(source, problems)
     return typing.cast(Config, config)

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import re
+import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 
@@ -73,3 +77,38 @@ class LineIndex:
             item = re.fullmatch(r"(.+)\[\d+\]", dotted)  # an element of a list value: the list's line
             dotted = item.group(1) if item and item.group(1) in self.lines else dotted.rpartition(".")[0]
         return None
+
+
+class StartupError(OSError):
+    """Start-up failed on a configured value (a port in use, an unusable data directory).
+
+    Raised where the value is used, so the message names the key and the value instead of a bare
+    ``[Errno 98] Address already in use``.
+    """
+
+    def __init__(self, key: str, value: str, why: str) -> None:
+        super().__init__(f"{key} = {value!r}: {why}")
+        self.key = key
+        self.value = value
+        self.why = why
+
+
+@contextmanager
+def startup_step(key: str, value: str) -> Iterator[None]:
+    """OS and SQLite errors inside the block become a :class:`StartupError` naming ``key``."""
+    try:
+        yield
+    except StartupError:
+        raise
+    except (OSError, sqlite3.Error) as exc:
+        raise StartupError(key, value, _why(exc, value)) from exc
+
+
+def _why(exc: BaseException, value: str) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+        port = value.rpartition(":")[2]
+        return (f"port {port} is already in use (another ocpp-proxy or another program; "
+                f"`ss -tlnp 'sport = :{port}'` shows which)")
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror + (f": {exc.filename}" if exc.filename else "")
+    return str(exc)

@@ -27,9 +27,13 @@ Check = Callable[[Any], str | None]
 
 
 def setting(default: Any, doc: str, *, check: Check | None = None, secret: bool = False,
-            choices: tuple[str, ...] = ()) -> Any:
-    """A schema field: default, one line of documentation, optional constraint."""
-    meta = {"doc": doc, "check": check, "secret": secret, "choices": choices}
+            choices: tuple[str, ...] = (), path: bool = False) -> Any:
+    """A schema field: default, one line of documentation, optional constraint.
+
+    ``path``: a file or directory name (or a list of them); a relative one is relative to the
+    directory of the config file (the loader makes it absolute), one rule for every such key.
+    """
+    meta = {"doc": doc, "check": check, "secret": secret, "choices": choices, "path": path}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     if isinstance(default, dict):
@@ -64,6 +68,9 @@ def websocket_url(value: Any) -> str | None:
     if value == "":
         return None
     parts = urlsplit(value)
+    if parts.scheme in ("http", "https"):  # the usual slip: a web address copied from a backend's portal
+        secure = "s" if parts.scheme == "https" else ""
+        return f"must be a ws:// or wss:// URL, got {value!r} (for a WebSocket backend write ws{secure}://)"
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
         return f"must be a ws:// or wss:// URL, got {value!r}"
     return None
@@ -111,11 +118,13 @@ class ServerSettings:
     listen: str = setting("0.0.0.0:19520", "address the wallboxes connect to", check=listen_address)
     tls: str = setting("off", "TLS on the wallbox port: off, detect (plain and TLS on one port) or on",
                        choices=("off", "detect", "on"))
-    cert: str = setting("", "server certificate (PEM, chain after it); empty: self-signed in certs_dir")
-    key: str = setting("", "private key of the server certificate (PEM)")
-    client_ca: list[str] = setting([], "CA certificates for client certificates; non-empty requires them (SP3)")
+    cert: str = setting("", "server certificate (PEM, chain after it); empty: self-signed in certs_dir",
+                        path=True)
+    key: str = setting("", "private key of the server certificate (PEM)", path=True)
+    client_ca: list[str] = setting([], "CA certificates for client certificates; non-empty requires them (SP3)",
+                                   path=True)
     require_cn_match: bool = setting(True, "with client_ca: the client certificate CN must equal the ChargeBox id")
-    certs_dir: str = setting("certs", "where the self-signed certificate is created and kept")
+    certs_dir: str = setting("certs", "where the self-signed certificate is created and kept", path=True)
     password: str = setting("", "global Basic-auth password for wallboxes without their own (SP1/SP2)",
                             secret=True)
     accept_unknown: bool = setting(False, "admit charge point ids that have no [[chargers]] entry")
@@ -138,9 +147,9 @@ class ServerSettings:
 class BackendSettings:
     url: str = setting("", "backend URL (ws:// or wss://); the upstream id is appended", check=websocket_url)
     password: str = setting("", "Basic-auth password towards the backend", secret=True)
-    ca: list[str] = setting([], "CA certificates trusted for wss:// (SP2); empty: system trust store")
-    client_cert: str = setting("", "client certificate towards the backend (SP3)")
-    client_key: str = setting("", "key of client_cert")
+    ca: list[str] = setting([], "CA certificates trusted for wss:// (SP2); empty: system trust store", path=True)
+    client_cert: str = setting("", "client certificate towards the backend (SP3)", path=True)
+    client_key: str = setting("", "key of client_cert", path=True)
     connect_timeout: float = setting(10.0, "seconds for TCP + TLS + WebSocket handshake upstream",
                                      check=positive)
     policy: dict[str, str] = setting({}, "the primary backend's commands to the wallbox: action = forward, "
@@ -155,9 +164,9 @@ class SecondarySettings:
                        check=websocket_url)
     identity: str = setting("", "identity towards this backend; empty: the charger's upstream_id (or id)")
     password: str = setting("", "Basic-auth password towards this backend", secret=True)
-    ca: list[str] = setting([], "CA certificates trusted for wss://; empty: system trust store")
-    client_cert: str = setting("", "client certificate towards this backend (SP3)")
-    client_key: str = setting("", "key of client_cert")
+    ca: list[str] = setting([], "CA certificates trusted for wss://; empty: system trust store", path=True)
+    client_cert: str = setting("", "client certificate towards this backend (SP3)", path=True)
+    client_key: str = setting("", "key of client_cert", path=True)
     connect_timeout: float = setting(10.0, "seconds for TCP + TLS + WebSocket handshake", check=positive)
     forward_actions: list[str] = setting(["*"], "wallbox CALLs this backend gets, by action; [\"*\"]: all",
                                          check=lambda v: actions_problem(v))
@@ -190,9 +199,10 @@ class ChargerBase:
     upstream_url: str = setting("", "backend URL for this charger; empty: [backend] url", check=websocket_url)
     upstream_password: str = setting("", "password towards the backend; empty: [backend] password",
                                      secret=True)
-    upstream_ca: list[str] = setting([], "CA certificates for this charger's backend; empty: [backend] ca")
-    upstream_client_cert: str = setting("", "client certificate towards the backend; empty: [backend]")
-    upstream_client_key: str = setting("", "key of upstream_client_cert")
+    upstream_ca: list[str] = setting([], "CA certificates for this charger's backend; empty: [backend] ca",
+                                     path=True)
+    upstream_client_cert: str = setting("", "client certificate towards the backend; empty: [backend]", path=True)
+    upstream_client_key: str = setting("", "key of upstream_client_cert", path=True)
     upstream_policy: dict[str, str] = setting({}, "this charger's primary policy, over [backend] policy")
     secondaries: list[str] = setting([], "names of [backends.NAME] tables that get copies of this wallbox")
     secondary: list[InlineSecondary] = field(default_factory=list, metadata={
@@ -289,7 +299,8 @@ class MetricsSettings:
 class OfflineSettingsSection:
     enabled: bool = setting(True, "keep wallboxes connected and answer locally while the backend is down; "
                                   "false: a backend outage closes or refuses the wallbox")
-    data_dir: str = setting("data", "directory of the durable queue (SQLite) of frames answered offline")
+    data_dir: str = setting("data", "directory of the durable queue (SQLite) of frames answered offline",
+                            path=True)
     auth: str = setting("local_list", "Authorize/StartTransaction while offline: local_list (local_list plus "
                                       "idTags the backend accepted while online), accept_all or reject_all",
                         choices=("local_list", "accept_all", "reject_all"))

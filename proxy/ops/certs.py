@@ -13,6 +13,7 @@ reason naming the file: unreadable, not PEM, key not matching, expired.
 from __future__ import annotations
 
 import datetime
+import errno
 import ipaddress
 import os
 import socket
@@ -127,18 +128,44 @@ def create_client(charge_box_id: str, ca: Issued, days: int = 825, fields: Mappi
     return _leaf({"CN": charge_box_id, **(fields or {})}, ExtendedKeyUsageOID.CLIENT_AUTH, (), days, ca, now)
 
 
-def write(issued: Issued, cert_path: Path, key_path: Path, chain: Iterable[x509.Certificate] = ()) -> None:
-    """PEM files; the key is created with mode 0600 before any byte is written."""
+class WouldOverwrite(FileExistsError):
+    """A certificate or key file is already there and replacing it was not asked for."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(errno.EEXIST, "already exists", str(path))
+        self.path = path
+
+
+def existing(*paths: Path) -> Path | None:
+    """The first of ``paths`` that exists: what :func:`write` would refuse to replace."""
+    return next((path for path in paths if path.exists()), None)
+
+
+def write(issued: Issued, cert_path: Path, key_path: Path, chain: Iterable[x509.Certificate] = (), *,
+          overwrite: bool = False) -> None:
+    """PEM files; the key is created with mode 0600 before any byte is written.
+
+    Without ``overwrite`` an existing certificate or key is never replaced (WouldOverwrite): a
+    replaced CA key silently invalidates every certificate it issued. The key is created with
+    O_EXCL then, so a file appearing meanwhile is not replaced either.
+    """
+    if not overwrite and (found := existing(key_path, cert_path)):
+        raise WouldOverwrite(found)
     cert_path.parent.mkdir(parents=True, exist_ok=True)
-    pem = issued.certificate.public_bytes(serialization.Encoding.PEM)
-    pem += b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
-    cert_path.write_bytes(pem)
+    key_path.parent.mkdir(parents=True, exist_ok=True)
     key_pem = issued.key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                                        serialization.NoEncryption())
-    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if overwrite else os.O_EXCL)
+    try:
+        fd = os.open(key_path, flags, 0o600)
+    except FileExistsError:
+        raise WouldOverwrite(key_path) from None
     with os.fdopen(fd, "wb") as out:
         out.write(key_pem)
     os.chmod(key_path, 0o600)
+    pem = issued.certificate.public_bytes(serialization.Encoding.PEM)
+    pem += b"".join(c.public_bytes(serialization.Encoding.PEM) for c in chain)
+    cert_path.write_bytes(pem)
 
 
 def read_issued(cert_path: Path, key_path: Path) -> Issued:
@@ -201,5 +228,5 @@ def ensure_self_signed(certs_dir: Path, hosts: Iterable[str]) -> tuple[Path, Pat
         return cert_path, key_path, False
     sans = [socket.gethostname(), "localhost", "127.0.0.1", "::1", *hosts]
     issued = create_server({"CN": socket.gethostname(), "O": "ocpp-proxy"}, sans, days=3650)
-    write(issued, cert_path, key_path)
+    write(issued, cert_path, key_path, overwrite=True)  # a pair with one half missing is made anew
     return cert_path, key_path, True

@@ -20,7 +20,7 @@ import trio
 
 from proxy.wire import closecodes
 from proxy.wire import connection as wsconn
-from proxy.config import Config, ModbusChargerSettings, parse_listen
+from proxy.config import Config, ModbusChargerSettings, parse_listen, startup_step
 from proxy.core.admission import Admit, Refuse, check_client_certificate, decide
 from proxy.loadmgmt.driver import Limiter
 from proxy.wire.local import LocalConnection
@@ -68,7 +68,8 @@ class ProxyServer:
         self._secure = SecureLayer(self.config.server, self.log)  # certificate problems stop start-up
         self._open_storage()
         host, port = parse_listen(self.config.server.listen)
-        listeners = await trio.open_tcp_listeners(port, host=host or None)
+        with startup_step("server.listen", self.config.server.listen):
+            listeners = await trio.open_tcp_listeners(port, host=host or None)
         self.ports = sorted({lst.socket.getsockname()[1] for lst in listeners})
         self.log.info("listening", address=self.config.server.listen, ports=self.ports,
                       tls=self.config.server.tls)
@@ -216,12 +217,15 @@ class ProxyServer:
 
     async def _handle_connection(self, nursery: trio.Nursery, secured: Secured, peer: str) -> None:
         server = self.config.server
-        request = None
+        request: wsconn.WsRequest | wsconn.HandshakeFailed | None = None
         with trio.move_on_after(server.handshake_timeout):
-            request = await wsconn.wrap_server_stream(
-                nursery, secured.stream, max_message_size=server.max_message_bytes, close_timeout=server.close_timeout)
+            request = await wsconn.read_request(secured.stream, max_message_size=server.max_message_bytes,
+                                                close_timeout=server.close_timeout)
         if request is None:
             self._handshake_timed_out(peer)
+            return
+        if isinstance(request, wsconn.HandshakeFailed):
+            self._handshake_failed(request, peer)
             return
         decision = decide(self.config, request.path, request.headers, request.proposed_subprotocols)
         if isinstance(decision, Admit) and secured.tls:
@@ -243,6 +247,12 @@ class ProxyServer:
         seconds = self.config.server.handshake_timeout
         self.log.warning("handshake_timeout", peer=peer, seconds=seconds)
         self._tell_refused(Refuse(408, "handshake_timeout", f"no handshake in {seconds:g} s"))
+
+    def _handshake_failed(self, failed: wsconn.HandshakeFailed, peer: str) -> None:
+        """A hang-up, a malformed or an oversized request: logged and counted as such, not as a timeout."""
+        self.log.warning("handshake_failed", peer=peer, reason=failed.reason, status=failed.status or None,
+                         detail=failed.detail)
+        self._tell_refused(Refuse(failed.status, failed.reason, failed.detail))
 
     def _tell_refused(self, refusal: Refuse) -> None:
         for listener in self.listeners:

@@ -38,8 +38,11 @@ import urllib.parse
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from http import HTTPStatus
 from typing import NoReturn, cast
 
+import h11
 import trio
 from trio_websocket import (
     CloseReason,
@@ -58,8 +61,8 @@ from proxy.wire import codec
 from proxy.wire.codec import BINARY, CLOSE, PING, PONG, TEXT, VIOLATION
 
 __all__ = ["CloseReason", "ConnectionClosed", "ConnectionRejected", "ConnectionTimeout",
-           "DisconnectionTimeout", "HandshakeError", "WsConnection", "WsRequest", "open_websocket_url",
-           "wrap_client_stream", "wrap_server_stream"]
+           "DisconnectionTimeout", "HandshakeError", "HandshakeFailed", "WsConnection", "WsRequest",
+           "open_websocket_url", "read_request", "wrap_client_stream", "wrap_server_stream"]
 
 RECEIVE_SIZE = 262_144
 _buffer = bytearray(RECEIVE_SIZE)
@@ -363,14 +366,7 @@ class WsRequest:
 
     async def reject(self, status_code: int, *, extra_headers: list[tuple[bytes, bytes]] | None = None,
                      body: bytes | None = None) -> None:
-        headers = list(extra_headers or [])
-        if body:
-            headers.append((b"Content-length", str(len(body)).encode("ascii")))
-        handshake = self._take_handshake()
-        data = handshake.send(RejectConnection(status_code=status_code, headers=headers, has_body=bool(body)))
-        if body:
-            data += handshake.send(RejectData(data=body))
-        await self._stream.send_all(data)
+        await self._stream.send_all(_rejection(self._take_handshake(), status_code, extra_headers or [], body))
 
     def _take_handshake(self) -> H11Handshake:
         """The handshake engine, once: the caller keeps the request for the whole
@@ -383,6 +379,45 @@ class WsRequest:
         return handshake
 
 
+#: Bounds of the lingering close after an error answer: seconds, bytes read and dropped.
+_LINGER_SECONDS = 1.0
+_LINGER_BYTES = 1_048_576
+
+
+async def _linger(stream: trio.abc.Stream) -> None:
+    """Drop what the peer is still sending before the socket closes, for a bounded time.
+
+    Closing a socket with unread bytes resets the connection, and the reset can destroy the error
+    answer before the peer has read it (an oversized request is answered after its first 64 KiB).
+    """
+    if isinstance(stream, trio.SocketStream):
+        await stream.send_eof()
+    dropped = 0
+    with trio.move_on_after(_LINGER_SECONDS):
+        while dropped < _LINGER_BYTES and (chunk := await stream.receive_some(65_536)):
+            dropped += len(chunk)
+
+
+def _rejection(handshake: H11Handshake, status_code: int, headers: list[tuple[bytes, bytes]],
+               body: bytes | None) -> bytes:
+    """An HTTP error response with its standard reason phrase (``HTTP/1.1 404 Not Found``).
+
+    wsproto sends rejections with an empty phrase (``HTTP/1.1 404 ``), so a wallbox's log shows
+    only a number; this writes the same response through the handshake's h11 connection, with the
+    phrase. The handshake is not used afterwards.
+    """
+    try:
+        phrase = HTTPStatus(status_code).phrase.encode("ascii")
+    except ValueError:
+        phrase = b""
+    h11_connection = getattr(handshake, "_h11_connection")
+    headers = [*headers, (b"Content-Length", str(len(body or b"")).encode("ascii")), (b"Connection", b"close")]
+    data = h11_connection.send(h11.Response(status_code=status_code, headers=headers, reason=phrase)) or b""
+    if body:
+        data += h11_connection.send(h11.Data(data=body)) or b""
+    return bytes(data + (h11_connection.send(h11.EndOfMessage()) or b""))
+
+
 def _trailing(handshake: H11Handshake) -> bytes:
     """Bytes the peer sent right after its handshake (frames pipelined behind it)."""
     h11_connection = getattr(handshake, "_h11_connection", None)
@@ -390,12 +425,34 @@ def _trailing(handshake: H11Handshake) -> bytes:
     return bytes(trailing[0])
 
 
+@dataclass(frozen=True)
+class HandshakeFailed:
+    """Why no upgrade request arrived, so it is logged and counted as what it was."""
+
+    #: ``hung_up`` (closed before a whole request), ``bad_request`` (not an HTTP upgrade request)
+    #: or ``request_too_large`` (headers over h11's limit).
+    reason: str
+    #: The HTTP status sent to the peer; 0 when nothing was sent (it had hung up).
+    status: int
+    detail: str
+
+
 async def wrap_server_stream(nursery: trio.Nursery | None, stream: trio.abc.Stream, *,
                              max_message_size: int = 1_048_576, close_timeout: float = 5.0) -> WsRequest | None:
     """Read the upgrade request; None when the peer hung up or sent no valid request.
 
     (``nursery`` is accepted for trio-websocket's signature; no task is started.)
-    A malformed request is answered with 400 first.
+    :func:`read_request` says why there was none.
+    """
+    request = await read_request(stream, max_message_size=max_message_size, close_timeout=close_timeout)
+    return request if isinstance(request, WsRequest) else None
+
+
+async def read_request(stream: trio.abc.Stream, *, max_message_size: int = 1_048_576,
+                       close_timeout: float = 5.0) -> WsRequest | HandshakeFailed:
+    """Read the upgrade request, or say why there is none.
+
+    A malformed request is answered with 400 first, one with oversized headers with 431.
     """
     handshake = H11Handshake(ConnectionType.SERVER)
     received = 0
@@ -403,23 +460,34 @@ async def wrap_server_stream(nursery: trio.Nursery | None, stream: trio.abc.Stre
         try:
             data = await stream.receive_some(_HANDSHAKE_LIMIT)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return None
+            data = b""
         received += len(data)
-        if not data or received > _HANDSHAKE_LIMIT:
-            return None
+        if not data:
+            return HandshakeFailed("hung_up", 0, f"closed after {received} bytes of the HTTP request")
+        if received > _HANDSHAKE_LIMIT:
+            return await _fail(stream, handshake, 431, f"HTTP request over {_HANDSHAKE_LIMIT} bytes")
         try:
             handshake.receive_data(bytes(data))
         except ProtocolError as exc:
-            hint = getattr(exc, "event_hint", None)
-            if isinstance(hint, RejectConnection):
-                try:
-                    await stream.send_all(handshake.send(hint))
-                except (trio.BrokenResourceError, trio.ClosedResourceError, ProtocolError):
-                    pass
-            return None
+            # wsproto's hint is always 400; h11's own error (the context) knows 431 for oversized headers
+            status = getattr(exc.__context__, "error_status_hint", None)
+            if not isinstance(status, int):
+                hint = getattr(exc, "event_hint", None)
+                status = hint.status_code if isinstance(hint, RejectConnection) else 400
+            return await _fail(stream, handshake, status, str(exc)[:200])
         for event in handshake.events():
             if isinstance(event, Request):
                 return WsRequest(stream, handshake, event, max_message_size, close_timeout)
+
+
+async def _fail(stream: trio.abc.Stream, handshake: H11Handshake, status: int, detail: str) -> HandshakeFailed:
+    """Answer an unusable request with ``status`` (best effort: the peer may be gone)."""
+    try:
+        await stream.send_all(_rejection(handshake, status, [], None))
+        await _linger(stream)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, h11.LocalProtocolError):
+        pass
+    return HandshakeFailed("request_too_large" if status == 431 else "bad_request", status, detail)
 
 
 # --- client side ------------------------------------------------------------------------------

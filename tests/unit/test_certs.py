@@ -73,13 +73,3 @@ async def test_proxy_refuses_to_start_with_a_bad_certificate(tmp_path: Path) -> 
     with pytest.raises(certs.CertificateProblem) as info:
         await ProxyServer(config).serve()
     assert info.value.path == f"{tmp_path}/b.key"
-
-
-def test_run_reports_certificate_problem_and_exits_1(tmp_path: Path) -> None:
-    path = tmp_path / "site.toml"
-    path.write_text(f'[server]\nlisten = "127.0.0.1:0"\ntls = "on"\ncert = "{tmp_path}/none.crt"\n'
-                    f'key = "{tmp_path}/none.key"\n[metrics]\nlisten = ""\n')
-    result = subprocess.run([sys.executable, "-m", "proxy", "run", "--config", str(path)],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 1
-    assert "startup_failed" in result.stderr and f"{tmp_path}/none.crt: cannot read" in result.stderr

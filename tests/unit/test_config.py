@@ -56,11 +56,11 @@ def test_errors_name_key_and_line() -> None:
         "site.toml:3: server.tls: must be one of off, detect, on; got 'maybe'",
         "site.toml:4: server.max_message_bytes: must be an integer, got a string",
         "site.toml:5: server.typo: unknown key",
-        "site.toml:7: backend.url: must be a ws:// or wss:// URL, got 'http://x'",
-        "site.toml:12: chargers[1].max_curent: unknown key",
-        "site.toml:8: chargers[0].upstream_url: no backend URL: set this or [backend] url",
+        "site.toml:7: backend.url: must be a ws:// or wss:// URL, got 'http://x' (for a WebSocket backend "
+        "write ws://)",
+        "site.toml:12: chargers[1].max_curent: unknown key; did you mean max_current?",
+        # one mistake, one error: the chargers are not told again that they have no backend URL
         "site.toml:11: chargers[1].id: duplicate charger id 'A' (also chargers[0])",
-        "site.toml:10: chargers[1].upstream_url: no backend URL: set this or [backend] url",
     ]
 
 
