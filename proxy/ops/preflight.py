@@ -139,16 +139,20 @@ def _directories(config: Config) -> Iterator[tuple[str, str]]:
 def _directory(key: str, path: Path, purpose: str) -> Iterator[tuple[str, str]]:
     message = directory_problem(path)
     if message:
-        yield key, f"{path}: {message} ({purpose})"
+        yield key, f"{path} {message} ({purpose})"
 
 
 def directory_problem(path: Path) -> str | None:
-    """Why the proxy could not create files in ``path`` (creating it first if need be), or None."""
+    """Why the proxy could not create files in ``path`` (creating it first if need be), or None.
+
+    Said as the rest of a sentence about ``path``: "is not a directory", "cannot be created: / is on a
+    read-only file system" (``ProtectSystem=strict`` without a writable path for it).
+    """
     probe = path
     while not probe.exists() and probe.parent != probe:
         probe = probe.parent
     if not probe.is_dir():
-        return f"{probe} is not a directory"
+        return "is not a directory" if probe == path else f"cannot be created: {probe} is not a directory"
     if os.access(probe, os.W_OK | os.X_OK):
         return None
     why = "on a read-only file system" if os.statvfs(probe).f_flag & os.ST_RDONLY \

@@ -76,7 +76,7 @@ CASES = {
     "not this host's address": ('', '[ems]\nmodbus_listen = "192.0.2.1:31520"',
                                 r":7: ems\.modbus_listen: 192\.0\.2\.1 is not an address of this machine"),
     "data_dir under a file": ('', '[offline]\ndata_dir = "blocker/data"',
-                              r":7: offline\.data_dir: .*blocker/data: .*blocker is not a directory"),
+                              r":7: offline\.data_dir: .*blocker/data cannot be created: .*blocker is not a directory"),
     "one port twice": ('', '[ems]\nmodbus_listen = "127.0.0.1:{port}"\n[site]\nmax_current = 32',
                        r"ems\.modbus_listen: port \d+ is already the metrics port \(metrics\.listen\)"),
     "backend client key unreadable": ('', '', r"backend\.client_key: .*nothing\.key: cannot read"),
@@ -242,8 +242,8 @@ def test_an_unusable_data_dir_names_the_key(tmp_path: Path) -> None:
                       f'[offline]\ndata_dir = "data"\n')
     refused = cli("run", "--config", str(config))
     assert refused.returncode == 2
-    assert error_lines(refused.stderr) == [f"error: {config}:6: offline.data_dir: {tmp_path}/data: "
-                                           f"{tmp_path}/data is not a directory (for the offline queue)"]
+    assert error_lines(refused.stderr) == [f"error: {config}:8: offline.data_dir: {tmp_path}/data "
+                                           f"is not a directory (for the offline queue)"]
     (tmp_path / "data").unlink()
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "queue.sqlite3").write_text("this is no SQLite database " * 100)
