@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,9 @@ def test_demo_runs_and_reports_byte_identical_frames() -> None:
     assert "all frames arrived byte-identical" in text
     assert "CP002" in text and "DataTransfer" in text and "StopTransaction" in text
     # Two wallboxes share the demo's 32 A site limit: the proxy's limits are shown.
-    assert "◀─ proxy    limit 16 A (ChargePointMaxProfile)" in text and "limits set by the proxy" in text
+    # (Which values depends on when the Modbus car starts drawing: any limit line shows it.)
+    assert re.search(r"◀─ proxy    limit [0-9.]+ A \(ChargePointMaxProfile\)", text)
+    assert "limits set by the proxy" in text
     # The Modbus wallbox appears to the backend as charge point HD001 and runs a whole transaction
     # (modbus_summary checks Boot, Authorize, Start, MeterValues and Stop arrived).
     virtual = [line for line in text.splitlines() if "HD001  ─▶ backend" in line]
