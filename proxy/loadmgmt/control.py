@@ -45,6 +45,8 @@ from proxy.loadmgmt.profiles import (
     clear_payload,
     composite_limit,
     parse_clear,
+    peak_amps,
+    to_amps,
     parse_profile,
     parse_set,
     replaces,
@@ -59,6 +61,9 @@ STRATEGIES = (MAX_STRATEGY, TX_STRATEGY)
 
 #: Seconds to wait for a BootNotification before treating the wallbox as booted.
 BOOT_WAIT = 10.0
+#: Longest wait between retries of a limit the wallbox refused or did not answer (the wait doubles
+#: from ``retry`` per failure in a row).
+RETRY_CAP = 300.0
 
 
 class _Unknown:
@@ -98,6 +103,9 @@ class Command:
     generation: int
     signature: Signature | None = None
     installed: Installed | None = None
+    #: The highest current (A per phase) the wallbox may apply once it accepts this; None: not
+    #: capped by it (a Clear of the proxy's profile).
+    amps: float | None = None
 
     def describe(self) -> dict[str, Any]:
         if self.kind == "clear":
@@ -131,6 +139,11 @@ class Control:
         #: The versions of backend profiles on the wallbox (maybe clamped), where known.
         self.on_wallbox: dict[int, Installed] = {}
         self.own: Signature | None | _Unknown = UNKNOWN  # None: absent
+        #: While ``own`` is UNKNOWN: whether it may be gone (a reboot, a backend Clear), rather than
+        #: still what was last installed (a reconnect).
+        self.own_may_be_gone = False
+        #: Refusals or lost answers in a row (the retry wait doubles with each).
+        self.failures = 0
         self.rejected: set[Any] = set()
         self.inflight: Command | None = None
         self.generation = 0
@@ -192,6 +205,7 @@ class Control:
         self.ready = False
         self.ready_at = now + BOOT_WAIT
         self.own = UNKNOWN
+        self.own_may_be_gone = True
         self.on_wallbox.clear()
         self.transactions.clear()
         self.retry_at = None
@@ -285,6 +299,7 @@ class Control:
         own = self._own_installed()
         if own is not None and request.may_match(own) and self.own is not None:
             self.own = UNKNOWN  # re-install once this Clear is answered: now
+            self.own_may_be_gone = True
 
     def backend_limit(self, wall: datetime) -> float | None:
         """The backend's composite limit (A per phase), None when it sets none."""
@@ -307,6 +322,8 @@ class Control:
             return None
         if self.retry_at is not None and now < self.retry_at:
             return None
+        if self.retry_at is not None:
+            self.rejected.clear()  # refused ones get another try after the backoff
         return self._restore_command(wall) or self._own_command(wall)
 
     def peek(self, now: float, wall: datetime) -> Command | None:
@@ -353,7 +370,7 @@ class Control:
                 continue
             installed = Installed(item.connector, parse_profile(want), wall)
             return Command("SetChargingProfile", set_payload(item.connector, want), "restore", self.generation,
-                           installed=installed)
+                           installed=installed, amps=self._peak(installed.profile))
         return None
 
     def _desired_own(self, wall: datetime) -> tuple[Signature, dict[str, Any]] | None | _Unknown:
@@ -397,7 +414,7 @@ class Control:
             return None
         installed = Installed(0, parse_profile(profile), wall)
         return Command("SetChargingProfile", set_payload(0, profile), "limit", self.generation,
-                       signature=signature, installed=installed)
+                       signature=signature, installed=installed, amps=self._signature_amps(signature))
 
     # -- answers to the proxy's CALLs -------------------------------------------------------------------
 
@@ -408,15 +425,16 @@ class Control:
         self.inflight = None
         if command.kind == "clear":
             if status in ("Accepted", "Unknown"):
-                self.own = None
+                self.own, self.own_may_be_gone, self.failures = None, False, 0
             else:
                 self._retry(now, command, status or error)
             return
         if status == "Accepted":
             assert command.installed is not None
+            self.failures = 0
             self._installed(command.installed, own=command.kind == "limit")
             if command.kind == "limit":
-                self.own = command.signature
+                self.own, self.own_may_be_gone = command.signature, False
             return
         refused = status in ("Rejected", "NotSupported") or error in ("NotSupported", "NotImplemented")
         if not refused:
@@ -427,7 +445,9 @@ class Control:
             self._switch(f"wallbox answered {status or error} to ChargePointMaxProfile")
             return
         self.rejected.add(command.signature if command.kind == "limit" else _restore_key(command))
-        self._note("profile_rejected", "error", answer=status or error, **command.describe())
+        self.retry_at = now + self._backoff()
+        self._note("profile_rejected", "error", answer=status or error, retry_in=self.retry_at - now,
+                   **command.describe())
 
     def failed(self, command: Command, reason: str, now: float) -> None:
         """No answer (timeout, connection gone): state unknown, try again later."""
@@ -444,8 +464,41 @@ class Control:
         else:
             assert command.installed is not None
             self.on_wallbox.pop(command.installed.profile.id, None)
-        self.retry_at = now + self.settings.retry
-        self._note("profile_retry", "warning", reason=reason, seconds=self.settings.retry, **command.describe())
+        delay = self._backoff()
+        self.retry_at = now + delay
+        self._note("profile_retry", "warning", reason=reason, seconds=delay, **command.describe())
+
+    def _backoff(self) -> float:
+        """``retry`` doubled per failure in a row, at most RETRY_CAP."""
+        self.failures += 1
+        return float(min(RETRY_CAP, self.settings.retry * 2.0 ** min(self.failures - 1, 16)))
+
+    # -- what the wallbox may apply (for the fuse) -----------------------------------------------------
+
+    def holding(self) -> float | None | _Unknown:
+        """The highest current (A per phase) the wallbox may apply by what the proxy knows is on it.
+
+        None: nothing known caps it (its max_current counts). UNKNOWN: the proxy's profile may or
+        may not be what it was (a reconnect, a lost answer): the earlier value still counts.
+        Under tx-default every Tx/TxDefault profile counts at its highest period, a backend
+        profile at its version on the wallbox where known (clamped), else at the backend's own.
+        """
+        if isinstance(self.own, _Unknown):
+            return None if self.own_may_be_gone else UNKNOWN
+        own = None if self.own is None else self._signature_amps(self.own)
+        if self.strategy == MAX_STRATEGY:
+            return own
+        values = [] if own is None else [own]
+        for pid, item in self.backend.items():
+            if item.profile.purpose in (TX_DEFAULT, TX_PROFILE):
+                values.append(self._peak(self.on_wallbox.get(pid, item).profile))
+        return max(values, default=None)
+
+    def _peak(self, profile: Profile) -> float:
+        return peak_amps(profile, self.settings.phases, self.settings.voltage)
+
+    def _signature_amps(self, signature: Signature) -> float:
+        return to_amps(signature[3], signature[2], self.settings.phases, self.settings.voltage)
 
     def _own_installed(self) -> Installed | None:
         """The proxy's profile as a model entry (for Clear matching), where it may be installed."""

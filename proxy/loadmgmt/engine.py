@@ -44,11 +44,16 @@ from dataclasses import dataclass, field
 #: Connector statuses in which a charger wants current. ``SuspendedEVSE`` is
 #: what a wallbox reports while the proxy pauses it: it still wants current.
 DEMANDING = frozenset({"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE"})
+#: Statuses in which a charger may be drawing current, or start to without asking anyone: a car
+#: plugged in and authorised (Preparing included: it turns into Charging on its own).
+DRAWING = DEMANDING
 
 INFINITE = math.inf
 #: A car drawing within this of its limit is taken to be held by the limit (it
 #: will follow the next one); one drawing less draws what it wants.
 LIMITED_MARGIN = 1.0
+#: A sample below this on every phase is "draws nothing".
+ZERO_CURRENT = 0.5
 #: Caps and headroom above this are "unlimited" (in tenths of an ampere).
 _UNLIMITED = 10**9
 
@@ -196,6 +201,12 @@ def _fill(group: list[Demand], result: dict[str, int], remaining: list[int]) -> 
                   and all(remaining[ph] > 0 for ph in d.phases)]
 
 
+def charger_phases(site_phases: int, limits: ChargerLimits) -> frozenset[int]:
+    """The site phases (0-based) a charger draws on."""
+    first = (limits.first_phase - 1) % site_phases
+    return frozenset((first + i) % site_phases for i in range(min(limits.phases, site_phases)))
+
+
 def tenths_down(amps: float) -> int:
     if amps >= _UNLIMITED / 10:
         return _UNLIMITED
@@ -232,6 +243,10 @@ class _Charger:
     #: clearly less than it was allowed; it draws that much, not its limit.
     demand: dict[int, int] = field(default_factory=dict)
     fallback: bool = False
+    #: The last MeterValues showed (under 0.5 A) nothing on every phase, with no transaction.
+    sampled_zero: bool = False
+    #: While not connected: what it may still draw (tenths, the fuse's reservation).
+    reserved: int = 0
 
     def demanding(self) -> bool:
         if self.transactions:
@@ -244,6 +259,16 @@ class _Charger:
     def drawing(self) -> bool:
         """A car is charging (as far as the charger said)."""
         return "Charging" in self.statuses.values() or (bool(self.transactions) and not self.statuses)
+
+    def known_idle(self) -> bool:
+        """Connected and known to draw nothing: no transaction, and every connector reported a
+        non-charging status (or the last sample showed 0 A on every phase)."""
+        if not self.connected or self.transactions:
+            return False
+        statuses = [s for connector, s in self.statuses.items() if connector > 0]
+        if statuses and not any(s in DRAWING for s in statuses):
+            return True
+        return self.sampled_zero
 
     def status(self) -> str | None:
         for connector in sorted(self.statuses):
@@ -302,6 +327,8 @@ class LimitEngine:
     def charger_connected(self, charger_id: str, now: float) -> None:
         state = self._state(charger_id)
         state.connected = True
+        state.reserved = 0
+        state.sampled_zero = False
         state.statuses.clear()
         state.transactions.clear()
         state.applied = None
@@ -314,6 +341,7 @@ class LimitEngine:
         state = self._chargers.get(charger_id)
         if state is not None:
             state.connected = False
+            state.sampled_zero = False
             state.statuses.clear()
             state.transactions.clear()
             state.currents = (0.0, 0.0, 0.0)
@@ -337,6 +365,7 @@ class LimitEngine:
         """Phase currents (L1, L2, L3 of the charger) from MeterValues."""
         state = self._state(charger_id)
         state.currents = currents
+        state.sampled_zero = all(c < ZERO_CURRENT for c in currents)
         state.sampled_at_limit = state.applied if state.drawing() else None
         self._learn_demand(state)
         if power_w is not None:
@@ -346,7 +375,9 @@ class LimitEngine:
         self._changed()
 
     def transaction_started(self, charger_id: str, connector_id: int, now: float) -> None:
-        self._state(charger_id).transactions.add(connector_id)
+        state = self._state(charger_id)
+        state.transactions.add(connector_id)
+        state.sampled_zero = False
         self._changed()
 
     def transaction_stopped(self, charger_id: str, connector_id: int | None, now: float) -> None:
@@ -365,6 +396,15 @@ class LimitEngine:
         state = self._state(charger_id)
         if state.backend_limit != amps:
             state.backend_limit = amps
+            self._changed()
+
+    def reserve(self, charger_id: str, amps: float, now: float) -> None:
+        """A charger that is not connected may still draw ``amps`` (its reservation, see
+        :mod:`proxy.loadmgmt.fuse`): counted as house load until it comes back or is released."""
+        state = self._state(charger_id)
+        value = 0 if state.connected else tenths_up(amps)
+        if state.reserved != value:
+            state.reserved = value
             self._changed()
 
     # -- inputs: meter and EMS (the Modbus side) ----------------------------------------------------
@@ -467,6 +507,19 @@ class LimitEngine:
     def chargers(self) -> list[str]:
         return sorted(self._chargers)
 
+    def known_idle(self, charger_id: str) -> bool:
+        """Connected and known to draw nothing (see :meth:`_Charger.known_idle`)."""
+        state = self._chargers.get(charger_id)
+        return state is not None and state.known_idle()
+
+    def budget(self, now: float) -> list[int]:
+        """Per site phase, tenths: what the connected managed chargers may draw together
+        (site limit − house load, lost chargers' reservations included)."""
+        use_meter = self.site.meter and self.meter_fresh(now)
+        house = self._house_load(self._managed_connected(), use_meter, now)
+        limit = tenths_down(self.site_limit)
+        return [max(0, limit - h) for h in house]
+
     # -- internals ------------------------------------------------------------------------------------
 
     def _managed_connected(self) -> dict[str, _Charger]:
@@ -485,9 +538,7 @@ class LimitEngine:
         return "charging" if state.applied else "paused"
 
     def _phases(self, limits: ChargerLimits) -> frozenset[int]:
-        count = self.site.phases
-        first = (limits.first_phase - 1) % count
-        return frozenset((first + i) % count for i in range(min(limits.phases, count)))
+        return charger_phases(self.site.phases, limits)
 
     def _site_phase_currents(self, state: _Charger, cap: int | None, round_up: bool) -> list[int]:
         """The charger's measured draw on each site phase, never above its limit.
@@ -566,17 +617,28 @@ class LimitEngine:
         """
         phases = self.site.phases
         unmanaged = [s for cid, s in self._chargers.items() if s.connected and cid not in managed]
+        lost = self._lost_reservations()
         if use_meter and self._meter is not None:
             house = [tenths_up(self._meter[ph]) for ph in range(phases)]
             for state in managed.values():
                 for ph, draw in enumerate(self._estimated_draw(state)):
                     house[ph] -= draw
-            return [max(0, h) for h in house]
-        house = [0] * phases
+            # The meter shows what a lost charger draws now, not what it may draw: its
+            # reservation counts on top (at worst it is counted twice, never too little).
+            return [max(0, h) + extra for h, extra in zip(house, lost)]
+        house = list(lost)
         for state in unmanaged:
             for ph, draw in enumerate(self._site_phase_currents(state, None, True)):
                 house[ph] += draw
         return house
+
+    def _lost_reservations(self) -> list[int]:
+        out = [0] * self.site.phases
+        for state in self._chargers.values():
+            if not state.connected and state.reserved and state.limits.managed:
+                for ph in self._phases(state.limits):
+                    out[ph] += state.reserved
+        return out
 
     def _cap(self, state: _Charger) -> int:
         if not (state.limits.enabled and state.ems_enabled):

@@ -238,6 +238,12 @@ def to_amps(limit: float, unit: str, phases: int, voltage: float = DEFAULT_VOLTA
     return _down(limit / (voltage * phases))
 
 
+def peak_amps(profile: Profile, charger_phases: int = 3, voltage: float = DEFAULT_VOLTAGE) -> float:
+    """The highest limit of any period, A per phase: what the profile may allow at some time."""
+    return max((to_amps(p.limit, profile.unit, phases_used(p.phases, charger_phases), voltage)
+                for p in profile.periods), default=0.0)
+
+
 def from_amps(amps: float, unit: str, phases: int, voltage: float = DEFAULT_VOLTAGE) -> float:
     """Amperes per phase in ``unit`` (rounded down to 0.1)."""
     return _down(amps if unit == "A" else amps * voltage * phases)

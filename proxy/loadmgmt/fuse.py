@@ -1,0 +1,371 @@
+"""The fuse ledger (sans-IO): what each wallbox may be drawing, and which increases may go out.
+
+The limit engine's targets add up to at most the headroom, but a target is a
+decision, not the state of the wallboxes: between a SetChargingProfile and its
+answer the wallbox still holds its old limit, a wallbox that lost its
+connection keeps charging on its installed profile, and one that rejects a
+decrease keeps the old value. :class:`Fuse` keeps, per charger, the highest
+limit the wallbox may be applying and lets an increase out only where it fits
+next to everyone else's. The invariant (docs/load-management.md, "The fuse
+invariant"), per site phase::
+
+    Σ over managed chargers of may_draw(c)  ≤  budget
+
+* ``may_draw(c)`` = 0 for a connected charger known not to draw (no
+  transaction and a non-charging status, or a 0 A sample), else the highest
+  of: ``held`` (the limit it last accepted; a limit whose answer was lost
+  counts as applied; unknown, e.g. after a reboot or a backend Clear that may
+  have removed the proxy's profile: its ``max_current``), ``pending`` (the
+  proxy's limit sent and not answered) and ``backend_pending`` (a backend
+  profile on its way, as forwarded). A lost charger keeps ``held`` until
+  ``lost_charger_hold`` seconds pass.
+* ``budget`` = site limit (EMS-lowered) − house load, where the house load
+  includes the lost chargers' reservations (the engine's, see
+  :meth:`LimitEngine.reserve`).
+
+Decreases never wait. :meth:`Fuse.grant` turns the engine's targets into what
+each charger may be sent now: a decrease as is, an increase only up to the
+room the others' ``may_draw`` leaves (so the engine's increase waits for the
+decreases that make room to be Accepted, or for the chargers concerned to be
+known not to draw). A decrease that is Rejected, unanswered or answered with a
+CALLERROR keeps counting at the old value; the others share the rest.
+
+Amperes are tenths (int), like the engine's, so sums are exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from proxy.loadmgmt.engine import ChargerLimits, charger_phases, tenths_down, tenths_up
+
+#: How long a lost charger keeps its reservation by default (``[site] lost_charger_hold``): 8 h,
+#: a full charge of an 80 kWh battery at 11 kW, so a charger that keeps charging on its installed
+#: profile while its connection is down is counted for as long as a car can charge.
+LOST_HOLD = 28_800.0
+
+
+@dataclass
+class Slot:
+    """One charger's reservation."""
+
+    limits: ChargerLimits
+    #: Highest limit the wallbox may have installed (tenths); None: unknown (its max_current).
+    held: int | None = None
+    #: The proxy's own limit sent, not answered yet.
+    pending: int | None = None
+    #: A backend profile forwarded (maybe clamped), not answered yet; -1: unknown (max_current).
+    backend_pending: int | None = None
+    connected: bool = False
+    #: Since when it is lost (disconnected, or not seen since the proxy started).
+    lost_at: float | None = None
+    #: The last value handed to the durable store (tenths; None: max_current).
+    recorded: int | None = None
+    record_dirty: bool = False
+
+    def peak(self) -> int:
+        """max(held, pending, backend_pending), unknown = max_current."""
+        top = tenths_up(self.limits.max_current)
+        values = [top if self.held is None else self.held]
+        if self.pending is not None:
+            values.append(self.pending)
+        if self.backend_pending is not None:
+            values.append(top if self.backend_pending < 0 else self.backend_pending)
+        return max(values)
+
+
+@dataclass
+class FuseStats:
+    """Counted for metrics and logs."""
+
+    #: Decreases not applied, by reason: rejected, error (CALLERROR), unanswered.
+    failed_decreases: dict[str, int] = field(default_factory=dict)
+    over_budget_seconds: float = 0.0
+    #: Increases held back (grant below the engine's target), counted per decision.
+    increases_held: int = 0
+
+
+class Fuse:
+    def __init__(self, phases: int = 3, hold: float = LOST_HOLD) -> None:
+        self.phases = phases
+        self.hold = hold
+        self.default = ChargerLimits()
+        self._configured: dict[str, ChargerLimits] = {}
+        self._slots: dict[str, Slot] = {}
+        self.stats = FuseStats()
+        self._over_since: float | None = None
+        self._checked_at: float | None = None
+
+    # -- configuration and restart ---------------------------------------------------------
+
+    def configure(self, phases: int, chargers: Mapping[str, ChargerLimits], default: ChargerLimits,
+                  hold: float) -> None:
+        self.phases, self.hold, self.default = phases, hold, default
+        self._configured = dict(chargers)
+        for charger_id, slot in self._slots.items():
+            slot.limits = self._limits_for(charger_id)
+
+    def restore(self, recorded: Mapping[str, float | None], now: float) -> None:
+        """After a start: every managed charger not connected yet counts as lost since ``now``,
+        at its recorded limit (None or absent: its max_current)."""
+        for charger_id in set(recorded) | set(self._configured):
+            slot = self._slot(charger_id)
+            if slot.connected or not slot.limits.managed:
+                continue
+            amps = recorded.get(charger_id)
+            slot.held = None if amps is None else tenths_up(amps)
+            slot.recorded = slot.held
+            slot.lost_at = now
+
+    def _limits_for(self, charger_id: str) -> ChargerLimits:
+        return self._configured.get(charger_id, self.default)
+
+    def _slot(self, charger_id: str) -> Slot:
+        slot = self._slots.get(charger_id)
+        if slot is None:
+            slot = self._slots[charger_id] = Slot(self._limits_for(charger_id))
+            slot.recorded = slot.held
+        return slot
+
+    # -- the wallbox's connection --------------------------------------------------------------
+
+    def connected(self, charger_id: str, now: float) -> None:
+        """A (re)connect: its installed profile is still what it was (a reboot says otherwise)."""
+        slot = self._slot(charger_id)
+        self._fold(slot)
+        slot.connected = True
+        slot.lost_at = None
+
+    def disconnected(self, charger_id: str, now: float) -> None:
+        """Lost: it keeps charging on whatever it may have installed."""
+        slot = self._slot(charger_id)
+        self._fold(slot)
+        slot.connected = False
+        slot.lost_at = now
+
+    def installed(self, charger_id: str, amps: float | None) -> None:
+        """What the proxy now knows the wallbox holds (None: unknown or uncapped → max_current)."""
+        slot = self._slot(charger_id)
+        slot.held = None if amps is None else tenths_up(amps)
+        self._dirty(slot)
+
+    # -- the proxy's own limits ------------------------------------------------------------------------
+
+    def sent(self, charger_id: str, amps: float | None) -> bool:
+        """The proxy sends a limit (None: one whose effect is unknown, e.g. a Clear).
+
+        Returns whether the durable record goes up with it: then it must be
+        written before the frame leaves (a restart must count the higher value).
+        """
+        slot = self._slot(charger_id)
+        slot.pending = tenths_up(slot.limits.max_current) if amps is None else tenths_up(amps)
+        before = slot.recorded
+        self._dirty(slot)
+        peak = slot.peak()
+        return before is not None and peak > before
+
+    def is_decrease(self, charger_id: str) -> bool:
+        slot = self._slot(charger_id)
+        return slot.pending is not None and slot.pending < (
+            tenths_up(slot.limits.max_current) if slot.held is None else slot.held)
+
+    def accepted(self, charger_id: str, holding: float | None, known: bool = True) -> None:
+        """Accepted: the wallbox holds ``holding`` now (what the proxy computes it has); not
+        ``known``: the sent limit may add to what was there (the higher counts)."""
+        slot = self._slot(charger_id)
+        if not known:
+            self._fold_own(slot)
+            return
+        slot.pending = None
+        slot.held = None if holding is None else tenths_up(holding)
+        self._dirty(slot)
+
+    def refused(self, charger_id: str, reason: str) -> bool:
+        """Rejected or CALLERROR: nothing changed on the wallbox. Returns whether it was a decrease."""
+        slot = self._slot(charger_id)
+        decrease = self.is_decrease(charger_id)
+        slot.pending = None
+        if decrease:
+            self._count(reason)
+        self._dirty(slot)
+        return decrease
+
+    def unanswered(self, charger_id: str, reason: str = "unanswered") -> bool:
+        """No answer: it may have applied the new limit or kept the old one (the higher counts)."""
+        slot = self._slot(charger_id)
+        decrease = self.is_decrease(charger_id)
+        self._fold_own(slot)
+        if decrease:
+            self._count(reason)
+        return decrease
+
+    def _count(self, reason: str) -> None:
+        self.stats.failed_decreases[reason] = self.stats.failed_decreases.get(reason, 0) + 1
+
+    # -- backend profiles forwarded (tx-default) -------------------------------------------------------
+
+    def backend_sent(self, charger_id: str, amps: float | None) -> None:
+        """A backend profile goes to the wallbox; ``amps``: its highest limit as forwarded (None: unknown)."""
+        slot = self._slot(charger_id)
+        value = -1 if amps is None else tenths_up(amps)
+        old = slot.backend_pending
+        if old is None:
+            slot.backend_pending = value
+        elif old < 0 or value < 0:
+            slot.backend_pending = -1
+        else:
+            slot.backend_pending = max(old, value)
+        self._dirty(slot)
+
+    def backend_answered(self, charger_id: str, holding: float | None, known: bool = True) -> None:
+        """The wallbox answered a backend profile CALL; ``holding`` as in :meth:`accepted`."""
+        slot = self._slot(charger_id)
+        if known:
+            slot.backend_pending = None
+            slot.held = None if holding is None else tenths_up(holding)
+            self._dirty(slot)
+        else:
+            self._fold_backend(slot)
+
+    # -- queries -----------------------------------------------------------------------------------------
+
+    def may_draw(self, charger_id: str, now: float, idle: bool = False) -> int:
+        """Tenths per phase this charger may be drawing now."""
+        slot = self._slots.get(charger_id)
+        if slot is None or not slot.limits.managed:
+            return 0
+        if slot.connected:
+            return 0 if idle else slot.peak()
+        if slot.lost_at is not None and now - slot.lost_at < self.hold:
+            return slot.peak()
+        return 0
+
+    def lost(self, now: float) -> dict[str, float]:
+        """Lost chargers still holding a reservation: amps each (for the engine's house load)."""
+        return {cid: self.may_draw(cid, now) / 10 for cid, slot in self._slots.items()
+                if not slot.connected and self.may_draw(cid, now) > 0}
+
+    def next_event(self, now: float) -> float | None:
+        """When a lost charger's hold ends (its reservation goes)."""
+        times = [slot.lost_at + self.hold for slot in self._slots.values()
+                 if not slot.connected and slot.lost_at is not None and now < slot.lost_at + self.hold]
+        return min(times, default=None)
+
+    def reserved(self, now: float, idle: Iterable[str] = ()) -> list[int]:
+        """Per site phase: Σ may_draw of the connected managed chargers (tenths)."""
+        quiet = set(idle)
+        out = [0] * self.phases
+        for charger_id, slot in self._slots.items():
+            if not slot.connected:
+                continue
+            amount = self.may_draw(charger_id, now, charger_id in quiet)
+            for ph in charger_phases(self.phases, slot.limits):
+                out[ph] += amount
+        return out
+
+    def unconfirmed(self, charger_id: str, wanted: float | None, now: float, idle: bool = False) -> float:
+        """Amps reserved beyond what the proxy wants the charger to have (waiting for confirmation)."""
+        want = 0 if wanted is None else tenths_down(wanted)
+        return max(0, self.may_draw(charger_id, now, idle) - want) / 10
+
+    # -- the gate ----------------------------------------------------------------------------------------
+
+    def grant(self, targets: Mapping[str, float], budget: list[int], now: float,
+              idle: Iterable[str] = ()) -> dict[str, float]:
+        """What each charger may be sent now: its target when that is no increase over what it may
+        draw, else as much of the increase as the room on its phases allows.
+
+        ``budget``: per site phase, tenths, for the connected managed chargers. Room goes by
+        priority (highest first), then id.
+        """
+        quiet = set(idle)
+        room = [b - r for b, r in zip(budget, self.reserved(now, quiet))]
+        granted: dict[str, float] = {}
+        increases: list[str] = []
+        for charger_id, target in targets.items():
+            slot = self._slots.get(charger_id)
+            if slot is None or not slot.connected:
+                granted[charger_id] = target
+                continue
+            want = tenths_down(target)
+            current = slot.peak()
+            if want <= current:
+                granted[charger_id] = target  # a decrease (or no change): never waits
+            else:
+                increases.append(charger_id)
+        increases.sort(key=lambda cid: (-self._slots[cid].limits.priority, cid))
+        for charger_id in increases:
+            granted[charger_id] = self._grant_increase(charger_id, tenths_down(targets[charger_id]), room,
+                                                       charger_id in quiet) / 10
+        return granted
+
+    def _grant_increase(self, charger_id: str, want: int, room: list[int], idle: bool) -> int:
+        """As much of an increase as fits: the charger's own reservation counts as its room."""
+        slot = self._slots[charger_id]
+        phases = charger_phases(self.phases, slot.limits)
+        current = slot.peak()
+        counted = 0 if idle else current  # what it already takes from the room
+        top = min(want, counted + min((room[ph] for ph in phases), default=0))
+        if top < want:
+            self.stats.increases_held += 1
+        if current == 0 and top < tenths_up(slot.limits.min_current):
+            top = 0  # below its minimum a car cannot charge: it stays paused
+        if top <= current:
+            return current  # no room: it keeps what it has (and what is on its way)
+        for ph in phases:
+            room[ph] -= top - counted
+        return top
+
+    # -- over budget and the durable record ------------------------------------------------------------------
+
+    def check(self, budget: list[int], now: float, idle: Iterable[str] = ()) -> bool:
+        """Whether the reservations exceed the budget now; accumulates ``over_budget_seconds``."""
+        over = any(r > b for r, b in zip(self.reserved(now, idle), budget))
+        if self._over_since is not None and self._checked_at is not None:
+            self.stats.over_budget_seconds += max(0.0, now - self._checked_at)
+        self._over_since = now if over else None
+        self._checked_at = now
+        return over
+
+    def records(self) -> dict[str, float | None]:
+        """Changed durable values (amps, None: unknown), for the store; marks them written."""
+        out: dict[str, float | None] = {}
+        for charger_id, slot in self._slots.items():
+            if slot.record_dirty:
+                slot.record_dirty = False
+                top = slot.peak()
+                slot.recorded = top
+                out[charger_id] = top / 10
+        return out
+
+    def charger_ids(self) -> list[str]:
+        return sorted(self._slots)
+
+    def slot(self, charger_id: str) -> Slot | None:
+        return self._slots.get(charger_id)
+
+    # -- internals ----------------------------------------------------------------------------------------
+
+    def _dirty(self, slot: Slot) -> None:
+        if slot.peak() != slot.recorded:
+            slot.record_dirty = True
+
+    def _fold_own(self, slot: Slot) -> None:
+        if slot.pending is not None:
+            held = tenths_up(slot.limits.max_current) if slot.held is None else slot.held
+            slot.held = max(held, slot.pending)
+            slot.pending = None
+        self._dirty(slot)
+
+    def _fold(self, slot: Slot) -> None:
+        """Answers that will never come: whatever was sent may have been applied."""
+        self._fold_own(slot)
+        self._fold_backend(slot)
+
+    def _fold_backend(self, slot: Slot) -> None:
+        if slot.backend_pending is not None:
+            held = tenths_up(slot.limits.max_current) if slot.held is None else slot.held
+            slot.held = None if slot.backend_pending < 0 else max(held, slot.backend_pending)
+            slot.backend_pending = None
+        self._dirty(slot)

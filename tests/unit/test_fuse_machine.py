@@ -1,0 +1,417 @@
+"""The fuse invariant as a hypothesis state machine (docs/load-management.md, "The fuse invariant").
+
+The system under test is the sans-IO load management as the trio driver runs
+it: :class:`Coordinator` (limit engine + fuse + one profile control per
+wallbox). Around it, simulated wallboxes hold the truth: the profiles they
+really applied, the CALL they have not answered yet (which they may apply at
+any instant), whether a car draws. They answer late, reject, answer with a
+CALLERROR, time out (having applied the limit or not), drop, reconnect,
+reboot; the proxy restarts with its durable record; a grid meter reports
+house load; an EMS writes site and charger limits.
+
+Checked after every step:
+
+* per charger: what the fuse counts is never below what the wallbox may
+  really draw (accounting soundness);
+* per phase: a step the proxy takes (a recomputation, an answer, a
+  reconnect, a restart) never raises what the wallboxes may draw above the
+  budget, nor further above it when an outside event (an EMS write, more
+  house load, a car starting on an idle charger) already did.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from proxy.loadmgmt.control import ControlSettings
+from proxy.loadmgmt.coordinator import Coordinator, Outgoing
+from proxy.loadmgmt.engine import ChargerLimits, LimitEngine, SiteLimits, charger_phases
+from proxy.loadmgmt.fuse import Fuse
+
+WALL = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+HOLD = 600.0
+IDS = ("CP1", "CP2", "CP3", "CP4")
+
+
+@dataclass
+class Wallbox:
+    """A simulated wallbox: what it really applies (profiles kept over reconnects, lost on reboot)."""
+
+    limits: ChargerLimits
+    strategy: str
+    #: profile id → (purpose, highest limit A)
+    profiles: dict[int, tuple[str, float]] = field(default_factory=dict)
+    inflight: Outgoing | None = None
+    #: A backend SetChargingProfile forwarded and not answered: (msg id, original payload, amps as forwarded)
+    backend_call: tuple[str, dict[str, Any], float] | None = None
+    connected: bool = False
+    lost_at: float | None = None
+    car: bool = False
+
+    def cap(self) -> float:
+        """The highest current its installed profiles allow (the proxy's own cap or Tx/TxDefault)."""
+        if self.strategy == "max-profile":
+            own = [amps for purpose, amps in self.profiles.values() if purpose == "ChargePointMaxProfile"]
+            return min(own) if own else self.limits.max_current
+        tx = [amps for purpose, amps in self.profiles.values() if purpose in ("TxDefaultProfile", "TxProfile")]
+        return min(max(tx), self.limits.max_current) if tx else self.limits.max_current
+
+    def may_draw(self, now: float) -> float:
+        """What it may be drawing now: its cap, or what it was sent and may apply any moment."""
+        if not self.car or (not self.connected and (self.lost_at is None or now - self.lost_at >= HOLD)):
+            return 0.0
+        values = [self.cap()]
+        if self.inflight is not None:
+            amps = self.inflight.command.amps
+            values.append(self.limits.max_current if amps is None else amps)
+        if self.backend_call is not None:
+            values.append(self.backend_call[2])
+        return min(max(values), self.limits.max_current)
+
+    def apply(self, outgoing: Outgoing) -> None:
+        command = outgoing.command
+        if command.kind == "clear":
+            self.profiles.pop(command.payload.get("id", 0), None)
+            return
+        profile = command.payload["csChargingProfiles"]
+        self._install(profile, command.amps if command.amps is not None else self.limits.max_current)
+
+    def _install(self, profile: dict[str, Any], amps: float) -> None:
+        purpose, level = profile["chargingProfilePurpose"], profile["stackLevel"]
+        for pid in [pid for pid, (p, _) in self.profiles.items() if pid == profile["chargingProfileId"]
+                    or (p == purpose and self._levels.get(pid) == level)]:
+            del self.profiles[pid]
+            self._levels.pop(pid, None)
+        self.profiles[profile["chargingProfileId"]] = (purpose, amps)
+        self._levels[profile["chargingProfileId"]] = level
+
+    def __post_init__(self) -> None:
+        self._levels: dict[int, int] = {}
+
+
+def backend_payload(amps: float) -> dict[str, Any]:
+    return {"connectorId": 1, "csChargingProfiles": {
+        "chargingProfileId": 7, "stackLevel": 1, "chargingProfilePurpose": "TxDefaultProfile",
+        "chargingProfileKind": "Relative",
+        "chargingSchedule": {"chargingRateUnit": "A", "chargingSchedulePeriod": [{"startPeriod": 0, "limit": amps}]}}}
+
+
+class FuseMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.wallboxes: dict[str, Wallbox] = {}
+        self.store: dict[str, float | None] = {}
+        self.house = [0.0, 0.0, 0.0]
+        self.ems_site: float | None = None
+        self.previous: list[float] | None = None
+        self.outside = False  # the last step was an outside event
+        self.messages = 0
+
+    # -- setting up -------------------------------------------------------------------------
+
+    @initialize(site=st.integers(10, 64), meter=st.booleans(), calm=st.booleans(),
+                chargers=st.lists(st.tuples(st.sampled_from([16.0, 32.0]), st.sampled_from([1, 3]),
+                                            st.integers(1, 3), st.integers(0, 1),
+                                            st.sampled_from(["max-profile", "tx-default"])),
+                                  min_size=2, max_size=4))
+    def setup(self, site: int, meter: bool, calm: bool, chargers: list[tuple[float, int, int, int, str]]) -> None:
+        self.site_limits = SiteLimits(max_current=float(site), phases=3, meter=meter, meter_timeout=1e9,
+                                      ramp_up_interval=0.0 if calm else 15.0, hysteresis=0.0 if calm else 1.0,
+                                      min_hold_time=0.0 if calm else 60.0)
+        self.limits = {}
+        for cid, (top, phases, first, priority, strategy) in zip(IDS, chargers):
+            limits = ChargerLimits(max_current=top, min_current=6.0, phases=phases, first_phase=first,
+                                   priority=priority)
+            self.limits[cid] = limits
+            self.wallboxes[cid] = Wallbox(limits, strategy)
+        self.strategies = {cid: w.strategy for cid, w in self.wallboxes.items()}
+        self._start_proxy()
+
+    def _start_proxy(self) -> None:
+        engine = LimitEngine(self.site_limits, self.limits)
+        fuse = Fuse(phases=3, hold=HOLD)
+        fuse.configure(3, self.limits, ChargerLimits(), HOLD)
+        fuse.restore(self.store, self.now)
+        self.coordinator = Coordinator(engine, fuse)
+        if self.ems_site is not None:
+            engine.ems_site_limit(self.ems_site, self.now)
+        if self.site_limits.meter:
+            self._meter_reading()
+
+    def _settings(self, cid: str) -> ControlSettings:
+        limits = self.limits[cid]
+        return ControlSettings(strategy=self.strategies[cid], phases=limits.phases, retry=5.0)
+
+    # -- the proxy's steps --------------------------------------------------------------------
+
+    def _dispatch(self, outgoing: list[Outgoing]) -> None:
+        self.store.update(self.coordinator.fuse.records())  # the driver writes before sending
+        for item in outgoing:
+            wallbox = self.wallboxes[item.charger_id]
+            assert wallbox.inflight is None, "two CALLs outstanding on one wallbox"
+            assert wallbox.connected
+            wallbox.inflight = item
+
+    @rule(dt=st.sampled_from([0.0, 0.5, 3.0, 16.0, 61.0]))
+    def tick(self, dt: float) -> None:
+        self.outside = False
+        self.now += dt
+        self._dispatch(self.coordinator.tick(self.now, WALL))
+
+    @precondition(lambda self: any(w.inflight for w in self.wallboxes.values()))
+    @rule(data=st.data(), outcome=st.sampled_from(["Accepted", "Accepted", "Rejected", "CALLERROR", "timeout"]),
+          applied=st.booleans())
+    def answer(self, data: st.DataObject, outcome: str, applied: bool) -> None:
+        """The wallbox answers (or the proxy gives up waiting); the driver then asks for its next CALL."""
+        self.outside = False
+        cid = data.draw(st.sampled_from(sorted(c for c, w in self.wallboxes.items() if w.inflight)))
+        wallbox = self.wallboxes[cid]
+        item = wallbox.inflight
+        assert item is not None
+        wallbox.inflight = None
+        if outcome == "Accepted" or (outcome == "timeout" and applied):
+            wallbox.apply(item)
+        if outcome == "timeout":
+            self.coordinator.failed(cid, item.command, "no answer", self.now)
+        elif outcome == "CALLERROR":
+            self.coordinator.answered(cid, item.command, None, "InternalError", self.now)
+        else:
+            self.coordinator.answered(cid, item.command, outcome, None, self.now)
+        following = self.coordinator.next(cid, self.now, WALL)
+        self._dispatch([following] if following else [])
+
+    @precondition(lambda self: any(w.inflight for w in self.wallboxes.values()))
+    @rule(data=st.data())
+    def apply_before_answering(self, data: st.DataObject) -> None:
+        """A slow wallbox: the limit is in force, the answer still on its way."""
+        self.outside = False
+        cid = data.draw(st.sampled_from(sorted(c for c, w in self.wallboxes.items() if w.inflight)))
+        item = self.wallboxes[cid].inflight
+        assert item is not None
+        self.wallboxes[cid].apply(item)
+
+    @rule(data=st.data(), applied=st.booleans())
+    def drop(self, data: st.DataObject, applied: bool) -> None:
+        """The connection drops; a car keeps charging on the installed profile."""
+        self.outside = False
+        connected = sorted(c for c, w in self.wallboxes.items() if w.connected)
+        if not connected:
+            return
+        cid = data.draw(st.sampled_from(connected))
+        self._drop(cid, applied)
+
+    def _drop(self, cid: str, applied: bool) -> None:
+        wallbox = self.wallboxes[cid]
+        wallbox.connected, wallbox.lost_at = False, self.now
+        item, wallbox.inflight = wallbox.inflight, None
+        if item is not None and applied:
+            wallbox.apply(item)
+        if wallbox.backend_call is not None:
+            _, _, amps = wallbox.backend_call
+            if applied:
+                wallbox._install(backend_payload(amps)["csChargingProfiles"], amps)
+            wallbox.backend_call = None
+        self.coordinator.detach(cid, self.now)
+        if item is not None:
+            self.coordinator.failed(cid, item.command, "session gone", self.now)
+
+    @rule(data=st.data(), boot=st.booleans())
+    def reconnect(self, data: st.DataObject, boot: bool) -> None:
+        """A lost wallbox comes back (``boot``: it rebooted: its profiles and transaction are gone)."""
+        self.outside = False
+        lost = sorted(c for c, w in self.wallboxes.items() if not w.connected)
+        if not lost:
+            return
+        cid = data.draw(st.sampled_from(lost))
+        self._connect(cid, boot)
+
+    def _connect(self, cid: str, boot: bool) -> None:
+        wallbox = self.wallboxes[cid]
+        wallbox.connected, wallbox.lost_at = True, None
+        control = self.coordinator.attach(cid, self._settings(cid), self.now)
+        engine = self.coordinator.engine
+        if boot:
+            wallbox.profiles.clear()
+            wallbox.car = False
+            control.boot(self.now)
+            engine.transaction_stopped(cid, None, self.now)
+            self.coordinator.sync(cid)
+            control.boot_answered("Accepted")
+        else:
+            control.wallbox_call()
+        control.status(1)
+        engine.status(cid, 1, "Charging" if wallbox.car else "Available", self.now)
+
+    @rule(data=st.data())
+    def reboot(self, data: st.DataObject) -> None:
+        """A connected wallbox restarts: a new connection, BootNotification, no profiles, no transaction."""
+        self.outside = False
+        connected = sorted(c for c, w in self.wallboxes.items() if w.connected)
+        if connected:
+            cid = data.draw(st.sampled_from(connected))
+            self._drop(cid, False)
+            self._connect(cid, True)
+
+    @rule(applied=st.booleans())
+    def restart_proxy(self, applied: bool) -> None:
+        """The proxy restarts: every connection drops; what it knows comes from its durable record."""
+        self.outside = False
+        for cid, wallbox in self.wallboxes.items():
+            if wallbox.connected:
+                wallbox.connected, wallbox.lost_at = False, self.now
+                if wallbox.inflight is not None and applied:
+                    wallbox.apply(wallbox.inflight)
+                wallbox.inflight = wallbox.backend_call = None
+        self._start_proxy()
+
+    # -- cars, the backend, meter and EMS -----------------------------------------------------
+
+    @rule(data=st.data())
+    def car_starts(self, data: st.DataObject) -> None:
+        candidates = sorted(c for c, w in self.wallboxes.items() if w.connected and not w.car)
+        if not candidates:
+            return
+        cid = data.draw(st.sampled_from(candidates))
+        self.outside = True  # it draws up to what it has installed, asked or not
+        self.wallboxes[cid].car = True
+        engine, control = self.coordinator.engine, self.coordinator.controls[cid]
+        self.messages += 1
+        engine.status(cid, 1, "Preparing", self.now)
+        control.transaction_starting(f"start-{self.messages}", 1, WALL)
+        engine.transaction_started(cid, 1, self.now)
+        control.transaction_started(f"start-{self.messages}", self.messages)
+        engine.status(cid, 1, "Charging", self.now)
+
+    @rule(data=st.data())
+    def car_stops(self, data: st.DataObject) -> None:
+        self.outside = False
+        candidates = sorted(c for c, w in self.wallboxes.items() if w.connected and w.car)
+        if not candidates:
+            return
+        cid = data.draw(st.sampled_from(candidates))
+        self.wallboxes[cid].car = False
+        connector = self.coordinator.controls[cid].transaction_stopped(None)
+        self.coordinator.engine.transaction_stopped(cid, connector, self.now)
+        self.coordinator.engine.status(cid, 1, "Available", self.now)
+
+    @rule(data=st.data(), amps=st.sampled_from([6.0, 10.0, 16.0, 32.0]))
+    def backend_sets_tx_default(self, data: st.DataObject, amps: float) -> None:
+        """The backend installs a TxDefaultProfile (clamped on its way under tx-default)."""
+        self.outside = False
+        candidates = sorted(c for c, w in self.wallboxes.items() if w.connected and w.backend_call is None)
+        if not candidates:
+            return
+        cid = data.draw(st.sampled_from(candidates))
+        self.messages += 1
+        msg_id = f"b{self.messages}"
+        original = backend_payload(amps)
+        out = self.coordinator.rewrite(cid, msg_id, original, WALL)
+        forwarded = out if out is not None else original
+        self.wallboxes[cid].backend_call = (
+            msg_id, original, float(forwarded["csChargingProfiles"]["chargingSchedule"]
+                                    ["chargingSchedulePeriod"][0]["limit"]))
+
+    @precondition(lambda self: any(w.backend_call for w in self.wallboxes.values()))
+    @rule(data=st.data())
+    def wallbox_answers_backend(self, data: st.DataObject) -> None:
+        self.outside = False
+        cid = data.draw(st.sampled_from(sorted(c for c, w in self.wallboxes.items() if w.backend_call)))
+        wallbox = self.wallboxes[cid]
+        assert wallbox.backend_call is not None
+        msg_id, original, amps = wallbox.backend_call
+        wallbox.backend_call = None
+        wallbox._install(backend_payload(amps)["csChargingProfiles"], amps)
+        self.coordinator.controls[cid].backend_set_answered(msg_id, original, "Accepted", WALL)
+        self.coordinator.backend_answered(cid)
+
+    @precondition(lambda self: self.site_limits.meter)
+    @rule(house=st.lists(st.sampled_from([0.0, 2.0, 5.0, 12.0]), min_size=3, max_size=3))
+    def meter(self, house: list[float]) -> None:
+        """New house load: the grid meter and every charging wallbox's MeterValues, one snapshot."""
+        self.outside = any(h > old for h, old in zip(house, self.house))
+        self.house = house
+        self._meter_reading()
+
+    def _meter_reading(self) -> None:
+        grid = list(self.house)
+        engine = self.coordinator.engine
+        for cid, wallbox in self.wallboxes.items():
+            draw = wallbox.cap() if wallbox.car and (wallbox.connected or wallbox.lost_at is not None) else 0.0
+            for ph in charger_phases(3, wallbox.limits):
+                grid[ph] += draw
+            if wallbox.connected:
+                phases = wallbox.limits.phases
+                currents = tuple(draw if i < phases else 0.0 for i in range(3))
+                engine.measured(cid, (currents[0], currents[1], currents[2]), self.now)
+        engine.meter_reading((grid[0], grid[1], grid[2]), self.now)
+
+    @rule(amps=st.one_of(st.none(), st.sampled_from([8.0, 16.0, 25.0, 40.0])))
+    def ems_site_limit(self, amps: float | None) -> None:
+        old = self._site()
+        self.ems_site = amps
+        self.outside = self._site() < old
+        self.coordinator.engine.ems_site_limit(amps, self.now)
+
+    @rule(data=st.data(), amps=st.one_of(st.none(), st.sampled_from([0.0, 6.0, 10.0])), enabled=st.booleans())
+    def ems_charger(self, data: st.DataObject, amps: float | None, enabled: bool) -> None:
+        self.outside = False
+        cid = data.draw(st.sampled_from(sorted(self.wallboxes)))
+        self.coordinator.engine.ems_charger_limit(cid, amps, self.now)
+        self.coordinator.engine.ems_charger_enabled(cid, enabled, self.now)
+
+    @rule()
+    def hold_passes(self) -> None:
+        """Long enough for lost chargers to be released (they count no more, by decision)."""
+        self.outside = False
+        self.now += HOLD + 1
+
+    # -- the invariant ----------------------------------------------------------------------------
+
+    def _site(self) -> float:
+        return self.site_limits.max_current if self.ems_site is None else min(self.site_limits.max_current,
+                                                                               self.ems_site)
+
+    def _truth(self) -> tuple[list[float], list[float]]:
+        total = [0.0, 0.0, 0.0]
+        for wallbox in self.wallboxes.values():
+            amps = wallbox.may_draw(self.now)
+            for ph in charger_phases(3, wallbox.limits):
+                total[ph] += amps
+        house = self.house if self.site_limits.meter else [0.0, 0.0, 0.0]
+        budget = [max(0.0, math.floor((self._site() - h) * 10 + 1e-6) / 10) for h in house]
+        return total, budget
+
+    @invariant()
+    def fuse_counts_at_least_what_may_be_drawn(self) -> None:
+        if not self.wallboxes:
+            return
+        fuse, idle = self.coordinator.fuse, self.coordinator.idle()
+        for cid, wallbox in self.wallboxes.items():
+            truth = wallbox.may_draw(self.now)
+            counted = fuse.may_draw(cid, self.now, cid in idle) / 10
+            assert counted + 1e-9 >= truth, f"{cid}: the fuse counts {counted} A, it may draw {truth} A"
+
+    @invariant()
+    def never_over_budget_by_the_proxy(self) -> None:
+        if not self.wallboxes:
+            return
+        total, budget = self._truth()
+        if self.previous is not None and not self.outside:
+            for ph in range(3):
+                allowed = max(budget[ph], self.previous[ph])
+                assert total[ph] <= allowed + 1e-9, (
+                    f"phase L{ph + 1}: {total[ph]} A may be drawn, budget {budget[ph]} A "
+                    f"(before this step {self.previous[ph]} A)")
+        self.previous = total
+
+
+TestFuseMachine = FuseMachine.TestCase
+TestFuseMachine.settings = settings(max_examples=int(os.environ.get("FUSE_EXAMPLES", "150")), stateful_step_count=40)
