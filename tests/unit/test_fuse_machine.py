@@ -38,6 +38,7 @@ from proxy.loadmgmt.fuse import Fuse
 WALL = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 HOLD = 600.0
 IDS = ("CP1", "CP2", "CP3", "CP4")
+CID = st.sampled_from(IDS)
 
 
 @dataclass
@@ -166,16 +167,15 @@ class FuseMachine(RuleBasedStateMachine):
         self.now += dt
         self._dispatch(self.coordinator.tick(self.now, WALL))
 
-    @precondition(lambda self: any(w.inflight for w in self.wallboxes.values()))
-    @rule(data=st.data(), outcome=st.sampled_from(["Accepted", "Accepted", "Rejected", "CALLERROR", "timeout"]),
+    @rule(cid=CID, outcome=st.sampled_from(["Accepted", "Accepted", "Rejected", "CALLERROR", "timeout"]),
           applied=st.booleans())
-    def answer(self, data: st.DataObject, outcome: str, applied: bool) -> None:
+    def answer(self, cid: str, outcome: str, applied: bool) -> None:
         """The wallbox answers (or the proxy gives up waiting); the driver then asks for its next CALL."""
         self.outside = False
-        cid = data.draw(st.sampled_from(sorted(c for c, w in self.wallboxes.items() if w.inflight)))
-        wallbox = self.wallboxes[cid]
-        item = wallbox.inflight
-        assert item is not None
+        wallbox = self.wallboxes.get(cid)
+        item = wallbox.inflight if wallbox else None
+        if wallbox is None or item is None:
+            return
         wallbox.inflight = None
         if outcome == "Accepted" or (outcome == "timeout" and applied):
             wallbox.apply(item)
@@ -188,25 +188,20 @@ class FuseMachine(RuleBasedStateMachine):
         following = self.coordinator.next(cid, self.now, WALL)
         self._dispatch([following] if following else [])
 
-    @precondition(lambda self: any(w.inflight for w in self.wallboxes.values()))
-    @rule(data=st.data())
-    def apply_before_answering(self, data: st.DataObject) -> None:
+    @rule(cid=CID)
+    def apply_before_answering(self, cid: str) -> None:
         """A slow wallbox: the limit is in force, the answer still on its way."""
         self.outside = False
-        cid = data.draw(st.sampled_from(sorted(c for c, w in self.wallboxes.items() if w.inflight)))
-        item = self.wallboxes[cid].inflight
-        assert item is not None
-        self.wallboxes[cid].apply(item)
+        item = self.wallboxes[cid].inflight if cid in self.wallboxes else None
+        if item is not None:
+            self.wallboxes[cid].apply(item)
 
-    @rule(data=st.data(), applied=st.booleans())
-    def drop(self, data: st.DataObject, applied: bool) -> None:
+    @rule(cid=CID, applied=st.booleans())
+    def drop(self, cid: str, applied: bool) -> None:
         """The connection drops; a car keeps charging on the installed profile."""
         self.outside = False
-        connected = sorted(c for c, w in self.wallboxes.items() if w.connected)
-        if not connected:
-            return
-        cid = data.draw(st.sampled_from(connected))
-        self._drop(cid, applied)
+        if cid in self.wallboxes and self.wallboxes[cid].connected:
+            self._drop(cid, applied)
 
     def _drop(self, cid: str, applied: bool) -> None:
         wallbox = self.wallboxes[cid]
@@ -223,14 +218,15 @@ class FuseMachine(RuleBasedStateMachine):
         if item is not None:
             self.coordinator.failed(cid, item.command, "session gone", self.now)
 
-    @rule(data=st.data(), boot=st.booleans())
-    def reconnect(self, data: st.DataObject, boot: bool) -> None:
+    @rule(cid=CID, boot=st.booleans())
+    def reconnect(self, cid: str, boot: bool) -> None:
         """A lost wallbox comes back (``boot``: it rebooted: its profiles and transaction are gone)."""
         self.outside = False
-        lost = sorted(c for c, w in self.wallboxes.items() if not w.connected)
-        if not lost:
+        if cid not in self.wallboxes or self.wallboxes[cid].connected:
             return
-        cid = data.draw(st.sampled_from(lost))
+        lost_at = self.wallboxes[cid].lost_at
+        # One released after lost_charger_hold counts again from here: by that decision, not this step.
+        self.outside = lost_at is not None and self.now - lost_at >= HOLD
         self._connect(cid, boot)
 
     def _connect(self, cid: str, boot: bool) -> None:
@@ -250,20 +246,20 @@ class FuseMachine(RuleBasedStateMachine):
         control.status(1)
         engine.status(cid, 1, "Charging" if wallbox.car else "Available", self.now)
 
-    @rule(data=st.data())
-    def reboot(self, data: st.DataObject) -> None:
+    @rule(cid=CID)
+    def reboot(self, cid: str) -> None:
         """A connected wallbox restarts: a new connection, BootNotification, no profiles, no transaction."""
         self.outside = False
-        connected = sorted(c for c, w in self.wallboxes.items() if w.connected)
-        if connected:
-            cid = data.draw(st.sampled_from(connected))
+        if cid in self.wallboxes and self.wallboxes[cid].connected:
             self._drop(cid, False)
             self._connect(cid, True)
 
     @rule(applied=st.booleans())
     def restart_proxy(self, applied: bool) -> None:
-        """The proxy restarts: every connection drops; what it knows comes from its durable record."""
+        """The proxy restarts: every connection drops; what it knows comes from its durable record
+        (written by the driver after every input, so everything the proxy learnt is in it)."""
         self.outside = False
+        self.store.update(self.coordinator.fuse.records())
         for cid, wallbox in self.wallboxes.items():
             if wallbox.connected:
                 wallbox.connected, wallbox.lost_at = False, self.now
@@ -274,12 +270,12 @@ class FuseMachine(RuleBasedStateMachine):
 
     # -- cars, the backend, meter and EMS -----------------------------------------------------
 
-    @rule(data=st.data())
-    def car_starts(self, data: st.DataObject) -> None:
-        candidates = sorted(c for c, w in self.wallboxes.items() if w.connected and not w.car)
-        if not candidates:
+    @rule(cid=CID)
+    def car_starts(self, cid: str) -> None:
+        self.outside = False
+        wallbox = self.wallboxes.get(cid)
+        if wallbox is None or not wallbox.connected or wallbox.car:
             return
-        cid = data.draw(st.sampled_from(candidates))
         self.outside = True  # it draws up to what it has installed, asked or not
         self.wallboxes[cid].car = True
         engine, control = self.coordinator.engine, self.coordinator.controls[cid]
@@ -290,26 +286,24 @@ class FuseMachine(RuleBasedStateMachine):
         control.transaction_started(f"start-{self.messages}", self.messages)
         engine.status(cid, 1, "Charging", self.now)
 
-    @rule(data=st.data())
-    def car_stops(self, data: st.DataObject) -> None:
+    @rule(cid=CID)
+    def car_stops(self, cid: str) -> None:
         self.outside = False
-        candidates = sorted(c for c, w in self.wallboxes.items() if w.connected and w.car)
-        if not candidates:
+        wallbox = self.wallboxes.get(cid)
+        if wallbox is None or not wallbox.connected or not wallbox.car:
             return
-        cid = data.draw(st.sampled_from(candidates))
         self.wallboxes[cid].car = False
         connector = self.coordinator.controls[cid].transaction_stopped(None)
         self.coordinator.engine.transaction_stopped(cid, connector, self.now)
         self.coordinator.engine.status(cid, 1, "Available", self.now)
 
-    @rule(data=st.data(), amps=st.sampled_from([6.0, 10.0, 16.0, 32.0]))
-    def backend_sets_tx_default(self, data: st.DataObject, amps: float) -> None:
+    @rule(cid=CID, amps=st.sampled_from([6.0, 10.0, 16.0, 32.0]))
+    def backend_sets_tx_default(self, cid: str, amps: float) -> None:
         """The backend installs a TxDefaultProfile (clamped on its way under tx-default)."""
         self.outside = False
-        candidates = sorted(c for c, w in self.wallboxes.items() if w.connected and w.backend_call is None)
-        if not candidates:
+        wallbox = self.wallboxes.get(cid)
+        if wallbox is None or not wallbox.connected or wallbox.backend_call is not None:
             return
-        cid = data.draw(st.sampled_from(candidates))
         self.messages += 1
         msg_id = f"b{self.messages}"
         original = backend_payload(amps)
@@ -319,13 +313,12 @@ class FuseMachine(RuleBasedStateMachine):
             msg_id, original, float(forwarded["csChargingProfiles"]["chargingSchedule"]
                                     ["chargingSchedulePeriod"][0]["limit"]))
 
-    @precondition(lambda self: any(w.backend_call for w in self.wallboxes.values()))
-    @rule(data=st.data())
-    def wallbox_answers_backend(self, data: st.DataObject) -> None:
+    @rule(cid=CID)
+    def wallbox_answers_backend(self, cid: str) -> None:
         self.outside = False
-        cid = data.draw(st.sampled_from(sorted(c for c, w in self.wallboxes.items() if w.backend_call)))
-        wallbox = self.wallboxes[cid]
-        assert wallbox.backend_call is not None
+        wallbox = self.wallboxes.get(cid)
+        if wallbox is None or wallbox.backend_call is None:
+            return
         msg_id, original, amps = wallbox.backend_call
         wallbox.backend_call = None
         wallbox._install(backend_payload(amps)["csChargingProfiles"], amps)
@@ -360,10 +353,11 @@ class FuseMachine(RuleBasedStateMachine):
         self.outside = self._site() < old
         self.coordinator.engine.ems_site_limit(amps, self.now)
 
-    @rule(data=st.data(), amps=st.one_of(st.none(), st.sampled_from([0.0, 6.0, 10.0])), enabled=st.booleans())
-    def ems_charger(self, data: st.DataObject, amps: float | None, enabled: bool) -> None:
+    @rule(cid=CID, amps=st.one_of(st.none(), st.sampled_from([0.0, 6.0, 10.0])), enabled=st.booleans())
+    def ems_charger(self, cid: str, amps: float | None, enabled: bool) -> None:
         self.outside = False
-        cid = data.draw(st.sampled_from(sorted(self.wallboxes)))
+        if cid not in self.wallboxes:
+            return
         self.coordinator.engine.ems_charger_limit(cid, amps, self.now)
         self.coordinator.engine.ems_charger_enabled(cid, enabled, self.now)
 

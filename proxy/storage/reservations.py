@@ -1,0 +1,92 @@
+"""Durable fuse reservations: the highest limit each charger may be applying (SQLite, WAL, fsync).
+
+After a restart the proxy does not know what the wallboxes that have not
+reconnected yet are drawing: they keep charging on their installed profiles.
+So the fuse (:mod:`proxy.loadmgmt.fuse`) records, per charger, the highest
+limit it may be applying, and a restart counts each charger at that value
+until it reconnects (absent: its ``max_current``). An increase is recorded
+before its SetChargingProfile leaves, a decrease after the wallbox accepted it,
+so the record is never below what a wallbox may apply.
+
+A narrow interface (:class:`ReservationStore`) with one SQLite implementation
+in its own file (``[offline] data_dir``/``reservations.sqlite3``), so it never
+waits for the offline queue's writer; it follows the same rules as
+:mod:`proxy.storage.interface` (durable before return, one transaction per
+call, :class:`StorageError` only) and can move into that interface as a
+further part.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Protocol
+
+from proxy.storage.interface import StorageError
+
+#: The file in ``[offline] data_dir``.
+DB_NAME = "reservations.sqlite3"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS fuse_reservations (
+    charger TEXT PRIMARY KEY,
+    amps REAL,
+    updated REAL NOT NULL
+);
+"""
+
+
+class ReservationStore(Protocol):
+    """Per charger: amps it may be applying (None: unknown, counts at its max_current)."""
+
+    location: str
+
+    def load(self) -> dict[str, float | None]:
+        ...
+
+    def record(self, limits: Mapping[str, float | None]) -> None:
+        """Write all of ``limits`` in one transaction; durable (fsync) before return."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class SqliteReservations:
+    """:class:`ReservationStore` in one SQLite file (blocking: the trio layer calls it from a thread)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.location = str(path)
+        try:
+            if str(path) != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")  # an increase is sent only once this is on disk
+            self._db.executescript(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError("open", f"{path}: {exc}") from exc
+
+    def load(self) -> dict[str, float | None]:
+        try:
+            rows = self._db.execute("SELECT charger, amps FROM fuse_reservations").fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError("read", str(exc)) from exc
+        return {str(charger): None if amps is None else float(amps) for charger, amps in rows}
+
+    def record(self, limits: Mapping[str, float | None]) -> None:
+        if not limits:
+            return
+        now = time.time()
+        try:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("INSERT OR REPLACE INTO fuse_reservations VALUES (?, ?, ?)",
+                                     [(charger, amps, now) for charger, amps in limits.items()])
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError("reservation", str(exc)) from exc
+
+    def close(self) -> None:
+        self._db.close()
