@@ -17,7 +17,7 @@ import trio
 
 from proxy import __version__
 from proxy.ops import logs
-from proxy.config import Config, ConfigError, LineIndex, StartupError, load, startup_step
+from proxy.config import Config, ConfigError, LineIndex, Problem, StartupError, load, site_warnings, startup_step
 from proxy.storage.offline_queue import StorageUnusable
 
 if TYPE_CHECKING:
@@ -88,6 +88,15 @@ def _load_or_report(path: str) -> Config | None:
     return config
 
 
+def config_warnings(config: Config, path: str) -> list[Problem]:
+    """What loads but may not do what was meant (a site limit below the chargers' minimums)."""
+    try:
+        index = LineIndex(Path(path).read_text(encoding="utf-8"))
+    except OSError:
+        index = LineIndex("")
+    return site_warnings(config, index)
+
+
 def plural(count: int, noun: str) -> str:
     return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
 
@@ -96,6 +105,8 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     config = _load_or_report(args.file)
     if config is None:
         return EXIT_CONFIG
+    for warning in config_warnings(config, args.file):
+        print(f"warning: {warning.render(args.file)}", file=sys.stderr)
     virtual = f", {plural(len(config.modbus_chargers), 'Modbus wallbox')}" if config.modbus_chargers else ""
     print(f"{args.file}: OK ({plural(len(config.chargers), 'charger')}{virtual})")
     return 0
@@ -106,6 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_CONFIG
     logs.configure(config.log.level, config.log.format)
+    for warning in config_warnings(config, args.config):
+        logs.get_logger().warning("config_warning", key=warning.key, line=warning.line, message=warning.message)
     raise_open_file_limit()
     failures: list[OSError | str] = []
     try:

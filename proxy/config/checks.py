@@ -168,3 +168,38 @@ def _policy_conflicts(config: Config, entry: str, charger: ChargerBase, where: d
 
 def _describe_upstream(name: str, base: str) -> str:
     return f"{name!r} ({base or 'backend'})"
+
+
+# --- warnings: a file that loads, but does not do what its author may think ----------------------
+
+def site_warnings(config: Config, index: LineIndex) -> list[Problem]:
+    """A site limit too small for a charger's minimum, or for all minimums at once.
+
+    Not errors: the limit engine handles both (docs/load-management.md, "When the site is
+    short"): a charger whose minimum never fits never charges; when the minimums together
+    do not fit, chargers are admitted by priority, running ones first, then by id, and the
+    rest wait paused at 0 A.
+    """
+    site = config.site
+    if site is None:
+        return []
+    warnings: list[Problem] = []
+    per_phase = [0.0] * site.phases
+    for key, charger in config.charger_entries():
+        if not (charger.enabled or charger.on_disable == "block"):
+            continue
+        if charger.min_current > site.max_current:
+            warnings.append(Problem(f"{key}.min_current", (
+                f"{charger.min_current:g} A is above the site limit ([site] max_current = {site.max_current:g} A): "
+                f"charger {charger.id!r} can never charge"), index.find(f"{key}.min_current") or index.find(key)))
+        first = (charger.first_phase - 1) % site.phases
+        for i in range(min(charger.phases, site.phases)):
+            per_phase[(first + i) % site.phases] += charger.min_current
+    worst = max(per_phase, default=0.0)
+    if worst > site.max_current and len(config.all_chargers) > 1:
+        phase = per_phase.index(worst) + 1
+        warnings.append(Problem("site.max_current", (
+            f"{site.max_current:g} A is below the sum of the chargers' min_current on phase L{phase} ({worst:g} A): "
+            "when all charge, the lower priorities (then the later arrivals, then by id) wait at 0 A"),
+            index.find("site.max_current") or index.find("site")))
+    return warnings

@@ -276,6 +276,10 @@ class SiteSettings:
                                check=non_negative)
     tx_default_stack_level: int = setting(0, "stackLevel of the proxy's TxDefaultProfile (tx-default strategy; "
                                           "below the backend's)", check=non_negative)
+    lost_charger_hold: float = setting(28800.0, "a charger whose connection is lost keeps its reservation (the "
+                                       "limit it last accepted, else max_current) this long unless it comes back "
+                                       "and is known not to draw, seconds; 8 h covers a full charge on an "
+                                       "installed profile", check=non_negative)
     strategy: str = setting("max-profile", "max-profile (ChargePointMaxProfile) or tx-default (clamp the "
                             "backend's TxDefault/Tx profiles); max-profile falls back to tx-default per charger "
                             "when a wallbox rejects it", choices=("max-profile", "tx-default"))

@@ -45,3 +45,19 @@ def test_errors_name_key_and_line() -> None:
                      "site.toml:11: chargers[0].phases: must be 1, 2 or 3",
                      "site.toml:9: chargers[0].min_current: is above max_current (16.0)"):
         assert expected in rendered, rendered
+
+
+def test_check_config_warns_when_the_site_cannot_hold_a_minimum_or_all_minimums() -> None:
+    from proxy.config import LineIndex, site_warnings
+
+    text = ('[backend]\nurl = "ws://127.0.0.1:9/ocpp"\n[site]\nmax_current = 10\n'
+            '[[chargers]]\nid = "CP1"\nmin_current = 6\n'
+            '[[chargers]]\nid = "CP2"\nmax_current = 16\nmin_current = 12\n'
+            '[[chargers]]\nid = "CP3"\nphases = 1\nfirst_phase = 2\n')
+    warnings = site_warnings(loads(text), LineIndex(text))
+    assert [(w.key, w.line) for w in warnings] == [("chargers[1].min_current", 11), ("site.max_current", 4)]
+    assert "can never charge" in warnings[0].message
+    assert "phase L2 (24 A)" in warnings[1].message  # CP3 is single-phase on L2 and "wait at 0 A" in warnings[1].message
+    fits = text.replace("max_current = 10", "max_current = 40")
+    assert site_warnings(loads(fits), LineIndex(fits)) == []
+    assert site_warnings(loads(text.split("[site]")[0] + '[[chargers]]\nid = "X"\n'), LineIndex("")) == []
