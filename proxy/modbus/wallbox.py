@@ -77,6 +77,10 @@ class VirtualWallbox:
         self.record_path = Path(data_dir) / "virtual" / f"{quote(charger.id, safe='')}.json"
         self._saved: dict[str, Any] | None = None
         self._saving = trio.Lock()
+        #: Answers to a SetChargingProfile/ClearChargingProfile that changed the current, held until the
+        #: limit register reads back at most that current (the fuse counts a limit only once applied):
+        #: (amps, frame text).
+        self._unconfirmed: list[tuple[float, str]] = []
 
     def reconfigure(self, charger: ModbusChargerSettings) -> None:
         """A reload: the current limits apply from the next poll (the rest needs a restart)."""
@@ -121,6 +125,7 @@ class VirtualWallbox:
             finally:
                 self.core.disconnected()
                 self._connection = None
+                self._unconfirmed.clear()  # the proxy counts those CALLs as unanswered
             if trio.current_time() - opened >= _HEALTHY_SESSION:
                 backoff.reset()
             await trio.sleep(backoff.next_delay())
@@ -134,8 +139,11 @@ class VirtualWallbox:
                     self._saved = record
                 except OSError as exc:  # charging goes on; only a restart could lose the transaction now
                     self.log.error("virtual_record_write_failed", file=str(self.record_path), error=str(exc))
+        written = [a.amps for a in actions if isinstance(a, SetCurrent)]
         for action in actions:
-            if isinstance(action, Send):
+            if isinstance(action, Send) and written and action.text.startswith("[3"):
+                self._unconfirmed.append((written[-1], action.text))  # sent once the register shows it
+            elif isinstance(action, Send):
                 if self._connection is not None:
                     try:
                         await self._connection.send_message(action.text)
@@ -194,9 +202,21 @@ class VirtualWallbox:
             await self._execute(self.core.read_failed(f"implausible values: {exc}", now, wall))
         else:
             self._report(True)
+            await self._confirm(reading)
             await self._execute(self.core.read(reading, now, wall))
             await self._write_current(reading)
         await self._execute(self.core.tick(trio.current_time(), _wall()))
+
+    async def _confirm(self, reading: WallboxReading) -> None:
+        """Answers whose current the limit register now shows (or less) go out."""
+        due = [text for amps, text in self._unconfirmed if reading.limit <= amps + 0.05]
+        self._unconfirmed = [(amps, text) for amps, text in self._unconfirmed if reading.limit > amps + 0.05]
+        for text in due:
+            if self._connection is not None:
+                try:
+                    await self._connection.send_message(text)
+                except ConnectionClosed:
+                    pass
 
     def _report(self, healthy: bool) -> None:
         if healthy != self._healthy:
@@ -214,6 +234,7 @@ class VirtualWallbox:
             self.log.warning("virtual_write_failed", register=field.address, amps=wanted, error=str(exc))
             return
         self.log.info("virtual_current_set", amps=wanted, was=reading.limit)
+        self._poke.set()  # read it back at once: an answer may wait for it
 
 
 def _write_atomically(path: Path, record: dict[str, Any] | None) -> None:

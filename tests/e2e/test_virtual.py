@@ -457,3 +457,19 @@ async def test_an_unwritable_record_is_logged_and_charging_goes_on(peers: LoopTh
     assert any(e["event"] == "virtual_record_write_failed" for e in logs)
     assert not any(e["event"] == "virtual_charge_point_failed" for e in logs) and "HD1" in server.sessions
     await in_loop(peers, sim.stop())
+
+
+async def test_a_new_current_is_answered_only_once_the_register_reads_it_back(
+        peers: LoopThread, backend: SimBackend, start_proxy: StartProxy) -> None:
+    """A lower limit counts as applied (Accepted) only when the wallbox's register shows it: the
+    fuse lets other wallboxes have the freed current from that answer on (docs/load-management.md)."""
+    sim = await start_wallbox(peers)
+    await start_proxy(virtual_config(backend, sim.port))
+    _, transaction_id = await plug_and_charge(backend, sim)
+    await wait_until(lambda: sim.limit_amps == 16.0)
+    for limit in (10.0, 6.0):
+        result = await in_loop(peers, backend.call("HD1", call.SetChargingProfile(
+            connector_id=1, cs_charging_profiles=tx_profile(limit, transaction_id))))
+        assert result.status == "Accepted"
+        assert sim.limit_amps == limit  # written and read back before the answer left
+    await in_loop(peers, sim.stop())
