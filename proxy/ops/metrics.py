@@ -27,7 +27,7 @@ from __future__ import annotations
 import collections
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics
@@ -208,6 +208,20 @@ class Metrics:
         self.charger_current = family(Gauge, "ocpp_proxy_charger_current_amperes",
                                       "Measured current per charger and phase (MeterValues Current.Import)",
                                       ["charger", "phase"])
+        self.reserved_unconfirmed = family(Gauge, "ocpp_proxy_charger_reserved_unconfirmed_amperes",
+                                           "Current the fuse reserves for a charger beyond the limit it should "
+                                           "have: a decrease not yet accepted, a lost or unknown charger",
+                                           ["charger"])
+        self.over_budget = Counter("ocpp_proxy_site_over_budget_seconds",
+                                   "Time what the chargers may draw exceeded the budget (0 unless the budget "
+                                   "fell below what they hold: EMS, house load, restart)", registry=reg)
+        self.decreases_pending = Gauge("ocpp_proxy_limit_decreases_unanswered",
+                                       "Limit decreases sent and not answered yet", registry=reg)
+        self.decreases_failed = family(Counter, "ocpp_proxy_limit_decreases_failed",
+                                       "Limit decreases the wallbox did not apply, by reason (rejected, error, "
+                                       "unanswered); each keeps counting at the old value and is retried",
+                                       ["reason"])
+        self._fuse_seen: tuple[float, dict[str, int]] = (0.0, {})
         self.queue_frames = family(Gauge, "ocpp_proxy_queue_frames",
                                    "Frames waiting in a charger's offline queue", ["charger"])
         self.site_limit = family(Gauge, "ocpp_proxy_site_limit_amperes",
@@ -412,6 +426,20 @@ class Metrics:
                 self.site_limit.child(source).set(value)
         for index, value in enumerate((headroom or ())[:3], start=1):
             self.site_headroom.child(f"L{index}").set(value)
+
+    def set_fuse(self, *, unconfirmed: Mapping[str, float], over_budget_seconds: float,
+                 decreases_unanswered: int, decreases_failed: Mapping[str, int]) -> None:
+        """The fuse's state (:mod:`proxy.loadmgmt.fuse`); the two totals only ever grow."""
+        for charger, amps in unconfirmed.items():
+            self.reserved_unconfirmed.child(charger).set(amps)
+        seconds, failed = self._fuse_seen
+        if over_budget_seconds > seconds:
+            self.over_budget.inc(over_budget_seconds - seconds)
+        for reason, count in decreases_failed.items():
+            if count > failed.get(reason, 0):
+                self.decreases_failed.child(reason).inc(count - failed.get(reason, 0))
+        self._fuse_seen = (max(seconds, over_budget_seconds), dict(decreases_failed))
+        self.decreases_pending.set(decreases_unanswered)
 
     def set_modbus_wallbox(self, charger: str, up: bool) -> None:
         self.modbus_wallbox_up.child(charger).set(1.0 if up else 0.0)

@@ -87,3 +87,17 @@ def test_metrics_port_must_differ_from_the_wallbox_port() -> None:
     (problem,) = error.value.problems
     assert problem.key == "metrics.listen" and problem.line == 4
     loads('[server]\nlisten = "127.0.0.1:0"\n[metrics]\nlisten = "127.0.0.1:0"\n')  # ephemeral: fine
+
+
+def test_fuse_metrics_totals_only_grow() -> None:
+    metrics = Metrics(["CP1"])
+    metrics.set_fuse(unconfirmed={"CP1": 6.0}, over_budget_seconds=1.5, decreases_unanswered=1,
+                     decreases_failed={"rejected": 1})
+    metrics.set_fuse(unconfirmed={"CP1": 0.0}, over_budget_seconds=2.0, decreases_unanswered=0,
+                     decreases_failed={"rejected": 1, "unanswered": 2})
+    samples = scrape(metrics)
+    assert value(samples, "ocpp_proxy_charger_reserved_unconfirmed_amperes", charger="CP1") == 0.0
+    assert value(samples, "ocpp_proxy_site_over_budget_seconds_total") == 2.0
+    assert value(samples, "ocpp_proxy_limit_decreases_unanswered") == 0
+    assert value(samples, "ocpp_proxy_limit_decreases_failed_total", reason="rejected") == 1
+    assert value(samples, "ocpp_proxy_limit_decreases_failed_total", reason="unanswered") == 2
