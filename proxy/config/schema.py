@@ -457,9 +457,19 @@ def _secondary_target(charger: ChargerBase, entry: SecondarySettings) -> Upstrea
                           connect_timeout=entry.connect_timeout)
 
 
+#: What a URL path segment may carry as it is besides letters, digits and ``-._~`` (RFC 3986
+#: pchar: sub-delims, ":" and "@"). ``DE*ABC*E001`` stays ``DE*ABC*E001``; "/", "?", "#",
+#: "%", spaces and non-ASCII are percent-encoded.
+PATH_SEGMENT_SAFE = "!$&'()*+,;=:@"
+
+
 def upstream_url(base: str, identity: str) -> str:
-    """Append the identity unless the URL already ends in it."""
-    quoted = quote(identity, safe="")
+    """Append the identity unless the URL already ends in it.
+
+    Only what a path segment cannot carry is percent-encoded: a backend that
+    compares the path with the Basic-auth username must see the same id.
+    """
+    quoted = quote(identity, safe=PATH_SEGMENT_SAFE)
     path = urlsplit(base).path
     last = path.rstrip("/").rsplit("/", 1)[-1]
     if last in (identity, quoted):

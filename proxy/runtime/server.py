@@ -97,6 +97,8 @@ class ProxyServer:
         finally:
             self.secondaries.close()
             if self._queue is not None:
+                self.log.info("queue_stats", commits=self._queue.commits, changes=self._queue.committed_changes,
+                              deferred=self._queue.deferred)
                 self._queue.close()  # a last try of deferred deliveries; closes the file
             elif self._storage is not None:
                 self._storage.close()
@@ -275,8 +277,9 @@ class ProxyServer:
             except UpstreamUnavailable as exc:
                 log.warning("upstream_unavailable", peer=peer, url=admit.upstream.url, reason=exc.reason,
                             status=exc.status)
-                # A 4xx is configuration, not an outage; and the proxy answers only in a version it speaks.
-                if not (self._queue is not None and exc.status >= 500 and offline_subprotocol(admit)):
+                # A 4xx or a subprotocol nobody offered is configuration, not an outage; and the proxy
+                # answers only in a version it speaks.
+                if not (self._queue is not None and exc.outage and offline_subprotocol(admit)):
                     await refuse(exc)
                     return
                 upstream = None

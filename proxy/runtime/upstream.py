@@ -23,13 +23,20 @@ Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
 from proxy.wire.tls import client_context
 
 
+#: How wsproto words a handshake answer naming a subprotocol the client did not offer.
+_UNOFFERED = "unrecognized subprotocol"
+
+
 class UpstreamUnavailable(Exception):
-    def __init__(self, reason: str, status: int) -> None:
+    def __init__(self, reason: str, status: int, *, outage: bool | None = None) -> None:
         super().__init__(reason)
         self.reason = reason
         #: Status for the wallbox: the backend's own 4xx is passed on
         #: (an unknown id stays unknown), network trouble becomes 502/504.
         self.status = status
+        #: An outage (offline mode takes over) or a misconfiguration (the wallbox is refused):
+        #: by default every 5xx is an outage and every 4xx a misconfiguration.
+        self.outage = status >= 500 if outage is None else outage
 
 
 def client_ssl_context(target: UpstreamTarget) -> ssl.SSLContext:
@@ -108,7 +115,13 @@ async def _websocket(stream: Stream, target: UpstreamTarget, host: str, resource
         except trio_websocket.ConnectionRejected as exc:
             status = exc.status_code if 400 <= exc.status_code < 500 else 502
             raise UpstreamUnavailable(f"backend refused the handshake with HTTP {exc.status_code}", status) from exc
-        except (trio_websocket.HandshakeError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except trio_websocket.HandshakeError as exc:
+            if str(exc).startswith(_UNOFFERED):  # wsproto checks the answer against what was offered
+                raise UpstreamUnavailable(f"backend chose a subprotocol that was not offered "
+                                          f"({str(exc)[len(_UNOFFERED):].strip()[:40]!r}; offered: "
+                                          f"{', '.join(subprotocols)})", 502, outage=False) from exc
+            raise UpstreamUnavailable(f"WebSocket handshake failed: {type(exc).__name__} {exc}", 502) from exc
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise UpstreamUnavailable(f"WebSocket handshake failed: {type(exc).__name__} {exc}", 502) from exc
     if connection is None:
         raise UpstreamUnavailable(f"no WebSocket handshake within {target.connect_timeout:g} s", 504)

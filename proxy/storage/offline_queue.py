@@ -114,35 +114,53 @@ class SqliteStorage:
     # -- writes -------------------------------------------------------------------------
 
     def write(self, changes: Sequence[Change]) -> list[int | None]:
+        """One transaction with as few statements as the batch allows.
+
+        Every statement is a round trip through the GIL for the worker thread
+        that runs this, and on a busy event loop each one can wait for the
+        loop's switch interval (5 ms): runs of appends become one multi-row
+        INSERT, runs of marks or deliveries one UPDATE or DELETE.
+        """
         results: list[int | None] = []
         db = self.db
         try:
             with db:
                 db.execute("BEGIN IMMEDIATE")
-                for change in changes:
-                    results.append(self._apply(change))
+                for run in _runs(changes):
+                    results += self._apply(run)
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(_operation(changes), _detail(exc)) from exc
         return results
 
-    def _apply(self, change: Change) -> int | None:
-        db = self.db
-        if isinstance(change, Append):
-            cursor = db.execute("INSERT INTO frames (charger, action, text, local_tx, created) VALUES (?, ?, ?, ?, ?)",
-                                (change.charger, change.action, change.text, change.local_tx, time.time()))
-            if change.local_tx is not None:
-                db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(charger) DO UPDATE "
-                           "SET last_local_tx = min(last_local_tx, excluded.last_local_tx)",
-                           (change.charger, change.local_tx))
-            return int(cursor.lastrowid or 0)
-        if isinstance(change, MarkSent):
-            db.execute("UPDATE frames SET attempts = attempts + 1 WHERE row = ?", (change.row,))
-            return None
-        if change.local_tx is not None and change.backend_tx is not None:
-            db.execute("INSERT OR REPLACE INTO transactions VALUES (?, ?, ?)",
-                       (change.charger, change.local_tx, change.backend_tx))
-        db.execute("DELETE FROM frames WHERE row = ?", (change.row,))
-        return None
+    def _apply(self, run: Sequence[Change]) -> list[int | None]:
+        """One run of changes of one kind."""
+        first = run[0]
+        if isinstance(first, Append):
+            return self._append(run)  # type: ignore[arg-type]
+        rows = [change.row for change in run]  # type: ignore[union-attr]
+        marks = ",".join("?" * len(rows))
+        if isinstance(first, MarkSent):
+            self.db.execute(f"UPDATE frames SET attempts = attempts + 1 WHERE row IN ({marks})", rows)
+            return [None] * len(run)
+        pairs = [(c.charger, c.local_tx, c.backend_tx) for c in run  # type: ignore[union-attr]
+                 if c.local_tx is not None and c.backend_tx is not None]  # type: ignore[union-attr]
+        if pairs:
+            self.db.executemany("INSERT OR REPLACE INTO transactions VALUES (?, ?, ?)", pairs)
+        self.db.execute(f"DELETE FROM frames WHERE row IN ({marks})", rows)
+        return [None] * len(run)
+
+    def _append(self, run: Sequence[Append]) -> list[int | None]:
+        # One INSERT for the run: holding the write lock, AUTOINCREMENT numbers its rows consecutively.
+        now = time.time()
+        values = [v for a in run for v in (a.charger, a.action, a.text, a.local_tx, now)]
+        cursor = self.db.execute("INSERT INTO frames (charger, action, text, local_tx, created) VALUES "
+                                 + ",".join(["(?, ?, ?, ?, ?)"] * len(run)), values)
+        last = int(cursor.lastrowid or 0)
+        counters = [(a.charger, a.local_tx) for a in run if a.local_tx is not None]
+        if counters:
+            self.db.executemany("INSERT INTO counters VALUES (?, ?) ON CONFLICT(charger) DO UPDATE "
+                                "SET last_local_tx = min(last_local_tx, excluded.last_local_tx)", counters)
+        return list(range(last - len(run) + 1, last + 1))
 
     def set_subprotocol(self, charger: str, subprotocol: str) -> None:
         try:
@@ -204,6 +222,22 @@ class SqliteStorage:
 
 def _detail(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:300]
+
+
+#: Most changes in one statement (SQLite allows 32 766 variables; an append takes 5).
+_RUN = 1000
+
+
+def _runs(changes: Sequence[Change]) -> list[Sequence[Change]]:
+    """Consecutive changes of one kind, in order, at most ``_RUN`` each."""
+    runs: list[Sequence[Change]] = []
+    start = 0
+    for index in range(1, len(changes) + 1):
+        if (index == len(changes) or type(changes[index]) is not type(changes[start])
+                or index - start == _RUN):
+            runs.append(changes[start:index])
+            start = index
+    return runs
 
 
 def _operation(changes: Sequence[Change]) -> str:

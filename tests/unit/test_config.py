@@ -35,7 +35,7 @@ def test_good_config_resolves_upstreams(tmp_path: Path) -> None:
     config = loads(GOOD, environ={"BACKEND_PW": "env-secret"}, base_dir=tmp_path)
     first = config.upstream_for(config.chargers[0])
     assert (first.url, first.identity, first.password) == (
-        "wss://backend.example/ocpp/DE%2AABC%2AE123", "DE*ABC*E123", "env-secret")
+        "wss://backend.example/ocpp/DE*ABC*E123", "DE*ABC*E123", "env-secret")
     second = config.upstream_for(config.chargers[1])
     assert (second.url, second.password) == ("ws://other.example/ws/CP002", "file-secret")
     assert "secret" not in repr(first)
@@ -79,6 +79,14 @@ def test_upstream_url_appends_identity_once() -> None:
     assert upstream_url("ws://h/o", "A B") == "ws://h/o/A%20B"
 
 
+def test_upstream_url_encodes_only_what_a_path_segment_cannot_carry() -> None:
+    assert upstream_url("ws://h/ocpp", "DE*ABC*E001") == "ws://h/ocpp/DE*ABC*E001"  # sub-delims stay
+    assert upstream_url("ws://h/ocpp", "a:b@c!$&'()+,;=-._~") == "ws://h/ocpp/a:b@c!$&'()+,;=-._~"
+    assert upstream_url("ws://h/ocpp", "a/b?c#d%e") == "ws://h/ocpp/a%2Fb%3Fc%23d%25e"
+    assert upstream_url("ws://h/ocpp", "Zähler 1") == "ws://h/ocpp/Z%C3%A4hler%201"
+    assert upstream_url("ws://h/ocpp/DE*ABC*E001", "DE*ABC*E001") == "ws://h/ocpp/DE*ABC*E001"
+
+
 def test_every_setting_is_documented() -> None:
     rows = list(schema_rows())
     assert {"server.listen", "backend.url", "chargers[].id"} <= {key for key, *_ in rows}
@@ -119,4 +127,4 @@ def test_virtual_chargers_share_load_management_and_upstream_settings() -> None:
     assert config.charger("HD1") is None and config.is_virtual("HD1")  # no wallbox may connect as HD1
     settings = config.settings_for("HD1")
     assert settings is not None and settings.max_current == 11
-    assert config.upstream_for(settings).url == "ws://b/ocpp/DE%2AHD%2A1"
+    assert config.upstream_for(settings).url == "ws://b/ocpp/DE*HD*1"

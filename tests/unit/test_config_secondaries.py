@@ -47,7 +47,7 @@ def test_named_and_inline_secondaries_resolve(tmp_path: Path) -> None:
     assert [s.name for s in first] == ["ems", "ha"]
     ems, ha = first
     assert (ems.target.url, ems.target.identity, ems.target.password) == (
-        "ws://ems.local:9000/ocpp/DE%2AABC%2AE1", "DE*ABC*E1", "ems-secret")
+        "ws://ems.local:9000/ocpp/DE*ABC*E1", "DE*ABC*E1", "ems-secret")
     assert ems.forward_actions == {"BootNotification", "StatusNotification", "MeterValues", "StartTransaction",
                                    "StopTransaction"}
     assert ems.settings.policy == {"RemoteStartTransaction": "forward", "*": "answer"}
