@@ -152,6 +152,11 @@ class BackendSettings:
     client_key: str = setting("", "key of client_cert", path=True)
     connect_timeout: float = setting(10.0, "seconds for TCP + TLS + WebSocket handshake upstream",
                                      check=positive)
+    call_timeout: float = setting(15.0, "seconds the backend may leave a wallbox CALL unanswered; then it counts "
+                                  "as lost: offline mode answers the CALL and reconnects (keep it below the "
+                                  "wallboxes' own CALL timeout, often 30 s)", check=positive)
+    stall_timeout: float = setting(10.0, "seconds an upstream may stop reading (a send blocked, or a ping "
+                                   "unanswered) before it counts as lost and is reconnected", check=positive)
     policy: dict[str, str] = setting({}, "the primary backend's commands to the wallbox: action = forward, "
                                      "answer or reject (\"*\": every other action); default: forward all")
 

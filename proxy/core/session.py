@@ -165,6 +165,16 @@ class Persist:
 
 
 @dataclass(frozen=True, slots=True)
+class UpstreamUnresponsive:
+    """The primary left the CALL ``msg_id`` unanswered for ``seconds`` (``upstream_call_timeout``)."""
+
+    name: str
+    action: str
+    msg_id: str
+    seconds: float
+
+
+@dataclass(frozen=True, slots=True)
 class Replayed:
     """The primary answered a replayed CALL (consumed, never forwarded)."""
 
@@ -173,7 +183,7 @@ class Replayed:
 
 
 Action = (ToWallbox | ToUpstream | ProxyAnswer | ProxyCallFailed | Malformed | Observed | CallCompleted
-          | Persist | Replayed | Policed | MirrorDropped | TxMapped | MirrorQueued | MirrorUnqueued | MirrorState
+          | Persist | Replayed | UpstreamUnresponsive | Policed | MirrorDropped | TxMapped | MirrorQueued | MirrorUnqueued | MirrorState
           | MirrorStartKnown)
 
 
@@ -216,6 +226,9 @@ class Session:
     #: The OCPP version of everything the proxy originates or answers in this session (from the
     #: negotiated subprotocol); None: a subprotocol the proxy does not speak, relayed only.
     version: OcppVersion | None = OcppVersion.V16
+    #: Seconds the primary may leave a wallbox (or replayed) CALL unanswered before the session
+    #: reports it as :class:`UpstreamUnresponsive` (once per connection); None: never.
+    upstream_call_timeout: float | None = None
 
     _to_wallbox: dict[str, _Pending] = field(default_factory=dict, init=False)
     _waiting: deque[_Waiting] = field(default_factory=deque, init=False)
@@ -224,6 +237,7 @@ class Session:
     _seq: int = field(default=0, init=False)
     _down: set[str] = field(default_factory=set, init=False)
     _replaying: bool = field(default=False, init=False)
+    _unresponsive: bool = field(default=False, init=False)  # reported for the primary's connection
     #: The frame most recently classified by from_wallbox/from_upstream
     #: (for metrics, without classifying twice).
     last_frame: Frame | None = field(default=None, init=False)
@@ -298,12 +312,35 @@ class Session:
                 self._remember_late(wire_id, pending)
                 if pending.origin == PROXY:
                     actions.append(ProxyCallFailed(wire_id, pending.action, "timeout"))
+        unanswered = self._unanswered(now)
+        if unanswered is not None:
+            actions.append(unanswered)
         for msg_id, pending in list(self._from_wallbox.items()):
             if now - pending.sent_at < 2 * self.call_timeout:
                 break  # insertion order = age order
             del self._from_wallbox[msg_id]
         actions.extend(self._drain(now))
         return actions
+
+    def _oldest_to_primary(self) -> tuple[str, _Pending] | None:
+        """The oldest CALL the primary owes an answer (a wallbox's or a replayed one), while it is up."""
+        if self.upstream_call_timeout is None or self._unresponsive or self.primary in self._down:
+            return None
+        for msg_id, pending in self._from_wallbox.items():  # insertion order = age order
+            if pending.origin in (WALLBOX, REPLAY):
+                return msg_id, pending
+        return None
+
+    def _unanswered(self, now: float) -> UpstreamUnresponsive | None:
+        oldest = self._oldest_to_primary()
+        if oldest is None or self.upstream_call_timeout is None:
+            return None
+        msg_id, pending = oldest
+        waited = now - pending.sent_at
+        if waited < self.upstream_call_timeout:
+            return None
+        self._unresponsive = True
+        return UpstreamUnresponsive(self.primary, pending.action, msg_id, waited)
 
     def next_deadline(self) -> float | None:
         deadlines = [p.sent_at + self.call_timeout for p in self._to_wallbox.values()]
@@ -314,6 +351,9 @@ class Session:
             deadline = mirror.next_deadline()
             if deadline is not None:
                 deadlines.append(deadline)
+        oldest_up = self._oldest_to_primary()
+        if oldest_up is not None and self.upstream_call_timeout is not None:
+            deadlines.append(oldest_up[1].sent_at + self.upstream_call_timeout)
         return min(deadlines, default=None)
 
     def close(self) -> list[Action]:
@@ -349,6 +389,8 @@ class Session:
     def upstream_up(self, name: str, replay: bool = False) -> None:
         """An upstream is (back) up; ``replay``: stored CALLs go to it before live traffic."""
         self._down.discard(name)
+        if name == self.primary:
+            self._unresponsive = False
         if name == self.primary and self.offline is not None and replay:
             self._replaying = True
 

@@ -45,6 +45,7 @@ from proxy.core.session import (
     Malformed,
     Persist,
     Replayed,
+    UpstreamUnresponsive,
     ProxyAnswer,
     ProxyCallFailed,
     Session,
@@ -97,6 +98,8 @@ class SessionSettings:
     call_timeout: float = 30.0
     reconnect_min: float = 1.0
     reconnect_max: float = 60.0
+    #: An upstream send blocked (or a ping unanswered) this long: the upstream is lost.
+    stall_timeout: float = 10.0
 
 
 class _Violation(Exception):
@@ -107,11 +110,20 @@ class _Violation(Exception):
 
 
 class Outbox:
-    """Ordered, bounded sending to one connection from several tasks."""
+    """Ordered, bounded sending to one connection from several tasks.
 
-    def __init__(self, connection: Connection, limit: int = OUTBOX_LIMIT) -> None:
+    With ``stall_timeout``, a send that blocks that long (the peer stopped
+    reading and the socket buffers are full) closes the outbox, drops what is
+    queued and calls ``on_stall``: an upstream that does not read must not
+    hold the wallbox's pump (and with it the wallbox) hostage.
+    """
+
+    def __init__(self, connection: Connection, limit: int = OUTBOX_LIMIT, *, stall_timeout: float | None = None,
+                 on_stall: Callable[[], None] | None = None) -> None:
         self.connection = connection
         self.limit = limit
+        self.stall_timeout = stall_timeout
+        self.on_stall = on_stall
         self.closed = False
         self._queue: list[str] = []  # short; an empty deque would cost 760 bytes per leg
         self._sending = False
@@ -137,7 +149,14 @@ class Outbox:
         queue, send = self._queue, self.connection.send_message
         try:
             while queue:
-                await send(queue.pop(0))
+                if self.stall_timeout is None:
+                    await send(queue.pop(0))
+                else:
+                    with trio.move_on_after(self.stall_timeout) as scope:
+                        await send(queue.pop(0))
+                    if scope.cancelled_caught:
+                        self._stalled()
+                        return
                 if self._blocked and len(queue) <= self.limit:
                     self._wake()
         except ConnectionClosed:
@@ -147,6 +166,12 @@ class Outbox:
             self._sending = False
             if self._blocked:
                 self._wake()
+
+    def _stalled(self) -> None:
+        self.closed = True
+        self._queue.clear()
+        if self.on_stall is not None:
+            self.on_stall()
 
     def _wake(self) -> None:
         self._blocked = False
@@ -182,7 +207,10 @@ class PairedSession:
         #: How often each upstream was connected in this session (1 = the first time).
         self.upstream_connects: dict[str, int] = {}
         self._wallbox_out = Outbox(wallbox)
-        self._upstream_out = {name: Outbox(conn) for name, conn in self.upstreams.items()}
+        self._upstream_out = {name: self._outbox(name, conn) for name, conn in self.upstreams.items()}
+        #: Why the proxy gave an upstream up (stall, unanswered CALL), for the log of its loss.
+        self._given_up: dict[str, str] = {}
+        self._nursery: trio.Nursery | None = None
         self._replay_waiters: dict[str, tuple[trio.Event, list[Frame]]] = {}
         self._waiters: dict[str, tuple[trio.Event, list[Frame | str]]] = {}
         # The timer task sleeps in this scope; a new earlier deadline moves the
@@ -203,6 +231,7 @@ class PairedSession:
         try:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
+                self._nursery = nursery
                 nursery.start_soon(self._guard, WALLBOX, self._pump_wallbox)
                 for name in self.upstream_names:
                     nursery.start_soon(self._link, name)
@@ -309,7 +338,7 @@ class PairedSession:
     async def _connected(self, name: str, connection: Connection) -> None:
         """Relay one upstream connection until it closes; replay stored CALLs first."""
         self.upstreams[name] = connection
-        self._upstream_out[name] = Outbox(connection)
+        self._upstream_out[name] = self._outbox(name, connection)
         self.upstream_connects[name] = self.upstream_connects.get(name, 0) + 1
         replay = name == self.session.primary and self.queued > 0
         self.session.upstream_up(name, replay=replay)
@@ -339,7 +368,30 @@ class PairedSession:
             return
         del self.upstreams[name]
         self._upstream_out.pop(name, None)
-        await self._lost(name, f"closed with {code} {reason}".strip())
+        await self._lost(name, self._given_up.pop(name, "") or f"closed with {code} {reason}".strip())
+
+    def _outbox(self, name: str, connection: Connection) -> Outbox:
+        stall = self.settings.stall_timeout
+
+        def stalled() -> None:
+            self._give_up(name, "stall", f"not reading: a send blocked for {stall:g} s")
+
+        return Outbox(connection, stall_timeout=stall, on_stall=stalled)
+
+    def _give_up(self, name: str, kind: str, reason: str) -> None:
+        """The proxy ends an upstream connection that stopped working (``kind``: stall, call_timeout,
+        ping_timeout); its link sees the close, logs ``reason`` and reconnects (the wallbox stays).
+
+        Without offline mode (no reconnect) the pair ends, as when the backend closes.
+        """
+        connection = self.upstreams.get(name)
+        if connection is None or name in self._given_up or self._nursery is None:
+            return
+        self._given_up[name] = reason
+        self.log.warning("upstream_given_up", upstream=name, kind=kind, reason=reason)
+        for listener in self.listeners:
+            listener.upstream_given_up(self, name, kind)
+        self._nursery.start_soon(_drop, connection)
 
     async def _lost(self, name: str, reason: str) -> None:
         self.log.warning("upstream_lost", upstream=name, reason=reason, offline=self.session.offline is not None)
@@ -491,11 +543,22 @@ class PairedSession:
             if waiter is not None:
                 waiter[1].append(action.frame if isinstance(action, ProxyAnswer) else action.reason)
                 waiter[0].set()
+        elif isinstance(action, UpstreamUnresponsive):
+            self._unresponsive(action)
         elif isinstance(action, Malformed):
             self.log.warning("malformed_frame", source=action.source, problem=action.problem,
                              dropped=action.dropped, head=action.frame.text[:200])
         for listener in self.listeners:
             listener.action(self, action)
+
+    def _unresponsive(self, action: UpstreamUnresponsive) -> None:
+        reason = f"{action.action} {action.msg_id!r} unanswered for {action.seconds:.1f} s"
+        if action.name in self.reconnect:  # offline mode: answer locally now, reconnect
+            self._give_up(action.name, "call_timeout", reason)
+        else:  # a strict pair: the wallbox decides (it retries or reconnects); said, counted
+            self.log.warning("upstream_call_unanswered", upstream=action.name, reason=reason)
+            for listener in self.listeners:
+                listener.upstream_given_up(self, action.name, "call_timeout")
 
     # -- timers ---------------------------------------------------------------------
 
@@ -523,7 +586,9 @@ class PairedSession:
         legs: dict[str, Connection] = {WALLBOX: self.wallbox, **self.upstreams}
         async with trio.open_nursery() as nursery:
             for side, connection in legs.items():
-                nursery.start_soon(self._ping, side, connection, interval)
+                # An upstream that does not answer a ping within stall_timeout is not reading.
+                wait = interval if side == WALLBOX else min(interval, self.settings.stall_timeout)
+                nursery.start_soon(self._ping, side, connection, wait)
         self._next_ping = trio.current_time() + interval
         if self._next_ping < self._timer.deadline:
             self._timer.deadline = self._next_ping
@@ -538,7 +603,7 @@ class PairedSession:
             return
         self.log.warning("ping_timeout", side=side, seconds=timeout)
         if side in self.reconnect:  # a dead upstream is dropped and reopened; the wallbox stays
-            await _drop(connection)
+            self._give_up(side, "ping_timeout", f"no pong within {timeout:g} s")
             return
         await self._end(side, 1006, "no pong", mirror=True, dead=True)
 

@@ -365,7 +365,8 @@ class ProxyServer:
     async def _new_session(self, charger_id: str, version: OcppVersion | None = OcppVersion.V16) -> Session:
         """``version`` None: relay only (no offline answers, so no reconnect either)."""
         server = self.config.server
-        session = Session(charger_id, call_timeout=server.call_timeout, strict=server.strict, version=version)
+        session = Session(charger_id, call_timeout=server.call_timeout, strict=server.strict, version=version,
+                          upstream_call_timeout=self.config.backend.call_timeout)
         if self._queue is not None and version is not None:
             offline = self.config.offline
             settings = OfflineSettings(offline.heartbeat_interval, offline.auth, frozenset(offline.local_list),
@@ -380,7 +381,8 @@ class ProxyServer:
         server, offline = self.config.server, self.config.offline
         return SessionSettings(max_message_bytes=server.max_message_bytes, ping_interval=server.ping_interval,
                                close_timeout=server.close_timeout, call_timeout=server.call_timeout,
-                               reconnect_min=offline.reconnect_min, reconnect_max=offline.reconnect_max)
+                               reconnect_min=offline.reconnect_min, reconnect_max=offline.reconnect_max,
+                               stall_timeout=self.config.backend.stall_timeout)
 
 
 #: Seconds before a virtual charge point that failed is started again.
