@@ -5,12 +5,16 @@ not ours (urllib) for /metrics, /healthz and /readyz."""
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -154,27 +158,94 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 
 
 @dataclass
-class ProxyProcess:
+class JsonLinesProcess:
+    """A child process that writes one JSON object per line on ``stream`` (stderr or stdout)."""
+
     process: trio.Process
     events: list[dict[str, Any]] = field(default_factory=list)
     _buffer: bytes = b""
+    stream_name: str = "stderr"
 
-    async def wait_event(self, name: str, after: int = 0) -> dict[str, Any]:
-        """Read the JSON log (stderr) until ``name`` appears among the events from index ``after`` on."""
-        assert self.process.stderr is not None
-        with trio.fail_after(20):
+    @property
+    def _stream(self) -> trio.abc.ReceiveStream:
+        stream = self.process.stderr if self.stream_name == "stderr" else self.process.stdout
+        assert stream is not None
+        return stream
+
+    async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], after: int = 0,
+                       timeout: float = 20) -> dict[str, Any]:
+        """Read until an event from index ``after`` on satisfies ``predicate``."""
+        with trio.fail_after(timeout):
             while True:
                 for event in self.events[after:]:
-                    if event.get("event") == name:
+                    if predicate(event):
                         return event
-                chunk = await self.process.stderr.receive_some(65536)
-                assert chunk, f"proxy exited before {name!r}: {self.events}"
+                chunk = await self._stream.receive_some(65536)
+                assert chunk, f"process exited while waiting: {self.events[-20:]}"
                 self._buffer += chunk
                 *lines, self._buffer = self._buffer.split(b"\n")
                 self.events += [json.loads(line) for line in lines if line.strip()]
 
+    async def wait_event(self, name: str, after: int = 0, timeout: float = 20) -> dict[str, Any]:
+        """Read the JSON lines until ``name`` appears among the events from index ``after`` on."""
+        return await self.wait_for(lambda event: event.get("event") == name, after, timeout)
+
     async def drain_log(self) -> None:
-        assert self.process.stderr is not None
-        while chunk := await self.process.stderr.receive_some(65536):
+        while chunk := await self._stream.receive_some(65536):
             self._buffer += chunk
         self.events += [json.loads(line) for line in self._buffer.split(b"\n") if line.strip()]
+
+
+class ProxyProcess(JsonLinesProcess):
+    """``python -m proxy run``; its JSON log is on stderr."""
+
+    def __init__(self, process: trio.Process) -> None:
+        super().__init__(process, stream_name="stderr")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+async def launch_proxy(config: Path) -> tuple[ProxyProcess, int]:
+    """``python -m proxy run --config CONFIG`` (JSON log); returns it and its wallbox port once listening."""
+    process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
+                                               cwd=ROOT, stderr=subprocess.PIPE)
+    proxy = ProxyProcess(process)
+    return proxy, int((await proxy.wait_event("listening"))["ports"][0])
+
+
+class BackendProcess(JsonLinesProcess):
+    """``python -m tests.backend_process``: a backend that can be frozen (SIGSTOP) and killed."""
+
+    def __init__(self, process: trio.Process) -> None:
+        super().__init__(process, stream_name="stdout")
+        self.port = 0
+
+    @classmethod
+    async def start(cls, mode: str = "answer", port: int = 0) -> BackendProcess:
+        process = await trio.lowlevel.open_process(
+            [sys.executable, "-m", "tests.backend_process", "--mode", mode, "--port", str(port)],
+            cwd=ROOT, stdout=subprocess.PIPE)
+        backend = cls(process)
+        backend.port = int((await backend.wait_event("listening"))["port"])
+        return backend
+
+    def received(self, charger: str) -> list[str]:
+        return [e["text"] for e in self.events
+                if e.get("event") == "frame" and e["charger"] == charger and e["direction"] == "received"]
+
+    async def wait_received(self, charger: str, count: int, timeout: float = 20) -> list[str]:
+        """Wait until the backend received ``count`` frames from ``charger``."""
+        await self.wait_for(lambda _: len(self.received(charger)) >= count, timeout=timeout)
+        return self.received(charger)
+
+    def freeze(self) -> None:
+        self.process.send_signal(signal.SIGSTOP)
+
+    def thaw(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+
+    async def stop(self) -> None:
+        self.process.send_signal(signal.SIGCONT)
+        self.process.kill()
+        await self.process.wait()
