@@ -30,14 +30,15 @@ from proxy.messages.ocppj import MessageType, payload_of
 from proxy.loadmgmt.control import Command, Control, ControlSettings, field_of, read_meter_values
 from proxy.loadmgmt.engine import ChargerLimits, LimitEngine, SiteLimits
 from proxy.ops.logs import get_logger
-from proxy.loadmgmt.profiles import replace_payload
+from proxy.loadmgmt.profiles import ProfileError, replace_payload
 from proxy.runtime.relay import Listener, PairedSession
 from proxy.core.session import WALLBOX, Action, Observed, ProxyAnswer
-from proxy.messages.versions import OcppVersion
+from proxy.loadmgmt.v2 import CHARGING_STATES, CONNECTOR_STATUSES, V2Profiles, validate_v2
 
 #: What the limiter reads from a session.
 OBSERVE = frozenset({"BootNotification", "StatusNotification", "MeterValues", "StartTransaction",
-                     "StopTransaction", "SetChargingProfile", "ClearChargingProfile"})
+                     "StopTransaction", "SetChargingProfile", "ClearChargingProfile",
+                     "TransactionEvent"})  # 2.0.1 / 2.1
 REWRITTEN = "SetChargingProfile"
 
 
@@ -90,6 +91,8 @@ class Limiter(Listener):
         self.log = log or get_logger()
         self.engine = LimitEngine()
         self.controls: dict[str, Control] = {}
+        #: Chargers whose session speaks OCPP 2.0.1 / 2.1: the translation of their frames (proxy/loadmgmt/v2.py).
+        self.v2: dict[str, V2Profiles] = {}
         self.sessions: dict[str, PairedSession] = {}
         #: The sessions the limiter manages (observe set, engine told), by charger.
         self.attached: dict[str, PairedSession] = {}
@@ -152,9 +155,15 @@ class Limiter(Listener):
                 sink.set_charger_limits(charger_id)
 
     def _attach(self, paired: PairedSession) -> None:
-        if paired.session.version is not OcppVersion.V16:
-            return  # profiles are built in 1.6 shapes: nothing is injected into another version's session
+        version = paired.session.version
+        if version is None:
+            return  # a subprotocol the proxy does not speak: nothing is injected
         charger_id = paired.charger_id
+        if version.is_v2:
+            if charger_id not in self.v2 or self.v2[charger_id].version is not version:
+                self.v2[charger_id] = V2Profiles(version)
+        else:
+            self.v2.pop(charger_id, None)
         control = self.controls.get(charger_id)
         if control is None:
             control = self.controls[charger_id] = Control(charger_id, self._control_settings(charger_id))
@@ -189,7 +198,11 @@ class Limiter(Listener):
         frame, name, now = observed.frame, observed.action, _now()
         if frame.kind is MessageType.CALL:
             if observed.source == WALLBOX:
-                self._wallbox_call(charger_id, control, name, frame.msg_id or "", payload_of(frame), now)
+                v2 = self.v2.get(charger_id)
+                if v2 is None:
+                    self._wallbox_call(charger_id, control, name, frame.msg_id or "", payload_of(frame), now)
+                else:
+                    self._station_call(charger_id, control, v2, name, frame.msg_id or "", payload_of(frame), now)
                 if name == "BootNotification" and self._answered_locally(charger_id):
                     control.boot_answered("Accepted")  # offline mode: the proxy accepted it itself
             return  # a backend CALL on its way: what counts is the wallbox's answer
@@ -201,11 +214,14 @@ class Limiter(Listener):
             return
         answer = payload_of(frame)
         status = field_of(answer, "status")
+        v2 = self.v2.get(charger_id)
         if observed.source == WALLBOX:  # the wallbox answered the backend
+            request = payload_of(observed.call)
             if name == "SetChargingProfile":
-                control.backend_set_answered(observed.call.msg_id or "", payload_of(observed.call), status, _wall())
+                model = request if v2 is None else v2.set_request(request)
+                control.backend_set_answered(observed.call.msg_id or "", model, status, _wall())
             elif name == "ClearChargingProfile":
-                control.backend_clear_answered(payload_of(observed.call), status)
+                control.backend_clear_answered(request if v2 is None else v2.clear_request(request), status)
             self._log_notes(charger_id, control)
         elif name == "BootNotification":
             control.boot_answered(status if isinstance(status, str) else None)
@@ -231,10 +247,7 @@ class Limiter(Listener):
                 control.status(connector)
                 engine.status(charger_id, connector, status, now)
         elif name == "MeterValues":
-            meter = read_meter_values(payload, control.settings.phases)
-            if meter.currents is not None or meter.power_w is not None or meter.energy_wh is not None:
-                engine.measured(charger_id, meter.currents or engine_currents(engine, charger_id), now,
-                                meter.power_w, meter.energy_wh)
+            self._measured(charger_id, control, payload, now)
         elif name == "StartTransaction":
             connector = field_of(payload, "connectorId")
             connector = connector if isinstance(connector, int) else 1
@@ -244,6 +257,48 @@ class Limiter(Listener):
             tx = field_of(payload, "transactionId")
             connector = control.transaction_stopped(tx if isinstance(tx, int) else None)
             engine.transaction_stopped(charger_id, connector, now)
+
+    def _station_call(self, charger_id: str, control: Control, v2: V2Profiles, name: str, msg_id: str,
+                      payload: Any, now: float) -> None:
+        """A 2.0.1 / 2.1 station's CALL: the same facts as from a 1.6 wallbox, from other messages."""
+        engine = self.engine
+        if name == "BootNotification":
+            control.boot(now)
+            engine.transaction_stopped(charger_id, None, now)
+            return
+        control.wallbox_call()
+        if name == "StatusNotification":
+            evse, status = field_of(payload, "evseId"), CONNECTOR_STATUSES.get(str(field_of(payload, "connectorStatus")))
+            if isinstance(evse, int) and status is not None:
+                control.status(evse)
+                engine.status(charger_id, evse, status, now)
+        elif name == "MeterValues":
+            self._measured(charger_id, control, v2.meter_values(payload), now)
+        elif name == "TransactionEvent" and isinstance(payload, dict):
+            self._transaction_event(charger_id, control, v2, msg_id, payload, now)
+
+    def _transaction_event(self, charger_id: str, control: Control, v2: V2Profiles, msg_id: str,
+                           payload: dict[str, Any], now: float) -> None:
+        tx, evse = v2.transaction_evse(payload)
+        event = payload.get("eventType")
+        if event == "Started":
+            control.transaction_starting(msg_id, evse, _wall())
+            control.transaction_started(msg_id, v2.transaction_number(tx))  # the station's own id
+            self.engine.transaction_started(charger_id, evse, now)
+        info = payload.get("transactionInfo")
+        state = CHARGING_STATES.get(str(info.get("chargingState"))) if isinstance(info, dict) else None
+        if state is not None and event != "Ended":
+            self.engine.status(charger_id, evse, state, now)
+        self._measured(charger_id, control, v2.meter_values(payload), now)
+        if event == "Ended":
+            control.transaction_stopped(v2.transaction_number(tx))
+            self.engine.transaction_stopped(charger_id, evse, now)
+
+    def _measured(self, charger_id: str, control: Control, payload: Any, now: float) -> None:
+        meter = read_meter_values(payload, control.settings.phases)
+        if meter.currents is not None or meter.power_w is not None or meter.energy_wh is not None:
+            self.engine.measured(charger_id, meter.currents or engine_currents(self.engine, charger_id), now,
+                                 meter.power_w, meter.energy_wh)
 
     def _sync_rewriter(self, paired: PairedSession, control: Control) -> None:
         rewriters = paired.session.rewriters
@@ -258,7 +313,7 @@ class Limiter(Listener):
             if destination != WALLBOX or source == WALLBOX:
                 return str(frame.text)
             try:
-                payload = control.rewrite(frame.msg_id or "", payload_of(frame), _wall())
+                payload = self._clamped(control, frame.msg_id or "", payload_of(frame))
                 if payload is None:
                     return str(frame.text)
                 text = replace_payload(frame.text, payload)
@@ -270,6 +325,16 @@ class Limiter(Listener):
 
         rewrite.limiter_rewriter = True  # type: ignore[attr-defined]
         return rewrite
+
+    def _clamped(self, control: Control, msg_id: str, payload: Any) -> dict[str, Any] | None:
+        """The backend's SetChargingProfile clamped to the local limit, in its own version (None: as it is)."""
+        v2 = self.v2.get(control.charger_id)
+        if v2 is None:
+            return control.rewrite(msg_id, payload, _wall())
+        if control.rewrite(msg_id, v2.set_request(payload), _wall()) is None or control.local is None:
+            return None
+        settings = control.settings
+        return v2.clamped(payload, control.local, charger_phases=settings.phases, voltage=settings.voltage)
 
     # -- the task -----------------------------------------------------------------------------------------
 
@@ -359,9 +424,20 @@ class Limiter(Listener):
             return
         log.debug("profile_sent", action=command.action, **command.describe())
         status = error = None
+        payload = command.payload
+        v2 = self.v2.get(control.charger_id)
+        if v2 is not None:  # the control's model, in the station's version
+            try:
+                payload = v2.command(command.action, payload)
+                validate_v2(v2.version, command.action, payload)
+            except (ProfileError, KeyError) as exc:
+                control.failed(command, f"cannot build a {v2.version.value} {command.action}: {exc}", _now())
+                log.error("profile_invalid", action=command.action, reason=str(exc)[:200])
+                self._progressed()
+                return
         with trio.move_on_after(paired.session.call_timeout + 5) as scope:
             try:
-                frame = await paired.request(command.action, command.payload)
+                frame = await paired.request(command.action, payload)
             except RuntimeError as exc:
                 control.failed(command, str(exc), _now())
                 log.warning("profile_failed", action=command.action, reason=str(exc)[:200])
