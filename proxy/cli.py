@@ -65,9 +65,13 @@ def _parser() -> argparse.ArgumentParser:
     _certs_parser(sub)
 
     demo = sub.add_parser("demo", help="proxy + simulated backend and wallboxes on loopback")
-    demo.add_argument("--wallboxes", type=int, default=3)
-    demo.add_argument("--forever", action="store_true", help="keep running until Ctrl-C")
+    demo.add_argument("--wallboxes", type=int, default=3, help="OCPP 1.6 wallboxes (default: %(default)s)")
+    demo.add_argument("--forever", action="store_true",
+                      help="a transaction per wallbox every few seconds until Ctrl-C, then the summary")
     demo.add_argument("--site-limit", type=float, default=32.0, help="site limit per phase, A (default: %(default)s)")
+    demo.add_argument("--raw", action="store_true", help="print frames whole instead of action and key fields")
+    demo.add_argument("--real-timing", action="store_true",
+                      help="load management with a site's default ramp-up, hysteresis and hold times")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -253,7 +257,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo.run import run_demo
 
-    return run_demo(wallboxes=args.wallboxes, forever=args.forever, site_limit=args.site_limit)
+    return run_demo(wallboxes=args.wallboxes, forever=args.forever, site_limit=args.site_limit, raw=args.raw,
+                    real_timing=args.real_timing)
 
 
 #: Default validity per kind, days: a site CA for ten years; leaf certificates for 825 days,
