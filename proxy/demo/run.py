@@ -84,8 +84,12 @@ class LiveLog:
         self.raw = raw
         self.excerpts = Excerpts()
         self.start = time.monotonic()
+        #: Set before the summary: frames still in flight then (the last answers) are not printed into it.
+        self.closed = False
 
     def frame(self, cp_id: str, direction: str, text: str) -> None:
+        if self.closed:
+            return
         elapsed = time.monotonic() - self.start
         shown = text if self.raw else self.excerpts.excerpt(cp_id, text)
         line = f"{elapsed:7.3f}s  {cp_id:<6} {_ARROWS[direction]} backend  {shown}"
@@ -95,7 +99,7 @@ class LiveLog:
 
     def wallbox_frame(self, cp_id: str, direction: str, text: str) -> None:
         """Frames on the wallbox leg: only the proxy's own limits are shown (the rest is above)."""
-        if direction != "received" or not text.startswith(f'[2,"{_PROXY_ID}'):
+        if direction != "received" or not text.startswith(f'[2,"{_PROXY_ID}') or self.closed:
             return
         limit = profile_limit(text)
         if limit is not None:
@@ -163,8 +167,11 @@ class Stop:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
         self.event = asyncio.Event()
+        #: Set at once on the asking side (the event follows when the peers' loop gets to it).
+        self.requested = False
 
     def set(self) -> None:
+        self.requested = True
         self.loop.call_soon_threadsafe(self.event.set)
 
     def rounds(self, rounds: int | None) -> Iterator[int]:
@@ -326,7 +333,7 @@ async def _signals(stop: Stop, at_once: trio.CancelScope, out: TextIO) -> None:
     """First Ctrl-C (or SIGTERM): every wallbox finishes its transaction, then the summary. Second: stop."""
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async for _ in signals:
-            if stop.event.is_set():
+            if stop.requested:
                 at_once.cancel()
                 return
             print("\nstopping: each wallbox finishes its transaction, then the summary "
@@ -375,6 +382,7 @@ async def _run(config: Config, options: DemoOptions, sims: _Sims, loop: tuple[Lo
             cars.start_soon(ocpp_wallboxes)
             cars.start_soon(ocpp_station)
             cars.start_soon(_modbus_car, sims.backend, sims.wallbox, sims.meter)
+        live.closed = True
         ok = summary(sims.backend, handles, out, (sims.csms, stations[0]))
         ok &= modbus_summary(sims.backend, sims.wallbox, out)
         inputs.cancel()
