@@ -17,7 +17,17 @@ import trio
 
 from proxy import __version__
 from proxy.ops import logs
-from proxy.config import Config, ConfigError, LineIndex, Problem, StartupError, load, site_warnings, startup_step
+from proxy.config import (
+    Config,
+    ConfigError,
+    LineIndex,
+    Problem,
+    StartupError,
+    load,
+    site_warnings,
+    startup_step,
+    subprotocol_warnings,
+)
 from proxy.storage.offline_queue import StorageUnusable
 
 if TYPE_CHECKING:
@@ -93,12 +103,15 @@ def _load_or_report(path: str) -> Config | None:
 
 
 def config_warnings(config: Config, path: str) -> list[Problem]:
-    """What loads but may not do what was meant (a site limit below the chargers' minimums)."""
+    """What loads but may not do what was meant (a site limit below the chargers' minimums, relay-only
+    subprotocols where load management or offline mode is on)."""
     try:
         index = LineIndex(Path(path).read_text(encoding="utf-8"))
     except OSError:
         index = LineIndex("")
-    return site_warnings(config, index)
+    from proxy.loadmgmt.driver import load_management
+
+    return site_warnings(config, index) + subprotocol_warnings(config, index, load_managed=load_management(config))
 
 
 def plural(count: int, noun: str) -> str:

@@ -51,4 +51,5 @@ from proxy.config.loader import (  # noqa: F401
 from proxy.config.checks import (  # noqa: F401
     cross_checks as cross_checks,
     site_warnings as site_warnings,
+    subprotocol_warnings as subprotocol_warnings,
 )

@@ -203,3 +203,19 @@ def site_warnings(config: Config, index: LineIndex) -> list[Problem]:
             "when all charge, the lower priorities (then the later arrivals, then by id) wait at 0 A"),
             index.find("site.max_current") or index.find("site")))
     return warnings
+
+
+def subprotocol_warnings(config: Config, index: LineIndex, *, load_managed: bool) -> list[Problem]:
+    """Relay-only subprotocols listed: their sessions get no offline answers and no load management."""
+    relayed = [name for name in config.server.subprotocols if name in RELAY_ONLY]
+    if not relayed:
+        return []
+    missing = [what for what, on in (("[site] load management", load_managed),
+                                     ("offline mode", config.offline.enabled)) if on]
+    if not missing:
+        return []
+    return [Problem("server.subprotocols", (
+        f"{', '.join(relayed)} {'is' if len(relayed) == 1 else 'are'} relayed only: {' and '.join(missing)} "
+        f"work in {', '.join(SUPPORTED)}; a station on {relayed[0]} gets neither (its backend's outage closes it)"),
+        index.find("server.subprotocols"))]
+

@@ -181,7 +181,7 @@ def _answers(version: OcppVersion) -> Mapping[str, Callable[[OfflineResponder, s
     if version.is_v2:
         from proxy.core import offline_v2  # it builds on this module
 
-        return offline_v2.LOCAL_ANSWERS
+        return offline_v2.LOCAL_ANSWERS_V21 if version is OcppVersion.V21 else offline_v2.LOCAL_ANSWERS
     return _LOCAL_ANSWERS
 
 

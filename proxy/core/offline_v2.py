@@ -9,9 +9,10 @@ unlike 1.6 there is no local id to hand out and nothing is ever remapped: every
 TransactionEvent (seqNo, offline flag, signed meter values) reaches the backend
 byte-identical. The table of answers is in docs/offline.md.
 
-2.0.1 and 2.1 answer identically here: the responses these actions need have
+2.0.1 and 2.1 answer the actions they share identically: the responses have
 the same required fields in both versions (each is checked against both
-versions' schemas in tests/unit/test_offline_v2.py).
+versions' schemas in tests/unit/test_offline_v2.py); 2.1 adds its own
+notifications.
 """
 
 from __future__ import annotations
@@ -96,7 +97,8 @@ def _data_transfer(r: OfflineResponder, msg_id: str, _: Mapping[str, Any]) -> Lo
 
 Builder = Callable[[OfflineResponder, str, Mapping[str, Any]], LocalAnswer]
 
-#: Station CALL → local answer, for 2.0.1 and 2.1. Everything else gets a CALLERROR and is not stored.
+#: Station CALL → local answer, for 2.0.1 (2.1 adds :data:`LOCAL_ANSWERS_V21`). Everything else (ISO 15118
+#: negotiation and certificates, which need the CSMS's verdict) gets a CALLERROR and is not stored.
 LOCAL_ANSWERS: dict[str, Builder] = {
     "BootNotification": _boot,
     "Heartbeat": _heartbeat,
@@ -110,4 +112,24 @@ LOCAL_ANSWERS: dict[str, Builder] = {
     "FirmwareStatusNotification": _empty,
     "LogStatusNotification": _empty,
     "DataTransfer": _data_transfer,
+    # Reports and notifications whose answer carries nothing: stored, so their data is not lost either.
+    "NotifyMonitoringReport": _empty,
+    "NotifyCustomerInformation": _empty,
+    "NotifyDisplayMessages": _empty,
+    "NotifyChargingLimit": _empty,
+    "ClearedChargingLimit": _empty,
+    "ReportChargingProfiles": _empty,
+    "ReservationStatusUpdate": _empty,
+    "PublishFirmwareStatusNotification": _empty,
+}
+
+#: OCPP 2.1 only: settlement of an ad-hoc payment (billing data), DER and battery-swap reports.
+LOCAL_ANSWERS_V21: dict[str, Builder] = {
+    **LOCAL_ANSWERS,
+    "NotifySettlement": _empty,
+    "NotifyPriorityCharging": _empty,
+    "NotifyDERAlarm": _empty,
+    "NotifyDERStartStop": _empty,
+    "ReportDERControl": _empty,
+    "BatterySwap": _empty,
 }

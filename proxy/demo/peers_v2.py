@@ -119,6 +119,10 @@ def _csms_handler(subprotocol: str) -> type[Any]:
         def on_log_status(self, **_: Any) -> Any:
             return results.LogStatusNotification()
 
+        @on("NotifySettlement")  # 2.1 only (a 2.0.1 station never sends it)
+        def on_settlement(self, **_: Any) -> Any:
+            return results.NotifySettlement()
+
     return Handler
 
 

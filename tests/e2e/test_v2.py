@@ -49,6 +49,10 @@ async def every_station_message(handle: StationHandle, tx_id: str) -> list[Any]:
         await handle.send(c.LogStatusNotification(status="Idle")),
         await handle.send(c.DataTransfer(vendor_id="com.example", message_id="m", data='{"k":"v"}')),
     ]
+    if handle.subprotocol == "ocpp2.1":  # where 2.1 differs: the settlement of an ad-hoc payment
+        answers.append(await handle.send(c.NotifySettlement(
+            psp_ref="PSP-4711", status="Settled", settlement_amount=12.3, settlement_time="2026-11-27T05:10:00Z",
+            transaction_id=tx_id, receipt_id="Beleg 4711")))
     return answers
 
 
@@ -69,7 +73,7 @@ async def test_relay_is_byte_exact_both_ways(peers: LoopThread, start_proxy: Sta
     answer = await in_loop(peers, csms.call("CS1", c.SetChargingProfile(evse_id=0, charging_profile=profile)))
     assert answer.status == "Accepted"
     station, backend = handle.recorder, csms.recorders["CS1"]
-    assert backend.received == station.sent and len(station.sent) == 15
+    assert backend.received == station.sent and len(station.sent) == (16 if subprotocol == "ocpp2.1" else 15)
     assert station.received == backend.sent
     await in_loop(peers, handle.close())
     await in_loop(peers, csms.stop())
@@ -87,7 +91,7 @@ async def test_signed_transaction_while_csms_is_down_arrives_in_order_byte_ident
     assert boot.status == "Accepted" and boot.interval == 300
     assert authorize.id_token_info == {"status": "Accepted"}  # in local_list
     assert started.id_token_info == {"status": "Accepted"} and ended.id_token_info is None
-    assert answers[-1].status == "Rejected"  # DataTransfer: the backend did not process it
+    assert answers[13].status == "Rejected"  # DataTransfer: the backend did not process it
     unknown = await in_loop(peers, handle.send(handle.calls.Authorize(id_token={"id_token": "NOT-LISTED",
                                                                                   "type": "ISO14443"})))
     assert unknown.id_token_info == {"status": "Invalid"}
@@ -101,6 +105,7 @@ async def test_signed_transaction_while_csms_is_down_arrives_in_order_byte_ident
         await wait_recorded(csms.recorder("CS1"), lambda r: len(r.received) >= len(expected))
         await wait_until(lambda: not paired.session.offline_mode)  # replay finished
     assert csms.recorders["CS1"].received == expected  # in order, every byte as the station sent it
+    assert any('"NotifySettlement"' in t for t in expected) == (subprotocol == "ocpp2.1")  # 2.1 billing data too
     signed = [t for t in expected if '"signedMeterData"' in t]
     assert len(signed) == 2 and '"Started"' in signed[0] and '"Ended"' in signed[1]
     assert server.sessions["CS1"] is paired and paired.queued == 0  # connected throughout, queue drained

@@ -10,14 +10,16 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import jsonschema
 import pytest
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from ocpp.messages import get_validator
 
-from proxy.config import ConfigError, loads
+from proxy.config import ConfigError, LineIndex, loads, subprotocol_warnings
 from proxy.core.offline import OfflineResponder, OfflineSettings, Stored, replay_plan
 from proxy.core.offline_v2 import LOCAL_ANSWERS as V2_ANSWERS
+from proxy.core.offline_v2 import LOCAL_ANSWERS_V21 as V21_ANSWERS
 from proxy.core.session import PRIMARY, Persist, Replayed, Session, ToUpstream, ToWallbox
 from proxy.messages.ocppj import MessageType, build_call, build_result, classify
 from proxy.messages.versions import DEFAULT_SUBPROTOCOLS, OcppVersion, version_of
@@ -86,8 +88,21 @@ def test_every_local_answer_is_valid_in_its_own_version(version: OcppVersion) ->
         assert local.store, action
         validate(version, MessageType.CALLRESULT, action, answer_payload(local.text))
         checked.append(action)
+    table = {OcppVersion.V201: V2_ANSWERS, OcppVersion.V21: V21_ANSWERS}.get(version, {})
+    for action in sorted(set(table) - set(checked)):  # answered {} whatever the request says
+        local = responder(version).answer(classify(build_call("m2", action, {})))
+        assert local.store and answer_payload(local.text) == {}, action
+        validate(version, MessageType.CALLRESULT, action, {})
+        checked.append(action)
     if version.is_v2:
-        assert sorted(checked) == sorted(V2_ANSWERS)  # every action in the table was checked
+        assert sorted(checked) == sorted(table)  # every action in the table was checked
+        with pytest.raises(jsonschema.ValidationError):  # the check can fail: a 1.6 answer is not valid here
+            validate(version, MessageType.CALLRESULT, "Authorize", {"idTagInfo": {"status": "Accepted"}})
+
+
+def test_2_1_notifications_are_not_answered_in_2_0_1_sessions() -> None:
+    local = responder(OcppVersion.V201).answer(classify(build_call("m3", "NotifySettlement", {})))
+    assert not local.store and json.loads(local.text)[2] == "GenericError"
 
 
 @pytest.mark.parametrize("version", [OcppVersion.V201, OcppVersion.V21])
@@ -159,6 +174,15 @@ def test_default_config_offers_all_three_and_unknown_names_are_refused() -> None
     assert "ocpp2.0 (relayed only" in message
     with pytest.raises(ConfigError, match="is empty"):
         loads('[server]\nsubprotocols = []\n' + base)
+
+
+def test_relay_only_names_are_warned_about_where_site_or_offline_mode_is_on() -> None:
+    text = '[server]\nsubprotocols = ["ocpp1.6", "ocpp2.0"]\n[backend]\nurl = "ws://127.0.0.1:9/ocpp"\n'
+    (warning,) = subprotocol_warnings(loads(text), LineIndex(text), load_managed=True)
+    assert warning.key == "server.subprotocols" and warning.line == 2
+    assert "ocpp2.0 is relayed only: [site] load management and offline mode work in ocpp1.6" in warning.message
+    quiet = text + "[offline]\nenabled = false\n"
+    assert subprotocol_warnings(loads(quiet), LineIndex(quiet), load_managed=False) == []
 
 
 # --- invariant: whatever a 2.x station sends while the backend is down, its answers are valid in its
