@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.config import docs
 from proxy.cli import _parser
-from proxy.config import load
+from proxy.cli import EXIT_CONFIG
+from proxy.config import Config, load, loads
 from proxy.config.docs import schema_rows
 from tests.opskit import config_text, http_get, start_backend, start_stack
 from tests.test_install import dockerfile_instructions
@@ -214,3 +215,91 @@ def test_metrics_reference_lists_every_family() -> None:
     exported = {family.name + ("_total" if family.type == "counter" else "")
                 for family in Metrics().registry.collect()}
     assert documented == exported
+
+
+# --- the deploy files against the config schema (issue 19, item 4) ------------------------------
+
+#: Keys whose directories the proxy creates files in.
+WRITTEN = ("offline.data_dir", "server.certs_dir")
+
+
+def _written(config: Config) -> dict[str, str]:
+    return {key: str(getattr(getattr(config, key.split(".")[0]), key.split(".")[1])) for key in WRITTEN}
+
+
+def _env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines, as systemd's EnvironmentFile= and compose's env_file read them."""
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line.strip() and not line.startswith("#"))
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def _env_names(path: Path) -> set[str]:
+    """Variables the config names with <key>_env."""
+    return set(re.findall(r'^\w+_env = "(\w+)"', path.read_text(), re.MULTILINE))
+
+
+def _systemd_writable(unit: dict[str, list[str]]) -> list[Path]:
+    """Where a service may write under ProtectSystem=strict: its state, cache, logs, runtime dirs and
+    ReadWritePaths (systemd.exec(5)); PrivateTmp gives it a /tmp of its own."""
+    assert unit["ProtectSystem"] == ["strict"]
+    roots = {"StateDirectory": "/var/lib", "CacheDirectory": "/var/cache", "LogsDirectory": "/var/log",
+             "RuntimeDirectory": "/run"}
+    writable = [Path(roots[key]) / name for key in roots for value in unit.get(key, []) for name in value.split()]
+    writable += [Path(p.lstrip("-")) for value in unit.get("ReadWritePaths", []) for p in value.split()]
+    return writable + ([Path("/tmp")] if unit.get("PrivateTmp") == ["yes"] else [])
+
+
+def _systemd_problems(example: Path) -> list[str]:
+    """What would stop the unit with this config: unwritable directories, missing variables."""
+    unit = _unit()
+    (command,) = unit["ExecStart"]
+    config_path = Path(shlex.split(command)[-1])
+    assert config_path.parent == Path("/etc") / unit["ConfigurationDirectory"][0]
+    (env_path,) = [Path(value.lstrip("-")) for value in unit["EnvironmentFile"]]
+    assert env_path.parent == config_path.parent
+    environ = _env_file(DEPLOY / "systemd" / "ocpp-proxy.env.example")
+    config = loads(example.read_text(), str(example), environ=environ, base_dir=config_path.parent)
+    writable = _systemd_writable(unit)
+    problems = [f"{key} = {value} is read-only under the unit" for key, value in _written(config).items()
+                if not any(Path(value).is_relative_to(root) for root in writable)]
+    problems += [f"{name} is not in the EnvironmentFile" for name in _env_names(example) - set(environ)]
+    return problems
+
+
+def test_systemd_example_config_works_under_the_unit() -> None:
+    """The unit's sandbox, read from the unit: what the config writes is writable, its secrets are set."""
+    assert _systemd_problems(DEPLOY / "systemd" / "ocpp-proxy.toml") == []
+    assert _env_names(DEPLOY / "systemd" / "ocpp-proxy.toml") == {"BACKEND_PASSWORD"}  # the README's style
+    unit = _unit()
+    assert unit["RestartPreventExitStatus"] == [str(EXIT_CONFIG)] and unit["Restart"] == ["on-failure"]
+    # The issue's finding, caught by the same reading: the Docker example's /data under this unit.
+    assert _systemd_problems(DEPLOY / "config.example.toml") == [
+        "offline.data_dir = /data is read-only under the unit", "server.certs_dir = /certs is read-only under the unit"]
+
+
+def test_compose_and_image_give_the_docker_example_what_it_writes() -> None:
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    proxy = compose["services"]["ocpp-proxy"]
+    mounts = {volume.split(":")[1]: volume.split(":")[2:] for volume in proxy["volumes"]}
+    instructions = dockerfile_instructions()
+    (cmd,) = [json.loads(arg) for op, arg in instructions if op == "CMD"]
+    config_path = cmd[cmd.index("--config") + 1]
+    assert mounts[config_path] == ["ro"]
+    example = load(DEPLOY / "config.example.toml")
+    volumes = json.loads(next(arg for op, arg in instructions if op == "VOLUME"))
+    owned = " ".join(arg for op, arg in instructions if op == "RUN")
+    for key, value in _written(example).items():
+        assert mounts.get(value) == [], f"{key} = {value}: not a writable compose volume"
+        assert value in volumes and re.search(rf"chown \S+ [^&]*{re.escape(value)}\b", owned), key
+    (env_file,) = proxy["env_file"]
+    assert env_file == {"path": "./ocpp-proxy.env", "required": False}
+    assert "deploy/ocpp-proxy.env" in (DEPLOY / "GUIDE.md").read_text()
+
+
+def test_guide_installs_the_files_the_unit_reads() -> None:
+    guide = (DEPLOY / "GUIDE.md").read_text()
+    unit = (DEPLOY / "systemd" / "ocpp-proxy.service").read_text()
+    for source, target in (("deploy/systemd/ocpp-proxy.toml", "/etc/ocpp-proxy/ocpp-proxy.toml"),
+                           ("deploy/systemd/ocpp-proxy.env.example", "/etc/ocpp-proxy/ocpp-proxy.env")):
+        assert f"{source} {target}" in guide and f"{source} {target}" in unit
+        assert target in unit.split("[Service]")[1]
