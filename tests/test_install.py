@@ -97,6 +97,10 @@ def test_wheel_installs_into_a_fresh_venv_like_the_image(tmp_path: Path) -> None
     # The installed package is the venv's copy, not this source tree.
     where = run([str(venv / "bin" / "python"), "-c", "import proxy; print(proxy.__file__)"], cwd=elsewhere, env=env)
     assert where.stdout.strip().startswith(str(venv))
+    # The built-in wallbox maps are package data (proxy/modbus/wallboxes/*.toml): shipped in the wheel.
+    maps = run([str(venv / "bin" / "python"), "-c", "from proxy.modbus.maps import WALLBOXES; print(sorted(WALLBOXES))"],
+               cwd=elsewhere, env=env)
+    assert "'alfen-eve-double'" in maps.stdout and "'heidelberg'" in maps.stdout and "'webasto-next'" in maps.stdout
     broken = elsewhere / "broken.toml"
     broken.write_text('[server]\nlisten = "nowhere"\n')
     refused = subprocess.run([script, "check-config", str(broken)], check=False, cwd=elsewhere, env=env,

@@ -39,6 +39,30 @@ def cross_checks(config: Config, index: LineIndex, failed: frozenset[str] = froz
                                 "cert and key must be given together", index.find("server")))
     problems += _subprotocol_checks(config, index)
     problems += _secondary_checks(config, index)
+    problems += _modbus_checks(config, index)
+    return problems
+
+
+def _modbus_checks(config: Config, index: LineIndex) -> list[Problem]:
+    """Each Modbus wallbox's transport has its address, and its own map file is valid (problems named by
+    the map file's key and line)."""
+    from proxy.config.problems import ConfigError
+    from proxy.modbus.wallboxmap import load_map_file
+
+    problems: list[Problem] = []
+    for i, charger in enumerate(config.modbus_chargers):
+        base = f"modbus_chargers[{i}]"
+        if charger.transport == "rtu" and not charger.serial_port:
+            problems.append(Problem(f"{base}.serial_port", "is required with transport = rtu", index.find(base)))
+        if charger.transport != "rtu" and not charger.modbus:
+            problems.append(Problem(f"{base}.modbus", f"is required with transport = {charger.transport} "
+                                    "(HOST:PORT)", index.find(base)))
+        if charger.map_file:
+            try:
+                load_map_file(charger.map_file)
+            except ConfigError as exc:
+                line = index.find(f"{base}.map_file")
+                problems += [Problem(f"{base}.map_file", p.render(exc.source), line) for p in exc.problems]
     return problems
 
 

@@ -23,6 +23,11 @@ from urllib.parse import quote, urlsplit
 from proxy.core.policy import known_actions
 from proxy.messages.versions import DEFAULT_SUBPROTOCOLS
 
+#: Built-in wallbox maps (proxy/modbus/wallboxes/*.toml), listed here so the schema needs no import of them.
+WALLBOX_MAPS = ("alfen-eve-double", "alfen-eve-single", "heidelberg", "keba-p30x", "mennekes-amtron-compact",
+                "phoenix-ev-cc", "vestel-evc04", "webasto-next")
+_BAUDRATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
+
 Check = Callable[[Any], str | None]
 
 
@@ -239,11 +244,24 @@ class ChargerSettings(ChargerBase):
 class ModbusChargerSettings(ChargerBase):
     """A Modbus-only wallbox the proxy presents to the backend as an OCPP 1.6 charge point."""
 
-    modbus: str = required("the wallbox's Modbus TCP address, HOST:PORT (an RS485 gateway for RTU wallboxes)",
-                           check=listen_address)
-    modbus_unit: int = setting(1, "Modbus unit (device) id", check=non_negative)
-    map: str = setting("heidelberg", "register map: heidelberg (Heidelberg/Amperfied Energy Control)",
-                       choices=("heidelberg",))
+    modbus: str = setting("", "the wallbox's Modbus TCP address HOST:PORT, or its RS485 gateway's (transport "
+                          "rtu-over-tcp); empty with transport = rtu",
+                          check=lambda v: None if v == "" else listen_address(v))
+    modbus_unit: int = setting(0, "Modbus unit (device) id; 0: the map's default (most makes 1 or 255)",
+                               check=lambda v: None if 0 <= v <= 255 else "must be 0-255")
+    map: str = setting("heidelberg", "built-in register map (docs/modbus.md lists them with their sources)",
+                       choices=WALLBOX_MAPS)
+    map_file: str = setting("", "a register map of your own (TOML, the built-in maps' format; relative to this "
+                            "file); replaces map", path=True)
+    transport: str = setting("tcp", "tcp (Modbus TCP), rtu-over-tcp (an RS485 gateway in transparent mode) or "
+                             "rtu (serial_port on this box)", choices=("tcp", "rtu-over-tcp", "rtu"))
+    serial_port: str = setting("", "transport = rtu: the RS485 device, e.g. /dev/ttyUSB0")
+    baudrate: int = setting(9600, "transport = rtu: bits per second (1200-115200)",
+                            check=lambda v: None if v in _BAUDRATES else f"must be one of {_BAUDRATES}")
+    parity: str = setting("N", "transport = rtu: N, E or O", choices=("N", "E", "O"))
+    stopbits: int = setting(1, "transport = rtu: 1 or 2", check=lambda v: None if v in (1, 2) else "must be 1 or 2")
+    frame_gap: float = setting(0.0, "seconds of silence on the bus after every answer before the next request "
+                               "(RS485 turnaround); rtu never goes below 3.5 characters", check=non_negative)
     fixed_id_tag: str = setting("", "idTag for Authorize and StartTransaction when a car plugs in (wallboxes "
                                 "without a reader); empty: charging starts by RemoteStartTransaction only")
     vendor: str = setting("", "chargePointVendor in BootNotification; empty: the map's vendor")

@@ -20,9 +20,10 @@ it never ends the OCPP session.
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -36,12 +37,20 @@ from proxy.core.backoff import Backoff
 from proxy.config import ModbusChargerSettings, parse_listen
 from proxy.wire.local import LocalConnection, local_pair
 from proxy.modbus.chargepoint import Action, Log, Send, SetCurrent, VirtualChargePoint, VirtualSettings
-from proxy.modbus.client import ModbusClient, ModbusError
-from proxy.modbus.maps import WALLBOXES, WallboxMap, WallboxReading
-from proxy.modbus.registers import blocks
+from proxy.modbus.client import ModbusClient, ModbusError, SerialSettings, bus_key
+from proxy.modbus.maps import WALLBOXES
+from proxy.modbus.registers import Block, Field
+from proxy.modbus.wallboxmap import WallboxMap, WallboxReading, load_map_file
 
 #: A session that lasted this long was healthy: the next reconnect starts with a short delay again.
 _HEALTHY_SESSION = 60.0
+#: Silence after each answer through an RS485 gateway unless frame_gap says otherwise (device turnaround).
+_GATEWAY_GAP = 0.005
+
+
+def wallbox_map(charger: ModbusChargerSettings) -> WallboxMap:
+    """The charger's own map file, else the built-in map it names (the config checks made sure both load)."""
+    return load_map_file(charger.map_file) if charger.map_file else WALLBOXES[charger.map]
 
 
 def virtual_settings(charger: ModbusChargerSettings, wallbox: WallboxMap, call_timeout: float) -> VirtualSettings:
@@ -50,25 +59,67 @@ def virtual_settings(charger: ModbusChargerSettings, wallbox: WallboxMap, call_t
         serial_number=charger.serial_number, fixed_id_tag=charger.fixed_id_tag,
         min_current=max(charger.min_current, wallbox.min_current),
         max_current=min(charger.max_current, wallbox.max_current), phases=charger.phases,
-        meter_interval=charger.meter_interval, call_timeout=call_timeout, fault_after=charger.fault_after)
+        meter_interval=charger.meter_interval, call_timeout=call_timeout, fault_after=charger.fault_after,
+        connectors=len(wallbox.connectors))
+
+
+def new_client(charger: ModbusChargerSettings, unit: int) -> ModbusClient:
+    """A client for the charger's transport (shared by every wallbox on the same bus, see :func:`bus_of`)."""
+    serial = None
+    host, port = "", 0
+    if charger.transport == "rtu":
+        serial = SerialSettings(charger.serial_port, charger.baudrate, charger.parity, charger.stopbits)
+    else:
+        host, port = parse_listen(charger.modbus)
+    gap = charger.frame_gap or (_GATEWAY_GAP if charger.transport == "rtu-over-tcp" else 0.0)
+    return ModbusClient(host, port, unit, charger.timeout, transport=charger.transport, serial=serial, frame_gap=gap)
+
+
+def bus_of(charger: ModbusChargerSettings) -> tuple[str, str]:
+    return bus_key(charger.transport, charger.serial_port if charger.transport == "rtu" else charger.modbus)
+
+
+class _WriteFailed(ModbusError):
+    """A write failed; names the register (the cause says why)."""
+
+    def __init__(self, address: int, error: str) -> None:
+        super().__init__(f"write to register {address} failed: {error}")
+        self.address, self.error = address, error
+
+
+@dataclass
+class _Socket:
+    """What the runner keeps per connector: where it is on the bus and what it last wrote."""
+
+    number: int
+    unit: int
+    offset: int
+    blocks: list[Block]
+    set_up: bool = False
+    limit_written: float | None = None      # A, the last value written to the current-limit register
+    limit_written_at: float = -math.inf
+    enable_written: bool | None = None
+    next_keepalive: float = -math.inf
 
 
 class VirtualWallbox:
     def __init__(self, charger: ModbusChargerSettings, open_session: Callable[[LocalConnection], None], *,
                  log: Any, data_dir: str | Path, call_timeout: float = 30.0, retry_max: float = 60.0,
-                 health: Callable[[bool], None] = lambda up: None) -> None:
+                 health: Callable[[bool], None] = lambda up: None,
+                 buses: dict[tuple[str, str], ModbusClient] | None = None) -> None:
         self.charger = charger
-        self.map = WALLBOXES[charger.map]
+        self.map = wallbox_map(charger)
         self.open_session = open_session
         self.log = log
         self.retry_max = retry_max
-        host, port = parse_listen(charger.modbus)
-        self.client = ModbusClient(host, port, charger.modbus_unit, charger.timeout)
+        unit = charger.modbus_unit or self.map.unit
+        buses = {} if buses is None else buses
+        self.client = buses.get(bus_of(charger)) or buses.setdefault(bus_of(charger), new_client(charger, unit))
+        self.sockets = [_Socket(n, c.unit or unit, c.offset, self.map.blocks(c.offset))
+                        for n, c in enumerate(self.map.connectors, start=1)]
         self.core = VirtualChargePoint(virtual_settings(charger, self.map, call_timeout))
-        self._blocks = blocks(self.map.fields)
         self._connection: LocalConnection | None = None
         self._poke = trio.Event()
-        self._set_up = False
         #: Polls made (successful or not), for benchmarks and diagnostics.
         self.polls = 0
         #: Told whether the last poll gave a good reading, when that changes (metrics).
@@ -80,7 +131,7 @@ class VirtualWallbox:
         #: Answers to a SetChargingProfile/ClearChargingProfile that changed the current, held until the
         #: limit register reads back at most that current (the fuse counts a limit only once applied):
         #: (amps, frame text).
-        self._unconfirmed: list[tuple[float, str]] = []
+        self._unconfirmed: list[tuple[int, float, str]] = []  # (connector, amps, frame text)
 
     def reconfigure(self, charger: ModbusChargerSettings) -> None:
         """A reload: the current limits apply from the next poll (the rest needs a restart)."""
@@ -91,8 +142,8 @@ class VirtualWallbox:
 
     async def run(self) -> None:
         """Until cancelled; the session is closed with 1001 on the way out."""
-        self.log.info("virtual_charge_point", modbus=self.charger.modbus, map=self.charger.map,
-                      fixed_id_tag=bool(self.charger.fixed_id_tag))
+        self.log.info("virtual_charge_point", modbus=self.client.where, transport=self.charger.transport,
+                      map=self.map.name, fixed_id_tag=bool(self.charger.fixed_id_tag))
         await self._restore()
         try:
             async with trio.open_nursery() as nursery:
@@ -102,7 +153,7 @@ class VirtualWallbox:
             with trio.CancelScope(shield=True):
                 if self._connection is not None:
                     await self._connection.aclose(closecodes.GOING_AWAY, "proxy shutting down")
-                await self.client.aclose()
+                await self.client.aclose()  # a shared bus reconnects on its next request
 
     # -- OCPP side ---------------------------------------------------------------------
 
@@ -139,10 +190,10 @@ class VirtualWallbox:
                     self._saved = record
                 except OSError as exc:  # charging goes on; only a restart could lose the transaction now
                     self.log.error("virtual_record_write_failed", file=str(self.record_path), error=str(exc))
-        written = [a.amps for a in actions if isinstance(a, SetCurrent)]
+        written = [(a.connector, a.amps) for a in actions if isinstance(a, SetCurrent)]
         for action in actions:
             if isinstance(action, Send) and written and action.text.startswith("[3"):
-                self._unconfirmed.append((written[-1], action.text))  # sent once the register shows it
+                self._unconfirmed.append((*written[-1], action.text))  # sent once the register shows it
             elif isinstance(action, Send):
                 if self._connection is not None:
                     try:
@@ -185,32 +236,53 @@ class VirtualWallbox:
 
     async def _poll_once(self) -> None:
         self.polls += 1
-        now, wall = trio.current_time(), _wall()
-        try:
-            if not self._set_up:
-                for address, value in self.map.setup:
-                    await self.client.write(address, [value])
-                self._set_up = True
-            data = {block: await self.client.read(block.kind, block.address, block.count) for block in self._blocks}
-            reading = self.map.decode(data)
-        except ModbusError as exc:
-            self._set_up = False  # the wallbox may have restarted: its settings again when it is back
-            self._report(False)
-            await self._execute(self.core.read_failed(str(exc), now, wall))
-        except ValueError as exc:
-            self._report(False)
-            await self._execute(self.core.read_failed(f"implausible values: {exc}", now, wall))
-        else:
-            self._report(True)
-            await self._confirm(reading)
-            await self._execute(self.core.read(reading, now, wall))
-            await self._write_current(reading)
+        healthy = True
+        for socket in self.sockets:
+            healthy = await self._poll_socket(socket) and healthy
+        self._report(healthy)
         await self._execute(self.core.tick(trio.current_time(), _wall()))
 
-    async def _confirm(self, reading: WallboxReading) -> None:
-        """Answers whose current the limit register now shows (or less) go out."""
-        due = [text for amps, text in self._unconfirmed if reading.limit <= amps + 0.05]
-        self._unconfirmed = [(amps, text) for amps, text in self._unconfirmed if reading.limit > amps + 0.05]
+    async def _poll_socket(self, socket: _Socket) -> bool:
+        """Set-up, keep-alive, read, then the writes the charge point's decision needs; False if it failed."""
+        now, wall = trio.current_time(), _wall()
+        try:
+            if not socket.set_up:
+                for write in self.map.setup:
+                    await self._write(write.field, write.value, write.write, socket)
+                socket.set_up = True
+            await self._keep_alive(socket)
+            data = {block: await self.client.read(block.kind, block.address, block.count, socket.unit)
+                    for block in socket.blocks}
+            reading = self.map.decode(data, socket.offset)
+        except ModbusError as exc:
+            socket.set_up = False  # the wallbox may have restarted: its settings again when it is back
+            socket.limit_written = socket.enable_written = None
+            await self._execute(self.core.read_failed(str(exc), now, wall, socket.number))
+            return False
+        except ValueError as exc:
+            await self._execute(self.core.read_failed(f"implausible values: {exc}", now, wall, socket.number))
+            return False
+        await self._confirm(socket, reading)
+        await self._execute(self.core.read(reading, now, wall, socket.number))
+        await self._apply(socket, reading)
+        if not self.map.current_limit.readable:
+            await self._confirm(socket, reading)  # nothing to read back: the accepted write counts
+        return True
+
+    async def _confirm(self, socket: _Socket, reading: WallboxReading) -> None:
+        """Answers whose current this connector now applies (or less) go out.
+
+        Applied means read back from the limit register (and the enable coil/register when the
+        map has one); for a register the wallbox cannot report (write only), the accepted write
+        is the best evidence there is.
+        """
+        applied = self._applied(socket, reading)
+        if applied is None:
+            return
+        mine = [(c, amps, text) for c, amps, text in self._unconfirmed if c == socket.number]
+        due = [text for _, amps, text in mine if applied <= amps + 0.05]
+        self._unconfirmed = [(c, amps, text) for c, amps, text in self._unconfirmed
+                             if c != socket.number or applied > amps + 0.05]
         for text in due:
             if self._connection is not None:
                 try:
@@ -218,23 +290,83 @@ class VirtualWallbox:
                 except ConnectionClosed:
                     pass
 
+    def _applied(self, socket: _Socket, reading: WallboxReading) -> float | None:
+        """The current the wallbox applies at this connector, as far as it can tell (None: unknown)."""
+        enable = self.map.enable
+        if enable is not None:
+            on = reading.enabled if enable.readable else socket.enable_written
+            if on is False:
+                return 0.0
+            if on is None:
+                return None
+        return reading.limit if self.map.current_limit.readable else socket.limit_written
+
     def _report(self, healthy: bool) -> None:
         if healthy != self._healthy:
             self._healthy = healthy
             self.health(healthy)
 
-    async def _write_current(self, reading: WallboxReading) -> None:
-        wanted = self.core.current or 0.0  # 0 or within the map's range: virtual_settings bounds the core
-        if abs(reading.limit - wanted) < 0.05:
+    async def _keep_alive(self, socket: _Socket) -> None:
+        keepalive = self.map.keepalive
+        if keepalive is None or trio.current_time() < socket.next_keepalive:
             return
-        field = self.map.current_limit
+        await self._write(keepalive.write.field, keepalive.write.value, keepalive.write.write, socket)
+        socket.next_keepalive = trio.current_time() + keepalive.interval
+
+    async def _write(self, field: Field, value: float, function: str, socket: _Socket) -> None:
+        target = field.shifted(socket.offset)
         try:
-            await self.client.write(field.address, field.encode(wanted))
+            if target.kind == "coil":
+                await self.client.write_coil(target.address, bool(value), socket.unit)
+            else:
+                await self.client.write(target.address, target.encode(value), socket.unit, function)
         except ModbusError as exc:
-            self.log.warning("virtual_write_failed", register=field.address, amps=wanted, error=str(exc))
+            raise _WriteFailed(target.address, str(exc)) from exc
+
+    async def _apply(self, socket: _Socket, reading: WallboxReading) -> None:
+        """Bring the wallbox to the charge point's current: limit register, enable coil/register, or both.
+
+        Charging stops with the enable coil/register when the map has one (before the limit changes),
+        else with the limit's pause value; it starts with the limit first, then the enable. A value
+        the wallbox cannot report back is written when it changes and every ``refresh`` seconds.
+        """
+        wanted = self.core.current_for(socket.number) or 0.0  # 0 or within the map's range (virtual_settings)
+        limit, enable = self.map.current_limit, self.map.enable
+        target = wanted if wanted > 0 else limit.pause
+        try:
+            if enable is not None and wanted <= 0:
+                await self._set_enable(socket, reading, False)
+            if target is not None:
+                await self._set_limit(socket, reading, target, wanted)
+            if enable is not None and wanted > 0:
+                await self._set_enable(socket, reading, True)
+        except _WriteFailed as exc:
+            self.log.warning("virtual_write_failed", register=exc.address, amps=wanted, connector=socket.number,
+                             error=exc.error)
+
+    async def _set_limit(self, socket: _Socket, reading: WallboxReading, target: float, wanted: float) -> None:
+        limit = self.map.current_limit
+        now = trio.current_time()
+        held = reading.limit if limit.readable else socket.limit_written
+        due = limit.refresh > 0 and now - socket.limit_written_at >= limit.refresh
+        if held is not None and abs(held - target) < 0.05 and not due:
             return
-        self.log.info("virtual_current_set", amps=wanted, was=reading.limit)
+        await self._write(limit.field, target, limit.write, socket)
+        socket.limit_written, socket.limit_written_at = target, now
+        if held is None or abs(held - target) >= 0.05:
+            self.log.info("virtual_current_set", amps=wanted, was=held, connector=socket.number)
+            self._poke.set()  # read it back at once: an answer may wait for it
+
+    async def _set_enable(self, socket: _Socket, reading: WallboxReading, on: bool) -> None:
+        enable = self.map.enable
+        assert enable is not None
+        held = reading.enabled if enable.readable else socket.enable_written
+        if held == on:
+            return
+        await self._write(enable.field, enable.on if on else enable.off, enable.write, socket)
+        socket.enable_written = on
         self._poke.set()  # read it back at once: an answer may wait for it
+        self.log.info("virtual_charging_enabled" if on else "virtual_charging_paused", connector=socket.number)
 
 
 def _write_atomically(path: Path, record: dict[str, Any] | None) -> None:

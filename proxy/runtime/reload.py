@@ -45,7 +45,9 @@ def needs_restart(old: Config, new: Config) -> list[str]:
 
 def _virtual_identity(charger: ModbusChargerSettings) -> tuple[Any, ...]:
     """What a running virtual charge point was started with (its load-management keys reload)."""
-    return (charger.id, charger.modbus, charger.modbus_unit, charger.map, charger.fixed_id_tag, charger.vendor,
+    return (charger.id, charger.modbus, charger.modbus_unit, charger.map, charger.map_file, charger.transport,
+            charger.serial_port, charger.baudrate, charger.parity, charger.stopbits, charger.frame_gap,
+            charger.fixed_id_tag, charger.vendor,
             charger.model, charger.serial_number, charger.poll_interval, charger.timeout, charger.fault_after,
             charger.meter_interval)
 

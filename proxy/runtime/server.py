@@ -35,6 +35,7 @@ from proxy.messages.versions import OcppVersion, version_of
 from proxy.runtime.upstream import UpstreamUnavailable, open_upstream
 
 if TYPE_CHECKING:
+    from proxy.modbus.client import ModbusClient
     from proxy.modbus.wallbox import VirtualWallbox
 
 
@@ -48,6 +49,8 @@ class ProxyServer:
         self.sessions: dict[str, PairedSession] = {}
         #: Modbus wallboxes presented as charge points (``[[modbus_chargers]]``), by id.
         self.virtual: dict[str, VirtualWallbox] = {}
+        #: One Modbus client per bus (gateway address or serial port), shared by the wallboxes on it.
+        self.modbus_buses: dict[tuple[str, str], ModbusClient] = {}
         self.ports: list[int] = []
         self._changed = trio.Event()
         self._accepting: trio.CancelScope | None = None
@@ -153,7 +156,8 @@ class ProxyServer:
             virtual = VirtualWallbox(charger, open_session, log=log, data_dir=self.config.offline.data_dir,
                                      call_timeout=self.config.server.call_timeout,
                                      retry_max=self.config.offline.reconnect_max,
-                                     health=functools.partial(self._modbus_wallbox, charger.id))
+                                     health=functools.partial(self._modbus_wallbox, charger.id),
+                                     buses=self.modbus_buses)
             self.virtual[charger.id] = virtual
             try:
                 await virtual.run()

@@ -52,7 +52,7 @@ class Harness:
         return next(f for f in reversed(self.sent) if f[1] == msg_id and f[0] in (3, 4))
 
     def read(self, state: int, amps: float = 0.0, energy: float = 5000.0, limit: float | None = None) -> None:
-        state_info = HEIDELBERG.states[state]
+        state_info = HEIDELBERG.states[0].values[state]
         reading = WallboxReading(state_info, (amps, amps, amps), 3 * 230 * amps, energy,
                                  self.cp.current or 0.0 if limit is None else limit)
         self.run(self.cp.read(reading, self.now, self.wall))
