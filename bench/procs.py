@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,9 +49,9 @@ def wait_listening(port: int, timeout: float, process: subprocess.Popen[Any] | N
             time.sleep(0.02)
 
 
-def _env() -> dict[str, str]:
+def _env(root: Path = ROOT) -> dict[str, str]:
     env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    env["PYTHONPATH"] = str(root) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     return env
 
 
@@ -189,12 +190,22 @@ class Direct(Path_):
 
 
 class OcppProxy(Path_):
-    """``python -m proxy run`` from this checkout, as an operator would run it."""
+    """``python -m proxy run`` from this checkout, as an operator would run it.
+
+    With ``root``, from another checkout instead (the ``baseline`` path: before and after a change,
+    side by side in one run, with this checkout's interpreter and libraries).
+    """
 
     name = "proxy"
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, root: Path = ROOT, name: str = "proxy", *,
+                 wrapper: Sequence[str] = (), start_timeout: float = 30.0) -> None:
         self.workdir = workdir
+        self.root = root
+        self.name = name
+        #: A command the proxy runs under (valgrind for bench.instructions), and the wait for it to listen.
+        self.wrapper = list(wrapper)
+        self.start_timeout = start_timeout
         self.process: subprocess.Popen[bytes] | None = None
         self._log: Any = None
 
@@ -208,10 +219,10 @@ class OcppProxy(Path_):
             f'[offline]\ndata_dir = "{self.workdir / "data"}"\n'
             f'[log]\nformat = "json"\n')
         self._log = open(self.workdir / "proxy.log", "ab")
-        self.process = subprocess.Popen([sys.executable, "-m", "proxy", "run", "--config", str(config)],
-                                        stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-                                        cwd=ROOT, env=_env())
-        wait_listening(self.port, 30, self.process)
+        self.process = subprocess.Popen(
+            [*self.wrapper, sys.executable, "-m", "proxy", "run", "--config", str(config)],
+            stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, cwd=self.root, env=_env(self.root))
+        wait_listening(self.port, self.start_timeout, self.process)
 
     def targets(self, count: int) -> list[tuple[int, str]]:
         return [(self.port, f"/ocpp/{identity(n)}") for n in range(count)]
@@ -224,7 +235,7 @@ class OcppProxy(Path_):
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
-                self.process.wait(30)
+                self.process.wait(self.start_timeout)
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()

@@ -5,7 +5,11 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-PATHS = ("direct", "proxy", "websocat")
+PATHS = ("direct", "baseline", "proxy", "websocat")
+TITLES = {"direct": "direct", "baseline": "ocpp-proxy before (baseline)", "proxy": "ocpp-proxy",
+          "websocat": "websocat"}
+#: The two proxy columns: this checkout and, with --baseline, another one.
+PROXIES = ("baseline", "proxy")
 KIND_NAMES = {"hb": "Heartbeat (22-28 B)", "mv": "MeterValues (1024 B)"}
 
 
@@ -71,6 +75,7 @@ def targets(document: dict[str, Any]) -> list[dict[str, Any]]:
     direct_rps = _get(document, "saturate_100", "direct", "round_trips_per_s")
     share = proxy_rps / direct_rps * 100 if proxy_rps and direct_rps else None
     add("saturation throughput ≥ 50 % of direct, 100 connections", share, 50.0, "%", higher_is_better=True)
+    _relay_targets(document, add)
     for count in ("1000", "10000"):
         per = _get(document, f"idle_{count}", "proxy", "per_connection_bytes")
         add(f"≤ 40 KiB RSS per idle paired connection ({count})", per / 1024 if per is not None else None,
@@ -87,6 +92,52 @@ def targets(document: dict[str, Any]) -> list[dict[str, Any]]:
         rows.append({"target": "10 000 paired connections in one process", "measured": None, "unit": "pairs",
                      "status": "not measured"})
     return rows
+
+
+def _relay_targets(document: dict[str, Any], add: Any) -> None:
+    """Issue 23: as fast as websocat (the Rust relay) on the same host, in the same run."""
+    for count in ("100", "1000"):
+        proxy = _get(document, f"saturate_{count}", "proxy", "round_trips_per_s")
+        websocat = _get(document, f"saturate_{count}", "websocat", "round_trips_per_s")
+        add(f"saturation ≥ 1.0× websocat, {count} wallboxes", proxy / websocat if proxy and websocat else None,
+            1.0, "×", higher_is_better=True)
+    proxy = _get(document, "saturate_100", "proxy", "relay_cpu_us_per_frame")
+    websocat = _get(document, "saturate_100", "websocat", "relay_cpu_us_per_frame")
+    add("relay CPU per forwarded frame ≤ 1.2× websocat's, saturation, 100 wallboxes",
+        proxy / websocat if proxy and websocat else None, 1.2, "×")
+    added = _added_p50(document, "proxy", "hb")
+    add("added p50 ≤ 0.15 ms at 1 wallbox × 1/s, Heartbeat", added, 150.0, "µs")
+
+
+def _added_p50(document: dict[str, Any], path: str, kind: str) -> float | None:
+    relayed = _get(document, "rate_1", path, "latency_us", kind, "p50")
+    direct = _get(document, "rate_1", "direct", "latency_us", kind, "p50")
+    return relayed - direct if relayed is not None and direct is not None else None
+
+
+def before_after(document: dict[str, Any]) -> list[str]:
+    """With a baseline path: the relay figures of both checkouts next to websocat's, from one run."""
+    results = document["results"]
+    if not any("baseline" in row for row in results.values()):
+        return []
+    out = ["## Before / after (baseline checkout vs this one, same run, interleaved)", "",
+           "| measure | before (baseline) | after (this checkout) | websocat |", "|---|---|---|---|"]
+    for count in ("1", "100", "1000"):
+        row = results.get(f"saturate_{count}", {})
+        ws = _val(row, "websocat", "round_trips_per_s")
+        cells = [_num(v) + (f" ({v / ws:.2f}× websocat)" if v and ws else "")
+                 for v in (_val(row, p, "round_trips_per_s") for p in PROXIES)]
+        if row:
+            out.append(f"| saturation, {count} wallboxes (round trips/s) | {' | '.join(cells)} | {_num(ws)} |")
+        cpu = [_val(row, p, "relay_cpu_us_per_frame") for p in (*PROXIES, "websocat")]
+        if row:
+            out.append(f"| relay µs CPU / forwarded frame, saturation {count} | "
+                       + " | ".join(_num(c, "{:.1f}") + (f" ({c / cpu[2]:.2f}× websocat)" if c and cpu[2] and i < 2
+                                                         else "") for i, c in enumerate(cpu)) + " |")
+    for kind, name in KIND_NAMES.items():
+        added = [_added_p50(document, p, kind) for p in (*PROXIES, "websocat")]
+        out.append(f"| added p50 at 1 wallbox × 1/s, {name} (ms) | " + " | ".join(_ms(a) for a in added) + " |")
+    return out + [""]
 
 
 # --- Markdown -------------------------------------------------------------------------------------
@@ -128,23 +179,26 @@ def markdown(document: dict[str, Any]) -> str:
             f"{s['loadgen_procs']} load generator process(es) in saturation runs", ""]
     results = document["results"]
 
-    out += ["## Targets (issue 9, 2-core box)", "", "| target | measured | status |", "|---|---|---|"]
+    out += ["## Targets (issues 9 and 23, 2-core box)", "", "| target | measured | status |", "|---|---|---|"]
     for row in document["targets"]:
         measured = "–" if row["measured"] is None else f"{row['measured']:,.1f} {row['unit']}"
         out.append(f"| {row['target']} | {measured} | {row['status']} |")
     out.append("")
 
+    out += before_after(document)
+    paths = [p for p in PATHS if any(p in row for row in results.values())]
+    titles = " | ".join(TITLES[p] for p in paths)
     rate_keys = sorted((k for k in results if k.startswith("rate_")), key=lambda k: int(k.split("_")[1]))
     if rate_keys:
         out += ["## Round-trip latency at 1 CALL/s per wallbox (ms)", "",
                 "CALL → CALLRESULT as the wallbox sees it; p50 / p99 / max. *added* = proxy − direct.", "",
-                "| wallboxes | CALL | direct | ocpp-proxy | websocat | proxy added p50 / p99 | samples |",
-                "|---|---|---|---|---|---|---|"]
+                f"| wallboxes | CALL | {titles} | proxy added p50 / p99 | samples |",
+                "|---|---|" + "---|" * len(paths) + "---|---|"]
         for key in rate_keys:
             row = results[key]
             for kind, kind_name in KIND_NAMES.items():
                 cells = []
-                for path in PATHS:
+                for path in paths:
                     cells.append(_cell(row.get(path), lambda r: " / ".join(
                         _ms(r["latency_us"][kind][q]) for q in ("p50", "p99", "max"))))
                 d = _lat(row, "direct", kind)
@@ -167,16 +221,16 @@ def markdown(document: dict[str, Any]) -> str:
         out += ["## Saturation (closed loop: next CALL when the answer is in)", "",
                 "Round trips per second (each is two forwarded frames); in brackets: share of direct. "
                 "p50 / p99 latency in ms.", "",
-                "| wallboxes | direct | ocpp-proxy | websocat | direct p50/p99 | proxy p50/p99 | websocat p50/p99 |",
-                "|---|---|---|---|---|---|---|"]
+                f"| wallboxes | {titles} | " + " | ".join(f"{TITLES[p]} p50/p99" for p in paths) + " |",
+                "|---|" + "---|" * (2 * len(paths))]
         for key in sat_keys:
             row = results[key]
             base = _val(row, "direct", "round_trips_per_s")
             cells = [_cell(row.get(p), lambda r: f"{r['round_trips_per_s']:,.0f}"
                            + (f" ({r['round_trips_per_s'] / base * 100:.0f} %)" if base and p != "direct" else ""))
-                     for p in PATHS]
+                     for p in paths]
             lat = [_cell(row.get(p), lambda r: f"{_ms(r['latency_us']['hb']['p50'])} / "
-                                               f"{_ms(r['latency_us']['hb']['p99'])}") for p in PATHS]
+                                               f"{_ms(r['latency_us']['hb']['p99'])}") for p in paths]
             out.append(f"| {key.split('_')[1]} | {' | '.join(cells)} | {' | '.join(lat)} |")
         out += ["", _ceiling(results, sat_keys)]
         out += ["", "### CPU during saturation", "",

@@ -2,6 +2,7 @@
 
     python -m bench                 # the full suite (about 15 minutes on 2 cores)
     python -m bench --quick         # small counts and short windows (a few minutes)
+    python -m bench --baseline DIR  # also run the proxy of another checkout (before / after, one run)
 
 Writes ``bench/results/<date>-<host>.md`` and ``.json`` (and ``latest.*``).
 See bench/README.md for what each scenario measures.
@@ -53,6 +54,8 @@ class Settings:
     #: websocat is one process per identity: beyond this many it is not run.
     websocat_max: int = 1000
     paths: tuple[str, ...] = ("direct", "proxy", "websocat")
+    #: Another checkout whose proxy runs as the ``baseline`` path, interleaved with this one.
+    baseline: str | None = None
     loadgen_procs: int = 1
     #: Limit change → SetChargingProfile (bench/limit_latency.py); 0 wallboxes skips it.
     limit_wallboxes: int = 100
@@ -232,7 +235,7 @@ def run_idle(suite: Suite) -> None:
             if name == "websocat" and count > settings.websocat_max:
                 continue
             wanted = count
-            if name == "proxy":
+            if isinstance(path, OcppProxy):
                 # Two sockets per pair plus a few: the hard open-file limit may not allow `count`.
                 limit = raise_nofile()
                 wanted = min(count, (limit - 64) // 2)
@@ -281,6 +284,11 @@ def build_paths(settings: Settings, work: Path, notes: list[str]) -> dict[str, P
             paths[name] = Direct()
         elif name == "proxy":
             paths[name] = OcppProxy(work)
+        elif name == "baseline":
+            if settings.baseline is None:
+                raise SystemExit("the baseline path needs --baseline DIR (another checkout)")
+            (work / "baseline").mkdir(exist_ok=True)
+            paths[name] = OcppProxy(work / "baseline", Path(settings.baseline).resolve(), "baseline")
         elif name == "websocat":
             binary = websocat_binary()
             if binary is None:
@@ -342,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts, short windows, one run")
     parser.add_argument("--repeats", type=int, help="runs per scenario (median reported)")
-    parser.add_argument("--paths", help="comma-separated subset of direct,proxy,websocat")
+    parser.add_argument("--paths", help="comma-separated subset of direct,baseline,proxy,websocat")
+    parser.add_argument("--baseline", help="another checkout of ocpp-proxy, run as the 'baseline' path "
+                                           "next to this one (e.g. git worktree add /tmp/base main)")
     parser.add_argument("--only", help="comma-separated subset of rate,saturate,setup,idle,limits")
     parser.add_argument("--counts", help="comma-separated wallbox counts for the rate and saturation scenarios")
     parser.add_argument("--loadgen-procs", type=int, help="load generator processes in saturation runs")
@@ -351,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
     settings = quick_settings() if args.quick else Settings()
     if args.repeats:
         settings.repeats = args.repeats
+    if args.baseline:
+        settings.baseline = args.baseline
+        settings.paths = ("direct", "baseline", "proxy", "websocat")
     if args.paths:
         settings.paths = tuple(args.paths.split(","))
     if args.counts:

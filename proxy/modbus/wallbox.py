@@ -30,9 +30,9 @@ from typing import Any
 from urllib.parse import quote
 
 import trio
-from trio_websocket import ConnectionClosed
 
 from proxy.wire import closecodes
+from proxy.wire.errors import ConnectionClosed
 from proxy.core.backoff import Backoff
 from proxy.config import ModbusChargerSettings, parse_listen
 from proxy.wire.local import LocalConnection, local_pair

@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import trio
-from trio_websocket import ConnectionClosed
 
 from proxy.wire import closecodes
+from proxy.wire.errors import ConnectionClosed, MessageTooBig
 from proxy.core.backoff import Backoff
 from proxy.messages.ocppj import Frame, MessageType, build_error, classify
 from proxy.core.admission import Refuse
@@ -58,7 +58,7 @@ OUTBOX_LIMIT = 64
 
 
 class Connection(Protocol):
-    """What the relay needs of a WebSocket (trio-websocket's connection fits)."""
+    """What the relay needs of a WebSocket (:mod:`proxy.wire.connection`, :mod:`proxy.wire.local`)."""
 
     async def get_message(self) -> str | bytes: ...
     async def send_message(self, message: str | bytes) -> None: ...
@@ -103,10 +103,17 @@ class SessionSettings:
 
 
 class _Violation(Exception):
+    """A leg broke the rules (a frame the relay refuses): closed with ``code``, the pair told why."""
+
     def __init__(self, code: int, reason: str) -> None:
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+    @staticmethod
+    def of(exc: _Violation | MessageTooBig) -> _Violation:
+        """The wire refused a message over the size limit (a 1009 this side sent, not the peer)."""
+        return exc if isinstance(exc, _Violation) else _Violation(exc.reason.code, exc.reason.reason or "")
 
 
 class Outbox:
@@ -282,15 +289,10 @@ class PairedSession:
     async def _guard(self, side: str, pump: Callable[..., Awaitable[None]], *args: Any) -> None:
         try:
             await pump(*args)
+        except (_Violation, MessageTooBig) as exc:
+            await self._violation(side, _Violation.of(exc))
         except ConnectionClosed as exc:
-            code = int(exc.reason.code) if exc.reason else 1006
-            reason = (exc.reason.reason if exc.reason else None) or ""
-            if code == closecodes.MESSAGE_TOO_BIG and reason.startswith("Exceeded maximum"):
-                await self._violation(side, _Violation(code, reason))
-            else:
-                await self._end(side, code, reason, mirror=True)
-        except _Violation as exc:
-            await self._violation(side, exc)
+            await self._end(side, exc.reason.code, exc.reason.reason or "", mirror=True)
 
     async def _pump_wallbox(self) -> None:
         get, receive = self.wallbox.get_message, self.session.from_wallbox
@@ -350,12 +352,12 @@ class PairedSession:
                 link.start_soon(self._replay)
             try:
                 await self._pump_upstream(name, connection)
+            except (_Violation, MessageTooBig) as exc:
+                violation = _Violation.of(exc)
+                await self._violation(name, violation)  # ends the pair when offline mode is off
+                closed = (violation.code, violation.reason)
             except ConnectionClosed as exc:
-                closed = (int(exc.reason.code) if exc.reason else 1006,
-                          (exc.reason.reason if exc.reason else None) or "")
-            except _Violation as exc:
-                await self._violation(name, exc)  # ends the pair when offline mode is off
-                closed = (exc.code, exc.reason)
+                closed = (exc.reason.code, exc.reason.reason or "")
             link.cancel_scope.cancel()
         code, reason = closed or (closecodes.GOING_AWAY, "")
         if self._ending:
@@ -482,7 +484,7 @@ class PairedSession:
         if not isinstance(message, str):
             raise _Violation(closecodes.UNSUPPORTED_DATA, "binary frames are not OCPP-J")
         limit = self.settings.max_message_bytes
-        # trio-websocket limits characters; a UTF-8 frame can be up to 4x longer in bytes.
+        # The wire parser limits bytes already; an in-process leg (wire.local) does not.
         if len(message) * 4 > limit and len(message.encode("utf-8")) > limit:
             raise _Violation(closecodes.MESSAGE_TOO_BIG, f"frame over {limit} bytes")
         return message

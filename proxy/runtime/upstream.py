@@ -14,9 +14,9 @@ from contextlib import asynccontextmanager
 from urllib.parse import urlsplit
 
 import trio
-import trio_websocket
 
 from proxy.wire import connection as wsconn
+from proxy.wire.errors import ConnectionRejected, HandshakeError
 from proxy.config import UpstreamTarget
 
 Stream = trio.SocketStream | trio.SSLStream[trio.SocketStream]
@@ -112,10 +112,10 @@ async def _websocket(stream: Stream, target: UpstreamTarget, host: str, resource
             connection = await wsconn.wrap_client_stream(
                 stream, host, resource, subprotocols=list(subprotocols), extra_headers=auth_headers(target),
                 max_message_size=max_message_size, close_timeout=close_timeout)
-        except trio_websocket.ConnectionRejected as exc:
+        except ConnectionRejected as exc:
             status = exc.status_code if 400 <= exc.status_code < 500 else 502
             raise UpstreamUnavailable(f"backend refused the handshake with HTTP {exc.status_code}", status) from exc
-        except trio_websocket.HandshakeError as exc:
+        except HandshakeError as exc:
             if str(exc).startswith(_UNOFFERED):  # wsproto checks the answer against what was offered
                 raise UpstreamUnavailable(f"backend chose a subprotocol that was not offered "
                                           f"({str(exc)[len(_UNOFFERED):].strip()[:40]!r}; offered: "

@@ -1,32 +1,34 @@
 """Lean WebSocket connections for the relay (trio): the ``relay.Connection`` protocol.
 
-Why not trio-websocket on the hot path: per frame it runs a reader task, a
-memory channel hop, a lock, wsproto's event objects and generators, and a 4 KiB
-receive buffer; profiles of the proxy at saturation showed that machinery
-taking most of the CPU. Here there is no task per connection: the caller of
-:meth:`WsConnection.get_message` reads the socket itself (answering pings and
-closes on the way), and :meth:`WsConnection.send_message` writes straight to
-the socket when it can take the bytes, waiting for writability only when not.
-Plain TCP connections use the socket directly; other streams (TLS) go through
+Why not a general-purpose stack (trio-websocket) on the hot path: per frame it
+runs a reader task, a memory channel hop, a lock, wsproto's event objects and
+generators, and a 4 KiB receive buffer; profiles of the proxy at saturation
+showed that machinery taking most of the CPU. Here there is no task per
+connection: the caller of :meth:`WsConnection.get_message` reads the socket
+itself (answering pings and closes on the way), and
+:meth:`WsConnection.send_message` writes straight to the socket when it can
+take the bytes, waiting for writability only when not. Plain TCP connections
+use the socket directly; other streams (TLS) go through
 ``receive_some``/``send_all``. All connections share one receive buffer: trio
 runs one task at a time and the bytes are copied out before any await.
 
-The surface is trio-websocket's, so callers and tests keep working: the same
-exceptions (:class:`~trio_websocket.ConnectionClosed` with a ``CloseReason``,
-``HandshakeError``, ``ConnectionRejected``, ``ConnectionTimeout``,
-``DisconnectionTimeout``), ``wrap_server_stream`` returning a request with
-``path``/``headers``/``proposed_subprotocols``/``accept``/``reject``, and
-``open_websocket_url``. The HTTP upgrade itself is wsproto's.
+Errors are the proxy's own (:mod:`proxy.wire.errors`): a closed connection
+raises :class:`ConnectionClosed` with a :class:`CloseReason`; when this side
+closed it because the peer broke RFC 6455 the exception is a
+:class:`ProtocolViolation`, and :class:`MessageTooBig` for a message over
+``max_message_size``. ``wrap_server_stream`` returns a request with
+``path``/``headers``/``proposed_subprotocols``/``accept``/``reject``;
+``open_websocket_url`` is a client for the duration of a block. The HTTP
+upgrade itself is wsproto's.
 
-Behaviour kept from trio-websocket: a peer's close is answered and reported as
-its code and reason (1005 when it gave none); a dropped TCP connection is 1006;
-a message over ``max_message_size`` closes with 1009 "Exceeded maximum message
-size"; a protocol error (1002) or invalid UTF-8 (1007) is sent to the peer
-(trio-websocket only dropped the TCP connection) and reported to the caller
-with its code; after a local close, pending and later messages
+Behaviour: a peer's close is answered and reported as its code and reason
+(1005 when it gave none); a dropped TCP connection is 1006; a message over
+``max_message_size`` is refused with 1009 as soon as its header arrives; a
+protocol error (1002) or invalid UTF-8 (1007) is sent to the peer and reported
+to the caller with its code; after a local close, pending and later messages
 are dropped, and a reader blocked in get_message keeps reading until the peer
 answers the close (then raises ConnectionClosed). Pings are answered only while
-someone reads (as with trio-websocket's queue of one).
+someone reads.
 """
 
 from __future__ import annotations
@@ -40,35 +42,40 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import NoReturn, cast
+from typing import NoReturn
 
 import h11
 import trio
-from trio_websocket import (
-    CloseReason,
-    ConnectionClosed,
-    ConnectionRejected,
-    ConnectionTimeout,
-    DisconnectionTimeout,
-    HandshakeError,
-)
 from wsproto import ConnectionType
 from wsproto.events import AcceptConnection, RejectConnection, RejectData, Request
 from wsproto.handshake import H11Handshake
 from wsproto.utilities import ProtocolError
 
 from proxy.wire import codec
-from proxy.wire.codec import BINARY, CLOSE, PING, PONG, TEXT, VIOLATION
+from proxy.wire.codec import Close, Event, Opcode, Ping, Pong, TextMessage, Violation
+from proxy.wire.errors import (
+    CloseReason,
+    ConnectionClosed,
+    ConnectionRejected,
+    ConnectionTimeout,
+    DisconnectionTimeout,
+    HandshakeError,
+    MessageTooBig,
+    ProtocolViolation,
+)
 
 __all__ = ["CloseReason", "ConnectionClosed", "ConnectionRejected", "ConnectionTimeout",
-           "DisconnectionTimeout", "HandshakeError", "HandshakeFailed", "WsConnection", "WsRequest",
-           "open_websocket_url", "read_request", "wrap_client_stream", "wrap_server_stream"]
+           "DisconnectionTimeout", "HandshakeError", "HandshakeFailed", "MessageTooBig", "ProtocolViolation",
+           "WsConnection", "WsRequest", "open_websocket_url", "read_request", "wrap_client_stream",
+           "wrap_server_stream"]
 
 RECEIVE_SIZE = 262_144
 _buffer = bytearray(RECEIVE_SIZE)
 _view = memoryview(_buffer)
 _ABNORMAL = 1006
 _HANDSHAKE_LIMIT = 65_536
+_TEXT, _BINARY, _CLOSE, _PING, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CLOSE, Opcode.PING, Opcode.PONG
+_encode = codec.encode
 
 
 class WsConnection:
@@ -91,10 +98,15 @@ class WsConnection:
         # empty deque costs 760 bytes per connection against a list's 56.
         self._messages: list[str | bytes] = []
         self._reason: CloseReason | None = None
+        #: What get_message raises once closed: a ProtocolViolation when this side refused the peer.
+        self._closed_by: type[ConnectionClosed] = ConnectionClosed
         self._close_sent = False
         self._close_seen = trio.Event()
         self._reading = False
-        self._send_lock = trio.Lock()
+        # One writer at a time (a frame is never interleaved with another); a flag, not a
+        # trio.Lock, because the uncontended check runs for every frame sent.
+        self._writing = False
+        self._write_waiters = trio.lowlevel.ParkingLot()
         self._pings: OrderedDict[bytes, trio.Event] = OrderedDict()
         self._stream_closed = False
         self._leftover = leftover
@@ -110,7 +122,7 @@ class WsConnection:
         messages = self._messages
         while not messages:
             if self._close_seen.is_set():
-                raise ConnectionClosed(self._reason)
+                raise self._closed_by(self._reason or CloseReason(_ABNORMAL, None))
             if self._reading:  # aclose() is reading until the peer answers its close
                 await self._close_seen.wait()
                 continue
@@ -131,7 +143,12 @@ class WsConnection:
         if not data:
             self._lost()
             return
-        await self._handle(self._parser.feed(data))
+        for event in self._parser.feed(data):
+            if type(event) is TextMessage:  # the common case, without a call
+                if self._reason is None or not self._close_sent:
+                    self._messages.append(event.text)
+            else:
+                await self._handle(event)
 
     async def _receive(self) -> bytes:
         raw = self._raw
@@ -145,20 +162,23 @@ class WsConnection:
                 continue
             return _view[:n].tobytes()
 
-    async def _handle(self, events: list[codec.Event]) -> None:
-        for opcode, value in events:
-            if opcode == TEXT or opcode == BINARY:
+    async def _handle(self, event: Event) -> None:
+        match event:
+            case TextMessage(text):
                 if self._reason is None or not self._close_sent:
-                    self._messages.append(value)  # type: ignore[arg-type]
-            elif opcode == PING:
+                    self._messages.append(text)
+            case codec.BinaryMessage(data):
+                if self._reason is None or not self._close_sent:
+                    self._messages.append(data)
+            case Ping(payload):
                 if not self._close_sent:
-                    await self._send_frame(PONG, value)  # type: ignore[arg-type]
-            elif opcode == PONG:
-                self._pong(value)  # type: ignore[arg-type]
-            elif opcode == CLOSE:
-                await self._peer_closed(*cast(tuple[int, str], value))
-            elif opcode == VIOLATION:
-                await self._violation(*cast(tuple[int, str], value))
+                    await self._write(_encode(_PONG, payload, self.is_client))
+            case Pong(payload):
+                self._pong(payload)
+            case Close(code, reason):
+                await self._peer_closed(code, reason)
+            case Violation():
+                await self._violation(event)
 
     def _pong(self, payload: bytes) -> None:
         """A pong answers its ping and every ping sent before it."""
@@ -174,7 +194,7 @@ class WsConnection:
         if not self._close_sent:
             self._close_sent = True
             try:
-                await self._write(codec.encode(CLOSE, codec.close_payload(code, reason), self.is_client))
+                await self._write(_encode(_CLOSE, codec.close_payload(code, reason), self.is_client))
             except ConnectionClosed:
                 pass
 
@@ -185,12 +205,13 @@ class WsConnection:
         self._finish()
         await self._close_stream()
 
-    async def _violation(self, code: int, reason: str) -> None:
+    async def _violation(self, violation: Violation) -> None:
         if self._reason is None:
-            self._reason = CloseReason(code, reason)
-        await self._send_close_once(code, reason)
+            self._reason = CloseReason(violation.code, violation.reason)
+            self._closed_by = MessageTooBig if violation.too_big else ProtocolViolation
+        await self._send_close_once(violation.code, violation.reason)
         self._finish()
-        if code != codec.MESSAGE_TOO_BIG:
+        if not violation.too_big:  # (the relay closes a too-big leg itself, and logs why)
             await self._close_stream()
 
     def _lost(self) -> None:
@@ -211,9 +232,9 @@ class WsConnection:
         if self._reason is not None or self._close_sent:
             raise ConnectionClosed(self._reason or CloseReason(1000, None))
         if isinstance(message, str):
-            await self._write(codec.encode(TEXT, message.encode("utf-8"), self.is_client))
+            await self._write(_encode(_TEXT, message.encode("utf-8"), self.is_client))
         elif isinstance(message, bytes):
-            await self._write(codec.encode(BINARY, message, self.is_client))
+            await self._write(_encode(_BINARY, message, self.is_client))
         else:
             raise ValueError("message must be str or bytes")
 
@@ -227,21 +248,18 @@ class WsConnection:
             raise ValueError(f"Payload value {payload!r} is already in flight.")
         event = trio.Event()
         self._pings[payload] = event
-        await self._send_frame(PING, payload)
+        await self._write(_encode(_PING, payload, self.is_client))
         await event.wait()
         if self._reason is not None and self._close_seen.is_set():
             raise ConnectionClosed(self._reason)
-
-    async def _send_frame(self, opcode: int, payload: bytes) -> None:
-        await self._write(codec.encode(opcode, payload, self.is_client))
 
     async def _write(self, data: bytes) -> None:
         """Write all of ``data``; without waiting when the socket takes it at once."""
         if self._stream_closed:
             raise ConnectionClosed(self._reason or CloseReason(_ABNORMAL, None))
         raw = self._raw
-        lock = self._send_lock
-        if raw is not None and not lock.locked():
+        rest = memoryview(data)
+        if raw is not None and not self._writing:
             try:
                 sent = raw.send(data)
             except (BlockingIOError, InterruptedError):
@@ -250,22 +268,25 @@ class WsConnection:
                 self._broken()
             if sent == len(data):
                 return
-            lock.acquire_nowait()
-            try:
-                await self._write_rest(raw, memoryview(data)[sent:])
-            finally:
-                lock.release()
-            return
-        async with lock:
+            rest = rest[sent:]
+            self._writing = True  # taken before any await: the rest of this frame goes next
+        else:
+            while self._writing:
+                await self._write_waiters.park()
             if self._stream_closed:
                 raise ConnectionClosed(self._reason or CloseReason(_ABNORMAL, None))
+            self._writing = True
+        try:
             if raw is not None:
-                await self._write_rest(raw, memoryview(data))
+                await self._write_rest(raw, rest)
                 return
             try:
-                await self.stream.send_all(data)
+                await self.stream.send_all(rest)
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 self._broken()
+        finally:
+            self._writing = False
+            self._write_waiters.unpark()
 
     async def _write_rest(self, raw: socket.socket, rest: memoryview) -> None:
         while rest:
@@ -303,8 +324,7 @@ class WsConnection:
             if not self._close_sent:
                 self._close_sent = True
                 try:
-                    await self._write(codec.encode(CLOSE, codec.close_payload(code, reason or ""),
-                                                      self.is_client))
+                    await self._write(_encode(_CLOSE, codec.close_payload(code, reason or ""), self.is_client))
                 except ConnectionClosed:
                     return
             with trio.move_on_after(self.close_timeout):
@@ -441,7 +461,7 @@ async def wrap_server_stream(nursery: trio.Nursery | None, stream: trio.abc.Stre
                              max_message_size: int = 1_048_576, close_timeout: float = 5.0) -> WsRequest | None:
     """Read the upgrade request; None when the peer hung up or sent no valid request.
 
-    (``nursery`` is accepted for trio-websocket's signature; no task is started.)
+    (``nursery`` is accepted for the signature callers know from trio-websocket; no task is started.)
     :func:`read_request` says why there was none.
     """
     request = await read_request(stream, max_message_size=max_message_size, close_timeout=close_timeout)
@@ -575,7 +595,12 @@ async def open_websocket_url(url: str, ssl_context: ssl.SSLContext | None = None
                              subprotocols: Sequence[str] = (), extra_headers: list[tuple[bytes, bytes]] | None = None,
                              max_message_size: int = 1_048_576, connect_timeout: float = 60.0,
                              disconnect_timeout: float = 60.0) -> AsyncIterator[WsConnection]:
-    """A client connection for the duration of the block (trio-websocket's errors and timeouts)."""
+    """A client connection for the duration of the block.
+
+    Raises ConnectionTimeout when the handshake takes longer than ``connect_timeout``,
+    HandshakeError when it fails, DisconnectionTimeout when closing takes longer than
+    ``disconnect_timeout``.
+    """
     host, port, resource, context = _url_to_host(url, ssl_context)
     try:
         with trio.fail_after(connect_timeout):

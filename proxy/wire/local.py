@@ -18,7 +18,7 @@ import math
 from dataclasses import dataclass
 
 import trio
-from trio_websocket import CloseReason, ConnectionClosed
+from proxy.wire.errors import CloseReason, ConnectionClosed
 
 
 @dataclass

@@ -181,6 +181,41 @@ async def test_binary_and_oversized_frames_close_with_right_code(
     assert events(logs, "frame_refused")[0]["code"] == code
 
 
+async def test_a_wallbox_closing_with_1009_is_mirrored_not_taken_for_the_proxys_own_refusal(
+        peers: LoopThread, backend: SimBackend, start_proxy: StartProxy) -> None:
+    """The relay knows its own 1009 by the exception's type, not by the reason text the peer chose."""
+    server = await start_proxy(backend_config(backend))
+    with capture_logs() as logs:
+        handle = await in_loop(peers, connect_wallbox(proxy_url(server, "CP1"), "CP1"))
+        await in_loop(peers, handle.close(1009, "Exceeded maximum message size: 10 bytes"))
+        upstream = backend.handlers["CP1"]._connection.websocket
+        await in_loop(peers, upstream.wait_closed())
+        with trio.fail_after(10):
+            await server.wait_sessions(0)
+    assert (upstream.close_code, upstream.close_reason) == (1009, "Exceeded maximum message size: 10 bytes")
+    assert events(logs, "frame_refused") == []
+    closed = events(logs, "session_closed")
+    assert closed[0]["closed_by"] == "wallbox" and closed[0]["code"] == 1009
+
+
+async def test_an_oversized_frame_from_the_backend_is_refused_by_the_proxy(
+        peers: LoopThread, backend: SimBackend, start_proxy: StartProxy) -> None:
+    server = await start_proxy(backend_config(backend, "max_message_bytes = 1000")
+                               + "[offline]\nenabled = false\n")
+    with capture_logs() as logs:
+        handle = await in_loop(peers, connect_wallbox(proxy_url(server, "CP1"), "CP1"))
+        upstream = backend.handlers["CP1"]._connection.websocket
+        await in_loop(peers, upstream.send('[2,"b1","DataTransfer",{"data":"' + "x" * 2000 + '"}]'))
+        await in_loop(peers, upstream.wait_closed())
+        await in_loop(peers, handle.websocket.wait_closed())
+        with trio.fail_after(10):
+            await server.wait_sessions(0)
+    assert upstream.close_code == 1009
+    assert handle.websocket.close_code == 1001 and "1009" in handle.websocket.close_reason
+    refused = events(logs, "frame_refused")
+    assert refused and refused[0]["side"] == "primary" and refused[0]["code"] == 1009
+
+
 async def test_reconnecting_wallbox_replaces_old_session(peers: LoopThread, backend: SimBackend,
                                                          start_proxy: StartProxy) -> None:
     server = await start_proxy(backend_config(backend))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
-from trio_websocket import ConnectionClosed
+from proxy.wire.errors import ConnectionClosed
 
 from proxy.wire.local import local_pair
 

@@ -15,18 +15,20 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
 
 from proxy.wire.codec import (
-    BINARY,
-    CLOSE,
-    PING,
-    PONG,
-    TEXT,
-    VIOLATION,
+    BinaryMessage,
+    Close,
+    Event,
     FrameParser,
+    Opcode,
+    Ping as PingEvent,
+    TextMessage as Text,
+    Violation,
     _xor,
     _xor_python,
     close_payload,
     encode,
-    too_big_reason,
+    mask_key,
+    too_big,
 )
 
 LIMIT = 1 << 20
@@ -53,10 +55,10 @@ def raw_frame(b0: int, payload: bytes, *, masked: bool = True, length: bytes | N
 def test_any_split_of_the_byte_stream_gives_the_same_messages(messages: list[str | bytes], chunk: int) -> None:
     data = from_client(*(TextMessage(m) if isinstance(m, str) else BytesMessage(m) for m in messages))
     parser = server_parser()
-    events = []
+    events: list[Event] = []
     for start in range(0, len(data), chunk):
         events += parser.feed(data[start:start + chunk])
-    assert events == [(TEXT, m) if isinstance(m, str) else (BINARY, m) for m in messages]
+    assert events == [Text(m) if isinstance(m, str) else BinaryMessage(m) for m in messages]
 
 
 def test_fragmented_message_is_reassembled_with_control_frames_in_between() -> None:
@@ -64,27 +66,27 @@ def test_fragmented_message_is_reassembled_with_control_frames_in_between() -> N
     data = (client.send(Message(data="[2,\"1\",", message_finished=False))
             + client.send(Ping(b"p1"))
             + client.send(Message(data="\"Heartbeat\",{}]", message_finished=True)))
-    assert server_parser().feed(data) == [(PING, b"p1"), (TEXT, '[2,"1","Heartbeat",{}]')]
+    assert server_parser().feed(data) == [PingEvent(b"p1"), Text('[2,"1","Heartbeat",{}]')]
 
 
 def test_multibyte_text_split_across_fragments() -> None:
     text = "Köln: 0,39 €/kWh"
     raw = text.encode()
     data = raw_frame(0x01, raw[:7]) + raw_frame(0x80, raw[7:])  # the split falls inside "ö"/"€" bytes
-    assert server_parser().feed(data) == [(TEXT, text)]
+    assert server_parser().feed(data) == [Text(text)]
 
 
 def test_large_frames_use_16_and_64_bit_lengths() -> None:
     for size in (125, 126, 65535, 65536, 200_000):
         text = "x" * size
-        assert server_parser().feed(from_client(TextMessage(text))) == [(TEXT, text)]
+        assert server_parser().feed(from_client(TextMessage(text))) == [Text(text)]
 
 
 def test_close_frames_report_code_and_reason() -> None:
-    assert server_parser().feed(from_client(CloseConnection(code=4001, reason="bye"))) == [(CLOSE, (4001, "bye"))]
-    assert server_parser().feed(raw_frame(0x88, b"")) == [(CLOSE, (1005, ""))]
+    assert server_parser().feed(from_client(CloseConnection(code=4001, reason="bye"))) == [Close(4001, "bye")]
+    assert server_parser().feed(raw_frame(0x88, b"")) == [Close(1005, "")]
     parser = server_parser()
-    assert parser.feed(raw_frame(0x88, b"\x03\xe8") + raw_frame(0x81, b"late")) == [(CLOSE, (1000, ""))]
+    assert parser.feed(raw_frame(0x88, b"\x03\xe8") + raw_frame(0x81, b"late")) == [Close(1000, "")]
     assert parser.feed(raw_frame(0x81, b"later")) == []  # nothing after a close
 
 
@@ -105,41 +107,44 @@ def test_violations_carry_the_close_code_wsproto_would_send() -> None:
     ]
     for data, code in cases:
         events = server_parser().feed(data)
-        assert events[-1][0] == VIOLATION and events[-1][1][0] == code, (data, events)  # type: ignore[index]
+        last = events[-1]
+        assert isinstance(last, Violation) and last.code == code and not last.too_big, (data, events)
 
 
 def test_frames_before_a_violation_are_delivered() -> None:
     data = from_client(TextMessage("ok")) + raw_frame(0x81, b"\xff")
     events = server_parser().feed(data)
-    assert events[0] == (TEXT, "ok") and events[1][0] == VIOLATION
+    assert events[0] == Text("ok") and isinstance(events[1], Violation)
 
 
 def test_oversized_message_is_refused_from_its_header_before_the_payload_arrives() -> None:
     parser = server_parser(limit=1000)
     header = from_client(TextMessage("x" * 2000))[:8]  # 2-byte head, 2-byte length, 4-byte key
-    assert parser.feed(header) == [(VIOLATION, (1009, too_big_reason(1000)))]
+    assert parser.feed(header) == [too_big(1000)]
+    assert too_big(1000).code == 1009 and too_big(1000).too_big
     fragmented = server_parser(limit=100)  # the fragments add up past the limit
     events = fragmented.feed(raw_frame(0x01, b"x" * 60) + raw_frame(0x80, b"x" * 50))
-    assert events == [(VIOLATION, (1009, too_big_reason(100)))]
+    assert events == [too_big(100)]
 
 
 def test_server_side_parser_refuses_masked_frames_from_the_server() -> None:
     parser = FrameParser(from_client=False, max_message_size=LIMIT)
-    assert parser.feed(encode(TEXT, b"hi", mask=False)) == [(TEXT, "hi")]
-    assert parser.feed(encode(TEXT, b"hi", mask=True))[0][0] == VIOLATION
+    assert parser.feed(encode(Opcode.TEXT, b"hi", mask=False)) == [Text("hi")]
+    assert isinstance(parser.feed(encode(Opcode.TEXT, b"hi", mask=True))[0], Violation)
 
 
 @given(st.binary(max_size=70_000), st.booleans())
 def test_encoded_frames_are_read_back_by_wsproto(payload: bytes, mask: bool) -> None:
     reader = Connection(ConnectionType.SERVER if mask else ConnectionType.CLIENT)
-    reader.receive_data(encode(BINARY, payload, mask=mask))
+    reader.receive_data(encode(Opcode.BINARY, payload, mask=mask))
     received = b"".join(bytes(e.data) for e in reader.events() if isinstance(e, BytesMessage))
     assert received == payload
 
 
 def test_control_frames_and_close_payloads() -> None:
     reader = Connection(ConnectionType.CLIENT)
-    reader.receive_data(encode(PONG, b"abc", mask=False) + encode(CLOSE, close_payload(1001, "going"), mask=False))
+    reader.receive_data(encode(Opcode.PONG, b"abc", mask=False)
+                        + encode(Opcode.CLOSE, close_payload(1001, "going"), mask=False))
     events = list(reader.events())
     assert events[0].payload == b"abc"  # type: ignore[attr-defined]
     assert (events[1].code, events[1].reason) == (1001, "going")  # type: ignore[attr-defined]
@@ -151,3 +156,52 @@ def test_c_masker_matches_the_python_one() -> None:
     for size in (0, 1, 3, 4, 5, 1024, 4097):
         data, key = os.urandom(size), os.urandom(4)
         assert _xor(data, key) == _xor_python(data, key)
+
+
+def test_a_big_frame_fed_byte_by_byte_and_in_odd_chunks_is_one_message() -> None:
+    """The parser keeps a partial frame in its buffer; every split gives the same events."""
+    big = "Köln " * 40_000  # 240 000 bytes of UTF-8: a 64-bit length
+    data = from_client(TextMessage("a"), TextMessage(big), Ping(b"p"), TextMessage("b"))
+    for chunk in (1, 7, 1000, 65_536, len(data)):
+        parser = server_parser()
+        events: list[Event] = []
+        for start in range(0, len(data), chunk):
+            events += parser.feed(data[start:start + chunk])
+        assert events == [Text("a"), Text(big), PingEvent(b"p"), Text("b")], chunk
+
+
+def test_an_oversized_header_fed_byte_by_byte_is_refused_before_its_payload() -> None:
+    parser = server_parser(limit=1000)
+    header = from_client(TextMessage("x" * 70_000))[:14]  # 2-byte head, 8-byte length, 4-byte key
+    events: list[Event] = []
+    for byte in header[:10]:
+        events += parser.feed(bytes((byte,)))
+    assert events == [too_big(1000)]
+    assert parser.feed(b"more") == []  # nothing after a violation
+
+
+def test_mask_keys_come_from_a_pool_and_differ() -> None:
+    keys = [mask_key() for _ in range(3000)]  # crosses the 1024-key pool boundary twice
+    assert all(len(k) == 4 for k in keys)
+    assert len(set(keys)) > 2900  # 4-byte random keys: a few collisions at most
+    frames = {encode(Opcode.TEXT, b"same payload", mask=True) for _ in range(100)}
+    assert len(frames) == 100
+
+
+def test_a_forked_child_does_not_reuse_the_parents_mask_keys() -> None:
+    mask_key()  # the parent has a pool
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next keys, then exit without running pytest's teardown
+        os.write(write, b"".join(mask_key() for _ in range(8)))
+        os._exit(0)
+    os.close(write)
+    child = b""
+    while len(child) < 32:
+        chunk = os.read(read, 32)
+        assert chunk, "the child wrote nothing"
+        child += chunk
+    os.close(read)
+    os.waitpid(pid, 0)
+    parent = b"".join(mask_key() for _ in range(8))
+    assert child != parent
