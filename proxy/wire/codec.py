@@ -51,27 +51,27 @@ NO_STATUS: Final = 1005
 _CONTINUATION, _TEXT, _BINARY, _CLOSE, _PING, _PONG = (int(op) for op in Opcode)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TextMessage:
     text: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class BinaryMessage:
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Ping:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Pong:
     payload: bytes
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Close:
     """The peer's close frame: its code (1005 when it gave none) and reason."""
 
@@ -79,7 +79,7 @@ class Close:
     reason: str
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Violation:
     """The peer broke RFC 6455 or the size limit; the parser accepts nothing more.
 

@@ -76,6 +76,7 @@ _ABNORMAL = 1006
 _HANDSHAKE_LIMIT = 65_536
 _TEXT, _BINARY, _CLOSE, _PING, _PONG = Opcode.TEXT, Opcode.BINARY, Opcode.CLOSE, Opcode.PING, Opcode.PONG
 _encode = codec.encode
+_wait_readable = trio.lowlevel.wait_readable
 
 
 class WsConnection:
@@ -93,6 +94,8 @@ class WsConnection:
         # trio's socket wraps a stdlib socket; using that directly skips trio's
         # per-call checkpoints and retry helper (we do our own waiting).
         self._raw: socket.socket | None = getattr(sock, "_sock", None)
+        #: The descriptor, so waiting does not ask the socket for it on every read.
+        self._fd = self._raw.fileno() if self._raw is not None else -1
         self._parser = codec.FrameParser(from_client=not client, max_message_size=max_message_size)
         # A list, not a deque: it rarely holds more than one message, and an
         # empty deque costs 760 bytes per connection against a list's 56.
@@ -133,9 +136,23 @@ class WsConnection:
         if self._reading:
             raise trio.BusyResourceError("another task is already reading this WebSocket")
         self._reading = True
+        raw = self._raw
         try:
-            data = self._leftover or await self._receive()
-            self._leftover = b""
+            if self._leftover:
+                data, self._leftover = self._leftover, b""
+            elif raw is None:
+                data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
+            else:  # inline, not a helper coroutine: this runs once per frame read
+                if self._stream_closed:  # the descriptor number may belong to another socket by now
+                    raise trio.ClosedResourceError
+                while True:
+                    await _wait_readable(self._fd)
+                    try:
+                        n = raw.recv_into(_buffer)
+                    except (BlockingIOError, InterruptedError):
+                        continue
+                    break
+                data = _view[:n].tobytes()
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             data = b""
         finally:
@@ -149,18 +166,6 @@ class WsConnection:
                     self._messages.append(event.text)
             else:
                 await self._handle(event)
-
-    async def _receive(self) -> bytes:
-        raw = self._raw
-        if raw is None:
-            return bytes(await self.stream.receive_some(RECEIVE_SIZE))
-        while True:
-            await trio.lowlevel.wait_readable(raw)
-            try:
-                n = raw.recv_into(_buffer)
-            except (BlockingIOError, InterruptedError):
-                continue
-            return _view[:n].tobytes()
 
     async def _handle(self, event: Event) -> None:
         match event:
@@ -258,7 +263,6 @@ class WsConnection:
         if self._stream_closed:
             raise ConnectionClosed(self._reason or CloseReason(_ABNORMAL, None))
         raw = self._raw
-        rest = memoryview(data)
         if raw is not None and not self._writing:
             try:
                 sent = raw.send(data)
@@ -268,9 +272,10 @@ class WsConnection:
                 self._broken()
             if sent == len(data):
                 return
-            rest = rest[sent:]
+            rest = memoryview(data)[sent:]
             self._writing = True  # taken before any await: the rest of this frame goes next
         else:
+            rest = memoryview(data)
             while self._writing:
                 await self._write_waiters.park()
             if self._stream_closed:
