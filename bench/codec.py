@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import os
 import platform
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -57,6 +58,7 @@ def load_baseline(checkout: Path) -> ModuleType:
     if spec is None or spec.loader is None:
         raise SystemExit(f"cannot load {source}")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
 
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         old = load_baseline(args.baseline)
         parsers[f"baseline ({args.baseline})"] = lambda: old.FrameParser(from_client=True, max_message_size=limit)
     info = machine(None)
-    print(f"{info['cpu_model']}, {info['cores']} cores, Python {platform.python_version()}, "
+    print(f"machine: {info['cpu_model']}, {info['cores']} cores, Python {platform.python_version()}, "
           f"load average before {load_average()[0]:.2f}; {len(data):,} bytes, one masked text frame")
     print(f"CPU seconds (best of {args.repeats}; 1 B reads: one run)\n")
     names = list(parsers)

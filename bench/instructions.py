@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile()
     checkouts = ([("baseline", args.baseline.resolve())] if args.baseline else []) + [("this checkout", ROOT)]
     info = machine(None)
-    print(f"{info['cpu_model']}, {info['cores']} cores, Python {info['python']}, "
+    print(f"machine: {info['cpu_model']}, {info['cores']} cores, Python {info['python']}, "
           f"load average before {load_average()[0]:.2f}; {args.wallboxes} wallboxes saturating, "
           f"{args.seconds:g} s windows")
     backend = Backend()

@@ -355,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                                            "next to this one (e.g. git worktree add /tmp/base main)")
     parser.add_argument("--only", help="comma-separated subset of rate,saturate,setup,idle,limits")
     parser.add_argument("--counts", help="comma-separated wallbox counts for the rate and saturation scenarios")
+    parser.add_argument("--rate-counts", help="wallbox counts for the rate scenario only (overrides --counts)")
+    parser.add_argument("--saturate-counts", help="wallbox counts for the saturation scenario only")
     parser.add_argument("--loadgen-procs", type=int, help="load generator processes in saturation runs")
     parser.add_argument("--out", type=Path, default=RESULTS, help="report directory (default: %(default)s)")
     args = parser.parse_args(argv)
@@ -368,6 +370,10 @@ def main(argv: list[str] | None = None) -> int:
         settings.paths = tuple(args.paths.split(","))
     if args.counts:
         settings.rate_counts = settings.saturate_counts = tuple(int(c) for c in args.counts.split(","))
+    if args.rate_counts:
+        settings.rate_counts = tuple(int(c) for c in args.rate_counts.split(","))
+    if args.saturate_counts:
+        settings.saturate_counts = tuple(int(c) for c in args.saturate_counts.split(","))
     if args.loadgen_procs:
         settings.loadgen_procs = args.loadgen_procs
     if args.only:

@@ -10,8 +10,10 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_bench(script: str, *args: str) -> str:
-    """Run ``bench/<script>`` as a user would; its output, which must name the machine it ran on."""
-    result = subprocess.run([sys.executable, f"bench/{script}", *args], cwd=ROOT, capture_output=True, text=True,
+    """Run ``bench/<script>`` (or ``-m bench.<module>``) as a user would; its output, which must name
+    the machine it ran on."""
+    target = [f"bench/{script}"] if script.endswith(".py") else ["-m", f"bench.{script}"]
+    result = subprocess.run([sys.executable, *target, *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=120, check=False)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "machine: " in result.stdout and "cores, Python" in result.stdout
@@ -30,3 +32,10 @@ def test_modbus_bench_runs_with_small_counts() -> None:
         assert client in out
     assert "3 virtual charge points" in out and "all booted and in a transaction" in out
     assert "µs per poll" in out
+
+
+def test_codec_bench_runs_side_by_side_with_a_baseline() -> None:
+    out = run_bench("codec", "--size", "20000", "--repeats", "1", "--baseline", str(ROOT))
+    rows = [line for line in out.splitlines() if line.startswith("| ") and " s |" in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| whole", "| 1 KiB", "| 64 B", "| 1 B"]
+    assert all(row.count(" s") == 2 and "wrong result" not in row for row in rows)  # both parsers, every split
