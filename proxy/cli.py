@@ -125,8 +125,23 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     for warning in config_warnings(config, args.file):
         print(f"warning: {warning.render(args.file)}", file=sys.stderr)
     virtual = f", {plural(len(config.modbus_chargers), 'Modbus wallbox')}" if config.modbus_chargers else ""
+    _print_warnings(config, args.file)
     print(f"{args.file}: OK ({plural(len(config.chargers), 'charger')}{virtual})")
     return 0
+
+
+def _print_warnings(config: Config, path: str) -> None:
+    """What check-config accepts but an operator should see (also logged at every start)."""
+    from pathlib import Path
+
+    from proxy.config import LineIndex, security_warnings
+
+    try:
+        index = LineIndex(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        index = LineIndex("")
+    for warning in security_warnings(config, index):
+        print(f"warning: {warning.render(path)}", file=sys.stderr)
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -301,6 +316,8 @@ def _certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
                                               "without it: localhost only")
     kinds.choices["server"].add_argument("--self-signed", action="store_true")
     kinds.choices["client"].add_argument("--id", required=True, help="ChargeBox id (becomes the CN)")
+    kinds.choices["client"].add_argument("--force-cn", action="store_true",
+                                         help="accept a --CN or subject-file CN that differs from --id")
 
 
 def _subject_fields(args: argparse.Namespace) -> dict[str, str]:
@@ -321,6 +338,15 @@ def _subject_fields(args: argparse.Namespace) -> dict[str, str]:
             hint = " (two letters, e.g. DE)" if name == "C" else ""
             raise ValueError(f"{where} {value!r}: {exc}{hint}") from None
     return {name: value for name, (value, _) in fields.items()}
+
+
+def _check_client_cn(args: argparse.Namespace, fields: dict[str, str]) -> None:
+    """The proxy admits a client certificate as the charger its CN names: CP_C.crt must say CN=CP_C."""
+    cn = fields.get("CN")
+    if cn is not None and cn != args.id and not args.force_cn:
+        source = "--CN" if args.subject_CN else f"the subject file {args.subject}"
+        raise ValueError(f"CN {cn!r} from {source} differs from --id {args.id!r}; the proxy would admit "
+                         f"this certificate as {cn!r}. Leave CN out, or pass --force-cn")
 
 
 def cmd_certs(args: argparse.Namespace) -> int:
@@ -365,4 +391,5 @@ def _issue(args: argparse.Namespace, out: Path, fields: dict[str, str]) -> Issue
         fields = {"CN": (args.san or ["localhost"])[0], **fields}
         return certs.create_server(fields, args.san or [fields["CN"]], args.days, ca)
     assert ca is not None
-    return certs.create_client(args.id, ca, args.days, fields)
+    _check_client_cn(args, fields)
+    return certs.create_client(args.id, ca, args.days, fields if args.force_cn else {**fields, "CN": args.id})

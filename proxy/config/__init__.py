@@ -53,3 +53,9 @@ from proxy.config.checks import (  # noqa: F401
     site_warnings as site_warnings,
     subprotocol_warnings as subprotocol_warnings,
 )
+from proxy.config.security import (  # noqa: F401
+    security_warnings as security_warnings,
+)
+from proxy.config.schema import (  # noqa: F401
+    redact_url as redact_url,
+)

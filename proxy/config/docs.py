@@ -62,8 +62,10 @@ EXAMPLE_VALUES: dict[str, Any] = {
     "server.certs_dir": "/certs",
     "backend.url": "wss://ocpp.example.com/ocpp",
     "metrics.listen": "0.0.0.0:9520",
+    "metrics.allow": ["127.0.0.1", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16"],
     "offline.data_dir": "/data",
     "chargers[].id": "CP001",
+    "chargers[].password": "replace-with-16-to-40-characters",
 }
 EXAMPLE_NOTES: dict[str, str] = {
     "server.certs_dir": "the /certs volume of the Docker image",
@@ -72,6 +74,8 @@ EXAMPLE_NOTES: dict[str, str] = {
                       "the default 127.0.0.1:9520 keeps metrics local",
     "offline.data_dir": "the /data volume of the Docker image (durable offline queue)",
     "chargers[].id": "one [[chargers]] table per wallbox",
+    "metrics.allow": "private networks only (Prometheus in the compose network); see docs/security.md",
+    "chargers[].password": "its Basic-auth password (username: the id); better password_env = \"CP001_PASSWORD\"",
 }
 
 SYSTEMD_EXAMPLE = Path("deploy/systemd/ocpp-proxy.toml")

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from proxy.config.checks import cross_checks
+from proxy.config.security import security_problems
 from proxy.config.problems import ConfigError, LineIndex, Problem
 from proxy.config.schema import Config, unwrap_optional
 
@@ -152,11 +153,15 @@ def _tname_type(hint: Any) -> str:
 
 
 def loads(text: str, source: str = "<config>", *, environ: typing.Mapping[str, str] | None = None,
-          base_dir: Path | None = None) -> Config:
+          base_dir: Path | None = None, deployed: bool = False) -> Config:
     """Parse and validate TOML text; raise ConfigError listing every problem.
 
     Relative paths (keys marked ``path`` and ``*_file`` secrets) are made absolute against
     ``base_dir``: the config file's directory (:func:`load`), else the working directory.
+
+    ``deployed``: the text is what an operator runs (:func:`load`, i.e. check-config, run, reload), so
+    the security rules of :mod:`proxy.config.security` apply too: no charger reachable without a
+    credential unless it says so, OCPP ids only. In-process uses (tests, the demo) opt in.
     """
     try:
         table = tomllib.loads(text)
@@ -168,6 +173,8 @@ def loads(text: str, source: str = "<config>", *, environ: typing.Mapping[str, s
     config = loader.build(Config, table, "")
     failed = frozenset(problem.key for problem in loader.problems)
     problems = loader.problems + ([] if config is None else cross_checks(config, index, failed))
+    if deployed and config is not None:
+        problems += security_problems(config, index)
     if problems or config is None:
         raise ConfigError(source, problems)
     return typing.cast(Config, config)
@@ -179,4 +186,4 @@ def load(path: str | Path) -> Config:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(str(path), [Problem("(file)", f"cannot read: {exc}", None)]) from exc
-    return loads(text, str(path), base_dir=path.parent)
+    return loads(text, str(path), base_dir=path.parent, deployed=True)

@@ -73,11 +73,31 @@ def websocket_url(value: Any) -> str | None:
     if value == "":
         return None
     parts = urlsplit(value)
+    if parts.username is not None or parts.password is not None:
+        return ("must not carry user:password@ (it would not be sent, and URLs are logged); "
+                "use password / password_env / password_file")
     if parts.scheme in ("http", "https"):  # the usual slip: a web address copied from a backend's portal
         secure = "s" if parts.scheme == "https" else ""
         return f"must be a ws:// or wss:// URL, got {value!r} (for a WebSocket backend write ws{secure}://)"
     if parts.scheme not in ("ws", "wss") or not parts.hostname:
-        return f"must be a ws:// or wss:// URL, got {value!r}"
+        return f"must be a ws:// or wss:// URL, got {redact_url(value)!r}"
+    return None
+
+
+def redact_url(value: str) -> str:
+    """``scheme://user:secret@host`` → ``scheme://***@host``: URLs are logged, their userinfo never."""
+    return _USERINFO.sub(r"\1***@", value)
+
+
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.\-]*://)[^/?#@\s]*@")
+
+
+def networks_problem(values: list[str]) -> str | None:
+    for value in values:
+        try:
+            ipaddress.ip_network(value, strict=False)
+        except ValueError:
+            return f"{value!r} is not an IP address or network (CIDR)"
     return None
 
 
@@ -126,13 +146,16 @@ class ServerSettings:
     cert: str = setting("", "server certificate (PEM, chain after it); empty: self-signed in certs_dir",
                         path=True)
     key: str = setting("", "private key of the server certificate (PEM)", path=True)
+    key_password: str = setting("", "passphrase of an encrypted key; empty: the key is not encrypted",
+                                secret=True)
     client_ca: list[str] = setting([], "CA certificates for client certificates; non-empty requires them (SP3)",
                                    path=True)
     require_cn_match: bool = setting(True, "with client_ca: the client certificate CN must equal the ChargeBox id")
     certs_dir: str = setting("certs", "where the self-signed certificate is created and kept", path=True)
     password: str = setting("", "global Basic-auth password for wallboxes without their own (SP1/SP2)",
                             secret=True)
-    accept_unknown: bool = setting(False, "admit charge point ids that have no [[chargers]] entry")
+    accept_unknown: bool = setting(False, "admit charge point ids that have no [[chargers]] entry (an id "
+                                   "equal to a configured one after case folding and NFKC is refused)")
     subprotocols: list[str] = setting(list(DEFAULT_SUBPROTOCOLS), "WebSocket subprotocols the proxy relays: "
                                       "ocpp1.6, ocpp2.0.1 and ocpp2.1 get offline answers and load management "
                                       "in their own version; ocpp1.2, ocpp1.5 and ocpp2.0 are relayed only")
@@ -146,6 +169,11 @@ class ServerSettings:
                                   check=positive)
     close_timeout: float = setting(5.0, "seconds to wait for a WebSocket close handshake", check=positive)
     strict: bool = setting(False, "drop frames that are not valid OCPP-J instead of forwarding them")
+    per_address_pending: int = setting(256, "unfinished handshakes one IP address may have at once (a site "
+                                       "NATs all its wallboxes to one); 0: no cap", check=non_negative)
+    per_address_rate: float = setting(20.0, "new connections per second one IP address may open, sustained, "
+                                      "after per_address_burst at once; 0: no cap", check=non_negative)
+    per_address_burst: int = setting(256, "new connections one IP address may open at once", check=non_negative)
 
 
 @dataclass(frozen=True)
@@ -155,6 +183,9 @@ class BackendSettings:
     ca: list[str] = setting([], "CA certificates trusted for wss:// (SP2); empty: system trust store", path=True)
     client_cert: str = setting("", "client certificate towards the backend (SP3)", path=True)
     client_key: str = setting("", "key of client_cert", path=True)
+    client_key_password: str = setting("", "passphrase of an encrypted client_key", secret=True)
+    verify: bool = setting(True, "false: do not verify the backend's certificate (explicit opt-in, warned at "
+                           "every start; prefer ca = [its certificate])")
     connect_timeout: float = setting(10.0, "seconds for TCP + TLS + WebSocket handshake upstream",
                                      check=positive)
     call_timeout: float = setting(15.0, "seconds the backend may leave a wallbox CALL unanswered; then it counts "
@@ -177,6 +208,9 @@ class SecondarySettings:
     ca: list[str] = setting([], "CA certificates trusted for wss://; empty: system trust store", path=True)
     client_cert: str = setting("", "client certificate towards this backend (SP3)", path=True)
     client_key: str = setting("", "key of client_cert", path=True)
+    client_key_password: str = setting("", "passphrase of an encrypted client_key", secret=True)
+    verify: bool = setting(True, "false: do not verify this backend's certificate (explicit opt-in, warned "
+                           "at every start)")
     connect_timeout: float = setting(10.0, "seconds for TCP + TLS + WebSocket handshake", check=positive)
     forward_actions: list[str] = setting(["*"], "wallbox CALLs this backend gets, by action; [\"*\"]: all",
                                          check=lambda v: actions_problem(v))
@@ -213,6 +247,8 @@ class ChargerBase:
                                      path=True)
     upstream_client_cert: str = setting("", "client certificate towards the backend; empty: [backend]", path=True)
     upstream_client_key: str = setting("", "key of upstream_client_cert", path=True)
+    upstream_client_key_password: str = setting("", "passphrase of an encrypted upstream_client_key; empty: "
+                                                "[backend] client_key_password", secret=True)
     upstream_policy: dict[str, str] = setting({}, "this charger's primary policy, over [backend] policy")
     secondaries: list[str] = setting([], "names of [backends.NAME] tables that get copies of this wallbox")
     secondary: list[InlineSecondary] = field(default_factory=list, metadata={
@@ -237,7 +273,13 @@ class ChargerBase:
 class ChargerSettings(ChargerBase):
     """A wallbox that connects over OCPP."""
 
-    password: str = setting("", "Basic-auth password this wallbox must send (SP1/SP2)", secret=True)
+    password: str = setting("", "Basic-auth password this wallbox must send (SP1/SP2), with its id as the "
+                            "username", secret=True)
+    any_username: bool = setting(False, "accept any Basic-auth username with the right password (wallboxes "
+                                 "known to send something other than their id); logged at each connection")
+    allow_unauthenticated: bool = setting(False, "admit this wallbox with no credential at all (no password, "
+                                          "no client certificate); without it such a charger is refused by "
+                                          "check-config unless the wallbox port listens on loopback only")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -320,6 +362,8 @@ class LogSettings:
 class MetricsSettings:
     listen: str = setting("127.0.0.1:9520", "Prometheus /metrics, /healthz, /readyz; empty disables",
                           check=lambda v: None if v == "" else listen_address(v))
+    allow: list[str] = setting([], "client addresses or networks (CIDR) allowed to connect; empty: any "
+                               "(check-config warns when listen is all addresses)", check=lambda v: networks_problem(v))
 
 
 @dataclass(frozen=True)
@@ -371,6 +415,9 @@ class EmsSettings:
                                  check=lambda v: None if v == "" else listen_address(v))
     ems_timeout: float = setting(0.0, "seconds an EMS limit stays valid without being written again; 0: forever",
                                  check=non_negative)
+    allow: list[str] = setting(["127.0.0.1", "::1"], "client addresses or networks (CIDR) allowed to write "
+                               "and read; empty: any (check-config warns when listen is all addresses)",
+                               check=lambda v: networks_problem(v))
 
 
 @dataclass(frozen=True)
@@ -384,6 +431,9 @@ class UpstreamTarget:
     client_cert: str
     client_key: str
     connect_timeout: float
+    client_key_password: str = ""
+    #: False only by an explicit ``verify = false``: the backend's certificate is not checked.
+    verify: bool = True
 
     def __repr__(self) -> str:  # the password must not reach logs through a repr
         return f"UpstreamTarget(url={self.url!r}, identity={self.identity!r})"
@@ -446,6 +496,8 @@ class Config:
             client_cert=charger.upstream_client_cert or backend.client_cert,
             client_key=charger.upstream_client_key or backend.client_key,
             connect_timeout=backend.connect_timeout,
+            client_key_password=charger.upstream_client_key_password or backend.client_key_password,
+            verify=backend.verify,
         )
 
 
@@ -477,7 +529,8 @@ def _secondary_target(charger: ChargerBase, entry: SecondarySettings) -> Upstrea
     identity = entry.identity or charger.upstream_id or charger.id
     return UpstreamTarget(url=upstream_url(entry.url, identity), identity=identity, password=entry.password,
                           ca=tuple(entry.ca), client_cert=entry.client_cert, client_key=entry.client_key,
-                          connect_timeout=entry.connect_timeout)
+                          connect_timeout=entry.connect_timeout, client_key_password=entry.client_key_password,
+                          verify=entry.verify)
 
 
 #: What a URL path segment may carry as it is besides letters, digits and ``-._~`` (RFC 3986

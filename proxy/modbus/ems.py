@@ -41,6 +41,8 @@ from pymodbus.pdu.register_message import (
     WriteSingleRegisterResponse,
 )
 
+from proxy.core.admission import Allowlist
+
 NONE = 0xFFFF
 SITE, COUNT = 0, 1
 BASE, STRIDE = 100, 20
@@ -196,9 +198,11 @@ def handle(registers: EmsRegisters, request: ModbusPDU, now: float) -> ModbusPDU
 
 class EmsServer:
     def __init__(self, registers: EmsRegisters, host: str, port: int, *, log: Any,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+                 on_change: Callable[[], None] = lambda: None, allow: Sequence[str] = ("127.0.0.1", "::1")) -> None:
         self.registers, self.host, self.port = registers, host, port
         self.log, self.on_change = log, on_change
+        #: ``[ems] allow``: a site limit of 0 pauses every charger, so only these may connect.
+        self.allow = Allowlist(allow)
         self.ports: list[int] = []
 
     async def serve(self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
@@ -218,6 +222,14 @@ class EmsServer:
                 self.on_change()
 
     async def _client(self, stream: trio.SocketStream) -> None:
+        try:
+            address = str(stream.socket.getpeername()[0])
+        except OSError:
+            address = "?"
+        if not self.allow.allows(address):
+            self.log.warning("ems_refused", peer=address, reason="not in [ems] allow")
+            await trio.aclose_forcefully(stream)
+            return
         framer = FramerSocket(DecodePDU(is_server=True))
         buffer = b""
         try:

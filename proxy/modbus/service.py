@@ -40,6 +40,7 @@ async def run_modbus(config: Config, engine: Any, on_change: Callable[[], None],
             host, port = parse_listen(config.ems.modbus_listen)
             ems_sink: EmsSink = engine
             registers = EmsRegisters([c.id for c in config.all_chargers], ems_sink, config.ems.ems_timeout)
-            server = EmsServer(registers, host, port, log=log.bind(part="ems"), on_change=on_change)
+            server = EmsServer(registers, host, port, log=log.bind(part="ems"), on_change=on_change,
+                               allow=config.ems.allow)
             await nursery.start(server.serve)
         task_status.started(server)

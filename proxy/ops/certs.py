@@ -189,15 +189,24 @@ def load_certificates(path: Path) -> list[x509.Certificate]:
     return certs
 
 
-def _load_key(path: Path) -> PrivateKeyTypes:
+def _load_key(path: Path, password: str = "") -> PrivateKeyTypes:
+    """The private key; an encrypted one needs its passphrase (``key_password`` and friends)."""
     try:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise CertificateProblem(path, f"cannot read: {exc.strerror}") from exc
     try:
-        return serialization.load_pem_private_key(data, password=None)
-    except (ValueError, TypeError) as exc:
-        raise CertificateProblem(path, "not an unencrypted PEM private key") from exc
+        return serialization.load_pem_private_key(data, password=password.encode("utf-8") if password else None)
+    except TypeError as exc:
+        if password:  # the key is not encrypted, a passphrase was given
+            raise CertificateProblem(path, "key is not encrypted but a passphrase is configured; "
+                                     "remove the key's *_password setting") from exc
+        raise CertificateProblem(path, "key is encrypted: set its passphrase (key_password_env / "
+                                 "key_password_file, or client_key_password_* for a client key)") from exc
+    except ValueError as exc:
+        if password and b"ENCRYPTED" in data:
+            raise CertificateProblem(path, "wrong passphrase for this encrypted key") from exc
+        raise CertificateProblem(path, "not a PEM private key") from exc
 
 
 def check_validity(cert: x509.Certificate, path: Path, now: datetime.datetime | None = None) -> None:
@@ -208,10 +217,10 @@ def check_validity(cert: x509.Certificate, path: Path, now: datetime.datetime | 
         raise CertificateProblem(path, f"certificate not valid before {cert.not_valid_before_utc:%Y-%m-%d}")
 
 
-def check_pair(cert_path: Path, key_path: Path) -> x509.Certificate:
+def check_pair(cert_path: Path, key_path: Path, password: str = "") -> x509.Certificate:
     """The leaf certificate of a usable cert/key pair, or CertificateProblem."""
     cert = load_certificates(cert_path)[0]
-    key = _load_key(key_path)
+    key = _load_key(key_path, password)
     public = cert.public_key().public_bytes(serialization.Encoding.DER,
                                             serialization.PublicFormat.SubjectPublicKeyInfo)
     if key.public_key().public_bytes(serialization.Encoding.DER,

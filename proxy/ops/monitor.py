@@ -16,6 +16,7 @@ import trio
 from prometheus_client.exposition import choose_encoder
 
 from proxy.config import Config, parse_listen
+from proxy.core.admission import Allowlist
 from proxy.ops.health import Heartbeat, Readiness, Response, text
 from proxy.ops.logs import get_logger
 from proxy.ops.metrics import Metrics
@@ -103,7 +104,7 @@ class Monitor:
     # -- HTTP/1.1 -------------------------------------------------------------------------------
 
     async def _handle(self, stream: trio.SocketStream) -> None:
-        if self._open >= MAX_CONNECTIONS:
+        if self._open >= MAX_CONNECTIONS or not self._allowed(stream):
             await trio.aclose_forcefully(stream)
             return
         self._open += 1
@@ -114,6 +115,17 @@ class Monitor:
         finally:
             self._open -= 1
             await trio.aclose_forcefully(stream)
+
+    def _allowed(self, stream: trio.SocketStream) -> bool:
+        """``[metrics] allow`` (empty: everyone who reaches the listen address)."""
+        try:
+            address = str(stream.socket.getpeername()[0])
+        except OSError:
+            return False
+        if Allowlist(self.config.metrics.allow).allows(address):
+            return True
+        self.log.warning("metrics_refused", peer=address, reason="not in [metrics] allow")
+        return False
 
     async def _serve_connection(self, stream: trio.SocketStream) -> None:
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)

@@ -74,7 +74,7 @@ def _server_tls(config: Config) -> Iterator[tuple[str, str]]:
     if server.tls == "off":
         return
     if server.cert:
-        yield from _pair("server.cert", "server.key", server.cert, server.key)
+        yield from _pair("server.cert", "server.key", server.cert, server.key, server.key_password)
     else:
         certs = Path(server.certs_dir)
         cert, key = certs / "server.crt", certs / "server.key"
@@ -90,18 +90,19 @@ def _upstream_files(config: Config) -> Iterator[tuple[str, str]]:
     yield from _cas("backend.ca", backend.ca)
     if backend.client_cert:
         yield from _pair("backend.client_cert", "backend.client_key", backend.client_cert,
-                         backend.client_key or backend.client_cert)
+                         backend.client_key or backend.client_cert, backend.client_key_password)
     for entry, charger in config.charger_entries():
-        yield from _charger_files(entry, charger)
+        yield from _charger_files(entry, charger, backend.client_key_password)
     for name, settings in config.backends.items():
         yield from _secondary_files(f"backends.{name}", settings)
 
 
-def _charger_files(entry: str, charger: ChargerBase) -> Iterator[tuple[str, str]]:
+def _charger_files(entry: str, charger: ChargerBase, backend_password: str) -> Iterator[tuple[str, str]]:
     yield from _cas(f"{entry}.upstream_ca", charger.upstream_ca)
     if charger.upstream_client_cert:
         yield from _pair(f"{entry}.upstream_client_cert", f"{entry}.upstream_client_key",
-                         charger.upstream_client_cert, charger.upstream_client_key or charger.upstream_client_cert)
+                         charger.upstream_client_cert, charger.upstream_client_key or charger.upstream_client_cert,
+                         charger.upstream_client_key_password or backend_password)
     for j, inline in enumerate(charger.secondary):
         yield from _secondary_files(f"{entry}.secondary[{j}]", inline)
 
@@ -110,13 +111,14 @@ def _secondary_files(key: str, settings: SecondarySettings) -> Iterator[tuple[st
     yield from _cas(f"{key}.ca", settings.ca)
     if settings.client_cert:
         yield from _pair(f"{key}.client_cert", f"{key}.client_key", settings.client_cert,
-                         settings.client_key or settings.client_cert)
+                         settings.client_key or settings.client_cert, settings.client_key_password)
 
 
-def _pair(cert_key: str, key_key: str, cert: str, key: str) -> Iterator[tuple[str, str]]:
-    """A certificate and its private key: readable, PEM, matching, in their validity period."""
+def _pair(cert_key: str, key_key: str, cert: str, key: str, password: str = "") -> Iterator[tuple[str, str]]:
+    """A certificate and its private key: readable, PEM, matching, in their validity period; an
+    encrypted key opens with its passphrase."""
     try:
-        check_pair(Path(cert), Path(key))
+        check_pair(Path(cert), Path(key), password)
     except CertificateProblem as problem:
         yield (key_key if problem.path == key and cert != key else cert_key), str(problem)
 

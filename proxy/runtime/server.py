@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import errno
 import functools
+import socket
+import struct
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
@@ -20,8 +22,9 @@ import trio
 
 from proxy.wire import closecodes
 from proxy.wire import connection as wsconn
-from proxy.config import Config, ModbusChargerSettings, parse_listen, startup_step
-from proxy.core.admission import Admit, Refuse, check_client_certificate, decide
+from proxy.config import (ChargerSettings, Config, ModbusChargerSettings, UpstreamTarget, parse_listen,
+                          redact_url, security_warnings, startup_step)
+from proxy.core.admission import AddressLimits, Admit, Refuse, decide, profile
 from proxy.loadmgmt.driver import Limiter
 from proxy.wire.local import LocalConnection
 from proxy.ops.logs import get_logger
@@ -32,7 +35,7 @@ from proxy.runtime.relay import Connection, Listener, PairedSession, SessionSett
 from proxy.runtime.secondary import Secondaries
 from proxy.core.session import PRIMARY, Session
 from proxy.messages.versions import OcppVersion, version_of
-from proxy.runtime.upstream import UpstreamUnavailable, open_upstream
+from proxy.runtime.upstream import UpstreamUnavailable, client_ssl_context, open_upstream
 
 if TYPE_CHECKING:
     from proxy.modbus.client import ModbusClient
@@ -58,6 +61,9 @@ class ProxyServer:
         self._secure: SecureLayer
         self._storage: SqliteStorage | None = None
         self._queue: AsyncQueue | None = None
+        self._limits = _address_limits(config)
+        #: Per address: when a refusal by the per-address caps was last logged (one line per second at most).
+        self._limited_logged: dict[str, float] = {}
         #: Secondary upstreams: mirrors kept across sessions, their transaction ids (issue 10).
         self.secondaries = Secondaries(config)
         self._relay_only_seen: set[str] = set()
@@ -69,6 +75,7 @@ class ProxyServer:
     async def serve(self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled or :meth:`stop`; reports the bound ports."""
         self._secure = SecureLayer(self.config.server, self.log)  # certificate problems stop start-up
+        self._check_upstream_tls()
         self._open_storage()
         host, port = parse_listen(self.config.server.listen)
         with startup_step("server.listen", self.config.server.listen):
@@ -76,6 +83,7 @@ class ProxyServer:
         self.ports = sorted({lst.socket.getsockname()[1] for lst in listeners})
         self.log.info("listening", address=self.config.server.listen, ports=self.ports,
                       tls=self.config.server.tls)
+        self._log_security()
         try:
             async with trio.open_nursery() as background:
                 background.start_soon(self.secondaries.run)  # writes behind the sessions
@@ -132,8 +140,49 @@ class ProxyServer:
     def _storage_location(self) -> str:
         return self._storage.location if self._storage is not None else ""
 
+    def _check_upstream_tls(self) -> None:
+        """Every backend's TLS settings load now (CA files, client keys and their passphrases), so a
+        missing or wrong passphrase stops start-up naming the key instead of failing each connection."""
+        seen: set[tuple[object, ...]] = set()
+        for target in self._upstream_targets():
+            key = (target.ca, target.client_cert, target.client_key, target.client_key_password, target.verify)
+            if key in seen or not (target.url.startswith("wss:") or target.client_cert):
+                continue
+            seen.add(key)
+            client_ssl_context(target)
+            if not target.verify:
+                self.log.warning("tls_verify_disabled", upstream=redact_url(target.url),
+                                 reason="verify = false: the backend's certificate is not checked")
+
+    def _upstream_targets(self) -> list[UpstreamTarget]:
+        config = self.config
+        targets = [config.upstream_for(c) for c in config.all_chargers]
+        if config.server.accept_unknown and config.backend.url:
+            targets.append(config.upstream_for(ChargerSettings(id="unknown")))
+        for charger in config.all_chargers:
+            targets += [secondary.target for secondary in config.secondaries_for(charger)]
+        return targets
+
+    def _log_security(self) -> None:
+        """Each charger's effective admission profile and every security warning, at every start."""
+        server = self.config.server
+        for charger in self.config.chargers:
+            shown = profile(server, charger)
+            self.log.info("admission_profile", charger=charger.id, profile=shown.name,
+                          plain=shown.plain or "refused", tls=shown.tls or "refused")
+        if server.accept_unknown:
+            unknown = profile(server, _unknown_placeholder())
+            self.log.info("admission_profile", charger="(unknown ids)", profile=unknown.name,
+                          plain=unknown.plain or "refused", tls=unknown.tls or "refused")
+        for warning in security_warnings(self.config):
+            self.log.warning("config_warning", key=warning.key, message=warning.message)
+
     async def _accept(self, listener: trio.SocketListener, connections: trio.Nursery) -> None:
-        """Accept until cancelled; running out of file descriptors pauses instead of failing."""
+        """Accept until cancelled; running out of file descriptors pauses instead of failing.
+
+        The per-address caps are applied here, before a connection gets a task:
+        a refused connection costs one accept and one close.
+        """
         while True:
             try:
                 stream = await listener.accept()
@@ -143,7 +192,27 @@ class ProxyServer:
                 self.log.error("accept_paused", error=exc.strerror)
                 await trio.sleep(0.1)
                 continue
-            connections.start_soon(self._handle_stream, stream)
+            address = _address(stream)
+            refused = self._limits.arrive(address, trio.current_time())
+            if refused is not None:
+                self._limited(stream, address, refused)
+                continue
+            connections.start_soon(self._handle_stream, stream, address)
+
+    def _limited(self, stream: trio.SocketStream, address: str, reason: str) -> None:
+        """Close at once (RST, no lingering); log at most once per second per address."""
+        try:
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass
+        stream.socket.close()
+        now = trio.current_time()
+        if now - self._limited_logged.get(address, -10.0) >= 1.0:
+            if len(self._limited_logged) > 1024:
+                self._limited_logged.clear()
+            self._limited_logged[address] = now
+            self.log.warning("connection_limited", peer=address, reason=reason)
+        self._tell_refused(Refuse(429, reason, "per-address cap"))
 
     async def _virtual(self, charger: ModbusChargerSettings, connections: trio.Nursery) -> None:
         from proxy.modbus.wallbox import VirtualWallbox
@@ -185,6 +254,8 @@ class ProxyServer:
         and take the new current limits.
         """
         self.config = config
+        fresh = _address_limits(config)  # the caps change, the counts in flight stay
+        self._limits.max_pending, self._limits.rate, self._limits.burst = fresh.max_pending, fresh.rate, fresh.burst
         for charger in config.modbus_chargers:
             if charger.id in self.virtual:
                 self.virtual[charger.id].reconfigure(charger)
@@ -202,9 +273,10 @@ class ProxyServer:
 
     # -- one connection -------------------------------------------------------------------
 
-    async def _handle_stream(self, stream: trio.SocketStream) -> None:
+    async def _handle_stream(self, stream: trio.SocketStream, address: str = "?") -> None:
         """One connection; whatever goes wrong in it is logged and stays in it."""
         peer = _peer(stream)
+        pending = [True]  # until the handshake is decided: counted against the address's cap
         try:
             try:
                 secured = await self._secure.wrap(stream, peer)
@@ -214,14 +286,21 @@ class ProxyServer:
             if secured is None:
                 return
             async with trio.open_nursery() as nursery:
-                await self._handle_connection(nursery, secured, peer)
+                await self._handle_connection(nursery, secured, peer, functools.partial(self._decided, address, pending))
                 nursery.cancel_scope.cancel()
         except Exception as exc:  # noqa: BLE001 - one connection must never stop the server
             self.log.error("connection_failed", peer=peer, error=_describe(exc))
         finally:
+            self._decided(address, pending)
             await trio.aclose_forcefully(stream)
 
-    async def _handle_connection(self, nursery: trio.Nursery, secured: Secured, peer: str) -> None:
+    def _decided(self, address: str, pending: list[bool]) -> None:
+        if pending[0]:
+            pending[0] = False
+            self._limits.done(address)
+
+    async def _handle_connection(self, nursery: trio.Nursery, secured: Secured, peer: str,
+                                 decided: Callable[[], None] = lambda: None) -> None:
         server = self.config.server
         request: wsconn.WsRequest | wsconn.HandshakeFailed | None = None
         with trio.move_on_after(server.handshake_timeout):
@@ -233,12 +312,15 @@ class ProxyServer:
         if isinstance(request, wsconn.HandshakeFailed):
             self._handshake_failed(request, peer)
             return
-        decision = decide(self.config, request.path, request.headers, request.proposed_subprotocols)
-        if isinstance(decision, Admit) and secured.tls:
-            decision = check_client_certificate(decision, secured.client_cn, server)
+        decided()
+        decision = decide(self.config, request.path, request.headers, request.proposed_subprotocols,
+                          tls=secured.tls, client_cn=secured.client_cn)
         if isinstance(decision, Refuse):
             await self._refuse(request, decision, peer)
             return
+        if decision.other_username is not None:
+            self.log.warning("basic_auth_username_ignored", peer=peer, charger=decision.charger.id,
+                             username=decision.other_username, reason="any_username = true")
         await self._admit(nursery, request, decision, peer)
 
     async def _refuse(self, request: wsconn.WsRequest, refusal: Refuse, peer: str) -> None:
@@ -279,7 +361,7 @@ class ProxyServer:
             try:
                 upstream = await stack.enter_async_context(self._connector(admit)())
             except UpstreamUnavailable as exc:
-                log.warning("upstream_unavailable", peer=peer, url=admit.upstream.url, reason=exc.reason,
+                log.warning("upstream_unavailable", peer=peer, url=redact_url(admit.upstream.url), reason=exc.reason,
                             status=exc.status)
                 # A 4xx or a subprotocol nobody offered is configuration, not an outage; and the proxy
                 # answers only in a version it speaks.
@@ -329,7 +411,7 @@ class ProxyServer:
         self.secondaries.attach(session, admit.charger)
         queued = (await self._queue.depth(charger_id))[0] if self._queue is not None else 0
         wallbox = await accept(subprotocol)
-        log.info("session_opened", peer=peer, upstream=admit.upstream.url, subprotocol=subprotocol,
+        log.info("session_opened", peer=peer, upstream=redact_url(admit.upstream.url), subprotocol=subprotocol,
                  known=admit.known, offline=upstream is None)
         reconnect = {}
         if session.offline is not None:
@@ -415,6 +497,23 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in exc.exceptions)
     return f"{type(exc).__name__}: {exc}"[:300]
+
+
+def _address_limits(config: Config) -> AddressLimits:
+    server = config.server
+    return AddressLimits(server.per_address_pending, server.per_address_rate, server.per_address_burst)
+
+
+def _unknown_placeholder() -> ChargerSettings:
+    return ChargerSettings(id="(unknown)")
+
+
+def _address(stream: Any) -> str:
+    """The peer's IP address (no port): what the per-address caps count."""
+    try:
+        return str(stream.socket.getpeername()[0])
+    except (OSError, AttributeError, IndexError):
+        return "?"
 
 
 def _peer(stream: Any) -> str:

@@ -41,7 +41,8 @@ class UpstreamUnavailable(Exception):
 
 def client_ssl_context(target: UpstreamTarget) -> ssl.SSLContext:
     """TLS towards the backend: configured CAs (else system trust), optional client cert."""
-    return client_context(target.ca, target.client_cert, target.client_key)
+    return client_context(target.ca, target.client_cert, target.client_key,
+                          client_key_password=target.client_key_password, verify=target.verify)
 
 
 def auth_headers(target: UpstreamTarget) -> list[tuple[bytes, bytes]]:

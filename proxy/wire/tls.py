@@ -38,35 +38,55 @@ def _harden(context: ssl.SSLContext) -> ssl.SSLContext:
 
 
 def _load_cas(context: ssl.SSLContext, cas: Sequence[str]) -> None:
+    """Every listed certificate is a trust anchor, a root CA or not.
+
+    Charging-manager guides deposit the backend's own (leaf) certificate, or a
+    wallbox's, as "the CA certificate". With partial-chain verification
+    OpenSSL ends the chain at any certificate in the trust store, so such a
+    pinned leaf is trusted as itself; hostname and CN checks stay as they are
+    (docs/certificates.md).
+    """
     for ca in cas:
         load_certificates(Path(ca))  # a clear error naming the file, before OpenSSL's
         try:
             context.load_verify_locations(cafile=ca)
         except ssl.SSLError as exc:
             raise CertificateProblem(ca, f"unusable CA file: {exc.reason}") from exc
+    context.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
 
 
-def server_context(cert: str | Path, key: str | Path, client_ca: Sequence[str] = ()) -> ssl.SSLContext:
-    check_pair(Path(cert), Path(key))
-    context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+def _load_chain(context: ssl.SSLContext, cert: str, key: str, password: str) -> None:
+    check_pair(Path(cert), Path(key), password)  # names the file and the reason first
     try:
-        context.load_cert_chain(str(cert), str(key))
+        context.load_cert_chain(cert, key, password=password.encode("utf-8") if password else None)
     except ssl.SSLError as exc:
         raise CertificateProblem(cert, f"unusable certificate chain: {exc.reason}") from exc
+
+
+def server_context(cert: str | Path, key: str | Path, client_ca: Sequence[str] = (),
+                   key_password: str = "") -> ssl.SSLContext:
+    context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER))
+    _load_chain(context, str(cert), str(key), key_password)
     if client_ca:
         context.verify_mode = ssl.CERT_REQUIRED
         _load_cas(context, client_ca)
     return context
 
 
-def client_context(ca: Sequence[str], client_cert: str = "", client_key: str = "") -> ssl.SSLContext:
+def client_context(ca: Sequence[str], client_cert: str = "", client_key: str = "", *,
+                   client_key_password: str = "", verify: bool = True) -> ssl.SSLContext:
+    """TLS towards a backend: ``ca`` as trust anchors (else the system store); ``verify=False``
+    checks nothing, only by an explicit ``verify = false`` in the configuration."""
     context = _harden(ssl.create_default_context(ssl.Purpose.SERVER_AUTH))
-    if ca:
+    if ca or not verify:
         context = _harden(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT))
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    elif ca:
         _load_cas(context, ca)
     if client_cert:
-        check_pair(Path(client_cert), Path(client_key or client_cert))
-        context.load_cert_chain(client_cert, client_key or None)
+        _load_chain(context, client_cert, client_key or client_cert, client_key_password)
     return context
 
 

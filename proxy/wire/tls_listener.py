@@ -37,7 +37,8 @@ class SecureLayer:
         self.log = log
         self.context: ssl.SSLContext | None = None
         if self.mode != "off":
-            self.context = server_context(*self._certificate(settings), settings.client_ca)
+            self.context = server_context(*self._certificate(settings), settings.client_ca,
+                                          key_password=settings.key_password)
 
     def _certificate(self, settings: ServerSettings) -> tuple[Path, Path]:
         if settings.cert:

@@ -186,7 +186,9 @@ async def test_five_hundred_wallboxes_reconnect_after_proxy_restart(
         peers: LoopThread, backend: SimBackend, start_proxy: StartProxy, nursery: trio.Nursery,
         tmp_path: Path) -> None:
     port = await free_port()
+    # 500 wallboxes from one address: more than the per-address defaults allow at once (256)
     text = (f'[server]\nlisten = "127.0.0.1:{port}"\nping_interval = 0\naccept_unknown = true\n'
+            f'per_address_pending = 600\nper_address_burst = 600\n'
             f'[backend]\nurl = "ws://127.0.0.1:{backend.port}/ocpp"\n')
     first = await start_proxy(text)
     ids = [f"R{n:03d}" for n in range(500)]

@@ -46,8 +46,8 @@ async def test_unknown_charge_point_gets_404(peers: LoopThread, backend: SimBack
 async def test_accept_unknown_admits_with_backend_defaults(peers: LoopThread, backend: SimBackend,
                                                            start_proxy: StartProxy) -> None:
     server = await start_proxy(backend_config(backend, "accept_unknown = true"))
-    assert await refused_status(peers, proxy_url(server, "NEW%2F1"), "NEW/1") == 101
-    assert backend.paths["NEW/1"] == "/ocpp/NEW%2F1"
+    assert await refused_status(peers, proxy_url(server, "NEW%7C1"), "NEW|1") == 101
+    assert backend.paths["NEW|1"] == "/ocpp/NEW%7C1"
 
 
 @pytest.mark.parametrize("password,reason", [(None, "password_missing"), ("wrong-password-123", "password_wrong")])

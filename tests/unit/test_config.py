@@ -101,7 +101,7 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"{bad}:5: chargers[0].max_curent: unknown key" in result.stderr
     good = tmp_path / "good.toml"
-    good.write_text('[backend]\nurl = "ws://x/ocpp"\n[[chargers]]\nid = "CP1"\n')
+    good.write_text('[backend]\nurl = "ws://x/ocpp"\n[[chargers]]\nid = "CP1"\npassword = "0123456789abcdef"\n')
     result = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(good)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr

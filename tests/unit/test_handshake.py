@@ -8,25 +8,25 @@ from proxy.wire.closecodes import mirror, truncate
 from proxy.config import loads
 from proxy.core.admission import Admit, Refuse, basic_password, charge_box_id, decide
 
-CONFIG = loads('[backend]\nurl = "ws://b/ocpp"\n[[chargers]]\nid = "CP 1"\npassword = "secret-password-16"\n'
+CONFIG = loads('[backend]\nurl = "ws://b/ocpp"\n[[chargers]]\nid = "CP*1"\npassword = "secret-password-16"\n'
                '[[chargers]]\nid = "OPEN"\n')
 
 
-def auth(password: str, user: str = "CP 1") -> list[tuple[bytes, bytes]]:
+def auth(password: str, user: str = "CP*1") -> list[tuple[bytes, bytes]]:
     return [(b"authorization", b"Basic " + base64.b64encode(f"{user}:{password}".encode()))]
 
 
 def test_charge_box_id_is_last_segment_decoded() -> None:
-    assert charge_box_id("/ocpp/CP%201?x=1") == "CP 1"
-    assert charge_box_id("/a/b/c/") == "c"
+    assert charge_box_id("/ocpp/CP%2A1?x=1") == "CP*1"
+    assert charge_box_id("/a/b/c/") is None  # "/ocpp/" names no id (it is not "ocpp")
     assert charge_box_id("/") is None
 
 
 def test_decisions() -> None:
     offered = ["ocpp1.6"]
-    assert isinstance(decide(CONFIG, "/ocpp/CP%201", auth("secret-password-16"), offered), Admit)
-    assert decide(CONFIG, "/ocpp/CP%201", [], offered).status == 401  # type: ignore[union-attr]
-    wrong = decide(CONFIG, "/ocpp/CP%201", auth("secret-password-17"), offered)
+    assert isinstance(decide(CONFIG, "/ocpp/CP%2A1", auth("secret-password-16"), offered), Admit)
+    assert decide(CONFIG, "/ocpp/CP%2A1", [], offered).status == 401  # type: ignore[union-attr]
+    wrong = decide(CONFIG, "/ocpp/CP%2A1", auth("secret-password-17"), offered)
     assert isinstance(wrong, Refuse) and wrong.reason == "password_wrong" and wrong.headers
     assert "secret" not in wrong.detail
     assert decide(CONFIG, "/ocpp/UNKNOWN", [], offered).status == 404  # type: ignore[union-attr]
