@@ -51,7 +51,7 @@ def _free_port() -> int:
 # --- 1. check-config refuses what run refuses ------------------------------------------------
 
 BASE = '[server]\nlisten = "127.0.0.1:0"\n{server}\n[metrics]\nlisten = "127.0.0.1:0"\n{rest}\n' \
-       '[log]\nformat = "json"\n[[chargers]]\nid = "CP1"\n[backend]\nurl = "ws://127.0.0.1:9/ocpp"\n'
+       '[log]\nformat = "json"\n[[chargers]]\nid = "CP1"\npassword = "0123456789abcdef0123"\n[backend]\nurl = "ws://127.0.0.1:9/ocpp"\n'
 
 
 def _setup_files(site: Path) -> None:
@@ -267,6 +267,7 @@ def test_top_level_help_lists_every_command_without_markup() -> None:
 def test_config_messages(tmp_path: Path) -> None:
     config = tmp_path / "site.toml"
     config.write_text('[backend]\nurl = "http://csms.example/ocpp"\n[[chargers]]\nid = "CP1"\nmax_curent = 16\n'
+                      'password = "0123456789abcdef0123"\n'
                       '[sever]\nlisten = "0.0.0.0:1"\n')
     result = cli("check-config", str(config))
     assert result.returncode == 2
@@ -274,10 +275,10 @@ def test_config_messages(tmp_path: Path) -> None:
         f"error: {config}:2: backend.url: must be a ws:// or wss:// URL, got 'http://csms.example/ocpp' "
         "(for a WebSocket backend write ws://)",
         f"error: {config}:5: chargers[0].max_curent: unknown key; did you mean max_current?",
-        f"error: {config}:6: sever: unknown key; did you mean server?",
+        f"error: {config}:7: sever: unknown key; did you mean server?",
     ]
     config.write_text(f'[backend]\nurl = "ws://csms.example/ocpp"\n[offline]\ndata_dir = "{tmp_path}/d"\n'
-                      '[[chargers]]\nid = "CP1"\n')
+                      '[server]\npassword = "0123456789abcdef0123"\n[[chargers]]\nid = "CP1"\n')
     assert cli("check-config", str(config)).stdout.strip() == f"{config}: OK (1 charger)"
     config.write_text(config.read_text() + '[[chargers]]\nid = "CP2"\n')
     assert cli("check-config", str(config)).stdout.strip() == f"{config}: OK (2 chargers)"
