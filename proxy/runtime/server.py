@@ -74,7 +74,8 @@ class ProxyServer:
 
     async def serve(self, *, task_status: trio.TaskStatus[list[int]] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled or :meth:`stop`; reports the bound ports."""
-        self._secure = SecureLayer(self.config.server, self.log)  # certificate problems stop start-up
+        self._secure = SecureLayer(self.config.server, self.log,  # certificate problems stop start-up
+                                   on_refused=lambda reason, detail: self._tell_refused(Refuse(0, reason, detail)))
         self._check_upstream_tls()
         self._open_storage()
         host, port = parse_listen(self.config.server.listen)

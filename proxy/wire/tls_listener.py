@@ -12,6 +12,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -30,7 +31,11 @@ class Secured:
 
 
 class SecureLayer:
-    def __init__(self, settings: ServerSettings, log: Any) -> None:
+    """``on_refused(reason, detail)``: told of every connection refused here (the refusal counter)."""
+
+    def __init__(self, settings: ServerSettings, log: Any,
+                 on_refused: Callable[[str, str], None] = lambda reason, detail: None) -> None:
+        self.on_refused = on_refused
         self.mode = settings.tls
         self.timeout = settings.handshake_timeout
         self.require_client_cert = bool(settings.client_ca)
@@ -64,11 +69,11 @@ class SecureLayer:
         wants_tls = looks_like_tls(first)
         if self.mode == "off" or (self.mode == "detect" and not wants_tls):
             if wants_tls:
-                self.log.warning("tls_refused", peer=peer, reason="TLS handshake on a port with tls = off")
+                self._refused("tls_refused", peer, "TLS handshake on a port with tls = off")
                 return None
             return Secured(stream, None, tls=False)
         if not wants_tls:
-            self.log.warning("plaintext_refused", peer=peer, reason="plain connection while tls = on")
+            self._refused("plaintext_refused", peer, "plain connection while tls = on")
             return None
         return await self._handshake(stream, peer)
 
@@ -81,6 +86,10 @@ class SecureLayer:
         except trio.BrokenResourceError as exc:
             cause = exc.__cause__
             reason = getattr(cause, "reason", None) or str(cause or exc)
-            self.log.warning("tls_handshake_failed", peer=peer, reason=reason)
+            self._refused("tls_handshake_failed", peer, reason)
             return None
         return Secured(secured, peer_common_name(secured), tls=True)
+
+    def _refused(self, event: str, peer: str, reason: str) -> None:
+        self.log.warning(event, peer=peer, reason=reason)
+        self.on_refused(event, reason)

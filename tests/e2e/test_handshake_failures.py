@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import ssl
+from pathlib import Path
+
+import pytest
 import trio
 from structlog.testing import capture_logs
 
@@ -68,3 +72,32 @@ async def test_bad_request_hang_up_and_oversize_are_not_timeouts(nursery: trio.N
     assert failed["bad_request"]["status"] == 400 and failed["request_too_large"]["status"] == 431
     assert failed["hung_up"]["status"] is None and "40 bytes" in failed["hung_up"]["detail"]
     assert not [entry for entry in logs if entry["event"] == "handshake_timeout"]
+
+
+async def test_tls_refusals_are_counted_as_what_they_were(nursery: trio.Nursery, tmp_path: Path) -> None:
+    backend = await start_backend(nursery)
+    tls_on = await start_stack(nursery, config_text(backend.port, extra=f'tls = "on"\ncerts_dir = "{tmp_path}"'))
+    tls_off = await start_stack(nursery, config_text(backend.port))
+    try:  # plain HTTP on a TLS port: closed without an answer (reset, as the request was not read)
+        assert await _raw(tls_on, _upgrade("/ocpp/CP1")) == b""
+    except trio.BrokenResourceError:
+        pass
+    await _wait_counted(tls_on, "plaintext_refused")
+
+    context = ssl.create_default_context()
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", tls_off.server.ports[0]), context)
+    with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+        await stream.do_handshake()  # TLS on a plain port: closed before the handshake completes
+    await _wait_counted(tls_off, "tls_refused")
+
+    # TLS 1.2 with only a cipher outside the whitepaper's list: the proxy's handshake fails (no shared cipher)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("AES128-GCM-SHA256")
+    stream = trio.SSLStream(await trio.open_tcp_stream("127.0.0.1", tls_on.server.ports[0]), context)
+    with trio.fail_after(10), pytest.raises(trio.BrokenResourceError):
+        await stream.do_handshake()
+    await trio.aclose_forcefully(stream.transport_stream)
+    await _wait_counted(tls_on, "tls_handshake_failed")
+    for stack in (tls_on, tls_off):
+        assert await _counted(stack, "handshake_timeout") == 0
