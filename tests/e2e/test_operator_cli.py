@@ -13,6 +13,8 @@ import re
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -46,6 +48,22 @@ def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])
+
+
+@asynccontextmanager
+async def running(config: Path, cwd: Path) -> AsyncIterator[ProxyProcess]:
+    """`ocpp-proxy run` for the block; then SIGTERM, and it must exit 0."""
+    process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
+                                               cwd=cwd, stderr=subprocess.PIPE)
+    try:
+        yield ProxyProcess(process)
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(20):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 # --- 1. check-config refuses what run refuses ------------------------------------------------
@@ -119,18 +137,8 @@ async def test_a_config_check_config_accepts_starts(tmp_path: Path) -> None:
     config.write_text(BASE.format(server='tls = "on"\ncert = "tls/good.crt"\nkey = "tls/good.key"', rest=""))
     checked = await trio.to_thread.run_sync(lambda: cli("check-config", str(config), cwd=tmp_path))
     assert checked.returncode == 0 and checked.stdout.strip() == f"{config}: OK (1 charger)", checked
-    process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
-                                               cwd=tmp_path, stderr=subprocess.PIPE)
-    proxy = ProxyProcess(process)
-    try:
+    async with running(config, tmp_path) as proxy:
         assert (await proxy.wait_event("listening"))["tls"] == "on"
-        process.send_signal(signal.SIGTERM)
-        with trio.fail_after(20):
-            assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 # --- 2. one rule for relative paths ------------------------------------------------------------
@@ -148,21 +156,11 @@ async def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) ->
     loaded = await trio.to_thread.run_sync(lambda: cli("check-config", str(config.relative_to(tmp_path)),
                                                        cwd=tmp_path))
     assert loaded.returncode == 0, loaded.stderr
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "proxy", "run", "--config", str(config)], cwd=elsewhere, stderr=subprocess.PIPE)
-    proxy = ProxyProcess(process)
-    try:
+    async with running(config, elsewhere) as proxy:
         created = await proxy.wait_event("self_signed_certificate")
         assert created["path"] == str(site / "certs" / "server.crt")  # default certs_dir: next to the file
         await proxy.wait_event("listening")
         assert (site / "state" / "queue.sqlite3").exists()
-        process.send_signal(signal.SIGTERM)
-        with trio.fail_after(20):
-            assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert list(elsewhere.iterdir()) == []  # nothing landed in the working directory
     text = config.read_text().replace('tls = "detect"', 'tls = "on"\ncert = "tls/gw.crt"\nkey = "tls/gw.key"')
     parsed = loads(text, base_dir=site)
