@@ -174,24 +174,36 @@ class SimWallbox:
         for word in range(address // 16, (address + count - 1) // 16 + 1):
             registers[word - start] = sum(state.coil.get(16 * word + bit, 0) << bit for bit in range(16))
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0, rtu: bool = False) -> int:
-        from pymodbus import FramerType
-        from pymodbus.server import ModbusTcpServer
+    def _devices(self) -> list[Any]:
         from pymodbus.simulator import DataType, SimData, SimDevice
 
         def block(kind: DataType) -> list[SimData]:
             return [SimData(0, count=self.size, values=False if kind == DataType.BITS else 0, datatype=kind)]
 
-        devices = [SimDevice(unit, simdata=(block(DataType.BITS), block(DataType.BITS),
-                                            block(DataType.REGISTERS), block(DataType.REGISTERS)),
-                             action=functools.partial(self._action, unit))  # type: ignore[arg-type]
-                   for unit in self.units]
-        self._server = ModbusTcpServer(devices, address=(host, port),
+        return [SimDevice(unit, simdata=(block(DataType.BITS), block(DataType.BITS),
+                                         block(DataType.REGISTERS), block(DataType.REGISTERS)),
+                          action=functools.partial(self._action, unit))  # type: ignore[arg-type]
+                for unit in self.units]
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0, rtu: bool = False) -> int:
+        """Modbus TCP, or (``rtu``) RTU frames over TCP as a transparent RS485 gateway passes them."""
+        from pymodbus import FramerType
+        from pymodbus.server import ModbusTcpServer
+
+        self._server = ModbusTcpServer(self._devices(), address=(host, port),
                                        framer=FramerType.RTU if rtu else FramerType.SOCKET)
         await self._server.serve_forever(background=True)
         await asyncio.sleep(0)
         self.port = self._server.transport.sockets[0].getsockname()[1]
         return self.port
+
+    async def start_serial(self, device: str, baudrate: int = 57600, parity: str = "N", stopbits: int = 2) -> None:
+        """Modbus RTU on a serial device (a pseudo-terminal in the tests)."""
+        from pymodbus.server import ModbusSerialServer
+
+        self._server = ModbusSerialServer(self._devices(), port=device, baudrate=baudrate, parity=parity,
+                                          stopbits=stopbits)
+        await self._server.serve_forever(background=True)
 
     async def stop(self) -> None:
         if self._server is not None:

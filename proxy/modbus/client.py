@@ -199,7 +199,7 @@ def _open_serial(settings: SerialSettings) -> int:
         attrs[2] = cflag
         attrs[3] = 0                                                              # lflag: raw
         attrs[4] = attrs[5] = speed
-        attrs[6][termios.VMIN] = 0
+        attrs[6][termios.VMIN] = 1  # with O_NONBLOCK: no data is EAGAIN (trio waits), never a 0-byte "EOF"
         attrs[6][termios.VTIME] = 0
         termios.tcsetattr(fd, termios.TCSANOW, attrs)
         termios.tcflush(fd, termios.TCIOFLUSH)

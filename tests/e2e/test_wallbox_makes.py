@@ -270,3 +270,62 @@ async def test_a_broken_map_file_is_refused_with_key_and_line(tmp_path: Path, ba
         "[enable] coil/register: nothing could stop charging",
         f"site.toml:{line}: modbus_chargers[0].map_file: {own}:11: energy.register: register 7 overlaps currents "
         "(at 7)"]
+
+
+class SerialLine:
+    """Two pseudo-terminals joined back to back: the proxy opens one end as its RS485 port, a pymodbus RTU
+    server the other (what a USB-RS485 adapter and the wire give a real gateway box)."""
+
+    def __init__(self) -> None:
+        import os
+        import threading
+
+        self._os = os
+        (self.master_a, self.slave_a), (self.master_b, self.slave_b) = os.openpty(), os.openpty()
+        self.device_a, self.device_b = os.ttyname(self.slave_a), os.ttyname(self.slave_b)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._thread.start()
+
+    def _pump(self) -> None:
+        import select
+
+        peer = {self.master_a: self.master_b, self.master_b: self.master_a}
+        while not self._stop.is_set():
+            ready, _, _ = select.select(list(peer), [], [], 0.05)
+            for fd in ready:
+                try:
+                    data = self._os.read(fd, 4096)
+                except OSError:
+                    continue
+                self._os.write(peer[fd], data)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        for fd in (self.master_a, self.slave_a, self.master_b, self.slave_b):
+            self._os.close(fd)
+
+
+async def test_rs485_serial_port_on_the_box(peers: LoopThread, backend: SimBackend, start_proxy: StartProxy) -> None:
+    """transport = rtu: the proxy's own serial port (termios, 57600 8N2 as the AMTRON wants) to a pymodbus
+    RTU server on the other end of the line; the whole session runs over it."""
+    line = SerialLine()
+    sim = SimMennekes()
+    try:
+        await in_loop(peers, sim.start_serial(line.device_b))
+        await start_proxy(make_config(backend, [
+            f'id = "AMS"\ntransport = "rtu"\nserial_port = "{line.device_a}"\nbaudrate = 57600\nstopbits = 2\n'
+            'map = "mennekes-amtron-compact"\n']))
+        rec = backend.recorder("AMS")
+        await wait_status(rec, "Available")
+        sim.car().plugged = True
+        await wait_status(rec, "Charging")
+        await wait_until(lambda: sim.limit_amps() == 16.0)
+        transaction_id = await transaction_of(rec, 1)
+        await wait_recorded(rec, lambda r: any(p.get("transactionId") == transaction_id
+                                               for p in calls(r, "MeterValues")))
+        assert not [t for t in rec.sent if t.startswith("[4")]
+    finally:
+        await in_loop(peers, sim.stop())
+        line.close()
