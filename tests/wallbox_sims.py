@@ -91,6 +91,7 @@ class SimWallbox:
         self.times: list[float] = []                          # when each request arrived
         self.port = 0
         self.failing = False
+        self.silent: set[int] = set()   # units that stop answering (a dead device on the bus)
         self._server: Any = None
         for unit in self.units:
             self.reset(unit)
@@ -137,6 +138,8 @@ class SimWallbox:
         writing = function_code in (5, 6, 15, 16)
         if writing and values is None:
             return None  # pymodbus reads the written registers back for its answer: not a request
+        if unit in self.silent:
+            await asyncio.sleep(3600)  # no answer: the client times out
         self.functions.append(function_code)
         self.times.append(time.monotonic())
         if self.failing:

@@ -329,3 +329,31 @@ async def test_rs485_serial_port_on_the_box(peers: LoopThread, backend: SimBacke
     finally:
         await in_loop(peers, sim.stop())
         line.close()
+
+
+async def test_a_dead_wallbox_on_the_bus_does_not_fault_its_neighbour(peers: LoopThread, backend: SimBackend,
+                                                                      start_proxy: StartProxy) -> None:
+    """Unit 51 stops answering mid-session: its connector goes Faulted after fault_after, while unit 50 on the
+    same bus keeps charging and metering (each timeout costs the bus one request time, no more); 51 comes back."""
+    sim = SimMennekes(units=(50, 51))
+    port = await in_loop(peers, sim.start(rtu=True))
+    bus = f'modbus = "127.0.0.1:{port}"\ntransport = "rtu-over-tcp"\nmap = "mennekes-amtron-compact"\n'
+    await start_proxy(make_config(backend, [f'id = "AM1"\nmodbus_unit = 50\n{bus}',
+                                            f'id = "AM2"\nmodbus_unit = 51\n{bus}']))
+    live, dead = backend.recorder("AM1"), backend.recorder("AM2")
+    sim.car(50).plugged = sim.car(51).plugged = True
+    await wait_status(live, "Charging")
+    await wait_status(dead, "Charging")
+    seen = len(statuses(live))
+
+    sim.silent.add(51)
+    await wait_status(dead, "Faulted")
+    meter_values = len(calls(live, "MeterValues"))
+    await wait_recorded(live, lambda r: len(calls(r, "MeterValues")) >= meter_values + 2)  # still metered
+    assert statuses(live)[seen:] == [] and statuses(live)[-1] == "Charging"  # never left Charging
+    assert sim.limit_amps(50) == 16.0
+
+    sim.silent.clear()
+    await wait_status(dead, "Charging")  # back, the same transaction
+    assert len(calls(dead, "StartTransaction")) == 1 and not calls(dead, "StopTransaction")
+    await in_loop(peers, sim.stop())

@@ -281,6 +281,25 @@ def test_map_file_problems_name_key_and_line(change: tuple[str, str], expected: 
     assert expected in problems(GOOD.replace(*change, 1))
 
 
+def test_check_config_names_the_map_files_key_and_line(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / "mine.toml").write_text(GOOD.replace('type = "uint32"', 'type = "uint24"'))
+    config = tmp_path / "site.toml"
+    config.write_text('[backend]\nurl = "ws://b/ocpp"\n[[modbus_chargers]]\nid = "M1"\nmodbus = "127.0.0.1:502"\n'
+                      'map_file = "mine.toml"\n')
+    result = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert (f"{config}:6: modbus_chargers[0].map_file: {tmp_path / 'mine.toml'}:13: energy.type: must be one of "
+            in result.stderr), result.stderr
+    (tmp_path / "mine.toml").write_text(GOOD)
+    result = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(config)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
 def test_every_builtin_map_loads_and_its_docs_row_exists() -> None:
     docs = (Path(__file__).parents[2] / "docs" / "modbus.md").read_text()
     for name, built in WALLBOXES.items():
