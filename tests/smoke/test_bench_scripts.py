@@ -39,3 +39,10 @@ def test_codec_bench_runs_side_by_side_with_a_baseline() -> None:
     rows = [line for line in out.splitlines() if line.startswith("| ") and " s |" in line]
     assert [row.split(" | ")[0] for row in rows] == ["| whole", "| 1 KiB", "| 64 B", "| 1 B"]
     assert all(row.count(" s") == 2 and "wrong result" not in row for row in rows)  # both parsers, every split
+
+
+def test_modbus_bus_bench_runs_with_small_counts() -> None:
+    out = run_bench("modbus_bus.py", "--wallboxes", "2", "--rounds", "10")
+    for way in ("tcp, own connection each", "tcp, shared client", "rtu-over-tcp, shared", "rtu-over-tcp, 5 ms gap"):
+        assert way in out
+    assert "2 wallboxes" in out and "CPU/request" in out
