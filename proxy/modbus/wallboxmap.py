@@ -163,7 +163,8 @@ class WallboxMap:
             raw = key_at(register.field.shifted(offset), data)
             meaning = register.values.get(raw)
             if meaning is None:
-                raise ValueError(f"unknown state register value {raw!r} (register {register.field.address + offset})")
+                shown = raw if isinstance(raw, int) else repr(raw[:40])  # text from the device: cut
+                raise ValueError(f"unknown state register value {shown} (register {register.field.address + offset})")
             state = meaning if state is None else state.merge(meaning)
         assert state is not None  # a map has at least one state register
         currents = tuple(value_at(f.shifted(offset), data) for f in self.currents)
