@@ -31,6 +31,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import trio
 
@@ -48,7 +49,7 @@ async def devices_main(count: int) -> None:
         bits = [SimData(0, count=16, values=False, datatype=DataType.BITS)]
         return SimDevice(unit, simdata=(bits, bits, registers, registers))
 
-    servers = []
+    servers: list[Any] = []  # pymodbus types its transport loosely
     for framer in (FramerType.SOCKET, FramerType.RTU):
         server = ModbusTcpServer([device(u) for u in range(1, count + 1)], address=("127.0.0.1", 0), framer=framer)
         await server.serve_forever(background=True)
