@@ -36,6 +36,7 @@ import functools
 from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from proxy.messages.ocppj import Frame, build_error, classify, replace_id
 from proxy.messages.jsonspan import integer_at, integer_span, remove_member, replace_value
@@ -64,6 +65,11 @@ _INBOUND_TX_PATH: dict[str, tuple[str | int, ...]] = {
 
 # --- events -------------------------------------------------------------------------
 
+#: Why a secondary will never get a frame: its queue overflowed, it never answered the
+#: frame, or the frame names a transaction it never learnt.
+DropReason = Literal["queue_full", "unanswered", "unknown_transaction"]
+
+
 @dataclass(frozen=True, slots=True)
 class MirrorSend:
     text: str
@@ -81,7 +87,7 @@ class MirrorDropped:
 
     upstream: str
     action: str
-    reason: str
+    reason: DropReason
 
 
 @dataclass(frozen=True, slots=True)

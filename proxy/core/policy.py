@@ -28,15 +28,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final, Literal
 
 from proxy.messages.ocppj import Frame, build_error, build_result, payload_of
 from proxy.messages.versions import OcppVersion
 
-FORWARD = "forward"
-ANSWER = "answer"
-REJECT = "reject"
-MODES = (FORWARD, ANSWER, REJECT)
+#: What the proxy does with one upstream's CALL towards the wallbox.
+Mode = Literal["forward", "answer", "reject"]
+FORWARD: Final = "forward"
+ANSWER: Final = "answer"
+REJECT: Final = "reject"
+MODES: tuple[Mode, ...] = (FORWARD, ANSWER, REJECT)
 
 #: In a policy table: the mode for every action not listed.
 ANY = "*"
@@ -201,7 +203,7 @@ def mode_for(table: Mapping[str, str], action: str, *, primary: bool) -> str:
 class Decision:
     """``reply`` is the frame the proxy sends back to the upstream instead of forwarding."""
 
-    mode: str
+    mode: Mode
     reply: str | None = None
 
 

@@ -26,13 +26,22 @@ Rules it enforces:
   ``secondary_up`` / ``secondary_down``), and their answers go to it. CALLs
   from any upstream are judged by ``policy`` (:mod:`proxy.core.policy`) before they
   may reach the wallbox.
+
+The listener contract (docs/design.md): a session is whole when constructed
+(upstreams, mirrors, policy, offline responder). What anyone outside may ask of
+it afterwards goes through one API, :meth:`Session.tap`: a :class:`Tap` names
+the actions to report as :class:`Observed` and the rewriters for actions whose
+CALL text it edits. Nothing else of a session is assigned from outside.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Literal
 
 from proxy.core.offline import (
     BACKEND_TRANSACTION_ACTIONS,
@@ -64,14 +73,37 @@ from proxy.core.mirror import (
     TxMapped,
     transaction_id,
 )
-from proxy.core.policy import CommandPolicy
+from proxy.core.policy import CommandPolicy, Mode
 from proxy.messages.versions import OcppVersion
 
-WALLBOX = "wallbox"
-PROXY = "proxy"
-PRIMARY = "primary"
-#: Origin of stored CALLs replayed to the primary after an outage.
-REPLAY = "replay"
+
+class Leg(StrEnum):
+    """The fixed names of a session's legs and CALL origins.
+
+    Secondary upstreams are named by the configuration (``[backends.NAME]``,
+    which may not be one of these), so a *side* (:data:`Side`) is a ``Leg`` or
+    such a name. Members are ``str``: they compare, hash and log as their value.
+    """
+
+    WALLBOX = "wallbox"
+    #: The proxy's own CALLs (load management, virtual charge points).
+    PROXY = "proxy"
+    #: The billing backend, whose answers reach the wallbox.
+    PRIMARY = "primary"
+    #: Stored CALLs replayed to the primary after an outage.
+    REPLAY = "replay"
+
+
+#: A leg of a session: ``Leg.WALLBOX``, ``Leg.PRIMARY`` or a secondary's configured name.
+Side = str
+
+WALLBOX = Leg.WALLBOX
+PROXY = Leg.PROXY
+PRIMARY = Leg.PRIMARY
+REPLAY = Leg.REPLAY
+
+#: Why a proxy CALL got no answer.
+FailReason = Literal["timeout", "session closed"]
 
 #: Message ids of the proxy's own CALLs on the wallbox leg (≤ 36 characters).
 ID_PREFIX = "ocpp-proxy:"
@@ -81,7 +113,20 @@ _LATE_MEMORY = 64
 
 #: Rewriter(source, destination, frame) → text to send (``frame.text`` = unchanged).
 #: A rewriter changes payload fields only, never the ``[type, "id", "Action"`` prefix.
-Rewriter = Callable[[str, str, Frame], str]
+Rewriter = Callable[[Side, Side, Frame], str]
+
+
+@dataclass(frozen=True, slots=True)
+class Tap:
+    """What one listener asks of a session: the only way anything outside changes what a session reports or sends.
+
+    ``observe``: actions whose frames (and the answers to them) are reported as
+    :class:`Observed`. ``rewriters``: per action, how a CALL's text changes on
+    its way (see :data:`Rewriter`); two taps may not rewrite the same action.
+    """
+
+    observe: frozenset[str] = frozenset()
+    rewriters: Mapping[str, Rewriter] = field(default_factory=dict)
 
 
 # --- actions -------------------------------------------------------------------
@@ -93,7 +138,7 @@ class ToWallbox:
 
 @dataclass(frozen=True, slots=True)
 class ToUpstream:
-    name: str
+    name: Side
     text: str
 
 
@@ -110,12 +155,12 @@ class ProxyAnswer:
 class ProxyCallFailed:
     msg_id: str
     action: str
-    reason: str
+    reason: FailReason
 
 
 @dataclass(frozen=True, slots=True)
 class Malformed:
-    source: str
+    source: Side
     frame: Frame
     problem: str
     dropped: bool
@@ -129,7 +174,7 @@ class Observed:
     SetChargingProfile with its Accepted/Rejected without keeping state.
     """
 
-    source: str
+    source: Side
     frame: Frame
     action: str
     call: Frame | None = None
@@ -139,7 +184,7 @@ class Observed:
 class CallCompleted:
     """Round trip of a CALL: ``leg`` is the side that answered it."""
 
-    leg: str
+    leg: Side
     action: str
     seconds: float
 
@@ -148,9 +193,9 @@ class CallCompleted:
 class Policed:
     """A CALL from ``upstream`` was answered by the proxy (``mode`` answer or reject), not forwarded."""
 
-    upstream: str
+    upstream: Side
     action: str
-    mode: str
+    mode: Mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,7 +236,7 @@ Action = (ToWallbox | ToUpstream | ProxyAnswer | ProxyCallFailed | Malformed | O
 
 @dataclass(slots=True)
 class _Pending:
-    origin: str
+    origin: Side
     origin_id: str
     action: str
     sent_at: float
@@ -200,7 +245,7 @@ class _Pending:
 
 @dataclass(slots=True)
 class _Waiting:
-    origin: str
+    origin: Side
     frame: Frame
     text: str
 
@@ -208,13 +253,11 @@ class _Waiting:
 @dataclass
 class Session:
     charger_id: str
-    upstreams: tuple[str, ...] = (PRIMARY,)
+    upstreams: tuple[Side, ...] = (PRIMARY,)
     call_timeout: float = 30.0
     strict: bool = False
-    #: Actions whose frames (and answers) are reported as :class:`Observed`.
-    observe: frozenset[str] = frozenset()
-    #: Per action: how a CALL's text changes on its way to a destination.
-    rewriters: dict[str, Rewriter] = field(default_factory=dict)
+    #: What listeners ask of the session, by owner (:meth:`tap` adds and replaces them).
+    taps: Mapping[str, Tap] = field(default_factory=dict)
     #: Who may send which command to the wallbox; None: every upstream's CALLs are forwarded.
     policy: CommandPolicy | None = None
     #: Secondaries whose copies go through a Mirror (the others get copies directly).
@@ -230,6 +273,10 @@ class Session:
     #: reports it as :class:`UpstreamUnresponsive` (once per connection); None: never.
     upstream_call_timeout: float | None = None
 
+    #: Actions whose frames (and answers) are reported as :class:`Observed` (the taps' union).
+    observe: frozenset[str] = field(default=frozenset(), init=False)
+    #: Per action: the one tap's rewriter for it.
+    _rewriters: dict[str, Rewriter] = field(default_factory=dict, init=False)
     _to_wallbox: dict[str, _Pending] = field(default_factory=dict, init=False)
     _waiting: deque[_Waiting] = field(default_factory=deque, init=False)
     _from_wallbox: dict[str, _Pending] = field(default_factory=dict, init=False)
@@ -242,9 +289,34 @@ class Session:
     #: (for metrics, without classifying twice).
     last_frame: Frame | None = field(default=None, init=False)
 
+    def __post_init__(self) -> None:
+        taps, self.taps = self.taps, MappingProxyType({})
+        for owner, tap in taps.items():
+            self.tap(owner, tap)
+
     @property
-    def primary(self) -> str:
+    def primary(self) -> Side:
         return self.upstreams[0]
+
+    # -- the listener contract --------------------------------------------------------
+
+    def tap(self, owner: str, tap: Tap | None) -> None:
+        """Register (replace; None: remove) what ``owner`` observes and rewrites.
+
+        Raises ValueError, leaving the taps as they were, when ``tap`` would
+        rewrite an action another owner already rewrites: two edits of one
+        frame would depend on their order.
+        """
+        taps = {name: t for name, t in self.taps.items() if name != owner}
+        if tap is not None:
+            for other, registered in taps.items():
+                clash = registered.rewriters.keys() & tap.rewriters.keys()
+                if clash:
+                    raise ValueError(f"{owner} and {other} both rewrite {', '.join(sorted(clash))}")
+            taps[owner] = tap
+        self.taps = MappingProxyType(taps)
+        self.observe = frozenset(action for t in taps.values() for action in t.observe)
+        self._rewriters = {action: rewrite for t in taps.values() for action, rewrite in t.rewriters.items()}
 
     # -- inputs ---------------------------------------------------------------
 
@@ -261,7 +333,7 @@ class Session:
             actions = self._wallbox_answer(frame, now)
         return actions if report is None else [report, *actions]
 
-    def from_upstream(self, name: str, text: str, now: float) -> list[Action]:
+    def from_upstream(self, name: Side, text: str, now: float) -> list[Action]:
         frame = self.last_frame = classify(text)
         report = self._inspect(name, frame)
         if report is not None and report.dropped:
@@ -291,12 +363,12 @@ class Session:
                 return True
         return False
 
-    def secondary_up(self, name: str, now: float) -> list[Action]:
+    def secondary_up(self, name: Side, now: float) -> list[Action]:
         """A mirrored secondary's connection opened: replay what it missed."""
         mirror = self.mirrors.get(name)
         return [] if mirror is None else self._mirrored(name, mirror.link_up(now, owner=self))
 
-    def secondary_down(self, name: str) -> None:
+    def secondary_down(self, name: Side) -> None:
         mirror = self.mirrors.get(name)
         if mirror is not None:
             mirror.link_down(owner=self)
@@ -372,7 +444,7 @@ class Session:
 
     # -- upstream availability (offline mode) ---------------------------------------------
 
-    def upstream_down(self, name: str, now: float) -> list[Action]:
+    def upstream_down(self, name: Side, now: float) -> list[Action]:
         """An upstream is gone. For the primary, CALLs it never answered are answered locally."""
         self._down.add(name)
         self.secondary_down(name)
@@ -386,7 +458,7 @@ class Session:
                 actions.extend(local + self._local_start(msg_id, local))
         return actions
 
-    def upstream_up(self, name: str, replay: bool = False) -> None:
+    def upstream_up(self, name: Side, replay: bool = False) -> None:
         """An upstream is (back) up; ``replay``: stored CALLs go to it before live traffic."""
         self._down.discard(name)
         if name == self.primary:
@@ -448,7 +520,7 @@ class Session:
             actions += self._mirrored(name, mirror.offer(frame if text is frame.text else classify(text), now))
         return actions
 
-    def _from_upstream_text(self, name: str, frame: Frame) -> str:
+    def _from_upstream_text(self, name: Side, frame: Frame) -> str:
         text = self._rewrite(name, WALLBOX, frame)
         if self.transactions and frame.action in BACKEND_TRANSACTION_ACTIONS and name == self.primary:
             backend_to_local = {b: loc for loc, b in self.transactions.items()}
@@ -458,7 +530,7 @@ class Session:
                 text = mapped
         return text
 
-    def _to_upstream_text(self, name: str, frame: Frame) -> str:
+    def _to_upstream_text(self, name: Side, frame: Frame) -> str:
         text = self._rewrite(WALLBOX, name, frame)
         if self.transactions and frame.action in TRANSACTION_ACTIONS and name == self.primary:
             mapped = map_transaction(frame, self.transactions)  # a local id the backend now knows
@@ -474,7 +546,7 @@ class Session:
         return [Persist(frame.action or "", frame.text, frame.msg_id or "", local.text,
                         local.local_transaction_id)]
 
-    def _upstream_answer(self, name: str, frame: Frame, now: float) -> list[Action]:
+    def _upstream_answer(self, name: Side, frame: Frame, now: float) -> list[Action]:
         pending = self._from_wallbox.get(frame.msg_id or "")
         actions: list[Action] = []
         if pending is not None and pending.origin == REPLAY and name == self.primary:
@@ -514,7 +586,7 @@ class Session:
             actions += self._mirrored(name, mirror.wallbox_transaction(msg_id, wallbox_tx))
         return actions
 
-    def _mirrored(self, name: str, events: list[MirrorEvent]) -> list[Action]:
+    def _mirrored(self, name: Side, events: list[MirrorEvent]) -> list[Action]:
         actions: list[Action] = []
         for event in events:
             if isinstance(event, MirrorSend):
@@ -537,7 +609,7 @@ class Session:
 
     # -- upstreams / proxy → wallbox ------------------------------------------------------
 
-    def _upstream_call(self, name: str, frame: Frame, now: float) -> list[Action]:
+    def _upstream_call(self, name: Side, frame: Frame, now: float) -> list[Action]:
         """Policy first (forward, answer or reject), then a mirrored secondary's transaction ids."""
         if self.policy is not None:
             decision = self.policy.decide(name, frame, self.version)
@@ -552,19 +624,19 @@ class Session:
                 frame = classify(text)
         return self._submit(name, frame, self._from_upstream_text(name, frame), now)
 
-    def _submit(self, origin: str, frame: Frame, text: str, now: float) -> list[Action]:
+    def _submit(self, origin: Side, frame: Frame, text: str, now: float) -> list[Action]:
         if not self._waiting and self._slot_free_for(origin):
             return self._send_to_wallbox(origin, frame, text, now)
         self._waiting.append(_Waiting(origin, frame, text))
         return []
 
-    def _slot_free_for(self, origin: str) -> bool:
+    def _slot_free_for(self, origin: Side) -> bool:
         """Free slot: nothing outstanding, or only the primary's own pipelined CALLs."""
         if not self._to_wallbox:
             return True
         return origin == self.primary and all(p.origin == origin for p in self._to_wallbox.values())
 
-    def _send_to_wallbox(self, origin: str, frame: Frame, text: str, now: float) -> list[Action]:
+    def _send_to_wallbox(self, origin: Side, frame: Frame, text: str, now: float) -> list[Action]:
         origin_id = frame.msg_id or ""
         wire_id = origin_id
         if origin != PROXY and self._needs_own_id(origin, origin_id):
@@ -579,7 +651,7 @@ class Session:
             actions.append(Observed(origin, frame, action))
         return actions
 
-    def _needs_own_id(self, origin: str, origin_id: str) -> bool:
+    def _needs_own_id(self, origin: Side, origin_id: str) -> bool:
         return (origin != self.primary or origin_id.startswith(ID_PREFIX)
                 or origin_id in self._to_wallbox)
 
@@ -619,11 +691,11 @@ class Session:
         while len(self._late) > _LATE_MEMORY:
             self._late.popitem(last=False)
 
-    def _rewrite(self, source: str, destination: str, frame: Frame) -> str:
-        rewriter = self.rewriters.get(frame.action or "")
+    def _rewrite(self, source: Side, destination: Side, frame: Frame) -> str:
+        rewriter = self._rewriters.get(frame.action or "")
         return frame.text if rewriter is None else rewriter(source, destination, frame)
 
-    def _inspect(self, source: str, frame: Frame) -> Malformed | None:
+    def _inspect(self, source: Side, frame: Frame) -> Malformed | None:
         """Report a frame with a problem; strict mode drops it (a full parse, off by default)."""
         if not self.strict and frame.problem is None:
             return None

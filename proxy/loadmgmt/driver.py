@@ -13,7 +13,10 @@ input changes and at least every ``[site] interval``; each CALL runs in a
 short task of that task's nursery, at most one per wallbox at a time.
 
 Without ``[site]`` (and without meter or EMS) the limiter stays out of the
-way: it observes nothing, registers no rewriter and sends nothing.
+way: it registers no :class:`~proxy.core.session.Tap` (observes nothing,
+rewrites nothing) and sends nothing. Once a session is managed, its tap
+observes :data:`OBSERVE` and clamps backend SetChargingProfiles while the
+wallbox's :class:`~proxy.loadmgmt.control.Control` says so.
 """
 
 from __future__ import annotations
@@ -26,13 +29,13 @@ from typing import Any, Protocol
 import trio
 
 from proxy.config import ChargerBase, ChargerSettings, Config, SiteSettings
-from proxy.messages.ocppj import MessageType, payload_of
+from proxy.messages.ocppj import Frame, MessageType, payload_of
 from proxy.loadmgmt.control import Command, Control, ControlSettings, field_of, read_meter_values
 from proxy.loadmgmt.engine import ChargerLimits, LimitEngine, SiteLimits
 from proxy.ops.logs import get_logger
 from proxy.loadmgmt.profiles import ProfileError, replace_payload
 from proxy.runtime.relay import Listener, PairedSession
-from proxy.core.session import WALLBOX, Action, Observed, ProxyAnswer
+from proxy.core.session import WALLBOX, Action, Observed, ProxyAnswer, Rewriter, Side, Tap
 from proxy.loadmgmt.v2 import CHARGING_STATES, CONNECTOR_STATUSES, V2Profiles, validate_v2
 
 #: What the limiter reads from a session.
@@ -40,6 +43,8 @@ OBSERVE = frozenset({"BootNotification", "StatusNotification", "MeterValues", "S
                      "StopTransaction", "SetChargingProfile", "ClearChargingProfile",
                      "TransactionEvent"})  # 2.0.1 / 2.1
 REWRITTEN = "SetChargingProfile"
+#: The limiter's name among a session's taps.
+TAP_OWNER = "limiter"
 
 
 class LimitsSink(Protocol):
@@ -170,18 +175,20 @@ class Limiter(Listener):
         if self.attached.get(charger_id) is paired:
             return
         self.attached[charger_id] = paired  # a reconnect replaces the old session here
-        paired.session.observe = paired.session.observe | OBSERVE
+        paired.session.tap(TAP_OWNER, Tap(OBSERVE, {REWRITTEN: self._rewriter(control)}))
         now = _now()
         control.wallbox_connected(now)
         self.engine.charger_connected(charger_id, now)
-        self._sync_rewriter(paired, control)
 
     def action(self, paired: PairedSession, action: Action) -> None:
-        if isinstance(action, ProxyAnswer):
-            self._proxy_answer = action.msg_id
-            return
-        if not isinstance(action, Observed):
-            return
+        match action:
+            case ProxyAnswer(msg_id=msg_id):
+                self._proxy_answer = msg_id
+            case Observed():
+                self._watched(paired, action)
+
+    def _watched(self, paired: PairedSession, action: Observed) -> None:
+        """An observed frame of a managed session (not the answer to the limiter's own CALL) feeds the engine."""
         own_answer = action.call is not None and action.call.msg_id == self._proxy_answer
         self._proxy_answer = None
         charger_id = paired.charger_id
@@ -191,7 +198,6 @@ class Limiter(Listener):
             self._observed(charger_id, self.controls[charger_id], action)
         except Exception as exc:  # noqa: BLE001 - never let a frame's content break the session
             self.log.warning("frame_not_understood", charger=charger_id, action=action.action, error=str(exc)[:200])
-        self._sync_rewriter(paired, self.controls[charger_id])
         self.poke()
 
     def _observed(self, charger_id: str, control: Control, observed: Observed) -> None:
@@ -300,30 +306,22 @@ class Limiter(Listener):
             self.engine.measured(charger_id, meter.currents or engine_currents(self.engine, charger_id), now,
                                  meter.power_w, meter.energy_wh)
 
-    def _sync_rewriter(self, paired: PairedSession, control: Control) -> None:
-        rewriters = paired.session.rewriters
-        if control.rewrites:
-            if REWRITTEN not in rewriters:
-                rewriters[REWRITTEN] = self._rewriter(control)
-        elif getattr(rewriters.get(REWRITTEN), "limiter_rewriter", False):
-            del rewriters[REWRITTEN]
-
-    def _rewriter(self, control: Control) -> Any:
-        def rewrite(source: str, destination: str, frame: Any) -> str:
-            if destination != WALLBOX or source == WALLBOX:
-                return str(frame.text)
+    def _rewriter(self, control: Control) -> Rewriter:
+        """Clamps an upstream's SetChargingProfile to the local limit while the control says so."""
+        def rewrite(source: Side, destination: Side, frame: Frame) -> str:
+            if destination != WALLBOX or source == WALLBOX or not control.rewrites:
+                return frame.text
             try:
                 payload = self._clamped(control, frame.msg_id or "", payload_of(frame))
                 if payload is None:
-                    return str(frame.text)
+                    return frame.text
                 text = replace_payload(frame.text, payload)
             except Exception as exc:  # noqa: BLE001 - the frame is forwarded as received
                 self.log.warning("profile_not_clamped", charger=control.charger_id, error=str(exc)[:200])
-                return str(frame.text)
+                return frame.text
             self.log.info("backend_profile_clamped", charger=control.charger_id, limit=control.local)
             return text
 
-        rewrite.limiter_rewriter = True  # type: ignore[attr-defined]
         return rewrite
 
     def _clamped(self, control: Control, msg_id: str, payload: Any) -> dict[str, Any] | None:
@@ -413,7 +411,6 @@ class Limiter(Listener):
             return
         command = control.next_command(now, wall)
         self._log_notes(charger_id, control)
-        self._sync_rewriter(paired, control)
         if command is not None:
             self._nursery.start_soon(self._send, paired, control, command)
 

@@ -37,9 +37,20 @@ from prometheus_client.metrics_core import Metric
 from proxy import __version__
 from proxy.messages.ocppj import Frame, MessageType, payload_of
 from proxy.core.admission import Refuse
-from proxy.runtime.relay import Listener, PairedSession
+from proxy.runtime.relay import GiveUp, Listener, PairedSession
 from proxy.core.mirror import MirrorDropped
-from proxy.core.session import PRIMARY, WALLBOX, Action, CallCompleted, Malformed, Policed, ProxyAnswer, ProxyCallFailed
+from proxy.core.session import (
+    PRIMARY,
+    PROXY,
+    WALLBOX,
+    Action,
+    CallCompleted,
+    Malformed,
+    Policed,
+    ProxyAnswer,
+    ProxyCallFailed,
+    Side,
+)
 
 
 def _ocpp_actions() -> frozenset[str]:
@@ -79,9 +90,9 @@ def action_label(action: str | None) -> str:
     return action if action in KNOWN_ACTIONS and action is not None else OTHER
 
 
-def side_label(side: str) -> str:
+def side_label(side: Side) -> str:
     """Session leg names → label values: the primary upstream is "backend", the others "secondary"."""
-    if side in (WALLBOX, "proxy"):
+    if side in (WALLBOX, PROXY):
         return side
     return "backend" if side == PRIMARY else "secondary"
 
@@ -287,7 +298,7 @@ class Metrics:
         for _ in range(upstreams):
             self.upstream_opened(charger)
 
-    def session_closed(self, charger: str, closed_by: str, code: int, upstreams: int) -> None:
+    def session_closed(self, charger: str, closed_by: Side, code: int, upstreams: int) -> None:
         """``upstreams``: backend connections still counted open for this session."""
         self.sessions_closed.child(side_label(closed_by), close_code_label(code)).inc()
         self.connections.child(WALLBOX).dec()
@@ -359,7 +370,7 @@ class Metrics:
     def policy_refusal(self, upstream: str, action: str, mode: str) -> None:
         self.policy_refusals.child(upstream, action_label(action), mode).inc()
 
-    def frame(self, source: str, frame: Frame, length: int) -> None:
+    def frame(self, source: Side, frame: Frame, length: int) -> None:
         """Hot path: one received frame."""
         kind = frame.kind
         key = (source, kind, frame.action if kind is MessageType.CALL else None)
@@ -369,7 +380,7 @@ class Metrics:
         pair[0].inc()
         pair[1].inc(utf8_size(frame.text, length))
 
-    def _frame_pair(self, source: str, frame: Frame) -> tuple[Any, Any]:
+    def _frame_pair(self, source: Side, frame: Frame) -> tuple[Any, Any]:
         action = action_label(frame.action) if frame.kind is MessageType.CALL else ""
         labels = (source, _TYPES[frame.kind], action)
         pair = (self.frames.child(*labels), self.frame_bytes.child(*labels))
@@ -378,16 +389,16 @@ class Metrics:
             self._frame_children[(source, frame.kind, frame.action if action else None)] = pair
         return pair
 
-    def call_completed(self, leg: str, action: str, seconds: float) -> None:
+    def call_completed(self, leg: Side, action: str, seconds: float) -> None:
         self.call_duration.child(side_label(leg), action_label(action)).observe(seconds)
 
     def own_call(self, action: str, outcome: str) -> None:
         self.own_calls.child(action_label(action), outcome).inc()
 
-    def malformed_frame(self, source: str, dropped: bool) -> None:
+    def malformed_frame(self, source: Side, dropped: bool) -> None:
         self.malformed.child(source, "true" if dropped else "false").inc()
 
-    def frame_rejected(self, source: str, reason: str) -> None:
+    def frame_rejected(self, source: Side, reason: str) -> None:
         self.rejected.child(source, reason).inc()
 
     def set_connector_status(self, charger: str, connector: str, status: str) -> None:
@@ -501,13 +512,13 @@ class MetricsListener(Listener):
     def session_opened(self, paired: PairedSession) -> None:
         self.metrics.session_opened(paired.charger_id, 0)  # upstreams arrive through upstream_state
 
-    def session_closed(self, paired: PairedSession, side: str, code: int, reason: str) -> None:
+    def session_closed(self, paired: PairedSession, side: Side, code: int, reason: str) -> None:
         self.metrics.session_closed(paired.charger_id, side, code, int(paired.session.primary in paired.upstreams))
         for name in paired.session.mirrors:
             if name in paired.upstreams:
                 self.metrics.secondary_changed(paired.charger_id, name, False)
 
-    def frame_received(self, paired: PairedSession, source: str, frame: Frame, size: int) -> None:
+    def frame_received(self, paired: PairedSession, source: Side, frame: Frame, size: int) -> None:
         wallbox = source == WALLBOX
         self.metrics.frame(WALLBOX if wallbox else side_label(source), frame, size)
         if wallbox and frame.action == "StatusNotification" and frame.kind is MessageType.CALL:
@@ -521,22 +532,20 @@ class MetricsListener(Listener):
             self.metrics.set_secondary_queue(paired.charger_id, name, mirror.depth)
 
     def action(self, paired: PairedSession, action: Action) -> None:
-        kind = type(action)
-        if kind is CallCompleted:
-            self.metrics.call_completed(action.leg, action.action, action.seconds)  # type: ignore[union-attr]
-        elif kind is Malformed:
-            self.metrics.malformed_frame(side_label(action.source), action.dropped)  # type: ignore[union-attr]
-        elif kind is ProxyAnswer:
-            answer = action.frame  # type: ignore[union-attr]
-            outcome = "result" if answer.kind is MessageType.CALLRESULT else "error"
-            self.metrics.own_call(action.action, outcome)  # type: ignore[union-attr]
-        elif kind is ProxyCallFailed:
-            outcome = "timeout" if action.reason == "timeout" else "closed"  # type: ignore[union-attr]
-            self.metrics.own_call(action.action, outcome)  # type: ignore[union-attr]
-        elif kind is MirrorDropped:
-            self.metrics.secondary_frame_dropped(action.upstream, action.action, action.reason)  # type: ignore[union-attr]
-        elif kind is Policed:
-            self.metrics.policy_refusal(action.upstream, action.action, action.mode)  # type: ignore[union-attr]
+        metrics = self.metrics
+        match action:
+            case CallCompleted(leg=leg, action=name, seconds=seconds):
+                metrics.call_completed(leg, name, seconds)
+            case Malformed(source=source, dropped=dropped):
+                metrics.malformed_frame(side_label(source), dropped)
+            case ProxyAnswer(action=name, frame=answer):
+                metrics.own_call(name, "result" if answer.kind is MessageType.CALLRESULT else "error")
+            case ProxyCallFailed(action=name, reason=reason):
+                metrics.own_call(name, "timeout" if reason == "timeout" else "closed")
+            case MirrorDropped(upstream=upstream, action=name, reason=reason):
+                metrics.secondary_frame_dropped(upstream, name, reason)
+            case Policed(upstream=upstream, action=name, mode=mode):
+                metrics.policy_refusal(upstream, name, mode)
 
     def upstream_state(self, paired: PairedSession, name: str, up: bool, reason: str) -> None:
         if name != paired.session.primary:  # a secondary: its own series, not the backend's
@@ -569,10 +578,10 @@ class MetricsListener(Listener):
     def replay_resent(self, paired: PairedSession, action: str) -> None:
         self.metrics.replay_resent.child(action_label(action)).inc()
 
-    def upstream_given_up(self, paired: PairedSession, name: str, kind: str) -> None:
+    def upstream_given_up(self, paired: PairedSession, name: Side, kind: GiveUp) -> None:
         self.metrics.upstream_lost.child(kind).inc()
 
-    def frame_rejected(self, paired: PairedSession, side: str, code: int, reason: str) -> None:
+    def frame_rejected(self, paired: PairedSession, side: Side, code: int, reason: str) -> None:
         self.metrics.frame_rejected(side_label(side), "binary" if code == 1003 else "too_big")
 
     def handshake_refused(self, refusal: Refuse) -> None:

@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import trio
 
@@ -40,6 +40,7 @@ from proxy.storage.interface import StorageError
 from proxy.storage.offline_queue import AsyncQueue
 from proxy.runtime.upstream import UpstreamUnavailable
 from proxy.core.session import (
+    PROXY,
     WALLBOX,
     Action,
     Malformed,
@@ -49,9 +50,14 @@ from proxy.core.session import (
     ProxyAnswer,
     ProxyCallFailed,
     Session,
+    Side,
     ToUpstream,
     ToWallbox,
 )
+
+#: Why the proxy ended an upstream connection that stopped working: a send blocked for
+#: ``stall_timeout``, a CALL unanswered for ``call_timeout``, a ping unanswered.
+GiveUp = Literal["stall", "call_timeout", "ping_timeout"]
 
 #: Frames queued towards one connection before the producing pump waits.
 OUTBOX_LIMIT = 64
@@ -67,23 +73,30 @@ class Connection(Protocol):
 
 
 class Listener:
-    """Receives what happens in sessions: metrics, limit engine, tests.
+    """Receives what happens in sessions: metrics, limit engine, secondaries' store, tests.
 
-    Methods are called synchronously from the session's tasks and must not
-    block; they are no-ops here so a listener overrides only what it needs.
+    The contract (docs/design.md): methods are called synchronously from the
+    session's tasks and must not block; they are no-ops here so a listener
+    overrides only what it needs. A listener reads a session and may call
+    :meth:`PairedSession.request` / :meth:`PairedSession.call_wallbox`; what it
+    wants a session to report or rewrite it registers with
+    ``paired.session.tap(owner, Tap(...))`` (:class:`proxy.core.session.Tap`),
+    never by assigning to the session. Sides are :data:`proxy.core.session.Side`
+    (a :class:`~proxy.core.session.Leg` or a secondary's name); ``session_closed``
+    gets ``Leg.PROXY`` when the proxy ended the pair (shutdown, replacement).
     """
 
     def session_opened(self, paired: PairedSession) -> None: ...
-    def session_closed(self, paired: PairedSession, side: str, code: int, reason: str) -> None: ...
-    def frame_received(self, paired: PairedSession, source: str, frame: Frame, size: int) -> None: ...
+    def session_closed(self, paired: PairedSession, side: Side, code: int, reason: str) -> None: ...
+    def frame_received(self, paired: PairedSession, source: Side, frame: Frame, size: int) -> None: ...
     def action(self, paired: PairedSession, action: Action) -> None: ...
     def handshake_refused(self, refusal: Refuse) -> None: ...
-    def frame_rejected(self, paired: PairedSession, side: str, code: int, reason: str) -> None: ...
-    def upstream_state(self, paired: PairedSession, name: str, up: bool, reason: str) -> None: ...
+    def frame_rejected(self, paired: PairedSession, side: Side, code: int, reason: str) -> None: ...
+    def upstream_state(self, paired: PairedSession, name: Side, up: bool, reason: str) -> None: ...
     def queue_depth(self, paired: PairedSession, depth: int) -> None: ...
     def replay_resent(self, paired: PairedSession, action: str) -> None: ...
     def storage_error(self, operation: str, detail: str) -> None: ...
-    def upstream_given_up(self, paired: PairedSession, name: str, kind: str) -> None: ...
+    def upstream_given_up(self, paired: PairedSession, name: Side, kind: GiveUp) -> None: ...
     def modbus_wallbox(self, charger: str, up: bool) -> None: ...
 
 #: Opens one upstream connection for the duration of a block (raises UpstreamUnavailable).
@@ -227,7 +240,7 @@ class PairedSession:
         self._ending = False
         self._cancel: trio.CancelScope | None = None
         self.closed = trio.Event()
-        self.close_info: tuple[str, int, str] | None = None
+        self.close_info: tuple[Side, int, str] | None = None
 
     # -- lifetime ---------------------------------------------------------------
 
@@ -248,7 +261,7 @@ class PairedSession:
 
     async def shutdown(self, code: int, reason: str) -> None:
         """Close every leg with ``code`` (proxy stopping, charger replaced)."""
-        await self._end("proxy", code, reason, mirror=False, close_all=True)
+        await self._end(PROXY, code, reason, mirror=False, close_all=True)
 
     def _finish(self) -> None:
         for action in self.session.close():
@@ -256,7 +269,7 @@ class PairedSession:
         for event, box in self._waiters.values():
             box.append("session closed")
             event.set()
-        side, code, reason = self.close_info or ("proxy", closecodes.GOING_AWAY, "")
+        side, code, reason = self.close_info or (PROXY, closecodes.GOING_AWAY, "")
         for listener in self.listeners:
             listener.session_closed(self, side, code, reason)
         self.closed.set()
@@ -286,7 +299,7 @@ class PairedSession:
 
     # -- pumps ------------------------------------------------------------------------
 
-    async def _guard(self, side: str, pump: Callable[..., Awaitable[None]], *args: Any) -> None:
+    async def _guard(self, side: Side, pump: Callable[..., Awaitable[None]], *args: Any) -> None:
         try:
             await pump(*args)
         except (_Violation, MessageTooBig) as exc:
@@ -301,7 +314,7 @@ class PairedSession:
             await self._handle(WALLBOX, receive(text, trio.current_time()))
             await self._flush()
 
-    async def _pump_upstream(self, name: str, connection: Connection) -> None:
+    async def _pump_upstream(self, name: Side, connection: Connection) -> None:
         get, receive = connection.get_message, self.session.from_upstream
         while True:
             text = self._check(await get())
@@ -310,7 +323,7 @@ class PairedSession:
 
     # -- upstream links ----------------------------------------------------------------
 
-    async def _link(self, name: str) -> None:
+    async def _link(self, name: Side) -> None:
         """One upstream for the life of the pair: relay while connected, reopen while the wallbox stays."""
         connection = self.upstreams.get(name)
         secondary = name != self.session.primary
@@ -337,7 +350,7 @@ class PairedSession:
             except UpstreamUnavailable as exc:
                 self.log.info("upstream_retry_failed", upstream=name, reason=exc.reason)
 
-    async def _connected(self, name: str, connection: Connection) -> None:
+    async def _connected(self, name: Side, connection: Connection) -> None:
         """Relay one upstream connection until it closes; replay stored CALLs first."""
         self.upstreams[name] = connection
         self._upstream_out[name] = self._outbox(name, connection)
@@ -372,7 +385,7 @@ class PairedSession:
         self._upstream_out.pop(name, None)
         await self._lost(name, self._given_up.pop(name, "") or f"closed with {code} {reason}".strip())
 
-    def _outbox(self, name: str, connection: Connection) -> Outbox:
+    def _outbox(self, name: Side, connection: Connection) -> Outbox:
         stall = self.settings.stall_timeout
 
         def stalled() -> None:
@@ -380,7 +393,7 @@ class PairedSession:
 
         return Outbox(connection, stall_timeout=stall, on_stall=stalled)
 
-    def _give_up(self, name: str, kind: str, reason: str) -> None:
+    def _give_up(self, name: Side, kind: GiveUp, reason: str) -> None:
         """The proxy ends an upstream connection that stopped working (``kind``: stall, call_timeout,
         ping_timeout); its link sees the close, logs ``reason`` and reconnects (the wallbox stays).
 
@@ -395,12 +408,12 @@ class PairedSession:
             listener.upstream_given_up(self, name, kind)
         self._nursery.start_soon(_drop, connection)
 
-    async def _lost(self, name: str, reason: str) -> None:
+    async def _lost(self, name: Side, reason: str) -> None:
         self.log.warning("upstream_lost", upstream=name, reason=reason, offline=self.session.offline is not None)
         self._tell_upstream(name, False, reason)
         await self._execute(self.session.upstream_down(name, trio.current_time()))
 
-    def _tell_upstream(self, name: str, up: bool, reason: str) -> None:
+    def _tell_upstream(self, name: Side, up: bool, reason: str) -> None:
         for listener in self.listeners:
             listener.upstream_state(self, name, up, reason)
 
@@ -447,6 +460,8 @@ class PairedSession:
         self.log.info("replay_finished")
 
     async def _replay_one(self, entry: Stored) -> None:
+        queue = self.queue
+        assert queue is not None
         frame = classify(entry.text)
         text = entry.text
         if entry.action in TRANSACTION_ACTIONS:
@@ -458,7 +473,7 @@ class PairedSession:
                              attempts=entry.attempts, local_tx=entry.local_transaction_id)
             for listener in self.listeners:
                 listener.replay_resent(self, entry.action)
-        await self.queue.mark_sent(entry.row)  # type: ignore[union-attr]  # durably, before it goes out
+        await queue.mark_sent(entry.row)  # durably, before it goes out
         while True:
             event, box = trio.Event(), list[Frame]()
             self._replay_waiters[msg_id] = (event, box)
@@ -477,7 +492,7 @@ class PairedSession:
             backend_tx = started_transaction(answer)
             if backend_tx is not None:
                 self.session.transactions[entry.local_transaction_id] = backend_tx
-        await self.queue.delivered(entry.row, self.charger_id, entry.local_transaction_id, backend_tx)  # type: ignore[union-attr]
+        await queue.delivered(entry.row, self.charger_id, entry.local_transaction_id, backend_tx)
         self._set_queued(self.queued - 1)
 
     def _check(self, message: str | bytes) -> str:
@@ -489,7 +504,7 @@ class PairedSession:
             raise _Violation(closecodes.MESSAGE_TOO_BIG, f"frame over {limit} bytes")
         return message
 
-    async def _handle(self, source: str, actions: list[Action]) -> None:
+    async def _handle(self, source: Side, actions: list[Action]) -> None:
         if self.listeners:
             frame = self.session.last_frame
             if frame is not None:
@@ -505,7 +520,7 @@ class PairedSession:
         """Dispatch in order; a Persist is committed before anything after it is queued."""
         start = 0
         for index, action in enumerate(actions):
-            if type(action) is Persist:
+            if isinstance(action, Persist):
                 self._dispatch(actions[start:index])
                 await self._persist(action)
                 start = index + 1
@@ -513,15 +528,15 @@ class PairedSession:
 
     def _dispatch(self, actions: list[Action]) -> None:
         for action in actions:
-            kind = type(action)
-            if kind is ToWallbox:
-                self._wallbox_out.put(action.text)  # type: ignore[union-attr]
-            elif kind is ToUpstream:
-                outbox = self._upstream_out.get(action.name)  # type: ignore[union-attr]
-                if outbox is not None:
-                    outbox.put(action.text)  # type: ignore[union-attr]
-            else:
-                self._notify(action)
+            match action:
+                case ToUpstream():
+                    outbox = self._upstream_out.get(action.name)
+                    if outbox is not None:
+                        outbox.put(action.text)
+                case ToWallbox():
+                    self._wallbox_out.put(action.text)
+                case _:
+                    self._notify(action)
         deadline = self.session.next_deadline()
         if deadline is not None and deadline < self._timer.deadline:
             self._timer.deadline = deadline
@@ -535,23 +550,27 @@ class PairedSession:
                 await outbox.flush()
 
     def _notify(self, action: Action) -> None:
-        if isinstance(action, Replayed):
-            replay = self._replay_waiters.get(action.call.msg_id or "")
-            if replay is not None:
-                replay[1].append(action.answer)
-                replay[0].set()
-        elif isinstance(action, (ProxyAnswer, ProxyCallFailed)):
-            waiter = self._waiters.get(action.msg_id)
-            if waiter is not None:
-                waiter[1].append(action.frame if isinstance(action, ProxyAnswer) else action.reason)
-                waiter[0].set()
-        elif isinstance(action, UpstreamUnresponsive):
-            self._unresponsive(action)
-        elif isinstance(action, Malformed):
-            self.log.warning("malformed_frame", source=action.source, problem=action.problem,
-                             dropped=action.dropped, head=action.frame.text[:200])
+        match action:
+            case Replayed(call=call, answer=answer):
+                self._wake(self._replay_waiters.get(call.msg_id or ""), answer)
+            case ProxyAnswer(msg_id=msg_id, frame=frame):
+                self._wake(self._waiters.get(msg_id), frame)
+            case ProxyCallFailed(msg_id=msg_id, reason=reason):
+                self._wake(self._waiters.get(msg_id), reason)
+            case UpstreamUnresponsive():
+                self._unresponsive(action)
+            case Malformed(source=source, frame=frame, problem=problem, dropped=dropped):
+                self.log.warning("malformed_frame", source=source, problem=problem, dropped=dropped,
+                                 head=frame.text[:200])
         for listener in self.listeners:
             listener.action(self, action)
+
+    @staticmethod
+    def _wake(waiter: tuple[trio.Event, list[Any]] | None, result: Frame | str) -> None:
+        """Hand ``result`` to the task waiting in :meth:`request` or :meth:`_replay_one`, if any."""
+        if waiter is not None:
+            waiter[1].append(result)
+            waiter[0].set()
 
     def _unresponsive(self, action: UpstreamUnresponsive) -> None:
         reason = f"{action.action} {action.msg_id!r} unanswered for {action.seconds:.1f} s"
@@ -595,7 +614,7 @@ class PairedSession:
         if self._next_ping < self._timer.deadline:
             self._timer.deadline = self._next_ping
 
-    async def _ping(self, side: str, connection: Connection, timeout: float) -> None:
+    async def _ping(self, side: Side, connection: Connection, timeout: float) -> None:
         with trio.move_on_after(timeout) as scope:
             try:
                 await connection.ping()
@@ -611,7 +630,7 @@ class PairedSession:
 
     # -- teardown -----------------------------------------------------------------------
 
-    async def _violation(self, side: str, exc: _Violation) -> None:
+    async def _violation(self, side: Side, exc: _Violation) -> None:
         self.log.warning("frame_refused", side=side, code=exc.code, reason=exc.reason)
         for listener in self.listeners:
             listener.frame_rejected(self, side, exc.code, exc.reason)
@@ -623,7 +642,7 @@ class PairedSession:
         code, reason = closecodes.after_violation(side, exc.code)
         await self._end(side, exc.code, exc.reason, mirror=False, other=(code, reason))
 
-    async def _end(self, side: str, code: int, reason: str, *, mirror: bool, close_all: bool = False,
+    async def _end(self, side: Side, code: int, reason: str, *, mirror: bool, close_all: bool = False,
                    other: tuple[int, str] | None = None, dead: bool = False) -> None:
         """First close wins: log it, close the remaining legs, cancel the pair's tasks.
 
@@ -648,7 +667,7 @@ class PairedSession:
         if self._cancel is not None:
             self._cancel.cancel()
 
-    def _leg(self, side: str) -> Connection:
+    def _leg(self, side: Side) -> Connection:
         return self.wallbox if side == WALLBOX else self.upstreams[side]
 
 

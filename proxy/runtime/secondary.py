@@ -21,6 +21,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -40,13 +41,22 @@ from proxy.core.backoff import Backoff
 from proxy.storage.interface import MirrorRecord as Record
 from proxy.storage.interface import RestoredMirror, Storage, StorageError
 from proxy.storage.secondary_store import restored
-from proxy.core.policy import CommandPolicy
+from proxy.core.policy import REJECT, CommandPolicy
 from proxy.runtime.relay import Listener, PairedSession
-from proxy.core.session import PRIMARY, Action, Policed, Session
+from proxy.core.session import PRIMARY, Action, Policed, Side
 from proxy.runtime.upstream import open_upstream
 
 #: Records kept for a retry while the store fails; beyond it the oldest are given up (logged).
 RETRY_LIMIT = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class Routing:
+    """A session's upstreams (the primary first), the secondaries' mirrors and the command policy."""
+
+    upstreams: tuple[Side, ...]
+    mirrors: dict[Side, Mirror]
+    policy: CommandPolicy
 
 
 class Secondaries:
@@ -176,13 +186,13 @@ class Secondaries:
         self.flush()
         self.store = None
 
-    def attach(self, session: Session, charger: ChargerBase) -> None:
-        """Give a new session its secondaries (names, mirrors) and the command policy."""
+    def routing(self, charger: ChargerBase) -> Routing:
+        """What a new session of ``charger`` is built with: its upstreams, their mirrors, the command policy."""
         targets = self.config.secondaries_for(charger)
-        session.upstreams = (PRIMARY, *(t.name for t in targets))
-        session.mirrors = {t.name: self._mirror(charger, t) for t in targets}
         tables = {PRIMARY: self.config.primary_policy(charger), **{t.name: t.settings.policy for t in targets}}
-        session.policy = CommandPolicy(PRIMARY, tables)
+        return Routing(upstreams=(PRIMARY, *(t.name for t in targets)),
+                       mirrors={t.name: self._mirror(charger, t) for t in targets},
+                       policy=CommandPolicy(PRIMARY, tables))
 
     def connectors(self, charger: ChargerBase,
                    subprotocol: str | None) -> dict[str, Callable[[], AbstractAsyncContextManager[Any]]]:
@@ -213,21 +223,15 @@ class SecondaryListener(Listener):
         self.secondaries = secondaries
 
     def action(self, paired: PairedSession, action: Action) -> None:
-        kind = type(action)
-        if kind in _RECORDS:
-            self.secondaries.record(paired.charger_id, action)  # type: ignore[arg-type]
-        if kind is TxMapped:
-            mapped: TxMapped = action  # type: ignore[assignment]
-            paired.log.info("secondary_transaction", upstream=mapped.upstream, wallbox_tx=mapped.wallbox_tx,
-                            upstream_tx=mapped.upstream_tx)
-        elif kind is MirrorDropped:
-            dropped: MirrorDropped = action  # type: ignore[assignment]
-            paired.log.warning("secondary_frame_dropped", upstream=dropped.upstream, action=dropped.action,
-                               reason=dropped.reason)
-        elif kind is Policed:
-            policed: Policed = action  # type: ignore[assignment]
-            paired.log.info("command_refused" if policed.mode == "reject" else "command_answered",
-                            upstream=policed.upstream, action=policed.action)
-
-
-_RECORDS = (TxMapped, MirrorQueued, MirrorUnqueued, MirrorState, MirrorStartKnown)
+        match action:
+            case TxMapped(upstream=upstream, wallbox_tx=wallbox_tx, upstream_tx=upstream_tx):
+                self.secondaries.record(paired.charger_id, action)
+                paired.log.info("secondary_transaction", upstream=upstream, wallbox_tx=wallbox_tx,
+                                upstream_tx=upstream_tx)
+            case MirrorQueued() | MirrorUnqueued() | MirrorState() | MirrorStartKnown():
+                self.secondaries.record(paired.charger_id, action)
+            case MirrorDropped(upstream=upstream, action=name, reason=reason):
+                paired.log.warning("secondary_frame_dropped", upstream=upstream, action=name, reason=reason)
+            case Policed(upstream=upstream, action=name, mode=mode):
+                paired.log.info("command_refused" if mode == REJECT else "command_answered",
+                                upstream=upstream, action=name)

@@ -22,7 +22,7 @@ import trio
 
 from proxy.wire import closecodes
 from proxy.wire import connection as wsconn
-from proxy.config import (ChargerSettings, Config, ModbusChargerSettings, UpstreamTarget, parse_listen,
+from proxy.config import (ChargerBase, ChargerSettings, Config, ModbusChargerSettings, UpstreamTarget, parse_listen,
                           redact_url, security_warnings, startup_step)
 from proxy.core.admission import AddressLimits, Admit, Refuse, decide, profile
 from proxy.loadmgmt.driver import Limiter
@@ -31,9 +31,9 @@ from proxy.ops.logs import get_logger
 from proxy.core.offline import OfflineResponder, OfflineSettings
 from proxy.storage.offline_queue import DB_NAME, AsyncQueue, SqliteStorage
 from proxy.wire.tls_listener import Secured, SecureLayer
-from proxy.runtime.relay import Connection, Listener, PairedSession, SessionSettings
+from proxy.runtime.relay import Connection, Connector, Listener, PairedSession, SessionSettings
 from proxy.runtime.secondary import Secondaries
-from proxy.core.session import PRIMARY, Session
+from proxy.core.session import PRIMARY, PROXY, Session, Side
 from proxy.messages.versions import OcppVersion, version_of
 from proxy.runtime.upstream import UpstreamUnavailable, client_ssl_context, open_upstream
 
@@ -408,18 +408,17 @@ class ProxyServer:
         version = version_of(subprotocol or admit.subprotocols[0])
         if version is None:
             self._relay_only(subprotocol or admit.subprotocols[0], log)
-        session = await self._new_session(charger_id, version)
-        self.secondaries.attach(session, admit.charger)
+        session = await self._new_session(admit.charger, version)
         queued = (await self._queue.depth(charger_id))[0] if self._queue is not None else 0
         wallbox = await accept(subprotocol)
         log.info("session_opened", peer=peer, upstream=redact_url(admit.upstream.url), subprotocol=subprotocol,
                  known=admit.known, offline=upstream is None)
-        reconnect = {}
+        reconnect: dict[Side, Connector] = {}
         if session.offline is not None:
             reconnect[PRIMARY] = self._connector(admit, (subprotocol,) if subprotocol else None)
         secondaries = self.secondaries.connectors(admit.charger, subprotocol)  # opened by the pair's links
         reconnect.update(secondaries)
-        upstreams = {PRIMARY: upstream, **dict.fromkeys(secondaries)}
+        upstreams: dict[Side, Connection | None] = {PRIMARY: upstream, **dict.fromkeys(secondaries)}
         paired = PairedSession(charger_id, session, wallbox, upstreams, log=log,
                                settings=self._session_settings(), listeners=self.listeners,
                                reconnect=reconnect, queue=self._queue, queued=queued)
@@ -430,7 +429,7 @@ class ProxyServer:
             if self.sessions.get(charger_id) is paired:
                 del self.sessions[charger_id]
                 self._changed_now()
-            side, code, reason = paired.close_info or ("proxy", 1001, "")
+            side, code, reason = paired.close_info or (PROXY, closecodes.GOING_AWAY, "")
             log.info("session_closed", closed_by=side, code=code, reason=reason)
 
     async def _register(self, paired: PairedSession) -> None:
@@ -449,20 +448,27 @@ class ProxyServer:
             log.warning("subprotocol_relay_only", subprotocol=subprotocol[:40],
                         detail="relayed byte for byte; no offline answers, no load management")
 
-    async def _new_session(self, charger_id: str, version: OcppVersion | None = OcppVersion.V16) -> Session:
-        """``version`` None: relay only (no offline answers, so no reconnect either)."""
-        server = self.config.server
-        session = Session(charger_id, call_timeout=server.call_timeout, strict=server.strict, version=version,
-                          upstream_call_timeout=self.config.backend.call_timeout)
+    async def _new_session(self, charger: ChargerBase, version: OcppVersion | None = OcppVersion.V16) -> Session:
+        """A session whole at construction: upstreams, mirrors, policy, offline answers and stored ids.
+
+        ``version`` None: relay only (no offline answers, so no reconnect either).
+        """
+        server, charger_id = self.config.server, charger.id
+        routing = self.secondaries.routing(charger)
+        offline: OfflineResponder | None = None
+        transactions: dict[int, int] = {}
         if self._queue is not None and version is not None:
-            offline = self.config.offline
-            settings = OfflineSettings(offline.heartbeat_interval, offline.auth, frozenset(offline.local_list),
-                                       offline.data_transfer)
-            session.offline = OfflineResponder(settings, last_local_id=await self._queue.last_local_tx(charger_id),
-                                               version=version)
+            settings = self.config.offline
+            offline = OfflineResponder(
+                OfflineSettings(settings.heartbeat_interval, settings.auth, frozenset(settings.local_list),
+                                settings.data_transfer),
+                last_local_id=await self._queue.last_local_tx(charger_id), version=version)
             if version is OcppVersion.V16:  # 2.0.1 stations make their own transactionIds: nothing is mapped
-                session.transactions = await self._queue.transactions(charger_id)
-        return session
+                transactions = await self._queue.transactions(charger_id)
+        return Session(charger_id, upstreams=routing.upstreams, call_timeout=server.call_timeout,
+                       strict=server.strict, policy=routing.policy, mirrors=routing.mirrors, offline=offline,
+                       transactions=transactions, version=version,
+                       upstream_call_timeout=self.config.backend.call_timeout)
 
     def _session_settings(self) -> SessionSettings:
         server, offline = self.config.server, self.config.offline

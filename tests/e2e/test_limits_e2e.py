@@ -359,7 +359,7 @@ async def test_without_site_the_proxy_injects_and_rewrites_nothing(peers: LoopTh
     await in_loop(peers, backend.send_raw("CP1", raw))
     await wait_recorded(handle.recorder, lambda r: raw in r.received)
     session = server.sessions["CP1"].session
-    assert not server.limiter.active and session.observe == frozenset() and session.rewriters == {}
+    assert not server.limiter.active and session.observe == frozenset() and session.taps == {}
     assert server.limiter.attached == {}
     assert handle.recorder.received == backend.recorders["CP1"].sent  # nothing added, nothing changed
     assert not any("ocpp-proxy:" in t for t in handle.recorder.received)

@@ -287,7 +287,7 @@ def test_clamped_backend_profile_also_gets_the_local_transaction_id() -> None:
     import json as _json
 
     from proxy.loadmgmt.profiles import replace_payload
-    from proxy.core.session import PRIMARY, Session, ToWallbox
+    from proxy.core.session import PRIMARY, Session, Tap, ToWallbox
 
     control = ready_control(strategy="tx-default")
     control.set_local(10.0)
@@ -296,7 +296,8 @@ def test_clamped_backend_profile_also_gets_the_local_transaction_id() -> None:
         payload = control.rewrite(frame.msg_id, _json.loads(frame.text)[3], WALL)
         return frame.text if payload is None else replace_payload(frame.text, payload)
 
-    session = Session("CP1", rewriters={"SetChargingProfile": rewriter}, transactions={-1: 4711})
+    session = Session("CP1", taps={"limiter": Tap(rewriters={"SetChargingProfile": rewriter})},
+                      transactions={-1: 4711})
     call = _json.dumps([2, "b1", "SetChargingProfile", backend_profile(3, 0, TX_PROFILE, 32.0, connector=1, tx=4711)])
     sent = [a.text for a in session.from_upstream(PRIMARY, call, 0.0) if isinstance(a, ToWallbox)]
     profile = _json.loads(sent[0])[3]["csChargingProfiles"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from proxy.messages.ocppj import Frame
 from proxy.core.session import (
     PRIMARY,
@@ -12,6 +14,7 @@ from proxy.core.session import (
     ProxyAnswer,
     ProxyCallFailed,
     Session,
+    Tap,
     ToUpstream,
     ToWallbox,
 )
@@ -112,7 +115,7 @@ def test_proxy_ids_never_collide_with_primary_ids() -> None:
 
 
 def test_observed_frames_carry_their_call() -> None:
-    session = Session("CP1", observe=frozenset({"SetChargingProfile", "BootNotification"}))
+    session = Session("CP1", taps={"test": Tap(frozenset({"SetChargingProfile", "BootNotification"}))})
     call = '[2,"b1","SetChargingProfile",{"connectorId":1}]'
     observed = [a for a in session.from_upstream(PRIMARY, call, 0) if isinstance(a, Observed)]
     assert observed[0].frame.text == call and observed[0].call is None
@@ -125,7 +128,7 @@ def test_rewriter_changes_only_registered_actions() -> None:
     def clamp(source: str, destination: str, frame: Frame) -> str:
         return frame.text.replace('"limit":32', '"limit":16')
 
-    session = Session("CP1", rewriters={"SetChargingProfile": clamp})
+    session = Session("CP1", taps={"test": Tap(rewriters={"SetChargingProfile": clamp})})
     text = '[2,"b1","SetChargingProfile",{"limit":32}]'
     assert sent(session.from_upstream(PRIMARY, text, 0)) == [("wallbox", '[2,"b1","SetChargingProfile",{"limit":16}]')]
     other = '[2,"b2","DataTransfer",{"limit":32}]'
@@ -153,3 +156,26 @@ def test_close_fails_open_proxy_calls() -> None:
     second, _ = session.proxy_call("ClearChargingProfile", {"id": 1}, 0)
     assert session.cancel_proxy_call(second)
     assert session.close() == [ProxyCallFailed(first, "SetChargingProfile", "session closed")]
+
+
+def test_taps_are_the_one_way_to_observe_and_rewrite() -> None:
+    """A tap registered after construction takes effect at once, is replaced and removed by owner,
+    and two owners may not rewrite one action (their edits would depend on their order)."""
+    def mark(source: str, destination: str, frame: Frame) -> str:
+        return frame.text.replace("32", "16")
+
+    session = Session("CP1")
+    call = '[2,"b1","SetChargingProfile",{"limit":32}]'
+    session.tap("limiter", Tap(frozenset({"SetChargingProfile"}), {"SetChargingProfile": mark}))
+    actions = session.from_upstream(PRIMARY, call, 0)
+    assert sent(actions) == [("wallbox", call.replace("32", "16"))]
+    assert [a.action for a in actions if isinstance(a, Observed)] == ["SetChargingProfile"]
+    with pytest.raises(ValueError, match="limiter.*SetChargingProfile"):
+        session.tap("other", Tap(rewriters={"SetChargingProfile": mark}))
+    assert set(session.taps) == {"limiter"}
+    session.tap("other", Tap(frozenset({"Heartbeat"})))
+    assert session.observe == frozenset({"SetChargingProfile", "Heartbeat"})
+    session.tap("limiter", None)
+    session.from_wallbox('[3,"b1",{}]', 1)
+    assert sent(session.from_upstream(PRIMARY, call.replace("b1", "b2"), 2)) == [("wallbox", call.replace("b1", "b2"))]
+    assert session.observe == frozenset({"Heartbeat"}) and set(session.taps) == {"other"}
