@@ -7,9 +7,10 @@
 # --- build: wheels for the proxy and every dependency --------------------------------
 FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY proxy/ proxy/
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# Every dependency at the version constraints.txt pins (the set CI tests).
+RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt .
 
 # --- runtime: the wheels installed, nothing else ------------------------------------
 FROM python:3.11-slim-bookworm

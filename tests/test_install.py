@@ -18,11 +18,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from packaging.utils import canonicalize_name
 
 import proxy
+from tests.test_dependencies import pins
 
 ROOT = Path(__file__).resolve().parents[1]
-WHEEL = "pip wheel --no-cache-dir --wheel-dir /wheels ."
+WHEEL = "pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt ."
 INSTALL = "pip install --no-cache-dir --no-index --find-links /wheels /wheels/ocpp_proxy-*.whl"
 
 
@@ -81,6 +83,10 @@ def test_wheel_installs_into_a_fresh_venv_like_the_image(tmp_path: Path) -> None
     run([sys.executable, "-m", *WHEEL.replace("/wheels", str(wheels)).split()], cwd=src)
     built = sorted(p.name for p in wheels.glob("*.whl"))
     assert any(name.startswith(f"ocpp_proxy-{proxy.__version__}-") for name in built), built
+    # Every dependency at exactly the version constraints.txt pins (the set CI tests).
+    pinned = pins()
+    versions = {canonicalize_name(n.split("-")[0]): n.split("-")[1] for n in built if not n.startswith("ocpp_proxy-")}
+    assert versions and {n: pinned.get(n) for n in versions} == versions
     # Runtime stage: a clean interpreter environment and only those wheels.
     run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
     pip = [str(venv / "bin" / "python"), "-m"]
