@@ -8,7 +8,7 @@ monotonic clock, seconds), and ask :meth:`LimitEngine.targets` for the limit
 each connected charger should have. The trio side turns those limits into
 charging profiles.
 
-How a limit is found (SPEC section 4):
+How a limit is found (docs/load-management.md, "How the limit is found"):
 
 * house load per phase = grid meter − managed chargers' estimated draw
   (``_estimated_draw``: a car held by its limit counts at its limit, one
