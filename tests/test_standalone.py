@@ -30,3 +30,12 @@ def test_nothing_cites_documents_outside_the_repository() -> None:
         found += [f"{path.relative_to(ROOT)}:{n}: {line.strip()[:80]}"
                   for n, line in enumerate(text.splitlines(), 1) if OUTSIDE.search(line)]
     assert len(cited_files()) > 100 and found == []
+
+
+def test_the_readme_table_has_one_row_per_package() -> None:
+    """README's "How it is built" names each package of proxy/ once, and nothing that is gone."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("## How it is built", 1)[1].split("\n## ", 1)[0]
+    rows = re.findall(r"^\| `(proxy/[a-z_]+)` \|", table, re.MULTILINE)
+    packages = sorted(f"proxy/{p.parent.name}" for p in (ROOT / "proxy").glob("*/__init__.py"))
+    assert sorted(rows) == packages
