@@ -39,6 +39,7 @@ SANS_IO = (
     "proxy.ops.health",
     "proxy.modbus.registers",
     "proxy.modbus.maps",
+    "proxy.modbus.wallboxmap",
     "proxy.modbus.chargepoint",
 )
 #: The trio edge inside a sans-IO package: it feeds the package's objects from the sessions.
