@@ -98,7 +98,12 @@ def test_wheel_installs_into_a_fresh_venv_like_the_image(tmp_path: Path) -> None
     script = str(venv / "bin" / "ocpp-proxy")
     version = run([script, "--version"], cwd=elsewhere, env=env)
     assert version.stdout.strip() == f"ocpp-proxy {proxy.__version__}"
-    checked = run([script, "check-config", str(ROOT / "deploy" / "config.example.toml")], cwd=elsewhere, env=env)
+    # The example as the image has it; its /data and /certs volumes stand in as directories here (check-config
+    # checks they are writable, and / is not for a user other than root).
+    example = (ROOT / "deploy" / "config.example.toml").read_text()
+    example = example.replace('"/data"', f'"{tmp_path}/data"').replace('"/certs"', f'"{tmp_path}/certs"')
+    (elsewhere / "ocpp-proxy.toml").write_text(example)
+    checked = run([script, "check-config", str(elsewhere / "ocpp-proxy.toml")], cwd=elsewhere, env=env)
     assert checked.stdout.strip().endswith("OK (1 charger)")
     # The installed package is the venv's copy, not this source tree.
     where = run([str(venv / "bin" / "python"), "-c", "import proxy; print(proxy.__file__)"], cwd=elsewhere, env=env)
