@@ -541,3 +541,39 @@ class SimWebasto(SimWallbox):
             regs[WEBASTO_CURRENTS + 2 * i] = round(car.amps * 1000)
         regs.update(dict(enumerate(u32(round(3 * car.amps * car.voltage)), WEBASTO_POWER)))
         regs.update(dict(enumerate(u32(int(car.energy_wh)), WEBASTO_ENERGY)))
+
+
+# --- Bender CC612/CC613 ("Modbus TCP server for energy management systems", ebee address set; unit 255) ------
+
+BENDER_STATE = 122            # vehicle state: 1 A, 2 B, 3 C, 4 D, 5 E/F
+BENDER_CURRENTS = 212         # uint32 mA at 212, 214, 216 (high word first)
+BENDER_ENERGY = 218           # uint32 Wh
+BENDER_POWER = 220            # uint32 W
+BENDER_HEMS = 1000            # HEMS current limit, A
+
+
+class SimBender(SimWallbox):
+    """``glitches`` reads of the power register answer 0xFFFFFFFF, as some controllers do for a moment."""
+
+    units_ids = (255,)
+
+    def __init__(self) -> None:
+        self.glitches = 0
+        super().__init__()
+
+    def limit_amps(self, unit: int = 0) -> float:
+        amps = float(self.units[255].holding.get(BENDER_HEMS, 0))
+        return amps if amps >= 6 else 0.0
+
+    def refresh(self, unit: int) -> None:
+        state = self.units[unit]
+        car = state.car
+        car.draw(self.limit_amps(unit))
+        regs = state.holding
+        regs[BENDER_STATE] = 1 if not car.plugged else (3 if car.amps > 0 else 2)
+        for i in range(3):
+            regs.update(dict(enumerate(u32(round(car.amps * 1000)), BENDER_CURRENTS + 2 * i)))
+        regs.update(dict(enumerate(u32(int(car.energy_wh)), BENDER_ENERGY)))
+        power = 0xFFFFFFFF if self.glitches > 0 else round(3 * car.amps * car.voltage)
+        self.glitches = max(0, self.glitches - 1)
+        regs.update(dict(enumerate(u32(power), BENDER_POWER)))

@@ -24,8 +24,8 @@ from proxy.core.policy import known_actions
 from proxy.messages.versions import DEFAULT_SUBPROTOCOLS
 
 #: Built-in wallbox maps (proxy/modbus/wallboxes/*.toml), listed here so the schema needs no import of them.
-WALLBOX_MAPS = ("alfen-eve-double", "alfen-eve-single", "heidelberg", "keba-p30x", "mennekes-amtron-compact",
-                "phoenix-ev-cc", "vestel-evc04", "webasto-next")
+WALLBOX_MAPS = ("alfen-eve-double", "alfen-eve-single", "bender-cc613", "heidelberg", "keba-p30x",
+                "mennekes-amtron-compact", "phoenix-ev-cc", "vestel-evc04", "webasto-next")
 _BAUDRATES = (1200, 2400, 4800, 9600, 19200, 38400, 57600, 115200)
 
 Check = Callable[[Any], str | None]

@@ -30,6 +30,8 @@ from proxy.modbus.registers import KINDS, TYPES, Block, Field, key_at, value_at
 
 #: Larger wallbox phase currents than this are a wiring or map error, not a reading.
 MAX_WALLBOX_AMPS = 200.0
+#: Likewise for power (some controllers report 0xFFFFFFFF W for a moment: a failed read, tried again).
+MAX_WALLBOX_WATTS = 500_000.0
 WRITES = ("fc6", "fc16")
 _REGISTER_KEYS = {"register", "kind", "type", "word_order", "scale", "length"}
 
@@ -175,6 +177,8 @@ class WallboxMap:
         energy = value_at(self.energy.shifted(offset), data)
         if energy < 0 or (power is not None and power < 0):
             raise ValueError(f"negative power {power} W or energy {energy} Wh")
+        if power is not None and power > MAX_WALLBOX_WATTS:
+            raise ValueError(f"implausible power {power:g} W")
         limit = value_at(self.current_limit.field.shifted(offset), data) if self.current_limit.readable else None
         enabled = None
         if self.enable is not None and self.enable.readable:

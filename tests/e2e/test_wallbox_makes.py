@@ -30,6 +30,7 @@ from tests.e2e.test_virtual import calls, is_subsequence, tx_profile
 from tests.peers import in_loop, wait_recorded
 from tests.wallbox_sims import (
     SimAlfen,
+    SimBender,
     SimKeba,
     SimMennekes,
     SimPhoenix,
@@ -54,6 +55,7 @@ MAKES = [
     Make("keba-p30x", "KEBA", "KeContact P30 x", SimKeba),
     Make("mennekes-amtron-compact", "MENNEKES", "AMTRON Compact 2.0s", SimMennekes),
     Make("webasto-next", "Webasto", "Next", SimWebasto),
+    Make("bender-cc613", "Bender", "CC613", SimBender),
 ]
 
 

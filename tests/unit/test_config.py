@@ -111,8 +111,9 @@ def test_modbus_chargers_are_checked_like_chargers() -> None:
     text = ('[backend]\nurl = "ws://b/ocpp"\n[[chargers]]\nid = "A"\n'
             '[[modbus_chargers]]\nid = "A"\nmodbus = "127.0.0.1:502"\n'
             '[[modbus_chargers]]\nid = "B"\nmap = "abb"\npassword = "x"\n')
-    maps = "alfen-eve-double, alfen-eve-single, heidelberg, keba-p30x, mennekes-amtron-compact, phoenix-ev-cc, " \
-        "vestel-evc04, webasto-next"
+    from proxy.config.schema import WALLBOX_MAPS
+
+    maps = ", ".join(WALLBOX_MAPS)
     assert sorted(errors(text)) == [
         f"site.toml:10: modbus_chargers[1].map: must be one of {maps}; got 'abb'",
         "site.toml:11: modbus_chargers[1].password: unknown key",  # nothing connects to a virtual charge point

@@ -309,5 +309,23 @@ def test_every_builtin_map_loads_and_its_docs_row_exists() -> None:
             assert built.blocks(connector.offset)
 
 
+def test_the_schema_lists_every_builtin_map() -> None:
+    from proxy.config.schema import WALLBOX_MAPS
+
+    assert set(WALLBOX_MAPS) == set(WALLBOXES)
+
+
+def test_a_power_glitch_is_a_failed_read_not_a_meter_value() -> None:
+    bender = WALLBOXES["bender-cc613"]
+    data = {block: [0] * block.count for block in bender.blocks()}
+    holding = next(b for b in data if b.address <= 122 < b.address + b.count)
+    data[holding][122 - holding.address] = 1
+    assert bender.decode(data).power_w == 0.0
+    power = next(b for b in data if b.address <= 220 < b.address + b.count)
+    data[power][220 - power.address:222 - power.address] = [0xFFFF, 0xFFFF]
+    with pytest.raises(ValueError, match="implausible power"):
+        bender.decode(data)
+
+
 def test_setcurrent_names_its_connector() -> None:
     assert SetCurrent(10.0, 2).connector == 2 and SetCurrent(6.0).connector == 1
