@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from proxy.loadmgmt.control import UNKNOWN, Command, Control, ControlSettings
+from proxy.loadmgmt.control import TX_STRATEGY, UNKNOWN, Command, Control, ControlSettings
 from proxy.loadmgmt.engine import LimitEngine
 from proxy.loadmgmt.fuse import Fuse
 from proxy.loadmgmt.profiles import TX_DEFAULT, TX_PROFILE, ProfileError, parse_set, peak_amps
@@ -92,15 +92,16 @@ class Coordinator:
             self.fuse.installed(charger_id, holding if isinstance(holding, float) else None)
 
     def rewrite(self, charger_id: str, msg_id: str, payload: Any, wall: datetime) -> dict[str, Any] | None:
-        """A backend SetChargingProfile on its way to a wallbox under tx-default: clamped to the local
-        limit (None: forwarded unchanged); either way the fuse counts it, as forwarded, from now."""
+        """A backend SetChargingProfile on its way to a wallbox: under tx-default clamped to the local
+        limit (None: forwarded unchanged) and counted by the fuse, as forwarded, from now."""
         control = self.controls[charger_id]
         out = control.rewrite(msg_id, payload, wall)
         try:
             _, profile = parse_set(out if out is not None else payload)
         except ProfileError:
             return out  # the wallbox will refuse it
-        if profile.purpose in (TX_DEFAULT, TX_PROFILE):
+        if profile.purpose in (TX_DEFAULT, TX_PROFILE) and control.strategy == TX_STRATEGY:
+            # (under max-profile the proxy's ChargePointMaxProfile caps whatever the backend installs)
             self.fuse.backend_sent(charger_id, peak_amps(profile, control.settings.phases, control.settings.voltage))
         return out
 
@@ -123,9 +124,8 @@ class Coordinator:
             if charger_id not in self.connected:
                 engine.reserve(charger_id, fuse.may_draw(charger_id, now) / 10, now)
         self.targets = engine.targets(now) if self.active else {}
-        idle = self.idle()
         budget = engine.budget(now)
-        self.granted = fuse.grant(self.targets, budget, now, idle) if self.active else {}
+        self.granted = fuse.grant(self.targets, budget, now) if self.active else {}
         order = sorted(self.connected, key=lambda cid: (not self._lowers(cid, now), cid))
         out: list[Outgoing] = []
         for charger_id in order:
@@ -133,7 +133,7 @@ class Coordinator:
             outgoing = self.next(charger_id, now, wall)
             if outgoing is not None:
                 out.append(outgoing)
-        self.over_budget = fuse.check(budget, now, idle)
+        self.over_budget = fuse.check(budget, now)
         return out
 
     def _lowers(self, charger_id: str, now: float) -> bool:
@@ -147,9 +147,6 @@ class Coordinator:
             return None
         record_first = self.fuse.sent(charger_id, command.amps)
         return Outgoing(charger_id, command, record_first, self.fuse.is_decrease(charger_id))
-
-    def idle(self) -> set[str]:
-        return {cid for cid in self.connected if self.engine.known_idle(cid)}
 
     # -- answers --------------------------------------------------------------------------------------
 
@@ -179,13 +176,11 @@ class Coordinator:
     # -- views ------------------------------------------------------------------------------------------
 
     def reservations(self, now: float, charger_ids: Iterable[str] | None = None) -> dict[str, Reservation]:
-        idle = self.idle()
         out = {}
         for charger_id in charger_ids if charger_ids is not None else self.fuse.charger_ids():
-            quiet = charger_id in idle
             wanted = self.granted.get(charger_id) if charger_id in self.connected else None
-            out[charger_id] = Reservation(self.fuse.may_draw(charger_id, now, quiet) / 10, wanted,
-                                          self.fuse.unconfirmed(charger_id, wanted, now, quiet))
+            out[charger_id] = Reservation(self.fuse.may_draw(charger_id, now) / 10, wanted,
+                                          self.fuse.unconfirmed(charger_id, wanted, now))
         return out
 
     def next_event(self, now: float) -> float | None:

@@ -9,8 +9,12 @@ SetChargingProfile / ClearChargingProfile through
 a CALL outstanding on the wallbox, and consumes their answers).
 
 One task (:meth:`run`, started in the server's nursery) recomputes when an
-input changes and at least every ``[site] interval``; each CALL runs in a
-short task of that task's nursery, at most one per wallbox at a time.
+input changes, after every answer, and at least every ``[site] interval``;
+each CALL runs in a short task of that task's nursery, at most one per wallbox
+at a time. The decisions are the sans-IO :class:`~proxy.loadmgmt.coordinator.Coordinator`'s
+(engine, fuse, controls); this layer adds the durable record of the fuse's
+reservations (:mod:`proxy.storage.reservations`): an increase leaves only once
+its reservation is on disk.
 
 Without ``[site]`` (and without meter or EMS) the limiter stays out of the
 way: it registers no :class:`~proxy.core.session.Tap` (observes nothing,
@@ -22,6 +26,7 @@ wallbox's :class:`~proxy.loadmgmt.control.Control` says so.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -30,8 +35,12 @@ import trio
 
 from proxy.config import ChargerBase, ChargerSettings, Config, SiteSettings
 from proxy.messages.ocppj import Frame, MessageType, payload_of
-from proxy.loadmgmt.control import Command, Control, ControlSettings, field_of, read_meter_values
+from proxy.loadmgmt.control import Control, ControlSettings, field_of, read_meter_values
+from proxy.loadmgmt.coordinator import Coordinator, Outgoing
 from proxy.loadmgmt.engine import ChargerLimits, LimitEngine, SiteLimits
+from proxy.loadmgmt.fuse import Fuse
+from proxy.storage.interface import StorageError
+from proxy.storage.reservations import DB_NAME, ReservationStore, SqliteReservations
 from proxy.ops.logs import get_logger
 from proxy.loadmgmt.profiles import ProfileError, replace_payload
 from proxy.runtime.relay import Listener, PairedSession
@@ -55,6 +64,8 @@ class LimitsSink(Protocol):
     def set_charger_current(self, charger: str, phases: Sequence[float]) -> None: ...
     def set_site(self, *, limit: float | None = None, ems_limit: float | None = None,
                  effective_limit: float | None = None, headroom: Sequence[float] | None = None) -> None: ...
+    def set_fuse(self, *, unconfirmed: Mapping[str, float], over_budget_seconds: float,
+                 decreases_unanswered: int, decreases_failed: Mapping[str, int]) -> None: ...
 
 
 def meter_configured(config: Config) -> bool:
@@ -95,7 +106,16 @@ class Limiter(Listener):
     def __init__(self, config: Config, *, log: Any = None) -> None:
         self.log = log or get_logger()
         self.engine = LimitEngine()
-        self.controls: dict[str, Control] = {}
+        self.fuse = Fuse()
+        self.coordinator = Coordinator(self.engine, self.fuse)
+        #: One per wallbox (the coordinator's).
+        self.controls: dict[str, Control] = self.coordinator.controls
+        #: The fuse's durable record (opened by :meth:`run` while load management is on).
+        self.store: ReservationStore | None = None
+        self._unwritten: dict[str, float | None] = {}
+        self._queued = self._written = self._failed = 0  # record generations
+        self._records_changed = trio.Event()
+        self._records_done = trio.Event()
         #: Chargers whose session speaks OCPP 2.0.1 / 2.1: the translation of their frames (proxy/loadmgmt/v2.py).
         self.v2: dict[str, V2Profiles] = {}
         self.sessions: dict[str, PairedSession] = {}
@@ -120,8 +140,11 @@ class Limiter(Listener):
         self.config = config
         was_active, self.active = self.active, load_management(config)
         chargers = {c.id: charger_limits(c) for c in config.all_chargers}
-        self.engine.configure(site_limits(config), chargers, default=charger_limits(ChargerSettings(id="")),
-                              now=_now())
+        default = charger_limits(ChargerSettings(id=""))
+        self.engine.configure(site_limits(config), chargers, default=default, now=_now())
+        site = site_settings(config)
+        self.fuse.configure(site.phases, chargers, default, site.lost_charger_hold)
+        self.coordinator.active = self.active
         for charger_id, control in self.controls.items():
             control.configure(self._control_settings(charger_id))
         if self.active:
@@ -154,8 +177,7 @@ class Limiter(Listener):
         del self.sessions[charger_id]
         if self.attached.get(charger_id) is paired:
             del self.attached[charger_id]
-            self.controls[charger_id].wallbox_disconnected()
-            self.engine.charger_disconnected(charger_id, _now())
+            self.coordinator.detach(charger_id, _now())
             for sink in self.sinks:
                 sink.set_charger_limits(charger_id)
 
@@ -169,16 +191,13 @@ class Limiter(Listener):
                 self.v2[charger_id] = V2Profiles(version)
         else:
             self.v2.pop(charger_id, None)
-        control = self.controls.get(charger_id)
-        if control is None:
-            control = self.controls[charger_id] = Control(charger_id, self._control_settings(charger_id))
+        settings = self._control_settings(charger_id)
+        control = self.coordinator.control(charger_id, settings)
         if self.attached.get(charger_id) is paired:
             return
         self.attached[charger_id] = paired  # a reconnect replaces the old session here
         paired.session.tap(TAP_OWNER, Tap(OBSERVE, {REWRITTEN: self._rewriter(control)}))
-        now = _now()
-        control.wallbox_connected(now)
-        self.engine.charger_connected(charger_id, now)
+        self.coordinator.attach(charger_id, settings, _now())
 
     def action(self, paired: PairedSession, action: Action) -> None:
         match action:
@@ -209,10 +228,16 @@ class Limiter(Listener):
                     self._wallbox_call(charger_id, control, name, frame.msg_id or "", payload_of(frame), now)
                 else:
                     self._station_call(charger_id, control, v2, name, frame.msg_id or "", payload_of(frame), now)
-                if name == "BootNotification" and self._answered_locally(charger_id):
-                    control.boot_answered("Accepted")  # offline mode: the proxy accepted it itself
+                if name == "BootNotification":
+                    self.coordinator.sync(charger_id)  # its profiles may be gone
+                    if self._answered_locally(charger_id):
+                        control.boot_answered("Accepted")  # offline mode: the proxy accepted it itself
             return  # a backend CALL on its way: what counts is the wallbox's answer
         if observed.call is None:
+            return
+        if observed.source == WALLBOX and name in ("SetChargingProfile", "ClearChargingProfile") \
+                and frame.kind is not MessageType.CALLRESULT:
+            self.coordinator.backend_answered(charger_id)  # a CALLERROR: nothing changed on the wallbox
             return
         if frame.kind is not MessageType.CALLRESULT:
             if name == "BootNotification" and observed.source != WALLBOX:
@@ -228,6 +253,8 @@ class Limiter(Listener):
                 control.backend_set_answered(observed.call.msg_id or "", model, status, _wall())
             elif name == "ClearChargingProfile":
                 control.backend_clear_answered(request if v2 is None else v2.clear_request(request), status)
+            if name in ("SetChargingProfile", "ClearChargingProfile"):
+                self.coordinator.backend_answered(charger_id)
             self._log_notes(charger_id, control)
         elif name == "BootNotification":
             control.boot_answered(status if isinstance(status, str) else None)
@@ -326,10 +353,11 @@ class Limiter(Listener):
 
     def _clamped(self, control: Control, msg_id: str, payload: Any) -> dict[str, Any] | None:
         """The backend's SetChargingProfile clamped to the local limit, in its own version (None: as it is)."""
-        v2 = self.v2.get(control.charger_id)
+        v2, charger_id = self.v2.get(control.charger_id), control.charger_id
         if v2 is None:
-            return control.rewrite(msg_id, payload, _wall())
-        if control.rewrite(msg_id, v2.set_request(payload), _wall()) is None or control.local is None:
+            return self.coordinator.rewrite(charger_id, msg_id, payload, _wall())
+        if self.coordinator.rewrite(charger_id, msg_id, v2.set_request(payload), _wall()) is None \
+                or control.local is None:
             return None
         settings = control.settings
         return v2.clamped(payload, control.local, charger_phases=settings.phases, voltage=settings.voltage)
@@ -348,11 +376,36 @@ class Limiter(Listener):
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self._stopped = trio.CancelScope()
         with self._stopped:
-            await self._run(task_status)
+            try:
+                await self._restore()
+                await self._run(task_status)
+            finally:
+                if self.store is not None:
+                    self.store.close()
+                    self.store = None
+
+    async def _restore(self) -> None:
+        """Open the durable record; chargers not connected yet count at their recorded limit or maximum."""
+        if not self.active:
+            return
+        path = Path(self.config.offline.data_dir) / DB_NAME
+        recorded: dict[str, float | None] = {}
+        try:
+            self.store = await trio.to_thread.run_sync(SqliteReservations, path)
+            recorded = await trio.to_thread.run_sync(self.store.load)
+        except StorageError as exc:
+            self.log.error("reservations_unreadable", file=str(path), error=str(exc)[:300],
+                           consequence="chargers not connected yet count at their max_current")
+        self.fuse.restore(recorded, _now())
+        lost = self.fuse.lost(_now())
+        if lost:
+            self.log.info("reservations_restored", chargers=len(lost), amps=round(sum(lost.values()), 1))
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self.store is not None:
+                nursery.start_soon(self._write_records, self.store)
             task_status.started()
             try:
                 while True:
@@ -369,24 +422,23 @@ class Limiter(Listener):
 
     def _deadline(self, now: float) -> float:
         times = [now + site_settings(self.config).interval]
-        engine_next = self.engine.next_event(now) if self.active else None
-        if engine_next is not None:
-            times.append(engine_next)
-        times += [t for cid in self.attached if (t := self.controls[cid].next_event()) is not None]
+        coming = self.coordinator.next_event(now) if self.active else None
+        if coming is not None:
+            times.append(coming)
         return max(now, min(times))
 
     def _tick(self, now: float) -> None:
         wall = _wall()
         self._ticking = True
         try:
-            for charger_id in self.attached:
-                self.engine.backend_limit(charger_id, self.controls[charger_id].backend_limit(wall), now)
-            targets = self.engine.targets(now) if self.active else {}
+            outgoing = self.coordinator.tick(now, wall)
         finally:
             self._ticking = False
-        for charger_id in sorted(self.attached):
-            self.controls[charger_id].set_local(targets.get(charger_id))
-            self._next(charger_id, now, wall)
+        generation = self._collect_records()
+        for item in outgoing:
+            self._start(item, generation)
+        for charger_id in self.attached:
+            self._log_notes(charger_id, self.controls[charger_id])
         if self.sinks and self.active:
             self._publish(now)
         self._progressed()
@@ -394,9 +446,15 @@ class Limiter(Listener):
     def _publish(self, now: float) -> None:
         site = self.engine.site_view(now)
         views = {cid: self.engine.charger_view(cid) for cid in self.attached}
+        reservations = self.coordinator.reservations(now)
+        stats = self.fuse.stats
+        unanswered = sum(1 for cid in self.attached if self.fuse.is_decrease(cid))
         for sink in self.sinks:
             sink.set_site(limit=site.config_limit, ems_limit=site.ems_limit, effective_limit=site.site_limit,
                           headroom=site.headroom)
+            sink.set_fuse(unconfirmed={cid: r.unconfirmed for cid, r in reservations.items()},
+                          over_budget_seconds=stats.over_budget_seconds, decreases_unanswered=unanswered,
+                          decreases_failed=stats.failed_decreases)
             for charger_id, view in views.items():
                 if view is None:
                     continue
@@ -404,31 +462,33 @@ class Limiter(Listener):
                                         backend=view.backend_limit, ems=view.ems_limit)
                 sink.set_charger_current(charger_id, view.currents)
 
-    def _next(self, charger_id: str, now: float, wall: datetime) -> None:
-        control = self.controls[charger_id]
-        paired = self.sessions.get(charger_id)
+    def _start(self, item: Outgoing, generation: int) -> None:
+        paired = self.sessions.get(item.charger_id)
+        control = self.controls[item.charger_id]
         if paired is None or self._nursery is None:
+            self.coordinator.failed(item.charger_id, item.command, "session gone", _now())
             return
-        command = control.next_command(now, wall)
-        self._log_notes(charger_id, control)
-        if command is not None:
-            self._nursery.start_soon(self._send, paired, control, command)
+        self._nursery.start_soon(self._send, paired, control, item, generation)
 
-    async def _send(self, paired: PairedSession, control: Control, command: Command) -> None:
-        log = self.log.bind(charger=control.charger_id)
-        if command.generation != control.generation or paired.closed.is_set():
-            control.failed(command, "session gone", _now())
+    async def _send(self, paired: PairedSession, control: Control, item: Outgoing, generation: int) -> None:
+        command, charger_id = item.command, item.charger_id
+        log = self.log.bind(charger=charger_id)
+        if item.record_first and not await self._durable(generation):
+            self._lost(item, "reservation not recorded", log)
             return
-        log.debug("profile_sent", action=command.action, **command.describe())
+        if command.generation != control.generation or paired.closed.is_set():
+            self._lost(item, "session gone", log)
+            return
+        log.debug("profile_sent", action=command.action, decrease=item.decrease, **command.describe())
         status = error = None
         payload = command.payload
-        v2 = self.v2.get(control.charger_id)
+        v2 = self.v2.get(charger_id)
         if v2 is not None:  # the control's model, in the station's version
             try:
                 payload = v2.command(command.action, payload)
                 validate_v2(v2.version, command.action, payload)
             except (ProfileError, KeyError) as exc:
-                control.failed(command, f"cannot build a {v2.version.value} {command.action}: {exc}", _now())
+                self._lost(item, f"cannot build a {v2.version.value} {command.action}: {exc}", log)
                 log.error("profile_invalid", action=command.action, reason=str(exc)[:200])
                 self._progressed()
                 return
@@ -436,23 +496,73 @@ class Limiter(Listener):
             try:
                 frame = await paired.request(command.action, payload)
             except RuntimeError as exc:
-                control.failed(command, str(exc), _now())
-                log.warning("profile_failed", action=command.action, reason=str(exc)[:200])
+                self._lost(item, str(exc)[:200], log)
             else:
                 if frame.kind is MessageType.CALLRESULT:
                     status = field_of(payload_of(frame), "status")
                 else:
                     error = frame.action or "CALLERROR"
-                control.answered(command, status if isinstance(status, str) else None, error, _now())
+                status = status if isinstance(status, str) else None
+                refused = self.coordinator.answered(charger_id, command, status, error, _now())
                 level = log.info if status == "Accepted" or (status == "Unknown" and command.kind == "clear") \
                     else log.warning
                 level("profile_answered", action=command.action, status=status, error=error, **command.describe())
+                if refused:
+                    log.warning("limit_decrease_refused", answer=status or error, amps=command.amps,
+                                counting=self.fuse.may_draw(charger_id, _now()) / 10)
         if scope.cancelled_caught:
-            control.failed(command, "no answer", _now())
-        self._log_notes(control.charger_id, control)
-        if self.sessions.get(control.charger_id) is paired:
-            self._next(control.charger_id, _now(), _wall())
+            self._lost(item, "no answer", log)
+        self._log_notes(charger_id, control)
+        self._collect_records()
+        self.poke()  # an answer may free room for an increase elsewhere, or allow this wallbox's next CALL
         self._progressed()
+
+    def _lost(self, item: Outgoing, reason: str, log: Any) -> None:
+        """No answer: the wallbox may hold the new limit or the old one (the higher counts)."""
+        if self.coordinator.failed(item.charger_id, item.command, reason, _now()):
+            log.warning("limit_decrease_unanswered", reason=reason, amps=item.command.amps,
+                        counting=self.fuse.may_draw(item.charger_id, _now()) / 10)
+        else:
+            log.warning("profile_failed", action=item.command.action, reason=reason)
+
+    # -- the durable record --------------------------------------------------------------------------------
+
+    def _collect_records(self) -> int:
+        """Hand the fuse's changed reservations to the writer; returns their generation."""
+        records = self.fuse.records()
+        if records and self.store is not None:
+            self._unwritten.update(records)
+            self._queued += 1
+            self._records_changed.set()
+        return self._queued
+
+    async def _durable(self, generation: int) -> bool:
+        """Wait until the records up to ``generation`` are on disk; False if that write failed."""
+        while self._written < generation:
+            if self._failed >= generation:
+                return False
+            await self._records_done.wait()
+        return True
+
+    async def _write_records(self, store: ReservationStore) -> None:
+        """One writer: every batch of changed reservations in one transaction (fsync)."""
+        while True:
+            await self._records_changed.wait()
+            self._records_changed = trio.Event()
+            batch, generation, self._unwritten = self._unwritten, self._queued, {}
+            try:
+                await trio.to_thread.run_sync(store.record, batch)
+            except StorageError as exc:
+                self._failed = generation
+                self._unwritten = {**batch, **self._unwritten}  # written with the next batch
+                self.log.error("reservations_not_recorded", file=store.location, error=str(exc)[:300],
+                               consequence="increases wait")
+                self._records_changed.set()
+                await trio.sleep(1.0)
+            else:
+                self._written = generation
+            self._records_done.set()
+            self._records_done = trio.Event()
 
     def _log_notes(self, charger_id: str, control: Control) -> None:
         for note in control.drain_notes():

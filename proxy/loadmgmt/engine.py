@@ -44,16 +44,11 @@ from dataclasses import dataclass, field
 #: Connector statuses in which a charger wants current. ``SuspendedEVSE`` is
 #: what a wallbox reports while the proxy pauses it: it still wants current.
 DEMANDING = frozenset({"Preparing", "Charging", "SuspendedEV", "SuspendedEVSE"})
-#: Statuses in which a charger may be drawing current, or start to without asking anyone: a car
-#: plugged in and authorised (Preparing included: it turns into Charging on its own).
-DRAWING = DEMANDING
 
 INFINITE = math.inf
 #: A car drawing within this of its limit is taken to be held by the limit (it
 #: will follow the next one); one drawing less draws what it wants.
 LIMITED_MARGIN = 1.0
-#: A sample below this on every phase is "draws nothing".
-ZERO_CURRENT = 0.5
 #: Caps and headroom above this are "unlimited" (in tenths of an ampere).
 _UNLIMITED = 10**9
 
@@ -243,8 +238,6 @@ class _Charger:
     #: clearly less than it was allowed; it draws that much, not its limit.
     demand: dict[int, int] = field(default_factory=dict)
     fallback: bool = False
-    #: The last MeterValues showed (under 0.5 A) nothing on every phase, with no transaction.
-    sampled_zero: bool = False
     #: While not connected: what it may still draw (tenths, the fuse's reservation).
     reserved: int = 0
 
@@ -259,16 +252,6 @@ class _Charger:
     def drawing(self) -> bool:
         """A car is charging (as far as the charger said)."""
         return "Charging" in self.statuses.values() or (bool(self.transactions) and not self.statuses)
-
-    def known_idle(self) -> bool:
-        """Connected and known to draw nothing: no transaction, and every connector reported a
-        non-charging status (or the last sample showed 0 A on every phase)."""
-        if not self.connected or self.transactions:
-            return False
-        statuses = [s for connector, s in self.statuses.items() if connector > 0]
-        if statuses and not any(s in DRAWING for s in statuses):
-            return True
-        return self.sampled_zero
 
     def status(self) -> str | None:
         for connector in sorted(self.statuses):
@@ -328,7 +311,6 @@ class LimitEngine:
         state = self._state(charger_id)
         state.connected = True
         state.reserved = 0
-        state.sampled_zero = False
         state.statuses.clear()
         state.transactions.clear()
         state.applied = None
@@ -341,7 +323,6 @@ class LimitEngine:
         state = self._chargers.get(charger_id)
         if state is not None:
             state.connected = False
-            state.sampled_zero = False
             state.statuses.clear()
             state.transactions.clear()
             state.currents = (0.0, 0.0, 0.0)
@@ -365,7 +346,6 @@ class LimitEngine:
         """Phase currents (L1, L2, L3 of the charger) from MeterValues."""
         state = self._state(charger_id)
         state.currents = currents
-        state.sampled_zero = all(c < ZERO_CURRENT for c in currents)
         state.sampled_at_limit = state.applied if state.drawing() else None
         self._learn_demand(state)
         if power_w is not None:
@@ -375,9 +355,7 @@ class LimitEngine:
         self._changed()
 
     def transaction_started(self, charger_id: str, connector_id: int, now: float) -> None:
-        state = self._state(charger_id)
-        state.transactions.add(connector_id)
-        state.sampled_zero = False
+        self._state(charger_id).transactions.add(connector_id)
         self._changed()
 
     def transaction_stopped(self, charger_id: str, connector_id: int | None, now: float) -> None:
@@ -506,11 +484,6 @@ class LimitEngine:
 
     def chargers(self) -> list[str]:
         return sorted(self._chargers)
-
-    def known_idle(self, charger_id: str) -> bool:
-        """Connected and known to draw nothing (see :meth:`_Charger.known_idle`)."""
-        state = self._chargers.get(charger_id)
-        return state is not None and state.known_idle()
 
     def budget(self, now: float) -> list[int]:
         """Per site phase, tenths: what the connected managed chargers may draw together

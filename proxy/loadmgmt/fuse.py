@@ -11,14 +11,13 @@ invariant"), per site phase::
 
     Σ over managed chargers of may_draw(c)  ≤  budget
 
-* ``may_draw(c)`` = 0 for a connected charger known not to draw (no
-  transaction and a non-charging status, or a 0 A sample), else the highest
-  of: ``held`` (the limit it last accepted; a limit whose answer was lost
+* ``may_draw(c)`` = the highest of: ``held`` (the limit it last accepted; a limit whose answer was lost
   counts as applied; unknown, e.g. after a reboot or a backend Clear that may
   have removed the proxy's profile: its ``max_current``), ``pending`` (the
   proxy's limit sent and not answered) and ``backend_pending`` (a backend
   profile on its way, as forwarded). A lost charger keeps ``held`` until
-  ``lost_charger_hold`` seconds pass.
+  ``lost_charger_hold`` seconds pass. A charger without a car counts too: a car
+  plugged in draws what is installed without asking anyone.
 * ``budget`` = site limit (EMS-lowered) − house load, where the house load
   includes the lost chargers' reservations (the engine's, see
   :meth:`LimitEngine.reserve`).
@@ -26,8 +25,7 @@ invariant"), per site phase::
 Decreases never wait. :meth:`Fuse.grant` turns the engine's targets into what
 each charger may be sent now: a decrease as is, an increase only up to the
 room the others' ``may_draw`` leaves (so the engine's increase waits for the
-decreases that make room to be Accepted, or for the chargers concerned to be
-known not to draw). A decrease that is Rejected, unanswered or answered with a
+decreases that make room to be Accepted). A decrease that is Rejected, unanswered or answered with a
 CALLERROR keeps counting at the old value; the others share the rest.
 
 Amperes are tenths (int), like the engine's, so sums are exact.
@@ -230,13 +228,13 @@ class Fuse:
 
     # -- queries -----------------------------------------------------------------------------------------
 
-    def may_draw(self, charger_id: str, now: float, idle: bool = False) -> int:
+    def may_draw(self, charger_id: str, now: float) -> int:
         """Tenths per phase this charger may be drawing now."""
         slot = self._slots.get(charger_id)
         if slot is None or not slot.limits.managed:
             return 0
         if slot.connected:
-            return 0 if idle else slot.peak()
+            return slot.peak()
         if slot.lost_at is not None and now - slot.lost_at < self.hold:
             return slot.peak()
         return 0
@@ -252,35 +250,32 @@ class Fuse:
                  if not slot.connected and slot.lost_at is not None and now < slot.lost_at + self.hold]
         return min(times, default=None)
 
-    def reserved(self, now: float, idle: Iterable[str] = ()) -> list[int]:
+    def reserved(self, now: float) -> list[int]:
         """Per site phase: Σ may_draw of the connected managed chargers (tenths)."""
-        quiet = set(idle)
         out = [0] * self.phases
         for charger_id, slot in self._slots.items():
             if not slot.connected:
                 continue
-            amount = self.may_draw(charger_id, now, charger_id in quiet)
+            amount = self.may_draw(charger_id, now)
             for ph in charger_phases(self.phases, slot.limits):
                 out[ph] += amount
         return out
 
-    def unconfirmed(self, charger_id: str, wanted: float | None, now: float, idle: bool = False) -> float:
+    def unconfirmed(self, charger_id: str, wanted: float | None, now: float) -> float:
         """Amps reserved beyond what the proxy wants the charger to have (waiting for confirmation)."""
         want = 0 if wanted is None else tenths_down(wanted)
-        return max(0, self.may_draw(charger_id, now, idle) - want) / 10
+        return max(0, self.may_draw(charger_id, now) - want) / 10
 
     # -- the gate ----------------------------------------------------------------------------------------
 
-    def grant(self, targets: Mapping[str, float], budget: list[int], now: float,
-              idle: Iterable[str] = ()) -> dict[str, float]:
+    def grant(self, targets: Mapping[str, float], budget: list[int], now: float) -> dict[str, float]:
         """What each charger may be sent now: its target when that is no increase over what it may
         draw, else as much of the increase as the room on its phases allows.
 
         ``budget``: per site phase, tenths, for the connected managed chargers. Room goes by
         priority (highest first), then id.
         """
-        quiet = set(idle)
-        room = [b - r for b, r in zip(budget, self.reserved(now, quiet))]
+        room = [b - r for b, r in zip(budget, self.reserved(now))]
         granted: dict[str, float] = {}
         increases: list[str] = []
         for charger_id, target in targets.items():
@@ -296,17 +291,15 @@ class Fuse:
                 increases.append(charger_id)
         increases.sort(key=lambda cid: (-self._slots[cid].limits.priority, cid))
         for charger_id in increases:
-            granted[charger_id] = self._grant_increase(charger_id, tenths_down(targets[charger_id]), room,
-                                                       charger_id in quiet) / 10
+            granted[charger_id] = self._grant_increase(charger_id, tenths_down(targets[charger_id]), room) / 10
         return granted
 
-    def _grant_increase(self, charger_id: str, want: int, room: list[int], idle: bool) -> int:
+    def _grant_increase(self, charger_id: str, want: int, room: list[int]) -> int:
         """As much of an increase as fits: the charger's own reservation counts as its room."""
         slot = self._slots[charger_id]
         phases = charger_phases(self.phases, slot.limits)
         current = slot.peak()
-        counted = 0 if idle else current  # what it already takes from the room
-        top = min(want, counted + min((room[ph] for ph in phases), default=0))
+        top = min(want, current + min((room[ph] for ph in phases), default=0))
         if top < want:
             self.stats.increases_held += 1
         if current == 0 and top < tenths_up(slot.limits.min_current):
@@ -314,14 +307,14 @@ class Fuse:
         if top <= current:
             return current  # no room: it keeps what it has (and what is on its way)
         for ph in phases:
-            room[ph] -= top - counted
+            room[ph] -= top - current
         return top
 
     # -- over budget and the durable record ------------------------------------------------------------------
 
-    def check(self, budget: list[int], now: float, idle: Iterable[str] = ()) -> bool:
+    def check(self, budget: list[int], now: float) -> bool:
         """Whether the reservations exceed the budget now; accumulates ``over_budget_seconds``."""
-        over = any(r > b for r, b in zip(self.reserved(now, idle), budget))
+        over = any(r > b for r, b in zip(self.reserved(now), budget))
         if self._over_since is not None and self._checked_at is not None:
             self.stats.over_budget_seconds += max(0.0, now - self._checked_at)
         self._over_since = now if over else None

@@ -50,7 +50,7 @@ class Site:
         return self.site.next(out.charger_id, self.now, WALL)
 
     def may_draw(self, cid: str) -> float:
-        return self.fuse.may_draw(cid, self.now, cid in self.site.idle()) / 10
+        return self.fuse.may_draw(cid, self.now) / 10
 
 
 def settle_at(site: Site, cid: str, amps: float) -> None:
@@ -105,7 +105,9 @@ def test_lost_charger_keeps_its_reservation_until_the_hold_passes() -> None:
     assert raise_["CP2"].command.amps == 16.0
 
 
-def test_lost_charger_released_when_it_reconnects_idle() -> None:
+def test_lost_charger_back_without_a_car_is_lowered_before_the_other_is_raised() -> None:
+    """Its profile is still installed: a car plugged in would draw it. So its share moves to the
+    other wallbox only once it accepted the lower limit."""
     site = Site()
     two_known(site)
     site.charge("CP2")
@@ -115,8 +117,10 @@ def test_lost_charger_released_when_it_reconnects_idle() -> None:
     assert site.tick(1.0) == {}
     site.connect("CP1", status="Available")  # back, and not charging: the car left meanwhile
     sent = site.tick(0.1)
-    assert sent["CP2"].command.amps == 16.0
-    assert site.may_draw("CP1") == 0.0
+    assert list(sent) == ["CP1"] and sent["CP1"].decrease and sent["CP1"].command.amps == 0.0
+    assert site.may_draw("CP1") == 10.0
+    assert site.answer(sent["CP1"]) is None
+    assert site.tick()["CP2"].command.amps == 16.0
 
 
 def test_refused_or_unanswered_decrease_keeps_counting_the_old_value_and_is_retried() -> None:
@@ -156,9 +160,12 @@ def test_restart_counts_not_yet_reconnected_chargers_at_their_record_or_maximum(
     sent = site.tick()
     assert list(sent) == ["CP2"] and sent["CP2"].command.amps == 8.0  # CP3 has its CALL outstanding; idle CP2
     # gets what is left (30 - 6 - 16), a decrease from its unknown 16 A
-    up = site.answer(down)  # the granted 16 A follows at once
+    up = site.answer(down)  # 16 A follows at once: no increase over the unknown 16 A it was counted at
     assert up is not None and up.command.amps == 16.0 and site.site.targets["CP3"] == 16.0
-    assert site.may_draw("CP1") + site.may_draw("CP2") + site.may_draw("CP3") == 22.0
+    assert site.may_draw("CP1") + site.may_draw("CP2") + site.may_draw("CP3") == 38.0  # the restart's unknowns
+    assert site.site.over_budget
+    assert site.answer(sent["CP2"]) is None
+    assert site.may_draw("CP1") + site.may_draw("CP2") + site.may_draw("CP3") == 30.0
 
 
 def test_increase_needs_the_durable_record_first_and_decrease_does_not() -> None:
@@ -171,12 +178,17 @@ def test_increase_needs_the_durable_record_first_and_decrease_does_not() -> None
     assert site.fuse.records() == {"CP1": 16.0}
     site.connect("CP2")
     site.charge("CP2")
-    down = site.tick()["CP1"]
+    sent = site.tick()
+    down = sent["CP1"]
     assert down.decrease and not down.record_first
     site.answer(down)
-    assert site.fuse.records()["CP1"] == 10.0
+    site.answer(sent["CP2"])  # 10 A: down from its unknown 16 A
+    assert site.fuse.records() == {"CP1": 10.0, "CP2": 10.0}
     site.site.engine.transaction_stopped("CP2", 1, site.now)
     site.site.engine.status("CP2", 1, "Available", site.now)
+    freed = site.tick()
+    assert list(freed) == ["CP2"] and freed["CP2"].command.amps == 0.0  # its car left: down first
+    site.answer(freed["CP2"])
     up = site.tick()["CP1"]
     assert up.command.amps == 16.0 and up.record_first
 

@@ -14,15 +14,17 @@ Checked after every step:
 * per charger: what the fuse counts is never below what the wallbox may
   really draw (accounting soundness);
 * per phase: a step the proxy takes (a recomputation, an answer, a
-  reconnect, a restart) never raises what the wallboxes may draw above the
-  budget, nor further above it when an outside event (an EMS write, more
-  house load, a car starting on an idle charger) already did.
+  reconnect, a restart) or a car (starting or stopping) never raises what the
+  wallboxes may draw above the budget, nor further above it when an outside
+  event (an EMS write, more house load, a reboot that lost the profile) or the
+  start (wallboxes never seen count at their maximum) already did.
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -53,28 +55,37 @@ class Wallbox:
     #: A backend SetChargingProfile forwarded and not answered: (msg id, original payload, amps as forwarded)
     backend_call: tuple[str, dict[str, Any], float] | None = None
     connected: bool = False
-    lost_at: float | None = None
+    #: Not seen since the proxy started (at 0) counts as lost since then.
+    lost_at: float | None = 0.0
     car: bool = False
 
     def cap(self) -> float:
-        """The highest current its installed profiles allow (the proxy's own cap or Tx/TxDefault)."""
-        if self.strategy == "max-profile":
-            own = [amps for purpose, amps in self.profiles.values() if purpose == "ChargePointMaxProfile"]
-            return min(own) if own else self.limits.max_current
+        """The highest current its installed profiles may allow: ChargePointMaxProfile caps the
+        Tx/TxDefault part (taken at its highest, whichever stack level wins)."""
+        top = self.limits.max_current
+        own = [amps for purpose, amps in self.profiles.values() if purpose == "ChargePointMaxProfile"]
         tx = [amps for purpose, amps in self.profiles.values() if purpose in ("TxDefaultProfile", "TxProfile")]
-        return min(max(tx), self.limits.max_current) if tx else self.limits.max_current
+        return min(top, min(own, default=top), max(tx, default=top))
 
     def may_draw(self, now: float) -> float:
-        """What it may be drawing now: its cap, or what it was sent and may apply any moment."""
-        if not self.car or (not self.connected and (self.lost_at is None or now - self.lost_at >= HOLD)):
+        """What it may be drawing now (a car may plug in any moment): its cap, or what it was sent and
+        may apply any moment. A lost one released after the hold counts no more, by decision."""
+        if not self.connected and self.lost_at is not None and now - self.lost_at >= HOLD:
             return 0.0
         values = [self.cap()]
         if self.inflight is not None:
-            amps = self.inflight.command.amps
-            values.append(self.limits.max_current if amps is None else amps)
+            values.append(self._cap_after(lambda w: w.apply(self.inflight)))  # type: ignore[arg-type]
         if self.backend_call is not None:
-            values.append(self.backend_call[2])
+            amps = self.backend_call[2]
+            values.append(self._cap_after(lambda w: w._install(backend_payload(amps)["csChargingProfiles"], amps)))
         return min(max(values), self.limits.max_current)
+
+    def _cap_after(self, change: Callable[[Wallbox], None]) -> float:
+        """The cap once it applied ``change`` (on a copy)."""
+        copy = Wallbox(self.limits, self.strategy, dict(self.profiles))
+        copy._levels = dict(self._levels)
+        change(copy)
+        return copy.cap()
 
     def apply(self, outgoing: Outgoing) -> None:
         command = outgoing.command
@@ -225,8 +236,9 @@ class FuseMachine(RuleBasedStateMachine):
         if cid not in self.wallboxes or self.wallboxes[cid].connected:
             return
         lost_at = self.wallboxes[cid].lost_at
-        # One released after lost_charger_hold counts again from here: by that decision, not this step.
-        self.outside = lost_at is not None and self.now - lost_at >= HOLD
+        # One released after lost_charger_hold counts again from here: by that decision, not this step;
+        # one that rebooted meanwhile lost its profile: it may draw its maximum, whatever the proxy does.
+        self.outside = boot or (lost_at is not None and self.now - lost_at >= HOLD)
         self._connect(cid, boot)
 
     def _connect(self, cid: str, boot: bool) -> None:
@@ -249,7 +261,7 @@ class FuseMachine(RuleBasedStateMachine):
     @rule(cid=CID)
     def reboot(self, cid: str) -> None:
         """A connected wallbox restarts: a new connection, BootNotification, no profiles, no transaction."""
-        self.outside = False
+        self.outside = True  # its profile is gone: it may draw its maximum until the proxy's is back
         if cid in self.wallboxes and self.wallboxes[cid].connected:
             self._drop(cid, False)
             self._connect(cid, True)
@@ -272,11 +284,11 @@ class FuseMachine(RuleBasedStateMachine):
 
     @rule(cid=CID)
     def car_starts(self, cid: str) -> None:
+        """A car draws up to what the wallbox has installed, asked or not: counted already."""
         self.outside = False
         wallbox = self.wallboxes.get(cid)
         if wallbox is None or not wallbox.connected or wallbox.car:
             return
-        self.outside = True  # it draws up to what it has installed, asked or not
         self.wallboxes[cid].car = True
         engine, control = self.coordinator.engine, self.coordinator.controls[cid]
         self.messages += 1
@@ -387,10 +399,10 @@ class FuseMachine(RuleBasedStateMachine):
     def fuse_counts_at_least_what_may_be_drawn(self) -> None:
         if not self.wallboxes:
             return
-        fuse, idle = self.coordinator.fuse, self.coordinator.idle()
+        fuse = self.coordinator.fuse
         for cid, wallbox in self.wallboxes.items():
             truth = wallbox.may_draw(self.now)
-            counted = fuse.may_draw(cid, self.now, cid in idle) / 10
+            counted = fuse.may_draw(cid, self.now) / 10
             assert counted + 1e-9 >= truth, f"{cid}: the fuse counts {counted} A, it may draw {truth} A"
 
     @invariant()
