@@ -10,6 +10,7 @@ import functools
 import signal
 import sys
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
@@ -32,6 +33,8 @@ from proxy.storage.offline_queue import StorageUnusable
 
 if TYPE_CHECKING:
     from proxy.ops.certs import Issued
+    from proxy.ops.metrics import Metrics
+    from proxy.ops.monitor import Monitor
     from proxy.runtime.server import ProxyServer
 
 EXIT_CONFIG = 2
@@ -199,6 +202,42 @@ def raise_open_file_limit() -> None:
     logs.get_logger().info("open_file_limit", soft=soft, hard=hard, max_wallboxes=(soft - 64) // 2)
 
 
+@dataclass(frozen=True)
+class Started:
+    """What :func:`start` brought up: the server, its metrics and the monitor serving them."""
+
+    server: ProxyServer
+    metrics: Metrics
+    monitor: Monitor
+
+
+async def start(config: Config, nursery: trio.Nursery, source: str = "") -> Started:
+    """Everything ``run`` starts, in ``nursery``: monitor, wallbox port, Modbus meter and EMS.
+
+    Raises what start-up hits (a port in use, an unusable database, ...) with the key it came from;
+    :mod:`proxy.ops.preflight` finds the rest before (tests hold the two together).
+    """
+    from proxy.ops.metrics import Metrics, MetricsListener
+    from proxy.ops.monitor import Monitor
+    from proxy.runtime.server import ProxyServer
+
+    metrics = Metrics(charger.id for charger in config.all_chargers)
+    server = ProxyServer(config, listeners=[MetricsListener(metrics)])
+    server.limiter.sinks.append(metrics)
+    monitor = Monitor(config, metrics, server, source=source)
+    if config.metrics.listen:
+        with startup_step("metrics.listen", config.metrics.listen):
+            await nursery.start(monitor.serve)
+    await nursery.start(server.serve)
+    if config.meter.modbus or config.ems.modbus_listen:  # grid meter / EMS → limit engine
+        from proxy.modbus.service import run_modbus
+
+        with startup_step("ems.modbus_listen", config.ems.modbus_listen):
+            await nursery.start(functools.partial(run_modbus, config, server.limiter.engine,
+                                                  server.limiter.poke, logs.get_logger(), health=metrics))
+    return Started(server, metrics, monitor)
+
+
 async def run_proxy(config: Config, source: str = "", pidfile: str = "") -> None:
     """The proxy until SIGTERM/SIGINT, then a bounded graceful stop (close 1001), exit 0.
 
@@ -206,39 +245,24 @@ async def run_proxy(config: Config, source: str = "", pidfile: str = "") -> None
     takes the graceful path. A second signal while sessions drain stops at once.
     SIGHUP re-reads ``source`` (see :mod:`proxy.runtime.reload`); connections stay.
     """
-    from proxy.ops.metrics import Metrics, MetricsListener
-    from proxy.ops.monitor import Monitor
     from proxy.runtime.reload import reload_from, remove_pidfile, write_pidfile
-    from proxy.runtime.server import ProxyServer
 
     log = logs.get_logger()
-    metrics = Metrics(charger.id for charger in config.all_chargers)
-    server = ProxyServer(config, listeners=[MetricsListener(metrics)])
-    server.limiter.sinks.append(metrics)
-    monitor = Monitor(config, metrics, server, source=source)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            if config.metrics.listen:
-                with startup_step("metrics.listen", config.metrics.listen):
-                    await nursery.start(monitor.serve)
-            await nursery.start(server.serve)
-            if config.meter.modbus or config.ems.modbus_listen:  # grid meter / EMS → limit engine
-                from proxy.modbus.service import run_modbus
-
-                with startup_step("ems.modbus_listen", config.ems.modbus_listen):
-                    await nursery.start(functools.partial(run_modbus, config, server.limiter.engine,
-                                                          server.limiter.poke, log, health=metrics))
+            started = await start(config, nursery, source)
+            server = started.server
             if pidfile:
                 write_pidfile(pidfile)
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     log.info("reloading", file=source)
                     if source and reload_from(server, source, log):
-                        metrics.set_configured(charger.id for charger in server.config.all_chargers)
+                        started.metrics.set_configured(charger.id for charger in server.config.all_chargers)
                     continue
                 log.info("stopping", signal=signal.Signals(signum).name, sessions=len(server.sessions))
                 break
-            monitor.stopping = True
+            started.monitor.stopping = True
             await _drain(server, signals, config.server.close_timeout * 2)
             # Features with durable state (the offline queue) close here, after their sessions.
             nursery.cancel_scope.cancel()

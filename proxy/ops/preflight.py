@@ -3,7 +3,7 @@
 :mod:`proxy.config` checks a file on its own (types, ranges, rules across keys). Whether it works
 on *this* machine is a different question: are the certificate files readable, do the keys parse
 and belong to their certificates, does each listen address resolve to an address of this host, can
-the proxy create its data and certificate directories. ``check-config`` and ``run`` both ask it
+the proxy create its data and certificate directories, is the queue database a database. ``check-config`` and ``run`` both ask it
 here, so a file ``check-config`` accepts does not fail at start for any of these reasons (a port
 already taken by another process is the one thing only binding can tell). Every problem names the
 config key, the line and the value, like a schema error.
@@ -11,14 +11,17 @@ config key, the line and the value, like a schema error.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 
 from proxy.config import ChargerBase, Config, LineIndex, Problem, SecondarySettings, parse_listen
 from proxy.ops.certs import CertificateProblem, check_pair, load_certificates
+from proxy.storage.offline_queue import DB_NAME
 
 #: The keys whose addresses the proxy binds at start.
 LISTEN_KEYS = ("server.listen", "metrics.listen", "ems.modbus_listen")
@@ -135,7 +138,26 @@ def _directories(config: Config) -> Iterator[tuple[str, str]]:
     """The data directory is used by the offline queue, the secondaries' store and Modbus wallboxes."""
     if config.offline.enabled or config.backends or config.modbus_chargers or any(
             charger.secondary for charger in config.chargers):
-        yield from _directory("offline.data_dir", Path(config.offline.data_dir), "for the offline queue")
+        data = Path(config.offline.data_dir)
+        yield from _directory("offline.data_dir", data, "for the offline queue")
+        message = database_problem(data / DB_NAME)
+        if message:
+            yield "offline.data_dir", f"{data / DB_NAME}: {message}"
+
+
+def database_problem(path: Path) -> str | None:
+    """Why the queue database the proxy would open cannot be used (read only: nothing is changed)."""
+    if not path.exists():
+        return None
+    if not os.access(path, os.R_OK | os.W_OK):
+        return f"not readable and writable by this user (uid {os.getuid()})"
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True, timeout=10)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
+    except sqlite3.Error as exc:
+        return (f"cannot be used ({exc}); move it away to start with an empty queue "
+                "(its frames are then not replayed)")
+    return None
 
 
 def _directory(key: str, path: Path, purpose: str) -> Iterator[tuple[str, str]]:

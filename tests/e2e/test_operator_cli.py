@@ -233,7 +233,7 @@ async def test_port_in_use_names_the_key_and_port(tmp_path: Path) -> None:
 
 
 def test_an_unusable_data_dir_names_the_key(tmp_path: Path) -> None:
-    """Found by check-config (a file in the way), or at start (a database that is not one): the key is named."""
+    """A file in the way, a database that is not one: check-config and run name the key."""
     (tmp_path / "data").write_text("not a directory")
     config = tmp_path / "site.toml"
     config.write_text(f'[server]\nlisten = "127.0.0.1:0"\n[metrics]\nlisten = ""\n[log]\nformat = "json"\n'
@@ -245,11 +245,12 @@ def test_an_unusable_data_dir_names_the_key(tmp_path: Path) -> None:
     (tmp_path / "data").unlink()
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "queue.sqlite3").write_text("this is no SQLite database " * 100)
-    assert cli("check-config", str(config)).returncode == 0  # the directory is fine; the file is not
-    failed = cli("run", "--config", str(config))
-    assert failed.returncode == 1
-    (event,) = [e for e in map(json.loads, failed.stderr.splitlines()) if e["event"] == "startup_failed"]
-    assert f"{tmp_path}/data/queue.sqlite3 (from [offline] data_dir) cannot be used" in event["error"]
+    for command in (["check-config", str(config)], ["run", "--config", str(config)]):
+        refused = cli(*command)
+        assert refused.returncode == 2
+        (line,) = error_lines(refused.stderr)
+        assert line.startswith(f"error: {config}:8: offline.data_dir: {tmp_path}/data/queue.sqlite3: cannot be "
+                               "used (file is not a database); move it away"), line
 
 
 # --- 7. smaller -----------------------------------------------------------------------------------
