@@ -57,7 +57,7 @@ async def _forever(signals: int) -> tuple[int, str, str]:
     async def read_stderr() -> None:
         assert process.stderr is not None
         while chunk := await process.stderr.receive_some(65536):
-            errors.append(chunk)
+            errors.append(bytes(chunk))
 
     try:
         async with trio.open_nursery() as nursery:
