@@ -213,8 +213,10 @@ def render_reference() -> str:
         "     tests/test_deploy.py fails when this file and the schema differ. -->",
         "",
         "ocpp-proxy reads one TOML file (`ocpp-proxy run --config FILE`). "
-        "`ocpp-proxy check-config FILE` validates it without starting; every error names the key "
-        "and the line. Every key is optional unless marked *required*; a missing table means "
+        "`ocpp-proxy check-config FILE` validates it without starting, together with what it needs "
+        "from the machine (certificate and key files readable, parsed and matching, listen addresses that "
+        "resolve to this host, directories the proxy can write, a usable queue database): the checks `run` "
+        "makes before it starts. Every error names the key and the line. Every key is optional unless marked *required*; a missing table means "
         "all its defaults. A commented example with every key is "
         "[`deploy/config.example.toml`](../deploy/config.example.toml).",
         "",
