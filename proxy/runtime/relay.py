@@ -23,7 +23,7 @@ from typing import Any, Literal, Protocol
 import trio
 
 from proxy.wire import closecodes
-from proxy.wire.errors import ConnectionClosed, MessageTooBig
+from proxy.wire.errors import ConnectionClosed, MessageTooBig, SendTimeout
 from proxy.core.backoff import Backoff
 from proxy.messages.ocppj import Frame, MessageType, build_error, classify
 from proxy.core.admission import Refuse
@@ -144,6 +144,10 @@ class Outbox:
         self.limit = limit
         self.stall_timeout = stall_timeout
         self.on_stall = on_stall
+        if stall_timeout is not None and hasattr(connection, "send_timeout"):
+            # The connection bounds only a send that waits (SendTimeout): no cancel scope per frame.
+            connection.send_timeout = stall_timeout
+            self.stall_timeout = None
         self.closed = False
         self._queue: list[str] = []  # short; an empty deque would cost 760 bytes per leg
         self._sending = False
@@ -179,6 +183,8 @@ class Outbox:
                         return
                 if self._blocked and len(queue) <= self.limit:
                     self._wake()
+        except SendTimeout:
+            self._stalled()
         except ConnectionClosed:
             self.closed = True  # the leg's reader sees the close and ends the pair
             queue.clear()

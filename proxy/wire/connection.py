@@ -62,11 +62,12 @@ from proxy.wire.errors import (
     HandshakeError,
     MessageTooBig,
     ProtocolViolation,
+    SendTimeout,
 )
 
 __all__ = ["CloseReason", "ConnectionClosed", "ConnectionRejected", "ConnectionTimeout",
            "DisconnectionTimeout", "HandshakeError", "HandshakeFailed", "MessageTooBig", "ProtocolViolation",
-           "WsConnection", "WsRequest", "open_websocket_url", "read_request", "wrap_client_stream",
+           "SendTimeout", "WsConnection", "WsRequest", "open_websocket_url", "read_request", "wrap_client_stream",
            "wrap_server_stream"]
 
 RECEIVE_SIZE = 262_144
@@ -110,6 +111,8 @@ class WsConnection:
         # trio.Lock, because the uncontended check runs for every frame sent.
         self._writing = False
         self._write_waiters = trio.lowlevel.ParkingLot()
+        #: Longest a send may wait for the peer to read, then SendTimeout (None: no bound).
+        self.send_timeout: float | None = None
         self._pings: OrderedDict[bytes, trio.Event] = OrderedDict()
         self._stream_closed = False
         self._leftover = leftover
@@ -259,10 +262,16 @@ class WsConnection:
             raise ConnectionClosed(self._reason)
 
     async def _write(self, data: bytes) -> None:
-        """Write all of ``data``; without waiting when the socket takes it at once."""
+        """Write all of ``data``; without waiting when the socket takes it at once.
+
+        Only a write that has to wait (the peer is not reading, or another frame is
+        being written) is bounded by ``send_timeout``: the common case sets up no
+        cancel scope.
+        """
         if self._stream_closed:
             raise ConnectionClosed(self._reason or CloseReason(_ABNORMAL, None))
         raw = self._raw
+        rest: memoryview | None = None
         if raw is not None and not self._writing:
             try:
                 sent = raw.send(data)
@@ -274,7 +283,22 @@ class WsConnection:
                 return
             rest = memoryview(data)[sent:]
             self._writing = True  # taken before any await: the rest of this frame goes next
-        else:
+        if self.send_timeout is None:
+            await self._write_waiting(raw, data, rest)
+            return
+        with trio.move_on_after(self.send_timeout) as waited:
+            await self._write_waiting(raw, data, rest)
+        if waited.cancelled_caught:
+            self._close_sent = True  # a frame may be cut off: nothing may follow it on this stream
+            if self._reason is None:
+                self._reason = CloseReason(_ABNORMAL, f"a send waited {self.send_timeout:g} s for the peer to read")
+            self._finish()  # closing will not wait for the peer to answer a close it never got
+            raise SendTimeout(self._reason)
+
+    async def _write_waiting(self, raw: socket.socket | None, data: bytes, rest: memoryview | None) -> None:
+        """The rest of a frame this task started writing (``rest``), or all of ``data`` once no other
+        task is writing."""
+        if rest is None:
             rest = memoryview(data)
             while self._writing:
                 await self._write_waiters.park()

@@ -41,6 +41,14 @@ class MessageTooBig(ProtocolViolation):
     """This side closed the connection with 1009: the peer's message was over the size limit."""
 
 
+class SendTimeout(ConnectionClosed):
+    """A send waited longer than the connection's ``send_timeout`` for the peer to read.
+
+    Part of a frame may have been written, so nothing more is sent on the connection
+    (not even a close frame): it counts as closed (1006), and is only good for dropping.
+    """
+
+
 class HandshakeError(WebSocketError):
     """The opening handshake failed (connection dropped, invalid response)."""
 

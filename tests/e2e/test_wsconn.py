@@ -14,6 +14,7 @@ import os
 import ssl
 from pathlib import Path
 
+import pytest
 import trio
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -144,3 +145,34 @@ async def test_tls_streams_take_the_generic_path(tmp_path: Path, nursery: trio.N
             await client.aclose(4000, "bye")
         await done.wait()
     assert closed == [4000]
+
+
+async def test_a_send_the_peer_does_not_read_ends_after_send_timeout(nursery: trio.Nursery) -> None:
+    """Only a send that has to wait is bounded; after SendTimeout nothing more goes out."""
+    accepted: list[wsconn.WsConnection] = []
+    ready = trio.Event()
+
+    async def never_reads(stream: trio.SocketStream) -> None:
+        request = await wsconn.wrap_server_stream(None, stream)
+        assert request is not None
+        accepted.append(await request.accept(subprotocol="ocpp1.6"))
+        ready.set()
+        await trio.sleep_forever()
+
+    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = listeners[0].socket.getsockname()[1]
+    nursery.start_soon(trio.serve_listeners, never_reads, listeners)
+    chunk = "x" * 10_000
+    with trio.fail_after(30):
+        async with wsconn.open_websocket_url(f"ws://127.0.0.1:{port}/ocpp/STALL", subprotocols=["ocpp1.6"],
+                                             disconnect_timeout=2) as client:
+            await ready.wait()
+            client.send_timeout = 0.5
+            sent = 0
+            with pytest.raises(wsconn.SendTimeout) as stalled:
+                while sent < 20_000:  # 200 MB: far beyond any socket buffer
+                    await client.send_message(chunk)
+                    sent += 1
+            assert sent >= 1 and stalled.value.reason.code == 1006
+            with pytest.raises(wsconn.ConnectionClosed):
+                await client.send_message("after the stall")
