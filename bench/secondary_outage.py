@@ -40,15 +40,10 @@ from pathlib import Path
 
 import websockets
 
+from bench.procs import free_port
 from proxy.demo.peers import OCMF_SAMPLE, LoopThread, SimBackend
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def config(port: int, data: Path, backends: dict[str, SimBackend], secondaries: bool) -> str:

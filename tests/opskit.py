@@ -1,18 +1,21 @@
-"""Test support for the operations features: a raw OCPP-J backend on trio-websocket,
-the proxy stack (server + metrics + monitor) in-process, and an HTTP client that is
-not ours (urllib) for /metrics, /healthz and /readyz."""
+"""Test support: a raw OCPP-J backend on trio-websocket, the proxy stack (server + metrics +
+monitor) in-process, the proxy and a backend as processes, an HTTP client that is not ours
+(urllib) for /metrics, /healthz and /readyz, one wait helper and one free port."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -196,22 +199,78 @@ class JsonLinesProcess:
         self.events += [json.loads(line) for line in self._buffer.split(b"\n") if line.strip()]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
 class ProxyProcess(JsonLinesProcess):
-    """``python -m proxy run``; its JSON log is on stderr."""
+    """``python -m proxy run --config CONFIG [ARGS]`` as an operator runs it; its JSON log is on stderr.
+
+    Start it with :meth:`start`, or for a block with :func:`running_proxy`, which
+    never leaves it running.
+    """
 
     def __init__(self, process: trio.Process) -> None:
         super().__init__(process, stream_name="stderr")
 
+    @classmethod
+    async def start(cls, config: Path, *args: str, cwd: Path = ROOT, python: Sequence[str] = (sys.executable,),
+                    **options: Any) -> ProxyProcess:
+        """``options`` go to ``trio.lowlevel.open_process`` (``env``, ``preexec_fn``)."""
+        process = await trio.lowlevel.open_process([*python, "-m", "proxy", "run", "--config", str(config), *args],
+                                                   cwd=cwd, stderr=subprocess.PIPE, **options)
+        return cls(process)
 
-ROOT = Path(__file__).resolve().parents[1]
+    async def port(self, timeout: float = 20) -> int:
+        """The wallbox port, once the proxy logged ``listening``."""
+        return int((await self.wait_event("listening", timeout=timeout))["ports"][0])
+
+    async def stop(self, timeout: float = 20) -> int:
+        """SIGTERM (a graceful shutdown), then its exit code, within ``timeout``."""
+        if self.process.returncode is None:
+            self.process.send_signal(signal.SIGTERM)
+        with trio.fail_after(timeout):
+            return await self.process.wait()
+
+    async def close(self) -> None:
+        """Make sure it is gone: SIGKILL if it still runs (a test that failed half-way)."""
+        if self.process.returncode is None:
+            self.process.kill()
+        await self.process.wait()
+
+
+@asynccontextmanager
+async def running_proxy(config: Path, *args: str, **start: Any) -> AsyncIterator[ProxyProcess]:
+    """:meth:`ProxyProcess.start` for the block; killed afterwards if the block did not stop it."""
+    proxy = await ProxyProcess.start(config, *args, **start)
+    try:
+        yield proxy
+    finally:
+        await proxy.close()
 
 
 async def launch_proxy(config: Path) -> tuple[ProxyProcess, int]:
     """``python -m proxy run --config CONFIG`` (JSON log); returns it and its wallbox port once listening."""
-    process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
-                                               cwd=ROOT, stderr=subprocess.PIPE)
-    proxy = ProxyProcess(process)
-    return proxy, int((await proxy.wait_event("listening"))["ports"][0])
+    proxy = await ProxyProcess.start(config)
+    return proxy, await proxy.port()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (bound once, then released)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+async def wait_until(condition: Callable[[], bool | Awaitable[bool]], timeout: float = 10.0,
+                     interval: float = 0.01) -> None:
+    """Wait for a state change the test cannot subscribe to (another thread's or process's, a
+    scraped value); ``condition`` may be a coroutine function. Fails after ``timeout``."""
+    with trio.fail_after(timeout):
+        while True:
+            result = condition()
+            if await result if inspect.isawaitable(result) else result:
+                return
+            await trio.sleep(interval)
 
 
 class BackendProcess(JsonLinesProcess):

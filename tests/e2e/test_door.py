@@ -22,6 +22,7 @@ from proxy.ops import logs as proxy_logs
 from proxy.runtime.server import ProxyServer
 from tests.conftest import StartProxy
 from tests.e2e.test_tls import Pki
+from tests.opskit import free_port, wait_until
 from tests.rawhttp import basic, upgrade
 
 PASSWORD = "0123456789abcdef0123"
@@ -71,9 +72,7 @@ async def test_1_client_ca_charger_without_password_comes_in_only_over_tls_with_
     assert profiles["CERTONLY"]["plain"] == "refused" and profiles["CERTONLY"]["profile"] == "SP3"
     assert profiles["CERTONLY"]["tls"] == "client certificate CN=CERTONLY"
     assert profiles["BOTH"]["plain"] == "Basic auth (user = id)" and profiles["BOTH"]["profile"] == "SP1"
-    with trio.fail_after(10):
-        while sorted(backend.handlers) != ["BOTH", "CERTONLY"]:
-            await trio.sleep(0.01)
+    await wait_until(lambda: sorted(backend.handlers) == ["BOTH", "CERTONLY"])
 
 
 async def test_2_basic_auth_username_must_be_the_charge_point_id(backend: SimBackend, start_proxy: StartProxy) -> None:
@@ -116,9 +115,7 @@ async def test_3_ids_follow_ocpp_rules_and_lookalikes_of_configured_ids_are_refu
         await new.close()
     lookalike = [e for e in events(logs, "handshake_refused") if e["reason"] == "lookalike_charge_point_id"]
     assert [e["charger"] for e in lookalike] == ["cp001"] and "CP001" in lookalike[0]["detail"]
-    with trio.fail_after(10):
-        while "NEW*7|x" not in backend.handlers:
-            await trio.sleep(0.01)
+    await wait_until(lambda: "NEW*7|x" in backend.handlers)
     assert sorted(backend.handlers) == ["NEW*7|x"]  # nothing refused reached the backend
     assert unquote(backend.paths["NEW*7|x"]) == "/ocpp/NEW*7|x"
 
@@ -221,11 +218,10 @@ async def test_8_defaults_admit_200_wallboxes_behind_one_nat_at_once(
 
     The backend is down (offline mode answers), so the only limit in the way is the proxy's own.
     """
-    from tests.e2e.test_offline import free_port
     from tests.rawhttp import Reply
 
     chargers = "".join(f'[[chargers]]\nid = "NAT{n:03d}"\npassword = "{PASSWORD}"\n' for n in range(200))
-    dead = await free_port()
+    dead = free_port()
     server = await start_proxy(f'[server]\nping_interval = 0\n[backend]\nurl = "ws://127.0.0.1:{dead}/ocpp"\n'
                                f'connect_timeout = 5\n{chargers}')
     replies: dict[int, Reply] = {}

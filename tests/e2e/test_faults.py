@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
+import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from tests.opskit import BackendProcess, ProxyProcess, launch_proxy, parse, value
+from tests.opskit import ROOT, BackendProcess, ProxyProcess, launch_proxy, parse, value
 
 FAST = "reconnect_min = 0.2\nreconnect_max = 0.5\n"
 
@@ -63,12 +64,6 @@ async def metrics_of(proxy: ProxyProcess) -> dict[Any, float]:
     return parse(await trio.to_thread.run_sync(get))[1]
 
 
-async def stop(proxy: ProxyProcess) -> None:
-    proxy.process.terminate()
-    with trio.fail_after(20):
-        await proxy.process.wait()
-
-
 # --- item 3: a backend that answers pings but never a CALL ------------------------------------
 
 
@@ -94,7 +89,7 @@ async def test_a_backend_that_never_answers_a_call_is_given_up_and_the_call_answ
             hb = await call(ws, "h1", "Heartbeat", {})  # the wallbox stays connected and answered
             assert hb[0] == 3
     finally:
-        await stop(proxy)
+        await proxy.stop()
         await backend.stop()
 
 
@@ -124,7 +119,7 @@ async def test_a_frozen_backend_is_replaced_by_local_answers_within_call_timeout
             assert '"s2"' in received[-1]
             assert (await call(ws, "s3", "StatusNotification", status(1, "Charging")))[0] == 3
     finally:
-        await stop(proxy)
+        await proxy.stop()
         await backend.stop()
     assert not [e for e in proxy.events if e.get("event") == "session_closed"
                 and e.get("closed_by") != "proxy"], "the wallbox was never closed"
@@ -161,7 +156,7 @@ async def test_a_backend_that_stops_reading_never_takes_the_wallbox_down(tmp_pat
             samples = await metrics_of(proxy)
             assert value(samples, "ocpp_proxy_upstream_lost_total", reason="stall") >= 1
     finally:
-        await stop(proxy)
+        await proxy.stop()
         await backend.stop()
     assert not any(e.get("event") == "session_closing" and e.get("closed_by") != "proxy" for e in proxy.events)
 
@@ -192,7 +187,7 @@ async def test_a_backend_choosing_an_unoffered_subprotocol_is_refused_with_502(t
         assert "not offered" in unavailable["reason"]
         assert (await backend.wait_event("connected"))["offered"] == "ocpp1.6"
     finally:
-        await stop(proxy)
+        await proxy.stop()
         await backend.stop()
     assert not any(e.get("event") == "session_opened" for e in proxy.events)  # not admitted, not "offline"
 
@@ -210,7 +205,7 @@ async def test_the_upstream_path_carries_sub_delims_as_they_are(tmp_path: Path) 
         connected = await backend.wait_event("connected")
         assert connected["path"] == "/ocpp/DE*ABC*E001" and connected["user"] == "DE*ABC*E001"
     finally:
-        await stop(proxy)
+        await proxy.stop()
         await backend.stop()
 
 
@@ -225,18 +220,12 @@ async def test_an_unusable_queue_database_is_named_with_its_key_at_start_up(tmp_
     (tmp_path / "data" / "queue.sqlite3").write_bytes(b"not a database, " * 512)
     config = proxy_config(tmp_path, 9)
     with trio.fail_after(30):
-        result = await trio.run_process([*(await _python()), "-m", "proxy", "run", "--config", str(config)],
-                                        cwd=Path(__file__).resolve().parents[2], capture_stderr=True, check=False)
+        result = await trio.run_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
+                                        cwd=ROOT, capture_stderr=True, check=False)
     assert result.returncode == 2
     stderr = result.stderr.decode()
     assert f"offline.data_dir: {tmp_path / 'data' / 'queue.sqlite3'}: cannot be used" in stderr
     assert "not a database" in stderr and "Traceback" not in stderr
-
-
-async def _python() -> list[str]:
-    import sys
-
-    return [sys.executable]
 
 
 def queued(data: Path, charger: str = "CP1") -> list[tuple[int, str, int]]:

@@ -3,16 +3,9 @@
 from __future__ import annotations
 
 import resource
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
-import trio
-
-from tests.opskit import ProxyProcess
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.opskit import running_proxy
 
 
 def low_soft_limit() -> None:
@@ -26,17 +19,11 @@ async def test_soft_open_file_limit_is_raised_to_the_hard_limit(tmp_path: Path) 
     config.write_text('[server]\nlisten = "127.0.0.1:0"\n[backend]\nurl = "ws://127.0.0.1:9/ocpp"\n'
                       '[metrics]\nlisten = ""\n[log]\nformat = "json"\n'
                       f'[offline]\ndata_dir = "{tmp_path}/data"\n')
-    process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
-                                               cwd=ROOT, stderr=subprocess.PIPE, preexec_fn=low_soft_limit)
-    proxy = ProxyProcess(process)
-    try:
+    async with running_proxy(config, preexec_fn=low_soft_limit) as proxy:
         limit = await proxy.wait_event("open_file_limit")
-        await proxy.wait_event("listening")
-        with open(f"/proc/{process.pid}/limits") as f:
+        await proxy.port()
+        with open(f"/proc/{proxy.process.pid}/limits") as f:
             line = next(row for row in f if row.startswith("Max open files"))
-    finally:
-        process.send_signal(signal.SIGTERM)
-        with trio.fail_after(20):
-            await process.wait()
+        await proxy.stop()
     assert limit["soft"] == limit["hard"] == hard and limit["max_wallboxes"] == (hard - 64) // 2
     assert line.split()[3] == str(hard)  # the running process, not just its log line

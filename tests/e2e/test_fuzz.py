@@ -22,7 +22,7 @@ from structlog.testing import capture_logs
 from proxy.messages.ocppj import classify, strict_problem
 from proxy.demo.peers import LoopThread, SimBackend
 from tests.conftest import StartProxy, backend_config, proxy_url
-from tests.e2e.test_offline import wait_until
+from tests.opskit import wait_until
 
 VALID = '[2,"ok-1","Heartbeat",{}]'
 

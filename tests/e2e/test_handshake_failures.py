@@ -10,7 +10,7 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from tests.opskit import Stack, read_to_end, scrape, start_backend, start_stack, config_text, value
+from tests.opskit import Stack, config_text, read_to_end, scrape, start_backend, start_stack, value, wait_until
 
 
 async def _raw(stack: Stack, request: bytes, *, hang_up: bool = False) -> bytes:
@@ -47,9 +47,10 @@ async def _counted(stack: Stack, reason: str) -> float:
 
 async def _wait_counted(stack: Stack, reason: str) -> None:
     """The count arrives when the proxy's task for the connection has finished: wait for it."""
-    with trio.fail_after(10):
-        while await _counted(stack, reason) < 1:
-            await trio.sleep(0.05)
+    async def counted() -> bool:
+        return await _counted(stack, reason) >= 1
+
+    await wait_until(counted, interval=0.05)
 
 
 async def test_bad_request_hang_up_and_oversize_are_not_timeouts(nursery: trio.Nursery) -> None:

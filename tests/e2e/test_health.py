@@ -13,8 +13,8 @@ import trio_websocket
 from trio_websocket import open_websocket_url
 
 from proxy.ops.health import Heartbeat
-from tests.opskit import (build_stack, config_text, http_get, read_to_end, scrape, start_backend, start_stack,
-                          value)
+from tests.opskit import (build_stack, config_text, free_port, http_get, read_to_end, scrape, start_backend,
+                          start_stack, value, wait_until)
 
 
 async def test_readiness_follows_start_up_and_shutdown(nursery: trio.Nursery) -> None:
@@ -56,16 +56,8 @@ async def test_readiness_follows_start_up_and_shutdown(nursery: trio.Nursery) ->
     assert body["wallboxes"] == 0 and body["upstream"] == {"state": "idle", "connected": 0}
 
 
-async def _free_port() -> int:
-    listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
-    port: int = listeners[0].socket.getsockname()[1]
-    for listener in listeners:
-        await listener.aclose()
-    return port
-
-
 async def test_backend_down_keeps_the_proxy_ready_and_says_why(nursery: trio.Nursery) -> None:
-    port = await _free_port()  # nothing listens here until the backend starts below
+    port = free_port()  # nothing listens here until the backend starts below
     stack = await start_stack(nursery, config_text(port, offline="reconnect_min = 0.05\nreconnect_max = 0.2"))
 
     # Offline mode: the wallbox is admitted although its backend is down.
@@ -85,9 +77,10 @@ async def test_backend_down_keeps_the_proxy_ready_and_says_why(nursery: trio.Nur
         # The backend comes back: the session reconnects by itself and readiness says so.
         backend = RawBackendOnPort(port)
         await nursery.start(backend.serve)
-        with trio.fail_after(10):
-            while json.loads((await http_get(stack.http("/readyz"))).body)["upstream"]["state"] != "connected":
-                await trio.sleep(0.05)
+        async def connected() -> bool:
+            return bool(json.loads((await http_get(stack.http("/readyz"))).body)["upstream"]["state"] == "connected")
+
+        await wait_until(connected, interval=0.05)
         _, samples = await scrape(stack)
         assert value(samples, "ocpp_proxy_upstream_reconnects_total", charger="CP1") == 0  # first connect
         assert value(samples, "ocpp_proxy_connections", side="backend") == 1

@@ -9,6 +9,7 @@ from structlog.testing import capture_logs
 
 from proxy.demo.peers import LoopThread, SimBackend, connect_wallbox
 from tests.conftest import StartProxy, backend_config, proxy_url
+from tests.opskit import wait_until
 from tests.peers import in_loop
 
 
@@ -54,6 +55,5 @@ async def test_closed_sessions_release_their_sockets(peers: LoopThread, backend:
         await in_loop(peers, handle.close())
     with trio.fail_after(10):
         await server.wait_sessions(0)
-        while open_fds() > baseline:  # the peers' ends close asynchronously in their thread
-            await trio.sleep(0.01)
+    await wait_until(lambda: open_fds() <= baseline)  # the peers' ends close asynchronously in their thread
     assert open_fds() <= baseline

@@ -12,7 +12,7 @@ from proxy.modbus.client import ModbusClient
 from proxy.modbus.maps import METERS
 from proxy.modbus.meter import MeterPoller
 from proxy.demo.peers import LoopThread, SimModbusDevice
-from tests.e2e.test_offline import wait_until
+from tests.opskit import wait_until
 from tests.peers import in_loop
 
 

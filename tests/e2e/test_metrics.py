@@ -10,7 +10,8 @@ import trio
 import trio_websocket
 from trio_websocket import open_websocket_url
 
-from tests.opskit import Stack, config_text, http_get, parse, scrape, start_backend, start_stack, value
+from tests.opskit import (Stack, config_text, free_port, http_get, parse, scrape, start_backend, start_stack, value,
+                          wait_until)
 
 HEARTBEAT = '[2,"hb-{n}","Heartbeat",{{}}]'
 STATUS = ('[2,"st-1","StatusNotification",{"connectorId":1,"errorCode":"NoError","status":"Charging",'
@@ -227,7 +228,6 @@ async def test_modbus_meter_and_wallbox_health_reach_the_metrics(nursery: trio.N
     from proxy.ops.logs import get_logger
     from proxy.modbus.service import run_modbus
     from proxy.demo.peers import LoopThread, SimHeidelberg, SimSdm630
-    from tests.e2e.test_offline import wait_until
     from tests.peers import in_loop
 
     peers = LoopThread("metrics-modbus")
@@ -249,9 +249,10 @@ async def test_modbus_meter_and_wallbox_health_reach_the_metrics(nursery: trio.N
             return samples.get((name, frozenset(labels.items())))
 
         async def becomes(expected: float, name: str, **labels: str) -> None:
-            with trio.fail_after(10):
-                while await sample(name, **labels) != expected:
-                    await trio.sleep(0.05)
+            async def reached() -> bool:
+                return await sample(name, **labels) == expected
+
+            await wait_until(reached, interval=0.05)
 
         await becomes(1.0, "ocpp_proxy_meter_up")
         await becomes(12.5, "ocpp_proxy_grid_current_amperes", phase="L1")
@@ -271,10 +272,7 @@ async def test_modbus_meter_and_wallbox_health_reach_the_metrics(nursery: trio.N
 async def test_offline_queue_depth_and_oldest_age_come_from_the_sessions(nursery: trio.Nursery) -> None:
     """Backend down: frames answered locally are queued; depth and the oldest frame's age are exported."""
     now = [5_000.0]
-    unused = trio.socket.socket()
-    await unused.bind(("127.0.0.1", 0))
-    port = unused.getsockname()[1]
-    unused.close()  # nothing listens there: the backend is down
+    port = free_port()  # nothing listens there: the backend is down
     stack = await start_stack(nursery, config_text(port, offline="reconnect_min = 30\nreconnect_max = 60\n"),
                               clock=lambda: now[0])
     async with open_websocket_url(stack.url("CP1"), subprotocols=["ocpp1.6"]) as ws:

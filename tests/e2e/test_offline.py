@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -16,25 +13,10 @@ from structlog.testing import capture_logs
 from proxy.runtime.server import ProxyServer
 from proxy.demo.peers import OCMF_SAMPLE, LoopThread, SimBackend, connect_wallbox, now_iso
 from tests.conftest import StartProxy, proxy_url
-from tests.opskit import ProxyProcess
+from tests.opskit import free_port, launch_proxy, wait_until
 from tests.peers import in_loop, wait_recorded
 
-ROOT = Path(__file__).resolve().parents[2]
 FAST_RECONNECT = "reconnect_min = 0.05\nreconnect_max = 0.2\n"
-
-
-async def free_port() -> int:
-    with trio.socket.socket() as sock:
-        await sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
-async def wait_until(condition: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Wait for a state change the test cannot subscribe to; fails after ``timeout``."""
-    with trio.fail_after(timeout):
-        while not condition():
-            await trio.sleep(0.01)
 
 
 def offline_config(port: int, extra: str = "") -> str:
@@ -49,7 +31,7 @@ def replayed_expectation(sent: list[str], local: int, backend: int) -> list[str]
 
 
 async def test_backend_down_for_a_whole_transaction(peers: LoopThread, start_proxy: StartProxy) -> None:
-    port = await free_port()
+    port = free_port()
     server = await start_proxy(offline_config(port))
     handle = await in_loop(peers, connect_wallbox(proxy_url(server, "CP1"), "CP1"))
     outcome = await in_loop(peers, handle.wallbox.run_session())
@@ -79,7 +61,7 @@ async def test_backend_down_for_a_whole_transaction(peers: LoopThread, start_pro
 
 
 async def test_backend_drops_mid_transaction_and_returns(peers: LoopThread, start_proxy: StartProxy) -> None:
-    port = await free_port()
+    port = free_port()
     first = SimBackend(port=port)
     await in_loop(peers, first.start())
     server = await start_proxy(offline_config(port))
@@ -115,7 +97,7 @@ async def test_backend_drops_mid_transaction_and_returns(peers: LoopThread, star
 async def test_outstanding_call_is_answered_locally_when_backend_vanishes(
         peers: LoopThread, start_proxy: StartProxy) -> None:
     """A CALL in flight when the backend dies is answered and stored, never lost."""
-    port = await free_port()
+    port = free_port()
     backend = SimBackend(port=port)
     await in_loop(peers, backend.start())
     server = await start_proxy(offline_config(port))
@@ -146,19 +128,13 @@ async def test_outstanding_call_is_answered_locally_when_backend_vanishes(
 
 
 async def test_kill_9_with_frames_queued_delivers_them_exactly_once(peers: LoopThread, tmp_path: Path) -> None:
-    backend_port = await free_port()
+    backend_port = free_port()
     config = tmp_path / "proxy.toml"
     config.write_text(f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n[log]\nformat = "json"\n'
                       f'[metrics]\nlisten = ""\n{offline_config(backend_port).split("[server]")[1]}'
                       f'data_dir = "{tmp_path}/data"\n')
 
-    async def start() -> tuple[ProxyProcess, int]:
-        process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
-                                                   cwd=ROOT, stderr=subprocess.PIPE)
-        proxy = ProxyProcess(process)
-        return proxy, (await proxy.wait_event("listening"))["ports"][0]
-
-    proxy, port = await start()
+    proxy, port = await launch_proxy(config)
     handle = await in_loop(peers, connect_wallbox(f"ws://127.0.0.1:{port}/ocpp/CP1", "CP1"))
     await in_loop(peers, handle.wallbox.run_session())
     sent = list(handle.recorder.sent)
@@ -168,16 +144,15 @@ async def test_kill_9_with_frames_queued_delivers_them_exactly_once(peers: LoopT
 
     backend = SimBackend(port=backend_port)
     await in_loop(peers, backend.start())
-    proxy, port = await start()
+    proxy, port = await launch_proxy(config)
     try:
         again = await in_loop(peers, connect_wallbox(f"ws://127.0.0.1:{port}/ocpp/CP1", "CP1"))
         await proxy.wait_event("replay_finished")
         assert backend.recorders["CP1"].received == replayed_expectation(sent, -1, 1001)
         await in_loop(peers, again.close())
+        assert await proxy.stop() == 0
     finally:
-        proxy.process.send_signal(signal.SIGTERM)
-        with trio.fail_after(15):
-            assert await proxy.process.wait() == 0
+        await proxy.close()
         await in_loop(peers, backend.stop())
     assert len(backend.recorders["CP1"].received) == 9  # exactly once, nothing after the replay
 
@@ -185,7 +160,7 @@ async def test_kill_9_with_frames_queued_delivers_them_exactly_once(peers: LoopT
 async def test_five_hundred_wallboxes_reconnect_after_proxy_restart(
         peers: LoopThread, backend: SimBackend, start_proxy: StartProxy, nursery: trio.Nursery,
         tmp_path: Path) -> None:
-    port = await free_port()
+    port = free_port()
     # 500 wallboxes from one address: more than the per-address defaults allow at once (256)
     text = (f'[server]\nlisten = "127.0.0.1:{port}"\nping_interval = 0\naccept_unknown = true\n'
             f'per_address_pending = 600\nper_address_burst = 600\n'

@@ -10,11 +10,8 @@ from __future__ import annotations
 import datetime
 import json
 import re
-import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -22,7 +19,7 @@ import trio
 
 from proxy.config import loads
 from proxy.ops import certs
-from tests.opskit import ProxyProcess
+from tests.opskit import free_port, running_proxy
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,30 +37,6 @@ def _pair(directory: Path, name: str, *, now: datetime.datetime | None = None, d
     directory.mkdir(parents=True, exist_ok=True)
     certs.write(certs.create_server({"CN": "gw"}, ["localhost"], days=days, now=now),
                 directory / f"{name}.crt", directory / f"{name}.key")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-@asynccontextmanager
-async def running(config: Path, cwd: Path) -> AsyncIterator[ProxyProcess]:
-    """`ocpp-proxy run` for the block; then SIGTERM, and it must exit 0."""
-    process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
-                                               cwd=cwd, stderr=subprocess.PIPE)
-    try:
-        yield ProxyProcess(process)
-        process.send_signal(signal.SIGTERM)
-        with trio.fail_after(20):
-            assert await process.wait() == 0
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
 
 
 # --- 1. check-config refuses what run refuses ------------------------------------------------
@@ -106,7 +79,7 @@ def test_check_config_refuses_what_run_refuses(tmp_path: Path, case: str) -> Non
     server, rest, expected = CASES[case]
     site = tmp_path / "site"
     _setup_files(site)
-    port = _free_port()
+    port = free_port()
     text = BASE.format(server=server, rest=rest.format(port=port))
     if case == "unresolvable listen":
         text = text.replace('listen = "127.0.0.1:0"', 'listen = "127.0.0.256:31520"', 1)
@@ -137,8 +110,9 @@ async def test_a_config_check_config_accepts_starts(tmp_path: Path) -> None:
     config.write_text(BASE.format(server='tls = "on"\ncert = "tls/good.crt"\nkey = "tls/good.key"', rest=""))
     checked = await trio.to_thread.run_sync(lambda: cli("check-config", str(config), cwd=tmp_path))
     assert checked.returncode == 0 and checked.stdout.strip() == f"{config}: OK (1 charger)", checked
-    async with running(config, tmp_path) as proxy:
+    async with running_proxy(config, cwd=tmp_path) as proxy:
         assert (await proxy.wait_event("listening"))["tls"] == "on"
+        assert await proxy.stop() == 0
 
 
 # --- 2. one rule for relative paths ------------------------------------------------------------
@@ -156,11 +130,12 @@ async def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) ->
     loaded = await trio.to_thread.run_sync(lambda: cli("check-config", str(config.relative_to(tmp_path)),
                                                        cwd=tmp_path))
     assert loaded.returncode == 0, loaded.stderr
-    async with running(config, elsewhere) as proxy:
+    async with running_proxy(config, cwd=elsewhere) as proxy:
         created = await proxy.wait_event("self_signed_certificate")
         assert created["path"] == str(site / "certs" / "server.crt")  # default certs_dir: next to the file
         await proxy.wait_event("listening")
         assert (site / "state" / "queue.sqlite3").exists()
+        assert await proxy.stop() == 0
     assert list(elsewhere.iterdir()) == []  # nothing landed in the working directory
     text = config.read_text().replace('tls = "detect"', 'tls = "on"\ncert = "tls/gw.crt"\nkey = "tls/gw.key"')
     parsed = loads(text, base_dir=site)

@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from proxy.demo.peers import LoopThread, SimBackend, connect_wallbox
 from tests.conftest import StartProxy, backend_config, proxy_url
+from tests.opskit import free_port
 from tests.peers import in_loop, wait_recorded
 
 
@@ -88,9 +89,7 @@ async def test_no_supported_subprotocol_is_refused(peers: LoopThread, backend: S
 
 
 async def test_upstream_down_refuses_wallbox(peers: LoopThread, start_proxy: StartProxy) -> None:
-    with trio.socket.socket() as sock:  # a port with nobody listening
-        await sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()  # nobody listens there
     text = (f'[server]\n[backend]\nurl = "ws://127.0.0.1:{port}/ocpp"\nconnect_timeout = 2\n[[chargers]]\nid = "CP1"\n'
             '[offline]\nenabled = false\n')  # with offline mode the wallbox is admitted (test_offline.py)
     with capture_logs() as logs:

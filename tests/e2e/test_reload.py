@@ -40,12 +40,10 @@ async def test_reload_applies_new_limits_to_connected_wallboxes(tmp_path: Path, 
     config, pidfile = tmp_path / "proxy.toml", tmp_path / "proxy.pid"
     text = functools.partial(config_text, data_dir=str(tmp_path / "data"))
     config.write_text(text(backend.port, 20))
-    process = await trio.lowlevel.open_process(
-        [sys.executable, "-m", "proxy", "run", "--config", str(config), "--pidfile", str(pidfile)],
-        cwd=ROOT, stderr=subprocess.PIPE)
-    log = ProxyProcess(process)
+    log = await ProxyProcess.start(config, "--pidfile", str(pidfile))
+    process = log.process
     try:
-        port = (await log.wait_event("listening"))["ports"][0]
+        port = await log.port()
         handle = await in_loop(peers, connect_smart(f"ws://127.0.0.1:{port}/ocpp/CP1", "CP1"))
         await wait_limit(handle, 20.0)
         assert pidfile.read_text().strip() == str(process.pid)
@@ -78,12 +76,9 @@ async def test_reload_applies_new_limits_to_connected_wallboxes(tmp_path: Path, 
         boots = [t for t in backend.recorders["CP1"].received if '"BootNotification"' in t]
         assert len(boots) == 1
         await in_loop(peers, handle.close())
+        assert await log.stop() == 0
     finally:
-        if process.returncode is None:
-            process.terminate()
-        with trio.fail_after(20):
-            await process.wait()
-    assert process.returncode == 0
+        await log.close()
     assert not pidfile.exists()
 
 

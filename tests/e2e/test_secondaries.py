@@ -24,7 +24,7 @@ from proxy.ops.metrics import Metrics, MetricsListener
 from proxy.runtime.server import ProxyServer
 from proxy.demo.peers import OCMF_SAMPLE, LoopThread, SimBackend, WallboxHandle, connect_wallbox
 from tests.conftest import StartProxy, proxy_url
-from tests.opskit import parse, value
+from tests.opskit import parse, value, wait_until
 from tests.peers import in_loop, wait_recorded
 
 HA_ACTIONS = ["BootNotification", "StatusNotification", "StartTransaction", "MeterValues", "StopTransaction"]
@@ -67,9 +67,7 @@ forward_actions = {json.dumps(HA_ACTIONS)}
 
 async def connected(peers: LoopThread, server: ProxyServer, sims: dict[str, SimBackend]) -> WallboxHandle:
     handle = await in_loop(peers, connect_wallbox(proxy_url(server, "CP1"), "CP1"))
-    with trio.fail_after(10):
-        while not all("CP1" in sim.handlers for sim in sims.values()):
-            await trio.sleep(0.01)  # polling the peers' state, bounded by fail_after
+    await wait_until(lambda: all("CP1" in sim.handlers for sim in sims.values()))  # the peers' thread
     return handle
 
 
@@ -185,9 +183,7 @@ async def test_dead_secondary_loses_nothing_and_catches_up(peers: LoopThread, th
     await in_loop(peers, first_ems.stop())  # the EMS goes away for a while
     paired = server.sessions["CP1"]
     mirror = paired.session.mirrors["ems"]
-    with trio.fail_after(10):
-        while mirror.up:
-            await trio.sleep(0.01)
+    await wait_until(lambda: not mirror.up)
     outcome = await in_loop(peers, wallbox.run_session())
     assert outcome["transaction_id"] == 1001
     assert mirror.depth >= 9  # everything of the session since the outage, waiting for the EMS
@@ -208,9 +204,7 @@ async def test_dead_secondary_loses_nothing_and_catches_up(peers: LoopThread, th
         assert json.loads(received[1])[3]["status"] == "Available"
         queued = [f for f in sent_during_outage if classify(f).action != "Heartbeat"]
         assert received[2:] == [with_tx(f, 1001, 6001) for f in queued]
-        with trio.fail_after(10):  # its last answer is on its way to the proxy
-            while mirror.depth:
-                await trio.sleep(0.01)
+        await wait_until(lambda: not mirror.depth)  # its last answer is on its way to the proxy
         assert metric("ocpp_proxy_secondary_connects_total", charger="CP1", upstream="ems") == 2
         assert metric("ocpp_proxy_secondary_queue_frames", charger="CP1", upstream="ems") == 0
         assert (metric("ocpp_proxy_frames_total", source="secondary", type="callresult", action="") or 0) >= 20

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,7 +14,7 @@ import trio
 import trio_websocket
 from trio_websocket import open_websocket_url
 
-from tests.opskit import ProxyProcess, RawBackend, read_to_end, start_backend
+from tests.opskit import ProxyProcess, RawBackend, read_to_end, running_proxy, start_backend
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,16 +28,8 @@ async def proxy_process(tmp_path: Path, backend_port: int, chargers: int,
                       f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n'
                       f'[metrics]\nlisten = "127.0.0.1:0"\n[log]\nformat = "json"\n'
                       f'[offline]\ndata_dir = "{tmp_path}/data"\n{entries}')
-    process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
-                                               cwd=ROOT, stderr=subprocess.PIPE)
-    proxy = ProxyProcess(process)
-    try:
-        listening = await proxy.wait_event("listening")
-        yield proxy, listening["ports"][0]
-    finally:
-        if process.returncode is None:
-            process.kill()
-        await process.wait()
+    async with running_proxy(config) as proxy:
+        yield proxy, await proxy.port()
 
 
 @dataclass
@@ -178,21 +169,12 @@ async def test_metrics_can_be_turned_off(nursery: trio.Nursery, tmp_path: Path) 
     config.write_text(f'[server]\nlisten = "127.0.0.1:0"\n[backend]\nurl = "ws://127.0.0.1:{backend.port}/ocpp"\n'
                       '[metrics]\nlisten = ""\n[log]\nformat = "json"\n[[chargers]]\nid = "CP0"\n'
                       f'[offline]\ndata_dir = "{tmp_path}/data"\n')
-    process = await trio.lowlevel.open_process([sys.executable, "-m", "proxy", "run", "--config", str(config)],
-                                               cwd=ROOT, stderr=subprocess.PIPE)
-    proxy = ProxyProcess(process)
-    try:
-        port = (await proxy.wait_event("listening"))["ports"][0]
+    async with running_proxy(config) as proxy:
+        port = await proxy.port()
         async with open_websocket_url(f"ws://127.0.0.1:{port}/ocpp/CP0", subprotocols=["ocpp1.6"]) as ws:
             await ws.send_message('[2,"1","Heartbeat",{}]')
             with trio.fail_after(5):
                 assert await ws.get_message() == '[3, "1", {}]'
-            process.send_signal(signal.SIGTERM)
-            with trio.fail_after(20):
-                assert await process.wait() == 0
+            assert await proxy.stop() == 0
         await proxy.drain_log()
-    finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
     assert "metrics_listening" not in [e["event"] for e in proxy.events]

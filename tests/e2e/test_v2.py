@@ -16,7 +16,8 @@ from structlog.testing import capture_logs
 from proxy.demo.peers import LoopThread
 from proxy.demo.peers_v2 import SimCsms, StationHandle, connect_station
 from tests.conftest import StartProxy, proxy_url
-from tests.e2e.test_offline import FAST_RECONNECT, free_port, wait_until
+from tests.e2e.test_offline import FAST_RECONNECT
+from tests.opskit import free_port, wait_until
 from tests.peers import in_loop, wait_recorded
 
 VERSIONS = ("ocpp2.0.1", "ocpp2.1")
@@ -82,7 +83,7 @@ async def test_relay_is_byte_exact_both_ways(peers: LoopThread, start_proxy: Sta
 @pytest.mark.parametrize("subprotocol", VERSIONS)
 async def test_signed_transaction_while_csms_is_down_arrives_in_order_byte_identical(
         peers: LoopThread, start_proxy: StartProxy, subprotocol: str) -> None:
-    port = await free_port()
+    port = free_port()
     server = await start_proxy(config(port, offline='auth = "local_list"\nlocal_list = ["04A2B3C4D5E6F7"]\n'))
     handle = await in_loop(peers, connect_station(proxy_url(server, "CS1"), "CS1", subprotocol=subprotocol))
     assert handle.websocket.subprotocol == subprotocol  # the proxy answers in the version offered
@@ -140,7 +141,7 @@ async def test_relay_only_subprotocol_gets_no_local_answers_and_is_logged_once(
 
 async def test_backend_down_offers_the_first_version_the_proxy_speaks(
         peers: LoopThread, start_proxy: StartProxy) -> None:
-    port = await free_port()
+    port = free_port()
     server = await start_proxy(config(port, 'subprotocols = ["ocpp2.0", "ocpp2.0.1", "ocpp1.6"]'))
     handle = await in_loop(peers, connect_station(proxy_url(server, "CS1"), "CS1",
                                                   offered=("ocpp2.0", "ocpp2.0.1", "ocpp1.6")))

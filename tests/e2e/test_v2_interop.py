@@ -15,7 +15,7 @@ import trio
 from structlog.testing import capture_logs
 
 from tests.conftest import StartProxy, proxy_url
-from tests.e2e.test_offline import free_port, wait_until
+from tests.opskit import free_port, wait_until
 from tests.e2e.test_v2 import config
 from tests.interop import NodePeer
 
@@ -80,7 +80,7 @@ async def test_ocpp_rpc_relay_is_byte_exact(nursery: trio.Nursery, start_proxy: 
 @pytest.mark.parametrize("subprotocol", ["ocpp2.0.1", "ocpp2.1"])
 async def test_ocpp_rpc_signed_transaction_during_outage_is_replayed_byte_identical(
         nursery: trio.Nursery, start_proxy: StartProxy, subprotocol: str) -> None:
-    port = await free_port()
+    port = free_port()
     server = await start_proxy(config(port, offline='auth = "local_list"\nlocal_list = ["04A2B3C4D5E6F7"]\n'))
     station = await NodePeer.start(nursery, "station", subprotocol, proxy_url(server, "CS1").rpartition("/")[0],
                                    "CS1")

@@ -28,7 +28,7 @@ from proxy.core.session import PRIMARY
 from proxy.demo.peers import LoopThread, Recorder, SimBackend, SimHeidelberg, SimSdm630, connect_wallbox
 from tests.conftest import StartProxy, backend_config, proxy_url
 from tests.e2e.test_limits_e2e import settle
-from tests.e2e.test_offline import wait_until
+from tests.opskit import wait_until
 from tests.peers import in_loop, wait_recorded
 
 

@@ -25,7 +25,7 @@ from structlog.testing import capture_logs
 from proxy.demo.peers import LoopThread, Recorder, SimBackend
 from proxy.modbus.maps import WALLBOXES
 from tests.conftest import StartProxy, backend_config
-from tests.e2e.test_offline import wait_until
+from tests.opskit import wait_until
 from tests.e2e.test_virtual import calls, is_subsequence, tx_profile
 from tests.peers import in_loop, wait_recorded
 from tests.wallbox_sims import (

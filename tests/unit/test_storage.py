@@ -11,6 +11,7 @@ import trio
 from proxy.storage.interface import Append, StorageError
 from proxy.storage.offline_queue import DB_NAME, AsyncQueue, SqliteStorage, StorageUnusable
 from tests.diskfull import small_disk
+from tests.opskit import wait_until
 
 
 async def test_group_commit_puts_concurrent_appends_into_few_transactions(tmp_path: Path) -> None:
@@ -72,9 +73,7 @@ async def test_the_retry_task_commits_deferred_deliveries_once_the_disk_has_room
         async with trio.open_nursery() as nursery:
             nursery.start_soon(queue.retry_deferred)
             disk.free()
-            with trio.fail_after(10):
-                while queue.deferred:
-                    await trio.sleep(0.01)  # the retry loop's own backoff is what is waited for
+            await wait_until(lambda: not queue.deferred)  # the retry loop's own backoff is what is waited for
             nursery.cancel_scope.cancel()
         assert queue.storage.pending("CP1") == []
         queue.close()
