@@ -155,7 +155,7 @@ class _Item:
     @property
     def transactional(self) -> bool:
         """Lost, it would break the secondary's transaction history."""
-        return self.action in ("StartTransaction", "StopTransaction") or (
+        return self.action in ("StartTransaction", "StopTransaction", "TransactionEvent") or (  # 2.x: TransactionEvent
             self.action == "MeterValues" and '"transactionId"' in self.text)
 
 

@@ -17,6 +17,7 @@ def scrape(metrics: Metrics) -> dict[tuple[str, frozenset[tuple[str, str]]], flo
 def test_label_values_are_bounded() -> None:
     assert action_label("BootNotification") == "BootNotification"
     assert action_label("TransactionEvent") == "TransactionEvent"  # 2.0.1
+    assert action_label("NotifySettlement") == "NotifySettlement"  # 2.1
     assert action_label("SomethingNew") == "other"
     assert action_label(None) == "other"
     assert [close_code_label(c) for c in (1000, 1006, 1015, 1016, 3001, 4999, 5000, 7)] == \

@@ -253,3 +253,16 @@ def test_never_loses_or_reorders_what_fits(steps: list[str]) -> None:
     assert acknowledged == offered[:len(acknowledged)]
     mirror.link_down()  # what is left: exactly the frames not acknowledged yet
     assert mirror.depth == len(offered) - len(acknowledged)
+
+
+def test_bounded_queue_keeps_2x_transaction_events() -> None:
+    """A 2.0.1 / 2.1 TransactionEvent is billing data like StartTransaction: evicted last."""
+    mirror = Mirror("ems", queue_limit=2)
+    event = '[2,"te1","TransactionEvent",{"eventType":"Started","seqNo":0,"transactionInfo":{"transactionId":"t1"}}]'
+    offer(mirror, event)
+    offer(mirror, status("st1", 1, "Charging"))
+    events = offer(mirror, meter("m1", None))
+    assert [e.action for e in events if isinstance(e, MirrorDropped)] == ["StatusNotification"]
+    events = offer(mirror, meter("m2", None))
+    assert [e.action for e in events if isinstance(e, MirrorDropped)] == ["MeterValues"]  # never the event
+    assert mirror.depth == 2
