@@ -18,7 +18,8 @@ from proxy.demo.peers_v2 import SimCsms, StationHandle, connect_station, current
 from proxy.runtime.server import ProxyServer
 from tests.conftest import StartProxy, proxy_url
 from tests.interop import NodePeer
-from tests.peers import in_loop
+from tests.e2e.test_offline import free_port
+from tests.peers import in_loop, wait_recorded
 from tests.station_v2 import backend_profile, composite, installed
 
 VERSIONS = ("ocpp2.0.1", "ocpp2.1")
@@ -160,3 +161,21 @@ async def test_ocpp_rpc_station_composite_is_min_of_backend_and_local(
     assert csms.received == [t for t in station.sent if PROXY_ID not in t]
     await station.stop()
     await csms.stop()
+
+
+async def test_station_is_load_managed_while_the_csms_is_down(peers: LoopThread, start_proxy: StartProxy) -> None:
+    """Offline mode and load management together: limits keep coming, none of them reaches the CSMS later."""
+    port = await free_port()
+    server = await start_proxy(site_config(port) + "[offline]\nreconnect_min = 0.05\nreconnect_max = 0.2\n")
+    handle = await in_loop(peers, connect_station(proxy_url(server, "CS1"), "CS1"))
+    await drive_station(peers, handle)  # every answer local
+    await settled(server)
+    assert server.sessions["CS1"].session.offline_mode
+    assert composite(installed(handle.recorder.received)) == local_limit(server)
+    csms = SimCsms("ocpp2.0.1", port=port)
+    await in_loop(peers, csms.start())
+    expected = [t for t in handle.recorder.sent if PROXY_ID not in t]
+    await wait_recorded(csms.recorder("CS1"), lambda r: len(r.received) >= len(expected))
+    assert csms.recorders["CS1"].received == expected
+    await in_loop(peers, handle.close())
+    await in_loop(peers, csms.stop())
