@@ -20,7 +20,8 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from proxy.core.offline import LocalAnswer, OfflineResponder, now_iso
+from proxy.core.offline import _LOCAL_ANSWERS as _V16
+from proxy.core.offline import LocalAnswer, OfflineResponder
 from proxy.messages.ocppj import build_result
 
 #: idToken types that carry no identity to check: a station sends these for free vending.
@@ -65,19 +66,6 @@ def learn(responder: OfflineResponder, action: str, request: Any, result: Any) -
                 (cache.add if accepted else cache.discard)(token)
 
 
-def _boot(r: OfflineResponder, msg_id: str, _: Mapping[str, Any]) -> LocalAnswer:
-    return LocalAnswer(build_result(msg_id, {"currentTime": now_iso(), "interval": r.settings.heartbeat_interval,
-                                             "status": "Accepted"}), True)
-
-
-def _heartbeat(r: OfflineResponder, msg_id: str, _: Mapping[str, Any]) -> LocalAnswer:
-    return LocalAnswer(build_result(msg_id, {"currentTime": now_iso()}), True)
-
-
-def _empty(r: OfflineResponder, msg_id: str, _: Mapping[str, Any]) -> LocalAnswer:
-    return LocalAnswer(build_result(msg_id, {}), True)
-
-
 def _authorize(r: OfflineResponder, msg_id: str, payload: Mapping[str, Any]) -> LocalAnswer:
     return LocalAnswer(build_result(msg_id, {"idTokenInfo": {"status": token_status(r, payload.get("idToken"))}}),
                        True)
@@ -91,11 +79,11 @@ def _transaction_event(r: OfflineResponder, msg_id: str, payload: Mapping[str, A
     return LocalAnswer(build_result(msg_id, answer), True)
 
 
-def _data_transfer(r: OfflineResponder, msg_id: str, _: Mapping[str, Any]) -> LocalAnswer:
-    return LocalAnswer(build_result(msg_id, {"status": r.settings.data_transfer}), True)
-
-
 Builder = Callable[[OfflineResponder, str, Mapping[str, Any]], LocalAnswer]
+
+# The answers whose 2.x shape is the 1.6 one (currentTime/interval/status, currentTime, {}, status).
+_boot, _heartbeat, _empty, _data_transfer = (
+    _V16[action] for action in ("BootNotification", "Heartbeat", "StatusNotification", "DataTransfer"))
 
 #: Station CALL → local answer, for 2.0.1 (2.1 adds :data:`LOCAL_ANSWERS_V21`). Everything else (ISO 15118
 #: negotiation and certificates, which need the CSMS's verdict) gets a CALLERROR and is not stored.

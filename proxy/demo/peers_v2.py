@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -28,7 +27,7 @@ from ocpp.v21 import ChargePoint as Peer21
 from ocpp.v21 import call as call21
 from ocpp.v21 import call_result as result21
 
-from proxy.demo.peers import OCMF_SAMPLE, Recorder, RecordingConnection, now_iso
+from proxy.demo.peers import OCMF_SAMPLE, Recorder, RecordingConnection, SimBackend, now_iso
 
 #: Subprotocol → (peer base class, call module, call_result module).
 VERSIONS: dict[str, tuple[type[Any], ModuleType, ModuleType]] = {
@@ -127,42 +126,21 @@ def _csms_handler(subprotocol: str) -> type[Any]:
 
 
 @dataclass
-class SimCsms:
-    """A 2.0.1 or 2.1 CSMS accepting any station id on ws://host:port/<prefix>/<id>."""
+class SimCsms(SimBackend):
+    """A 2.0.1 or 2.1 CSMS accepting any station id on ws://host:port/<prefix>/<id> (SimBackend's server)."""
 
     subprotocol: str = "ocpp2.0.1"
-    host: str = "127.0.0.1"
     #: The version it speaks, when the subprotocol it accepts is another name (a relay-only test).
     speaks: str = ""
-    #: Called with (station id, "sent"/"received", text) for every frame (the demo's live log).
-    on_frame: Callable[[str, str, str], None] | None = None
-    port: int = 0
-    handlers: dict[str, Any] = field(default_factory=dict)
-    recorders: dict[str, Recorder] = field(default_factory=dict)
-    connected: threading.Event = field(default_factory=threading.Event)
-    _server: Any = None
 
-    def recorder(self, cp_id: str) -> Recorder:
-        if cp_id not in self.recorders:
-            hook = self.on_frame
-            self.recorders[cp_id] = Recorder(None if hook is None else lambda d, t: hook(cp_id, d, t))
-        return self.recorders[cp_id]
-
-    async def start(self) -> int:
-        self._server = await websockets.serve(self._handle, self.host, self.port, subprotocols=[self.subprotocol],  # type: ignore[list-item]
-                                              max_size=8 * 1024 * 1024, ping_interval=None)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self.port
-
-    async def stop(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.subprotocols = (self.subprotocol,)
 
     async def _handle(self, websocket: Any) -> None:
         cp_id = unquote(urlsplit(websocket.request.path).path.rstrip("/").rpartition("/")[2])
-        handler = _csms_handler(self.speaks or self.subprotocol)(cp_id, RecordingConnection(websocket, self.recorder(cp_id)),
-                                                  response_timeout=15)
+        handler = _csms_handler(self.speaks or self.subprotocol)(
+            cp_id, RecordingConnection(websocket, self.recorder(cp_id)), response_timeout=15)
         handler.backend = self
         self.handlers[cp_id] = handler
         self.connected.set()
@@ -170,9 +148,6 @@ class SimCsms:
             await handler.start()
         except websockets.ConnectionClosed:
             pass
-
-    async def call(self, cp_id: str, payload: Any) -> Any:
-        return await self.handlers[cp_id].call(payload)
 
 
 # --- station --------------------------------------------------------------------------

@@ -306,7 +306,7 @@ async def _demo(options: DemoOptions, out: TextIO) -> bool | None:
     peers = LoopThread("demo-peers")
     stop = Stop(peers.loop)
     live = LiveLog(out, raw=options.raw)
-    sims = _Sims(SimBackend(on_frame=live.frame), SimCsms("ocpp2.0.1", on_frame=live.frame), SimSdm630(),
+    sims = _Sims(SimBackend(on_frame=live.frame), SimCsms(subprotocol="ocpp2.0.1", on_frame=live.frame), SimSdm630(),
                  SimHeidelberg())
     data_dir = tempfile.mkdtemp(prefix="ocpp-proxy-demo-")  # the demo leaves no queue behind
     sims.meter.set_currents(_HOUSE_AMPS, _HOUSE_AMPS, _HOUSE_AMPS)

@@ -269,11 +269,8 @@ class Limiter(Listener):
     def _wallbox_call(self, charger_id: str, control: Control, name: str, msg_id: str, payload: Any,
                       now: float) -> None:
         engine = self.engine
-        if name == "BootNotification":
-            control.boot(now)
-            engine.transaction_stopped(charger_id, None, now)
+        if self._booted(charger_id, control, name, now):
             return
-        control.wallbox_call()
         if name == "StatusNotification":
             connector, status = field_of(payload, "connectorId"), field_of(payload, "status")
             if isinstance(connector, int) and isinstance(status, str):
@@ -291,17 +288,24 @@ class Limiter(Listener):
             connector = control.transaction_stopped(tx if isinstance(tx, int) else None)
             engine.transaction_stopped(charger_id, connector, now)
 
+    def _booted(self, charger_id: str, control: Control, name: str, now: float) -> bool:
+        """A BootNotification (True: nothing else to read from it); any other CALL: the wallbox is up."""
+        if name == "BootNotification":
+            control.boot(now)
+            self.engine.transaction_stopped(charger_id, None, now)
+            return True
+        control.wallbox_call()
+        return False
+
     def _station_call(self, charger_id: str, control: Control, v2: V2Profiles, name: str, msg_id: str,
                       payload: Any, now: float) -> None:
         """A 2.0.1 / 2.1 station's CALL: the same facts as from a 1.6 wallbox, from other messages."""
         engine = self.engine
-        if name == "BootNotification":
-            control.boot(now)
-            engine.transaction_stopped(charger_id, None, now)
+        if self._booted(charger_id, control, name, now):
             return
-        control.wallbox_call()
         if name == "StatusNotification":
-            evse, status = field_of(payload, "evseId"), CONNECTOR_STATUSES.get(str(field_of(payload, "connectorStatus")))
+            evse = field_of(payload, "evseId")
+            status = CONNECTOR_STATUSES.get(str(field_of(payload, "connectorStatus")))
             if isinstance(evse, int) and status is not None:
                 control.status(evse)
                 engine.status(charger_id, evse, status, now)

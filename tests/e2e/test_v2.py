@@ -59,7 +59,7 @@ async def every_station_message(handle: StationHandle, tx_id: str) -> list[Any]:
 
 @pytest.mark.parametrize("subprotocol", VERSIONS)
 async def test_relay_is_byte_exact_both_ways(peers: LoopThread, start_proxy: StartProxy, subprotocol: str) -> None:
-    csms = SimCsms(subprotocol)
+    csms = SimCsms(subprotocol=subprotocol)
     await in_loop(peers, csms.start())
     server = await start_proxy(config(csms.port))
     handle = await in_loop(peers, connect_station(proxy_url(server, "CS1"), "CS1", subprotocol=subprotocol))
@@ -99,7 +99,7 @@ async def test_signed_transaction_while_csms_is_down_arrives_in_order_byte_ident
     sent = list(handle.recorder.sent)
     paired = server.sessions["CS1"]
 
-    csms = SimCsms(subprotocol, port=port)
+    csms = SimCsms(subprotocol=subprotocol, port=port)
     with capture_logs() as logs:
         await in_loop(peers, csms.start())
         expected = [text for text in sent if '"Heartbeat"' not in text]
@@ -121,7 +121,7 @@ async def test_signed_transaction_while_csms_is_down_arrives_in_order_byte_ident
 async def test_relay_only_subprotocol_gets_no_local_answers_and_is_logged_once(
         peers: LoopThread, start_proxy: StartProxy) -> None:
     """ocpp2.0 (withdrawn) is relayed byte for byte; with the backend down the proxy cannot answer: 502."""
-    csms = SimCsms("ocpp2.0", speaks="ocpp2.0.1")
+    csms = SimCsms(subprotocol="ocpp2.0", speaks="ocpp2.0.1")
     await in_loop(peers, csms.start())
     server = await start_proxy(config(csms.port, 'subprotocols = ["ocpp2.0", "ocpp2.0.1"]'))
     with capture_logs() as logs:

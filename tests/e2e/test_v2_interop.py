@@ -20,7 +20,8 @@ from tests.e2e.test_v2 import config
 from tests.interop import NodePeer
 
 T = "2026-11-27T05:00:00.000Z"
-SIGNED = {"signedMeterData": "OCMF|{\"FV\":\"1.0\",\"GI\":\"ABL SBC-301\",\"TT\":\"Köln: 0,39 €/kWh\"}|{\"SD\":\"887F\"}",
+SIGNED = {"signedMeterData": ('OCMF|{"FV":"1.0","GI":"ABL SBC-301","TT":"Köln: 0,39 €/kWh"}'
+                              '|{"SD":"887F"}'),
           "signingMethod": "ECDSA-secp256r1-SHA256", "encodingMethod": "OCMF", "publicKey": "3059301306072A"}
 TOKEN = {"idToken": "04A2B3C4D5E6F7", "type": "ISO14443"}
 

@@ -62,7 +62,7 @@ async def drive_station(peers: LoopThread, handle: StationHandle) -> None:
 @pytest.mark.parametrize("subprotocol", VERSIONS)
 async def test_composite_is_min_of_backend_and_local(peers: LoopThread, start_proxy: StartProxy,
                                                      subprotocol: str) -> None:
-    csms = SimCsms(subprotocol)
+    csms = SimCsms(subprotocol=subprotocol)
     await in_loop(peers, csms.start())
     server = await start_proxy(site_config(csms.port))
     handle = await in_loop(peers, connect_station(proxy_url(server, "CS1"), "CS1", subprotocol=subprotocol))
@@ -106,7 +106,7 @@ async def test_composite_is_min_of_backend_and_local(peers: LoopThread, start_pr
 @pytest.mark.parametrize("subprotocol", VERSIONS)
 async def test_station_refusing_the_station_wide_profile_gets_tx_default(
         peers: LoopThread, start_proxy: StartProxy, subprotocol: str) -> None:
-    csms = SimCsms(subprotocol)
+    csms = SimCsms(subprotocol=subprotocol)
     await in_loop(peers, csms.start())
     server = await start_proxy(site_config(csms.port))
     handle = await in_loop(peers, connect_station(proxy_url(server, "CS1"), "CS1", subprotocol=subprotocol,
@@ -172,7 +172,7 @@ async def test_station_is_load_managed_while_the_csms_is_down(peers: LoopThread,
     await settled(server)
     assert server.sessions["CS1"].session.offline_mode
     assert composite(installed(handle.recorder.received)) == local_limit(server)
-    csms = SimCsms("ocpp2.0.1", port=port)
+    csms = SimCsms(subprotocol="ocpp2.0.1", port=port)
     await in_loop(peers, csms.start())
     expected = [t for t in handle.recorder.sent if PROXY_ID not in t]
     await wait_recorded(csms.recorder("CS1"), lambda r: len(r.received) >= len(expected))
