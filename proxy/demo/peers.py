@@ -236,13 +236,17 @@ class SimBackend:
         cp_id = unquote(urlsplit(path).path.rstrip("/").rpartition("/")[2])
         self.paths[cp_id] = path
         self.headers[cp_id] = {k.lower(): v for k, v in websocket.request.headers.raw_items()}
-        handler = BackendChargePointHandler(cp_id, RecordingConnection(websocket, self.recorder(cp_id)), self)
+        handler = self._handler(cp_id, RecordingConnection(websocket, self.recorder(cp_id)))
         self.handlers[cp_id] = handler
         self.connected.set()
         try:
             await handler.start()
         except websockets.ConnectionClosed:
             pass
+
+    def _handler(self, cp_id: str, connection: RecordingConnection) -> Any:
+        """The central system's side of one charge point (a 2.x CSMS makes another kind)."""
+        return BackendChargePointHandler(cp_id, connection, self)
 
     async def call(self, cp_id: str, payload: Any) -> Any:
         """A CALL from the backend to a connected charge point; returns the parsed result."""

@@ -16,7 +16,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import ModuleType
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import websockets
 from ocpp.routing import on
@@ -137,17 +136,10 @@ class SimCsms(SimBackend):
         super().__post_init__()
         self.subprotocols = (self.subprotocol,)
 
-    async def _handle(self, websocket: Any) -> None:
-        cp_id = unquote(urlsplit(websocket.request.path).path.rstrip("/").rpartition("/")[2])
-        handler = _csms_handler(self.speaks or self.subprotocol)(
-            cp_id, RecordingConnection(websocket, self.recorder(cp_id)), response_timeout=15)
+    def _handler(self, cp_id: str, connection: RecordingConnection) -> Any:
+        handler = _csms_handler(self.speaks or self.subprotocol)(cp_id, connection, response_timeout=15)
         handler.backend = self
-        self.handlers[cp_id] = handler
-        self.connected.set()
-        try:
-            await handler.start()
-        except websockets.ConnectionClosed:
-            pass
+        return handler
 
 
 # --- station --------------------------------------------------------------------------
