@@ -29,7 +29,7 @@ from typing import Any
 
 from proxy.messages.ocppj import Frame, MessageType, build_error, build_result, classify, payload_of
 from proxy.loadmgmt.profiles import format_time
-from proxy.messages.versions import OcppVersion
+from proxy.messages.versions import OcppVersion, format_violation
 
 #: Actions whose frames carry a transactionId that must follow the mapping.
 TRANSACTION_ACTIONS = frozenset({"MeterValues", "StopTransaction"})
@@ -84,8 +84,7 @@ class OfflineResponder:
         if builder is None:
             return LocalAnswer(build_error(msg_id, "GenericError",
                                            f"backend unreachable; {action} cannot be answered offline"), False)
-        # 1.6 spells the code FormationViolation, 2.0.1 and 2.1 FormatViolation.
-        format_error = "FormatViolation" if self.version.is_v2 else "FormationViolation"
+        format_error = format_violation(self.version)
         if payload is None:
             try:
                 payload = payload_of(frame)

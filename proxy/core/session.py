@@ -74,7 +74,7 @@ from proxy.core.mirror import (
     transaction_id,
 )
 from proxy.core.policy import CommandPolicy, Mode
-from proxy.messages.versions import OcppVersion
+from proxy.messages.versions import OcppVersion, format_violation
 
 
 class Leg(StrEnum):
@@ -707,6 +707,6 @@ class Session:
         frame = report.frame
         actions: list[Action] = [report]
         if frame.kind is MessageType.CALL and frame.msg_id and len(frame.msg_id) <= MAX_ID_LENGTH:
-            error = build_error(frame.msg_id, "FormationViolation", report.problem[:200])
+            error = build_error(frame.msg_id, format_violation(self.version), report.problem[:200])
             actions.append(ToWallbox(error) if report.source == WALLBOX else ToUpstream(report.source, error))
         return actions

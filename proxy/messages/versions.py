@@ -50,3 +50,8 @@ DEFAULT_SUBPROTOCOLS: tuple[str, ...] = tuple(SUPPORTED)
 def version_of(subprotocol: str | None) -> OcppVersion | None:
     """The version the proxy speaks in a session; None: relay only (unknown or relay-only name)."""
     return SUPPORTED.get(subprotocol or "")
+
+
+def format_violation(version: OcppVersion | None) -> str:
+    """The CALLERROR code for a malformed payload: 1.6 spells it FormationViolation, 2.0.1 and 2.1 FormatViolation."""
+    return "FormatViolation" if version is not None and version.is_v2 else "FormationViolation"

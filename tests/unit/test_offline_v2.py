@@ -271,3 +271,13 @@ class OfflineV2Machine(RuleBasedStateMachine):
 
 
 TestOfflineV2Machine = OfflineV2Machine.TestCase
+
+
+def test_strict_mode_refuses_in_the_sessions_version() -> None:
+    """A malformed CALL from a 2.x station gets FormatViolation (1.6: FormationViolation)."""
+    for version, code in ((OcppVersion.V16, "FormationViolation"), (OcppVersion.V201, "FormatViolation"),
+                          (OcppVersion.V21, "FormatViolation")):
+        actions = Session("CS1", strict=True, version=version).from_wallbox('[2,"x","Heartbeat",{"a":}]', 0)
+        (error,) = [a.text for a in actions if isinstance(a, ToWallbox)]
+        assert json.loads(error)[:3] == [4, "x", code]
+
