@@ -26,7 +26,7 @@ FAST = "reconnect_min = 0.2\nreconnect_max = 0.5\n"
 
 
 def proxy_config(tmp_path: Path, backend_port: int, *, backend: str = "", server: str = "", offline: str = "",
-                 charger: str = "") -> Path:
+                 charger: str = "", data: Path | None = None) -> Path:
     config = tmp_path / "proxy.toml"
     if "ping_interval" not in server:
         server += "\nping_interval = 0"
@@ -34,7 +34,7 @@ def proxy_config(tmp_path: Path, backend_port: int, *, backend: str = "", server
         f'[server]\nlisten = "127.0.0.1:0"\n{server}\n'
         f'[log]\nformat = "json"\n[metrics]\nlisten = "127.0.0.1:0"\n'
         f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\nconnect_timeout = 2\n{backend}\n'
-        f'[offline]\ndata_dir = "{tmp_path / "data"}"\nauth = "accept_all"\n{FAST}{offline}\n'
+        f'[offline]\ndata_dir = "{data or tmp_path / "data"}"\nauth = "accept_all"\n{FAST}{offline}\n'
         f'[[chargers]]\nid = "CP1"\n{charger}\n')
     return config
 
@@ -233,3 +233,64 @@ def queued(data: Path, charger: str = "CP1") -> list[tuple[int, str, int]]:
     with sqlite3.connect(data / "queue.sqlite3", timeout=10) as db:
         return [(int(r), str(a), int(n)) for r, a, n in db.execute(
             "SELECT row, action, attempts FROM frames WHERE charger = ? ORDER BY row", (charger,))]
+
+
+# --- item 1: disk full while the backend returns ------------------------------------------------
+
+
+async def free_port() -> int:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+async def test_a_full_disk_during_replay_ends_no_session_and_loses_nothing(tmp_path: Path) -> None:
+    """A real tmpfs of 2 MB holds the queue; it is filled while frames wait for the backend."""
+    from tests.diskfull import small_disk
+
+    with small_disk(tmp_path / "disk") as disk:
+        backend_port = await free_port()  # nothing listens yet: the backend is down
+        config = proxy_config(tmp_path, backend_port, data=disk.path)
+        proxy, port = await launch_proxy(config)
+        backend: BackendProcess | None = None
+        try:
+            async with open_websocket_url(f"ws://127.0.0.1:{port}/ocpp/CP1", subprotocols=["ocpp1.6"]) as ws:
+                sent = []
+                for n, state in enumerate(("Available", "Preparing", "Charging", "Finishing", "Available")):
+                    sent.append(json.dumps([2, f"q{n}", "StatusNotification", status(1, state)]))
+                    assert (await call(ws, f"q{n}", "StatusNotification", status(1, state)))[0] == 3
+                assert [a for _, a, _ in queued(disk.path)] == ["StatusNotification"] * 5
+                disk.fill(disk.path / "queue.sqlite3")  # every write must now grow the WAL: ENOSPC
+                mark = len(proxy.events)
+                backend = await BackendProcess.start("answer", port=backend_port)
+                await proxy.wait_event("replay_finished", after=mark)
+                # Marks and deletes failed and are retried; the session goes on, online.
+                errors = [e for e in proxy.events[mark:] if e.get("event") == "storage_error"]
+                assert {e["operation"] for e in errors} >= {"deliver"} and "full" in errors[0]["error"]
+                assert (await call(ws, "h1", "Heartbeat", {}))[0] == 3  # relayed to the backend
+                samples = await metrics_of(proxy)
+                assert value(samples, "ocpp_proxy_storage_errors_total", operation="deliver") >= 1
+                assert value(samples, "ocpp_proxy_storage_failing") == 1
+                assert len(queued(disk.path)) == 5  # not deleted on disk yet ...
+                disk.free()
+                await proxy.wait_event("storage_recovered", after=mark)  # ... until the retry
+                assert queued(disk.path) == []
+                assert value(await metrics_of(proxy), "ocpp_proxy_storage_failing") == 0
+                assert (await backend.wait_received("CP1", 6))[:5] == sent  # each queued frame once, in order
+                # Backend down again and the disk full: a frame that cannot be stored is refused, nothing else.
+                await backend.stop()
+                backend = None
+                await proxy.wait_event("upstream_lost", after=mark)
+                disk.fill(disk.path / "queue.sqlite3")
+                refused = await call(ws, "r1", "StatusNotification", status(1, "Preparing"))
+                assert refused[0] == 4 and refused[2] == "InternalError"
+                assert (await call(ws, "h2", "Heartbeat", {}))[0] in (3, 4)  # still connected, still answered
+                disk.free()
+                assert (await call(ws, "r2", "StatusNotification", status(1, "Preparing")))[0] == 3
+        finally:
+            await stop(proxy)
+            if backend is not None:
+                await backend.stop()
+        assert not any(e.get("event") == "session_closing" and e.get("closed_by") != "wallbox"
+                       for e in proxy.events), "no session ended because of the disk"
