@@ -56,6 +56,19 @@ async def answering(port: int) -> None:
     backend._handle = handle  # type: ignore[method-assign]
     await backend.start()
     emit(event="listening", port=backend.port)
+    await commands(backend)
+
+
+async def commands(backend: SimBackend) -> None:
+    """stdin: ``send CHARGER TEXT`` sends TEXT (a raw OCPP-J frame) to that charge point."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := (await reader.readline()).decode():
+        command, charger, text = line.rstrip("\n").split(" ", 2)
+        if command == "send":
+            await backend.send_raw(charger, text)
+            emit(event="sent", charger=charger, text=text)
     await asyncio.Event().wait()
 
 

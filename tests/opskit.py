@@ -284,7 +284,7 @@ class BackendProcess(JsonLinesProcess):
     async def start(cls, mode: str = "answer", port: int = 0) -> BackendProcess:
         process = await trio.lowlevel.open_process(
             [sys.executable, "-m", "tests.backend_process", "--mode", mode, "--port", str(port)],
-            cwd=ROOT, stdout=subprocess.PIPE)
+            cwd=ROOT, stdout=subprocess.PIPE, stdin=subprocess.PIPE)
         backend = cls(process)
         backend.port = int((await backend.wait_event("listening"))["port"])
         return backend
@@ -297,6 +297,12 @@ class BackendProcess(JsonLinesProcess):
         """Wait until the backend received ``count`` frames from ``charger``."""
         await self.wait_for(lambda _: len(self.received(charger)) >= count, timeout=timeout)
         return self.received(charger)
+
+    async def send(self, charger: str, text: str) -> None:
+        """Send a raw frame to a connected charge point (the backend's own CALL)."""
+        assert self.process.stdin is not None
+        await self.process.stdin.send_all(f"send {charger} {text}\n".encode())
+        await self.wait_for(lambda e: e.get("event") == "sent" and e["text"] == text)
 
     def freeze(self) -> None:
         self.process.send_signal(signal.SIGSTOP)

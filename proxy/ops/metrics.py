@@ -260,6 +260,8 @@ class Metrics:
         self.storage_errors = family(Counter, "ocpp_proxy_storage_errors",
                                      "Failed storage operations (append: a frame refused; mark, deliver, mirror: "
                                      "retried; read; write)", ["operation"])
+        self.drains = Gauge("ocpp_proxy_queue_drains",
+                            "Chargers whose queues the proxy is delivering without their wallbox", registry=reg)
         self.storage_failing = Gauge("ocpp_proxy_storage_failing",
                                      "1 from a failed storage operation until one succeeds again", registry=reg)
         self.upstream_lost = family(Counter, "ocpp_proxy_upstream_lost",
@@ -510,10 +512,19 @@ class MetricsListener(Listener):
         self._queued_at: dict[str, collections.deque[float]] = {}
 
     def session_opened(self, paired: PairedSession) -> None:
+        if paired.drain:  # no wallbox: the proxy delivers its queues alone
+            self.metrics.drains.inc()
+            return
         self.metrics.session_opened(paired.charger_id, 0)  # upstreams arrive through upstream_state
 
     def session_closed(self, paired: PairedSession, side: Side, code: int, reason: str) -> None:
-        self.metrics.session_closed(paired.charger_id, side, code, int(paired.session.primary in paired.upstreams))
+        if paired.drain:
+            self.metrics.drains.dec()
+            if paired.session.primary in paired.upstreams:
+                self.metrics.upstream_closed(paired.charger_id)
+        else:
+            self.metrics.session_closed(paired.charger_id, side, code,
+                                        int(paired.session.primary in paired.upstreams))
         for name in paired.session.mirrors:
             if name in paired.upstreams:
                 self.metrics.secondary_changed(paired.charger_id, name, False)

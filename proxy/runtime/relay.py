@@ -15,6 +15,7 @@ back on a fast one.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -211,11 +212,16 @@ class PairedSession:
                  settings: SessionSettings = SessionSettings(),
                  listeners: Sequence[Listener] = (),
                  reconnect: dict[str, Connector] | None = None,
-                 queue: AsyncQueue | None = None, queued: int = 0) -> None:
+                 queue: AsyncQueue | None = None, queued: int = 0, subprotocol: str | None = None,
+                 drain: bool = False) -> None:
         """``upstreams``: the open connection per upstream name, None for one that is down.
 
         With ``reconnect`` (offline mode), a lost upstream is reopened with
         backoff while the wallbox stays; without it, losing one ends the pair.
+        ``subprotocol``: what the wallbox speaks (stored with its queued frames).
+        ``drain``: the wallbox is absent (``wallbox`` is a stand-in); the pair
+        exists to deliver the charger's queues and closes itself (1000) once the
+        primary's queue and every secondary's are empty (docs/offline.md).
         """
         self.charger_id = charger_id
         self.session = session
@@ -230,12 +236,16 @@ class PairedSession:
         self.queue = queue
         #: Frames of this charger in the offline queue (kept exact: the replay decision uses it).
         self.queued = queued
+        self.subprotocol = subprotocol
+        self.drain = drain
+        self._replaying = False
         #: How often each upstream was connected in this session (1 = the first time).
         self.upstream_connects: dict[str, int] = {}
         self._wallbox_out = Outbox(wallbox)
         self._upstream_out = {name: self._outbox(name, conn) for name, conn in self.upstreams.items()}
         #: Why the proxy gave an upstream up (stall, unanswered CALL), for the log of its loss.
         self._given_up: dict[str, str] = {}
+        self._ending_soon = False
         self._nursery: trio.Nursery | None = None
         self._replay_waiters: dict[str, tuple[trio.Event, list[Frame]]] = {}
         self._waiters: dict[str, tuple[trio.Event, list[Frame | str]]] = {}
@@ -326,6 +336,20 @@ class PairedSession:
             text = self._check(await get())
             await self._handle(name, receive(name, text, trio.current_time()))
             await self._flush()
+            if self.drain:
+                self._check_drained()  # a secondary's answer may have emptied its queue
+
+    def _check_drained(self) -> None:
+        """A drain without the wallbox ends once every queue of the charger is empty."""
+        if not self.drain or self._ending or self._ending_soon or self._nursery is None or self.queued \
+                or self._replaying:
+            return
+        if any(mirror.depth for mirror in self.session.mirrors.values()):
+            return
+        self._ending_soon = True
+        self.log.info("drain_finished")
+        self._nursery.start_soon(functools.partial(self._end, "proxy", closecodes.NORMAL, "queue delivered",
+                                                   mirror=False, close_all=True))
 
     # -- upstream links ----------------------------------------------------------------
 
@@ -362,9 +386,11 @@ class PairedSession:
         self._upstream_out[name] = self._outbox(name, connection)
         self.upstream_connects[name] = self.upstream_connects.get(name, 0) + 1
         replay = name == self.session.primary and self.queued > 0
+        self._replaying = self._replaying or replay
         self.session.upstream_up(name, replay=replay)
         self._tell_upstream(name, True, "")
         await self._execute(self.session.secondary_up(name, trio.current_time()))  # a secondary's backlog
+        self._check_drained()
         closed: tuple[int, str] | None = None
         async with trio.open_nursery() as link:
             if replay:
@@ -429,7 +455,8 @@ class PairedSession:
         """Commit a locally answered CALL, then (only then) answer the wallbox."""
         assert self.queue is not None
         try:
-            await self.queue.append(self.charger_id, action.action, action.text, action.local_transaction_id)
+            await self.queue.append(self.charger_id, action.action, action.text, action.local_transaction_id,
+                                    self.subprotocol)
         except StorageError as exc:
             self.log.error("queue_write_failed", action=action.action, error=exc.detail)
             self._wallbox_out.put(build_error(action.msg_id, "InternalError",
@@ -463,7 +490,9 @@ class PairedSession:
             for entry in keep:
                 await self._replay_one(entry)
         self.session.replay_finished()
+        self._replaying = False
         self.log.info("replay_finished")
+        self._check_drained()
 
     async def _replay_one(self, entry: Stored) -> None:
         queue = self.queue

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
+from trio_websocket import ConnectionClosed
 
 from proxy.wire import closecodes
 from proxy.wire import connection as wsconn
@@ -26,9 +27,11 @@ from proxy.config import (ChargerBase, ChargerSettings, Config, ModbusChargerSet
                           redact_url, security_warnings, startup_step)
 from proxy.core.admission import AddressLimits, Admit, Refuse, decide, profile
 from proxy.loadmgmt.driver import Limiter
-from proxy.wire.local import LocalConnection
+from proxy.wire.local import LocalConnection, local_pair
 from proxy.ops.logs import get_logger
 from proxy.core.offline import OfflineResponder, OfflineSettings
+from proxy.messages.ocppj import MessageType, build_error, classify
+from proxy.storage.interface import StorageError
 from proxy.storage.offline_queue import DB_NAME, AsyncQueue, SqliteStorage
 from proxy.wire.tls_listener import Secured, SecureLayer
 from proxy.runtime.relay import Connection, Connector, Listener, PairedSession, SessionSettings
@@ -50,6 +53,9 @@ class ProxyServer:
         self.limiter = Limiter(config, log=self.log)
         self.listeners = [*listeners, self.limiter]
         self.sessions: dict[str, PairedSession] = {}
+        #: Chargers whose queues are being delivered without their wallbox (docs/offline.md).
+        self.drains: dict[str, PairedSession] = {}
+        self._connections: trio.Nursery | None = None
         #: Modbus wallboxes presented as charge points (``[[modbus_chargers]]``), by id.
         self.virtual: dict[str, VirtualWallbox] = {}
         #: One Modbus client per bus (gateway address or serial port), shared by the wallboxes on it.
@@ -91,6 +97,7 @@ class ProxyServer:
                 if self._queue is not None:
                     background.start_soon(self._queue.retry_deferred)
                 async with trio.open_nursery() as connections:
+                    self._connections = connections
                     await connections.start(self.limiter.run)
                     with trio.CancelScope() as self._accepting:
                         async with trio.open_nursery() as accepting:
@@ -100,6 +107,7 @@ class ProxyServer:
                                 accepting.start_soon(self._virtual, charger, connections)
                             self.ready.set()
                             task_status.started(self.ports)
+                            connections.start_soon(self._drain_backlog)
                     # stop(): no new connections; free the port at once (a restart may bind it
                     # again) while the open sessions close gracefully in `connections`.
                     self.limiter.stop()  # closing sessions get no new limits
@@ -244,9 +252,11 @@ class ProxyServer:
         if self._accepting is not None:
             self._accepting.cancel()
         async with trio.open_nursery() as nursery:
-            for paired in list(self.sessions.values()):
+            for paired in [*self.sessions.values(), *self.drains.values()]:
                 nursery.start_soon(paired.shutdown, code, reason)
         await self.wait_sessions(0)
+        while self.drains:
+            await self._changed.wait()
 
     def reload(self, config: Config) -> None:
         """New settings for new connections and for load management; open sessions stay.
@@ -355,7 +365,7 @@ class ProxyServer:
         await self._pair(admit, peer, functools.partial(_accept_request, request), refuse)
 
     async def _pair(self, admit: Admit, peer: str, accept: Callable[[str | None], Awaitable[Connection]],
-                    refuse: Callable[[UpstreamUnavailable], Awaitable[None]]) -> None:
+                    refuse: Callable[[UpstreamUnavailable], Awaitable[None]], drain: bool = False) -> None:
         """Open the upstream, then relay; an unreachable backend is an outage (5xx) or a refusal (4xx)."""
         log = self.log.bind(charger=admit.charger.id)
         async with AsyncExitStack() as stack:
@@ -370,7 +380,7 @@ class ProxyServer:
                     await refuse(exc)
                     return
                 upstream = None
-            await self._relay(accept, admit, upstream, peer, log)
+            await self._relay(accept, admit, upstream, peer, log, drain)
 
     def _connector(self, admit: Admit, subprotocols: Sequence[str] | None = None,
                    ) -> Callable[[], AbstractAsyncContextManager[wsconn.WsConnection]]:
@@ -401,7 +411,7 @@ class ProxyServer:
             await wallbox.aclose(closecodes.INTERNAL_ERROR, "proxy error")
 
     async def _relay(self, accept: Callable[[str | None], Awaitable[Connection]], admit: Admit,
-                     upstream: wsconn.WsConnection | None, peer: str, log: Any) -> None:
+                     upstream: wsconn.WsConnection | None, peer: str, log: Any, drain: bool = False) -> None:
         charger_id = admit.charger.id
         subprotocol = upstream.subprotocol if upstream is not None else offline_subprotocol(admit)
         # A backend that chose no subprotocol: the wallbox speaks what it offered first.
@@ -409,37 +419,122 @@ class ProxyServer:
         if version is None:
             self._relay_only(subprotocol or admit.subprotocols[0], log)
         session = await self._new_session(admit.charger, version)
-        queued = (await self._queue.depth(charger_id))[0] if self._queue is not None else 0
+        queued = await self._queued(charger_id, log)
         wallbox = await accept(subprotocol)
-        log.info("session_opened", peer=peer, upstream=redact_url(admit.upstream.url), subprotocol=subprotocol,
-                 known=admit.known, offline=upstream is None)
+        if drain and (charger_id in self.sessions or charger_id in self.drains):
+            return  # the wallbox came back (or another drain started) while this one was opening
+        log.info("drain_started" if drain else "session_opened", peer=peer, upstream=redact_url(admit.upstream.url),
+                 subprotocol=subprotocol, known=admit.known, offline=upstream is None, queued=queued)
         reconnect: dict[Side, Connector] = {}
         if session.offline is not None:
             reconnect[PRIMARY] = self._connector(admit, (subprotocol,) if subprotocol else None)
         secondaries = self.secondaries.connectors(admit.charger, subprotocol)  # opened by the pair's links
         reconnect.update(secondaries)
         upstreams: dict[Side, Connection | None] = {PRIMARY: upstream, **dict.fromkeys(secondaries)}
+        # An absent wallbox is not load-managed: the limiter does not hear of a drain.
+        listeners = [lst for lst in self.listeners if lst is not self.limiter] if drain else self.listeners
         paired = PairedSession(charger_id, session, wallbox, upstreams, log=log,
-                               settings=self._session_settings(), listeners=self.listeners,
-                               reconnect=reconnect, queue=self._queue, queued=queued)
-        await self._register(paired)
+                               settings=self._session_settings(), listeners=listeners,
+                               reconnect=reconnect, queue=self._queue, queued=queued, subprotocol=subprotocol,
+                               drain=drain)
+        registry = self.drains if drain else self.sessions
+        if drain:
+            registry[charger_id] = paired
+        else:
+            await self._register(paired)
         try:
             await paired.run()
         finally:
-            if self.sessions.get(charger_id) is paired:
-                del self.sessions[charger_id]
+            last = registry.get(charger_id) is paired
+            if last:
+                del registry[charger_id]
                 self._changed_now()
             side, code, reason = paired.close_info or (PROXY, closecodes.GOING_AWAY, "")
-            log.info("session_closed", closed_by=side, code=code, reason=reason)
+            log.info("drain_closed" if drain else "session_closed", closed_by=side, code=code, reason=reason)
+            if last and not drain and self._connections is not None and self._serving:
+                self._connections.start_soon(self._drain_if_owed, admit.charger)
 
     async def _register(self, paired: PairedSession) -> None:
-        """A wallbox that reconnects replaces its old session (the old TCP may be half-dead)."""
+        """A wallbox that reconnects replaces its old session (the old TCP may be half-dead) and a drain."""
         old = self.sessions.get(paired.charger_id)
         self.sessions[paired.charger_id] = paired
         self._changed_now()
+        drain = self.drains.get(paired.charger_id)
+        if drain is not None:  # the wallbox is back: its own session replays the rest
+            await drain.shutdown(closecodes.NORMAL, "charge point connected")
         if old is not None:
             old.log.info("session_replaced")
             await old.shutdown(closecodes.GOING_AWAY, "replaced by a new connection")
+
+    async def _queued(self, charger_id: str, log: Any) -> int:
+        """The charger's queued frames; on a read error 1, so the replay reads (and retries) itself."""
+        if self._queue is None:
+            return 0
+        try:
+            return (await self._queue.depth(charger_id))[0]
+        except StorageError as exc:
+            log.error("queue_read_failed", error=exc.detail)
+            return 1
+
+    # -- queues without their wallbox ------------------------------------------------------
+
+    @property
+    def _serving(self) -> bool:
+        return self._accepting is not None and not self._accepting.cancel_called
+
+    async def _drain_backlog(self) -> None:
+        """At start-up: deliver every queue whose charger has no session (billing data must not wait)."""
+        owed = dict(self.secondaries.backlog)
+        if self._queue is not None:
+            try:
+                for charger, count in (await self._queue.backlog()).items():
+                    owed[charger] = owed.get(charger, 0) + count
+            except StorageError as exc:
+                self.log.error("queue_read_failed", error=exc.detail)
+        for charger_id in sorted(owed):
+            settings = self._drainable(charger_id)
+            if settings is not None and self._connections is not None:
+                self._connections.start_soon(self._drain_if_owed, settings)
+
+    def _drainable(self, charger_id: str) -> ChargerBase | None:
+        """Settings to open the charger's upstreams with; None for a virtual charge point (always there)."""
+        if self.config.is_virtual(charger_id):
+            return None
+        charger = self.config.charger(charger_id)
+        if charger is None and self.config.server.accept_unknown:
+            charger = ChargerSettings(id=charger_id)
+        if charger is None:
+            self.log.warning("drain_skipped", charger=charger_id, reason="no [[chargers]] entry any more")
+        return charger
+
+    async def _drain_if_owed(self, charger: ChargerBase) -> None:
+        """Open the charger's upstreams under its identity, replay, close when empty (no wallbox)."""
+        charger_id = charger.id
+        if (charger_id in self.sessions or charger_id in self.drains or not self._serving
+                or self.config.is_virtual(charger_id)):  # a virtual charge point reconnects by itself
+            return
+        if not self.secondaries.backlog.get(charger_id) and not await self._queued(charger_id, self.log):
+            return
+        subprotocol = self.config.server.subprotocols[0]
+        if self._queue is not None:
+            try:
+                subprotocol = await self._queue.subprotocol(charger_id) or subprotocol
+            except StorageError:
+                pass
+        wallbox, absent = local_pair(subprotocol)
+        admit = Admit(charger, self.config.upstream_for(charger), (subprotocol,), known=True)
+        log = self.log.bind(charger=charger_id)
+
+        async def refuse(exc: UpstreamUnavailable) -> None:
+            log.warning("drain_refused", reason=exc.reason, status=exc.status)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(_absent_wallbox, absent, log)
+            try:
+                await self._pair(admit, "drain", _accept_local(wallbox), refuse, drain=True)
+            except Exception as exc:  # noqa: BLE001 - as for a connection: logged, contained
+                log.error("drain_failed", error=_describe(exc))
+            nursery.cancel_scope.cancel()
 
     def _relay_only(self, subprotocol: str, log: Any) -> None:
         """A subprotocol the proxy does not speak: said once per name, not per connection."""
@@ -498,6 +593,22 @@ def _accept_local(connection: LocalConnection) -> Callable[[str | None], Awaitab
     async def accept(subprotocol: str | None) -> Connection:
         return connection
     return accept
+
+
+#: What a backend CALL gets while the proxy delivers a queue without the wallbox.
+ABSENT_ERROR = "charge point not connected: ocpp-proxy is delivering its queued frames"
+
+
+async def _absent_wallbox(connection: LocalConnection, log: Any) -> None:
+    """The wallbox leg of a drain: a backend CALL gets a CALLERROR (and a log line), nothing else happens."""
+    try:
+        while True:
+            frame = classify(await connection.get_message())
+            if frame.kind is MessageType.CALL and frame.msg_id:
+                log.warning("drain_call_refused", action=frame.action, msg_id=frame.msg_id[:40])
+                await connection.send_message(build_error(frame.msg_id, "GenericError", ABSENT_ERROR))
+    except ConnectionClosed:
+        return
 
 
 def _describe(exc: BaseException) -> str:

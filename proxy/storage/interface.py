@@ -60,6 +60,8 @@ class Append:
     action: str
     text: str
     local_tx: int | None = None
+    #: The WebSocket subprotocol the wallbox spoke (a drain without it opens the upstream with this one).
+    subprotocol: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,11 +131,8 @@ class Storage(Protocol):
         """The lowest (negative) local transaction id ever appended for the charger; 0 if none."""
         ...
 
-    def set_subprotocol(self, charger: str, subprotocol: str) -> None:
-        """Remember the subprotocol the charger's wallbox last used (a drain without it offers this one)."""
-        ...
-
     def subprotocol(self, charger: str) -> str | None:
+        """The subprotocol of the charger's newest queued frame (None: no frame, or not known)."""
         ...
 
     def write_mirrors(self, records: Sequence[tuple[str, MirrorRecord]]) -> None:

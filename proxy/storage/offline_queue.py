@@ -71,10 +71,6 @@ CREATE TABLE IF NOT EXISTS counters (
     charger TEXT PRIMARY KEY,
     last_local_tx INTEGER NOT NULL
 );
-CREATE TABLE IF NOT EXISTS chargers (
-    charger TEXT PRIMARY KEY,
-    subprotocol TEXT NOT NULL
-);
 """
 
 
@@ -101,6 +97,8 @@ class SqliteStorage:
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(frames)")}
             if "attempts" not in columns:  # a queue written before sent-marks existed
                 self.db.execute("ALTER TABLE frames ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
+            if "subprotocol" not in columns:
+                self.db.execute("ALTER TABLE frames ADD COLUMN subprotocol TEXT")
             self.db.execute("SELECT count(*) FROM frames").fetchone()
             self.mirrors = MirrorStore(path) if mirrors else None
         except (sqlite3.Error, OSError) as exc:
@@ -152,21 +150,15 @@ class SqliteStorage:
     def _append(self, run: Sequence[Append]) -> list[int | None]:
         # One INSERT for the run: holding the write lock, AUTOINCREMENT numbers its rows consecutively.
         now = time.time()
-        values = [v for a in run for v in (a.charger, a.action, a.text, a.local_tx, now)]
-        cursor = self.db.execute("INSERT INTO frames (charger, action, text, local_tx, created) VALUES "
-                                 + ",".join(["(?, ?, ?, ?, ?)"] * len(run)), values)
+        values = [v for a in run for v in (a.charger, a.action, a.text, a.local_tx, now, a.subprotocol)]
+        cursor = self.db.execute("INSERT INTO frames (charger, action, text, local_tx, created, subprotocol) VALUES "
+                                 + ",".join(["(?, ?, ?, ?, ?, ?)"] * len(run)), values)
         last = int(cursor.lastrowid or 0)
         counters = [(a.charger, a.local_tx) for a in run if a.local_tx is not None]
         if counters:
             self.db.executemany("INSERT INTO counters VALUES (?, ?) ON CONFLICT(charger) DO UPDATE "
                                 "SET last_local_tx = min(last_local_tx, excluded.last_local_tx)", counters)
         return list(range(last - len(run) + 1, last + 1))
-
-    def set_subprotocol(self, charger: str, subprotocol: str) -> None:
-        try:
-            self.db.execute("INSERT OR REPLACE INTO chargers VALUES (?, ?)", (charger, subprotocol))
-        except (sqlite3.Error, OSError) as exc:
-            raise StorageError("write", _detail(exc)) from exc
 
     # -- reads --------------------------------------------------------------------------
 
@@ -200,7 +192,8 @@ class SqliteStorage:
         return int(rows[0][0]) if rows else 0  # type: ignore[call-overload]
 
     def subprotocol(self, charger: str) -> str | None:
-        rows = self._read("SELECT subprotocol FROM chargers WHERE charger = ?", charger)
+        rows = self._read("SELECT subprotocol FROM frames WHERE charger = ? AND subprotocol IS NOT NULL "
+                          "ORDER BY row DESC LIMIT 1", charger)
         return str(rows[0][0]) if rows else None
 
     # -- secondaries' mirrors ------------------------------------------------------------
@@ -299,9 +292,10 @@ class AsyncQueue:
 
     # -- writes ---------------------------------------------------------------------
 
-    async def append(self, charger: str, action: str, text: str, local_tx: int | None = None) -> int:
+    async def append(self, charger: str, action: str, text: str, local_tx: int | None = None,
+                     subprotocol: str | None = None) -> int:
         """Commit one frame (with whatever else is waiting); raises StorageError if it could not be stored."""
-        slot = await self._commit(Append(charger, action, text, local_tx))
+        slot = await self._commit(Append(charger, action, text, local_tx, subprotocol))
         if slot.error is not None:
             raise slot.error
         assert slot.result is not None
@@ -432,12 +426,6 @@ class AsyncQueue:
 
     async def subprotocol(self, charger: str) -> str | None:
         return await self._read(self.storage.subprotocol, charger)
-
-    async def set_subprotocol(self, charger: str, subprotocol: str) -> None:
-        try:
-            await self.run(self.storage.set_subprotocol, charger, subprotocol)
-        except StorageError as exc:
-            self._report(exc.operation, exc.detail)  # only a drain without its wallbox needs it
 
     def close(self) -> None:
         """Last synchronous retry of deferred changes, then close the file."""

@@ -294,3 +294,82 @@ async def test_a_full_disk_during_replay_ends_no_session_and_loses_nothing(tmp_p
                 await backend.stop()
         assert not any(e.get("event") == "session_closing" and e.get("closed_by") != "wallbox"
                        for e in proxy.events), "no session ended because of the disk"
+
+
+# --- item 5: queues drain without their wallbox -------------------------------------------------
+
+
+def transaction_frames() -> list[tuple[str, str, dict[str, Any]]]:
+    return [("t1", "StartTransaction", {"connectorId": 1, "idTag": "TAG1", "meterStart": 0,
+                                        "timestamp": "2026-11-27T05:00:00Z"}),
+            ("t2", "MeterValues", {"connectorId": 1, "transactionId": -1, "meterValue": [
+                {"timestamp": "2026-11-27T05:10:00Z", "sampledValue": [{"value": "1500"}]}]}),
+            ("t3", "StopTransaction", {"transactionId": -1, "meterStop": 3000, "timestamp": "2026-11-27T05:20:00Z"})]
+
+
+async def test_a_transaction_queued_while_the_backend_was_down_is_billed_after_the_wallbox_left(
+        tmp_path: Path) -> None:
+    backend_port = await free_port()  # the backend is down
+    proxy, port = await launch_proxy(proxy_config(tmp_path, backend_port))
+    backend: BackendProcess | None = None
+    try:
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/ocpp/CP1", subprotocols=["ocpp1.6"]) as ws:
+            start = await call(ws, "t1", *transaction_frames()[0][1:])
+            assert start[2]["transactionId"] == -1  # a local id
+            for msg_id, action, payload in transaction_frames()[1:]:
+                assert (await call(ws, msg_id, action, payload))[0] == 3
+        await proxy.wait_event("session_closed")  # the wallbox is gone (and stays gone)
+        mark = len(proxy.events)
+        backend = await BackendProcess.start("answer", port=backend_port)
+        started = await proxy.wait_event("drain_started", after=mark)
+        assert started["queued"] == 3 and started["charger"] == "CP1"
+        received = await backend.wait_received("CP1", 3)
+        assert [json.loads(t)[2] for t in received] == ["StartTransaction", "MeterValues", "StopTransaction"]
+        assert json.loads(received[1])[3]["transactionId"] == 1001  # mapped to the backend's id
+        assert json.loads(received[2])[3]["transactionId"] == 1001
+        closed = await proxy.wait_event("drain_closed", after=mark)
+        assert (closed["code"], closed["reason"]) == (1000, "queue delivered")
+        assert (await backend.wait_event("connected"))["path"] == "/ocpp/CP1"  # under the charger's identity
+        assert queued(tmp_path / "data") == []
+    finally:
+        await stop(proxy)
+        if backend is not None:
+            await backend.stop()
+
+
+async def test_a_secondary_behind_is_caught_up_without_the_wallbox_and_backend_calls_are_refused(
+        tmp_path: Path) -> None:
+    primary = await BackendProcess.start("answer")
+    ems_port = await free_port()  # the secondary is down
+    config = proxy_config(tmp_path, primary.port, charger='secondaries = ["ems"]')
+    config.write_text(config.read_text() + f'[backends.ems]\nurl = "ws://127.0.0.1:{ems_port}/ems"\n'
+                      'connect_timeout = 2\n')
+    proxy, port = await launch_proxy(config)
+    ems: BackendProcess | None = None
+    try:
+        async with open_websocket_url(f"ws://127.0.0.1:{port}/ocpp/CP1", subprotocols=["ocpp1.6"]) as ws:
+            for n in range(6):
+                assert (await call(ws, f"s{n}", "StatusNotification", status(1, "Charging")))[0] == 3
+        await proxy.wait_event("session_closed")
+        mark = len(proxy.events)
+        await proxy.wait_event("drain_started", after=mark)  # six frames behind: the proxy stays for them
+        await primary.wait_for(lambda e: e.get("event") == "connected" and len(
+            [c for c in primary.events if c.get("event") == "connected"]) >= 2)
+        remote = '[2,"r1","RemoteStartTransaction",{"idTag":"TAG1"}]'
+        await primary.send("CP1", remote)  # the backend asks for the charge point meanwhile
+        answer = await primary.wait_for(lambda e: e.get("event") == "frame" and '"r1"' in e["text"]
+                                        and e["direction"] == "received")
+        error = json.loads(answer["text"])
+        assert error[0] == 4 and error[2] == "GenericError" and "not connected" in error[3]
+        refused = await proxy.wait_event("drain_call_refused", after=mark)
+        assert refused["action"] == "RemoteStartTransaction"
+        ems = await BackendProcess.start("answer", port=ems_port)
+        received = await ems.wait_received("CP1", 6)
+        assert [json.loads(t)[1] for t in received if '"StatusNotification"' in t][-6:] == [f"s{n}" for n in range(6)]
+        closed = await proxy.wait_event("drain_closed", after=mark)
+        assert closed["reason"] == "queue delivered"
+    finally:
+        await stop(proxy)
+        await primary.stop()
+        if ems is not None:
+            await ems.stop()
