@@ -246,6 +246,9 @@ class PairedSession:
         #: Why the proxy gave an upstream up (stall, unanswered CALL), for the log of its loss.
         self._given_up: dict[str, str] = {}
         self._ending_soon = False
+        self._handing_over = False
+        self._replay_busy = False
+        self._replay_idle = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._replay_waiters: dict[str, tuple[trio.Event, list[Frame]]] = {}
         self._waiters: dict[str, tuple[trio.Event, list[Frame | str]]] = {}
@@ -278,6 +281,18 @@ class PairedSession:
     async def shutdown(self, code: int, reason: str) -> None:
         """Close every leg with ``code`` (proxy stopping, charger replaced)."""
         await self._end(PROXY, code, reason, mirror=False, close_all=True)
+
+    async def hand_over(self, code: int, reason: str) -> None:
+        """Close after the replayed frame in flight is answered and committed (bounded by call_timeout).
+
+        A drain hands the queue to the wallbox's own session this way, so the
+        new session never re-sends a frame the backend is answering right now.
+        """
+        self._handing_over = True
+        with trio.move_on_after(self.settings.call_timeout):
+            while self._replay_busy:
+                await self._replay_idle.wait()
+        await self.shutdown(code, reason)
 
     def _finish(self) -> None:
         for action in self.session.close():
@@ -488,7 +503,15 @@ class PairedSession:
             if not keep and not drop:
                 break  # no await since pending() was read: nothing new can have been stored
             for entry in keep:
-                await self._replay_one(entry)
+                if self._handing_over:
+                    return
+                self._replay_busy = True
+                try:
+                    await self._replay_one(entry)
+                finally:
+                    self._replay_busy = False
+                    self._replay_idle.set()
+                    self._replay_idle = trio.Event()
         self.session.replay_finished()
         self._replaying = False
         self.log.info("replay_finished")

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import trio
-from trio_websocket import ConnectionClosed
+from proxy.wire.errors import ConnectionClosed
 
 from proxy.wire import closecodes
 from proxy.wire import connection as wsconn
@@ -461,7 +461,7 @@ class ProxyServer:
         self._changed_now()
         drain = self.drains.get(paired.charger_id)
         if drain is not None:  # the wallbox is back: its own session replays the rest
-            await drain.shutdown(closecodes.NORMAL, "charge point connected")
+            await drain.hand_over(closecodes.NORMAL, "charge point connected")
         if old is not None:
             old.log.info("session_replaced")
             await old.shutdown(closecodes.GOING_AWAY, "replaced by a new connection")
