@@ -102,3 +102,23 @@ def test_fuse_metrics_totals_only_grow() -> None:
     assert value(samples, "ocpp_proxy_limit_decreases_unanswered") == 0
     assert value(samples, "ocpp_proxy_limit_decreases_failed_total", reason="rejected") == 1
     assert value(samples, "ocpp_proxy_limit_decreases_failed_total", reason="unanswered") == 2
+
+
+def test_frames_counted_between_scrapes_are_all_reported_once() -> None:
+    """The hot path tallies frames in plain ints; every read of the registry adds them exactly once."""
+    from proxy.messages.ocppj import classify
+
+    metrics = Metrics(["CP1"])
+    heartbeat, unknown = classify('[2,"1","Heartbeat",{}]'), classify('[2,"2","NoSuchAction",{}]')
+    for _ in range(3):
+        metrics.frame("wallbox", heartbeat, len(heartbeat.text))
+    metrics.frame("wallbox", unknown, len(unknown.text))
+    for _ in range(2):  # a second scrape with nothing new adds nothing
+        samples = scrape(metrics)
+        assert value(samples, "ocpp_proxy_frames_total", source="wallbox", type="call", action="Heartbeat") == 3
+        assert value(samples, "ocpp_proxy_frame_bytes_total", source="wallbox", type="call",
+                     action="Heartbeat") == 3 * len(heartbeat.text)
+        assert value(samples, "ocpp_proxy_frames_total", source="wallbox", type="call", action="other") == 1
+    metrics.frame("wallbox", heartbeat, len(heartbeat.text))
+    assert metrics.registry.get_sample_value(
+        "ocpp_proxy_frames_total", {"source": "wallbox", "type": "call", "action": "Heartbeat"}) == 4
