@@ -18,7 +18,7 @@ from proxy.demo.peers_v2 import SimCsms, StationHandle, connect_station, current
 from proxy.runtime.server import ProxyServer
 from tests.conftest import StartProxy, proxy_url
 from tests.interop import NodePeer
-from tests.e2e.test_offline import free_port
+from tests.opskit import free_port
 from tests.peers import in_loop, wait_recorded
 from tests.station_v2 import backend_profile, composite, installed
 
@@ -165,7 +165,7 @@ async def test_ocpp_rpc_station_composite_is_min_of_backend_and_local(
 
 async def test_station_is_load_managed_while_the_csms_is_down(peers: LoopThread, start_proxy: StartProxy) -> None:
     """Offline mode and load management together: limits keep coming, none of them reaches the CSMS later."""
-    port = await free_port()
+    port = free_port()
     server = await start_proxy(site_config(port) + "[offline]\nreconnect_min = 0.05\nreconnect_max = 0.2\n")
     handle = await in_loop(peers, connect_station(proxy_url(server, "CS1"), "CS1"))
     await drive_station(peers, handle)  # every answer local
