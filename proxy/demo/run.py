@@ -208,10 +208,15 @@ async def _station_session(url: str, rounds: int | None, live: LiveLog, stop: St
     handle = await connect_station(f"{url}/{_STATION}", _STATION,
                                    on_frame=functools.partial(live.wallbox_frame, _STATION))
     await handle.boot()
-    await handle.send(handle.calls.StatusNotification(timestamp=now_iso(), connector_status="Occupied",
-                                                      evse_id=1, connector_id=1))
+
+    async def connector(status: str) -> None:
+        await handle.send(handle.calls.StatusNotification(timestamp=now_iso(), connector_status=status,
+                                                          evse_id=1, connector_id=1))
+
     for done in stop.rounds(rounds):
+        await connector("Occupied")  # a car plugged in
         await handle.signed_transaction(f"demo-tx-{done}", token="04A2B3C4D5E6F7", charging_time=_CHARGING)
+        await connector("Available")  # and gone
         if rounds is None:
             await stop.pause(5)
     return handle

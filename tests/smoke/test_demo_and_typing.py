@@ -31,6 +31,7 @@ def test_demo_runs_and_reports_byte_identical_frames() -> None:
     # The OCPP 2.0.1 station runs a signed transaction against its own 2.0.1 CSMS, byte for byte.
     station = [line for line in text.splitlines() if "CS201  ─▶ backend" in line]
     assert sum("TransactionEvent.req" in line for line in station) == 3
+    assert "CS201  ◀─ proxy    limit" in text and "(ChargingStationMaxProfile)" in text  # load-managed in 2.0.1
     assert any(line.startswith("CS201 ") and " yes " in line for line in text.splitlines())
 
 
