@@ -7,6 +7,7 @@ schemas, so a local answer of the wrong shape fails the station's call.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -150,3 +151,34 @@ async def test_backend_down_offers_the_first_version_the_proxy_speaks(
     with trio.fail_after(10):
         assert server.sessions["CS1"].queued == 1
     await in_loop(peers, handle.close())
+
+
+@pytest.mark.parametrize("subprotocol", VERSIONS)
+async def test_secondary_gets_the_stations_frames_and_is_policed_in_2x(
+        peers: LoopThread, start_proxy: StartProxy, subprotocol: str) -> None:
+    """A 2.x station with a secondary CSMS: copies byte for byte (nothing to remap), 2.x commands judged."""
+    primary, ems = SimCsms(subprotocol=subprotocol), SimCsms(subprotocol=subprotocol)
+    for sim in (primary, ems):
+        await in_loop(peers, sim.start())
+    text = config(primary.port).replace('id = "CS1"\n', 'id = "CS1"\nsecondaries = ["ems"]\n')
+    server = await start_proxy(text + f'[backends.ems]\nurl = "ws://127.0.0.1:{ems.port}/ocpp"\n')
+    handle = await in_loop(peers, connect_station(proxy_url(server, "CS1"), "CS1", subprotocol=subprotocol))
+    await wait_until(lambda: "CS1" in ems.handlers)
+    await in_loop(peers, handle.boot())
+    await in_loop(peers, handle.signed_transaction("tx-mirrored"))
+    calls = [t for t in handle.recorder.sent if t.startswith("[2,")]
+    await wait_recorded(ems.recorder("CS1"), lambda r: len(r.received) >= len(calls))
+    assert primary.recorders["CS1"].received == calls
+    assert ems.recorders["CS1"].received == calls  # the station's own transactionId: copies stay byte-identical
+    c = handle.calls
+    # Read-only 2.x commands from the secondary reach the station; changing its variables does not.
+    trigger = await in_loop(peers, ems.call("CS1", c.TriggerMessage(requested_message="Heartbeat")))
+    assert trigger.status == "Accepted"
+    refused = await in_loop(peers, ems.call("CS1", c.SetVariables(set_variable_data=[{
+        "attribute_value": "60", "component": {"name": "OCPPCommCtrlr"}, "variable": {"name": "HeartbeatInterval"}}])))
+    assert refused is None  # the ocpp library returns None for a CALLERROR
+    assert json.loads(ems.recorders["CS1"].received[-1])[2] == "SecurityError"
+    assert not any('"SetVariables"' in t for t in handle.recorder.received)
+    await in_loop(peers, handle.close())
+    for sim in (primary, ems):
+        await in_loop(peers, sim.stop())
