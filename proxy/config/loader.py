@@ -43,6 +43,8 @@ class _Loader:
                     self.problem(key, "is required")
                 elif f.metadata.get("path") and f.default not in (dataclasses.MISSING, ""):
                     values[f.name] = self._path(f.default)  # a default directory follows the rule too
+                elif dataclasses.is_dataclass(hints[f.name]) and f.default is dataclasses.MISSING:
+                    values[f.name] = self.build(hints[f.name], {}, key)  # an absent table: its defaults, paths too
                 continue
             value = self._convert(hints[f.name], present, key)
             if value is not _MISSING and self._valid(f, value, key):

@@ -141,6 +141,9 @@ async def test_relative_paths_are_relative_to_the_config_file(tmp_path: Path) ->
     parsed = loads(text, base_dir=site)
     assert (parsed.server.cert, parsed.offline.data_dir) == (str(site / "tls" / "gw.crt"), str(site / "state"))
     assert parsed.backend.password == "s3cret-from-file"
+    # Tables left out have their defaults under the same rule.
+    bare = loads('[backend]\nurl = "ws://127.0.0.1:9/ocpp"\n[[chargers]]\nid = "CP1"\n', base_dir=site)
+    assert (bare.offline.data_dir, bare.server.certs_dir) == (str(site / "data"), str(site / "certs"))
 
 
 def test_the_path_rule_is_documented() -> None:
