@@ -5,13 +5,15 @@ a viewer wants to see: whether the idTag was accepted, which transaction id the 
 limit a profile sets. An excerpt names the action (answers by the action of the CALL they answer:
 ``Authorize.conf``) and lists the payload's scalar fields, the telling ones first
 (``idTagInfo.status=Accepted``), long values shortened. The frame itself is still relayed byte for
-byte; only its display is condensed (``ocpp-proxy demo --raw`` prints frames whole).
+byte; only its display is condensed (``ocpp-proxy demo --raw`` prints frames whole). A line longer
+than the terminal is cut, but never before the action and its first three fields.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 #: Field names shown first, in this order (by the last key of the field's path).
@@ -25,18 +27,40 @@ _GENERIC = {"status", "value", "type", "unit", "id", "reason", "format", "contex
 _VALUE_WIDTH = 24
 
 
+#: A line is never cut before this many fields (the telling ones come first).
+KEEP = 3
+
+
+@dataclass(frozen=True)
+class Excerpt:
+    head: str
+    fields: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return " ".join((self.head, *self.fields))
+
+    def fit(self, room: int) -> str:
+        """At most ``room`` characters, but never fewer than the head and the first KEEP fields."""
+        text = self.head
+        for n, item in enumerate(self.fields):
+            if n >= KEEP and len(text) + 1 + len(item) > room - 2:
+                return text + " …"
+            text += " " + item
+        return text
+
+
 class Excerpts:
     """Per connection: remembers each CALL's action until its answer, to name the answer."""
 
     def __init__(self) -> None:
         self._pending: dict[tuple[str, str], str] = {}
 
-    def excerpt(self, connection: str, text: str) -> str:
+    def excerpt(self, connection: str, text: str) -> Excerpt:
         try:
             frame = json.loads(text)
             kind, msg_id = frame[0], str(frame[1])
         except (ValueError, TypeError, IndexError, KeyError):
-            return text  # not OCPP-J: shown as it came
+            return Excerpt(text)  # not OCPP-J: shown as it came
         if kind == 2 and len(frame) == 4:
             self._pending[(connection, msg_id)] = str(frame[2])
             return join(f"{frame[2]}.req", frame[3])
@@ -44,13 +68,12 @@ class Excerpts:
         if kind == 3 and len(frame) == 3:
             return join(f"{action}.conf", frame[2])
         if kind == 4 and len(frame) >= 4:
-            return f"{action} CALLERROR {frame[2]}: {shorten(str(frame[3]))}"
-        return text
+            return Excerpt(f"{action} CALLERROR {frame[2]}: {shorten(str(frame[3]))}")
+        return Excerpt(text)
 
 
-def join(head: str, payload: Any) -> str:
-    fields = " ".join(f"{label}={shorten(value)}" for label, value in ordered(payload))
-    return f"{head} {fields}".rstrip()
+def join(head: str, payload: Any) -> Excerpt:
+    return Excerpt(head, tuple(f"{label}={shorten(value)}" for label, value in ordered(payload)))
 
 
 def ordered(payload: Any) -> list[tuple[str, Any]]:

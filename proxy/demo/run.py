@@ -75,7 +75,7 @@ class LiveLog:
     """One line per frame as the backend sees it: the action and the telling fields first.
 
     ``raw``: the frames as they are, whole. Otherwise :mod:`proxy.demo.excerpt` condenses each one
-    and the line is cut at ``width``, after the part worth reading.
+    and fits it to ``width`` (the terminal's), keeping the part worth reading.
     """
 
     def __init__(self, out: TextIO, width: int = 0, raw: bool = False) -> None:
@@ -91,11 +91,9 @@ class LiveLog:
         if self.closed:
             return
         elapsed = time.monotonic() - self.start
-        shown = text if self.raw else self.excerpts.excerpt(cp_id, text)
-        line = f"{elapsed:7.3f}s  {cp_id:<6} {_ARROWS[direction]} backend  {shown}"
-        if len(line) > self.width and not self.raw:
-            line = line[: self.width - 1] + "…"
-        print(line, file=self.out, flush=True)
+        prefix = f"{elapsed:7.3f}s  {cp_id:<6} {_ARROWS[direction]} backend  "
+        shown = text if self.raw else self.excerpts.excerpt(cp_id, text).fit(self.width - len(prefix))
+        print(prefix + shown, file=self.out, flush=True)
 
     def wallbox_frame(self, cp_id: str, direction: str, text: str) -> None:
         """Frames on the wallbox leg: only the proxy's own limits are shown (the rest is above)."""

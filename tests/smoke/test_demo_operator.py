@@ -14,7 +14,7 @@ import trio
 
 from proxy.config import SiteSettings
 from proxy.demo.excerpt import Excerpts
-from proxy.demo.run import DEMO_TIMING, demo_config, run_demo
+from proxy.demo.run import DEMO_TIMING, LiveLog, demo_config, run_demo
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -129,14 +129,27 @@ def test_excerpts_name_answers_by_their_call_and_put_the_status_first() -> None:
                '"chargingSchedule":{"chargingRateUnit":"A","chargingSchedulePeriod":[{"startPeriod":0,'
                '"limit":11.5}]}}}]')
     call = excerpts.excerpt("CP1", profile)
-    assert call.startswith("SetChargingProfile.req limit=11.5 chargingRateUnit=A connectorId=0")
-    assert excerpts.excerpt("CP1", '[3,"p1",{"status":"Rejected"}]') == "SetChargingProfile.conf status=Rejected"
-    assert excerpts.excerpt("CP1", '[4,"x","NotImplemented","no such thing",{}]') == \
+    assert str(call).startswith("SetChargingProfile.req limit=11.5 chargingRateUnit=A connectorId=0")
+    # cut to the room there is, but never before the first three fields
+    assert call.fit(20) == "SetChargingProfile.req limit=11.5 chargingRateUnit=A connectorId=0 …"
+    assert call.fit(1000) == str(call)
+    answer = excerpts.excerpt("CP1", '[3,"p1",{"status":"Rejected"}]')
+    assert str(answer) == "SetChargingProfile.conf status=Rejected"
+    assert str(excerpts.excerpt("CP1", '[4,"x","NotImplemented","no such thing",{}]')) == \
         "? CALLERROR NotImplemented: no such thing"
     long_value = "A" * 300
     shown = excerpts.excerpt("CP1", f'[2,"d","DataTransfer",{{"data":"{long_value}","vendorId":"v"}}]')
-    assert shown == f"DataTransfer.req vendorId=v data={'A' * 23}…"
-    assert excerpts.excerpt("CP1", "not json") == "not json"
+    assert str(shown) == f"DataTransfer.req vendorId=v data={'A' * 23}…"
+    assert str(excerpts.excerpt("CP1", "not json")) == "not json"
+    # On an 80-column terminal the answer still shows its status and the transaction id.
+    out = io.StringIO()
+    live = LiveLog(out, width=80)
+    live.frame("CP001", "received", '[2,"7","StartTransaction",{"connectorId":1,"idTag":"04A2B3C4D50001",'
+                                     '"meterStart":2935600,"timestamp":"2026-11-27T05:34:21.657Z"}]')
+    live.frame("CP001", "sent", '[3,"7",{"transactionId":1001,"idTagInfo":{"status":"Accepted"}}]')
+    request, answer_line = out.getvalue().splitlines()
+    assert request.endswith("StartTransaction.req idTag=04A2B3C4D50001 connectorId=1 meterStart=2935600 …")
+    assert answer_line.endswith("StartTransaction.conf idTagInfo.status=Accepted transactionId=1001")
 
 
 def test_demo_says_what_it_changed_from_a_sites_defaults() -> None:
