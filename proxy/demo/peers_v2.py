@@ -117,6 +117,14 @@ def _csms_handler(subprotocol: str) -> type[Any]:
         def on_log_status(self, **_: Any) -> Any:
             return results.LogStatusNotification()
 
+        @on("NotifyEVChargingNeeds")  # ISO 15118: the car's needs, the CSMS's schedule follows
+        def on_ev_charging_needs(self, **_: Any) -> Any:
+            return results.NotifyEVChargingNeeds(status="Accepted")
+
+        @on("NotifyEVChargingSchedule")
+        def on_ev_charging_schedule(self, **_: Any) -> Any:
+            return results.NotifyEVChargingSchedule(status="Accepted")
+
         @on("NotifySettlement")  # 2.1 only (a 2.0.1 station never sends it)
         def on_settlement(self, **_: Any) -> Any:
             return results.NotifySettlement()

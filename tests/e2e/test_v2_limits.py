@@ -57,6 +57,13 @@ async def drive_station(peers: LoopThread, handle: StationHandle) -> None:
                                                           connector_status="Occupied", evse_id=1, connector_id=1)))
     await in_loop(peers, handle.transaction_event("Started", "lm-tx-1", [current_values((16.0, 16.0, 16.0))],
                                                   "Authorized", {"id_token": "T1", "type": "ISO14443"}))
+    # ISO 15118: the car's needs and the schedule it chose pass untouched (checked byte for byte by the callers).
+    await in_loop(peers, handle.send(c.NotifyEVChargingNeeds(evse_id=1, charging_needs={
+        "requested_energy_transfer": "AC_three_phase", "ac_charging_parameters": {
+            "energy_amount": 20000, "ev_min_current": 6, "ev_max_current": 32, "ev_max_voltage": 400}})))
+    await in_loop(peers, handle.send(c.NotifyEVChargingSchedule(time_base="2026-11-27T05:00:00Z", evse_id=1,
+        charging_schedule={"id": 1, "charging_rate_unit": "A",
+                           "charging_schedule_period": [{"start_period": 0, "limit": 16.0}]})))
 
 
 @pytest.mark.parametrize("subprotocol", VERSIONS)
@@ -131,6 +138,8 @@ async def test_station_refusing_the_station_wide_profile_gets_tx_default(
     sent = [t for t in csms.recorders["CS1"].sent if '"SetChargingProfile"' in t]
     assert '"limit":30.0' in sent[-1]
     assert all(PROXY_ID not in text for text in csms.recorders["CS1"].received)
+    assert csms.recorders["CS1"].received == [t for t in handle.recorder.sent if PROXY_ID not in t]
+    assert sum('"NotifyEVCharging' in t for t in csms.recorders["CS1"].received) == 2  # ISO 15118, as sent
     await in_loop(peers, handle.close())
     await in_loop(peers, csms.stop())
 
@@ -174,7 +183,10 @@ async def test_station_is_load_managed_while_the_csms_is_down(peers: LoopThread,
     assert composite(installed(handle.recorder.received)) == local_limit(server)
     csms = SimCsms(subprotocol="ocpp2.0.1", port=port)
     await in_loop(peers, csms.start())
-    expected = [t for t in handle.recorder.sent if PROXY_ID not in t]
+    # ISO 15118 negotiation needs the CSMS: answered GenericError while it is down, not stored.
+    refused = [json.loads(t) for t in handle.recorder.received if t.startswith("[4,")]
+    assert [m[2] for m in refused] == ["GenericError", "GenericError"]
+    expected = [t for t in handle.recorder.sent if PROXY_ID not in t and '"NotifyEVCharging' not in t]
     await wait_recorded(csms.recorder("CS1"), lambda r: len(r.received) >= len(expected))
     assert csms.recorders["CS1"].received == expected
     await in_loop(peers, handle.close())
