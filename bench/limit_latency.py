@@ -13,8 +13,19 @@ so that every wallbox's limit changes, and takes, per wallbox, the time from
 that call to the moment the wallbox process has read the SetChargingProfile
 frame from its socket (CLOCK_MONOTONIC is shared by both processes). That
 includes the wallbox process reading 100 frames one after another, so the
-high percentiles are an upper bound for the proxy. Bounded: every wait has a
-timeout and the whole run stops after ``--budget`` seconds.
+high percentiles are an upper bound for the proxy. Rounds that lower the
+limit are pure decreases (they never wait); rounds that raise it are
+increases (each waits for its reservation to be on disk, docs/load-management.md).
+
+Then the fuse's sequencing on a full site: two wallboxes A and B share what
+the others leave (EMS site limit = the others' 16 A + 20 A, A and B held at
+10 A each by EMS charger limits). Each pair round moves 4 A from one to the
+other at once (EMS: A 6 A and B 14 A, then back): the increase may leave only
+once the decrease is Accepted. Per round: the decreasing wallbox's round trip
+(the EMS write until the proxy has its Accepted) and the time until the
+increasing wallbox has read its frame; the difference is what the proxy adds
+to one charger round trip. Bounded: every wait has a timeout and the whole run
+stops after ``--budget`` seconds.
 """
 
 from __future__ import annotations
@@ -26,6 +37,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -126,10 +138,11 @@ def machine() -> str:
             f"({platform.python_implementation()}), trio {trio.__version__}, {platform.system()} {platform.release()}")
 
 
-def config_text(backend_port: int, wallboxes: int) -> str:
+def config_text(backend_port: int, wallboxes: int, data_dir: str) -> str:
     chargers = "".join(f'[[chargers]]\nid = "CP{n:03d}"\nmax_current = 16\n' for n in range(wallboxes))
     return (f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n[log]\nlevel = "warning"\n'
             f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n[offline]\nenabled = false\n'
+            f'data_dir = "{data_dir}"\n'
             f'[site]\nmax_current = {16 * wallboxes}\nramp_up_interval = 0\nhysteresis = 0\nmin_hold_time = 0\n'
             f'interval = 60\n{chargers}')
 
@@ -147,9 +160,11 @@ class Arrivals:
         self._changed.set()
         self._changed = trio.Event()
 
-    async def wait(self, count: int, since: int = 0, limit: float | None = None) -> list[tuple[str, int, float]]:
+    async def wait(self, count: int, since: int = 0, limit: float | None = None,
+                   charger: str | None = None) -> list[tuple[str, int, float]]:
         while True:
-            got = [a for a in self.seen[since:] if limit is None or a[2] == limit]
+            got = [a for a in self.seen[since:] if (limit is None or a[2] == limit)
+                   and (charger is None or a[0] == charger)]
             if len(got) >= count:
                 return got
             await self._changed.wait()
@@ -174,6 +189,11 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 
 async def bench_main(wallboxes: int, rounds: int, budget: float) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="limit-latency-") as data_dir:
+        return await _bench(wallboxes, rounds, budget, data_dir)
+
+
+async def _bench(wallboxes: int, rounds: int, budget: float, data_dir: str) -> dict[str, Any]:
     from proxy.ops import logs
     from proxy.config import loads
     from proxy.runtime.server import ProxyServer
@@ -189,15 +209,17 @@ async def bench_main(wallboxes: int, rounds: int, budget: float) -> dict[str, An
             assert peers.stdout is not None and peers.stdin is not None
             nursery.start_soon(_read_lines, peers.stdout, arrivals, first_send)
             backend_port = int((await first_receive.receive()).split()[1])
-            server = ProxyServer(loads(config_text(backend_port, wallboxes)))
+            server = ProxyServer(loads(config_text(backend_port, wallboxes, data_dir)))
             ports = await nursery.start(server.serve)
             await peers.stdin.send_all(f"proxy {ports[0]}\n".encode())
             await arrivals.wait(wallboxes, limit=16.0)  # everyone booted and has its first limit
             limiter = server.limiter
             await limiter.wait_settled()
             latencies: list[float] = []
+            by_direction: dict[str, list[float]] = {"decrease": [], "increase": []}
             worst: list[float] = []
             values = [8.0, 12.0, 9.5, 14.0, 6.5, 11.0]
+            previous = 16.0
             for round_ in range(rounds):
                 per_charger = values[round_ % len(values)]
                 since = len(arrivals.seen)
@@ -208,7 +230,10 @@ async def bench_main(wallboxes: int, rounds: int, budget: float) -> dict[str, An
                     await limiter.wait_settled()
                 round_latencies = [(ns - started) / 1e6 for _, ns, _ in got[:wallboxes]]
                 latencies += round_latencies
+                by_direction["decrease" if per_charger < previous else "increase"] += round_latencies
+                previous = per_charger
                 worst.append(max(round_latencies))
+            pair = await _pair_rounds(limiter, arrivals, wallboxes, rounds) if wallboxes >= 3 else {}
             limiter.stop()  # wallboxes leaving would free current for the others: no new limits now
             await peers.stdin.aclose()
             with trio.move_on_after(10):
@@ -216,9 +241,56 @@ async def bench_main(wallboxes: int, rounds: int, budget: float) -> dict[str, An
             if peers.returncode is None:
                 peers.kill()
             nursery.cancel_scope.cancel()
-    return {"wallboxes": wallboxes, "rounds": rounds, "samples": len(latencies), "worst": worst,
-            "p50_ms": statistics.median(latencies), "p99_ms": percentile(latencies, 99),
-            "max_ms": max(latencies), "round_all_sent_p50_ms": statistics.median(worst)}
+    result: dict[str, Any] = {
+        "wallboxes": wallboxes, "rounds": rounds, "samples": len(latencies), "worst": worst,
+        "p50_ms": statistics.median(latencies), "p99_ms": percentile(latencies, 99),
+        "max_ms": max(latencies), "round_all_sent_p50_ms": statistics.median(worst)}
+    for direction, values_ in by_direction.items():
+        if values_:
+            result[f"{direction}_p50_ms"] = statistics.median(values_)
+            result[f"{direction}_p99_ms"] = percentile(values_, 99)
+    return {**result, **pair}
+
+
+async def _pair_rounds(limiter: Any, arrivals: Arrivals, wallboxes: int, rounds: int) -> dict[str, Any]:
+    """Decrease-then-increase on a full site (see the module docstring)."""
+    engine = limiter.engine
+    a, b = f"CP{wallboxes - 2:03d}", f"CP{wallboxes - 1:03d}"
+    since = len(arrivals.seen)
+    engine.ems_charger_limit(a, 10.0, trio.current_time())
+    engine.ems_charger_limit(b, 10.0, trio.current_time())
+    engine.ems_site_limit((wallboxes - 2) * 16.0 + 20.0, trio.current_time())
+    with trio.fail_after(30):
+        await arrivals.wait(1, since, 10.0, a)
+        await arrivals.wait(1, since, 10.0, b)
+        await limiter.wait_settled()
+    totals: list[float] = []
+    round_trips: list[float] = []
+    extras: list[float] = []
+    decreases: list[float] = []
+    for round_ in range(rounds):
+        (down, low), (up, high) = ((a, 6.0), (b, 14.0)) if round_ % 2 == 0 else ((b, 10.0), (a, 10.0))
+        since = len(arrivals.seen)
+        started = time.monotonic_ns()
+        engine.ems_charger_limit(down, low, trio.current_time())
+        engine.ems_charger_limit(up, high, trio.current_time())
+        with trio.fail_after(30):
+            slot = limiter.fuse.slot(down)
+            while not (slot.pending is None and slot.held == round(low * 10)):
+                await limiter.next_progress()
+            answered = time.monotonic_ns()
+            (_, raised, _), = await arrivals.wait(1, since, high, up)
+            (_, lowered, _), = await arrivals.wait(1, since, low, down)
+            await limiter.wait_settled()
+        totals.append((raised - started) / 1e6)
+        round_trips.append((answered - started) / 1e6)
+        extras.append((raised - answered) / 1e6)
+        decreases.append((lowered - started) / 1e6)
+    return {"pair_rounds": rounds, "pair_total_p50_ms": statistics.median(totals),
+            "pair_total_p99_ms": percentile(totals, 99), "pair_round_trip_p50_ms": statistics.median(round_trips),
+            "pair_extra_p50_ms": statistics.median(extras), "pair_extra_p99_ms": percentile(extras, 99),
+            "pair_decrease_p99_ms": percentile(decreases, 99),
+            "pair_increase_before_accept": sum(1 for t, r in zip(totals, round_trips) if t < r)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -237,6 +309,20 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{result['rounds']} rounds ({result['samples']} frames):")
     print(f"  p50 {result['p50_ms']:.2f} ms   p99 {result['p99_ms']:.2f} ms   max {result['max_ms']:.2f} ms")
     print(f"  until the last wallbox of a round has it (median over rounds): {result['round_all_sent_p50_ms']:.2f} ms")
+    for direction in ("decrease", "increase"):
+        if f"{direction}_p99_ms" in result:
+            print(f"  {direction} rounds: p50 {result[f'{direction}_p50_ms']:.2f} ms   "
+                  f"p99 {result[f'{direction}_p99_ms']:.2f} ms")
+    if "pair_rounds" in result:
+        print(f"decrease-then-increase on a full site, {result['pair_rounds']} rounds:")
+        print(f"  decrease read by its wallbox: p99 {result['pair_decrease_p99_ms']:.2f} ms")
+        print(f"  decreasing wallbox's round trip (until its Accepted is processed): "
+              f"p50 {result['pair_round_trip_p50_ms']:.2f} ms")
+        print(f"  increase read by its wallbox: p50 {result['pair_total_p50_ms']:.2f} ms   "
+              f"p99 {result['pair_total_p99_ms']:.2f} ms")
+        print(f"  after the Accepted: p50 {result['pair_extra_p50_ms']:.2f} ms   "
+              f"p99 {result['pair_extra_p99_ms']:.2f} ms (target: 50 ms)")
+        print(f"  increases read before the decrease was Accepted: {result['pair_increase_before_accept']}")
     return 0
 
 

@@ -306,6 +306,12 @@ def markdown(document: dict[str, Any]) -> str:
             out += ["| p50 | p99 | max | last wallbox of a round (median) | frames |", "|---|---|---|---|---|",
                     f"| {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.2f} | "
                     f"{r['round_all_sent_p50_ms']:.2f} | {r['samples']} |", ""]
+            if "decrease_p99_ms" in r and "pair_extra_p99_ms" in r:
+                out += ["| decreases p99 | increases p99 | decrease-then-increase: after the Accepted p50 / p99 "
+                        "| decreasing wallbox's round trip p50 |", "|---|---|---|---|",
+                        f"| {r['decrease_p99_ms']:.2f} | {r.get('increase_p99_ms', float('nan')):.2f} | "
+                        f"{r['pair_extra_p50_ms']:.2f} / {r['pair_extra_p99_ms']:.2f} | "
+                        f"{r['pair_round_trip_p50_ms']:.2f} |", ""]
         else:
             out += [f"error: {r.get('error', '?')}", ""]
     if document.get("notes"):

@@ -60,6 +60,7 @@ class Coordinator:
         self.targets: dict[str, float] = {}
         self.over_budget = False
         self.active = True
+        self._waiting = False
 
     # -- the wallboxes' lives ----------------------------------------------------------------
 
@@ -126,6 +127,7 @@ class Coordinator:
         self.targets = engine.targets(now) if self.active else {}
         budget = engine.budget(now)
         self.granted = fuse.grant(self.targets, budget, now) if self.active else {}
+        self._waiting = any(self.granted.get(cid, 0.0) < target for cid, target in self.targets.items())
         order = sorted(self.connected, key=lambda cid: (not self._lowers(cid, now), cid))
         out: list[Outgoing] = []
         for charger_id in order:
@@ -135,6 +137,10 @@ class Coordinator:
                 out.append(outgoing)
         self.over_budget = fuse.check(budget, now)
         return out
+
+    def waiting(self) -> bool:
+        """At the last recomputation a charger was granted less than its target: an increase waits for room."""
+        return self._waiting
 
     def _lowers(self, charger_id: str, now: float) -> bool:
         granted = self.granted.get(charger_id)

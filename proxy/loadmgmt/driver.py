@@ -52,6 +52,8 @@ OBSERVE = frozenset({"BootNotification", "StatusNotification", "MeterValues", "S
                      "StopTransaction", "SetChargingProfile", "ClearChargingProfile",
                      "TransactionEvent"})  # 2.0.1 / 2.1
 REWRITTEN = "SetChargingProfile"
+#: Longest delay before a lowered reservation is written (a raised one is written at once).
+RECORD_DELAY = 1.0
 #: The limiter's name among a session's taps.
 TAP_OWNER = "limiter"
 
@@ -114,7 +116,8 @@ class Limiter(Listener):
         self.store: ReservationStore | None = None
         self._unwritten: dict[str, float | None] = {}
         self._queued = self._written = self._failed = 0  # record generations
-        self._records_changed = trio.Event()
+        self._records_queued = trio.Event()  # something to write
+        self._records_changed = trio.Event()  # ... at once
         self._records_done = trio.Event()
         #: Chargers whose session speaks OCPP 2.0.1 / 2.1: the translation of their frames (proxy/loadmgmt/v2.py).
         self.v2: dict[str, V2Profiles] = {}
@@ -517,8 +520,13 @@ class Limiter(Listener):
         if scope.cancelled_caught:
             self._lost(item, "no answer", log)
         self._log_notes(charger_id, control)
+        if self.coordinator.waiting():
+            self.poke()  # an increase waits for room: this answer may have made it
+        elif self.sessions.get(charger_id) is paired:
+            following = self.coordinator.next(charger_id, _now(), _wall())
+            if following is not None:
+                self._start(following, self._collect_records())
         self._collect_records()
-        self.poke()  # an answer may free room for an increase elsewhere, or allow this wallbox's next CALL
         self._progressed()
 
     def _lost(self, item: Outgoing, reason: str, log: Any) -> None:
@@ -533,15 +541,19 @@ class Limiter(Listener):
 
     def _collect_records(self) -> int:
         """Hand the fuse's changed reservations to the writer; returns their generation."""
-        records = self.fuse.records()
+        records, raised = self.fuse.records()
         if records and self.store is not None:
             self._unwritten.update(records)
             self._queued += 1
-            self._records_changed.set()
+            self._records_queued.set()
+            if raised:
+                self._records_changed.set()  # an increase waits for it, or a restart must see it
         return self._queued
 
     async def _durable(self, generation: int) -> bool:
         """Wait until the records up to ``generation`` are on disk; False if that write failed."""
+        if self._written < generation:
+            self._records_changed.set()
         while self._written < generation:
             if self._failed >= generation:
                 return False
@@ -549,10 +561,13 @@ class Limiter(Listener):
         return True
 
     async def _write_records(self, store: ReservationStore) -> None:
-        """One writer: every batch of changed reservations in one transaction (fsync)."""
+        """One writer: every batch of changed reservations in one transaction (fsync). Raised values go
+        at once; lowered ones (a stale higher record only over-counts) at most a second later, batched."""
         while True:
-            await self._records_changed.wait()
-            self._records_changed = trio.Event()
+            await self._records_queued.wait()
+            with trio.move_on_after(RECORD_DELAY):
+                await self._records_changed.wait()
+            self._records_queued, self._records_changed = trio.Event(), trio.Event()
             batch, generation, self._unwritten = self._unwritten, self._queued, {}
             try:
                 await trio.to_thread.run_sync(store.record, batch)
@@ -561,7 +576,7 @@ class Limiter(Listener):
                 self._unwritten = {**batch, **self._unwritten}  # written with the next batch
                 self.log.error("reservations_not_recorded", file=store.location, error=str(exc)[:300],
                                consequence="increases wait")
-                self._records_changed.set()
+                self._records_queued.set()
                 await trio.sleep(1.0)
             else:
                 self._written = generation

@@ -48,6 +48,7 @@ LOST_HOLD = 28_800.0
 class Slot:
     """One charger's reservation."""
 
+    charger_id: str
     limits: ChargerLimits
     #: Highest limit the wallbox may have installed (tenths); None: unknown (its max_current).
     held: int | None = None
@@ -60,7 +61,6 @@ class Slot:
     lost_at: float | None = None
     #: The last value handed to the durable store (tenths; None: max_current).
     recorded: int | None = None
-    record_dirty: bool = False
 
     def peak(self) -> int:
         """max(held, pending, backend_pending), unknown = max_current."""
@@ -93,6 +93,7 @@ class Fuse:
         self._slots: dict[str, Slot] = {}
         self.stats = FuseStats()
         self._over_since: float | None = None
+        self._unrecorded: set[str] = set()
         self._checked_at: float | None = None
 
     # -- configuration and restart ---------------------------------------------------------
@@ -122,7 +123,7 @@ class Fuse:
     def _slot(self, charger_id: str) -> Slot:
         slot = self._slots.get(charger_id)
         if slot is None:
-            slot = self._slots[charger_id] = Slot(self._limits_for(charger_id))
+            slot = self._slots[charger_id] = Slot(charger_id, self._limits_for(charger_id))
             slot.recorded = slot.held
         return slot
 
@@ -321,16 +322,19 @@ class Fuse:
         self._checked_at = now
         return over
 
-    def records(self) -> dict[str, float | None]:
-        """Changed durable values (amps, None: unknown), for the store; marks them written."""
-        out: dict[str, float | None] = {}
-        for charger_id, slot in self._slots.items():
-            if slot.record_dirty:
-                slot.record_dirty = False
-                top = slot.peak()
-                slot.recorded = top
-                out[charger_id] = top / 10
-        return out
+    def records(self) -> tuple[dict[str, float], bool]:
+        """Changed durable values (amps), for the store, and whether one went up (a restart must
+        see that soon; one that went down may wait); marks them handed over."""
+        out: dict[str, float] = {}
+        raised = False
+        for charger_id in sorted(self._unrecorded):
+            slot = self._slots[charger_id]
+            top = slot.peak()
+            raised = raised or (slot.recorded is not None and top > slot.recorded)
+            slot.recorded = top
+            out[charger_id] = top / 10
+        self._unrecorded.clear()
+        return out, raised
 
     def charger_ids(self) -> list[str]:
         return sorted(self._slots)
@@ -342,7 +346,9 @@ class Fuse:
 
     def _dirty(self, slot: Slot) -> None:
         if slot.peak() != slot.recorded:
-            slot.record_dirty = True
+            self._unrecorded.add(slot.charger_id)
+        else:
+            self._unrecorded.discard(slot.charger_id)
 
     def _fold_own(self, slot: Slot) -> None:
         if slot.pending is not None:

@@ -175,7 +175,7 @@ def test_increase_needs_the_durable_record_first_and_decrease_does_not() -> None
     first = site.tick()["CP1"]
     assert not first.record_first  # unknown until now (its maximum): 16 A is no increase
     site.answer(first)
-    assert site.fuse.records() == {"CP1": 16.0}
+    assert site.fuse.records() == ({"CP1": 16.0}, False)  # 16 A: what it counted at before
     site.connect("CP2")
     site.charge("CP2")
     sent = site.tick()
@@ -183,7 +183,7 @@ def test_increase_needs_the_durable_record_first_and_decrease_does_not() -> None
     assert down.decrease and not down.record_first
     site.answer(down)
     site.answer(sent["CP2"])  # 10 A: down from its unknown 16 A
-    assert site.fuse.records() == {"CP1": 10.0, "CP2": 10.0}
+    assert site.fuse.records() == ({"CP1": 10.0, "CP2": 10.0}, False)  # lower: may be written later
     site.site.engine.transaction_stopped("CP2", 1, site.now)
     site.site.engine.status("CP2", 1, "Available", site.now)
     freed = site.tick()

@@ -165,7 +165,7 @@ class FuseMachine(RuleBasedStateMachine):
     # -- the proxy's steps --------------------------------------------------------------------
 
     def _dispatch(self, outgoing: list[Outgoing]) -> None:
-        self.store.update(self.coordinator.fuse.records())  # the driver writes before sending
+        self.store.update(self.coordinator.fuse.records()[0])  # the driver writes before sending
         for item in outgoing:
             wallbox = self.wallboxes[item.charger_id]
             assert wallbox.inflight is None, "two CALLs outstanding on one wallbox"
@@ -271,7 +271,7 @@ class FuseMachine(RuleBasedStateMachine):
         """The proxy restarts: every connection drops; what it knows comes from its durable record
         (written by the driver after every input, so everything the proxy learnt is in it)."""
         self.outside = False
-        self.store.update(self.coordinator.fuse.records())
+        self.store.update(self.coordinator.fuse.records()[0])
         for cid, wallbox in self.wallboxes.items():
             if wallbox.connected:
                 wallbox.connected, wallbox.lost_at = False, self.now
