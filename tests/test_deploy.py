@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shlex
+import signal
 import shutil
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from proxy.cli import _parser
 from proxy.cli import EXIT_CONFIG
 from proxy.config import Config, load, loads
 from proxy.config.docs import schema_rows
-from tests.opskit import config_text, http_get, start_backend, start_stack
+from tests.opskit import ProxyProcess, config_text, http_get, start_backend, start_stack
 from tests.test_install import dockerfile_instructions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -303,3 +305,77 @@ def test_guide_installs_the_files_the_unit_reads() -> None:
                            ("deploy/systemd/ocpp-proxy.env.example", "/etc/ocpp-proxy/ocpp-proxy.env")):
         assert f"{source} {target}" in guide and f"{source} {target}" in unit
         assert target in unit.split("[Service]")[1]
+
+
+# --- the systemd unit's sandbox, for real --------------------------------------------------------
+
+#: ProtectSystem=strict, StateDirectory=ocpp-proxy and PrivateTmp=yes, rebuilt with a private mount
+#: namespace: everything read-only but /var/lib/ocpp-proxy (empty, as systemd creates it) and /tmp;
+#: /etc is the test's, holding what the guide installs; the EnvironmentFile's variables are exported.
+SANDBOX = """set -e
+root=$1; shift
+mount --bind "$root/etc" /etc
+mount -t tmpfs tmpfs /var/lib
+mkdir /var/lib/ocpp-proxy
+mount --bind /var/lib/ocpp-proxy /var/lib/ocpp-proxy
+mount -o remount,ro,bind /var/lib
+mount -o remount,ro,bind /etc
+mount -o remount,ro,bind /
+mount -t tmpfs tmpfs /tmp
+set -a; . /etc/ocpp-proxy/ocpp-proxy.env; set +a
+exec "$@"
+"""
+
+
+def _sandbox_root(tmp_path: Path) -> Path:
+    """/etc for the sandbox: the basics, and the guide's two installed files (ports 0 on loopback, the one
+    change: this machine is shared)."""
+    etc = tmp_path / "etc"
+    (etc / "ocpp-proxy").mkdir(parents=True)
+    for name in ("hosts", "resolv.conf", "passwd", "group", "nsswitch.conf"):
+        if (Path("/etc") / name).exists():
+            shutil.copy(Path("/etc") / name, etc / name)
+    for source, target in (("systemd/ocpp-proxy.toml", "ocpp-proxy.toml"), ("config.example.toml", "docker.toml")):
+        text = (DEPLOY / source).read_text().replace('# listen = "0.0.0.0:19520"', 'listen = "127.0.0.1:0"')
+        text = re.sub(r'(?m)^(# )?\[metrics\](.*)\n((?:#.*\n|\w+ = .*\n)*?)(# )?listen = "[0-9.]+:9520"',
+                      r'[metrics]\2\n\3listen = "127.0.0.1:0"', text)
+        (etc / "ocpp-proxy" / target).write_text(text)
+    shutil.copy(DEPLOY / "systemd" / "ocpp-proxy.env.example", etc / "ocpp-proxy" / "ocpp-proxy.env")
+    return tmp_path
+
+
+def _sandboxed(root: Path, *argv: str) -> list[str]:
+    unshare = shutil.which("unshare")
+    if unshare is None or subprocess.run([unshare, "--mount", "--propagation", "private", "true"],
+                                         capture_output=True, check=False).returncode != 0:
+        pytest.skip("no private mount namespace here (unshare --mount not permitted); "
+                    "test_systemd_example_config_works_under_the_unit still read the unit")
+    return [unshare, "--mount", "--propagation", "private", "bash", "-c", SANDBOX, "sandbox", str(root),
+            str(Path(sys.executable).parent / "ocpp-proxy"), *argv]
+
+
+async def test_systemd_example_runs_in_the_units_sandbox(tmp_path: Path) -> None:
+    root = _sandbox_root(tmp_path)
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    checked = subprocess.run(_sandboxed(root, "check-config", "/etc/ocpp-proxy/ocpp-proxy.toml"), env=env,
+                             capture_output=True, text=True, timeout=120, check=False)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.strip() == "/etc/ocpp-proxy/ocpp-proxy.toml: OK (1 charger)"
+    # The issue's finding: the Docker example's /data under this unit is refused, with its key.
+    docker = subprocess.run(_sandboxed(root, "check-config", "/etc/ocpp-proxy/docker.toml"), env=env,
+                            capture_output=True, text=True, timeout=120, check=False)
+    assert docker.returncode == 2
+    assert re.search(r"offline\.data_dir: /data cannot be created: / is on a read-only file system", docker.stderr)
+    # And it runs: the queue opens in the state directory, SIGTERM stops it with exit 0.
+    process = await trio.lowlevel.open_process(_sandboxed(root, "run", "--config", "/etc/ocpp-proxy/ocpp-proxy.toml"),
+                                               env=env, stderr=subprocess.PIPE)
+    proxy = ProxyProcess(process)
+    try:
+        await proxy.wait_event("listening")
+        process.send_signal(signal.SIGTERM)
+        with trio.fail_after(30):
+            assert await process.wait() == 0
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

@@ -88,6 +88,7 @@ SYSTEMD_VALUES: dict[str, Any] = {
     "backend.password_env": "BACKEND_PASSWORD",
     "offline.data_dir": f"{SYSTEMD_STATE}/data",
     "chargers[].id": "CP001",
+    "chargers[].password": EXAMPLE_VALUES["chargers[].password"],
 }
 SYSTEMD_NOTES: dict[str, str] = {
     "server.certs_dir": "under the unit's StateDirectory: writable despite ProtectSystem=strict",
@@ -95,6 +96,7 @@ SYSTEMD_NOTES: dict[str, str] = {
     "backend.password_env": "set in /etc/ocpp-proxy/ocpp-proxy.env (the unit's EnvironmentFile)",
     "offline.data_dir": "under the unit's StateDirectory (durable offline queue)",
     "chargers[].id": EXAMPLE_NOTES["chargers[].id"],
+    "chargers[].password": EXAMPLE_NOTES["chargers[].password"],
 }
 
 
