@@ -14,14 +14,20 @@ the moment both have their first limit; the sum must never exceed 20 A:
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
 from ocpp.v16 import call
 
+from prometheus_client import generate_latest
+
+from proxy.config import loads
+from proxy.ops.metrics import Metrics
 from proxy.demo.peers import LoopThread, SimBackend
 from proxy.runtime.server import ProxyServer
 from tests.conftest import StartProxy, proxy_url
+from tests.opskit import parse, value
 from tests.peers import in_loop
 from tests.smart_wallbox import ProfileStore, SmartHandle, connect_smart
 
@@ -73,6 +79,10 @@ class Sampler:
         raise AssertionError(f"not reached in {timeout} s; last sample {self.samples[-1][1]}")
 
 
+def fuse_metric(metrics: Metrics, name: str, **labels: str) -> float | None:
+    return value(parse(generate_latest(metrics.registry).decode())[1], name, **labels)
+
+
 async def charging(peers: LoopThread, server: ProxyServer, handle: SmartHandle) -> None:
     await in_loop(peers, handle.wallbox.start_transaction())
 
@@ -88,6 +98,8 @@ async def connect(peers: LoopThread, server: ProxyServer, cp_id: str, **kwargs: 
 async def test_slow_wallbox_decrease_comes_before_the_newcomers_raise(
         peers: LoopThread, backend: SimBackend, start_proxy: StartProxy, nursery: trio.Nursery) -> None:
     server = await start_proxy(fuse_config(backend))
+    metrics = Metrics(["CP1", "CP2"])
+    server.limiter.sinks.append(metrics)  # as cli.run_proxy does
     slow = await connect(peers, server, "CP1", answer_delay=3.0)
     fast = await connect(peers, server, "CP2", answer_delay=0.02)
     sampler = Sampler({"CP1": slow.wallbox.store, "CP2": fast.wallbox.store})
@@ -97,7 +109,14 @@ async def test_slow_wallbox_decrease_comes_before_the_newcomers_raise(
     # CP2 has no car, and 0 A installed (the 4 A left are below its minimum):
     await sampler.until(lambda s: fast.wallbox.composite() == 0.0, timeout=20)
     asked = since = trio.current_time()
+    # Over budget so far only at the start: two wallboxes never seen count at 16 A each until they
+    # accept their first limit (the slow one takes 3 s).
+    over_before = fuse_metric(metrics, "ocpp_proxy_site_over_budget_seconds_total")
     await charging(peers, server, fast)
+    with trio.fail_after(2.5):  # while the slow wallbox has not answered yet
+        while fuse_metric(metrics, "ocpp_proxy_limit_decreases_unanswered") != 1.0:
+            await server.limiter.next_progress()
+    assert fuse_metric(metrics, "ocpp_proxy_charger_reserved_unconfirmed_amperes", charger="CP1") == 6.0
     cp1_down = await sampler.until(lambda s: s["CP1"] == 10.0, timeout=20)
     raised = await sampler.until(lambda s: s["CP2"] == 10.0, timeout=20)
     await trio.sleep(0.5)
@@ -110,6 +129,8 @@ async def test_slow_wallbox_decrease_comes_before_the_newcomers_raise(
     print(f"\nfast wallbox waited {wait:.2f} s for its raise (slow wallbox answered after "
           f"{cp1_down - asked:.2f} s); {len(sampler.samples)} samples, worst sum {worst:g} A")
     assert wait < 3.0 + 2.0  # one slow round trip plus a margin for a loaded machine
+    assert fuse_metric(metrics, "ocpp_proxy_charger_reserved_unconfirmed_amperes", charger="CP1") == 0.0
+    assert fuse_metric(metrics, "ocpp_proxy_site_over_budget_seconds_total") == over_before
     for handle in (slow, fast):
         await in_loop(peers, handle.close())
 
@@ -151,4 +172,48 @@ async def test_killed_wallbox_keeps_its_reservation(peers: LoopThread, backend: 
     print(f"\nafter the killed wallbox came back and stopped, the other was raised in {raised - stopped:.2f} s; "
           f"{len(sampler.samples)} samples, worst sum {worst:g} A")
     for handle in (back, second):
+        await in_loop(peers, handle.close())
+
+
+async def test_after_a_restart_a_wallbox_not_back_yet_counts_at_its_recorded_limit(
+        peers: LoopThread, backend: SimBackend, tmp_path: Path, nursery: trio.Nursery) -> None:
+    """Both charge at 10 A; the proxy restarts; CP2 comes back first: CP1 still draws its 10 A on its
+    installed profile, so CP2 stays at 10 A (read from the durable record), not 16 A."""
+    text = fuse_config(backend).replace("[server]", '[server]\nlisten = "127.0.0.1:0"', 1) + \
+        f'[offline]\ndata_dir = "{tmp_path}/data"\n'
+
+    async def start() -> ProxyServer:
+        server = ProxyServer(loads(text))
+        await nursery.start(server.serve)
+        return server
+
+    first = await start()
+    stores = {"CP1": ProfileStore(), "CP2": ProfileStore()}
+    handles = {cp: await connect(peers, first, cp, store=store) for cp, store in stores.items()}
+    for handle in handles.values():
+        await charging(peers, first, handle)
+    sampler = Sampler(stores)
+    await sampler.until(lambda s: s == {"CP1": 10.0, "CP2": 10.0})
+    with trio.fail_after(10):
+        await first.limiter.wait_settled()
+    await first.stop()  # both connections drop; both cars go on charging at 10 A
+    for handle in handles.values():
+        await in_loop(peers, handle.close())
+
+    second = await start()
+    with trio.fail_after(10):
+        while second.limiter.fuse.lost(trio.current_time()) != {"CP1": 10.0, "CP2": 10.0}:
+            await second.limiter.next_progress()
+    back = await in_loop(peers, connect_smart(proxy_url(second, "CP2"), "CP2", store=stores["CP2"], boot=False))
+    await in_loop(peers, back.wallbox.call(call.StatusNotification(connector_id=1, error_code="NoError",
+                                                                   status="Charging")))
+    with trio.fail_after(10):
+        await second.limiter.wait_settled()
+    await trio.sleep(0.5)  # a raise would be on its way by now
+    assert sampler.take() == {"CP1": 10.0, "CP2": 10.0}
+    assert second.limiter.coordinator.targets["CP2"] == 10.0  # planned around CP1's recorded 10 A
+    again = await in_loop(peers, connect_smart(proxy_url(second, "CP1"), "CP1", store=stores["CP1"], boot=False))
+    await in_loop(peers, again.wallbox.stop_transaction())
+    await sampler.until(lambda s: s == {"CP1": 0.0, "CP2": 16.0})
+    for handle in (back, again):
         await in_loop(peers, handle.close())
