@@ -577,3 +577,39 @@ class SimBender(SimWallbox):
         power = 0xFFFFFFFF if self.glitches > 0 else round(3 * car.amps * car.voltage)
         self.glitches = max(0, self.glitches - 1)
         regs.update(dict(enumerate(u32(power), BENDER_POWER)))
+
+
+# --- a two-socket wallbox on one unit id, the second socket's registers 100 further on ----------------------
+
+class SimTwinHeidelberg(SimWallbox):
+    """Two Heidelberg Energy Control register sets in one device (unit 1), socket 2 at +100: input 5 state,
+    6-8 currents (0.1 A), 14 power, 17-18 energy (VAh, high word first); holding 261 max current (0.1 A)."""
+
+    units_ids = (1,)
+    OFFSETS = (0, 100)
+
+    def __init__(self) -> None:
+        self.cars = (Car(), Car())
+        super().__init__()
+
+    def reset(self, unit: int) -> None:
+        for offset in self.OFFSETS:
+            self.units[unit].holding[261 + offset] = 0
+
+    def socket_limit(self, socket: int) -> float:
+        amps = self.units[1].holding.get(261 + self.OFFSETS[socket - 1], 0) / 10
+        return amps if amps >= 6 else 0.0
+
+    def limit_amps(self, unit: int = 0) -> float:
+        return self.socket_limit(1)
+
+    def refresh(self, unit: int) -> None:
+        regs = self.units[unit].input
+        for car, offset in zip(self.cars, self.OFFSETS):
+            allowed = self.units[unit].holding.get(261 + offset, 0) >= 60
+            car.draw(self.units[unit].holding.get(261 + offset, 0) / 10 if allowed else 0.0)
+            state = (3 if allowed else 2) if not car.plugged else (7 if allowed else 6)
+            tenths, energy = round(car.amps * 10), int(car.energy_wh)
+            regs.update({5 + offset: state, 6 + offset: tenths, 7 + offset: tenths, 8 + offset: tenths,
+                         14 + offset: round(3 * car.amps * car.voltage),
+                         17 + offset: energy >> 16, 18 + offset: energy & 0xFFFF})

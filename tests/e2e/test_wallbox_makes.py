@@ -34,6 +34,7 @@ from tests.wallbox_sims import (
     SimKeba,
     SimMennekes,
     SimPhoenix,
+    SimTwinHeidelberg,
     SimVestel,
     SimWallbox,
     SimWebasto,
@@ -358,4 +359,36 @@ async def test_a_dead_wallbox_on_the_bus_does_not_fault_its_neighbour(peers: Loo
     sim.silent.clear()
     await wait_status(dead, "Charging")  # back, the same transaction
     assert len(calls(dead, "StartTransaction")) == 1 and not calls(dead, "StopTransaction")
+    await in_loop(peers, sim.stop())
+
+
+async def test_two_sockets_by_register_offset(peers: LoopThread, backend: SimBackend, start_proxy: StartProxy,
+                                              tmp_path: Path) -> None:
+    """A map file with two connectors on one unit id, the second 100 registers further on: each socket's own
+    state, meter and current register, two transactions at once."""
+    builtin = Path(__file__).parents[2] / "proxy" / "modbus" / "wallboxes" / "heidelberg.toml"
+    own = tmp_path / "twin.toml"
+    own.write_text(builtin.read_text() + "\n[[connectors]]\noffset = 0\n\n[[connectors]]\noffset = 100\n")
+    sim = SimTwinHeidelberg()
+    port = await in_loop(peers, sim.start())
+    await start_proxy(make_config(backend, [f'id = "TW"\nmodbus = "127.0.0.1:{port}"\nmap_file = "{own}"\n']))
+    rec = backend.recorder("TW")
+    await wait_status(rec, "Available", 2)
+    sim.cars[1].plugged = True  # socket 2 first
+    await wait_status(rec, "Charging", 2)
+    await wait_until(lambda: sim.socket_limit(2) == 16.0 and sim.socket_limit(1) == 0.0)
+    assert statuses(rec, 1)[-1] == "Available"
+    sim.cars[0].plugged = True
+    await wait_status(rec, "Charging", 1)
+    await wait_until(lambda: sim.socket_limit(1) == 16.0 and sim.socket_limit(2) == 16.0)
+    first, second = await transaction_of(rec, 1), await transaction_of(rec, 2)
+    result = await in_loop(peers, backend.call("TW", call.SetChargingProfile(
+        connector_id=1, cs_charging_profiles=tx_profile(8, first))))
+    assert result.status == "Accepted"
+    await wait_until(lambda: sim.socket_limit(1) == 8.0 and sim.socket_limit(2) == 16.0)
+    assert [v for u, a, v in sim.writes if a == 261][-1] == [80] and [v for u, a, v in sim.writes if a == 361]
+    await wait_recorded(rec, lambda r: any(p.get("transactionId") == second and any(
+        v["measurand"] == "Current.Import" and v["value"] == "16.0" for v in p["meterValue"][0]["sampledValue"])
+        for p in calls(r, "MeterValues")))
+    assert not [t for t in rec.sent if t.startswith("[4")]
     await in_loop(peers, sim.stop())
