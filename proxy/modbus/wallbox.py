@@ -114,7 +114,10 @@ class VirtualWallbox:
         self.retry_max = retry_max
         unit = charger.modbus_unit or self.map.unit
         buses = {} if buses is None else buses
-        self.client = buses.get(bus_of(charger)) or buses.setdefault(bus_of(charger), new_client(charger, unit))
+        bus = bus_of(charger)
+        if bus not in buses:  # the first wallbox on a bus opens it; the others share its client
+            buses[bus] = new_client(charger, unit)
+        self.client = buses[bus]
         self.sockets = [_Socket(n, c.unit or unit, c.offset, self.map.blocks(c.offset))
                         for n, c in enumerate(self.map.connectors, start=1)]
         self.core = VirtualChargePoint(virtual_settings(charger, self.map, call_timeout))
@@ -129,9 +132,9 @@ class VirtualWallbox:
         self._saved: dict[str, Any] | None = None
         self._saving = trio.Lock()
         #: Answers to a SetChargingProfile/ClearChargingProfile that changed the current, held until the
-        #: limit register reads back at most that current (the fuse counts a limit only once applied):
-        #: (amps, frame text).
-        self._unconfirmed: list[tuple[int, float, str]] = []  # (connector, amps, frame text)
+        #: connectors it changed apply at most their new current (the fuse counts a limit only once
+        #: applied): ({connector: amps still to confirm}, frame text).
+        self._unconfirmed: list[tuple[dict[int, float], str]] = []
 
     def reconfigure(self, charger: ModbusChargerSettings) -> None:
         """A reload: the current limits apply from the next poll (the rest needs a restart)."""
@@ -190,10 +193,10 @@ class VirtualWallbox:
                     self._saved = record
                 except OSError as exc:  # charging goes on; only a restart could lose the transaction now
                     self.log.error("virtual_record_write_failed", file=str(self.record_path), error=str(exc))
-        written = [(a.connector, a.amps) for a in actions if isinstance(a, SetCurrent)]
+        written = {a.connector: a.amps for a in actions if isinstance(a, SetCurrent)}
         for action in actions:
             if isinstance(action, Send) and written and action.text.startswith("[3"):
-                self._unconfirmed.append((*written[-1], action.text))  # sent once the register shows it
+                self._unconfirmed.append((dict(written), action.text))  # sent once every connector shows it
             elif isinstance(action, Send):
                 if self._connection is not None:
                     try:
@@ -270,7 +273,7 @@ class VirtualWallbox:
         return True
 
     async def _confirm(self, socket: _Socket, reading: WallboxReading) -> None:
-        """Answers whose current this connector now applies (or less) go out.
+        """Answers go out once every connector they changed applies its new current (or less).
 
         Applied means read back from the limit register (and the enable coil/register when the
         map has one); for a register the wallbox cannot report (write only), the accepted write
@@ -279,11 +282,14 @@ class VirtualWallbox:
         applied = self._applied(socket, reading)
         if applied is None:
             return
-        mine = [(c, amps, text) for c, amps, text in self._unconfirmed if c == socket.number]
-        due = [text for _, amps, text in mine if applied <= amps + 0.05]
-        self._unconfirmed = [(c, amps, text) for c, amps, text in self._unconfirmed
-                             if c != socket.number or applied > amps + 0.05]
-        for text in due:
+        due: list[tuple[dict[int, float], str]] = []
+        waiting: list[tuple[dict[int, float], str]] = []
+        for pending, text in self._unconfirmed:
+            if socket.number in pending and applied <= pending[socket.number] + 0.05:
+                pending = {c: amps for c, amps in pending.items() if c != socket.number}
+            (waiting if pending else due).append((pending, text))
+        self._unconfirmed = waiting
+        for _, text in due:
             if self._connection is not None:
                 try:
                     await self._connection.send_message(text)
