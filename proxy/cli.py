@@ -78,10 +78,11 @@ def _parser() -> argparse.ArgumentParser:
     _certs_parser(sub)
 
     demo = sub.add_parser("demo", help="proxy + simulated backend and wallboxes on loopback")
-    demo.add_argument("--wallboxes", type=int, default=3, help="OCPP 1.6 wallboxes (default: %(default)s)")
+    demo.add_argument("--wallboxes", type=int, default=3, metavar="N", help="OCPP 1.6 wallboxes (default: %(default)s)")
     demo.add_argument("--forever", action="store_true",
                       help="a transaction per wallbox every few seconds until Ctrl-C, then the summary")
-    demo.add_argument("--site-limit", type=float, default=32.0, help="site limit per phase, A (default: %(default)s)")
+    demo.add_argument("--site-limit", type=float, default=32.0, metavar="AMPS",
+                      help="site limit per phase, A (default: %(default)s)")
     demo.add_argument("--raw", action="store_true", help="print frames whole instead of action and key fields")
     demo.add_argument("--real-timing", action="store_true",
                       help="load management with a site's default ramp-up, hysteresis and hold times")
@@ -319,7 +320,10 @@ _DAYS = {"init-ca": 3650, "server": 825, "client": 825}
 
 
 def _certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    certs = sub.add_parser("certs", help="create a root CA, server and wallbox client certificates")
+    certs = sub.add_parser("certs", help="create a root CA, server and wallbox client certificates",
+                           description="A site CA, the gateway's server certificate and a client certificate per "
+                                       "wallbox, one command each (docs/certificates.md). Existing files are never "
+                                       "replaced without --force.")
     kinds = certs.add_subparsers(dest="kind", required=True, metavar="KIND")
     for name, text in (("init-ca", "root CA (ca.crt, ca.key)"),
                        ("server", "server certificate signed by the CA, or --self-signed"),
@@ -338,7 +342,8 @@ def _certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     kinds.choices["server"].add_argument("--san", action="append", default=[],
                                          help="DNS name or IP address the wallboxes use in their URL (repeatable); "
                                               "without it: localhost only")
-    kinds.choices["server"].add_argument("--self-signed", action="store_true")
+    kinds.choices["server"].add_argument("--self-signed", action="store_true",
+                                         help="sign with its own key instead of the CA in --dir")
     kinds.choices["client"].add_argument("--id", required=True, help="ChargeBox id (becomes the CN)")
     kinds.choices["client"].add_argument("--force-cn", action="store_true",
                                          help="accept a --CN or subject-file CN that differs from --id")
