@@ -185,7 +185,7 @@ class SimWallbox:
 
         return [SimDevice(unit, simdata=(block(DataType.BITS), block(DataType.BITS),
                                          block(DataType.REGISTERS), block(DataType.REGISTERS)),
-                          action=functools.partial(self._action, unit))  # type: ignore[arg-type]
+                          action=functools.partial(self._action, unit))
                 for unit in self.units]
 
     async def start(self, host: str = "127.0.0.1", port: int = 0, rtu: bool = False) -> int:

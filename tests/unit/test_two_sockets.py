@@ -210,7 +210,8 @@ def test_two_transactions_run_at_once_and_share_the_maximum() -> None:
     assert record is not None and "transaction" in record and "transaction" in record["connectors"]["2"]
     again = VirtualChargePoint(VirtualSettings("AL2", "Alfen", "Eve Double", connectors=2))
     again.restore(json.loads(json.dumps(record)))
-    assert again.connector(2).tx is not None and again.connector(2).tx.transaction_id == 1002
+    restored = again.connector(2).tx
+    assert restored is not None and restored.transaction_id == 1002
 
 
 @given(st.one_of(st.none(), st.floats(0, 64)), st.dictionaries(st.sampled_from([1, 2, 3]), st.floats(0, 32)))
@@ -329,3 +330,26 @@ def test_a_power_glitch_is_a_failed_read_not_a_meter_value() -> None:
 
 def test_setcurrent_names_its_connector() -> None:
     assert SetCurrent(10.0, 2).connector == 2 and SetCurrent(6.0).connector == 1
+
+
+_TOML_VALUES = st.one_of(
+    st.integers(-(2**40), 2**40).map(str), st.floats(allow_nan=False, allow_infinity=False).map(repr),
+    st.sampled_from(["true", "false", '""', '"holding"', '"coil"', '"string"', '"float64"', '"fc6"', "[]",
+                     "[1, 2, 3]", '["a"]', "{}", "{ plugged = 1 }", "0x10000", "-1", "nan", "inf"]))
+
+
+@given(st.lists(st.tuples(st.integers(0, 30), _TOML_VALUES), max_size=4))
+def test_no_map_file_crashes_the_parser(edits: list[tuple[int, str]]) -> None:
+    """A user's map file is untrusted: whatever its values, the result is a map or a ConfigError."""
+    lines = GOOD.splitlines()
+    for index, value in edits:
+        key_lines = [i for i, line in enumerate(lines) if " = " in line]
+        target = key_lines[index % len(key_lines)]
+        lines[target] = f"{lines[target].split(' = ')[0]} = {value}"
+    text = "\n".join(lines) + "\n"
+    try:
+        built = parse_map(text, "fuzz", "fuzz.toml")
+    except ConfigError as error:
+        assert error.problems and all(p.message for p in error.problems)
+    else:
+        assert built.blocks() and built.current_limit.min <= built.current_limit.max
