@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +197,21 @@ async def _scale(backend: int, ports: Sequence[int], window: float, data_dir: st
 
 # --- main -------------------------------------------------------------------------------------
 
+@contextlib.contextmanager
+def devices_process(script: str, count: int) -> Iterator[dict[str, Any]]:
+    """``script --devices count`` in a second process (so devices share no CPU or GIL with the
+    measured side): the ports it prints first; stopped by closing its stdin."""
+    devices = subprocess.Popen([sys.executable, script, "--devices", str(count)], cwd=ROOT,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert devices.stdout is not None
+        yield json.loads(devices.stdout.readline())
+    finally:
+        if devices.stdin is not None:
+            devices.stdin.close()
+        devices.wait(timeout=30)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--polls", type=int, default=2000)
@@ -210,11 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import tempfile
 
-    devices = subprocess.Popen([sys.executable, __file__, "--devices", str(args.wallboxes + 1)], cwd=ROOT,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert devices.stdout is not None
-        ports = json.loads(devices.stdout.readline())
+    with devices_process(__file__, args.wallboxes + 1) as ports:
         first, rest = ports["wallboxes"][0], ports["wallboxes"][1:]
         print(f"machine: {machine()}")
         print(f"Heidelberg poll (2 requests) × {args.polls}, devices in another process:")
@@ -231,10 +243,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {scale['polls']} polls, proxy CPU {scale['cpu_per_poll_us']:.0f} µs per poll "
               f"({scale['core_share'] * 100:.1f} % of one core), RSS {scale['rss_per_charger_kib']:.0f} KiB "
               f"per virtual charge point")
-    finally:
-        if devices.stdin is not None:
-            devices.stdin.close()
-        devices.wait(timeout=30)
     return 0
 
 

@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -118,12 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(devices_main(args.devices))
         return 0
     from bench.limit_latency import machine
+    from bench.modbus import devices_process
 
-    devices = subprocess.Popen([sys.executable, __file__, "--devices", str(args.wallboxes)], cwd=ROOT,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert devices.stdout is not None
-        ports = json.loads(devices.stdout.readline())
+    with devices_process(__file__, args.wallboxes) as ports:
         n, rounds = args.wallboxes, args.rounds
         print(f"machine: {machine()}")
         print(f"{n} wallboxes × Heidelberg poll (2 requests), {rounds} rounds, devices in another process:")
@@ -137,10 +133,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
         for name, r in results.items():
             print(f"  {name:<28} {r['p50_ms']:>8.2f}ms {r['p99_ms']:>8.2f}ms {r['cpu_us']:>10.0f}µs")
-    finally:
-        if devices.stdin is not None:
-            devices.stdin.close()
-        devices.wait(timeout=30)
     return 0
 
 
