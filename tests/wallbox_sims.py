@@ -92,6 +92,7 @@ class SimWallbox:
         self.port = 0
         self.failing = False
         self.silent: set[int] = set()   # units that stop answering (a dead device on the bus)
+        self.delay = 0.0                # seconds before each answer (a slow device)
         self._server: Any = None
         for unit in self.units:
             self.reset(unit)
@@ -142,6 +143,8 @@ class SimWallbox:
             await asyncio.sleep(3600)  # no answer: the client times out
         self.functions.append(function_code)
         self.times.append(time.monotonic())
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.failing:
             return ExcCodes.DEVICE_FAILURE
         refused = self.check(function_code, unit, address, count, writing)

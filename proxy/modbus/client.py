@@ -131,9 +131,15 @@ class ModbusClient:
         await self._request(WriteSingleCoilRequest(address=address, bits=[on], dev_id=dev))
 
     async def aclose(self) -> None:
+        """Close the connection (it reopens on the next request); waits for a request on the wire, so a
+        wallbox leaving a shared bus never cuts another's exchange short."""
+        async with self._lock:
+            await self._drop()
+
+    async def _drop(self) -> None:
         if self._stream is not None:
-            await trio.aclose_forcefully(self._stream)
-            self._stream = None
+            stream, self._stream = self._stream, None
+            await trio.aclose_forcefully(stream)
 
     async def _request(self, request: ModbusPDU) -> ModbusPDU:
         async with self._lock:
@@ -143,11 +149,11 @@ class ModbusClient:
                 with trio.fail_after(self.timeout):
                     return await self._exchange(request)
             except trio.TooSlowError:
-                await self.aclose()
+                await self._drop()
                 raise ModbusError(f"no answer from {self.where} unit {request.dev_id} "
                                   f"within {self.timeout:g} s") from None
             except (OSError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                await self.aclose()
+                await self._drop()
                 raise ModbusError(f"connection to {self.where} failed: {exc}") from exc
             finally:
                 self._quiet_until = trio.current_time() + self.frame_gap
@@ -161,12 +167,13 @@ class ModbusClient:
     async def _exchange(self, request: ModbusPDU) -> ModbusPDU:
         if self._stream is None:
             self._stream = await self._open()
+        stream = self._stream
         rtu = self.transport != "tcp"
         request.transaction_id = 0 if rtu else next(self._tids)
-        await self._stream.send_all(self._framer.buildFrame(request))
+        await stream.send_all(self._framer.buildFrame(request))
         buffer = b""
         while True:
-            chunk = await self._stream.receive_some(512)
+            chunk = await stream.receive_some(512)
             if not chunk:
                 raise trio.BrokenResourceError("connection closed by the device")
             buffer += chunk

@@ -392,3 +392,26 @@ async def test_two_sockets_by_register_offset(peers: LoopThread, backend: SimBac
         for p in calls(r, "MeterValues")))
     assert not [t for t in rec.sent if t.startswith("[4")]
     await in_loop(peers, sim.stop())
+
+
+async def test_closing_a_shared_bus_waits_for_the_exchange_on_the_wire(peers: LoopThread) -> None:
+    """One wallbox leaving a shared bus (its runner restarts) must not cut another's request short."""
+    from proxy.modbus.client import ModbusClient
+
+    sim = SimMennekes(units=(50, 51))
+    sim.delay = 0.3
+    port = await in_loop(peers, sim.start(rtu=True))
+    client = ModbusClient("127.0.0.1", port, 50, timeout=5.0, transport="rtu-over-tcp")
+    answers: list[list[int]] = []
+
+    async def read() -> None:
+        answers.append(await client.read("holding", 0x0100, 1, unit=51))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(read)
+        await wait_until(lambda: len(sim.times) == 1)  # the request is on the wire
+        await client.aclose()  # waits for the answer instead of dropping the connection under it
+        assert answers == [[1]]  # unit 51's EVSE state: idle
+    assert await client.read("holding", 0x0100, 1, unit=50) == [1]  # and the bus reopens
+    await client.aclose()
+    await in_loop(peers, sim.stop())
