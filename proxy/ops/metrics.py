@@ -584,19 +584,20 @@ class MetricsListener(Listener):
 
     def action(self, paired: PairedSession, action: Action) -> None:
         metrics = self.metrics
+        if type(action) is CallCompleted:  # every answered CALL: an exact-type check, as in the relay's loop
+            metrics.call_completed(action.leg, action.action, action.seconds)
+            return
         match action:
-            case CallCompleted(leg=leg, action=name, seconds=seconds):
-                metrics.call_completed(leg, name, seconds)
-            case Malformed(source=source, dropped=dropped):
-                metrics.malformed_frame(side_label(source), dropped)
-            case ProxyAnswer(action=name, frame=answer):
-                metrics.own_call(name, "result" if answer.kind is MessageType.CALLRESULT else "error")
-            case ProxyCallFailed(action=name, reason=reason):
-                metrics.own_call(name, "timeout" if reason == "timeout" else "closed")
-            case MirrorDropped(upstream=upstream, action=name, reason=reason):
-                metrics.secondary_frame_dropped(upstream, name, reason)
-            case Policed(upstream=upstream, action=name, mode=mode):
-                metrics.policy_refusal(upstream, name, mode)
+            case Malformed():
+                metrics.malformed_frame(side_label(action.source), action.dropped)
+            case ProxyAnswer():
+                metrics.own_call(action.action, "result" if action.frame.kind is MessageType.CALLRESULT else "error")
+            case ProxyCallFailed():
+                metrics.own_call(action.action, "timeout" if action.reason == "timeout" else "closed")
+            case MirrorDropped():
+                metrics.secondary_frame_dropped(action.upstream, action.action, action.reason)
+            case Policed():
+                metrics.policy_refusal(action.upstream, action.action, action.mode)
 
     def upstream_state(self, paired: PairedSession, name: str, up: bool, reason: str) -> None:
         if name != paired.session.primary:  # a secondary: its own series, not the backend's

@@ -585,16 +585,17 @@ class PairedSession:
         self._dispatch(actions[start:] if start else actions)
 
     def _dispatch(self, actions: list[Action]) -> None:
+        # Per frame: exact-type checks (mypy narrows them) instead of class patterns, which cost an
+        # isinstance call and a list per match (about 2 % of the session + dispatch + metrics path).
         for action in actions:
-            match action:
-                case ToUpstream():
-                    outbox = self._upstream_out.get(action.name)
-                    if outbox is not None:
-                        outbox.put(action.text)
-                case ToWallbox():
-                    self._wallbox_out.put(action.text)
-                case _:
-                    self._notify(action)
+            if type(action) is ToUpstream:
+                outbox = self._upstream_out.get(action.name)
+                if outbox is not None:
+                    outbox.put(action.text)
+            elif type(action) is ToWallbox:
+                self._wallbox_out.put(action.text)
+            else:
+                self._notify(action)
         deadline = self.session.next_deadline()
         if deadline is not None and deadline < self._timer.deadline:
             self._timer.deadline = deadline

@@ -46,3 +46,9 @@ def test_modbus_bus_bench_runs_with_small_counts() -> None:
     for way in ("tcp, own connection each", "tcp, shared client", "rtu-over-tcp, shared", "rtu-over-tcp, 5 ms gap"):
         assert way in out
     assert "2 wallboxes" in out and "CPU/request" in out
+
+
+def test_dispatch_bench_runs_side_by_side_with_a_baseline() -> None:
+    out = run_bench("dispatch", "--frames", "200", "--repeats", "2", "--runs", "1", "--baseline", str(ROOT))
+    rows = [line for line in out.splitlines() if line.startswith(("| this checkout", "| baseline"))]
+    assert len(rows) == 2 and all(float(row.rsplit("|", 2)[1]) > 0 for row in rows)
