@@ -289,7 +289,7 @@ async def test_a_full_disk_during_replay_ends_no_session_and_loses_nothing(tmp_p
                 disk.free()
                 assert (await call(ws, "r2", "StatusNotification", status(1, "Preparing")))[0] == 3
         finally:
-            await stop(proxy)
+            await proxy.stop()
             if backend is not None:
                 await backend.stop()
         assert not any(e.get("event") == "session_closing" and e.get("closed_by") != "wallbox"
@@ -332,7 +332,7 @@ async def test_a_transaction_queued_while_the_backend_was_down_is_billed_after_t
         assert (await backend.wait_event("connected"))["path"] == "/ocpp/CP1"  # under the charger's identity
         assert queued(tmp_path / "data") == []
     finally:
-        await stop(proxy)
+        await proxy.stop()
         if backend is not None:
             await backend.stop()
 
@@ -369,7 +369,7 @@ async def test_a_secondary_behind_is_caught_up_without_the_wallbox_and_backend_c
         closed = await proxy.wait_event("drain_closed", after=mark)
         assert closed["reason"] == "queue delivered"
     finally:
-        await stop(proxy)
+        await proxy.stop()
         await primary.stop()
         if ems is not None:
             await ems.stop()
