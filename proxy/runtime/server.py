@@ -68,6 +68,8 @@ class ProxyServer:
         self._storage: SqliteStorage | None = None
         self._queue: AsyncQueue | None = None
         self._limits = _address_limits(config)
+        #: Handshakes in progress per address (``per_address_handshakes``); the others wait their turn.
+        self._active: dict[str, trio.CapacityLimiter] = {}
         #: Per address: when a refusal by the per-address caps was last logged (one line per second at most).
         self._limited_logged: dict[str, float] = {}
         #: Secondary upstreams: mirrors kept across sessions, their transaction ids (issue 10).
@@ -287,8 +289,11 @@ class ProxyServer:
     async def _handle_stream(self, stream: trio.SocketStream, address: str = "?") -> None:
         """One connection; whatever goes wrong in it is logged and stays in it."""
         peer = _peer(stream)
-        pending = [True]  # until the handshake is decided: counted against the address's cap
+        slot = _HandshakeSlot(self._limits, self._active, self.config.server.per_address_handshakes, address)
         try:
+            if not await slot.take(self.config.server.handshake_timeout):
+                self._handshake_timed_out(peer)
+                return
             try:
                 secured = await self._secure.wrap(stream, peer)
             except trio.TooSlowError:
@@ -297,18 +302,13 @@ class ProxyServer:
             if secured is None:
                 return
             async with trio.open_nursery() as nursery:
-                await self._handle_connection(nursery, secured, peer, functools.partial(self._decided, address, pending))
+                await self._handle_connection(nursery, secured, peer, slot.release)
                 nursery.cancel_scope.cancel()
         except Exception as exc:  # noqa: BLE001 - one connection must never stop the server
             self.log.error("connection_failed", peer=peer, error=_describe(exc))
         finally:
-            self._decided(address, pending)
+            slot.release()
             await trio.aclose_forcefully(stream)
-
-    def _decided(self, address: str, pending: list[bool]) -> None:
-        if pending[0]:
-            pending[0] = False
-            self._limits.done(address)
 
     async def _handle_connection(self, nursery: trio.Nursery, secured: Secured, peer: str,
                                  decided: Callable[[], None] = lambda: None) -> None:
@@ -323,7 +323,6 @@ class ProxyServer:
         if isinstance(request, wsconn.HandshakeFailed):
             self._handshake_failed(request, peer)
             return
-        decided()
         decision = decide(self.config, request.path, request.headers, request.proposed_subprotocols,
                           tls=secured.tls, client_cn=secured.client_cn)
         if isinstance(decision, Refuse):
@@ -332,7 +331,7 @@ class ProxyServer:
         if decision.other_username is not None:
             self.log.warning("basic_auth_username_ignored", peer=peer, charger=decision.charger.id,
                              username=decision.other_username, reason="any_username = true")
-        await self._admit(nursery, request, decision, peer)
+        await self._admit(nursery, request, decision, peer, decided)
 
     async def _refuse(self, request: wsconn.WsRequest, refusal: Refuse, peer: str) -> None:
         self.log.warning("handshake_refused", peer=peer, charger=refusal.charge_box_id,
@@ -357,12 +356,18 @@ class ProxyServer:
         for listener in self.listeners:
             listener.handshake_refused(refusal)
 
-    async def _admit(self, nursery: trio.Nursery, request: wsconn.WsRequest, admit: Admit, peer: str) -> None:
+    async def _admit(self, nursery: trio.Nursery, request: wsconn.WsRequest, admit: Admit, peer: str,
+                     decided: Callable[[], None] = lambda: None) -> None:
         async def refuse(exc: UpstreamUnavailable) -> None:
             await self._refuse(request, Refuse(exc.status, "upstream_unavailable", exc.reason, admit.charger.id),
                                peer)
 
-        await self._pair(admit, peer, functools.partial(_accept_request, request), refuse)
+        async def accept(subprotocol: str | None) -> Connection:
+            connection = await _accept_request(request, subprotocol)
+            decided()  # paired and answered 101: the handshake no longer counts against its address
+            return connection
+
+        await self._pair(admit, peer, accept, refuse)
 
     async def _pair(self, admit: Admit, peer: str, accept: Callable[[str | None], Awaitable[Connection]],
                     refuse: Callable[[UpstreamUnavailable], Awaitable[None]], drain: bool = False) -> None:
@@ -615,6 +620,50 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, BaseExceptionGroup):
         return "; ".join(_describe(e) for e in exc.exceptions)
     return f"{type(exc).__name__}: {exc}"[:300]
+
+
+class _HandshakeSlot:
+    """One connection's place in its address's handshake budget, from accept until paired or refused.
+
+    Counted in :class:`AddressLimits` (pending) from accept; it also waits for one of the
+    address's ``per_address_handshakes`` slots before any TLS or HTTP work, so a flood from one
+    address is worked off a few at a time and never crowds out the handshakes of other addresses.
+    Released once, whichever way the handshake ends.
+    """
+
+    def __init__(self, limits: AddressLimits, active: dict[str, trio.CapacityLimiter], per_address: int,
+                 address: str) -> None:
+        self.limits, self.active, self.per_address, self.address = limits, active, per_address, address
+        self.held: trio.CapacityLimiter | None = None
+        self.released = False
+
+    async def take(self, timeout: float) -> bool:
+        """False when no slot came free within ``timeout`` (counted as a handshake timeout)."""
+        if not self.per_address:
+            return True
+        limiter = self.active.get(self.address)
+        if limiter is None:
+            limiter = self.active[self.address] = trio.CapacityLimiter(self.per_address)
+        with trio.move_on_after(timeout):
+            await limiter.acquire_on_behalf_of(self)
+            self.held = limiter
+            return True
+        self._forget(limiter)
+        return False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        self.limits.done(self.address)
+        if self.held is not None:
+            self.held.release_on_behalf_of(self)
+            self._forget(self.held)
+
+    def _forget(self, limiter: trio.CapacityLimiter) -> None:
+        if limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0:
+            if self.active.get(self.address) is limiter:
+                del self.active[self.address]
 
 
 def _address_limits(config: Config) -> AddressLimits:
