@@ -345,6 +345,9 @@ def _certs_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     kinds.choices["server"].add_argument("--self-signed", action="store_true",
                                          help="sign with its own key instead of the CA in --dir")
     kinds.choices["client"].add_argument("--id", required=True, help="ChargeBox id (becomes the CN)")
+    for kind in ("server", "client"):
+        kinds.choices[kind].add_argument("--ca-password-env", metavar="VARIABLE", default="",
+                                         help="environment variable holding the passphrase of an encrypted ca.key")
     kinds.choices["client"].add_argument("--force-cn", action="store_true",
                                          help="accept a --CN or subject-file CN that differs from --id")
 
@@ -410,12 +413,25 @@ def cmd_certs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ca_password(args: argparse.Namespace) -> str:
+    """The CA key's passphrase from the environment variable ``--ca-password-env`` names."""
+    import os
+
+    name = getattr(args, "ca_password_env", "")
+    if not name:
+        return ""
+    if name not in os.environ:
+        raise ValueError(f"--ca-password-env {name}: environment variable {name!r} is not set")
+    return os.environ[name]
+
+
 def _issue(args: argparse.Namespace, out: Path, fields: dict[str, str]) -> Issued:
     from proxy.ops import certs
 
     if args.kind == "init-ca":
         return certs.create_ca({"CN": "ocpp-proxy root CA", **fields}, args.days)
-    ca = None if getattr(args, "self_signed", False) else certs.read_issued(out / "ca.crt", out / "ca.key")
+    ca = None if getattr(args, "self_signed", False) else certs.read_issued(
+        out / "ca.crt", out / "ca.key", _ca_password(args))
     if args.kind == "server":
         fields = {"CN": (args.san or ["localhost"])[0], **fields}
         return certs.create_server(fields, args.san or [fields["CN"]], args.days, ca)

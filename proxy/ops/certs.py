@@ -168,9 +168,10 @@ def write(issued: Issued, cert_path: Path, key_path: Path, chain: Iterable[x509.
     cert_path.write_bytes(pem)
 
 
-def read_issued(cert_path: Path, key_path: Path) -> Issued:
+def read_issued(cert_path: Path, key_path: Path, password: str = "") -> Issued:
+    """A CA to sign with; its key may be encrypted (the guides' recipe protects it with a passphrase)."""
     cert = load_certificates(cert_path)[0]
-    return Issued(cert, _load_key(key_path))  # type: ignore[arg-type]
+    return Issued(cert, _load_key(key_path, password))  # type: ignore[arg-type]
 
 
 def fingerprint(cert: x509.Certificate) -> str:
@@ -202,7 +203,8 @@ def _load_key(path: Path, password: str = "") -> PrivateKeyTypes:
             raise CertificateProblem(path, "key is not encrypted but a passphrase is configured; "
                                      "remove the key's *_password setting") from exc
         raise CertificateProblem(path, "key is encrypted: set its passphrase (key_password_env / "
-                                 "key_password_file, or client_key_password_* for a client key)") from exc
+                                 "key_password_file, client_key_password_* for a client key; "
+                                 "ocpp-proxy certs: --ca-password-env)") from exc
     except ValueError as exc:
         if password and b"ENCRYPTED" in data:
             raise CertificateProblem(path, "wrong passphrase for this encrypted key") from exc

@@ -216,3 +216,19 @@ async def test_verify_false_is_an_explicit_opt_in_warned_at_every_start(
     checked = await trio.to_thread.run_sync(_cli, "check-config", str(site))
     assert checked.returncode == 0 and "backend.verify: verify = false" in checked.stderr, checked.stderr
     await in_loop(peers, backend.stop())
+
+
+def test_certs_cli_signs_with_the_guides_encrypted_root_ca(pki: GuidePki, tmp_path: Path) -> None:
+    """The right column of docs/certificates.md next to the left: `certs client` with the recipe's CA."""
+    site = tmp_path / "site-ca"
+    site.mkdir()
+    shutil.copy(pki.rootCA_crt, site / "ca.crt")
+    shutil.copy(pki.rootCA_key, site / "ca.key")
+    without = _cli("certs", "client", "--dir", str(site), "--id", "CP9")
+    assert without.returncode == 2 and f"{site / 'ca.key'}: key is encrypted" in without.stderr
+    made = _cli("certs", "client", "--dir", str(site), "--id", "CP9", "--ca-password-env", "CA_PASS",
+                env={"CA_PASS": CA_PASS})
+    assert made.returncode == 0, made.stderr
+    verified = subprocess.run(["openssl", "verify", "-CAfile", pki.rootCA_crt, str(site / "CP9.crt")],
+                              capture_output=True, text=True, timeout=60)
+    assert verified.returncode == 0 and "OK" in verified.stdout
