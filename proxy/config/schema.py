@@ -174,8 +174,9 @@ class ServerSettings:
     per_address_rate: float = setting(20.0, "new connections per second one IP address may open, sustained, "
                                       "after per_address_burst at once; 0: no cap", check=non_negative)
     per_address_burst: int = setting(256, "new connections one IP address may open at once", check=non_negative)
-    per_address_handshakes: int = setting(8, "handshakes (TLS, HTTP, upstream) worked on at once per IP address; "
-                                          "the address's other connections wait their turn; 0: no limit",
+    per_address_handshakes: int = setting(8, "handshakes worked on at once per IP address once their request is "
+                                          "in (decision, upstream connection, 101); the address's others wait "
+                                          "their turn; 0: no limit",
                                           check=non_negative)
 
 

@@ -45,6 +45,10 @@ if TYPE_CHECKING:
     from proxy.modbus.wallbox import VirtualWallbox
 
 
+def _nothing() -> None:
+    pass
+
+
 class ProxyServer:
     def __init__(self, config: Config, *, listeners: Sequence[Listener] = ()) -> None:
         self.config = config
@@ -69,7 +73,7 @@ class ProxyServer:
         self._queue: AsyncQueue | None = None
         self._limits = _address_limits(config)
         #: Handshakes in progress per address (``per_address_handshakes``); the others wait their turn.
-        self._active: dict[str, trio.CapacityLimiter] = {}
+        self._slots = _Slots(config.server.per_address_handshakes)
         #: Per address: when a refusal by the per-address caps was last logged (one line per second at most).
         self._limited_logged: dict[str, float] = {}
         #: Secondary upstreams: mirrors kept across sessions, their transaction ids (issue 10).
@@ -269,6 +273,7 @@ class ProxyServer:
         self.config = config
         fresh = _address_limits(config)  # the caps change, the counts in flight stay
         self._limits.max_pending, self._limits.rate, self._limits.burst = fresh.max_pending, fresh.rate, fresh.burst
+        self._slots.alone = config.server.per_address_handshakes  # for addresses that start a handshake from now
         for charger in config.modbus_chargers:
             if charger.id in self.virtual:
                 self.virtual[charger.id].reconfigure(charger)
@@ -289,11 +294,8 @@ class ProxyServer:
     async def _handle_stream(self, stream: trio.SocketStream, address: str = "?") -> None:
         """One connection; whatever goes wrong in it is logged and stays in it."""
         peer = _peer(stream)
-        slot = _HandshakeSlot(self._limits, self._active, self.config.server.per_address_handshakes, address)
+        slot = _HandshakeSlot(self._limits, self._slots if self._slots.alone else None, address)
         try:
-            if not await slot.take(self.config.server.handshake_timeout):
-                self._handshake_timed_out(peer)
-                return
             try:
                 secured = await self._secure.wrap(stream, peer)
             except trio.TooSlowError:
@@ -302,7 +304,7 @@ class ProxyServer:
             if secured is None:
                 return
             async with trio.open_nursery() as nursery:
-                await self._handle_connection(nursery, secured, peer, slot.release)
+                await self._handle_connection(nursery, secured, peer, slot)
                 nursery.cancel_scope.cancel()
         except Exception as exc:  # noqa: BLE001 - one connection must never stop the server
             self.log.error("connection_failed", peer=peer, error=_describe(exc))
@@ -311,7 +313,7 @@ class ProxyServer:
             await trio.aclose_forcefully(stream)
 
     async def _handle_connection(self, nursery: trio.Nursery, secured: Secured, peer: str,
-                                 decided: Callable[[], None] = lambda: None) -> None:
+                                 slot: _HandshakeSlot | None = None) -> None:
         server = self.config.server
         request: wsconn.WsRequest | wsconn.HandshakeFailed | None = None
         with trio.move_on_after(server.handshake_timeout):
@@ -323,6 +325,9 @@ class ProxyServer:
         if isinstance(request, wsconn.HandshakeFailed):
             self._handshake_failed(request, peer)
             return
+        if slot is not None and not await slot.take(server.handshake_timeout):
+            self._handshake_timed_out(peer)  # its address had other handshakes in the works all along
+            return
         decision = decide(self.config, request.path, request.headers, request.proposed_subprotocols,
                           tls=secured.tls, client_cn=secured.client_cn)
         if isinstance(decision, Refuse):
@@ -331,7 +336,7 @@ class ProxyServer:
         if decision.other_username is not None:
             self.log.warning("basic_auth_username_ignored", peer=peer, charger=decision.charger.id,
                              username=decision.other_username, reason="any_username = true")
-        await self._admit(nursery, request, decision, peer, decided)
+        await self._admit(nursery, request, decision, peer, slot.release if slot is not None else _nothing)
 
     async def _refuse(self, request: wsconn.WsRequest, refusal: Refuse, peer: str) -> None:
         self.log.warning("handshake_refused", peer=peer, charger=refusal.charge_box_id,
@@ -362,15 +367,12 @@ class ProxyServer:
             await self._refuse(request, Refuse(exc.status, "upstream_unavailable", exc.reason, admit.charger.id),
                                peer)
 
-        async def accept(subprotocol: str | None) -> Connection:
-            connection = await _accept_request(request, subprotocol)
-            decided()  # paired and answered 101: the handshake no longer counts against its address
-            return connection
-
-        await self._pair(admit, peer, accept, refuse)
+        # `decided`: paired, answered 101 and registered: the handshake no longer counts against its address
+        await self._pair(admit, peer, functools.partial(_accept_request, request), refuse, started=decided)
 
     async def _pair(self, admit: Admit, peer: str, accept: Callable[[str | None], Awaitable[Connection]],
-                    refuse: Callable[[UpstreamUnavailable], Awaitable[None]], drain: bool = False) -> None:
+                    refuse: Callable[[UpstreamUnavailable], Awaitable[None]], drain: bool = False,
+                    started: Callable[[], None] = _nothing) -> None:
         """Open the upstream, then relay; an unreachable backend is an outage (5xx) or a refusal (4xx)."""
         log = self.log.bind(charger=admit.charger.id)
         async with AsyncExitStack() as stack:
@@ -385,7 +387,7 @@ class ProxyServer:
                     await refuse(exc)
                     return
                 upstream = None
-            await self._relay(accept, admit, upstream, peer, log, drain)
+            await self._relay(accept, admit, upstream, peer, log, drain, started)
 
     def _connector(self, admit: Admit, subprotocols: Sequence[str] | None = None,
                    ) -> Callable[[], AbstractAsyncContextManager[wsconn.WsConnection]]:
@@ -416,7 +418,8 @@ class ProxyServer:
             await wallbox.aclose(closecodes.INTERNAL_ERROR, "proxy error")
 
     async def _relay(self, accept: Callable[[str | None], Awaitable[Connection]], admit: Admit,
-                     upstream: wsconn.WsConnection | None, peer: str, log: Any, drain: bool = False) -> None:
+                     upstream: wsconn.WsConnection | None, peer: str, log: Any, drain: bool = False,
+                     started: Callable[[], None] = _nothing) -> None:
         charger_id = admit.charger.id
         subprotocol = upstream.subprotocol if upstream is not None else offline_subprotocol(admit)
         # A backend that chose no subprotocol: the wallbox speaks what it offered first.
@@ -447,6 +450,7 @@ class ProxyServer:
             registry[charger_id] = paired
         else:
             await self._register(paired)
+        started()
         try:
             await paired.run()
         finally:
@@ -622,48 +626,82 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:300]
 
 
+class _Slots:
+    """Handshakes in the works per address: ``alone`` at once while no other address has one, one
+    at a time each while several have (so a flooding address yields to everyone else's wallboxes,
+    and a site behind one NAT reconnecting on its own still goes at full speed)."""
+
+    def __init__(self, alone: int) -> None:
+        self.alone = alone
+        self.limiters: dict[str, trio.CapacityLimiter] = {}
+        self.busy: set[str] = set()
+
+    def _share(self) -> int:
+        return self.alone if len(self.busy) <= 1 else 1
+
+    async def take(self, address: str, owner: object, timeout: float) -> bool:
+        limiter = self.limiters.get(address)
+        if limiter is None:
+            limiter = self.limiters[address] = trio.CapacityLimiter(self._share())
+        with trio.move_on_after(timeout):
+            await limiter.acquire_on_behalf_of(owner)
+            self._now_busy(address)
+            return True
+        self._forget(address, limiter)
+        return False
+
+    def release(self, address: str, owner: object) -> None:
+        limiter = self.limiters[address]
+        limiter.release_on_behalf_of(owner)
+        if limiter.borrowed_tokens == 0 and address in self.busy:
+            self.busy.discard(address)
+            if len(self.busy) == 1:  # the one left is alone again
+                self.limiters[next(iter(self.busy))].total_tokens = self.alone
+        self._forget(address, limiter)
+
+    def _now_busy(self, address: str) -> None:
+        if address in self.busy:
+            return
+        self.busy.add(address)
+        if len(self.busy) == 2:  # contention starts: every busy address goes one at a time
+            for other in self.busy:
+                self.limiters[other].total_tokens = 1
+
+    def _forget(self, address: str, limiter: trio.CapacityLimiter) -> None:
+        if limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0:
+            if self.limiters.get(address) is limiter:
+                del self.limiters[address]
+
+
 class _HandshakeSlot:
     """One connection's place in its address's handshake budget, from accept until paired or refused.
 
-    Counted in :class:`AddressLimits` (pending) from accept; it also waits for one of the
-    address's ``per_address_handshakes`` slots before any TLS or HTTP work, so a flood from one
-    address is worked off a few at a time and never crowds out the handshakes of other addresses.
-    Released once, whichever way the handshake ends.
+    Counted in :class:`AddressLimits` (pending) from accept. Once its upgrade request is in, it
+    waits for a slot of its address (:class:`_Slots`) before the work that costs (the decision,
+    the upstream connection, the 101), so a flood from one address is worked off a few at a time
+    and yields to the handshakes of other addresses, while connections that are slow to send
+    their request hold no slot. Released once, whichever way the handshake ends.
     """
 
-    def __init__(self, limits: AddressLimits, active: dict[str, trio.CapacityLimiter], per_address: int,
-                 address: str) -> None:
-        self.limits, self.active, self.per_address, self.address = limits, active, per_address, address
-        self.held: trio.CapacityLimiter | None = None
+    def __init__(self, limits: AddressLimits, slots: _Slots | None, address: str) -> None:
+        self.limits, self.slots, self.address = limits, slots, address
+        self.held = False
         self.released = False
 
     async def take(self, timeout: float) -> bool:
         """False when no slot came free within ``timeout`` (counted as a handshake timeout)."""
-        if not self.per_address:
+        if self.slots is None:
             return True
-        limiter = self.active.get(self.address)
-        if limiter is None:
-            limiter = self.active[self.address] = trio.CapacityLimiter(self.per_address)
-        with trio.move_on_after(timeout):
-            await limiter.acquire_on_behalf_of(self)
-            self.held = limiter
-            return True
-        self._forget(limiter)
-        return False
+        self.held = await self.slots.take(self.address, self, timeout)
+        return self.held
 
     def release(self) -> None:
         if self.released:
             return
         self.released = True
         self.limits.done(self.address)
-        if self.held is not None:
-            self.held.release_on_behalf_of(self)
-            self._forget(self.held)
-
-    def _forget(self, limiter: trio.CapacityLimiter) -> None:
-        if limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0:
-            if self.active.get(self.address) is limiter:
-                del self.active[self.address]
+        if self.held and self.slots is not None:
+            self.slots.release(self.address, self)
 
 
 def _address_limits(config: Config) -> AddressLimits:

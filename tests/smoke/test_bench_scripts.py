@@ -52,3 +52,10 @@ def test_dispatch_bench_runs_side_by_side_with_a_baseline() -> None:
     out = run_bench("dispatch", "--frames", "200", "--repeats", "2", "--runs", "1", "--baseline", str(ROOT))
     rows = [line for line in out.splitlines() if line.startswith(("| this checkout", "| baseline"))]
     assert len(rows) == 2 and all(float(row.rsplit("|", 2)[1]) > 0 for row in rows)
+
+
+def test_door_flood_bench_runs_with_small_counts() -> None:
+    out = run_bench("door_flood", "--sessions", "30", "--flood-seconds", "1", "--budget", "20")
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "failed)" in line]
+    assert [row.split(" | ")[0] for row in rows] == ["| quiet", "| flood, caps on (defaults)", "| flood, caps off"]
+    assert all(" (0 failed)" in row for row in rows)  # the probe got its 101 every time
