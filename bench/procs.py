@@ -212,10 +212,12 @@ class OcppProxy(Path_):
     def start(self, backend_port: int, identities: int) -> None:
         self.port = free_port()
         config = self.workdir / "proxy.toml"
+        # Every wallbox of a run comes from 127.0.0.1: the per-address caps (bench/door_flood.py) are
+        # off, those the checkout knows (a --baseline checkout may be older and refuse unknown keys).
+        schema = (self.root / "proxy" / "config" / "schema.py").read_text()
+        caps = "".join(f"{key} = 0\n" for key in _PER_ADDRESS_CAPS if f"{key}:" in schema)
         config.write_text(
-            f'[server]\nlisten = "{HOST}:{self.port}"\naccept_unknown = true\n'
-            # every wallbox of a run comes from 127.0.0.1: the per-address caps (bench/door_flood.py) are off
-            f'per_address_pending = 0\nper_address_rate = 0\nper_address_handshakes = 0\n'
+            f'[server]\nlisten = "{HOST}:{self.port}"\naccept_unknown = true\n{caps}'
             f'[backend]\nurl = "ws://{HOST}:{backend_port}/ocpp"\n'
             f'[metrics]\nlisten = "{HOST}:{free_port()}"\n'
             f'[offline]\ndata_dir = "{self.workdir / "data"}"\n'
@@ -245,6 +247,10 @@ class OcppProxy(Path_):
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+#: The proxy's per-address limits on new connections (proxy/config/schema.py, [server]).
+_PER_ADDRESS_CAPS = ("per_address_pending", "per_address_rate", "per_address_burst", "per_address_handshakes")
 
 
 def websocat_binary() -> str | None:
