@@ -57,5 +57,6 @@ from proxy.config.security import (  # noqa: F401
     security_warnings as security_warnings,
 )
 from proxy.config.schema import (  # noqa: F401
+    charge_point_id_problem as charge_point_id_problem,
     redact_url as redact_url,
 )

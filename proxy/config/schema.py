@@ -84,6 +84,22 @@ def websocket_url(value: Any) -> str | None:
     return None
 
 
+#: OCPP charge point identity: at most 48 characters of identifierString, without ':' (docs/security.md).
+CHARGE_POINT_ID_MAX = 48
+_CHARGE_POINT_ID = re.compile(r"[A-Za-z0-9*\-_=+|@.]{1,48}")
+
+
+def charge_point_id_problem(cb_id: str) -> str | None:
+    """Why ``cb_id`` is not an OCPP charge point identity, or None when it is one (wallboxes and config alike)."""
+    if cb_id in (".", ".."):
+        return "a dot segment is not an id"
+    if len(cb_id) > CHARGE_POINT_ID_MAX:
+        return f"longer than {CHARGE_POINT_ID_MAX} characters"
+    if not _CHARGE_POINT_ID.fullmatch(cb_id):
+        return "only a-z A-Z 0-9 * - _ = + | @ . are allowed"
+    return None
+
+
 def redact_url(value: str) -> str:
     """``scheme://user:secret@host`` → ``scheme://***@host``: URLs are logged, their userinfo never."""
     return _USERINFO.sub(r"\1***@", value)
@@ -440,7 +456,7 @@ class UpstreamTarget:
     verify: bool = True
 
     def __repr__(self) -> str:  # the password must not reach logs through a repr
-        return f"UpstreamTarget(url={self.url!r}, identity={self.identity!r})"
+        return f"UpstreamTarget(url={redact_url(self.url)!r}, identity={self.identity!r})"
 
 
 @dataclass(frozen=True)

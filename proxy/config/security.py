@@ -8,14 +8,11 @@ start. The reasons are in ``docs/security.md``.
 from __future__ import annotations
 
 import ipaddress
-import re
 from collections.abc import Iterator
 
 from proxy.config.problems import LineIndex, Problem
-from proxy.config.schema import ChargerSettings, Config, parse_listen
+from proxy.config.schema import ChargerSettings, Config, charge_point_id_problem, parse_listen
 
-#: OCPP charge point identity: 1-48 characters of identifierString (docs/security.md).
-_ID = re.compile(r"[A-Za-z0-9*\-_=+|@.]{1,48}")
 
 
 def security_problems(config: Config, index: LineIndex) -> list[Problem]:
@@ -28,8 +25,9 @@ def security_problems(config: Config, index: LineIndex) -> list[Problem]:
                                     "no client_ca): set password (or [server] password, or client_ca) or, "
                                     "to admit it anyway, allow_unauthenticated = true", index.find(key)))
     for key, entry in config.charger_entries():
-        if not _ID.fullmatch(entry.id) or entry.id in (".", ".."):
-            problems.append(Problem(f"{key}.id", f"{entry.id!r} is not an OCPP charge point id: 1-48 of "
+        why = charge_point_id_problem(entry.id)
+        if why:
+            problems.append(Problem(f"{key}.id", f"{entry.id!r} is not an OCPP charge point id ({why}): 1-48 of "
                                     "a-z A-Z 0-9 * - _ = + | @ . (not . or ..)", index.find(f"{key}.id")))
     if config.server.client_ca and config.server.tls == "off":
         problems.append(Problem("server.client_ca", "client certificates need TLS: set tls = \"on\" or \"detect\"",

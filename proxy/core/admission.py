@@ -27,17 +27,14 @@ import base64
 import binascii
 import hmac
 import ipaddress
-import re
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-from proxy.config import ChargerBase, ChargerSettings, Config, ServerSettings, UpstreamTarget
+from proxy.config import (ChargerBase, ChargerSettings, Config, ServerSettings, UpstreamTarget,
+                          charge_point_id_problem)
 
-#: OCPP charge point identity: at most 48 characters of identifierString (docs/security.md).
-ID_MAX = 48
-_ID = re.compile(r"[A-Za-z0-9*\-_=+|@.]{1,48}")
 #: Longest untrusted value quoted in a refusal's detail (logs cut again at 200).
 _QUOTE = 60
 
@@ -80,14 +77,8 @@ def charge_box_id(path: str) -> str | None:
 
 
 def id_problem(cb_id: str) -> str | None:
-    """Why ``cb_id`` is not an OCPP charge point identity, or None when it is one."""
-    if cb_id in (".", ".."):
-        return "a dot segment is not an id"
-    if len(cb_id) > ID_MAX:
-        return f"longer than {ID_MAX} characters"
-    if not _ID.fullmatch(cb_id):
-        return "only a-z A-Z 0-9 * - _ = + | @ . are allowed"
-    return None
+    """Why ``cb_id`` is not an OCPP charge point identity (the rule check-config applies to configured ids)."""
+    return charge_point_id_problem(cb_id)
 
 
 def fold(cb_id: str) -> str:
@@ -213,18 +204,6 @@ def _password(expected: str, charger: ChargerSettings, headers: Sequence[tuple[b
         return user
     return Refuse(401, "username_mismatch",
                   f"Basic-auth username {quote_untrusted(user)} is not the charge point id", charger.id)
-
-
-def check_client_certificate(admit: Admit, client_cn: str | None, server: ServerSettings) -> Admit | Refuse:
-    """SP3: with client CAs configured, the certificate's CN must name the charger (kept for callers that
-    decided without the TLS facts; :func:`decide` applies the same rule)."""
-    if not server.client_ca or not server.require_cn_match:
-        return admit
-    if client_cn != admit.charger.id:
-        shown = quote_untrusted(client_cn) if client_cn is not None else "none"
-        return Refuse(403, "certificate_cn_mismatch", f"client certificate CN {shown} is not the ChargeBox id",
-                      admit.charger.id)
-    return admit
 
 
 # --- what each charger needs, for the start-up log and check-config ----------------------------------

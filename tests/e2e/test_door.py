@@ -52,6 +52,7 @@ async def test_1_client_ca_charger_without_password_comes_in_only_over_tls_with_
         # finding 1: plain ws://, no certificate, no Authorization header
         plain = await upgrade(port(server), "/ocpp/CERTONLY")
         assert plain.status == 403
+        assert "CERTONLY" not in backend.handlers  # its BootNotification never reaches the backend
         wrong_cert = ssl.create_default_context(cafile=pki.ca_file)
         wrong_cert.load_cert_chain(*pki.client("BOTH"))
         assert (await upgrade(port(server), "/ocpp/CERTONLY", context=wrong_cert)).status == 403

@@ -46,6 +46,10 @@ def test_1_check_config_names_and_refuses_chargers_reachable_without_credentials
     assert check(tmp_path, f'[server]\npassword = "{PASSWORD}"\n' + base + chargers).returncode == 0
     loopback = check(tmp_path, '[server]\nlisten = "127.0.0.1:19520"\n' + base + chargers)
     assert loopback.returncode == 0 and "loopback only" in loopback.stderr
+    # `run` applies the same rule before it listens
+    (tmp_path / "site.toml").write_text(base + chargers, encoding="utf-8")
+    ran = cli("run", "--config", str(tmp_path / "site.toml"))
+    assert ran.returncode == 2 and "charger 'OPEN1' is reachable without any credential" in ran.stderr
 
 
 def test_3_configured_ids_must_be_ocpp_ids(tmp_path: Path) -> None:
