@@ -33,7 +33,7 @@ Amperes are tenths (int), like the engine's, so sums are exact.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from proxy.loadmgmt.engine import ChargerLimits, charger_phases, tenths_down, tenths_up
@@ -80,8 +80,6 @@ class FuseStats:
     #: Decreases not applied, by reason: rejected, error (CALLERROR), unanswered.
     failed_decreases: dict[str, int] = field(default_factory=dict)
     over_budget_seconds: float = 0.0
-    #: Increases held back (grant below the engine's target), counted per decision.
-    increases_held: int = 0
 
 
 class Fuse:
@@ -124,7 +122,6 @@ class Fuse:
         slot = self._slots.get(charger_id)
         if slot is None:
             slot = self._slots[charger_id] = Slot(charger_id, self._limits_for(charger_id))
-            slot.recorded = slot.held
         return slot
 
     # -- the wallbox's connection --------------------------------------------------------------
@@ -301,8 +298,6 @@ class Fuse:
         phases = charger_phases(self.phases, slot.limits)
         current = slot.peak()
         top = min(want, current + min((room[ph] for ph in phases), default=0))
-        if top < want:
-            self.stats.increases_held += 1
         if current == 0 and top < tenths_up(slot.limits.min_current):
             top = 0  # below its minimum a car cannot charge: it stays paused
         if top <= current:
