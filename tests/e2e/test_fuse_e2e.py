@@ -19,6 +19,7 @@ from typing import Any
 
 import trio
 from ocpp.v16 import call
+from structlog.testing import capture_logs
 
 from prometheus_client import generate_latest
 
@@ -216,4 +217,35 @@ async def test_after_a_restart_a_wallbox_not_back_yet_counts_at_its_recorded_lim
     await in_loop(peers, again.wallbox.stop_transaction())
     await sampler.until(lambda s: s == {"CP1": 0.0, "CP2": 16.0})
     for handle in (back, again):
+        await in_loop(peers, handle.close())
+
+
+async def test_a_rejected_decrease_keeps_counting_and_is_logged_and_counted(
+        peers: LoopThread, backend: SimBackend, start_proxy: StartProxy) -> None:
+    """CP1 starts rejecting ChargePointMaxProfile while it charges at 16 A: its decrease is Rejected,
+    it keeps counting at 16 A (CP2 waits), the refusal is logged and counted, and the proxy moves
+    CP1 to tx-default; CP2 is raised once CP1 accepted the lower TxDefaultProfile."""
+    server = await start_proxy(fuse_config(backend))
+    metrics = Metrics(["CP1", "CP2"])
+    server.limiter.sinks.append(metrics)
+    stores = {"CP1": ProfileStore(), "CP2": ProfileStore()}
+    handles = {cp: await connect(peers, server, cp, store=store) for cp, store in stores.items()}
+    sampler = Sampler(stores)
+    await charging(peers, server, handles["CP1"])
+    since = await sampler.until(lambda s: s == {"CP1": 16.0, "CP2": 0.0})
+    stores["CP1"].reject_max_profile = True  # e.g. a firmware update
+    with capture_logs() as logs:
+        await charging(peers, server, handles["CP2"])
+        await sampler.until(lambda s: s == {"CP1": 10.0, "CP2": 10.0})
+    worst = sampler.worst(since)
+    assert worst <= SITE, f"{worst} A accepted on a {SITE} A site"
+    refused = [e for e in logs if e["event"] == "limit_decrease_refused"]
+    assert refused and refused[0]["charger"] == "CP1" and refused[0]["answer"] == "Rejected"
+    assert refused[0]["counting"] == 16.0
+    assert any(e["event"] == "strategy_switched" and e["charger"] == "CP1" for e in logs)
+    with trio.fail_after(10):
+        while fuse_metric(metrics, "ocpp_proxy_limit_decreases_failed_total", reason="rejected") != 1.0:
+            await server.limiter.next_progress()
+    assert fuse_metric(metrics, "ocpp_proxy_limit_decreases_unanswered") == 0.0
+    for handle in handles.values():
         await in_loop(peers, handle.close())
