@@ -241,3 +241,32 @@ async def test_8_defaults_admit_200_wallboxes_behind_one_nat_at_once(
     finally:
         for reply in replies.values():
             await reply.close()
+
+
+async def test_7_metrics_answer_only_their_allowlist(nursery: trio.Nursery) -> None:
+    from tests.opskit import config_text, start_backend, start_stack
+    from tests.rawhttp import connect
+
+    backend = await start_backend(nursery)
+    text = config_text(backend.port).replace('[metrics]\nlisten = "127.0.0.1:0"',
+                                             '[metrics]\nlisten = "127.0.0.1:0"\nallow = ["127.0.0.2"]')
+    with capture_logs() as logs:
+        stack = await start_stack(nursery, text)
+
+        async def get(source: str) -> bytes:
+            stream = await connect(stack.monitor.ports[0], source=source)
+            try:
+                await stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                data = b""
+                with trio.fail_after(10):
+                    while chunk := await stream.receive_some(4096):
+                        data += chunk
+                return data
+            except trio.BrokenResourceError:
+                return b""
+            finally:
+                await trio.aclose_forcefully(stream)
+
+        assert (await get("127.0.0.2")).startswith(b"HTTP/1.1 200")
+        assert await get("127.0.0.1") == b""
+    assert [e["peer"] for e in events(logs, "metrics_refused")] == ["127.0.0.1"]
