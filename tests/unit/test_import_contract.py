@@ -11,6 +11,11 @@
 3. The demo's peers (``proxy/demo/peers*.py``) import nothing from ``proxy``
    but each other: a test against them is a test against an implementation
    that shares no code with the proxy.
+4. The listener contract (docs/design.md): outside the session itself, no code
+   assigns to a session's attributes (``x.session.observe = ...``,
+   ``session.mirrors[...] = ...``); what a listener observes or rewrites goes
+   through ``Session.tap``. The relay, the session's owner, records the
+   transaction ids a replay taught it.
 """
 
 from __future__ import annotations
@@ -178,3 +183,37 @@ def test_the_demo_peers_share_no_code_with_the_proxy() -> None:
     for module in peers:
         shared = [t for t, _ in imports(module) if t.split(".")[0] == "proxy" and not t.startswith("proxy.demo.peers")]
         assert shared == [], module
+
+
+#: (module, attribute) pairs allowed to be written from outside the session: its owner's.
+SESSION_WRITES = frozenset({("proxy.runtime.relay", "transactions")})
+
+
+def session_writes(module: str) -> list[tuple[str, int]]:
+    """(attribute, line) of every assignment to ``<...>.session.<attr>`` or ``session.<attr>`` (or an item of it)."""
+    tree = ast.parse(MODULES[module].read_text())
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Assign):
+            targets = node.targets
+        elif isinstance(node, (ast.AugAssign, ast.AnnAssign)):
+            targets = [node.target]
+        else:
+            continue
+        for target in targets:
+            while isinstance(target, ast.Subscript):
+                target = target.value
+            if not isinstance(target, ast.Attribute):
+                continue
+            owner = target.value
+            if (isinstance(owner, ast.Attribute) and owner.attr == "session") or \
+                    (isinstance(owner, ast.Name) and owner.id == "session"):
+                found.append((target.attr, node.lineno))
+    return found
+
+
+def test_no_listener_assigns_to_a_session() -> None:
+    offences = [f"{module}:{line} writes session.{attr}" for module in MODULES if module != "proxy.core.session"
+                for attr, line in session_writes(module) if (module, attr) not in SESSION_WRITES]
+    assert offences == []
+    assert [attr for attr, _ in session_writes("proxy.runtime.relay")] == ["transactions"]  # it sees writes
