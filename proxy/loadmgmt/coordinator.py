@@ -179,6 +179,11 @@ class Coordinator:
         self.controls[charger_id].failed(command, reason, now)
         return self.fuse.unanswered(charger_id)
 
+    def withdrawn(self, charger_id: str, command: Command, reason: str, now: float) -> None:
+        """The CALL was not sent (its reservation could not be recorded): tried again after the backoff."""
+        self.controls[charger_id].failed(command, reason, now)
+        self.fuse.withdrawn(charger_id)
+
     # -- views ------------------------------------------------------------------------------------------
 
     def reservations(self, now: float, charger_ids: Iterable[str] | None = None) -> dict[str, Reservation]:

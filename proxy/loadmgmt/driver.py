@@ -480,8 +480,12 @@ class Limiter(Listener):
     async def _send(self, paired: PairedSession, control: Control, item: Outgoing, generation: int) -> None:
         command, charger_id = item.command, item.charger_id
         log = self.log.bind(charger=charger_id)
-        if item.record_first and not await self._durable(generation):
-            self._lost(item, "reservation not recorded", log)
+        # Anything but a decrease leaves only once every reservation handed to the store is on disk.
+        if (item.record_first or not item.decrease) and not await self._durable(max(generation, self._queued)):
+            self.coordinator.withdrawn(charger_id, command, "reservation not recorded", _now())
+            log.warning("profile_withheld", action=command.action, reason="reservation not recorded",
+                        **command.describe())
+            self._progressed()
             return
         if command.generation != control.generation or paired.closed.is_set():
             self._lost(item, "session gone", log)

@@ -196,6 +196,12 @@ class Fuse:
             self._count(reason)
         return decrease
 
+    def withdrawn(self, charger_id: str) -> None:
+        """The limit was never sent after all (its record could not be written)."""
+        slot = self._slot(charger_id)
+        slot.pending = None
+        self._dirty(slot)
+
     def _count(self, reason: str) -> None:
         self.stats.failed_decreases[reason] = self.stats.failed_decreases.get(reason, 0) + 1
 

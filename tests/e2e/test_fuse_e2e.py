@@ -249,3 +249,38 @@ async def test_a_rejected_decrease_keeps_counting_and_is_logged_and_counted(
     assert fuse_metric(metrics, "ocpp_proxy_limit_decreases_unanswered") == 0.0
     for handle in handles.values():
         await in_loop(peers, handle.close())
+
+
+async def test_an_increase_waits_while_its_reservation_cannot_be_recorded(
+        peers: LoopThread, backend: SimBackend, start_proxy: StartProxy, tmp_path: Path) -> None:
+    """The record lives on a real 2 MB tmpfs that is filled: CP2's car leaves, its decrease goes out,
+    but CP1's raise is withheld (a restart could not know it) until the disk has room again."""
+    from tests.diskfull import small_disk
+
+    with small_disk(tmp_path / "disk") as disk:
+        server = await start_proxy(fuse_config(backend) + f'[offline]\ndata_dir = "{disk.path}"\n')
+        stores = {"CP1": ProfileStore(), "CP2": ProfileStore()}
+        handles = {cp: await connect(peers, server, cp, store=store) for cp, store in stores.items()}
+        for handle in handles.values():
+            await charging(peers, server, handle)
+        sampler = Sampler(stores)
+        since = await sampler.until(lambda s: s == {"CP1": 10.0, "CP2": 10.0})
+        with trio.fail_after(10):
+            await server.limiter.wait_settled()
+        disk.fill(disk.path / "reservations.sqlite3")
+        with capture_logs() as logs:
+            await in_loop(peers, handles["CP2"].wallbox.stop_transaction())
+            await sampler.until(lambda s: s["CP2"] == 0.0)  # the decrease never waits
+            with trio.fail_after(10):
+                while not any(e["event"] == "profile_withheld" for e in logs):
+                    await server.limiter.next_progress()
+            await trio.sleep(1.0)
+            assert sampler.take()["CP1"] == 10.0  # not raised while the record cannot be written
+            assert any(e["event"] == "reservations_not_recorded" and "full" in e["error"] for e in logs)
+            disk.free()
+            await sampler.until(lambda s: s["CP1"] == 16.0, timeout=20)  # retried once it is on disk
+        assert sampler.worst(since) <= SITE
+        assert stores["CP1"].composite() == 16.0
+        for handle in handles.values():
+            await in_loop(peers, handle.close())
+        await server.stop()
