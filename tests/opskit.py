@@ -175,6 +175,24 @@ class JsonLinesProcess:
         assert stream is not None
         return stream
 
+    _following: bool = False
+    _changed: trio.Event = field(default_factory=trio.Event)
+
+    async def _read(self) -> bool:
+        chunk = await self._stream.receive_some(65536)
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        self.events += [json.loads(line) for line in lines if line.strip()]
+        self._changed.set()
+        self._changed = trio.Event()
+        return bool(chunk)
+
+    async def follow(self) -> None:
+        """Read everything as it comes (a chatty child must never block on a full pipe); until EOF."""
+        self._following = True
+        while await self._read():
+            pass
+
     async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], after: int = 0,
                        timeout: float = 20) -> dict[str, Any]:
         """Read until an event from index ``after`` on satisfies ``predicate``."""
@@ -183,11 +201,10 @@ class JsonLinesProcess:
                 for event in self.events[after:]:
                     if predicate(event):
                         return event
-                chunk = await self._stream.receive_some(65536)
-                assert chunk, f"process exited while waiting: {self.events[-20:]}"
-                self._buffer += chunk
-                *lines, self._buffer = self._buffer.split(b"\n")
-                self.events += [json.loads(line) for line in lines if line.strip()]
+                if self._following:
+                    await self._changed.wait()
+                else:
+                    assert await self._read(), f"process exited while waiting: {self.events[-20:]}"
 
     async def wait_event(self, name: str, after: int = 0, timeout: float = 20) -> dict[str, Any]:
         """Read the JSON lines until ``name`` appears among the events from index ``after`` on."""

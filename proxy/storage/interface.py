@@ -103,7 +103,13 @@ class Storage(Protocol):
     location: str
 
     def write(self, changes: Sequence[Change]) -> list[int | None]:
-        """Apply ``changes`` in order in one transaction; durable (fsync) before return.
+        """Apply ``changes`` in order in one transaction, durable before return.
+
+        A batch with an :class:`Append` or a :class:`MarkSent` survives a
+        power cut once returned (fsync). A batch of :class:`Delivered` only
+        survives a process crash; a power cut may undo it, and the frame is
+        then sent again (it is marked, so that is reported as a possible
+        duplicate): at-least-once holds either way.
 
         Returns, per change, the new row of an :class:`Append` (rows grow in
         commit order) and None for the others. :class:`Delivered` of a row

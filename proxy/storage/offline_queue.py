@@ -93,6 +93,7 @@ class SqliteStorage:
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
+            self._durable = True
             self.db.executescript(_SCHEMA)
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(frames)")}
             if "attempts" not in columns:  # a queue written before sent-marks existed
@@ -122,6 +123,13 @@ class SqliteStorage:
         results: list[int | None] = []
         db = self.db
         try:
+            # Deliveries alone need no fsync (docs/storage.md): a power cut that undoes one only makes
+            # the proxy send an already marked frame again. Their commit is the window in which a kill
+            # makes the backend see a frame twice, so it is kept short.
+            durable = not all(type(change) is Delivered for change in changes)
+            if durable != self._durable:
+                db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+                self._durable = durable
             with db:
                 db.execute("BEGIN IMMEDIATE")
                 for run in _runs(changes):
