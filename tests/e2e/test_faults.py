@@ -20,7 +20,7 @@ from typing import Any
 import trio
 from trio_websocket import WebSocketConnection, open_websocket_url
 
-from tests.opskit import ROOT, BackendProcess, ProxyProcess, launch_proxy, parse, value
+from tests.opskit import ROOT, BackendProcess, ProxyProcess, free_port, launch_proxy, parse, value
 
 FAST = "reconnect_min = 0.2\nreconnect_max = 0.5\n"
 
@@ -238,19 +238,12 @@ def queued(data: Path, charger: str = "CP1") -> list[tuple[int, str, int]]:
 # --- item 1: disk full while the backend returns ------------------------------------------------
 
 
-async def free_port() -> int:
-    with trio.socket.socket() as sock:
-        await sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-    return port
-
-
 async def test_a_full_disk_during_replay_ends_no_session_and_loses_nothing(tmp_path: Path) -> None:
     """A real tmpfs of 2 MB holds the queue; it is filled while frames wait for the backend."""
     from tests.diskfull import small_disk
 
     with small_disk(tmp_path / "disk") as disk:
-        backend_port = await free_port()  # nothing listens yet: the backend is down
+        backend_port = free_port()  # nothing listens yet: the backend is down
         config = proxy_config(tmp_path, backend_port, data=disk.path)
         proxy, port = await launch_proxy(config)
         backend: BackendProcess | None = None
@@ -309,7 +302,7 @@ def transaction_frames() -> list[tuple[str, str, dict[str, Any]]]:
 
 async def test_a_transaction_queued_while_the_backend_was_down_is_billed_after_the_wallbox_left(
         tmp_path: Path) -> None:
-    backend_port = await free_port()  # the backend is down
+    backend_port = free_port()  # the backend is down
     proxy, port = await launch_proxy(proxy_config(tmp_path, backend_port))
     backend: BackendProcess | None = None
     try:
@@ -340,7 +333,7 @@ async def test_a_transaction_queued_while_the_backend_was_down_is_billed_after_t
 async def test_a_secondary_behind_is_caught_up_without_the_wallbox_and_backend_calls_are_refused(
         tmp_path: Path) -> None:
     primary = await BackendProcess.start("answer")
-    ems_port = await free_port()  # the secondary is down
+    ems_port = free_port()  # the secondary is down
     config = proxy_config(tmp_path, primary.port, charger='secondaries = ["ems"]')
     config.write_text(config.read_text() + f'[backends.ems]\nurl = "ws://127.0.0.1:{ems_port}/ems"\n'
                       'connect_timeout = 2\n')
