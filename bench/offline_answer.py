@@ -69,13 +69,13 @@ def queued_rows(data: Path) -> int:
         return int(db.execute("SELECT count(*) FROM frames").fetchone()[0])
 
 
-def commits_logged(log: Path) -> tuple[int, int]:
-    """(commits, frames) from the proxy's last ``queue_stats`` event (logged at shutdown)."""
-    found = (0, 0)
+def commits_logged(log: Path) -> tuple[int, int, float]:
+    """(commits, frames, seconds in commits) from the proxy's last ``queue_stats`` event (logged at shutdown)."""
+    found = (0, 0, 0.0)
     for line in log.read_text(errors="replace").splitlines():
         if '"queue_stats"' in line:
             event = json.loads(line)
-            found = (int(event["commits"]), int(event["changes"]))
+            found = (int(event["commits"]), int(event["changes"]), float(event.get("commit_seconds", 0.0)))
     return found
 
 
@@ -97,9 +97,10 @@ def one_round(args: argparse.Namespace, offline: bool) -> dict[str, Any]:
     if offline:
         rows = queued_rows(work / "data")
         answered = results["rate"]["answered_total"] + results["saturate"]["answered_total"]
-        commits, changes = commits_logged(work / "proxy.log")
+        commits, changes, seconds = commits_logged(work / "proxy.log")
         results["queue"] = {"rows": rows, "answered": answered, "every_answer_on_disk": rows >= answered,
-                            "commits": commits, "frames_per_commit": round(changes / commits, 1) if commits else None}
+                            "commits": commits, "frames_per_commit": round(changes / commits, 1) if commits else None,
+                            "ms_per_commit": round(1000 * seconds / commits, 2) if commits else None}
     return results
 
 

@@ -124,7 +124,7 @@ class ProxyServer:
             self.secondaries.close()
             if self._queue is not None:
                 self.log.info("queue_stats", commits=self._queue.commits, changes=self._queue.committed_changes,
-                              deferred=self._queue.deferred)
+                              commit_seconds=round(self._queue.commit_seconds, 3), deferred=self._queue.deferred)
                 self._queue.close()  # a last try of deferred deliveries; closes the file
             elif self._storage is not None:
                 self._storage.close()

@@ -289,6 +289,8 @@ class AsyncQueue:
         #: Commits done and changes committed (the benchmark reports changes per commit).
         self.commits = 0
         self.committed_changes = 0
+        #: Seconds spent in commits (worker thread hop included).
+        self.commit_seconds = 0.0
 
     @property
     def deferred(self) -> int:
@@ -334,6 +336,7 @@ class AsyncQueue:
         """Commit everything waiting, in one transaction (the caller is the batch's leader)."""
         self._committing = True
         batch, self._batch = self._batch, []
+        started = time.perf_counter()
         try:
             results = await self.run(self.storage.write, [slot.change for slot in batch])
             for slot, result in zip(batch, results):
@@ -347,6 +350,7 @@ class AsyncQueue:
                 slot.error = exc
             self._report(exc.operation, exc.detail)
         finally:
+            self.commit_seconds += time.perf_counter() - started
             for slot in batch:
                 slot.done = True
             self._committing = False
