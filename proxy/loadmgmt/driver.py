@@ -155,6 +155,8 @@ class Limiter(Listener):
                 self._attach(paired)
         if was_active != self.active:
             self.log.info("load_management", active=self.active)
+            if self.active and self.store is None and self._nursery is not None:
+                self._nursery.start_soon(self._open_late)  # switched on by a reload: as at a start
         self.poke()
 
     def _control_settings(self, charger_id: str) -> ControlSettings:
@@ -407,6 +409,12 @@ class Limiter(Listener):
         lost = self.fuse.lost(_now())
         if lost:
             self.log.info("reservations_restored", chargers=len(lost), amps=round(sum(lost.values()), 1))
+
+    async def _open_late(self) -> None:
+        await self._restore()
+        if self.store is not None and self._nursery is not None:
+            self._nursery.start_soon(self._write_records, self.store)
+        self.poke()
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:

@@ -27,6 +27,7 @@ from proxy.config import loads
 from proxy.ops.metrics import Metrics
 from proxy.demo.peers import LoopThread, SimBackend
 from proxy.runtime.server import ProxyServer
+from proxy.storage.reservations import SqliteReservations
 from tests.conftest import StartProxy, proxy_url
 from tests.opskit import parse, value
 from tests.peers import in_loop
@@ -284,3 +285,21 @@ async def test_an_increase_waits_while_its_reservation_cannot_be_recorded(
         for handle in handles.values():
             await in_loop(peers, handle.close())
         await server.stop()
+
+
+async def test_load_management_switched_on_by_a_reload_keeps_its_record(
+        peers: LoopThread, backend: SimBackend, start_proxy: StartProxy, tmp_path: Path) -> None:
+    base = (f'[server]\nping_interval = 0\n[backend]\nurl = "ws://127.0.0.1:{backend.port}/ocpp"\n'
+            f'[offline]\ndata_dir = "{tmp_path}/data"\n[[chargers]]\nid = "CP1"\nmax_current = 16\n')
+    server = await start_proxy(base)
+    handle = await connect(peers, server, "CP1")
+    assert server.limiter.store is None  # no [site]: nothing managed, nothing recorded
+    server.reload(loads(base.replace("[server]", '[server]\nlisten = "127.0.0.1:0"', 1) +
+                        '[site]\nmax_current = 12\nramp_up_interval = 0\nhysteresis = 0\nmin_hold_time = 0\n'))
+    await in_loop(peers, handle.wallbox.call(call.Heartbeat()))  # a CALL: it is booted, limits may go
+    sampler = Sampler({"CP1": handle.wallbox.store})
+    await sampler.until(lambda s: s == {"CP1": 12.0})
+    with trio.fail_after(10):  # a lowered value is written within a second
+        while SqliteReservations(tmp_path / "data" / "reservations.sqlite3").load() != {"CP1": 12.0}:
+            await trio.sleep(0.1)
+    await in_loop(peers, handle.close())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from proxy.config import ConfigError, loads
@@ -61,3 +63,17 @@ def test_check_config_warns_when_the_site_cannot_hold_a_minimum_or_all_minimums(
     fits = text.replace("max_current = 10", "max_current = 40")
     assert site_warnings(loads(fits), LineIndex(fits)) == []
     assert site_warnings(loads(text.split("[site]")[0] + '[[chargers]]\nid = "X"\n'), LineIndex("")) == []
+
+
+def test_check_config_prints_the_site_warnings_and_passes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from proxy.cli import main
+
+    path = tmp_path / "site.toml"
+    path.write_text('[server]\nlisten = "127.0.0.1:0"\n[backend]\nurl = "ws://127.0.0.1:9/ocpp"\n'
+                    '[offline]\ndata_dir = "data"\n[site]\nmax_current = 10\n'
+                    '[[chargers]]\nid = "CP1"\nmin_current = 6\n[[chargers]]\nid = "CP2"\nmin_current = 6\n',
+                    encoding="utf-8")
+    assert main(["check-config", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {path}:8: site.max_current: 10 A is below the sum of the chargers' min_current on phase L1" \
+        in err
