@@ -136,7 +136,10 @@ class Outbox:
     With ``stall_timeout``, a send that blocks that long (the peer stopped
     reading and the socket buffers are full) closes the outbox, drops what is
     queued and calls ``on_stall``: an upstream that does not read must not
-    hold the wallbox's pump (and with it the wallbox) hostage.
+    hold the wallbox's pump (and with it the wallbox) hostage. A connection
+    with a ``send_timeout`` (:class:`~proxy.wire.connection.WsConnection`) is
+    given the timeout and bounds only a send that has to wait; others get a
+    cancel scope around each send.
     """
 
     def __init__(self, connection: Connection, limit: int = OUTBOX_LIMIT, *, stall_timeout: float | None = None,

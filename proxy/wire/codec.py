@@ -30,7 +30,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Final, cast
+from typing import Final
 
 
 class Opcode(IntEnum):
@@ -112,7 +112,8 @@ def _c_masker() -> Callable[[bytes, bytes], bytes]:
         from websockets.speedups import apply_mask
     except ImportError:  # pragma: no cover - the pure-Python path is tested directly
         return _xor_python
-    return cast(Callable[[bytes, bytes], bytes], apply_mask)
+    masker: Callable[[bytes, bytes], bytes] = apply_mask  # an untyped C function: its signature, stated
+    return masker
 
 
 _xor = _c_masker()

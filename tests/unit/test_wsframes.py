@@ -12,7 +12,8 @@ import struct
 from hypothesis import given
 from hypothesis import strategies as st
 from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Message, Ping, TextMessage
+from wsproto.events import BytesMessage, CloseConnection, Message, Ping, Pong, TextMessage
+from wsproto.events import Event as Event_
 
 from proxy.wire.codec import (
     BinaryMessage,
@@ -34,10 +35,10 @@ from proxy.wire.codec import (
 LIMIT = 1 << 20
 
 
-def from_client(*events: object) -> bytes:
+def from_client(*events: Event_) -> bytes:
     """Bytes a wsproto client sends (masked)."""
     client = Connection(ConnectionType.CLIENT)
-    return b"".join(client.send(e) for e in events)  # type: ignore[arg-type]
+    return b"".join(client.send(e) for e in events)
 
 
 def server_parser(limit: int = LIMIT) -> FrameParser:
@@ -145,9 +146,9 @@ def test_control_frames_and_close_payloads() -> None:
     reader = Connection(ConnectionType.CLIENT)
     reader.receive_data(encode(Opcode.PONG, b"abc", mask=False)
                         + encode(Opcode.CLOSE, close_payload(1001, "going"), mask=False))
-    events = list(reader.events())
-    assert events[0].payload == b"abc"  # type: ignore[attr-defined]
-    assert (events[1].code, events[1].reason) == (1001, "going")  # type: ignore[attr-defined]
+    pong, close = list(reader.events())
+    assert isinstance(pong, Pong) and pong.payload == b"abc"
+    assert isinstance(close, CloseConnection) and (close.code, close.reason) == (1001, "going")
     assert close_payload(1005) == b"" and close_payload(None) == b""
     assert len(close_payload(1000, "é" * 100)) == 2 + 123
 
