@@ -86,6 +86,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--raw", action="store_true", help="print frames whole instead of action and key fields")
     demo.add_argument("--real-timing", action="store_true",
                       help="load management with a site's default ramp-up, hysteresis and hold times")
+    demo.add_argument("--status-port", type=int, default=0, metavar="PORT",
+                      help="status page port on 127.0.0.1 (default: any free port; the address is printed)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
@@ -311,7 +313,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo.run import run_demo
 
     return run_demo(wallboxes=args.wallboxes, forever=args.forever, site_limit=args.site_limit, raw=args.raw,
-                    real_timing=args.real_timing)
+                    real_timing=args.real_timing, status_port=args.status_port)
 
 
 #: Default validity per kind, days: a site CA for ten years; leaf certificates for 825 days,

@@ -46,6 +46,8 @@ from proxy.config import Config, SiteSettings, loads
 from proxy.demo.excerpt import Excerpts
 from proxy.runtime.server import ProxyServer
 from proxy.ops.logs import get_logger
+from proxy.ops.metrics import Metrics, MetricsListener
+from proxy.ops.monitor import Monitor
 from proxy.modbus.service import run_modbus
 from proxy.demo.peers import (
     LoopThread,
@@ -142,7 +144,8 @@ def timing_note(real_timing: bool) -> str:
 
 
 def demo_config(backend_port: int, wallboxes: int, data_dir: str, site_limit: float = 32.0,
-                meter_port: int = 0, wallbox_port: int = 0, csms_port: int = 0, real_timing: bool = False) -> str:
+                meter_port: int = 0, wallbox_port: int = 0, csms_port: int = 0, real_timing: bool = False,
+                status_port: int = 0) -> str:
     chargers = "".join(f'[[chargers]]\nid = "CP{n:03d}"\nmax_current = 16\n' for n in range(1, wallboxes + 1))
     if csms_port:  # the 2.0.1 station has its own CSMS (a backend speaks one version per connection)
         chargers += (f'[[chargers]]\nid = "{_STATION}"\nmax_current = 16\n'
@@ -156,6 +159,7 @@ def demo_config(backend_port: int, wallboxes: int, data_dir: str, site_limit: fl
                    f'fixed_id_tag = "DEMO-RFID-0001"\npoll_interval = 0.1\nmeter_interval = 1\n')
     return (f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n[log]\nlevel = "warning"\n'
             f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n[offline]\ndata_dir = "{data_dir}"\n'
+            f'[metrics]\nlisten = "127.0.0.1:{status_port}"\n'
             f'[site]\nmax_current = {site_limit}\n{timing}{modbus}{chargers}')
 
 
@@ -291,6 +295,8 @@ class DemoOptions:
     raw: bool = False
     #: Load management with a site's default timing instead of the demo's quick one.
     real_timing: bool = False
+    #: The status page's port on 127.0.0.1 (0: any free one; the address is printed).
+    status_port: int = 0
 
 
 @dataclass
@@ -318,7 +324,7 @@ async def _demo(options: DemoOptions, out: TextIO) -> bool | None:
                       "wallbox": peers.run(sims.wallbox.start()), "csms": peers.run(sims.csms.start())}
         p = sims.ports
         config = loads(demo_config(p["backend"], options.wallboxes, data_dir, options.site_limit, p["meter"],
-                                   p["wallbox"], p["csms"], options.real_timing), "<demo>")
+                                   p["wallbox"], p["csms"], options.real_timing, options.status_port), "<demo>")
         with trio.CancelScope() as at_once:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_signals, stop, at_once, out)
@@ -350,15 +356,19 @@ async def _run(config: Config, options: DemoOptions, sims: _Sims, loop: tuple[Lo
     peers, stop, live = loop
     rounds = None if options.forever else 1
     timeout = None if options.forever else 120.0
-    server = ProxyServer(config)
+    metrics = Metrics(charger.id for charger in config.all_chargers)
+    server = ProxyServer(config, listeners=[MetricsListener(metrics)])
+    server.limiter.sinks.append(metrics)
+    monitor = Monitor(config, metrics, server, source="<demo>")
     async with trio.open_nursery() as nursery:
+        status_ports = await nursery.start(monitor.serve)  # the status page lives as long as the demo
         ports = await nursery.start(server.serve)
         inputs = trio.CancelScope()  # the grid meter: stopped before the wallboxes leave
 
         async def modbus_inputs(task_status: trio.TaskStatus[Any] = trio.TASK_STATUS_IGNORED) -> None:
             with inputs:
                 await run_modbus(config, server.limiter.engine, server.limiter.poke, get_logger(),
-                                 task_status=task_status)
+                                 task_status=task_status, health=metrics)
 
         await nursery.start(modbus_inputs)
         url = f"ws://127.0.0.1:{ports[0]}/ocpp"
@@ -368,7 +378,8 @@ async def _run(config: Config, options: DemoOptions, sims: _Sims, loop: tuple[Lo
               f"{p['csms']}/ocpp; max 16 A each) and Modbus wallbox {_VIRTUAL} sharing a site limit of "
               f"{options.site_limit:g} A; grid meter (SDM630) 127.0.0.1:{p['meter']}, house load "
               f"{_HOUSE_AMPS:g} A", file=out)
-        print(f"{timing_note(options.real_timing)}\n", file=out)
+        print(f"status page: http://127.0.0.1:{status_ports[0]}/ (JSON: /api/status)", file=out)
+        print(f"{timing_note(options.real_timing)}\n", file=out, flush=True)
         ids = [f"CP{n:03d}" for n in range(1, options.wallboxes + 1)]
         run = functools.partial(peers.run, _wallbox_sessions(url, ids, rounds, live, stop), timeout)
         run_station = functools.partial(peers.run, _station_session(url, rounds, live, stop), timeout)
@@ -403,13 +414,13 @@ async def _run(config: Config, options: DemoOptions, sims: _Sims, loop: tuple[Lo
 
 
 def run_demo(wallboxes: int = 3, forever: bool = False, out: Any = None, site_limit: float = 32.0, *,
-             raw: bool = False, real_timing: bool = False) -> int:
+             raw: bool = False, real_timing: bool = False, status_port: int = 0) -> int:
     """Exit status: 0 every frame arrived byte-identical (also after Ctrl-C), 1 a mismatch, 130 stopped at once."""
     out = out or sys.stdout
     logs.configure("warning", "console")
     # The simulated Modbus devices complain when the proxy hangs up mid-request at the end; not news.
     logging.getLogger("pymodbus").setLevel(logging.CRITICAL)
-    options = DemoOptions(wallboxes, forever, site_limit, raw, real_timing)
+    options = DemoOptions(wallboxes, forever, site_limit, raw, real_timing, status_port)
     ok: bool | None = None
     try:
         ok = trio.run(_demo, options, out)

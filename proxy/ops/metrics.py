@@ -317,6 +317,16 @@ class Metrics:
         self._frame_children: dict[tuple[str, MessageType | None, str | None], _FrameTally] = {}
         self._upstream_ok_at: float | None = None
         self._upstream_failure: tuple[float, str, str] | None = None
+        # Plain copies of a few facts for the status page (proxy/ops/status.py), kept where the
+        # rare events that change them arrive: nothing here runs per frame.
+        #: Per charger: Unix time and text of the last thing that went wrong.
+        self.last_errors: dict[str, tuple[float, str]] = {}
+        #: Per charger: frames in its offline queue (0 once delivered).
+        self.queue_depths: dict[str, int] = {}
+        #: Per Modbus wallbox: its link answers with good readings.
+        self.modbus_links: dict[str, bool] = {}
+        #: The grid meter's last currents per phase (A).
+        self.meter_currents: tuple[float, ...] = ()
         for side in (WALLBOX, "backend"):
             self.connections.child(side).set(0)
         self.set_configured(chargers)
@@ -352,7 +362,9 @@ class Metrics:
         self._statuses.pop(charger, None)
         if charger in self.configured:
             self.charger_connected.child(charger).set(0)
-        else:  # an accept_unknown charger: do not keep a series per id ever seen
+        else:  # an accept_unknown charger: do not keep a series (or a note) per id ever seen
+            self.last_errors.pop(charger, None)
+            self.queue_depths.pop(charger, None)
             for fam in (self.charger_connected, self.upstream_up, self.upstream_reconnects,
                         self.charger_limit, self.charger_current, self.queue_frames):
                 fam.remove_where(charger)
@@ -381,6 +393,20 @@ class Metrics:
     def upstream_failed(self, charger: str, reason: str) -> None:
         """A backend connection attempt failed (shown in /readyz)."""
         self._upstream_failure = (self.clock(), charger, reason)
+        self.note_error(charger, f"backend: {reason}")
+
+    def note_error(self, charger: str, message: str) -> None:
+        """The last thing that went wrong for ``charger`` (status page); cut to 200 characters."""
+        if charger:
+            self.last_errors[charger] = (self.clock(), message[:200])
+
+    def connector_statuses(self, charger: str) -> dict[str, str]:
+        """The status each connector of ``charger`` last reported (a copy)."""
+        return dict(self._statuses.get(charger, {}))
+
+    def queue_oldest(self, charger: str) -> float | None:
+        """Unix time the oldest frame of ``charger``'s offline queue was stored; None: empty."""
+        return self._scrape_time.queue_oldest.get(charger)
 
     def upstream_reconnected(self, charger: str) -> None:
         self.upstream_reconnects.child(charger).inc()
@@ -440,8 +466,9 @@ class Metrics:
     def malformed_frame(self, source: Side, dropped: bool) -> None:
         self.malformed.child(source, "true" if dropped else "false").inc()
 
-    def frame_rejected(self, source: Side, reason: str) -> None:
+    def frame_rejected(self, source: Side, reason: str, charger: str = "") -> None:
         self.rejected.child(source, reason).inc()
+        self.note_error(charger, f"{side_label(source)} frame refused: {reason.replace('_', ' ')}")
 
     def set_connector_status(self, charger: str, connector: str, status: str) -> None:
         status = status if status in KNOWN_STATUSES else OTHER
@@ -496,6 +523,9 @@ class Metrics:
 
     def set_modbus_wallbox(self, charger: str, up: bool) -> None:
         self.modbus_wallbox_up.child(charger).set(1.0 if up else 0.0)
+        if not up and self.modbus_links.get(charger, True):
+            self.note_error(charger, "Modbus link lost or readings bad")
+        self.modbus_links[charger] = up
 
     def set_meter(self, up: bool, currents: Sequence[float] | None = None,
                   read_at: float | None = None) -> None:
@@ -505,10 +535,13 @@ class Metrics:
             self._scrape_time.meter_read_at = read_at
         for index, value in enumerate((currents or ())[:3], start=1):
             self.grid_current.child(f"L{index}").set(value)
+        if currents is not None:
+            self.meter_currents = tuple(currents[:3])
 
     def set_queue(self, charger: str, depth: int, oldest: float | None = None) -> None:
         """Offline queue of ``charger``: frames waiting, Unix time of the oldest (None: empty)."""
         self.queue_frames.child(charger).set(depth)
+        self.queue_depths[charger] = depth
         if depth and oldest is not None:
             self._scrape_time.queue_oldest[charger] = oldest
         else:
@@ -563,6 +596,8 @@ class MetricsListener(Listener):
             if paired.session.primary in paired.upstreams:
                 self.metrics.upstream_closed(paired.charger_id)
         else:
+            if code not in (1000, 1001):  # before session_closed, which forgets an unknown charger
+                self.metrics.note_error(paired.charger_id, f"closed by {side_label(side)}: {code} {reason}".rstrip())
             self.metrics.session_closed(paired.charger_id, side, code,
                                         int(paired.session.primary in paired.upstreams))
         for name in paired.session.mirrors:
@@ -632,9 +667,10 @@ class MetricsListener(Listener):
 
     def upstream_given_up(self, paired: PairedSession, name: Side, kind: GiveUp) -> None:
         self.metrics.upstream_lost.child(kind).inc()
+        self.metrics.note_error(paired.charger_id, f"{side_label(name)} given up: {kind.replace('_', ' ')}")
 
     def frame_rejected(self, paired: PairedSession, side: Side, code: int, reason: str) -> None:
-        self.metrics.frame_rejected(side_label(side), "binary" if code == 1003 else "too_big")
+        self.metrics.frame_rejected(side_label(side), "binary" if code == 1003 else "too_big", paired.charger_id)
 
     def handshake_refused(self, refusal: Refuse) -> None:
         """Called by the server for every refused handshake (:class:`proxy.core.admission.Refuse`)."""

@@ -1,14 +1,23 @@
-"""The monitoring HTTP server: /metrics, /healthz, /readyz (trio + h11).
+"""The monitoring HTTP server: /metrics, /healthz, /readyz, the status page (trio + h11).
 
 It runs in the proxy's own nursery on ``[metrics] listen`` (never on the OCPP
 port), so its heartbeat shares the event loop it reports on. HTTP parsing is
 h11's; each connection is bounded in header size, idle time and count, so a
 stuck or hostile client cannot hold the proxy's resources.
+
+The status page (``/``, its ``/status.css`` and ``/status.js``, shipped as
+package data) and its JSON (``/api/status``, docs/status.md) are read-only:
+every path answers GET and HEAD only, 405 otherwise, and nothing on them
+changes state. They are served only where the monitor listens (loopback by
+default) and to ``[metrics] allow``.
 """
 
 from __future__ import annotations
 
+import json
+from datetime import UTC, datetime
 from http import HTTPStatus
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import h11
@@ -20,6 +29,7 @@ from proxy.core.admission import Allowlist
 from proxy.ops.health import Heartbeat, Readiness, Response, text
 from proxy.ops.logs import get_logger
 from proxy.ops.metrics import Metrics
+from proxy.ops.status import StatusSource
 
 if TYPE_CHECKING:
     from proxy.runtime.server import ProxyServer
@@ -29,7 +39,22 @@ MAX_CONNECTIONS = 32
 IDLE_TIMEOUT = 30.0
 _SERVER_HEADER = (b"server", b"ocpp-proxy")
 
-INDEX = "ocpp-proxy monitoring: /metrics (Prometheus), /healthz (alive), /readyz (serving)"
+#: The status page's files: path → (file in proxy/ops/static, content type).
+STATIC = {"/": ("status.html", "text/html; charset=utf-8"),
+          "/status.css": ("status.css", "text/css; charset=utf-8"),
+          "/status.js": ("status.js", "text/javascript; charset=utf-8")}
+STATUS_PATH = "/api/status"
+PATHS = ("/metrics", "/healthz", "/readyz", STATUS_PATH, *STATIC)
+#: Own files only, no inline script, no framing (the page is read-only, but still).
+_SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"),
+                     (b"content-security-policy",
+                      b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                      b"img-src 'self'; frame-ancestors 'none'"),
+                     (b"referrer-policy", b"no-referrer")]
+
+
+def _static(name: str) -> bytes:
+    return resources.files("proxy.ops").joinpath("static", name).read_bytes()
 
 
 class Monitor:
@@ -46,6 +71,9 @@ class Monitor:
         self.log = get_logger()
         self._open = 0
         self._beat = trio.Event()
+        self.status = StatusSource(server, metrics)
+        #: Read once: a page that cannot be read is a broken install, found at start.
+        self._files = {path: Response(200, kind, _static(name)) for path, (name, kind) in STATIC.items()}
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -79,8 +107,8 @@ class Monitor:
 
     def respond(self, method: str, target: str, accept: str = "") -> Response:
         path = target.split("?", 1)[0]
-        if path not in ("/metrics", "/healthz", "/readyz", "/"):
-            return text(404, "not found; try /metrics, /healthz or /readyz")
+        if path not in PATHS:
+            return text(404, "not found; try /, /api/status, /metrics, /healthz or /readyz")
         if method not in ("GET", "HEAD"):
             return text(405, "only GET and HEAD")
         if path == "/metrics":
@@ -92,7 +120,10 @@ class Monitor:
         if path == "/readyz":
             ok, body = self.readiness().check()
             return Response(200 if ok else 503, "application/json", body.encode())
-        return text(200, INDEX)
+        if path == STATUS_PATH:
+            snapshot = self.status.snapshot(trio.current_time(), datetime.now(UTC))
+            return Response(200, "application/json", json.dumps(snapshot, ensure_ascii=False).encode())
+        return self._files[path]
 
     def readiness(self) -> Readiness:
         server = self.server
@@ -170,7 +201,9 @@ async def _send(conn: h11.Connection, stream: trio.SocketStream, method: str, re
         return
     headers = [(b"content-type", response.content_type.encode()),
                (b"content-length", str(len(response.body)).encode()),
-               (b"cache-control", b"no-store"), _SERVER_HEADER]
+               (b"cache-control", b"no-store"), _SERVER_HEADER, *_SECURITY_HEADERS]
+    if response.status == 405:
+        headers.append((b"allow", b"GET, HEAD"))
     reason = HTTPStatus(response.status).phrase.encode()
     data = conn.send(h11.Response(status_code=response.status, headers=headers, reason=reason))
     if method != "HEAD":

@@ -1,0 +1,116 @@
+// Status page: polls /api/status (docs/status.md) and renders it. Read-only: GET requests only.
+"use strict";
+(function () {
+  const INTERVAL_MS = 2000;
+  const SOURCES = {
+    backend: "backend (its charging profile)", site_fuse: "site fuse share", meter_headroom: "meter headroom",
+    ems: "energy manager (EMS)", fallback: "fallback (meter stale)", charger_max: "charger maximum",
+    config: "configuration (disabled)",
+  };
+  let updates = 0;
+
+  function el(tag, attrs, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(attrs || {})) node.setAttribute(key, value);
+    for (const child of children) {
+      if (child !== null && child !== undefined) node.append(child instanceof Node ? child : String(child));
+    }
+    return node;
+  }
+
+  function amps(value) { return value === null || value === undefined ? "–" : value.toFixed(1) + " A"; }
+  function phases(list) { return list ? list.map((v, i) => `L${i + 1} ${amps(v)}`).join(", ") : "–"; }
+  function age(seconds) {
+    if (seconds === null || seconds === undefined) return "";
+    if (seconds < 120) return `${Math.round(seconds)} s`;
+    if (seconds < 7200) return `${Math.round(seconds / 60)} min`;
+    return `${(seconds / 3600).toFixed(1)} h`;
+  }
+  function badge(text, kind) { return el("span", { class: `badge ${kind}`, "data-field": "state" }, text); }
+
+  function row(list, term, value, field) {
+    list.append(el("dt", {}, term), el("dd", field ? { "data-field": field } : {}, value));
+  }
+
+  function backendText(link) {
+    if (link.state === "online") return link.queued_frames ? `online, replaying ${link.queued_frames} queued` : "online";
+    if (link.state === "offline") {
+      return `OFFLINE, ${link.queued_frames} frames queued` +
+        (link.oldest_queued_age_seconds !== null ? `, oldest ${age(link.oldest_queued_age_seconds)}` : "");
+    }
+    if (link.state === "draining") return `draining queue (${link.queued_frames} frames left)`;
+    return link.queued_frames ? `not connected, ${link.queued_frames} frames queued` : "not connected";
+  }
+
+  function limitText(limit) {
+    if (!limit || limit.amps === null) return "none in force";
+    const by = SOURCES[limit.set_by] || limit.set_by || "unknown";
+    return `${amps(limit.amps)}, set by ${by}`;
+  }
+
+  function charger(c) {
+    const list = el("dl", {});
+    const connectors = Object.entries(c.connectors || {}).map(([k, v]) => `${k}: ${v}`).join(", ");
+    row(list, "OCPP", c.ocpp_version ? `${c.ocpp_version} (${c.subprotocol})` : (c.subprotocol || "–"), "ocpp");
+    row(list, "Security", c.security_profile || "–", "security");
+    row(list, "Backend", backendText(c.backend), "backend");
+    row(list, "Status", connectors || c.state || "–", "status");
+    row(list, "Transaction", c.transaction === null ? "–" : c.transaction ? "running" : "none", "transaction");
+    row(list, "Limit", limitText(c.limit), "limit");
+    if (c.limit) {
+      row(list, "Inputs", `local ${amps(c.limit.local_a)}, backend ${amps(c.limit.backend_a)}, ` +
+        `EMS ${amps(c.limit.ems_a)}; reserved ${amps(c.limit.reserved_a)}`, "inputs");
+    }
+    row(list, "Currents", phases(c.currents_a), "currents");
+    if (c.modbus) row(list, "Modbus", `${c.modbus.link.toUpperCase()} (${c.modbus.address}, ${c.modbus.map})`, "modbus");
+    row(list, "Last error", c.last_error ? `${c.last_error.message} (${age(c.last_error.age_seconds)} ago)` : "none",
+      "error");
+    const up = c.connected;
+    const state = up ? badge("connected", "ok") : badge(c.backend.state === "draining" ? "draining" : "disconnected", "bad");
+    return el("article", { class: "card" + (up ? "" : " down"), "data-charger": c.id },
+      el("h3", {}, el("span", {}, c.id), state, c.kind === "modbus" ? el("span", { class: "badge" }, "modbus") : null),
+      list);
+  }
+
+  function site(s) {
+    const list = el("dl", {});
+    row(list, "Limit", `${amps(s.limit_a)}` + (s.ems_limit_a !== null ? ` (EMS ${amps(s.ems_limit_a)}, ` +
+      `config ${amps(s.config_limit_a)})` : ""), "site-limit");
+    row(list, "Budget", phases(s.budget_a), "budget");
+    row(list, "Reserved", phases(s.reserved_a), "reserved");
+    row(list, "Meter", `${s.meter.state}` + (s.meter.currents_a ? `: ${phases(s.meter.currents_a)}` : "") +
+      (s.meter.age_seconds !== null && s.meter.age_seconds !== undefined ? `, read ${age(s.meter.age_seconds)} ago` : ""),
+      "meter");
+    row(list, "House load", phases(s.house_load_a), "house");
+    row(list, "Headroom", phases(s.headroom_a), "headroom");
+    if (s.fallback) row(list, "Mode", "FALLBACK (meter stale)", "mode");
+    if (s.over_budget) row(list, "Warning", "OVER BUDGET", "over");
+    return list;
+  }
+
+  function render(data) {
+    document.getElementById("site-body").replaceChildren(data.site ? site(data.site)
+      : el("p", {}, "No load management configured."));
+    document.getElementById("chargers").replaceChildren(...data.chargers.map(charger));
+    updates += 1;
+    const stamp = document.getElementById("updated");
+    stamp.dataset.updates = String(updates);
+    stamp.textContent = `Updated ${new Date(data.generated_at).toLocaleTimeString()} (proxy ${data.proxy.version}); ` +
+      `${data.chargers.filter((c) => c.connected).length} of ${data.chargers.length} chargers connected`;
+    document.body.classList.remove("stale");
+  }
+
+  async function poll() {
+    try {
+      const response = await fetch("/api/status", { cache: "no-store" });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      render(await response.json());
+    } catch (err) {
+      document.body.classList.add("stale");
+      document.getElementById("updated").textContent = `NOT UPDATED: ${err.message}; retrying`;
+    }
+    setTimeout(poll, INTERVAL_MS);
+  }
+
+  poll();
+})();
