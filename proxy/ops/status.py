@@ -218,7 +218,9 @@ class StatusSource:
             for phase in charger_phases(len(reserved), limits):
                 reserved[phase] += reservation.may_draw
         readiness = metrics.status()["meter"]
-        meter: dict[str, Any] = {"state": readiness["state"],
+        # Fresh or stale as the limit engine judges it (meter_timeout), the one that decides the fallback.
+        state = "not_configured" if not meter_configured(config) else "ok" if site.meter_fresh else "stale"
+        meter: dict[str, Any] = {"state": state,
                                  "currents_a": [round(c, 1) for c in metrics.meter_currents] or None,
                                  "age_seconds": readiness.get("age_seconds")}
         return {"limit_a": _amps(site.site_limit), "config_limit_a": _amps(site.config_limit),
