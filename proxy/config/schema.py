@@ -380,7 +380,8 @@ class LogSettings:
 
 @dataclass(frozen=True)
 class MetricsSettings:
-    listen: str = setting("127.0.0.1:9520", "Prometheus /metrics, /healthz, /readyz; empty disables",
+    listen: str = setting("127.0.0.1:9520", "Prometheus /metrics, /healthz, /readyz and the read-only status "
+                          "page (/, /api/status); empty disables",
                           check=lambda v: None if v == "" else listen_address(v))
     allow: list[str] = setting([], "client addresses or networks (CIDR) allowed to connect; empty: any "
                                "(check-config warns when listen is all addresses)", check=lambda v: networks_problem(v))
