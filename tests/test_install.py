@@ -112,6 +112,10 @@ def test_wheel_installs_into_a_fresh_venv_like_the_image(tmp_path: Path) -> None
     maps = run([str(venv / "bin" / "python"), "-c", "from proxy.modbus.maps import WALLBOXES; print(sorted(WALLBOXES))"],
                cwd=elsewhere, env=env)
     assert "'alfen-eve-double'" in maps.stdout and "'heidelberg'" in maps.stdout and "'webasto-next'" in maps.stdout
+    # So are the status page's files (proxy/ops/static): the monitor reads them when it is built.
+    page = run([str(venv / "bin" / "python"), "-c", "from proxy.ops.monitor import STATIC, _static; "
+                "print(sum(len(_static(name)) for name, _ in STATIC.values()))"], cwd=elsewhere, env=env)
+    assert int(page.stdout) > 5000
     broken = elsewhere / "broken.toml"
     broken.write_text('[server]\nlisten = "nowhere"\n')
     refused = subprocess.run([script, "check-config", str(broken)], check=False, cwd=elsewhere, env=env,

@@ -378,8 +378,9 @@ async def _run(config: Config, options: DemoOptions, sims: _Sims, loop: tuple[Lo
               f"{p['csms']}/ocpp; max 16 A each) and Modbus wallbox {_VIRTUAL} sharing a site limit of "
               f"{options.site_limit:g} A; grid meter (SDM630) 127.0.0.1:{p['meter']}, house load "
               f"{_HOUSE_AMPS:g} A", file=out)
-        print(f"status page: http://127.0.0.1:{status_ports[0]}/ (JSON: /api/status)", file=out)
-        print(f"{timing_note(options.real_timing)}\n", file=out, flush=True)
+        print(timing_note(options.real_timing), file=out)
+        print(f"status page: http://127.0.0.1:{status_ports[0]}/ (JSON: /api/status), up while the demo runs\n",
+              file=out, flush=True)
         ids = [f"CP{n:03d}" for n in range(1, options.wallboxes + 1)]
         run = functools.partial(peers.run, _wallbox_sessions(url, ids, rounds, live, stop), timeout)
         run_station = functools.partial(peers.run, _station_session(url, rounds, live, stop), timeout)

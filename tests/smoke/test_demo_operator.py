@@ -159,6 +159,8 @@ def test_demo_says_what_it_changed_from_a_sites_defaults() -> None:
     assert run_demo(wallboxes=1, out=out) == 0
     banner = out.getvalue().splitlines()[1]
     assert banner.startswith("demo timing, not a site's: ")
+    assert re.fullmatch(r"status page: http://127\.0\.0\.1:\d+/ \(JSON: /api/status\), up while the demo runs",
+                        out.getvalue().splitlines()[2])
     for name, value in DEMO_TIMING.items():
         assert re.search(rf"{name} {value:g} \w \(a site's default: {site[name]:g} \w\)", banner), name
     real = demo_config(1, 1, "/tmp/x", real_timing=True)
