@@ -122,7 +122,7 @@ class Monitor:
             return Response(200 if ok else 503, "application/json", body.encode())
         if path == STATUS_PATH:
             snapshot = self.status.snapshot(trio.current_time(), datetime.now(UTC))
-            return Response(200, "application/json", json.dumps(snapshot, ensure_ascii=False).encode())
+            return Response(200, "application/json", json.dumps(snapshot, ensure_ascii=False, allow_nan=False).encode())
         return self._files[path]
 
     def readiness(self) -> Readiness:

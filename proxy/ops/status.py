@@ -123,7 +123,8 @@ def backend_link(paired: PairedSession | None, draining: PairedSession | None, d
 
 
 def _amps(value: float | None) -> float | None:
-    return None if value is None or math.isinf(value) else round(value, 1)
+    """Rounded to 0.1 A; None for unknown and for what JSON cannot carry (unlimited, NaN from a peer)."""
+    return None if value is None or not math.isfinite(value) else round(value, 1)
 
 
 def _amps_list(values: Any) -> list[float | None]:
@@ -132,6 +133,16 @@ def _amps_list(values: Any) -> list[float | None]:
 
 def _age(at: float, now: float) -> float:
     return round(max(0.0, now - at), 1)
+
+
+def limit_entry(view: ChargerView, site: SiteView, settings: ChargerBase | None, may_draw: float | None,
+                meter: bool) -> dict[str, Any]:
+    """A managed charger's ``limit`` object (docs/status.md): the limit in force, its inputs, who set it."""
+    inputs = LimitInputs(view, settings.max_current if settings is not None else math.inf,
+                         settings.enabled if settings is not None else True, site, meter)
+    return {"amps": _amps(view.effective_limit), "set_by": limit_source(inputs),
+            "local_a": _amps(view.local_limit), "backend_a": _amps(view.backend_limit),
+            "ems_a": _amps(view.ems_limit), "reserved_a": _amps(may_draw)}
 
 
 class StatusSource:
@@ -194,17 +205,11 @@ class StatusSource:
                 reservation: Any, config: Config) -> dict[str, Any]:
         out: dict[str, Any] = {"state": view.mode if view is not None else None,
                                "transaction": view.transaction if view is not None else None,
-                               "currents_a": [round(c, 1) for c in view.currents] if view is not None else None,
+                               "currents_a": _amps_list(view.currents) if view is not None else None,
                                "limit": None}
-        if view is None or site is None:
-            return out
-        max_current = settings.max_current if settings is not None else math.inf
-        enabled = settings.enabled if settings is not None else True
-        inputs = LimitInputs(view, max_current, enabled, site, meter_configured(config))
-        out["limit"] = {"amps": _amps(view.effective_limit), "set_by": limit_source(inputs),
-                        "local_a": _amps(view.local_limit), "backend_a": _amps(view.backend_limit),
-                        "ems_a": _amps(view.ems_limit),
-                        "reserved_a": _amps(reservation.may_draw) if reservation is not None else None}
+        if view is not None and site is not None:
+            may_draw = reservation.may_draw if reservation is not None else None
+            out["limit"] = limit_entry(view, site, settings, may_draw, meter_configured(config))
         return out
 
     def _site(self, config: Config, site: SiteView, reservations: Mapping[str, Any], loop_now: float,
@@ -221,12 +226,12 @@ class StatusSource:
         # Fresh or stale as the limit engine judges it (meter_timeout), the one that decides the fallback.
         state = "not_configured" if not meter_configured(config) else "ok" if site.meter_fresh else "stale"
         meter: dict[str, Any] = {"state": state,
-                                 "currents_a": [round(c, 1) for c in metrics.meter_currents] or None,
+                                 "currents_a": _amps_list(metrics.meter_currents) or None,
                                  "age_seconds": readiness.get("age_seconds")}
         return {"limit_a": _amps(site.site_limit), "config_limit_a": _amps(site.config_limit),
                 "ems_limit_a": _amps(site.ems_limit), "phases": len(site.house_load),
                 "budget_a": _amps_list(b / 10 if not math.isinf(site.site_limit) else math.inf
                                        for b in engine.budget(loop_now)),
                 "house_load_a": _amps_list(site.house_load), "headroom_a": _amps_list(site.headroom),
-                "reserved_a": [round(r, 1) for r in reserved], "fallback": site.fallback,
+                "reserved_a": _amps_list(reserved), "fallback": site.fallback,
                 "over_budget": self.server.limiter.coordinator.over_budget, "meter": meter}
