@@ -14,7 +14,7 @@ from pymodbus.client import AsyncModbusTcpClient
 
 from proxy.cli import Started, start
 from proxy.config import loads
-from proxy.demo.peers import LoopThread, SimBackend, SimModbusDevice, connect_wallbox, now_iso
+from proxy.demo.peers import LoopThread, SimBackend, SimHeidelberg, SimModbusDevice, connect_wallbox, now_iso
 from proxy.ops.status import VERSION
 from tests.e2e.test_limits_e2e import Backend, profile
 from tests.e2e.test_meter import sdm630
@@ -211,3 +211,27 @@ async def test_read_only_and_served_files(backend: SimBackend, nursery: trio.Nur
     head = await http_get(base + "/api/status", method="HEAD")
     assert head.status == 200 and head.body == "" and int(head.headers["content-length"]) > 100
     assert SECRET not in (await http_get(base + "/")).body + (await http_get(base + "/readyz")).body
+
+
+async def test_modbus_wallbox_link(peers: LoopThread, backend: SimBackend, nursery: trio.Nursery,
+                                   tmp_path: Any) -> None:
+    sim = SimHeidelberg()
+    await in_loop(peers, sim.start())
+    chargers = (f'[[modbus_chargers]]\nid = "HD1"\nmodbus = "127.0.0.1:{sim.port}"\nfixed_id_tag = "FIXED-0001"\n'
+                'poll_interval = 0.05\nmeter_interval = 1\nfault_after = 0.5\ntimeout = 0.3\n')
+    started = await start(loads(base_config(backend.port, chargers, f"[site]\nmax_current = 32\n{TIMING}",
+                                            str(tmp_path))), nursery)
+    body = await wait_status(started, lambda b: (charger(b, "HD1").get("modbus") or {}).get("link") == "up"
+                             and charger(b, "HD1")["connected"])
+    entry = charger(body, "HD1")
+    assert entry["kind"] == "modbus" and entry["security_profile"] == "local" and entry["ocpp_version"] == "1.6"
+    assert entry["modbus"] == {"address": f"127.0.0.1:{sim.port}", "transport": "tcp", "map": "heidelberg",
+                               "link": "up"}
+    assert entry["backend"]["state"] == "online" and entry["last_error"] is None
+
+    sim.silent = True  # the wallbox stops answering Modbus
+    body = await wait_status(started, lambda b: charger(b, "HD1")["modbus"]["link"] == "down")
+    assert charger(body, "HD1")["last_error"]["message"] == "Modbus link lost or readings bad"
+    sim.silent = False
+    await wait_status(started, lambda b: charger(b, "HD1")["modbus"]["link"] == "up")
+    await in_loop(peers, sim.stop())
