@@ -162,7 +162,10 @@ class ProfileStore:
     def composite(self, connector: int = 1, now: datetime | None = None) -> float | None:
         now = now or datetime.now(UTC)
         items = list(self.profiles.values())
-        by = lambda purpose: [s for s in items if s.profile["chargingProfilePurpose"] == purpose]
+
+        def by(purpose: str) -> list[Stored]:
+            return [s for s in items if s.profile["chargingProfilePurpose"] == purpose]
+
         cap = self._best(by("ChargePointMaxProfile"), now)
         tx_part = None
         if connector in self.transactions:

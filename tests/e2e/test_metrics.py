@@ -127,7 +127,7 @@ async def test_refusals_and_rejected_frames_are_counted(nursery: trio.Nursery) -
         await ws.send_message(b"\x00binary")
         with trio.fail_after(5), pytest.raises(trio_websocket.ConnectionClosed) as closed:
             await ws.get_message()
-        assert closed.value.reason.code == 1003
+        assert closed.value.reason is not None and closed.value.reason.code == 1003
     with trio.fail_after(5):
         await stack.server.wait_sessions(0)
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import trio
+from cryptography import x509
 from ocpp.v16 import call
 from structlog.testing import capture_logs
 
@@ -127,8 +128,8 @@ async def test_self_signed_certificate_created_once_with_private_key(tmp_path: P
     fingerprints = {e["sha256"] for e in logs if e["event"] == "self_signed_certificate"}
     assert len(fingerprints) == 1 and len(fingerprints.pop()) == 95
     leaf = certs.load_certificates(tmp_path / "server.crt")[0]
-    sans = leaf.extensions.get_extension_for_class(certs.x509.SubjectAlternativeName).value
-    assert "localhost" in sans.get_values_for_type(certs.x509.DNSName)
+    sans = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert "localhost" in sans.get_values_for_type(x509.DNSName)
 
 
 async def test_sp2_upstream_trusts_only_configured_ca(peers: LoopThread, start_proxy: StartProxy,

@@ -48,8 +48,8 @@ def test_named_and_inline_secondaries_resolve(tmp_path: Path) -> None:
     ems, ha = first
     assert (ems.target.url, ems.target.identity, ems.target.password) == (
         "ws://ems.local:9000/ocpp/DE*ABC*E1", "DE*ABC*E1", "ems-secret")
-    assert ems.forward_actions == {"BootNotification", "StatusNotification", "MeterValues", "StartTransaction",
-                                   "StopTransaction"}
+    assert ems.forward_actions == frozenset({"BootNotification", "StatusNotification", "MeterValues",
+                                             "StartTransaction", "StopTransaction"})
     assert ems.settings.policy == {"RemoteStartTransaction": "forward", "*": "answer"}
     assert (ha.target.url, ha.forward_actions, ha.settings.queue_limit) == (
         "ws://ha.local:8123/ocpp/wallbox-garage", None, 1000)

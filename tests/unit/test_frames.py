@@ -38,7 +38,7 @@ def test_malformed_frames_are_named() -> None:
 
 
 def test_strict_problem_parses_fully() -> None:
-    assert strict_problem(classify('[2,"x","A",{"a":}]')).startswith("invalid JSON")
+    assert (strict_problem(classify('[2,"x","A",{"a":}]')) or "").startswith("invalid JSON")
     assert strict_problem(classify('[2,"x","A",{"a":1},5]')) == "expected 4 elements"
     assert strict_problem(classify('[2,"x","A",{"a":1}]')) is None
 

@@ -315,8 +315,9 @@ def test_no_oscillation_when_meter_values_lag_the_grid_meter(site: Site, steps: 
     look like house load and be paused again. The cars have just been plugged in: the
     chargers' last samples say 0 A. A car reported as charging draws at least 2 A
     on its phases (one that draws nothing reports SuspendedEV)."""
-    demand = {c.id: tuple(max(2.0, a) for a in c.currents) if c.status == "Charging" else c.currents
-              for c in site.chargers}
+    demand: dict[str, tuple[float, float, float]] = {
+        c.id: (max(2.0, c.currents[0]), max(2.0, c.currents[1]), max(2.0, c.currents[2]))
+        if c.status == "Charging" else c.currents for c in site.chargers}
     for charger in site.chargers:
         charger.currents = (0.0, 0.0, 0.0)
     engine = build(site)

@@ -9,7 +9,8 @@ import trio
 
 from proxy.messages.ocppj import classify
 from proxy.core.mirror import BOOT, Mirror, MirrorEvent, MirrorQueued, MirrorSend, MirrorState, MirrorUnqueued, TxMapped
-from proxy.storage.secondary_store import MirrorStore, Record
+from proxy.storage.interface import MirrorRecord as Record
+from proxy.storage.secondary_store import MirrorStore
 from tests.unit.test_mirror import boot, meter, start, status, stop
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -24,8 +25,10 @@ from proxy.storage.offline_queue import SqliteStorage
 from proxy.core.session import PRIMARY, Persist, Session, ToUpstream, ToWallbox
 
 
-def answer(responder: OfflineResponder, text: str) -> list[object]:
-    return json.loads(responder.answer(classify(text)).text)  # type: ignore[no-any-return]
+def answer(responder: OfflineResponder, text: str) -> list[Any]:
+    """The local answer as JSON: [3, id, payload] or [4, id, code, ...]."""
+    parsed: list[Any] = json.loads(responder.answer(classify(text)).text)
+    return parsed
 
 
 def test_local_answers_and_negative_transaction_ids() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 from ocpp.messages import get_validator
@@ -58,7 +59,7 @@ def test_local_answers_are_valid_ocpp_2(action: str, version: str) -> None:
 
 
 #: A schema-valid request for each 2.x command whose answer is built from it.
-V2_REQUESTS = {
+V2_REQUESTS: dict[str, dict[str, Any]] = {
     "GetVariables": {"getVariableData": [{"component": {"name": "EVSE", "evse": {"id": 1}},
                                           "variable": {"name": "Power"}}]},
     "SetVariables": {"setVariableData": [{"attributeValue": "32", "component": {"name": "SmartChargingCtrlr"},
@@ -76,7 +77,7 @@ def test_built_2x_answers_are_valid_and_list_what_was_asked(action: str, version
     get_validator(2, action, version.value).validate(request)
     policy = CommandPolicy("primary", {"ems": {action: "answer"}})
     decision = policy.decide("ems", classify(json.dumps([2, "e1", action, request])), version)
-    message = json.loads(decision.reply or "")
+    message: list[Any] = json.loads(decision.reply or "")
     assert message[:2] == [3, "e1"]
     get_validator(3, action, version.value).validate(message[2])
     assert len(next(iter(message[2].values()))) == len(next(iter(request.values())))
