@@ -76,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
     check.set_defaults(func=cmd_check_config)
 
     _certs_parser(sub)
+    _sessions_parser(sub)
 
     demo = sub.add_parser("demo", help="proxy + simulated backend and wallboxes on loopback")
     demo.add_argument("--wallboxes", type=int, default=3, metavar="N", help="OCPP 1.6 wallboxes (default: %(default)s)")
@@ -90,6 +91,40 @@ def _parser() -> argparse.ArgumentParser:
                       help="status page port on 127.0.0.1 (default: any free port; the address is printed)")
     demo.set_defaults(func=cmd_demo)
     return parser
+
+
+def _sessions_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sessions = sub.add_parser("sessions", help="the local session log (every charger's transactions)")
+    actions = sessions.add_subparsers(dest="sessions_command", required=True, metavar="ACTION")
+    export = actions.add_parser("export", help="print transactions started in [--from, --to) as CSV or JSON",
+                                description="Print the session log's transactions started in [--from, --to) "
+                                            "(UTC unless the time carries an offset); signed meter data exactly "
+                                            "as the wallbox sent it. See docs/standalone.md.")
+    export.add_argument("--config", "-c", default="ocpp-proxy.toml", help="TOML file (default: %(default)s); "
+                        "the log is in its [offline] data_dir")
+    export.add_argument("--from", dest="since", metavar="TIME", help="earliest start, e.g. 2026-11-01")
+    export.add_argument("--to", dest="until", metavar="TIME", help="start before this, e.g. 2026-12-01")
+    export.add_argument("--format", choices=("csv", "json"), default="csv", help="(default: %(default)s)")
+    export.set_defaults(func=cmd_sessions_export)
+
+
+def cmd_sessions_export(args: argparse.Namespace) -> int:
+    from proxy.ops.sessions import ExportError, parse_time, read_sessions, render
+
+    config = _load_or_report(args.config)
+    if config is None:
+        return EXIT_CONFIG
+    try:
+        records = read_sessions(config.offline.data_dir, parse_time(args.since, "--from"),
+                                parse_time(args.until, "--to"))
+    except ExportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except StorageUnusable as exc:
+        print(f"error: {_storage_unusable(exc)}", file=sys.stderr)
+        return 1
+    sys.stdout.write(render(records, args.format))
+    return 0
 
 
 def _load_or_report(path: str) -> Config | None:
@@ -132,6 +167,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         print(f"warning: {warning.render(args.file)}", file=sys.stderr)
     virtual = f", {plural(len(config.modbus_chargers), 'Modbus wallbox')}" if config.modbus_chargers else ""
     _print_warnings(config, args.file)
+    from proxy.config.checks import standalone_notes
+
+    for note in standalone_notes(config):
+        print(f"note: {note}")
     print(f"{args.file}: OK ({plural(len(config.chargers), 'charger')}{virtual})")
     return 0
 

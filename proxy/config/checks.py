@@ -22,11 +22,10 @@ def cross_checks(config: Config, index: LineIndex, failed: frozenset[str] = froz
         if charger.min_current > charger.max_current:
             problems.append(Problem(f"{key}.min_current", f"is above max_current ({charger.max_current})",
                                     index.find(f"{key}.min_current")))
-        if not (charger.upstream_url or config.backend.url) and "backend.url" not in failed:
-            problems.append(Problem(f"{key}.upstream_url", "no backend URL: set this or [backend] url",
-                                    index.find(key)))
     if config.server.accept_unknown and not config.backend.url and "backend.url" not in failed:
-        problems.append(Problem("backend.url", "accept_unknown needs a default backend URL",
+        # Unknown ids are never run standalone: anyone could connect and be accepted by the proxy itself.
+        problems.append(Problem("backend.url", "accept_unknown needs a default backend URL (a standalone site "
+                                "lists its wallboxes as [[chargers]]; unknown ids are not run standalone)",
                                 index.find("backend")))
     problems += _port_clashes(config, index)
     if config.meter.map == "generic" and config.meter.modbus:
@@ -41,6 +40,12 @@ def cross_checks(config: Config, index: LineIndex, failed: frozenset[str] = froz
     problems += _secondary_checks(config, index)
     problems += _modbus_checks(config, index)
     return problems
+
+
+def standalone_notes(config: Config) -> list[str]:
+    """One line per charger without a backend URL (check-config prints them: not an error any more)."""
+    return [f"{key} ({charger.id}): no backend URL: runs standalone, the proxy is its central system "
+            f"(docs/standalone.md)" for key, charger in config.charger_entries() if config.standalone(charger)]
 
 
 def _modbus_checks(config: Config, index: LineIndex) -> list[Problem]:

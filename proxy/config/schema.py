@@ -260,7 +260,8 @@ class ChargerBase:
     id: str = required("charge point id: the ChargeBox id the wallbox connects with (last URL path segment); "
                        "for a Modbus wallbox, the id it gets")
     upstream_id: str = setting("", "identity towards the backend; empty: same as id")
-    upstream_url: str = setting("", "backend URL for this charger; empty: [backend] url", check=websocket_url)
+    upstream_url: str = setting("", "backend URL for this charger; empty: [backend] url; both empty: standalone "
+                                "(the proxy is its central system, docs/standalone.md)", check=websocket_url)
     upstream_password: str = setting("", "password towards the backend; empty: [backend] password",
                                      secret=True)
     upstream_ca: list[str] = setting([], "CA certificates for this charger's backend; empty: [backend] ca",
@@ -393,13 +394,19 @@ class OfflineSettingsSection:
                                   "false: a backend outage closes or refuses the wallbox")
     data_dir: str = setting("data", "directory of the durable queue (SQLite) of frames answered offline",
                             path=True)
-    auth: str = setting("local_list", "Authorize/StartTransaction while offline: local_list (local_list plus "
-                                      "idTags the backend accepted while online), accept_all or reject_all",
+    auth: str = setting("local_list", "Authorize/StartTransaction while offline and for standalone chargers: "
+                                      "local_list (local_list plus idTags the backend accepted while online), "
+                                      "accept_all or reject_all",
                         choices=("local_list", "accept_all", "reject_all"))
-    local_list: list[str] = setting([], "idTags accepted while offline (auth = local_list)")
-    heartbeat_interval: int = setting(300, "interval in the local BootNotification answer, seconds", check=positive)
-    data_transfer: str = setting("Rejected", "local answer to DataTransfer while offline",
+    local_list: list[str] = setting([], "idTags accepted while offline and by standalone chargers "
+                                    "(auth = local_list)")
+    heartbeat_interval: int = setting(300, "interval in the local BootNotification answer (offline and "
+                                      "standalone), seconds", check=positive)
+    data_transfer: str = setting("Rejected", "local answer to DataTransfer while offline (and always for "
+                                 "standalone chargers)",
                                  choices=("Accepted", "Rejected", "UnknownVendorId", "UnknownMessageId"))
+    session_log: bool = setting(True, "record every charger's transactions in data_dir (`ocpp-proxy sessions "
+                                "export`); standalone chargers are always recorded")
     reconnect_min: float = setting(1.0, "first reconnect delay, seconds (doubles per failure, with jitter)",
                                    check=positive)
     reconnect_max: float = setting(60.0, "longest reconnect delay, seconds", check=positive)
@@ -505,6 +512,10 @@ class Config:
             yield f"chargers[{i}]", charger
         for i, virtual in enumerate(self.modbus_chargers):
             yield f"modbus_chargers[{i}]", virtual
+
+    def standalone(self, charger: ChargerBase) -> bool:
+        """No backend URL for this charger (its own nor [backend] url): the proxy is its central system."""
+        return not (charger.upstream_url or self.backend.url)
 
     def upstream_for(self, charger: ChargerBase) -> UpstreamTarget:
         backend = self.backend

@@ -162,6 +162,8 @@ def _charger(config: Config, path: str) -> tuple[ChargerSettings, bool] | Refuse
         return charger, True
     if not config.server.accept_unknown:
         return Refuse(404, "unknown_charge_point", "no [[chargers]] entry", cb_id)
+    if not config.backend.url:  # an unknown id is never run standalone (check-config refuses this config)
+        return Refuse(404, "unknown_charge_point", "no [[chargers]] entry and no default backend", cb_id)
     twin = lookalike(cb_id, (c.id for c in config.all_chargers))
     if twin is not None:
         return Refuse(403, "lookalike_charge_point_id",

@@ -74,6 +74,7 @@ from proxy.core.mirror import (
     transaction_id,
 )
 from proxy.core.policy import CommandPolicy, Mode
+from proxy.core.sessionlog import JOURNAL_ACTIONS, SessionEvent, events as session_events
 from proxy.messages.versions import OcppVersion, format_violation
 
 
@@ -210,6 +211,22 @@ class Persist:
 
 
 @dataclass(frozen=True, slots=True)
+class LogSession:
+    """Commit ``events`` to the session log, then send ``answer`` (if any) to the wallbox.
+
+    ``required``: the log is the only record (a standalone charger): if it
+    cannot be written the wallbox gets a CALLERROR instead of ``answer`` and
+    retries. Otherwise the backend (or the offline queue) holds the data and the
+    answer goes out anyway.
+    """
+
+    events: tuple[SessionEvent, ...]
+    msg_id: str
+    answer: str | None
+    required: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamUnresponsive:
     """The primary left the CALL ``msg_id`` unanswered for ``seconds`` (``upstream_call_timeout``)."""
 
@@ -229,7 +246,7 @@ class Replayed:
 
 Action = (ToWallbox | ToUpstream | ProxyAnswer | ProxyCallFailed | Malformed | Observed | CallCompleted
           | Persist | Replayed | UpstreamUnresponsive | Policed | MirrorDropped | TxMapped | MirrorQueued | MirrorUnqueued | MirrorState
-          | MirrorStartKnown)
+          | MirrorStartKnown | LogSession)
 
 
 # --- state -----------------------------------------------------------------------
@@ -272,6 +289,10 @@ class Session:
     #: Seconds the primary may leave a wallbox (or replayed) CALL unanswered before the session
     #: reports it as :class:`UpstreamUnresponsive` (once per connection); None: never.
     upstream_call_timeout: float | None = None
+    #: Record transactions in the session log (:class:`LogSession` actions; docs/standalone.md).
+    journal: bool = False
+    #: No backend: the proxy is the central system (``offline`` answers everything, nothing is queued).
+    standalone: bool = False
 
     #: Actions whose frames (and answers) are reported as :class:`Observed` (the taps' union).
     observe: frozenset[str] = field(default=frozenset(), init=False)
@@ -290,6 +311,10 @@ class Session:
     last_frame: Frame | None = field(default=None, init=False)
 
     def __post_init__(self) -> None:
+        if self.standalone:
+            if self.offline is None:
+                raise ValueError("a standalone session needs an offline responder: it answers every CALL")
+            self._down.add(self.primary)  # for good: there is no primary connection to wait for
         taps, self.taps = self.taps, MappingProxyType({})
         for owner, tap in taps.items():
             self.tap(owner, tap)
@@ -505,7 +530,7 @@ class Session:
         if self.offline_mode:
             local = self._answer_locally(frame)
             return local + self._mirror_copies(frame, now) + self._local_start(msg_id, local) + actions
-        keep = frame if watched or self.offline is not None else None
+        keep = frame if watched or self.offline is not None or self._journaled(frame) else None
         self._from_wallbox.pop(msg_id, None)  # a retransmission moves to the back
         self._from_wallbox[msg_id] = _Pending(WALLBOX, msg_id, action, now, keep)
         sends: list[Action] = [ToUpstream(name, self._to_upstream_text(name, frame))
@@ -541,10 +566,22 @@ class Session:
     def _answer_locally(self, frame: Frame) -> list[Action]:
         assert self.offline is not None
         local = self.offline.answer(frame)
+        logged = self._log_events(frame, classify(local.text)) if local.store else ()
+        if self.standalone:  # nothing to replay to: the log is the record
+            return [LogSession(logged, frame.msg_id or "", local.text, required=True) if logged
+                    else ToWallbox(local.text)]
         if not local.store:
             return [ToWallbox(local.text)]
-        return [Persist(frame.action or "", frame.text, frame.msg_id or "", local.text,
-                        local.local_transaction_id)]
+        persist = Persist(frame.action or "", frame.text, frame.msg_id or "", local.text, local.local_transaction_id)
+        return [LogSession(logged, frame.msg_id or "", None), persist] if logged else [persist]
+
+    def _journaled(self, frame: Frame) -> bool:
+        return self.journal and frame.action in JOURNAL_ACTIONS
+
+    def _log_events(self, call: Frame, answer: Frame) -> tuple[SessionEvent, ...]:
+        if not self._journaled(call) or self.version is None:
+            return ()
+        return tuple(session_events(self.charger_id, self.version, call, answer))
 
     def _upstream_answer(self, name: Side, frame: Frame, now: float) -> list[Action]:
         pending = self._from_wallbox.get(frame.msg_id or "")
@@ -557,7 +594,8 @@ class Session:
         if pending is not None and pending.call is not None and name == self.primary:
             self._learn(pending.call, frame)
         if name == self.primary:
-            actions.append(ToWallbox(frame.text))
+            logged = self._log_events(pending.call, frame) if pending is not None and pending.call else ()
+            actions.append(LogSession(logged, frame.msg_id or "", frame.text) if logged else ToWallbox(frame.text))
             if pending is not None:
                 del self._from_wallbox[frame.msg_id or ""]
                 if pending.action == "StartTransaction" and self.mirrors:
@@ -578,6 +616,10 @@ class Session:
         for action in local:
             if isinstance(action, Persist) and action.local_transaction_id is not None:
                 return self._tell_mirrors(msg_id, action.local_transaction_id)
+            if isinstance(action, LogSession) and action.required:  # standalone: no Persist
+                for event in action.events:
+                    if event.local_tx is not None:
+                        return self._tell_mirrors(msg_id, event.local_tx)
         return []
 
     def _tell_mirrors(self, msg_id: str, wallbox_tx: int) -> list[Action]:

@@ -44,6 +44,7 @@ from proxy.core.session import (
     PROXY,
     WALLBOX,
     Action,
+    LogSession,
     Malformed,
     Persist,
     Replayed,
@@ -483,6 +484,22 @@ class PairedSession:
         self._set_queued(self.queued + 1)
         self._wallbox_out.put(action.answer)
 
+    async def _log_session(self, action: LogSession) -> None:
+        """Commit session-log entries, then (only then) answer the wallbox (docs/standalone.md)."""
+        try:
+            if self.queue is None:
+                raise StorageError("journal", "no store is open")
+            await self.queue.journal(action.events)
+        except StorageError as exc:
+            self.log.error("session_log_write_failed", transaction=action.events[0].transaction[:40],
+                           error=exc.detail, answered=not action.required)
+            if action.required:
+                self._wallbox_out.put(build_error(action.msg_id, "InternalError",
+                                                  "the proxy could not record the transaction; try again"))
+                return
+        if action.answer is not None:
+            self._wallbox_out.put(action.answer)
+
     def _set_queued(self, depth: int) -> None:
         self.queued = depth
         for listener in self.listeners:
@@ -578,12 +595,12 @@ class PairedSession:
         await self._flush()
 
     async def _dispatch_all(self, actions: list[Action]) -> None:
-        """Dispatch in order; a Persist is committed before anything after it is queued."""
+        """Dispatch in order; a Persist or LogSession is committed before anything after it is queued."""
         start = 0
         for index, action in enumerate(actions):
-            if isinstance(action, Persist):
+            if isinstance(action, (Persist, LogSession)):
                 self._dispatch(actions[start:index])
-                await self._persist(action)
+                await (self._persist(action) if isinstance(action, Persist) else self._log_session(action))
                 start = index + 1
         self._dispatch(actions[start:] if start else actions)
 

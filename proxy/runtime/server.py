@@ -70,7 +70,10 @@ class ProxyServer:
         self.ready = trio.Event()
         self._secure: SecureLayer
         self._storage: SqliteStorage | None = None
+        #: The offline queue (None: offline mode off); the same object as ``_store`` when on.
         self._queue: AsyncQueue | None = None
+        #: The durable store's trio front (offline queue, session log); None when nothing needs a store.
+        self._store: AsyncQueue | None = None
         self._limits = _address_limits(config)
         #: Handshakes in progress per address (``per_address_handshakes``); the others wait their turn.
         self._slots = _Slots(config.server.per_address_handshakes)
@@ -100,8 +103,8 @@ class ProxyServer:
         try:
             async with trio.open_nursery() as background:
                 background.start_soon(self.secondaries.run)  # writes behind the sessions
-                if self._queue is not None:
-                    background.start_soon(self._queue.retry_deferred)
+                if self._store is not None:
+                    background.start_soon(self._store.retry_deferred)
                 async with trio.open_nursery() as connections:
                     self._connections = connections
                     await connections.start(self.limiter.run)
@@ -122,23 +125,26 @@ class ProxyServer:
                 background.cancel_scope.cancel()
         finally:
             self.secondaries.close()
-            if self._queue is not None:
-                self.log.info("queue_stats", commits=self._queue.commits, changes=self._queue.committed_changes,
-                              commit_seconds=round(self._queue.commit_seconds, 3), deferred=self._queue.deferred)
-                self._queue.close()  # a last try of deferred deliveries; closes the file
+            if self._store is not None:
+                self.log.info("queue_stats", commits=self._store.commits, changes=self._store.committed_changes,
+                              commit_seconds=round(self._store.commit_seconds, 3), deferred=self._store.deferred)
+                self._store.close()  # a last try of deferred deliveries; closes the file
             elif self._storage is not None:
                 self._storage.close()
-            self._queue = self._storage = None
+            self._queue = self._store = self._storage = None
             for listener in listeners:
                 await trio.aclose_forcefully(listener)
 
     def _open_storage(self) -> None:
-        """The durable store, if offline mode or a secondary needs it (raises StorageUnusable)."""
-        if self._storage is not None or not (self.config.offline.enabled or self.secondaries.configured):
+        """The durable store, if offline mode, the session log or a secondary needs it (raises StorageUnusable)."""
+        config = self.config
+        if self._storage is not None or not (config.offline.enabled or self.secondaries.configured
+                                             or self._session_log_on):
             return
-        self._storage = SqliteStorage(Path(self.config.offline.data_dir) / DB_NAME)
-        if self.config.offline.enabled:
-            self._queue = AsyncQueue(self._storage, on_error=self._storage_error)
+        self._storage = SqliteStorage(Path(config.offline.data_dir) / DB_NAME)
+        self._store = AsyncQueue(self._storage, on_error=self._storage_error)
+        if config.offline.enabled:
+            self._queue = self._store
         self.secondaries.on_error = self._storage_error
         self.secondaries.open(self._storage)
 
@@ -150,6 +156,11 @@ class ProxyServer:
             self.log.info("storage_recovered", operation=operation)
         for listener in self.listeners:
             listener.storage_error(operation, detail)
+
+    @property
+    def _session_log_on(self) -> bool:
+        """The session log is kept: asked for, or needed (a standalone charger's only record)."""
+        return self.config.offline.session_log or any(self.config.standalone(c) for c in self.config.all_chargers)
 
     @property
     def _storage_location(self) -> str:
@@ -375,6 +386,13 @@ class ProxyServer:
                     started: Callable[[], None] = _nothing) -> None:
         """Open the upstream, then relay; an unreachable backend is an outage (5xx) or a refusal (4xx)."""
         log = self.log.bind(charger=admit.charger.id)
+        if self.config.standalone(admit.charger):
+            if offline_subprotocol(admit) is None:  # the proxy answers only in a version it speaks
+                await refuse(UpstreamUnavailable("standalone charger: no OCPP version the proxy answers in "
+                                                 f"offered ({', '.join(admit.subprotocols)[:80]})", 400))
+                return
+            await self._relay(accept, admit, None, peer, log, drain, started)
+            return
         async with AsyncExitStack() as stack:
             try:
                 upstream = await stack.enter_async_context(self._connector(admit)())
@@ -431,19 +449,23 @@ class ProxyServer:
         wallbox = await accept(subprotocol)
         if drain and (charger_id in self.sessions or charger_id in self.drains):
             return  # the wallbox came back (or another drain started) while this one was opening
-        log.info("drain_started" if drain else "session_opened", peer=peer, upstream=redact_url(admit.upstream.url),
-                 subprotocol=subprotocol, known=admit.known, offline=upstream is None, queued=queued)
+        standalone = session.standalone
+        log.info("drain_started" if drain else "session_opened", peer=peer,
+                 upstream="" if standalone else redact_url(admit.upstream.url), subprotocol=subprotocol,
+                 known=admit.known, offline=upstream is None and not standalone, standalone=standalone, queued=queued)
         reconnect: dict[Side, Connector] = {}
-        if session.offline is not None:
+        if session.offline is not None and not standalone:
             reconnect[PRIMARY] = self._connector(admit, (subprotocol,) if subprotocol else None)
         secondaries = self.secondaries.connectors(admit.charger, subprotocol)  # opened by the pair's links
         reconnect.update(secondaries)
-        upstreams: dict[Side, Connection | None] = {PRIMARY: upstream, **dict.fromkeys(secondaries)}
+        # A standalone charger has no primary link: the session answers its CALLs itself.
+        upstreams: dict[Side, Connection | None] = {} if standalone else {PRIMARY: upstream}
+        upstreams.update(dict.fromkeys(secondaries))
         # An absent wallbox is not load-managed: the limiter does not hear of a drain.
         listeners = [lst for lst in self.listeners if lst is not self.limiter] if drain else self.listeners
         paired = PairedSession(charger_id, session, wallbox, upstreams, log=log,
                                settings=self._session_settings(), listeners=listeners,
-                               reconnect=reconnect, queue=self._queue, queued=queued, subprotocol=subprotocol,
+                               reconnect=reconnect, queue=self._store, queued=queued, subprotocol=subprotocol,
                                drain=drain)
         registry = self.drains if drain else self.sessions
         if drain:
@@ -522,6 +544,8 @@ class ProxyServer:
         if (charger_id in self.sessions or charger_id in self.drains or not self._serving
                 or self.config.is_virtual(charger_id)):  # a virtual charge point reconnects by itself
             return
+        if self.config.standalone(charger):  # frames queued under an earlier backend stay stored
+            return
         if not self.secondaries.backlog.get(charger_id) and not await self._queued(charger_id, self.log):
             return
         subprotocol = self.config.server.subprotocols[0]
@@ -561,18 +585,23 @@ class ProxyServer:
         routing = self.secondaries.routing(charger)
         offline: OfflineResponder | None = None
         transactions: dict[int, int] = {}
-        if self._queue is not None and version is not None:
+        standalone = self.config.standalone(charger) and self._store is not None and version is not None
+        if (self._queue is not None or standalone) and version is not None:
+            store = self._store
+            assert store is not None
             settings = self.config.offline
             offline = OfflineResponder(
                 OfflineSettings(settings.heartbeat_interval, settings.auth, frozenset(settings.local_list),
                                 settings.data_transfer),
-                last_local_id=await self._queue.last_local_tx(charger_id), version=version)
+                last_local_id=await store.last_local_tx(charger_id), version=version)
             if version is OcppVersion.V16:  # 2.0.1 stations make their own transactionIds: nothing is mapped
-                transactions = await self._queue.transactions(charger_id)
+                transactions = await store.transactions(charger_id)
         return Session(charger_id, upstreams=routing.upstreams, call_timeout=server.call_timeout,
                        strict=server.strict, policy=routing.policy, mirrors=routing.mirrors, offline=offline,
                        transactions=transactions, version=version,
-                       upstream_call_timeout=self.config.backend.call_timeout)
+                       upstream_call_timeout=self.config.backend.call_timeout,
+                       journal=self._store is not None and (self.config.offline.session_log or standalone),
+                       standalone=standalone)
 
     def _session_settings(self) -> SessionSettings:
         server, offline = self.config.server, self.config.offline

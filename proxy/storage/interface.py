@@ -2,7 +2,8 @@
 
 Everything the proxy must not lose goes through :class:`Storage`: the offline
 queue of each charger's primary, the transaction-id map of its replays, its
-local transaction-id counter, and its secondaries' mirrors. SQLite implements it
+local transaction-id counter, its secondaries' mirrors and the session log
+(every charger's transactions, :mod:`proxy.core.sessionlog`). SQLite implements it
 today (:class:`proxy.storage.offline_queue.SqliteStorage`); a PostgreSQL
 implementation (several proxies sharing one database) will implement the same
 methods with the same guarantees, and will add fuse reservations, virtual
@@ -19,9 +20,10 @@ Rules every implementation follows:
   nothing, so callers group many frames into one commit (group commit).
 * **Errors are** :class:`StorageError` **only** (disk full, I/O error, a lost
   database connection), so the trio layer needs to know one exception type.
-* **Idempotent deliveries and marks.** Applying a :class:`Delivered` or a
-  :class:`MarkSent` twice has the effect of applying it once, so a caller may
-  retry any write whose outcome it does not know.
+* **Idempotent deliveries, marks and journal entries.** Applying a
+  :class:`Delivered`, a :class:`MarkSent` or a :class:`Journal` twice has the
+  effect of applying it once, so a caller may retry any write whose outcome it
+  does not know (and a wallbox's retransmitted frame is logged once).
 * **Order.** :meth:`Storage.pending` returns a charger's frames in the order
   their :class:`Append` calls were committed (and, within one batch, listed).
 """
@@ -34,6 +36,7 @@ from typing import Protocol
 
 from proxy.core.mirror import MirrorQueued, MirrorStartKnown, MirrorState, MirrorUnqueued, TxMapped
 from proxy.core.offline import Stored
+from proxy.core.sessionlog import SessionEvent, SessionRecord
 
 #: One change to a secondary's mirror (see :mod:`proxy.core.mirror`).
 MirrorRecord = TxMapped | MirrorQueued | MirrorUnqueued | MirrorState | MirrorStartKnown
@@ -43,7 +46,7 @@ class StorageError(Exception):
     """The store could not do what was asked (disk full, I/O error, database gone).
 
     ``operation`` names the call for logs and metrics (``append``, ``mark``,
-    ``deliver``, ``read``, ``mirror``, ``open``).
+    ``deliver``, ``journal``, ``read``, ``mirror``, ``open``).
     """
 
     def __init__(self, operation: str, detail: str) -> None:
@@ -81,8 +84,15 @@ class Delivered:
     backend_tx: int | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Journal:
+    """Record one change to a transaction in the session log (docs/standalone.md); idempotent."""
+
+    event: SessionEvent
+
+
 #: One change in a :meth:`Storage.write` batch.
-Change = Append | MarkSent | Delivered
+Change = Append | MarkSent | Delivered | Journal
 
 
 @dataclass
@@ -139,6 +149,10 @@ class Storage(Protocol):
 
     def subprotocol(self, charger: str) -> str | None:
         """The subprotocol of the charger's newest queued frame (None: no frame, or not known)."""
+        ...
+
+    def sessions(self, since: str | None, until: str | None) -> list[SessionRecord]:
+        """The session log's transactions started in [since, until) (UTC ``YYYY-MM-DDTHH:MM:SSZ``), oldest first."""
         ...
 
     def write_mirrors(self, records: Sequence[tuple[str, MirrorRecord]]) -> None:

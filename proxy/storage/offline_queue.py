@@ -39,12 +39,15 @@ from proxy.storage.interface import (
     Append,
     Change,
     Delivered,
+    Journal,
     MarkSent,
     MirrorRecord,
     RestoredMirror,
     StorageError,
 )
+from proxy.storage import session_log
 from proxy.storage.secondary_store import MirrorStore
+from proxy.core.sessionlog import SessionEvent, SessionRecord
 
 T = TypeVar("T")
 
@@ -94,7 +97,7 @@ class SqliteStorage:
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             self._durable = True
-            self.db.executescript(_SCHEMA)
+            self.db.executescript(_SCHEMA + session_log.SCHEMA)
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(frames)")}
             if "attempts" not in columns:  # a queue written before sent-marks existed
                 self.db.execute("ALTER TABLE frames ADD COLUMN attempts INTEGER NOT NULL DEFAULT 0")
@@ -143,6 +146,9 @@ class SqliteStorage:
         first = run[0]
         if isinstance(first, Append):
             return self._append(run)  # type: ignore[arg-type]
+        if isinstance(first, Journal):
+            session_log.apply(self.db, [change.event for change in run])  # type: ignore[union-attr]
+            return [None] * len(run)
         rows = [change.row for change in run]  # type: ignore[union-attr]
         marks = ",".join("?" * len(rows))
         if isinstance(first, MarkSent):
@@ -204,6 +210,12 @@ class SqliteStorage:
                           "ORDER BY row DESC LIMIT 1", charger)
         return str(rows[0][0]) if rows else None
 
+    def sessions(self, since: str | None, until: str | None) -> list[SessionRecord]:
+        try:
+            return session_log.read(self.db, since, until)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError("read", _detail(exc)) from exc
+
     # -- secondaries' mirrors ------------------------------------------------------------
 
     def write_mirrors(self, records: Sequence[tuple[str, MirrorRecord]]) -> None:
@@ -243,7 +255,9 @@ def _runs(changes: Sequence[Change]) -> list[Sequence[Change]]:
 
 def _operation(changes: Sequence[Change]) -> str:
     kinds = {type(change) for change in changes}
-    return "append" if Append in kinds else "deliver" if Delivered in kinds else "mark"
+    if Append in kinds:
+        return "append"
+    return "journal" if Journal in kinds else "deliver" if Delivered in kinds else "mark"
 
 
 # --- trio front -------------------------------------------------------------------------
@@ -311,6 +325,13 @@ class AsyncQueue:
         assert slot.result is not None
         return slot.result
 
+    async def journal(self, events: Sequence[SessionEvent]) -> None:
+        """Commit session-log entries (with whatever else is waiting); raises StorageError if they were not."""
+        for event in events:  # a CALL changes one transaction: one event, in practice
+            slot = await self._commit(Journal(event))
+            if slot.error is not None:
+                raise slot.error
+
     async def mark_sent(self, row: int) -> None:
         """Mark ``row`` sent before it goes out; a failure is retried later and never raised."""
         await self._commit(MarkSent(row))
@@ -328,7 +349,7 @@ class AsyncQueue:
                 await self._committed.wait()
             else:
                 await self._commit_batch()
-        if slot.error is not None and not isinstance(change, Append):
+        if slot.error is not None and isinstance(change, (MarkSent, Delivered)):
             self._defer(change, slot.error)
         return slot
 
@@ -438,6 +459,9 @@ class AsyncQueue:
 
     async def subprotocol(self, charger: str) -> str | None:
         return await self._read(self.storage.subprotocol, charger)
+
+    async def sessions(self, since: str | None, until: str | None) -> list[SessionRecord]:
+        return await self._read(self.storage.sessions, since, until)
 
     def close(self) -> None:
         """Last synchronous retry of deferred changes, then close the file."""

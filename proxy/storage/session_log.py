@@ -1,0 +1,114 @@
+"""The session log's tables in the proxy's SQLite file (part of :class:`~proxy.storage.offline_queue.SqliteStorage`).
+
+Written in the same transaction (and fsync) as the offline queue's frames, on
+the queue's connection, so a group commit covers both. Each
+:class:`~proxy.core.sessionlog.SessionEvent` updates its transaction's record
+(fields a later frame fills in or overwrites, per kind): applying one twice (a
+wallbox retransmitting a frame with the same message id) leaves the record as
+applying it once did, and each signed sampledValue is kept once per (message
+id, position).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Sequence
+
+from proxy.core.sessionlog import SessionEvent, SessionRecord
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    charger TEXT NOT NULL,
+    tx TEXT NOT NULL,
+    start_msg TEXT,
+    connector INTEGER,
+    id_tag TEXT,
+    started TEXT,
+    stopped TEXT,
+    first_seen TEXT NOT NULL,
+    meter_start REAL,
+    meter_stop REAL,
+    meter_last REAL,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS sessions_by_tx ON sessions (charger, tx, id);
+CREATE INDEX IF NOT EXISTS sessions_by_time ON sessions (first_seen);
+CREATE TABLE IF NOT EXISTS session_signed (
+    session INTEGER NOT NULL,
+    msg_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    PRIMARY KEY (session, msg_id, seq)
+);
+"""
+
+# Per kind: what a later frame about the same transaction fills in or overwrites (":name" = the event's value).
+_UPDATE = {
+    "start": "start_msg = :msg, connector = coalesce(:connector, connector), id_tag = coalesce(:id_tag, id_tag), "
+             "started = coalesce(started, :at), meter_start = coalesce(:meter, meter_start)",
+    "meter": "connector = coalesce(connector, :connector), meter_start = coalesce(meter_start, :meter), "
+             "meter_last = coalesce(:meter, meter_last), id_tag = coalesce(id_tag, :id_tag)",
+    "stop": "stopped = coalesce(stopped, :at), meter_stop = coalesce(meter_stop, :meter), "
+            "meter_last = coalesce(:meter, meter_last), reason = coalesce(reason, :reason), "
+            "id_tag = coalesce(id_tag, :id_tag), connector = coalesce(connector, :connector)",
+}
+
+
+def now_utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def apply(db: sqlite3.Connection, events: Sequence[SessionEvent]) -> None:
+    """Apply each event to its transaction's record (inside the caller's transaction)."""
+    for event in events:
+        row = _record(db, event)
+        values = {"id": row, "msg": event.msg_id, "connector": event.connector, "id_tag": event.id_tag,
+                  "at": event.at or now_utc(), "meter": event.meter_wh, "reason": event.reason}
+        db.execute(f"UPDATE sessions SET {_UPDATE[event.kind]} WHERE id = :id", values)
+        if event.signed:
+            db.executemany("INSERT OR IGNORE INTO session_signed VALUES (?, ?, ?, ?)",
+                           [(row, event.msg_id, seq, text) for seq, text in enumerate(event.signed)])
+        if event.local_tx is not None:  # the proxy's own id: its counter must never hand it out again
+            db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(charger) DO UPDATE "
+                       "SET last_local_tx = min(last_local_tx, excluded.last_local_tx)",
+                       (event.charger, event.local_tx))
+
+
+def _record(db: sqlite3.Connection, event: SessionEvent) -> int:
+    """The row the event belongs to: the transaction's latest record, or a new one.
+
+    A start opens a new record unless the latest one with this id is the same
+    StartTransaction (same message id: a retransmission) or was opened by a
+    later frame whose start was not seen yet. So a backend that hands out an id
+    again (another backend, a reset database) starts a record of its own.
+    """
+    found = db.execute("SELECT id, start_msg FROM sessions WHERE charger = ? AND tx = ? ORDER BY id DESC LIMIT 1",
+                       (event.charger, event.transaction)).fetchone()
+    if found is not None and not (event.kind == "start" and found[1] not in (None, event.msg_id)):
+        return int(found[0])
+    cursor = db.execute("INSERT INTO sessions (charger, tx, first_seen) VALUES (?, ?, ?)",
+                        (event.charger, event.transaction, event.at or now_utc()))
+    return int(cursor.lastrowid or 0)
+
+
+def read(db: sqlite3.Connection, since: str | None, until: str | None) -> list[SessionRecord]:
+    """Transactions whose start (or first frame, when the start was never seen) is in [since, until)."""
+    rows = list(db.execute(
+        "SELECT s.id, s.charger, s.tx, connector, id_tag, started, stopped, meter_start, meter_stop, meter_last, "
+        "reason, t.backend_tx FROM sessions s LEFT JOIN transactions t "
+        "ON t.charger = s.charger AND CAST(t.local_tx AS TEXT) = s.tx "
+        "WHERE coalesce(started, first_seen) >= ? AND coalesce(started, first_seen) < ? "
+        "ORDER BY coalesce(started, first_seen), s.id",
+        (since or "", until or "\uffff")))
+    signed: dict[int, list[str]] = {}
+    for row, text in db.execute("SELECT session, text FROM session_signed WHERE session IN "
+                                "(SELECT value FROM json_each(?)) ORDER BY rowid",
+                                (json.dumps([r[0] for r in rows]),)):
+        signed.setdefault(row, []).append(text)
+    return [SessionRecord(charger, tx, connector, id_tag, started, stopped, meter_start, meter_stop, reason,
+                          signed.get(row, []), backend_tx, meter_last)
+            for row, charger, tx, connector, id_tag, started, stopped, meter_start, meter_stop, meter_last, reason,
+            backend_tx in rows]
