@@ -240,7 +240,7 @@ async def test_drop_retransmission_and_restart_keep_one_record(
         nursery.cancel_scope.cancel()
 
 
-async def test_unknown_tag_and_reject_all(peers: LoopThread, nursery: trio.Nursery, tmp_path: Path) -> None:
+async def test_reject_all_and_no_unknown_ids(peers: LoopThread, nursery: trio.Nursery, tmp_path: Path) -> None:
     """``auth = reject_all``: a standalone charger's transactions are refused, and an unknown id is never admitted."""
     text = site_text(tmp_path / "data", extra="accept_unknown = false").replace('auth = "local_list"',
                                                                                  'auth = "reject_all"')
@@ -253,3 +253,28 @@ async def test_unknown_tag_and_reject_all(peers: LoopThread, nursery: trio.Nurse
         await in_loop(peers, connect_wallbox(proxy_url(proxy.server, "NOBODY"), "NOBODY"))
     await in_loop(peers, wb.close())
     await proxy.stop()
+
+
+async def check_config(path: Path) -> tuple[int, str]:
+    done = await trio.run_process([sys.executable, "-m", "proxy", "check-config", str(path)], capture_stdout=True,
+                                  capture_stderr=True, check=False, cwd=ROOT)
+    return done.returncode, done.stdout.decode() + done.stderr.decode()
+
+
+async def test_check_config_accepts_standalone_and_refuses_unknown_ids_without_backend(tmp_path: Path) -> None:
+    path = tmp_path / "site.toml"
+    path.write_text(site_text(tmp_path / "data"))
+    code, out = await check_config(path)
+    assert code == 0, out
+    assert "chargers[0] (WB16): no backend URL: runs standalone" in out
+    assert "chargers[1] (WB201): no backend URL: runs standalone" in out
+    assert "no backend URL: set this" not in out
+    # A charger with its own backend next to a standalone one: only the standalone one is named.
+    path.write_text(site_text(tmp_path / "data").replace(
+        'id = "WB201"\n', 'id = "WB201"\nupstream_url = "ws://127.0.0.1:9/ocpp"\n'))
+    code, out = await check_config(path)
+    assert code == 0 and "WB16" in out and "(WB201)" not in out, out
+    # accept_unknown without a default backend would run anyone standalone: refused, with the reason.
+    path.write_text(site_text(tmp_path / "data", extra="accept_unknown = true"))
+    code, out = await check_config(path)
+    assert code == 2 and "accept_unknown needs a default backend URL" in out, out

@@ -1,0 +1,166 @@
+"""The session log: events read off wallbox frames (sans-IO) and their record in the SQLite store.
+
+Invariant (hypothesis stateful): however a wallbox's transaction frames are
+interleaved, retransmitted with the same message id, and the store reopened
+(a proxy restart), the log holds one record per transaction, its energy is
+meter stop - meter start, the first stop's reason and time win, and each signed
+value is kept once, byte for byte.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+
+from proxy.core.sessionlog import SessionEvent, events, utc
+from proxy.messages.ocppj import classify
+from proxy.messages.versions import OcppVersion
+from proxy.storage.interface import Journal
+from proxy.storage.offline_queue import DB_NAME, SqliteStorage
+
+# A 1.6 MeterValues as a wallbox might write it: odd spacing, an escaped quote and a \u escape in the
+# signed value. The log must keep these bytes, not what json.dumps would make of them.
+SIGNED_16 = '{ "value" : "OCMF|{\\"FV\\":\\"1.0\\",\\"RD\\":[{\\"RV\\":0.3}]}|{\\"SD\\":\\"30\\u0041\\"}" ,"format":"SignedData"}'
+METER_16 = ('[2, "m1", "MeterValues", {"connectorId": 1, "transactionId": -4, "meterValue": [{"timestamp": '
+            '"2026-11-27T06:00:00+01:00", "sampledValue": [{"value": "2.5", "unit": "kWh"}, ' + SIGNED_16 + ']}]}]')
+
+
+def test_signed_value_is_cut_from_the_frame_byte_for_byte() -> None:
+    [event] = events("CP", OcppVersion.V16, classify(METER_16), classify('[3, "m1", {}]'))
+    assert (event.kind, event.transaction, event.meter_wh, event.at) == ("meter", "-4", 2500.0, "2026-11-27T05:00:00Z")
+    assert event.signed == (SIGNED_16,)
+
+
+def test_start_needs_the_answer_and_its_transaction_id() -> None:
+    start = classify('[2, "s1", "StartTransaction", {"connectorId": 2, "idTag": "T", "meterStart": 10, '
+                     '"timestamp": "2026-11-27T06:00:00Z"}]')
+    assert events("CP", OcppVersion.V16, start, classify('[4, "s1", "InternalError", "", {}]')) == []
+    [event] = events("CP", OcppVersion.V16, start, classify('[3, "s1", {"transactionId": -7, '
+                                                            '"idTagInfo": {"status": "Accepted"}}]'))
+    assert (event.transaction, event.connector, event.id_tag, event.meter_wh, event.local_tx) == ("-7", 2, "T", 10.0, -7)
+    [backend] = events("CP", OcppVersion.V16, start, classify('[3, "s1", {"transactionId": 7, "idTagInfo": {}}]'))
+    assert backend.local_tx is None  # a backend's id is not the proxy's counter
+
+
+def test_v2_energy_units_and_signed_meter_value() -> None:
+    sample = ('{"value": 1.5, "measurand": "Energy.Active.Import.Register", "unitOfMeasure": {"unit": "kWh", '
+              '"multiplier": 1}, "signedMeterValue": {"signedMeterData": "abc", "signingMethod": "", '
+              '"encodingMethod": "OCMF", "publicKey": ""}}')
+    text = ('[2, "e1", "TransactionEvent", {"eventType": "Ended", "timestamp": "2026-11-27T06:00:00Z", '
+            '"triggerReason": "EVDeparted", "seqNo": 3, "transactionInfo": {"transactionId": "tx-9", '
+            '"stoppedReason": "EVDisconnected"}, "evse": {"id": 2}, "meterValue": [{"timestamp": '
+            '"2026-11-27T06:00:00Z", "sampledValue": [' + sample + ']}]}]')
+    [event] = events("CS", OcppVersion.V201, classify(text), classify('[3, "e1", {}]'))
+    assert (event.kind, event.transaction, event.connector, event.reason) == ("stop", "tx-9", 2, "EVDisconnected")
+    assert event.meter_wh == 15000.0  # 1.5 kWh x 10^1
+    assert event.signed == (sample,)
+
+
+def test_times_normalize_to_utc_text() -> None:
+    assert utc("2026-11-27T07:00:00.123+01:00") == "2026-11-27T06:00:00Z"
+    assert utc("2026-11-27") == "2026-11-27T00:00:00Z"
+    assert utc("yesterday") is None
+
+
+# --- the invariant, over the store -------------------------------------------------------
+
+TXS = ("-1", "-2", "7")
+
+
+class SessionLogMachine(RuleBasedStateMachine):
+    """Random start/meter/stop frames (with retransmissions) and restarts against a model."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dir = tempfile.TemporaryDirectory()
+        self.path = Path(self.dir.name) / DB_NAME
+        self.storage = SqliteStorage(self.path, mirrors=False)
+        #: What the log must say per transaction: start, stop, reason, signed texts.
+        self.model: dict[str, dict[str, object]] = {}
+        self.sent: list[SessionEvent] = []
+        self.seq = 0
+
+    def _write(self, event: SessionEvent) -> None:
+        self.storage.write([Journal(event)])
+        self.sent.append(event)
+
+    def _record(self, tx: str) -> dict[str, object]:
+        return self.model.setdefault(tx, {"start": None, "stop": None, "reason": None, "signed": [], "msg": None})
+
+    @rule(tx=st.sampled_from(TXS), meter=st.integers(0, 10_000))
+    def start(self, tx: str, meter: int) -> None:
+        record = self._record(tx)
+        if record["msg"] is not None:
+            return  # one StartTransaction per transaction id in this model (a new id gets a new record)
+        record["msg"], record["start"] = f"s{tx}", float(meter)
+        self._write(SessionEvent("CP", tx, "start", f"s{tx}", at="2026-11-27T06:00:00Z", connector=1,
+                                 id_tag="T", meter_wh=float(meter)))
+
+    @rule(tx=st.sampled_from(TXS), signed=st.booleans())
+    def meter(self, tx: str, signed: bool) -> None:
+        self.seq += 1
+        text = f'{{"value": "sig-{self.seq}", "format":  "SignedData"}}'
+        record = self._record(tx)
+        if signed:
+            record["signed"].append(text)  # type: ignore[attr-defined]
+        self._write(SessionEvent("CP", tx, "meter", f"m{self.seq}", signed=(text,) if signed else ()))
+
+    @rule(tx=st.sampled_from(TXS), meter=st.integers(10_000, 20_000), reason=st.sampled_from(["Local", "EVDisconnected"]))
+    def stop(self, tx: str, meter: int, reason: str) -> None:
+        self.seq += 1
+        record = self._record(tx)
+        if record["stop"] is None:
+            record["stop"], record["reason"] = float(meter), reason
+        self._write(SessionEvent("CP", tx, "stop", f"p{self.seq}", at="2026-11-27T07:00:00Z",
+                                 meter_wh=float(meter), reason=reason, signed=(f'{{"stop": {self.seq}}}',)))
+        record["signed"].append(f'{{"stop": {self.seq}}}')  # type: ignore[attr-defined]
+
+    @precondition(lambda self: bool(self.sent))
+    @rule(back=st.integers(1, 5))
+    def retransmit(self, back: int) -> None:
+        """A frame sent again with its message id (its answer was lost): nothing changes."""
+        self.storage.write([Journal(self.sent[-min(back, len(self.sent))])])
+
+    @rule()
+    def restart(self) -> None:
+        self.storage.close()
+        self.storage = SqliteStorage(self.path, mirrors=False)
+
+    @invariant()
+    def log_matches_model(self) -> None:
+        records = {r.transaction: r for r in self.storage.sessions(None, None)}
+        assert len(records) == len(self.storage.sessions(None, None))  # one record per transaction
+        assert set(records) == set(self.model)
+        for tx, want in self.model.items():
+            got = records[tx]
+            assert got.meter_stop_wh == want["stop"] and got.reason == want["reason"]
+            if want["start"] is not None and want["stop"] is not None:
+                assert got.energy_wh == want["stop"] - want["start"]  # type: ignore[operator]
+            assert list(got.signed) == want["signed"]
+
+    def teardown(self) -> None:
+        self.storage.close()
+        self.dir.cleanup()
+
+
+TestSessionLog = SessionLogMachine.TestCase
+TestSessionLog.settings = settings(max_examples=30, stateful_step_count=25)
+
+
+def test_export_renders_csv_and_json(tmp_path: Path) -> None:
+    from proxy.ops.sessions import render
+
+    storage = SqliteStorage(tmp_path / DB_NAME, mirrors=False)
+    storage.write([Journal(SessionEvent("CP", "-1", "start", "s", at="2026-11-27T06:00:00Z", meter_wh=5.0)),
+                   Journal(SessionEvent("CP", "-1", "stop", "p", meter_wh=12.0, reason="Local", signed=('{"a" :1}',)))])
+    records = storage.sessions("2026-11-27T00:00:00Z", "2026-11-28T00:00:00Z")
+    storage.close()
+    [row] = json.loads(render(records, "json"))
+    assert (row["energy_wh"], row["signed"]) == (7.0, ['{"a" :1}'])
+    lines = render(records, "csv").splitlines()
+    assert lines[0].startswith("charger,transaction,") and '"[""{\\""a\\"" :1}""]"' in lines[1]
