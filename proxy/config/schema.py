@@ -172,6 +172,9 @@ class ServerSettings:
                             secret=True)
     accept_unknown: bool = setting(False, "admit charge point ids that have no [[chargers]] entry (an id "
                                    "equal to a configured one after case folding and NFKC is refused)")
+    allow_unauthenticated_unknown: bool = setting(False, "with accept_unknown and neither password nor client_ca: "
+                                                  "admit unknown ids with no credential at all (refused otherwise "
+                                                  "unless the wallbox port is loopback only)")
     subprotocols: list[str] = setting(list(DEFAULT_SUBPROTOCOLS), "WebSocket subprotocols the proxy relays: "
                                       "ocpp1.6, ocpp2.0.1 and ocpp2.1 get offline answers and load management "
                                       "in their own version; ocpp1.2, ocpp1.5 and ocpp2.0 are relayed only")

@@ -14,7 +14,6 @@ from proxy.config.problems import LineIndex, Problem
 from proxy.config.schema import ChargerSettings, Config, charge_point_id_problem, parse_listen
 
 
-
 def security_problems(config: Config, index: LineIndex) -> list[Problem]:
     """Errors: credential-less chargers not explicitly allowed, ids OCPP does not allow, useless client_ca."""
     problems: list[Problem] = []
@@ -24,6 +23,11 @@ def security_problems(config: Config, index: LineIndex) -> list[Problem]:
             problems.append(Problem(key, f"charger {charger.id!r} is reachable without any credential (no password, "
                                     "no client_ca): set password (or [server] password, or client_ca) or, "
                                     "to admit it anyway, allow_unauthenticated = true", index.find(key)))
+    if open_unknown(config) and not config.server.allow_unauthenticated_unknown and not loopback:
+        problems.append(Problem("server.accept_unknown", "any unknown charge point id would be admitted without a "
+                                "credential (no [server] password, no client_ca): set one of them or, to admit "
+                                "them anyway, allow_unauthenticated_unknown = true",
+                                index.find("server.accept_unknown")))
     for key, entry in config.charger_entries():
         why = charge_point_id_problem(entry.id)
         if why:
@@ -33,6 +37,11 @@ def security_problems(config: Config, index: LineIndex) -> list[Problem]:
         problems.append(Problem("server.client_ca", "client certificates need TLS: set tls = \"on\" or \"detect\"",
                                 index.find("server.client_ca")))
     return problems
+
+
+def open_unknown(config: Config) -> bool:
+    """Unknown ids are admitted and nothing asks them for a credential."""
+    return config.server.accept_unknown and not (config.server.password or config.server.client_ca)
 
 
 def security_warnings(config: Config, index: LineIndex | None = None) -> list[Problem]:
@@ -45,7 +54,7 @@ def security_warnings(config: Config, index: LineIndex | None = None) -> list[Pr
             why = "allow_unauthenticated = true" if charger.allow_unauthenticated else "the wallbox port is loopback only"
             warnings.append(Problem(key, f"charger {charger.id!r} is admitted without any credential ({why})",
                                     index.find(key)))
-    if config.server.accept_unknown and not (config.server.password or config.server.client_ca):
+    if open_unknown(config):
         where = "loopback" if loopback else "the network"
         warnings.append(Problem("server.accept_unknown", f"any unknown charge point id from {where} is admitted "
                                 "without a credential (no [server] password, no client_ca)",

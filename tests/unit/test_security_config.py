@@ -52,6 +52,22 @@ def test_1_check_config_names_and_refuses_chargers_reachable_without_credentials
     assert ran.returncode == 2 and "charger 'OPEN1' is reachable without any credential" in ran.stderr
 
 
+def test_1_accept_unknown_without_any_credential_is_refused_unless_explicit(tmp_path: Path) -> None:
+    base = ('[backend]\nurl = "wss://backend.example/ocpp"\n'
+            f'[[chargers]]\nid = "LOCKED"\npassword = "{PASSWORD}"\n')
+    refused = check(tmp_path, '[server]\naccept_unknown = true\n' + base)
+    assert refused.returncode == 2
+    assert "server.accept_unknown: any unknown charge point id would be admitted without a credential" in refused.stderr
+    allowed = check(tmp_path, '[server]\naccept_unknown = true\nallow_unauthenticated_unknown = true\n' + base)
+    assert allowed.returncode == 0, allowed.stderr
+    assert "warning:" in allowed.stderr and "any unknown charge point id from the network" in allowed.stderr
+    guarded = check(tmp_path, f'[server]\naccept_unknown = true\npassword = "{PASSWORD}"\n' + base)
+    assert guarded.returncode == 0, guarded.stderr
+    assert "unknown charge point id" not in guarded.stderr
+    loopback = check(tmp_path, '[server]\nlisten = "127.0.0.1:19520"\naccept_unknown = true\n' + base)
+    assert loopback.returncode == 0 and "from loopback is admitted without a credential" in loopback.stderr
+
+
 def test_3_configured_ids_must_be_ocpp_ids(tmp_path: Path) -> None:
     text = (f'[server]\npassword = "{PASSWORD}"\n[backend]\nurl = "ws://b/ocpp"\n'
             '[[chargers]]\nid = "Wallbox 1"\n[[chargers]]\nid = ".."\n[[chargers]]\nid = "DE*ABC*E123"\n')
