@@ -108,9 +108,11 @@ def security_profile(paired: PairedSession | None, charger: ChargerBase | None, 
 
 def backend_link(paired: PairedSession | None, draining: PairedSession | None, depth: int,
                  oldest: float | None, now: float) -> dict[str, Any]:
-    """online / offline (queue depth, oldest frame's age) / draining / disconnected."""
+    """online / offline (queue depth, oldest frame's age) / standalone (no backend) / draining / disconnected."""
     link: dict[str, Any]
-    if paired is not None:
+    if paired is not None and paired.session.standalone:
+        link = {"state": "standalone"}  # docs/standalone.md: the proxy is its central system
+    elif paired is not None:
         up = paired.session.primary in paired.upstreams
         link = {"state": "online" if up else "offline"}
     elif draining is not None:

@@ -23,13 +23,14 @@ from typing import Any
 import pytest
 import trio
 from ocpp.v16 import call
+from structlog.testing import capture_logs
 
 from proxy.config import loads
-from proxy.demo.peers import OCMF_SAMPLE, LoopThread, WallboxHandle, connect_wallbox, now_iso
+from proxy.demo.peers import OCMF_SAMPLE, LoopThread, SimBackend, WallboxHandle, connect_wallbox, now_iso
 from proxy.demo.peers_v2 import connect_station, current_values, signed_value
 from proxy.runtime.server import ProxyServer
-from tests.conftest import proxy_url
-from tests.opskit import ROOT, wait_until
+from tests.conftest import StartProxy, proxy_url
+from tests.opskit import ROOT, free_port, wait_until
 from tests.peers import in_loop
 
 SITE_LIMIT = 20.0
@@ -278,3 +279,45 @@ async def test_check_config_accepts_standalone_and_refuses_unknown_ids_without_b
     path.write_text(site_text(tmp_path / "data", extra="accept_unknown = true"))
     code, out = await check_config(path)
     assert code == 2 and "accept_unknown needs a default backend URL" in out, out
+
+
+async def test_charger_with_backend_is_logged_too(peers: LoopThread, start_proxy: StartProxy, tmp_path: Path) -> None:
+    """Offline (local id, then the backend's after the replay) and online (the backend's id): both in the log."""
+    port = free_port()
+    text = (f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n'
+            f'[backend]\nurl = "ws://127.0.0.1:{port}/ocpp"\nconnect_timeout = 2\n'
+            f'[[chargers]]\nid = "CP1"\n[offline]\ndata_dir = "{tmp_path / "data"}"\nauth = "accept_all"\n'
+            'reconnect_min = 0.05\nreconnect_max = 0.2\n')
+    config = tmp_path / "backend.toml"
+    config.write_text(text)
+    server = await start_proxy(text)
+    handle = await in_loop(peers, connect_wallbox(proxy_url(server, "CP1"), "CP1"))
+    offline = await in_loop(peers, handle.wallbox.run_session())
+    assert offline["transaction_id"] == -1  # answered by the proxy: the backend is down
+    backend = SimBackend(port=port)
+    with capture_logs() as logs:
+        await in_loop(peers, backend.start())
+        await wait_until(lambda: any(e["event"] == "replay_finished" for e in logs), timeout=20)
+    online = await in_loop(peers, handle.wallbox.run_session())
+    assert online["transaction_id"] == 1002  # the backend's (1001 went to the replayed one)
+    rows = json.loads(await export(config, "--format", "json"))
+    assert [(r["transaction"], r["backend_transaction"], r["energy_wh"]) for r in rows] == [
+        ("-1", 1001, 12200), ("1002", None, 12200)]
+    sent = sent_samples(handle.recorder.sent, "MeterValues") + sent_samples(handle.recorder.sent, "StopTransaction")
+    sent.sort(key=lambda pair: handle.recorder.sent.index(pair[0]))
+    assert_byte_identical(rows[0]["signed"] + rows[1]["signed"], sent)
+    await in_loop(peers, handle.close())
+    await in_loop(peers, backend.stop())
+
+
+async def test_status_page_says_standalone(peers: LoopThread, nursery: trio.Nursery, tmp_path: Path) -> None:
+    from proxy.cli import start
+    from tests.e2e.test_status_page import charger, wait_status
+
+    text = site_text(tmp_path / "data").replace("[offline]", '[metrics]\nlisten = "127.0.0.1:0"\n[offline]', 1)
+    started = await start(loads(text), nursery)
+    wb = await in_loop(peers, connect_wallbox(proxy_url(started.server, "WB16"), "WB16"))
+    body = await wait_status(started, lambda b: charger(b, "WB16")["connected"] is True)
+    assert charger(body, "WB16")["backend"] == {"state": "standalone", "queued_frames": 0,
+                                                "oldest_queued_age_seconds": None}
+    await in_loop(peers, wb.close())

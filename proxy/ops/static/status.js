@@ -38,6 +38,7 @@
       return `OFFLINE, ${link.queued_frames} frames queued` +
         (link.oldest_queued_age_seconds !== null ? `, oldest ${age(link.oldest_queued_age_seconds)}` : "");
     }
+    if (link.state === "standalone") return "none (standalone: the proxy is its central system)";
     if (link.state === "draining") return `draining queue (${link.queued_frames} frames left)`;
     return link.queued_frames ? `not connected, ${link.queued_frames} frames queued` : "not connected";
   }
