@@ -26,8 +26,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
+from proxy.core.offline import started_transaction
 from proxy.messages.jsonspan import value_span
-from proxy.messages.ocppj import Frame, MessageType, payload_of
+from proxy.messages.ocppj import Frame, payload_of
 from proxy.messages.versions import OcppVersion
 
 #: Wallbox CALLs that can start, update or end a transaction.
@@ -86,7 +87,7 @@ def events(charger: str, version: OcppVersion, call: Frame, answer: Frame) -> li
 def _v16(charger: str, call: Frame, payload: Mapping[str, Any], answer: Frame) -> list[SessionEvent]:
     msg_id = call.msg_id or ""
     if call.action == "StartTransaction":
-        tx = _started_id(answer)
+        tx = started_transaction(answer)  # whoever answered: the backend or the proxy
         if tx is None:
             return []
         return [SessionEvent(charger, str(tx), "start", msg_id, at=utc(payload.get("timestamp")),
@@ -105,17 +106,6 @@ def _v16(charger: str, call: Frame, payload: Mapping[str, Any], answer: Frame) -
                          id_tag=_str(payload.get("idTag")), meter_wh=_number(payload.get("meterStop")),
                          reason=_str(payload.get("reason")) or DEFAULT_REASON,
                          signed=_signed(call.text, "transactionData", data, _is_signed_v16))]
-
-
-def _started_id(answer: Frame) -> int | None:
-    if answer.kind is not MessageType.CALLRESULT:
-        return None
-    try:
-        result = payload_of(answer)
-    except (ValueError, IndexError):
-        return None
-    tx = result.get("transactionId") if isinstance(result, Mapping) else None
-    return tx if isinstance(tx, int) and not isinstance(tx, bool) else None
 
 
 def _is_signed_v16(sample: Mapping[str, Any]) -> bool:

@@ -54,7 +54,7 @@ def as_dict(record: SessionRecord) -> dict[str, Any]:
             "backend_transaction": record.backend_transaction, "connector": record.connector,
             "id_tag": record.id_tag, "started": record.started, "stopped": record.stopped,
             "meter_start_wh": record.meter_start_wh,
-            "meter_stop_wh": record.meter_stop_wh if record.meter_stop_wh is not None else None,
+            "meter_stop_wh": record.meter_stop_wh,
             "energy_wh": record.energy_wh, "reason": record.reason, "signed": list(record.signed)}
 
 
