@@ -225,6 +225,13 @@ class LogSession:
     answer: str | None
     required: bool = False
 
+    @property
+    def wait(self) -> bool:
+        """Commit before answering: always where the log is the record; with a backend for a transaction's
+        start and stop (one commit each). Meter values of a charger with a backend (the backend has them)
+        are written behind, so the relay's per-frame latency holds no fsync (docs/standalone.md)."""
+        return self.required or any(event.kind != "meter" for event in self.events)
+
 
 @dataclass(frozen=True, slots=True)
 class UpstreamUnresponsive:

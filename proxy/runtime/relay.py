@@ -485,11 +485,17 @@ class PairedSession:
         self._wallbox_out.put(action.answer)
 
     async def _log_session(self, action: LogSession) -> None:
-        """Commit session-log entries, then (only then) answer the wallbox (docs/standalone.md)."""
+        """Commit session-log entries, then (only then) answer the wallbox (docs/standalone.md).
+
+        Entries that need not wait (:attr:`LogSession.wait`) join the next commit and the answer goes at once.
+        """
         try:
             if self.queue is None:
                 raise StorageError("journal", "no store is open")
-            await self.queue.journal(action.events)
+            if action.wait:
+                await self.queue.journal(action.events)
+            else:
+                self.queue.journal_behind(action.events)
         except StorageError as exc:
             self.log.error("session_log_write_failed", transaction=action.events[0].transaction[:40],
                            error=exc.detail, answered=not action.required)

@@ -105,6 +105,7 @@ class ProxyServer:
                 background.start_soon(self.secondaries.run)  # writes behind the sessions
                 if self._store is not None:
                     background.start_soon(self._store.retry_deferred)
+                    background.start_soon(self._store.commit_behind)  # the session log's meter values
                 async with trio.open_nursery() as connections:
                     self._connections = connections
                     await connections.start(self.limiter.run)

@@ -298,6 +298,7 @@ class AsyncQueue:
         self._committed = trio.Event()
         self._deferred = _Deferred()
         self._retry_wake = trio.Event()
+        self._behind_wake = trio.Event()
         self._backoff = Backoff(retry_min, retry_max)
         self._failing = False
         #: Commits done and changes committed (the benchmark reports changes per commit).
@@ -331,6 +332,27 @@ class AsyncQueue:
             slot = await self._commit(Journal(event))
             if slot.error is not None:
                 raise slot.error
+
+    def journal_behind(self, events: Sequence[SessionEvent]) -> None:
+        """Queue session-log entries for the next commit without waiting for it (the caller answers at once).
+
+        They join the batch now, so a later awaited change (a StopTransaction's
+        entry) commits with or after them: the log's order is the frames' order.
+        :meth:`commit_behind` (run by the server) commits them when nobody else does.
+        """
+        self._batch.extend(_Slot(Journal(event)) for event in events)
+        self._behind_wake.set()
+
+    async def commit_behind(self) -> None:
+        """Commit write-behind entries whenever no commit is running, until cancelled (the server runs this)."""
+        while True:
+            await self._behind_wake.wait()
+            self._behind_wake = trio.Event()
+            while self._batch:
+                if self._committing:
+                    await self._committed.wait()
+                else:
+                    await self._commit_batch()
 
     async def mark_sent(self, row: int) -> None:
         """Mark ``row`` sent before it goes out; a failure is retried later and never raised."""
@@ -370,6 +392,12 @@ class AsyncQueue:
             for slot in batch:
                 slot.error = exc
             self._report(exc.operation, exc.detail)
+        except trio.Cancelled:
+            # Cancelled (shutdown), perhaps before the worker thread ran: session-log entries written behind
+            # have no caller to retry them; they go back to the batch for close() to commit (applying a
+            # Journal twice changes nothing).
+            self._batch[:0] = [slot for slot in batch if isinstance(slot.change, Journal)]
+            raise
         finally:
             self.commit_seconds += time.perf_counter() - started
             for slot in batch:
@@ -464,7 +492,13 @@ class AsyncQueue:
         return await self._read(self.storage.sessions, since, until)
 
     def close(self) -> None:
-        """Last synchronous retry of deferred changes, then close the file."""
+        """Last synchronous commit of write-behind entries and retry of deferred changes, then close the file."""
+        behind = [slot.change for slot in self._batch if isinstance(slot.change, Journal)]
+        if behind:
+            try:
+                self.storage.write(behind)
+            except StorageError as exc:
+                self._report(exc.operation, exc.detail)
         if self._deferred.changes:
             try:
                 self.storage.write(self._deferred.changes)

@@ -164,3 +164,29 @@ def test_export_renders_csv_and_json(tmp_path: Path) -> None:
     assert (row["energy_wh"], row["signed"]) == (7.0, ['{"a" :1}'])
     lines = render(records, "csv").splitlines()
     assert lines[0].startswith("charger,transaction,") and '"[""{\\""a\\"" :1}""]"' in lines[1]
+
+
+async def test_meter_values_written_behind_keep_their_order(tmp_path: Path) -> None:
+    """A charger with a backend: meter entries do not wait for a commit, yet land in order and durably."""
+    import trio
+
+    from proxy.storage.offline_queue import AsyncQueue
+    from tests.opskit import wait_until
+
+    storage = SqliteStorage(tmp_path / DB_NAME, mirrors=False)
+    queue = AsyncQueue(storage)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(queue.commit_behind)
+        await queue.journal([SessionEvent("CP", "9", "start", "s", meter_wh=0.0)])
+        queue.journal_behind([SessionEvent("CP", "9", "meter", "m1", signed=('{"m": 1}',))])
+        await wait_until(lambda: list(storage.sessions(None, None)[0].signed) == ['{"m": 1}'])
+        queue.journal_behind([SessionEvent("CP", "9", "meter", "m2", signed=('{"m": 2}',))])
+        await queue.journal([SessionEvent("CP", "9", "stop", "p", meter_wh=5.0, signed=('{"stop": 1}',))])
+        [record] = storage.sessions(None, None)
+        assert list(record.signed) == ['{"m": 1}', '{"m": 2}', '{"stop": 1}'] and record.energy_wh == 5.0
+        queue.journal_behind([SessionEvent("CP", "9", "meter", "m3", signed=('{"m": 3}',))])
+        nursery.cancel_scope.cancel()
+    queue.close()  # commits what is still behind
+    reopened = SqliteStorage(tmp_path / DB_NAME, mirrors=False)
+    assert list(reopened.sessions(None, None)[0].signed)[-1] == '{"m": 3}'
+    reopened.close()
