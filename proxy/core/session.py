@@ -573,7 +573,7 @@ class Session:
     def _answer_locally(self, frame: Frame) -> list[Action]:
         assert self.offline is not None
         local = self.offline.answer(frame)
-        logged = self._log_events(frame, classify(local.text)) if local.store else ()
+        logged = self._log_events(frame, classify(local.text)) if local.store and self._journaled(frame) else ()
         if self.standalone:  # nothing to replay to: the log is the record
             return [LogSession(logged, frame.msg_id or "", local.text, required=True) if logged
                     else ToWallbox(local.text)]
@@ -588,7 +588,9 @@ class Session:
     def _log_events(self, call: Frame, answer: Frame) -> tuple[SessionEvent, ...]:
         if not self._journaled(call) or self.version is None:
             return ()
-        return tuple(session_events(self.charger_id, self.version, call, answer))
+        # A meter reading with neither an energy value nor signed data changes no record: not written.
+        return tuple(e for e in session_events(self.charger_id, self.version, call, answer)
+                     if e.kind != "meter" or e.meter_wh is not None or e.signed)
 
     def _upstream_answer(self, name: Side, frame: Frame, now: float) -> list[Action]:
         pending = self._from_wallbox.get(frame.msg_id or "")

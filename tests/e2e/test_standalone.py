@@ -321,3 +321,37 @@ async def test_status_page_says_standalone(peers: LoopThread, nursery: trio.Nurs
     assert charger(body, "WB16")["backend"] == {"state": "standalone", "queued_frames": 0,
                                                 "oldest_queued_age_seconds": None}
     await in_loop(peers, wb.close())
+
+
+async def test_standalone_charger_gets_a_backend_and_keeps_its_history(
+        peers: LoopThread, nursery: trio.Nursery, tmp_path: Path) -> None:
+    """docs/standalone.md: the log keeps the proxy's ids; new transactions get the backend's."""
+    text = site_text(tmp_path / "data")
+    config = tmp_path / "site.toml"
+    config.write_text(text)
+    alone = Proxy(text)
+    await nursery.start(alone.server.serve)
+    wb = await in_loop(peers, connect_wallbox(proxy_url(alone.server, "WB16"), "WB16"))
+    local = await in_loop(peers, wb.wallbox.run_session(id_tag="TAG-A"))
+    assert local["transaction_id"] < 0
+    await in_loop(peers, wb.close())
+    await alone.stop()
+
+    backend = SimBackend()
+    await in_loop(peers, backend.start())
+    with_backend = text.replace('[[chargers]]\nid = "WB16"\n',
+                                f'[[chargers]]\nid = "WB16"\nupstream_url = "ws://127.0.0.1:{backend.port}/ocpp"\n')
+    config.write_text(with_backend)
+    online = Proxy(with_backend)
+    await nursery.start(online.server.serve)
+    wb = await in_loop(peers, connect_wallbox(proxy_url(online.server, "WB16"), "WB16"))
+    answer = await in_loop(peers, wb.wallbox.run_session(id_tag="TAG-A"))
+    assert answer["transaction_id"] == 1001  # the backend's id
+    received = backend.recorders["WB16"].received
+    assert all(f'"transactionId":{local["transaction_id"]}' not in t for t in received)  # nothing replayed
+    rows = json.loads(await export(config, "--format", "json"))
+    assert [(r["transaction"], r["energy_wh"]) for r in rows] == [(str(local["transaction_id"]), 12200),
+                                                                  ("1001", 12200)]
+    await in_loop(peers, wb.close())
+    await online.stop()
+    await in_loop(peers, backend.stop())
