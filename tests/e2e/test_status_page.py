@@ -5,7 +5,8 @@ a simulated Modbus grid meter on 127.0.0.1 (issue 21)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import trio
@@ -18,6 +19,7 @@ from proxy.demo.peers import LoopThread, SimBackend, SimHeidelberg, SimModbusDev
 from proxy.ops.status import VERSION
 from tests.e2e.test_limits_e2e import Backend, profile
 from tests.e2e.test_meter import sdm630
+from tests.e2e.test_tls import Pki, client_ssl
 from tests.opskit import free_port, http_get
 from tests.peers import in_loop
 from tests.smart_wallbox import connect_smart
@@ -235,3 +237,34 @@ async def test_modbus_wallbox_link(peers: LoopThread, backend: SimBackend, nurse
     sim.silent = False
     await wait_status(started, lambda b: charger(b, "HD1")["modbus"]["link"] == "up")
     await in_loop(peers, sim.stop())
+
+
+async def test_security_profile_of_each_connection(peers: LoopThread, backend: SimBackend, nursery: trio.Nursery,
+                                                   tmp_path: Path) -> None:
+    """SP1 (Basic auth over ws) and SP2 (over wss) on one detect port; SP3 (client certificate) on another."""
+    pki = Pki(tmp_path / "pki")
+    cert, key = pki.server()
+    chargers = "".join(f'[[chargers]]\nid = "{cp}"\npassword = "{SECRET}"\n' for cp in ("CP1", "CP2"))
+    plain_and_tls = f'[server]\ntls = "detect"\ncert = "{cert}"\nkey = "{key}"\n'
+    first = await start(loads(base_config(backend.port, chargers, data_dir=str(tmp_path / "a"))
+                              .replace("[server]\n", plain_and_tls, 1)), nursery)
+    trust = client_ssl(pki.ca_file)
+    port = first.server.ports[0]
+    sp1 = await in_loop(peers, connect_wallbox(f"ws://127.0.0.1:{port}/ocpp/CP1", "CP1", password=SECRET))
+    sp2 = await in_loop(peers, connect_wallbox(f"wss://127.0.0.1:{port}/ocpp/CP2", "CP2", password=SECRET,
+                                               ssl=trust))
+    body = await wait_status(first, lambda b: all(c["connected"] for c in b["chargers"]))
+    assert [c["security_profile"] for c in body["chargers"]] == ["SP1", "SP2"]
+
+    certificates = f'{plain_and_tls}client_ca = ["{pki.ca_file}"]\n'.replace('"detect"', '"on"')
+    second = await start(loads(base_config(backend.port, '[[chargers]]\nid = "CP3"\n', data_dir=str(tmp_path / "b"))
+                               .replace("[server]\n", certificates, 1)), nursery)
+    sp3 = await in_loop(peers, connect_wallbox(f"wss://127.0.0.1:{second.server.ports[0]}/ocpp/CP3", "CP3",
+                                               ssl=client_ssl(pki.ca_file, pki.client("CP3"))))
+    body = await wait_status(second, lambda b: charger(b, "CP3")["connected"])
+    assert charger(body, "CP3")["security_profile"] == "SP3"
+    for monitor in (first, second):
+        text = (await http_get(f"http://127.0.0.1:{monitor.monitor.ports[0]}/api/status")).body
+        assert "BEGIN CERTIFICATE" not in text and "PRIVATE KEY" not in text and str(pki.dir) not in text
+    for handle in (sp1, sp2, sp3):
+        await in_loop(peers, handle.close())
