@@ -138,6 +138,10 @@ async def test_limits_by_backend_site_fuse_and_ems(peers: LoopThread, backend: S
     await in_loop(peers, cp1.close())
     body = await wait_status(started, lambda b: not charger(b, "CP1")["connected"])
     assert charger(body, "CP1")["last_error"] is None  # a normal close is no error
+    await in_loop(peers, cp2.websocket.close(4000, "wallbox reboots"))
+    body = await wait_status(started, lambda b: not charger(b, "CP2")["connected"])
+    assert charger(body, "CP2")["last_error"]["message"] == "closed by wallbox: 4000 wallbox reboots"
+    assert charger(body, "CP2")["limit"]["reserved_a"] is not None  # a lost charger keeps its reservation
     await in_loop(peers, cp2.close())
 
 
@@ -171,7 +175,7 @@ async def test_meter_headroom_then_fallback(peers: LoopThread, backend: SimBacke
     await in_loop(peers, meter.stop())
 
 
-async def test_offline_with_queue_then_online(peers: LoopThread, nursery: trio.Nursery, tmp_path: Any) -> None:
+async def test_offline_with_queue_draining_then_online(peers: LoopThread, nursery: trio.Nursery, tmp_path: Any) -> None:
     port = free_port()  # no backend there yet
     started = await start(loads(base_config(port, '[[chargers]]\nid = "CP1"\n', data_dir=str(tmp_path))), nursery)
     handle = await in_loop(peers, connect_wallbox(f"ws://127.0.0.1:{started.server.ports[0]}/ocpp/CP1", "CP1"))
@@ -185,13 +189,23 @@ async def test_offline_with_queue_then_online(peers: LoopThread, nursery: trio.N
     assert entry["last_error"] is not None and entry["last_error"]["message"].startswith("backend: ")
     assert body["site"] is None and entry["limit"] is None  # no load management configured
 
-    sim = SimBackend(port=port)
-    await in_loop(peers, sim.start())
-    body = await wait_status(started, lambda b: charger(b, "CP1")["backend"] == {
-        "state": "online", "queued_frames": 0, "oldest_queued_age_seconds": None})
+    # The wallbox leaves with its frames still queued: the proxy drains the queue without it.
     await in_loop(peers, handle.close(4000, "wallbox reboots"))
-    body = await wait_status(started, lambda b: not charger(b, "CP1")["connected"])
-    assert charger(body, "CP1")["last_error"]["message"] == "closed by wallbox: 4000 wallbox reboots"
+    body = await wait_status(started, lambda b: charger(b, "CP1")["backend"]["state"] == "draining")
+    entry = charger(body, "CP1")
+    assert entry["connected"] is False and entry["backend"]["queued_frames"] >= 9
+    assert entry["last_error"]["message"].startswith("backend: ")  # the drain's attempts, after the close
+    assert entry["security_profile"] is None and entry["ocpp_version"] is None
+
+    sim = SimBackend(port=port)  # the backend is back: the drain delivers everything and ends
+    await in_loop(peers, sim.start())
+    await wait_status(started, lambda b: charger(b, "CP1")["backend"] == {
+        "state": "disconnected", "queued_frames": 0, "oldest_queued_age_seconds": None})
+    assert len(sim.recorder("CP1").received) >= 9
+    handle = await in_loop(peers, connect_wallbox(f"ws://127.0.0.1:{started.server.ports[0]}/ocpp/CP1", "CP1"))
+    await wait_status(started, lambda b: charger(b, "CP1")["backend"] == {
+        "state": "online", "queued_frames": 0, "oldest_queued_age_seconds": None})
+    await in_loop(peers, handle.close())
     await in_loop(peers, sim.stop())
 
 
