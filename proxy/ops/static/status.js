@@ -43,7 +43,8 @@
     return link.queued_frames ? `not connected, ${link.queued_frames} frames queued` : "not connected";
   }
 
-  function limitText(limit) {
+  function limitText(limit, connected) {
+    if (limit && !connected) return `not connected; the fuse still counts ${amps(limit.reserved_a)} for it`;
     if (!limit || limit.amps === null) return "none in force";
     const by = SOURCES[limit.set_by] || limit.set_by || "unknown";
     return `${amps(limit.amps)}, set by ${by}`;
@@ -57,7 +58,7 @@
     row(list, "Backend", backendText(c.backend), "backend");
     row(list, "Status", connectors || c.state || "–", "status");
     row(list, "Transaction", c.transaction === null ? "–" : c.transaction ? "running" : "none", "transaction");
-    row(list, "Limit", limitText(c.limit), "limit");
+    row(list, "Limit", limitText(c.limit, c.connected), "limit");
     if (c.limit) {
       row(list, "Inputs", `local ${amps(c.limit.local_a)}, backend ${amps(c.limit.backend_a)}, ` +
         `EMS ${amps(c.limit.ems_a)}; reserved ${amps(c.limit.reserved_a)}`, "inputs");
