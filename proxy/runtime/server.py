@@ -13,6 +13,7 @@ import errno
 import functools
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack
 from pathlib import Path
@@ -594,15 +595,30 @@ class ProxyServer:
             offline = OfflineResponder(
                 OfflineSettings(settings.heartbeat_interval, settings.auth, frozenset(settings.local_list),
                                 settings.data_transfer),
-                last_local_id=await store.last_local_tx(charger_id), version=version)
+                last_local_id=await self._last_local_tx(store, charger_id), version=version)
             if version is OcppVersion.V16:  # 2.0.1 stations make their own transactionIds: nothing is mapped
-                transactions = await store.transactions(charger_id)
+                try:
+                    transactions = await store.transactions(charger_id)
+                except StorageError as exc:  # the session still opens; ids not yet mapped stay local
+                    self.log.error("queue_read_failed", charger=charger_id, error=exc.detail)
         return Session(charger_id, upstreams=routing.upstreams, call_timeout=server.call_timeout,
                        strict=server.strict, policy=routing.policy, mirrors=routing.mirrors, offline=offline,
                        transactions=transactions, version=version,
                        upstream_call_timeout=self.config.backend.call_timeout,
                        journal=self._store is not None and (self.config.offline.session_log or standalone),
                        standalone=standalone)
+
+    async def _last_local_tx(self, store: AsyncQueue, charger_id: str) -> int:
+        """The stored local id counter; if unreadable, a start far below any id handed out before.
+
+        Local ids count down from here; starting at minus the Unix time (about -1.8e9, still a
+        32-bit integer) cannot meet an id of an earlier run, which count down from -1.
+        """
+        try:
+            return await store.last_local_tx(charger_id)
+        except StorageError as exc:
+            self.log.error("queue_read_failed", charger=charger_id, error=exc.detail)
+            return -int(time.time())
 
     def _session_settings(self) -> SessionSettings:
         server, offline = self.config.server, self.config.offline
