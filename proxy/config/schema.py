@@ -413,6 +413,8 @@ class OfflineSettingsSection:
     reconnect_min: float = setting(1.0, "first reconnect delay, seconds (doubles per failure, with jitter)",
                                    check=positive)
     reconnect_max: float = setting(60.0, "longest reconnect delay, seconds", check=positive)
+    drain_delay: float = setting(10.0, "seconds after a wallbox left (or after start-up) before the proxy delivers "
+                                 "its queued frames itself; a wallbox back by then replays them", check=non_negative)
 
 
 @dataclass(frozen=True)

@@ -186,6 +186,7 @@ class Mirror:
         self.max_attempts = max_attempts
         self.up = False
         self._owner: object = None
+        self._held = False
         self._queue: deque[_Item] = deque()
         self._bytes = 0
         self._outstanding: _Item | None = None
@@ -283,7 +284,7 @@ class Mirror:
             return self._pump(now)
         if self.up:
             self.link_down(self._owner)
-        self.up, self._owner = True, owner
+        self.up, self._owner, self._held = True, owner, False
         replay = [self._replay_item(item) for item in self._snapshot()]
         self._queue.extendleft(reversed(replay))
         self._bytes += sum(len(item.text) for item in replay)
@@ -321,9 +322,23 @@ class Mirror:
     def next_deadline(self) -> float | None:
         if self._outstanding is not None:
             return self._sent_at + self.call_timeout
-        if self.up and self._queue:
+        if self.up and self._queue and not self._held:
             return self._next_send
         return None
+
+    @property
+    def busy(self) -> bool:
+        """A CALL is out and unanswered."""
+        return self._outstanding is not None
+
+    def hold(self, owner: object = None) -> None:
+        """Send nothing new for ``owner`` (the CALL out may still be answered), until the next link_up.
+
+        A drain without the wallbox hands the mirror over to the wallbox's session this way,
+        so the new session does not send again what the drain has just sent.
+        """
+        if owner is self._owner:
+            self._held = True
 
     # -- CALLs from the secondary --------------------------------------------------------
 
@@ -349,7 +364,7 @@ class Mirror:
 
     def _pump(self, now: float) -> list[MirrorEvent]:
         events: list[MirrorEvent] = []
-        while self.up and self._outstanding is None and self._queue and now >= self._next_send:
+        while self.up and not self._held and self._outstanding is None and self._queue and now >= self._next_send:
             item = self._queue.popleft()
             self._bytes -= len(item.text)
             text = self._outgoing(item)

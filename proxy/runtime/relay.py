@@ -293,8 +293,11 @@ class PairedSession:
         new session never re-sends a frame the backend is answering right now.
         """
         self._handing_over = True
+        mirrors = list(self.session.mirrors.values())
+        for mirror in mirrors:
+            mirror.hold(self.session)
         with trio.move_on_after(self.settings.call_timeout):
-            while self._replay_busy:
+            while self._replay_busy or any(mirror.busy for mirror in mirrors):
                 await self._replay_idle.wait()
         await self.shutdown(code, reason)
 
@@ -357,6 +360,9 @@ class PairedSession:
             await self._flush()
             if self.drain:
                 self._check_drained()  # a secondary's answer may have emptied its queue
+                if self._handing_over:  # a held secondary's last answer: hand_over may go on
+                    self._replay_idle.set()
+                    self._replay_idle = trio.Event()
 
     def _check_drained(self) -> None:
         """A drain without the wallbox ends once every queue of the charger is empty."""
@@ -401,6 +407,8 @@ class PairedSession:
 
     async def _connected(self, name: Side, connection: Connection) -> None:
         """Relay one upstream connection until it closes; replay stored CALLs first."""
+        if self._handing_over:  # a drain giving way to its wallbox opens nothing more
+            return
         self.upstreams[name] = connection
         self._upstream_out[name] = self._outbox(name, connection)
         self.upstream_connects[name] = self.upstream_connects.get(name, 0) + 1

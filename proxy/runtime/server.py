@@ -485,7 +485,7 @@ class ProxyServer:
             side, code, reason = paired.close_info or (PROXY, closecodes.GOING_AWAY, "")
             log.info("drain_closed" if drain else "session_closed", closed_by=side, code=code, reason=reason)
             if last and not drain and self._connections is not None and self._serving:
-                self._connections.start_soon(self._drain_if_owed, admit.charger)
+                self._connections.start_soon(self._drain_if_owed, admit.charger, True)
 
     async def _register(self, paired: PairedSession) -> None:
         """A wallbox that reconnects replaces its old session (the old TCP may be half-dead) and a drain."""
@@ -516,7 +516,11 @@ class ProxyServer:
         return self._accepting is not None and not self._accepting.cancel_called
 
     async def _drain_backlog(self) -> None:
-        """At start-up: deliver every queue whose charger has no session (billing data must not wait)."""
+        """At start-up: deliver every queue whose charger has no session (billing data must not wait).
+
+        After ``drain_delay``: wallboxes reconnecting after a restart replay their own queues.
+        """
+        await trio.sleep(self.config.offline.drain_delay)
         owed = dict(self.secondaries.backlog)
         if self._queue is not None:
             try:
@@ -540,9 +544,11 @@ class ProxyServer:
             self.log.warning("drain_skipped", charger=charger_id, reason="no [[chargers]] entry any more")
         return charger
 
-    async def _drain_if_owed(self, charger: ChargerBase) -> None:
+    async def _drain_if_owed(self, charger: ChargerBase, delay: bool = False) -> None:
         """Open the charger's upstreams under its identity, replay, close when empty (no wallbox)."""
         charger_id = charger.id
+        if delay:
+            await trio.sleep(self.config.offline.drain_delay)  # a wallbox back by then replays them itself
         if (charger_id in self.sessions or charger_id in self.drains or not self._serving
                 or self.config.is_virtual(charger_id)):  # a virtual charge point reconnects by itself
             return

@@ -34,7 +34,8 @@ def proxy_config(tmp_path: Path, backend_port: int, *, backend: str = "", server
         f'[server]\nlisten = "127.0.0.1:0"\n{server}\n'
         f'[log]\nformat = "json"\n[metrics]\nlisten = "127.0.0.1:0"\n'
         f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\nconnect_timeout = 2\n{backend}\n'
-        f'[offline]\ndata_dir = "{data or tmp_path / "data"}"\nauth = "accept_all"\n{FAST}{offline}\n'
+        f'[offline]\ndata_dir = "{data or tmp_path / "data"}"\nauth = "accept_all"\ndrain_delay = 0.2\n'
+        f'{FAST}{offline}\n'
         f'[[chargers]]\nid = "CP1"\n{charger}\n')
     return config
 
