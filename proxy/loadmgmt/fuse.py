@@ -61,6 +61,9 @@ class Slot:
     lost_at: float | None = None
     #: The last value handed to the durable store (tenths; None: max_current).
     recorded: int | None = None
+    #: ``held`` is what the wallbox has (an accepted answer, a boot), not only an upper bound
+    #: (a restored record, an answer that never came).
+    exact: bool = False
 
     def peak(self) -> int:
         """max(held, pending, backend_pending), unknown = max_current."""
@@ -71,6 +74,12 @@ class Slot:
         if self.backend_pending is not None:
             values.append(top if self.backend_pending < 0 else self.backend_pending)
         return max(values)
+
+    def floor(self) -> int:
+        """What it surely may draw at least: a new limit up to this raises nothing on the wallbox."""
+        if self.exact and self.held is not None and self.pending is None and self.backend_pending is None:
+            return self.held
+        return 0
 
 
 @dataclass
@@ -113,6 +122,7 @@ class Fuse:
             amps = recorded.get(charger_id)
             slot.held = None if amps is None else tenths_up(amps)
             slot.recorded = slot.held
+            slot.exact = False  # the record is an upper bound of what it holds
             slot.lost_at = now
 
     def _limits_for(self, charger_id: str) -> ChargerLimits:
@@ -144,6 +154,7 @@ class Fuse:
         """What the proxy now knows the wallbox holds (None: unknown or uncapped → max_current)."""
         slot = self._slot(charger_id)
         slot.held = None if amps is None else tenths_up(amps)
+        slot.exact = True
         self._dirty(slot)
 
     # -- the proxy's own limits ------------------------------------------------------------------------
@@ -175,6 +186,7 @@ class Fuse:
             return
         slot.pending = None
         slot.held = None if holding is None else tenths_up(holding)
+        slot.exact = True
         self._dirty(slot)
 
     def refused(self, charger_id: str, reason: str) -> bool:
@@ -226,6 +238,7 @@ class Fuse:
         if known:
             slot.backend_pending = None
             slot.held = None if holding is None else tenths_up(holding)
+            slot.exact = True
             self._dirty(slot)
         else:
             self._fold_backend(slot)
@@ -288,11 +301,15 @@ class Fuse:
                 granted[charger_id] = target
                 continue
             want = tenths_down(target)
-            current = slot.peak()
-            if want <= current:
+            if want > slot.peak():
+                increases.append(charger_id)
+            elif want <= slot.floor() or all(room[ph] >= 0 for ph in charger_phases(self.phases, slot.limits)):
                 granted[charger_id] = target  # a decrease (or no change): never waits
             else:
-                increases.append(charger_id)
+                # Below what the fuse counts, but maybe above what the wallbox has (its count is an
+                # upper bound, e.g. a restored record) while the phase is over budget: it could
+                # raise the real draw, so it waits for room like an increase and keeps what it surely has.
+                granted[charger_id] = slot.floor() / 10
         increases.sort(key=lambda cid: (-self._slots[cid].limits.priority, cid))
         for charger_id in increases:
             granted[charger_id] = self._grant_increase(charger_id, tenths_down(targets[charger_id]), room) / 10
@@ -356,6 +373,7 @@ class Fuse:
             held = tenths_up(slot.limits.max_current) if slot.held is None else slot.held
             slot.held = max(held, slot.pending)
             slot.pending = None
+            slot.exact = False
         self._dirty(slot)
 
     def _fold(self, slot: Slot) -> None:
@@ -368,4 +386,5 @@ class Fuse:
             held = tenths_up(slot.limits.max_current) if slot.held is None else slot.held
             slot.held = None if slot.backend_pending < 0 else max(held, slot.backend_pending)
             slot.backend_pending = None
+            slot.exact = False
         self._dirty(slot)

@@ -3,6 +3,7 @@ tx-default, the durable record; and the state machine's shrunk counterexamples, 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -60,14 +61,22 @@ def settle_at(site: Site, cid: str, amps: float) -> None:
 
 
 def two_known(site: Site) -> None:
-    """CP1 charging at 16 A, CP2 idle at 0 A (what is left, 4 A, is below its minimum): both confirmed."""
+    """CP1 charging at 16 A, CP2 idle at 0 A (what is left, 4 A, is below its minimum): both confirmed.
+
+    At first contact both are unknown, counted at 16 A each on a 20 A site: each may have less
+    installed, so a limit above 0 could raise what it really draws. Both are paused first, and CP1
+    gets its 16 A once the pauses are Accepted."""
     site.connect("CP1")
     site.connect("CP2")
     site.charge("CP1")
     sent = site.tick()
-    assert sent["CP1"].command.amps == 16.0 and sent["CP2"].command.amps == 0.0
+    assert sent["CP1"].command.amps == 0.0 and sent["CP2"].command.amps == 0.0
+    assert all(out.decrease for out in sent.values())
     for out in sent.values():
         assert site.answer(out) is None
+    raised = site.tick()
+    assert list(raised) == ["CP1"] and raised["CP1"].command.amps == 16.0
+    assert site.answer(raised["CP1"]) is None
 
 
 def test_slow_decrease_holds_the_newcomers_increase_until_accepted() -> None:
@@ -155,16 +164,19 @@ def test_restart_counts_not_yet_reconnected_chargers_at_their_record_or_maximum(
     site.connect("CP3")
     site.charge("CP3")
     down = site.tick()["CP3"]
-    assert down.decrease and down.command.amps == 8.0  # 30 - 6 - 16
-    site.connect("CP2", status="Available")  # idle: its reservation goes
+    # 30 - 6 - 16 leaves 8 A, but CP3 is counted at 16 A and may have anything up to that installed:
+    # over budget, so it is paused first (8 A could be more than it has now)
+    assert down.decrease and down.command.amps == 0.0
+    assert site.may_draw("CP1") + site.may_draw("CP3") + site.fuse.may_draw("CP2", site.now) / 10 == 38.0
+    assert site.site.over_budget  # the restart's unknowns
+    site.connect("CP2", status="Available")  # idle: paused too
     sent = site.tick()
-    assert list(sent) == ["CP2"] and sent["CP2"].command.amps == 8.0  # CP3 has its CALL outstanding; idle CP2
-    # gets what is left (30 - 6 - 16), a decrease from its unknown 16 A
-    up = site.answer(down)  # 16 A follows at once: no increase over the unknown 16 A it was counted at
-    assert up is not None and up.command.amps == 16.0 and site.site.targets["CP3"] == 16.0
-    assert site.may_draw("CP1") + site.may_draw("CP2") + site.may_draw("CP3") == 38.0  # the restart's unknowns
-    assert site.site.over_budget
-    assert site.answer(sent["CP2"]) is None
+    assert list(sent) == ["CP2"] and sent["CP2"].command.amps == 0.0  # CP3 has its CALL outstanding
+    assert site.answer(down) is None and site.answer(sent["CP2"]) is None
+    assert site.may_draw("CP1") + site.may_draw("CP2") + site.may_draw("CP3") == 6.0
+    raised = site.tick()  # both now known at 0 A: CP3's 16 A and idle CP2's 8 A fit next to CP1's 6 A
+    assert raised["CP3"].command.amps == 16.0 and raised["CP2"].command.amps == 8.0
+    assert not raised["CP3"].decrease and not site.site.over_budget
     assert site.may_draw("CP1") + site.may_draw("CP2") + site.may_draw("CP3") == 30.0
 
 
@@ -182,8 +194,12 @@ def test_increase_needs_the_durable_record_first_and_decrease_does_not() -> None
     down = sent["CP1"]
     assert down.decrease and not down.record_first
     site.answer(down)
-    site.answer(sent["CP2"])  # 10 A: down from its unknown 16 A
-    assert site.fuse.records() == ({"CP1": 10.0, "CP2": 10.0}, False)  # lower: may be written later
+    site.answer(sent["CP2"])  # 0 A first: its unknown 16 A would overbook the site (20 A)
+    assert site.fuse.records() == ({"CP1": 10.0, "CP2": 0.0}, False)  # lower: may be written later
+    raised = site.tick()["CP2"]
+    assert raised.command.amps == 10.0 and raised.record_first  # higher: written before it leaves
+    site.answer(raised)
+    assert site.fuse.records() == ({"CP2": 10.0}, True)
     site.site.engine.transaction_stopped("CP2", 1, site.now)
     site.site.engine.status("CP2", 1, "Available", site.now)
     freed = site.tick()
@@ -221,8 +237,10 @@ def test_over_budget_seconds_count_only_while_over() -> None:
     for cid in ("CP1", "CP2"):
         site.connect(cid)
         site.charge(cid)
-    for out in site.tick().values():
-        site.answer(out)
+    for _ in range(2):  # unknown at first: paused, then 10 A each
+        for out in site.tick().values():
+            site.answer(out)
+    assert site.may_draw("CP1") == site.may_draw("CP2") == 10.0
     site.site.engine.ems_site_limit(12.0, site.now)  # an EMS lowers the site limit: decreases go out
     sent = site.tick()
     assert site.site.over_budget and all(o.decrease for o in sent.values())
@@ -297,3 +315,26 @@ def test_machine_regression_no_gate_overbooks() -> None:
     state.tick(dt=0.5)
     state.fuse_counts_at_least_what_may_be_drawn()
     state.never_over_budget_by_the_proxy()
+
+
+def test_machine_regression_restored_record_is_an_upper_bound_not_what_is_installed() -> None:
+    """Shrunk: CP2 was paused (0 A) before a restart whose record said 16 A; after the restart the
+    site was over budget with the unknown CP3, and 10 A for CP2 went out as a "decrease" from the
+    16 A it was counted at, while it really had 0 A installed: 26 A may be drawn on a 10 A phase."""
+    state = FuseMachine()
+    state.setup(site=10, meter=False, calm=False, chargers=[(16.0, 1, 1, 0, "max-profile"),
+                                                            (16.0, 1, 2, 0, "max-profile"),
+                                                            (16.0, 1, 2, 0, "max-profile")])
+
+    def checked(step: Callable[[], None]) -> None:
+        step()
+        state.fuse_counts_at_least_what_may_be_drawn()
+        state.never_over_budget_by_the_proxy()
+
+    checked(lambda: None)
+    checked(lambda: state.reconnect(boot=False, cid="CP2"))
+    checked(lambda: state.tick(dt=0.0))
+    checked(lambda: state.restart_proxy(applied=True))
+    checked(lambda: state.reconnect(boot=False, cid="CP2"))
+    checked(lambda: state.reconnect(boot=False, cid="CP3"))
+    checked(lambda: state.tick(dt=0.0))
