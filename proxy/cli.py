@@ -29,7 +29,7 @@ from proxy.config import (
     startup_step,
     subprotocol_warnings,
 )
-from proxy.storage.offline_queue import StorageUnusable
+from proxy.storage.interface import StorageUnusable
 
 if TYPE_CHECKING:
     from proxy.ops.certs import Issued
@@ -212,8 +212,11 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _storage_unusable(exc: StorageUnusable) -> str:
     """The start-up message for a queue database that cannot be opened: file, key, what to do."""
-    logs.get_logger().error("queue_database_unusable", file=str(exc.path), key="[offline] data_dir",
-                            error=exc.detail)
+    logs.get_logger().error("queue_database_unusable", file=str(exc.path), key=exc.key, error=exc.detail)
+    if exc.key != "[offline] data_dir":
+        return (f"the database {exc.path} (from {exc.key}) cannot be used: {exc.detail}. "
+                "Check the URL, that the server is up and accepts these credentials, and that the user may "
+                "create tables in it")
     return (f"the queue database {exc.path} (from [offline] data_dir) cannot be used: {exc.detail}. "
             "Fix its permissions or the disk, or move the file away to start with an empty queue "
             "(the frames in it are then not replayed)")

@@ -14,11 +14,26 @@ from proxy.config import loads
 from proxy.runtime.server import ProxyServer
 from proxy.demo.peers import LoopThread, SimBackend
 from tests.peers import in_loop
+from tests.pgkit import PgCluster
 
 # Speed is what bench/ measures. On a loaded CI machine a slow example is no finding about the
 # code, so property tests have no per-example deadline and no too_slow health check.
 settings.register_profile("suite", deadline=None, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile("suite")
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    """One real PostgreSQL server for the whole run (started on first use, stopped and removed at the end)."""
+    cluster = PgCluster()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster: PgCluster) -> str:
+    """A URL to a new, empty PostgreSQL database."""
+    return pg_cluster.database()
 
 
 @pytest.fixture

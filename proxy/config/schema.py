@@ -417,6 +417,19 @@ class OfflineSettingsSection:
                                  "its queued frames itself; a wallbox back by then replays them", check=non_negative)
 
 
+def store_url(value: Any) -> str | None:
+    if value == "" or str(value).startswith(("postgresql://", "postgres://")):
+        return None
+    return "must be empty (SQLite in [offline] data_dir) or a postgresql:// URL"
+
+
+@dataclass(frozen=True)
+class StoreSettings:
+    url: str = setting("", "where the durable state lives: empty for SQLite in [offline] data_dir (the default); "
+                           "postgresql://user:password@host/db to share one PostgreSQL database "
+                           "(docs/cluster.md, work in progress)", secret=True, check=store_url)
+
+
 @dataclass(frozen=True)
 class MeterRegister:
     name: str = required("which value: l1, l2, l3 (phase currents, A), power (W) or energy (Wh)")
@@ -481,6 +494,8 @@ class Config:
     metrics: MetricsSettings = field(default_factory=MetricsSettings, metadata={"doc": "monitoring"})
     offline: OfflineSettingsSection = field(default_factory=OfflineSettingsSection,
                                             metadata={"doc": "backend outages"})
+    store: StoreSettings = field(default_factory=StoreSettings,
+                                 metadata={"doc": "durable state: SQLite (default) or PostgreSQL"})
     meter: MeterSettings = field(default_factory=MeterSettings, metadata={"doc": "grid meter (Modbus TCP)"})
     ems: EmsSettings = field(default_factory=EmsSettings, metadata={"doc": "energy manager interface (Modbus TCP)"})
     chargers: list[ChargerSettings] = field(default_factory=list,

@@ -32,7 +32,7 @@ from proxy.wire.local import LocalConnection, local_pair
 from proxy.ops.logs import get_logger
 from proxy.core.offline import OfflineResponder, OfflineSettings
 from proxy.messages.ocppj import MessageType, build_error, classify
-from proxy.storage.interface import StorageError
+from proxy.storage.interface import Storage, StorageError, StorageUnusable
 from proxy.storage.offline_queue import DB_NAME, AsyncQueue, SqliteStorage
 from proxy.wire.tls_listener import Secured, SecureLayer
 from proxy.runtime.relay import Connection, Connector, Listener, PairedSession, SessionSettings
@@ -70,7 +70,7 @@ class ProxyServer:
         self._accepting: trio.CancelScope | None = None
         self.ready = trio.Event()
         self._secure: SecureLayer
-        self._storage: SqliteStorage | None = None
+        self._storage: Storage | None = None
         #: The offline queue (None: offline mode off); the same object as ``_store`` when on.
         self._queue: AsyncQueue | None = None
         #: The durable store's trio front (offline queue, session log); None when nothing needs a store.
@@ -143,7 +143,10 @@ class ProxyServer:
         if self._storage is not None or not (config.offline.enabled or self.secondaries.configured
                                              or self._session_log_on):
             return
-        self._storage = SqliteStorage(Path(config.offline.data_dir) / DB_NAME)
+        if config.store.url:
+            self._storage = _postgres(config.store.url)
+        else:
+            self._storage = SqliteStorage(Path(config.offline.data_dir) / DB_NAME)
         self._store = AsyncQueue(self._storage, on_error=self._storage_error)
         if config.offline.enabled:
             self._queue = self._store
@@ -780,3 +783,13 @@ def _peer(stream: Any) -> str:
     except OSError:
         return "?"
     return f"{host}:{port}"
+
+
+def _postgres(url: str) -> Storage:
+    """``[store] url``'s store; psycopg is the optional extra ``postgres``, so its absence is named at start-up."""
+    try:
+        from proxy.storage.postgres import PostgresStorage
+    except ImportError as exc:
+        raise StorageUnusable(redact_url(url), f"{exc}; install it with pip install 'ocpp-proxy[postgres]'",
+                              key="[store] url") from exc
+    return PostgresStorage(url)

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 from proxy.core.mirror import MirrorQueued, MirrorStartKnown, MirrorState, MirrorUnqueued, TxMapped
@@ -53,6 +54,15 @@ class StorageError(Exception):
         super().__init__(f"{operation}: {detail}")
         self.operation = operation
         self.detail = detail
+
+
+class StorageUnusable(StorageError):
+    """The store cannot be opened at start-up; names the file (or the URL, password cut) and its config key."""
+
+    def __init__(self, path: Path | str, detail: str, key: str = "[offline] data_dir") -> None:
+        super().__init__("open", detail)
+        self.path = path
+        self.key = key
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,3 +175,26 @@ class Storage(Protocol):
 
     def close(self) -> None:
         ...
+
+
+#: Most changes in one statement (SQLite allows 32 766 variables, PostgreSQL 65 535; an append takes 6).
+_RUN = 1000
+
+
+def change_runs(changes: Sequence[Change]) -> list[Sequence[Change]]:
+    """Consecutive changes of one kind, in order, at most ``_RUN`` each."""
+    runs: list[Sequence[Change]] = []
+    start = 0
+    for index in range(1, len(changes) + 1):
+        if (index == len(changes) or type(changes[index]) is not type(changes[start])
+                or index - start == _RUN):
+            runs.append(changes[start:index])
+            start = index
+    return runs
+
+
+def write_operation(changes: Sequence[Change]) -> str:
+    kinds = {type(change) for change in changes}
+    if Append in kinds:
+        return "append"
+    return "journal" if Journal in kinds else "deliver" if Delivered in kinds else "mark"

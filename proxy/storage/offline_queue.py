@@ -43,7 +43,11 @@ from proxy.storage.interface import (
     MarkSent,
     MirrorRecord,
     RestoredMirror,
+    Storage,
     StorageError,
+    StorageUnusable,
+    change_runs,
+    write_operation,
 )
 from proxy.storage import session_log
 from proxy.storage.secondary_store import MirrorStore
@@ -75,14 +79,6 @@ CREATE TABLE IF NOT EXISTS counters (
     last_local_tx INTEGER NOT NULL
 );
 """
-
-
-class StorageUnusable(StorageError):
-    """The database file exists (or must be created) but cannot be used; names the file."""
-
-    def __init__(self, path: Path, detail: str) -> None:
-        super().__init__("open", detail)
-        self.path = path
 
 
 class SqliteStorage:
@@ -135,10 +131,10 @@ class SqliteStorage:
                 self._durable = durable
             with db:
                 db.execute("BEGIN IMMEDIATE")
-                for run in _runs(changes):
+                for run in change_runs(changes):
                     results += self._apply(run)
         except (sqlite3.Error, OSError) as exc:
-            raise StorageError(_operation(changes), _detail(exc)) from exc
+            raise StorageError(write_operation(changes), _detail(exc)) from exc
         return results
 
     def _apply(self, run: Sequence[Change]) -> list[int | None]:
@@ -237,29 +233,6 @@ def _detail(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:300]
 
 
-#: Most changes in one statement (SQLite allows 32 766 variables; an append takes 5).
-_RUN = 1000
-
-
-def _runs(changes: Sequence[Change]) -> list[Sequence[Change]]:
-    """Consecutive changes of one kind, in order, at most ``_RUN`` each."""
-    runs: list[Sequence[Change]] = []
-    start = 0
-    for index in range(1, len(changes) + 1):
-        if (index == len(changes) or type(changes[index]) is not type(changes[start])
-                or index - start == _RUN):
-            runs.append(changes[start:index])
-            start = index
-    return runs
-
-
-def _operation(changes: Sequence[Change]) -> str:
-    kinds = {type(change) for change in changes}
-    if Append in kinds:
-        return "append"
-    return "journal" if Journal in kinds else "deliver" if Delivered in kinds else "mark"
-
-
 # --- trio front -------------------------------------------------------------------------
 
 #: Reports a storage failure (operation, detail) or, with an empty detail, a recovery.
@@ -288,7 +261,7 @@ class _Deferred:
 class AsyncQueue:
     """The storage for trio code: group commit, one worker thread, deferred retries."""
 
-    def __init__(self, storage: SqliteStorage, *, on_error: ErrorHook | None = None,
+    def __init__(self, storage: Storage, *, on_error: ErrorHook | None = None,
                  retry_min: float = 0.5, retry_max: float = 30.0) -> None:
         self.storage = storage
         self.on_error = on_error

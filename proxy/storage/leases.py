@@ -1,0 +1,72 @@
+"""Charger leases in the store (docs/cluster.md, WIP): atomic take-over, renewal, release.
+
+:class:`LeaseStore` is a narrow interface like :mod:`proxy.storage.reservations`
+(the same rules as :mod:`proxy.storage.interface`: one transaction per call,
+:class:`StorageError` only). :meth:`LeaseStore.acquire` is one atomic step: it
+takes the charger's lease if nobody holds it, if its lease ran out, or if the
+caller already holds it (a renewal), and answers the lease as it then stands,
+for :class:`proxy.core.lease.LeasePolicy` to decide on. The PostgreSQL
+implementation is in :mod:`proxy.storage.postgres` (several processes); the
+SQLite one here serves processes on one machine sharing one file, and the
+contract tests.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+from typing import Protocol
+
+from proxy.core.lease import LeaseState
+from proxy.storage.interface import StorageError
+
+
+class LeaseStore(Protocol):
+    def acquire(self, charger: str, owner: str, ttl: float) -> LeaseState:
+        """Take or renew the lease for ``ttl`` seconds unless another holds a live one; the lease as it stands."""
+        ...
+
+    def release(self, charger: str, owner: str) -> None:
+        """Give the lease up if ``owner`` holds it (idempotent: nothing otherwise)."""
+        ...
+
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS leases (charger TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL NOT NULL)"
+
+
+class SqliteLeases:
+    """:class:`LeaseStore` in a SQLite file (processes on one machine: one clock)."""
+
+    def __init__(self, path: Path | str) -> None:
+        try:
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StorageError("open", f"{path}: {exc}") from exc
+
+    def acquire(self, charger: str, owner: str, ttl: float) -> LeaseState:
+        now = time.time()
+        try:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.execute("INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (charger) DO UPDATE "
+                                 "SET owner = excluded.owner, expires = excluded.expires "
+                                 "WHERE leases.owner = excluded.owner OR leases.expires <= ?",
+                                 (charger, owner, now + ttl, now))
+                holder, expires = self._db.execute("SELECT owner, expires FROM leases WHERE charger = ?",
+                                                   (charger,)).fetchone()
+        except sqlite3.Error as exc:
+            raise StorageError("lease", str(exc)) from exc
+        return LeaseState(charger, str(holder), float(expires) - now)
+
+    def release(self, charger: str, owner: str) -> None:
+        try:
+            with self._db:
+                self._db.execute("DELETE FROM leases WHERE charger = ? AND owner = ?", (charger, owner))
+        except sqlite3.Error as exc:
+            raise StorageError("lease", str(exc)) from exc
+
+    def close(self) -> None:
+        self._db.close()

@@ -1,0 +1,351 @@
+"""The PostgreSQL implementation of :class:`~proxy.storage.interface.Storage` (``[store] url``).
+
+Several proxy processes can share one database (docs/cluster.md, work in
+progress); one process with a PostgreSQL URL behaves as with SQLite. The same
+guarantees as the SQLite implementation (docs/storage.md):
+
+* **Durable before return.** A batch with an append or a sent-mark commits
+  with ``synchronous_commit = on`` (the server flushes its WAL before the
+  commit returns), whatever the server's default. A batch of deliveries alone
+  and a batch of mirror records commit with ``synchronous_commit = off``: they
+  survive a crash of the proxy (the commit is in the server), a crash of the
+  database server may undo the newest of them, and the frame is then sent
+  again, marked (at-least-once), exactly like SQLite's ``synchronous=NORMAL``.
+* **One transaction per call**, runs of appends as one multi-row INSERT.
+* **Order across processes.** A batch with appends takes a transaction-level
+  advisory lock before its INSERT, so appends of all processes commit one at a
+  time and the rows a sequence hands out grow in commit order, as the
+  interface promises (``pending`` orders by row).
+* **Errors are** :class:`StorageError` **only.** A lost connection raises
+  StorageError for that call; the next call connects again. A commit whose
+  answer was lost may have happened: the caller retries marks and deliveries
+  (idempotent); an append that raised is refused to the wallbox, which sends it
+  again, so the backend may see it twice (at-least-once, docs/offline.md).
+
+Blocking (psycopg 3, synchronous API): the trio layer runs every call in a
+worker thread (:class:`proxy.storage.offline_queue.AsyncQueue`), as for
+SQLite. The secondaries' mirrors use their own connection, so their writer
+never waits behind the offline queue's transaction (the SQLite store does the
+same with a second connection to its file).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import TypeVar
+
+import psycopg
+
+from proxy.config.schema import redact_url
+from proxy.core.lease import LeaseState
+from proxy.core.mirror import TX_MEMORY, MirrorQueued, MirrorStartKnown, MirrorState, MirrorUnqueued, TxMapped
+from proxy.core.offline import Stored
+from proxy.storage.interface import (
+    Append,
+    Change,
+    Delivered,
+    MarkSent,
+    MirrorRecord,
+    RestoredMirror,
+    StorageError,
+    StorageUnusable,
+    change_runs,
+    write_operation,
+)
+from proxy.storage.secondary_store import restored
+
+T = TypeVar("T")
+
+#: The advisory lock every append batch holds until its commit (any constant the proxy owns).
+APPEND_LOCK = 0x6F637070  # "ocpp"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS frames (
+    row BIGSERIAL PRIMARY KEY,
+    charger TEXT NOT NULL,
+    action TEXT NOT NULL,
+    text TEXT NOT NULL,
+    local_tx BIGINT,
+    created DOUBLE PRECISION NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    subprotocol TEXT
+);
+CREATE INDEX IF NOT EXISTS frames_by_charger ON frames (charger, row);
+CREATE TABLE IF NOT EXISTS transactions (
+    charger TEXT NOT NULL,
+    local_tx BIGINT NOT NULL,
+    backend_tx BIGINT NOT NULL,
+    PRIMARY KEY (charger, local_tx)
+);
+CREATE TABLE IF NOT EXISTS counters (
+    charger TEXT PRIMARY KEY,
+    last_local_tx BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS leases (
+    charger TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires TIMESTAMPTZ NOT NULL
+);
+CREATE SEQUENCE IF NOT EXISTS secondary_tx_seq;
+CREATE TABLE IF NOT EXISTS secondary_tx (
+    charger TEXT NOT NULL, upstream TEXT NOT NULL,
+    wallbox_tx BIGINT NOT NULL, upstream_tx BIGINT NOT NULL, seq BIGINT NOT NULL,
+    PRIMARY KEY (charger, upstream, wallbox_tx));
+CREATE TABLE IF NOT EXISTS secondary_frames (
+    charger TEXT NOT NULL, upstream TEXT NOT NULL, seq BIGINT NOT NULL, action TEXT NOT NULL, text TEXT NOT NULL,
+    PRIMARY KEY (charger, upstream, seq));
+CREATE TABLE IF NOT EXISTS secondary_starts (
+    charger TEXT NOT NULL, upstream TEXT NOT NULL, msg_id TEXT NOT NULL, wallbox_tx BIGINT NOT NULL,
+    PRIMARY KEY (charger, upstream, msg_id));
+CREATE TABLE IF NOT EXISTS secondary_state (
+    charger TEXT NOT NULL, upstream TEXT NOT NULL, connector INTEGER NOT NULL, text TEXT NOT NULL,
+    PRIMARY KEY (charger, upstream, connector));
+"""
+
+
+class _Link:
+    """One connection that connects again after it broke (each call runs in one worker thread at a time)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self._conn: psycopg.Connection[tuple[object, ...]] | None = None
+        self._lock = threading.Lock()
+
+    def get(self) -> psycopg.Connection[tuple[object, ...]]:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
+        return self._conn
+
+    @contextmanager
+    def transaction(self, operation: str, *, durable: bool) -> Iterator[psycopg.Cursor[tuple[object, ...]]]:
+        """One transaction; every psycopg error becomes StorageError(operation)."""
+        with self._lock:
+            try:
+                conn = self.get()
+                with conn.transaction(), conn.cursor() as cursor:
+                    cursor.execute(f"SET LOCAL synchronous_commit = {'on' if durable else 'off'}")
+                    yield cursor
+            except psycopg.Error as exc:
+                self._drop_if_broken()
+                raise StorageError(operation, _detail(exc)) from exc
+
+    def read(self, fn: Callable[[psycopg.Cursor[tuple[object, ...]]], T]) -> T:
+        with self._lock:
+            try:
+                with self.get().cursor() as cursor:
+                    return fn(cursor)
+            except psycopg.Error as exc:
+                self._drop_if_broken()
+                raise StorageError("read", _detail(exc)) from exc
+
+    def _drop_if_broken(self) -> None:
+        if self._conn is not None and (self._conn.closed or self._conn.broken):
+            self._conn.close()
+            self._conn = None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+
+class PostgresStorage:
+    """:class:`~proxy.storage.interface.Storage` in a PostgreSQL database (blocking; see the module)."""
+
+    def __init__(self, url: str, *, keep: int = TX_MEMORY) -> None:
+        self.location = redact_url(url)
+        self.keep = keep
+        self._queue = _Link(url)
+        self._mirrors = _Link(url)
+        self._leases = _Link(url)
+        try:
+            with self._queue.transaction("open", durable=True) as cursor:
+                # Two processes creating the schema at once would collide on the catalog.
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
+                cursor.execute(_SCHEMA)
+        except StorageError as exc:
+            self.close()
+            raise StorageUnusable(self.location, exc.detail, key="[store] url") from exc
+
+    def close(self) -> None:
+        self._queue.close()
+        self._mirrors.close()
+        self._leases.close()
+
+    # -- writes -------------------------------------------------------------------------
+
+    def write(self, changes: Sequence[Change]) -> list[int | None]:
+        """One transaction; deliveries alone without waiting for the WAL flush (module docstring)."""
+        if not changes:
+            return []
+        durable = not all(type(change) is Delivered for change in changes)
+        results: list[int | None] = []
+        with self._queue.transaction(write_operation(changes), durable=durable) as cursor:
+            if any(type(change) is Append for change in changes):
+                cursor.execute("SELECT pg_advisory_xact_lock(%s)", (APPEND_LOCK,))
+            for run in change_runs(changes):
+                results += _apply(cursor, run)
+        return results
+
+    # -- reads --------------------------------------------------------------------------
+
+    def pending(self, charger: str) -> list[Stored]:
+        rows = self._rows("SELECT row, action, text, local_tx, attempts FROM frames WHERE charger = %s ORDER BY row",
+                          charger)
+        return [Stored(int(row), str(action), str(text), None if local is None else int(local),  # type: ignore[call-overload]
+                       int(attempts))  # type: ignore[call-overload]
+                for row, action, text, local, attempts in rows]
+
+    def backlog(self) -> dict[str, int]:
+        rows = self._rows("SELECT charger, count(*) FROM frames GROUP BY charger")
+        return {str(charger): int(count) for charger, count in rows}  # type: ignore[call-overload]
+
+    def depth(self, charger: str) -> tuple[int, float | None]:
+        [(count, oldest)] = self._rows("SELECT count(*), min(created) FROM frames WHERE charger = %s", charger)
+        return int(count), None if oldest is None else float(oldest)  # type: ignore[call-overload, arg-type]
+
+    def transactions(self, charger: str) -> dict[int, int]:
+        rows = self._rows("SELECT local_tx, backend_tx FROM transactions WHERE charger = %s", charger)
+        return {int(local): int(backend) for local, backend in rows}  # type: ignore[call-overload]
+
+    def last_local_tx(self, charger: str) -> int:
+        rows = self._rows("SELECT last_local_tx FROM counters WHERE charger = %s", charger)
+        return int(rows[0][0]) if rows else 0  # type: ignore[call-overload]
+
+    def subprotocol(self, charger: str) -> str | None:
+        rows = self._rows("SELECT subprotocol FROM frames WHERE charger = %s AND subprotocol IS NOT NULL "
+                          "ORDER BY row DESC LIMIT 1", charger)
+        return str(rows[0][0]) if rows else None
+
+    def _rows(self, sql: str, *args: object) -> list[tuple[object, ...]]:
+        def run(cursor: psycopg.Cursor[tuple[object, ...]]) -> list[tuple[object, ...]]:
+            return cursor.execute(sql, args).fetchall()
+
+        return self._queue.read(run)
+
+    # -- secondaries' mirrors ------------------------------------------------------------
+
+    def write_mirrors(self, records: Sequence[tuple[str, MirrorRecord]]) -> None:
+        if not records:
+            return
+        with self._mirrors.transaction("mirror", durable=False) as cursor:
+            for charger, record in records:
+                _mirror(cursor, charger, record, self.keep)
+
+    def restore_mirrors(self) -> dict[tuple[str, str], RestoredMirror]:
+        return self._mirrors.read(_restore)
+
+
+    # -- charger leases (proxy.storage.leases.LeaseStore; the database's clock only) ----------
+
+    def acquire(self, charger: str, owner: str, ttl: float) -> LeaseState:
+        """Atomic: the row is locked by the upsert, so two processes never both get a live lease."""
+        with self._leases.transaction("lease", durable=True) as cursor:
+            cursor.execute("INSERT INTO leases VALUES (%s, %s, clock_timestamp() + make_interval(secs => %s)) "
+                           "ON CONFLICT (charger) DO UPDATE SET owner = excluded.owner, expires = excluded.expires "
+                           "WHERE leases.owner = excluded.owner OR leases.expires <= clock_timestamp()",
+                           (charger, owner, ttl))
+            row = cursor.execute("SELECT owner, extract(epoch FROM expires - clock_timestamp()) FROM leases "
+                                 "WHERE charger = %s", (charger,)).fetchone()
+        assert row is not None  # inserted or kept, in this transaction
+        return LeaseState(charger, str(row[0]), float(row[1]))  # type: ignore[arg-type]
+
+    def release(self, charger: str, owner: str) -> None:
+        with self._leases.transaction("lease", durable=True) as cursor:
+            cursor.execute("DELETE FROM leases WHERE charger = %s AND owner = %s", (charger, owner))
+
+
+def _apply(cursor: psycopg.Cursor[tuple[object, ...]], run: Sequence[Change]) -> list[int | None]:
+    """One run of changes of one kind."""
+    first = run[0]
+    if isinstance(first, Append):
+        return _append(cursor, run)  # type: ignore[arg-type]
+    rows = [change.row for change in run]  # type: ignore[union-attr]
+    if isinstance(first, MarkSent):
+        cursor.execute("UPDATE frames SET attempts = attempts + 1 WHERE row = ANY(%s)", (rows,))
+        return [None] * len(run)
+    pairs = [(c.charger, c.local_tx, c.backend_tx) for c in run  # type: ignore[union-attr]
+             if c.local_tx is not None and c.backend_tx is not None]  # type: ignore[union-attr]
+    if pairs:
+        cursor.executemany("INSERT INTO transactions VALUES (%s, %s, %s) ON CONFLICT (charger, local_tx) "
+                           "DO UPDATE SET backend_tx = excluded.backend_tx", pairs)
+    cursor.execute("DELETE FROM frames WHERE row = ANY(%s)", (rows,))
+    return [None] * len(run)
+
+
+def _append(cursor: psycopg.Cursor[tuple[object, ...]], run: Sequence[Append]) -> list[int | None]:
+    # VALUES are numbered in list order under the advisory lock, so the sorted rows are the list's.
+    now = time.time()
+    values = [v for a in run for v in (a.charger, a.action, a.text, a.local_tx, now, a.subprotocol)]
+    cursor.execute("INSERT INTO frames (charger, action, text, local_tx, created, subprotocol) VALUES "
+                   + ",".join(["(%s, %s, %s, %s, %s, %s)"] * len(run)) + " RETURNING row", values)
+    rows: list[int | None] = sorted(int(row) for (row,) in cursor.fetchall())  # type: ignore[call-overload]
+    counters = [(a.charger, a.local_tx) for a in run if a.local_tx is not None]
+    if counters:
+        cursor.executemany("INSERT INTO counters VALUES (%s, %s) ON CONFLICT (charger) DO UPDATE "
+                           "SET last_local_tx = LEAST(counters.last_local_tx, excluded.last_local_tx)", counters)
+    return rows
+
+
+def _mirror(cursor: psycopg.Cursor[tuple[object, ...]], charger: str, record: MirrorRecord, keep: int) -> None:
+    """One mirror record; each is idempotent (upsert or delete), as docs/storage.md requires."""
+    if isinstance(record, MirrorQueued):
+        cursor.execute("INSERT INTO secondary_frames VALUES (%s, %s, %s, %s, %s) "
+                       "ON CONFLICT (charger, upstream, seq) DO UPDATE SET action = excluded.action, "
+                       "text = excluded.text", (charger, record.upstream, record.seq, record.action, record.text))
+    elif isinstance(record, MirrorUnqueued):
+        cursor.execute("DELETE FROM secondary_frames WHERE charger = %s AND upstream = %s AND seq = %s",
+                       (charger, record.upstream, record.seq))
+    elif isinstance(record, MirrorState):
+        cursor.execute("INSERT INTO secondary_state VALUES (%s, %s, %s, %s) "
+                       "ON CONFLICT (charger, upstream, connector) DO UPDATE SET text = excluded.text",
+                       (charger, record.upstream, record.connector, record.text))
+    elif isinstance(record, MirrorStartKnown):
+        cursor.execute("INSERT INTO secondary_starts VALUES (%s, %s, %s, %s) "
+                       "ON CONFLICT (charger, upstream, msg_id) DO UPDATE SET wallbox_tx = excluded.wallbox_tx",
+                       (charger, record.upstream, record.msg_id, record.wallbox_tx))
+    else:
+        _pair(cursor, charger, record, keep)
+
+
+def _pair(cursor: psycopg.Cursor[tuple[object, ...]], charger: str, record: TxMapped, keep: int) -> None:
+    """A secondary's id pair: newest last (a sequence), only the newest ``keep`` per mirror kept."""
+    key = (charger, record.upstream)
+    cursor.execute("DELETE FROM secondary_starts WHERE charger = %s AND upstream = %s AND wallbox_tx = %s",
+                   (*key, record.wallbox_tx))
+    cursor.execute("INSERT INTO secondary_tx VALUES (%s, %s, %s, %s, nextval('secondary_tx_seq')) "
+                   "ON CONFLICT (charger, upstream, wallbox_tx) DO UPDATE SET upstream_tx = excluded.upstream_tx, "
+                   "seq = excluded.seq", (*key, record.wallbox_tx, record.upstream_tx))
+    cursor.execute("DELETE FROM secondary_tx WHERE charger = %s AND upstream = %s AND seq <= "
+                   "(SELECT seq FROM secondary_tx WHERE charger = %s AND upstream = %s "
+                   "ORDER BY seq DESC LIMIT 1 OFFSET %s)", (*key, *key, keep))
+
+
+def _restore(cursor: psycopg.Cursor[tuple[object, ...]]) -> dict[tuple[str, str], RestoredMirror]:
+    found: dict[tuple[str, str], RestoredMirror] = {}
+
+    def entry(charger: object, upstream: object) -> RestoredMirror:
+        return found.setdefault((str(charger), str(upstream)), restored())
+
+    for charger, upstream, wallbox_tx, upstream_tx in cursor.execute(
+            "SELECT charger, upstream, wallbox_tx, upstream_tx FROM secondary_tx ORDER BY seq").fetchall():
+        entry(charger, upstream).transactions[int(wallbox_tx)] = int(upstream_tx)  # type: ignore[call-overload]
+    for charger, upstream, seq, action, text in cursor.execute(
+            "SELECT charger, upstream, seq, action, text FROM secondary_frames ORDER BY seq").fetchall():
+        entry(charger, upstream).queued.append((int(seq), str(action), str(text)))  # type: ignore[call-overload]
+    for charger, upstream, connector, text in cursor.execute(
+            "SELECT charger, upstream, connector, text FROM secondary_state").fetchall():
+        entry(charger, upstream).state[int(connector)] = str(text)  # type: ignore[call-overload]
+    for charger, upstream, msg_id, wallbox_tx in cursor.execute(
+            "SELECT charger, upstream, msg_id, wallbox_tx FROM secondary_starts").fetchall():
+        entry(charger, upstream).starts[str(msg_id)] = int(wallbox_tx)  # type: ignore[call-overload]
+    return found
+
+
+def _detail(exc: BaseException) -> str:
+    """The error, first line only, without the URL's password (psycopg's messages may name the DSN)."""
+    first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return redact_url(f"{type(exc).__name__}: {first}")[:300]
