@@ -50,6 +50,7 @@ from proxy.storage.interface import (
     write_operation,
 )
 from proxy.storage import session_log
+from proxy.storage.queue_reads import QueueReads
 from proxy.storage.secondary_store import MirrorStore
 from proxy.core.sessionlog import SessionEvent, SessionRecord
 
@@ -81,7 +82,7 @@ CREATE TABLE IF NOT EXISTS counters (
 """
 
 
-class SqliteStorage:
+class SqliteStorage(QueueReads):
     """:class:`~proxy.storage.interface.Storage` in one SQLite file (blocking; see :class:`AsyncQueue`)."""
 
     def __init__(self, path: Path, *, mirrors: bool = True) -> None:
@@ -172,39 +173,11 @@ class SqliteStorage:
 
     # -- reads --------------------------------------------------------------------------
 
-    def _read(self, sql: str, *args: object) -> list[tuple[object, ...]]:
+    def _rows(self, sql: str, *args: object) -> list[tuple[object, ...]]:
         try:
             return list(self.db.execute(sql, args))
         except (sqlite3.Error, OSError) as exc:
             raise StorageError("read", _detail(exc)) from exc
-
-    def pending(self, charger: str) -> list[Stored]:
-        rows = self._read("SELECT row, action, text, local_tx, attempts FROM frames WHERE charger = ? ORDER BY row",
-                          charger)
-        return [Stored(int(row), str(action), str(text), None if local is None else int(local),  # type: ignore[call-overload]
-                       int(attempts))  # type: ignore[call-overload]
-                for row, action, text, local, attempts in rows]
-
-    def backlog(self) -> dict[str, int]:
-        rows = self._read("SELECT charger, count(*) FROM frames GROUP BY charger")
-        return {str(charger): int(count) for charger, count in rows}  # type: ignore[call-overload]
-
-    def depth(self, charger: str) -> tuple[int, float | None]:
-        [(count, oldest)] = self._read("SELECT count(*), min(created) FROM frames WHERE charger = ?", charger)
-        return int(count), None if oldest is None else float(oldest)  # type: ignore[call-overload, arg-type]
-
-    def transactions(self, charger: str) -> dict[int, int]:
-        rows = self._read("SELECT local_tx, backend_tx FROM transactions WHERE charger = ?", charger)
-        return {int(local): int(backend) for local, backend in rows}  # type: ignore[call-overload]
-
-    def last_local_tx(self, charger: str) -> int:
-        rows = self._read("SELECT last_local_tx FROM counters WHERE charger = ?", charger)
-        return int(rows[0][0]) if rows else 0  # type: ignore[call-overload]
-
-    def subprotocol(self, charger: str) -> str | None:
-        rows = self._read("SELECT subprotocol FROM frames WHERE charger = ? AND subprotocol IS NOT NULL "
-                          "ORDER BY row DESC LIMIT 1", charger)
-        return str(rows[0][0]) if rows else None
 
     def sessions(self, since: str | None, until: str | None) -> list[SessionRecord]:
         try:

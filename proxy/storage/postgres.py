@@ -42,7 +42,6 @@ import psycopg
 from proxy.config.schema import redact_url
 from proxy.core.lease import LeaseState
 from proxy.core.mirror import TX_MEMORY, MirrorQueued, MirrorStartKnown, MirrorState, MirrorUnqueued, TxMapped
-from proxy.core.offline import Stored
 from proxy.storage.interface import (
     Append,
     Change,
@@ -55,6 +54,7 @@ from proxy.storage.interface import (
     change_runs,
     write_operation,
 )
+from proxy.storage.queue_reads import QueueReads
 from proxy.storage.secondary_store import restored
 
 T = TypeVar("T")
@@ -152,7 +152,7 @@ class _Link:
             self._conn = None
 
 
-class PostgresStorage:
+class PostgresStorage(QueueReads):
     """:class:`~proxy.storage.interface.Storage` in a PostgreSQL database (blocking; see the module)."""
 
     def __init__(self, url: str, *, keep: int = TX_MEMORY) -> None:
@@ -192,37 +192,12 @@ class PostgresStorage:
 
     # -- reads --------------------------------------------------------------------------
 
-    def pending(self, charger: str) -> list[Stored]:
-        rows = self._rows("SELECT row, action, text, local_tx, attempts FROM frames WHERE charger = %s ORDER BY row",
-                          charger)
-        return [Stored(int(row), str(action), str(text), None if local is None else int(local),  # type: ignore[call-overload]
-                       int(attempts))  # type: ignore[call-overload]
-                for row, action, text, local, attempts in rows]
-
-    def backlog(self) -> dict[str, int]:
-        rows = self._rows("SELECT charger, count(*) FROM frames GROUP BY charger")
-        return {str(charger): int(count) for charger, count in rows}  # type: ignore[call-overload]
-
-    def depth(self, charger: str) -> tuple[int, float | None]:
-        [(count, oldest)] = self._rows("SELECT count(*), min(created) FROM frames WHERE charger = %s", charger)
-        return int(count), None if oldest is None else float(oldest)  # type: ignore[call-overload, arg-type]
-
-    def transactions(self, charger: str) -> dict[int, int]:
-        rows = self._rows("SELECT local_tx, backend_tx FROM transactions WHERE charger = %s", charger)
-        return {int(local): int(backend) for local, backend in rows}  # type: ignore[call-overload]
-
-    def last_local_tx(self, charger: str) -> int:
-        rows = self._rows("SELECT last_local_tx FROM counters WHERE charger = %s", charger)
-        return int(rows[0][0]) if rows else 0  # type: ignore[call-overload]
-
-    def subprotocol(self, charger: str) -> str | None:
-        rows = self._rows("SELECT subprotocol FROM frames WHERE charger = %s AND subprotocol IS NOT NULL "
-                          "ORDER BY row DESC LIMIT 1", charger)
-        return str(rows[0][0]) if rows else None
-
     def _rows(self, sql: str, *args: object) -> list[tuple[object, ...]]:
+        """A query of :class:`QueueReads` (``?`` placeholders become psycopg's ``%s``)."""
+        query = sql.replace("?", "%s")
+
         def run(cursor: psycopg.Cursor[tuple[object, ...]]) -> list[tuple[object, ...]]:
-            return cursor.execute(sql, args).fetchall()
+            return cursor.execute(query, args).fetchall()
 
         return self._queue.read(run)
 

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 
+import psycopg
+import pytest
 import trio
 from ocpp.v16 import call
 from structlog.testing import capture_logs
 
 from proxy.runtime.server import ProxyServer
+from proxy.storage.offline_queue import DB_NAME
 from proxy.demo.peers import OCMF_SAMPLE, LoopThread, SimBackend, connect_wallbox, now_iso
 from tests.conftest import StartProxy, proxy_url
 from tests.opskit import free_port, launch_proxy, wait_until
@@ -28,6 +33,18 @@ def replayed_expectation(sent: list[str], local: int, backend: int) -> list[str]
     """What the backend must receive: every CALL but Heartbeats, the local transactionId mapped."""
     return [text.replace(f'"transactionId":{local}', f'"transactionId":{backend}')
             for text in sent if '"Heartbeat"' not in text]
+
+
+def queued_frames(tmp_path: Path, store_url: str) -> int:
+    """Frames in the queue, read from the database itself: PostgreSQL's (no file) or SQLite's file."""
+    if store_url:
+        assert not (tmp_path / "data" / DB_NAME).exists()
+        with psycopg.connect(store_url) as db:
+            row = db.execute("SELECT count(*) FROM frames").fetchone()
+        assert row is not None
+        return int(row[0])
+    with closing(sqlite3.connect(tmp_path / "data" / DB_NAME)) as db:
+        return int(db.execute("SELECT count(*) FROM frames").fetchone()[0])
 
 
 async def test_backend_down_for_a_whole_transaction(peers: LoopThread, start_proxy: StartProxy) -> None:
@@ -127,12 +144,16 @@ async def test_outstanding_call_is_answered_locally_when_backend_vanishes(
     await in_loop(peers, backend.stop())
 
 
-async def test_kill_9_with_frames_queued_delivers_them_exactly_once(peers: LoopThread, tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["sqlite", "postgres"])
+async def test_kill_9_with_frames_queued_delivers_them_exactly_once(
+        peers: LoopThread, tmp_path: Path, store: str, request: pytest.FixtureRequest) -> None:
+    """The same outage, kill -9 and replay with the queue in SQLite and in PostgreSQL (``[store] url``)."""
     backend_port = free_port()
     config = tmp_path / "proxy.toml"
+    store_url = str(request.getfixturevalue("pg_url")) if store == "postgres" else ""
     config.write_text(f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n[log]\nformat = "json"\n'
                       f'[metrics]\nlisten = ""\n{offline_config(backend_port).split("[server]")[1]}'
-                      f'data_dir = "{tmp_path}/data"\n')
+                      f'data_dir = "{tmp_path}/data"\n[store]\nurl = "{store_url}"\n')
 
     proxy, port = await launch_proxy(config)
     handle = await in_loop(peers, connect_wallbox(f"ws://127.0.0.1:{port}/ocpp/CP1", "CP1"))
@@ -141,6 +162,8 @@ async def test_kill_9_with_frames_queued_delivers_them_exactly_once(peers: LoopT
     proxy.process.send_signal(signal.SIGKILL)  # every answer the wallbox saw was committed first
     assert await proxy.process.wait() == -signal.SIGKILL
     await in_loop(peers, handle.websocket.wait_closed())
+    # The frames are where [store] says: every CALL the wallbox sent (the replay leaves out Heartbeats).
+    assert queued_frames(tmp_path, store_url) == len(sent)
 
     backend = SimBackend(port=backend_port)
     await in_loop(peers, backend.start())
@@ -155,6 +178,7 @@ async def test_kill_9_with_frames_queued_delivers_them_exactly_once(peers: LoopT
         await proxy.close()
         await in_loop(peers, backend.stop())
     assert len(backend.recorders["CP1"].received) == 9  # exactly once, nothing after the replay
+    assert queued_frames(tmp_path, store_url) == 0
 
 
 async def test_five_hundred_wallboxes_reconnect_after_proxy_restart(

@@ -1,4 +1,5 @@
-"""The storage interface's SQLite implementation under load and on a full disk (real filesystem)."""
+"""The storage interface's SQLite implementation on a full disk (real filesystem); the contract both
+implementations keep, group commit included, is tests/unit/test_storage_contract.py."""
 
 from __future__ import annotations
 
@@ -12,25 +13,6 @@ from proxy.storage.interface import Append, StorageError
 from proxy.storage.offline_queue import DB_NAME, AsyncQueue, SqliteStorage, StorageUnusable
 from tests.diskfull import small_disk
 from tests.opskit import wait_until
-
-
-async def test_group_commit_puts_concurrent_appends_into_few_transactions(tmp_path: Path) -> None:
-    queue = AsyncQueue(SqliteStorage(tmp_path / DB_NAME))
-    rows: dict[str, int] = {}
-
-    async def wallbox(n: int) -> None:
-        for k in range(10):
-            rows[f"{n}/{k}"] = await queue.append(f"CP{n}", "MeterValues", f'[2,"{n}/{k}","MeterValues",{{}}]')
-
-    async with trio.open_nursery() as nursery:
-        for n in range(50):
-            nursery.start_soon(wallbox, n)
-    assert queue.committed_changes == 500
-    assert queue.commits < 500 / 4, queue.commits  # many frames per transaction
-    for n in range(50):  # every frame committed, each charger's in its own order
-        pending = await queue.pending(f"CP{n}")
-        assert [e.row for e in pending] == [rows[f"{n}/{k}"] for k in range(10)]
-    queue.close()
 
 
 async def test_a_full_disk_refuses_appends_and_defers_deliveries_and_marks_until_space_returns(
