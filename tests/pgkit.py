@@ -27,9 +27,9 @@ class PgCluster:
         self.root = Path(tempfile.mkdtemp(prefix="ocpp-proxy-pg-"))
         with warnings.catch_warnings():  # platformdirs warns when XDG_RUNTIME_DIR is unset (CI)
             warnings.simplefilter("ignore")
-            import pgserver
+            from pgserver.postgres_server import get_server
 
-            self._server = pgserver.get_server(self.root / "pgdata", cleanup_mode="delete")
+            self._server = get_server(self.root / "pgdata", cleanup_mode="delete")
         self.url = self._server.get_uri()
         self._names = itertools.count(1)
 

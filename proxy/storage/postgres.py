@@ -31,6 +31,7 @@ same with a second connection to its file).
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -41,11 +42,13 @@ import psycopg
 
 from proxy.config.schema import redact_url
 from proxy.core.lease import LeaseState
+from proxy.core.sessionlog import SessionEvent, SessionRecord
 from proxy.core.mirror import TX_MEMORY, MirrorQueued, MirrorStartKnown, MirrorState, MirrorUnqueued, TxMapped
 from proxy.storage.interface import (
     Append,
     Change,
     Delivered,
+    Journal,
     MarkSent,
     MirrorRecord,
     RestoredMirror,
@@ -54,6 +57,7 @@ from proxy.storage.interface import (
     change_runs,
     write_operation,
 )
+from proxy.storage import session_log
 from proxy.storage.queue_reads import QueueReads
 from proxy.storage.secondary_store import restored
 
@@ -88,6 +92,31 @@ CREATE TABLE IF NOT EXISTS leases (
     charger TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
     expires TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    id BIGSERIAL PRIMARY KEY,
+    charger TEXT NOT NULL,
+    tx TEXT NOT NULL,
+    start_msg TEXT,
+    connector INTEGER,
+    id_tag TEXT,
+    started TEXT,
+    stopped TEXT,
+    first_seen TEXT NOT NULL,
+    meter_start DOUBLE PRECISION,
+    meter_stop DOUBLE PRECISION,
+    meter_last DOUBLE PRECISION,
+    reason TEXT
+);
+CREATE INDEX IF NOT EXISTS sessions_by_tx ON sessions (charger, tx, id);
+CREATE INDEX IF NOT EXISTS sessions_by_time ON sessions (first_seen);
+CREATE TABLE IF NOT EXISTS session_signed (
+    n BIGSERIAL,
+    session BIGINT NOT NULL,
+    msg_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    text TEXT NOT NULL,
+    PRIMARY KEY (session, msg_id, seq)
 );
 CREATE SEQUENCE IF NOT EXISTS secondary_tx_seq;
 CREATE TABLE IF NOT EXISTS secondary_tx (
@@ -201,6 +230,9 @@ class PostgresStorage(QueueReads):
 
         return self._queue.read(run)
 
+    def sessions(self, since: str | None, until: str | None) -> list[SessionRecord]:
+        return self._queue.read(lambda cursor: _sessions(cursor, since, until))
+
     # -- secondaries' mirrors ------------------------------------------------------------
 
     def write_mirrors(self, records: Sequence[tuple[str, MirrorRecord]]) -> None:
@@ -238,6 +270,10 @@ def _apply(cursor: psycopg.Cursor[tuple[object, ...]], run: Sequence[Change]) ->
     first = run[0]
     if isinstance(first, Append):
         return _append(cursor, run)  # type: ignore[arg-type]
+    if isinstance(first, Journal):
+        for change in run:
+            _journal(cursor, change.event)  # type: ignore[union-attr]
+        return [None] * len(run)
     rows = [change.row for change in run]  # type: ignore[union-attr]
     if isinstance(first, MarkSent):
         cursor.execute("UPDATE frames SET attempts = attempts + 1 WHERE row = ANY(%s)", (rows,))
@@ -263,6 +299,54 @@ def _append(cursor: psycopg.Cursor[tuple[object, ...]], run: Sequence[Append]) -
         cursor.executemany("INSERT INTO counters VALUES (%s, %s) ON CONFLICT (charger) DO UPDATE "
                            "SET last_local_tx = LEAST(counters.last_local_tx, excluded.last_local_tx)", counters)
     return rows
+
+
+#: session_log's per-kind updates, its ``:name`` parameters in psycopg's spelling.
+_JOURNAL_UPDATE = {kind: re.sub(r":(\w+)", r"%(\1)s", sql) for kind, sql in session_log.UPDATE.items()}
+
+
+def _journal(cursor: psycopg.Cursor[tuple[object, ...]], event: SessionEvent) -> None:
+    """The session log's rules (:mod:`proxy.storage.session_log`): one event onto its transaction's record."""
+    found = cursor.execute("SELECT id, start_msg FROM sessions WHERE charger = %s AND tx = %s "
+                           "ORDER BY id DESC LIMIT 1", (event.charger, event.transaction)).fetchone()
+    if found is not None and not (event.kind == "start" and found[1] not in (None, event.msg_id)):
+        row = int(found[0])  # type: ignore[call-overload]
+    else:
+        created = cursor.execute("INSERT INTO sessions (charger, tx, first_seen) VALUES (%s, %s, %s) RETURNING id",
+                                 (event.charger, event.transaction, event.at or session_log.now_utc())).fetchone()
+        assert created is not None
+        row = int(created[0])  # type: ignore[call-overload]
+    values = {"id": row, "msg": event.msg_id, "connector": event.connector, "id_tag": event.id_tag,
+              "at": event.at or session_log.now_utc(), "meter": event.meter_wh, "reason": event.reason}
+    cursor.execute(f"UPDATE sessions SET {_JOURNAL_UPDATE[event.kind]} WHERE id = %(id)s", values)
+    if event.signed:
+        cursor.executemany("INSERT INTO session_signed (session, msg_id, seq, text) VALUES (%s, %s, %s, %s) "
+                           "ON CONFLICT DO NOTHING",
+                           [(row, event.msg_id, seq, text) for seq, text in enumerate(event.signed)])
+    if event.local_tx is not None:  # the proxy's own id: its counter must never hand it out again
+        cursor.execute("INSERT INTO counters VALUES (%s, %s) ON CONFLICT (charger) DO UPDATE "
+                       "SET last_local_tx = LEAST(counters.last_local_tx, excluded.last_local_tx)",
+                       (event.charger, event.local_tx))
+
+
+def _sessions(cursor: psycopg.Cursor[tuple[object, ...]], since: str | None,
+              until: str | None) -> list[SessionRecord]:
+    """Transactions whose start (or first frame) is in [since, until), as session_log.read answers them."""
+    rows = cursor.execute(
+        "SELECT s.id, s.charger, s.tx, connector, id_tag, started, stopped, meter_start, meter_stop, meter_last, "
+        "reason, t.backend_tx FROM sessions s LEFT JOIN transactions t "
+        "ON t.charger = s.charger AND CAST(t.local_tx AS TEXT) = s.tx "
+        "WHERE (%(since)s::text IS NULL OR coalesce(started, first_seen) >= %(since)s) "
+        "AND (%(until)s::text IS NULL OR coalesce(started, first_seen) < %(until)s) "
+        "ORDER BY coalesce(started, first_seen), s.id", {"since": since, "until": until}).fetchall()
+    signed: dict[int, list[str]] = {}
+    for session, text in cursor.execute("SELECT session, text FROM session_signed WHERE session = ANY(%s) "
+                                        "ORDER BY n", ([r[0] for r in rows],)).fetchall():
+        signed.setdefault(int(session), []).append(str(text))  # type: ignore[call-overload]
+    return [SessionRecord(charger, tx, connector, id_tag, started, stopped, meter_start, meter_stop,  # type: ignore[arg-type]
+                          reason, signed.get(int(row), []), backend_tx, meter_last)  # type: ignore[arg-type, call-overload]
+            for row, charger, tx, connector, id_tag, started, stopped, meter_start, meter_stop, meter_last, reason,
+            backend_tx in rows]
 
 
 def _mirror(cursor: psycopg.Cursor[tuple[object, ...]], charger: str, record: MirrorRecord, keep: int) -> None:

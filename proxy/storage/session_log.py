@@ -46,7 +46,7 @@ CREATE TABLE IF NOT EXISTS session_signed (
 """
 
 # Per kind: what a later frame about the same transaction fills in or overwrites (":name" = the event's value).
-_UPDATE = {
+UPDATE = {
     "start": "start_msg = :msg, connector = coalesce(:connector, connector), id_tag = coalesce(:id_tag, id_tag), "
              "started = coalesce(started, :at), meter_start = coalesce(:meter, meter_start)",
     "meter": "connector = coalesce(connector, :connector), meter_start = coalesce(meter_start, :meter), "
@@ -67,7 +67,7 @@ def apply(db: sqlite3.Connection, events: Sequence[SessionEvent]) -> None:
         row = _record(db, event)
         values = {"id": row, "msg": event.msg_id, "connector": event.connector, "id_tag": event.id_tag,
                   "at": event.at or now_utc(), "meter": event.meter_wh, "reason": event.reason}
-        db.execute(f"UPDATE sessions SET {_UPDATE[event.kind]} WHERE id = :id", values)
+        db.execute(f"UPDATE sessions SET {UPDATE[event.kind]} WHERE id = :id", values)
         if event.signed:
             db.executemany("INSERT OR IGNORE INTO session_signed VALUES (?, ?, ?, ?)",
                            [(row, event.msg_id, seq, text) for seq, text in enumerate(event.signed)])

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from proxy.storage.interface import Append, StorageError
-from proxy.storage.offline_queue import DB_NAME, AsyncQueue, SqliteStorage, StorageUnusable
+from proxy.storage.interface import Append, StorageError, StorageUnusable
+from proxy.storage.offline_queue import DB_NAME, AsyncQueue, SqliteStorage
 from tests.diskfull import small_disk
 from tests.opskit import wait_until
 

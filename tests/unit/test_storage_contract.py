@@ -20,8 +20,9 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
+from proxy.core.sessionlog import SessionEvent
 from proxy.core.mirror import TX_MEMORY, MirrorQueued, MirrorStartKnown, MirrorState, MirrorUnqueued, TxMapped
-from proxy.storage.interface import Append, Delivered, MarkSent, MirrorRecord, Storage, StorageError, StorageUnusable
+from proxy.storage.interface import Append, Delivered, Journal, MarkSent, MirrorRecord, Storage, StorageError, StorageUnusable
 from proxy.storage.offline_queue import DB_NAME, AsyncQueue, SqliteStorage
 from proxy.storage.postgres import PostgresStorage
 from tests.pgkit import PgCluster
@@ -150,6 +151,28 @@ def test_mirror_records_round_trip(opener: Opener) -> None:
     assert ems.starts == {"s2": 1002} and ems.transactions == {1001: 55}
     ha = restored[("CP2", "ha")].transactions
     assert list(ha) == [2000 + n for n in range(3, TX_MEMORY + 3)]  # bounded, oldest first
+
+
+def test_the_session_log_keeps_each_transaction_once_with_its_signed_values(opener: Opener) -> None:
+    store = opener()
+    start = SessionEvent("CP1", "-1", "start", "s1", at="2026-11-27T07:00:00Z", connector=1, id_tag="TAG",
+                         meter_wh=100.0, local_tx=-1)
+    meter = SessionEvent("CP1", "-1", "meter", "m1", meter_wh=150.0, signed=("OCMF|a", "OCMF|b"))
+    stop = SessionEvent("CP1", "-1", "stop", "x1", at="2026-11-27T08:00:00Z", meter_wh=300.0, reason="Local",
+                        signed=("OCMF|c",))
+    store.write([Journal(start), Append("CP1", "StartTransaction", frame(1), -1)])
+    store.write([Journal(meter), Journal(meter)])  # a retransmission changes nothing
+    store.write([Journal(stop), Journal(start)])
+    row = store.pending("CP1")[0].row
+    store.write([Delivered(row, "CP1", -1, 1001)])
+    [record] = opener().sessions(None, None)
+    assert (record.charger, record.transaction, record.connector, record.id_tag) == ("CP1", "-1", 1, "TAG")
+    assert (record.started, record.stopped) == ("2026-11-27T07:00:00Z", "2026-11-27T08:00:00Z")
+    assert (record.meter_start_wh, record.meter_stop_wh, record.reason) == (100.0, 300.0, "Local")
+    assert list(record.signed) == ["OCMF|a", "OCMF|b", "OCMF|c"] and record.backend_transaction == 1001
+    assert store.last_local_tx("CP1") == -1
+    assert store.sessions("2026-11-27T07:00:01Z", None) == []
+    assert len(store.sessions("2026-11-27T07:00:00Z", "2026-11-27T07:00:01Z")) == 1
 
 
 async def test_group_commit_through_the_trio_front(opener: Opener) -> None:
@@ -281,7 +304,8 @@ def test_the_queue_contract_holds_for_any_sequence(kind: str, request: pytest.Fi
         return QueueContract(open_store)
 
     try:
-        run_state_machine_as_test(fresh, settings=settings(max_examples=15, stateful_step_count=15))
+        # A factory is what run_state_machine_as_test calls; its annotation asks for the class.
+        run_state_machine_as_test(cast(type[QueueContract], fresh), settings=settings(max_examples=15, stateful_step_count=15))
     finally:
         for store in opened:
             store.close()
