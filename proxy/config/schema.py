@@ -537,6 +537,10 @@ class Config:
         """No backend URL for this charger (its own nor [backend] url): the proxy is its central system."""
         return not (charger.upstream_url or self.backend.url)
 
+    def session_log_on(self) -> bool:
+        """The session log is kept: asked for, or needed (a standalone charger's only record)."""
+        return self.offline.session_log or any(self.standalone(c) for c in self.all_chargers)
+
     def upstream_for(self, charger: ChargerBase) -> UpstreamTarget:
         backend = self.backend
         identity = charger.upstream_id or charger.id

@@ -135,8 +135,9 @@ def _cas(key: str, paths: list[str]) -> Iterator[tuple[str, str]]:
 
 
 def _directories(config: Config) -> Iterator[tuple[str, str]]:
-    """The data directory is used by the offline queue, the secondaries' store and Modbus wallboxes."""
-    if config.offline.enabled or config.backends or config.modbus_chargers or any(
+    """The data directory is used by the offline queue, the secondaries' store, the session log and
+    Modbus wallboxes."""
+    if config.offline.enabled or config.backends or config.modbus_chargers or config.session_log_on() or any(
             charger.secondary for charger in config.chargers):
         data = Path(config.offline.data_dir)
         yield from _directory("offline.data_dir", data, "for the offline queue")

@@ -164,8 +164,8 @@ class ProxyServer:
 
     @property
     def _session_log_on(self) -> bool:
-        """The session log is kept: asked for, or needed (a standalone charger's only record)."""
-        return self.config.offline.session_log or any(self.config.standalone(c) for c in self.config.all_chargers)
+        """The session log is kept (see :meth:`Config.session_log_on`)."""
+        return self.config.session_log_on()
 
     @property
     def _storage_location(self) -> str:
