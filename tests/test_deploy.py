@@ -17,6 +17,7 @@ import trio
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+import proxy
 from proxy.config import docs
 from proxy.cli import _parser
 from proxy.cli import EXIT_CONFIG
@@ -312,19 +313,35 @@ def test_guide_installs_the_files_the_unit_reads() -> None:
 #: ProtectSystem=strict, StateDirectory=ocpp-proxy and PrivateTmp=yes, rebuilt with a private mount
 #: namespace: everything read-only but /var/lib/ocpp-proxy (empty, as systemd creates it) and /tmp;
 #: /etc is the test's, holding what the guide installs; the EnvironmentFile's variables are exported.
+#: The unit's sandbox: read-only system, a writable state directory, a private /tmp. ``keep``: the
+#: directories under /tmp the proxy itself runs from (a checkout and its venv, as in CI), carried
+#: over into the private /tmp so the program stays reachable.
 SANDBOX = """set -e
 root=$1; shift
+keep=$1; shift
 mount --bind "$root/etc" /etc
 mount -t tmpfs tmpfs /var/lib
-mkdir /var/lib/ocpp-proxy
+mkdir /var/lib/ocpp-proxy /var/lib/.keep
+i=0; IFS=:; for d in $keep; do mkdir /var/lib/.keep/$i; mount --bind "$d" /var/lib/.keep/$i; i=$((i+1)); done; unset IFS
 mount --bind /var/lib/ocpp-proxy /var/lib/ocpp-proxy
 mount -o remount,ro,bind /var/lib
 mount -o remount,ro,bind /etc
 mount -o remount,ro,bind /
 mount -t tmpfs tmpfs /tmp
+i=0; IFS=:; for d in $keep; do mkdir -p "$d"; mount --bind /var/lib/.keep/$i "$d"; i=$((i+1)); done; unset IFS
 set -a; . /etc/ocpp-proxy/ocpp-proxy.env; set +a
 exec "$@"
 """
+
+
+def _under_tmp() -> str:
+    """The checkout and the venv, where they live under /tmp (colon-separated, outermost first)."""
+    checkout = Path(proxy.__file__).resolve().parents[1]
+    keep: list[Path] = []
+    for path in (checkout, Path(sys.prefix)):
+        if path.is_relative_to("/tmp") and not any(path.is_relative_to(k) for k in keep):
+            keep.append(path)
+    return ":".join(str(p) for p in keep)
 
 
 def _sandbox_root(tmp_path: Path) -> Path:
@@ -351,7 +368,7 @@ def _sandboxed(root: Path, *argv: str) -> list[str]:
         pytest.skip("no private mount namespace here (unshare --mount not permitted); "
                     "test_systemd_example_config_works_under_the_unit still read the unit")
     return [unshare, "--mount", "--propagation", "private", "bash", "-c", SANDBOX, "sandbox", str(root),
-            str(Path(sys.executable).parent / "ocpp-proxy"), *argv]
+            _under_tmp(), str(Path(sys.executable).parent / "ocpp-proxy"), *argv]
 
 
 async def test_systemd_example_runs_in_the_units_sandbox(tmp_path: Path) -> None:
