@@ -214,7 +214,10 @@ class OcppProxy(Path_):
         config = self.workdir / "proxy.toml"
         # Every wallbox of a run comes from 127.0.0.1: the per-address caps (bench/door_flood.py) are
         # off, those the checkout knows (a --baseline checkout may be older and refuse unknown keys).
-        schema = (self.root / "proxy" / "config" / "schema.py").read_text()
+        schema_file = self.root / "proxy" / "config" / "schema.py"
+        if not schema_file.exists():  # a checkout from before the config package (flat proxy/config.py)
+            schema_file = self.root / "proxy" / "config.py"
+        schema = schema_file.read_text()
         caps = "".join(f"{key} = 0\n" for key in _PER_ADDRESS_CAPS if f"{key}:" in schema)
         config.write_text(
             f'[server]\nlisten = "{HOST}:{self.port}"\naccept_unknown = true\n{caps}'

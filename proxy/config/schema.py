@@ -408,7 +408,7 @@ class OfflineSettingsSection:
     data_transfer: str = setting("Rejected", "local answer to DataTransfer while offline (and always for "
                                  "standalone chargers)",
                                  choices=("Accepted", "Rejected", "UnknownVendorId", "UnknownMessageId"))
-    session_log: bool = setting(True, "record every charger's transactions in data_dir (`ocpp-proxy sessions "
+    session_log: bool = setting(False, "record every charger's transactions in data_dir (`ocpp-proxy sessions "
                                 "export`); standalone chargers are always recorded")
     reconnect_min: float = setting(1.0, "first reconnect delay, seconds (doubles per failure, with jitter)",
                                    check=positive)

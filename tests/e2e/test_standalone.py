@@ -287,7 +287,7 @@ async def test_charger_with_backend_is_logged_too(peers: LoopThread, start_proxy
     text = (f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n'
             f'[backend]\nurl = "ws://127.0.0.1:{port}/ocpp"\nconnect_timeout = 2\n'
             f'[[chargers]]\nid = "CP1"\n[offline]\ndata_dir = "{tmp_path / "data"}"\nauth = "accept_all"\n'
-            'reconnect_min = 0.05\nreconnect_max = 0.2\n')
+            'reconnect_min = 0.05\nreconnect_max = 0.2\nsession_log = true\n')  # opt-in with a backend
     config = tmp_path / "backend.toml"
     config.write_text(text)
     server = await start_proxy(text)
@@ -341,6 +341,8 @@ async def test_standalone_charger_gets_a_backend_and_keeps_its_history(
     await in_loop(peers, backend.start())
     with_backend = text.replace('[[chargers]]\nid = "WB16"\n',
                                 f'[[chargers]]\nid = "WB16"\nupstream_url = "ws://127.0.0.1:{backend.port}/ocpp"\n')
+    # keep logging its new sessions too (off by default for chargers with a backend: docs/standalone.md)
+    with_backend = with_backend.replace('[offline]\n', '[offline]\nsession_log = true\n', 1)
     config.write_text(with_backend)
     online = Proxy(with_backend)
     await nursery.start(online.server.serve)
