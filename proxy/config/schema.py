@@ -427,7 +427,12 @@ def store_url(value: Any) -> str | None:
 class StoreSettings:
     url: str = setting("", "where the durable state lives: empty for SQLite in [offline] data_dir (the default); "
                            "postgresql://user:password@host/db to share one PostgreSQL database "
-                           "(docs/cluster.md, work in progress)", secret=True, check=store_url)
+                           "(docs/cluster.md)", secret=True, check=store_url)
+    process: str = setting("", "this process's name in the charger and site leases (several proxies on one "
+                           "database, docs/cluster.md); unique per running process; empty: host name and pid")
+    lease_seconds: float = setting(15.0, "life of a charger or site lease, seconds: renewed every third of it; "
+                                   "after a crash another process serves the charger at most this long later",
+                                   check=positive)
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ import base64
 import binascii
 import hmac
 import ipaddress
+import math
 import unicodedata
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -61,11 +62,15 @@ class Refuse:
     reason: str
     detail: str
     charge_box_id: str | None = None
+    #: Seconds after which the wallbox may try again (HTTP ``Retry-After``); None: not said.
+    retry_after: float | None = None
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
         if self.status == 401:
             return [(b"WWW-Authenticate", b'Basic realm="ocpp-proxy", charset="UTF-8"')]
+        if self.retry_after is not None:
+            return [(b"Retry-After", str(max(1, math.ceil(self.retry_after))).encode())]
         return []
 
 

@@ -1,4 +1,4 @@
-"""Which process serves a charger (sans-IO): the decision on a charger lease (docs/cluster.md, WIP).
+"""Which process serves a charger (sans-IO): the decision on a charger lease (docs/cluster.md).
 
 Several proxy processes share one database; exactly one of them may serve a
 charger at a time. The database keeps one lease per charger (holder, expiry)
@@ -12,7 +12,7 @@ Times are *remaining seconds as the database counts them*, never two
 machines' clocks compared: a process whose clock is off cannot take a lease
 early.
 
-Not yet used by the running proxy (work in progress, issue 22).
+The running proxy's keeper of these leases is :mod:`proxy.runtime.leases`.
 """
 
 from __future__ import annotations

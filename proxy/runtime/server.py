@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import errno
 import functools
+import os
 import socket
 import struct
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from proxy.wire import connection as wsconn
 from proxy.config import (ChargerBase, ChargerSettings, Config, ModbusChargerSettings, UpstreamTarget, parse_listen,
                           redact_url, security_warnings, startup_step)
 from proxy.core.admission import AddressLimits, Admit, Refuse, decide, profile
+from proxy.core import lease as leasing
 from proxy.loadmgmt.driver import Limiter
 from proxy.wire.local import LocalConnection, local_pair
 from proxy.ops.logs import get_logger
@@ -36,12 +38,14 @@ from proxy.storage.interface import Storage, StorageError, StorageUnusable
 from proxy.storage.offline_queue import DB_NAME, AsyncQueue, SqliteStorage
 from proxy.wire.tls_listener import Secured, SecureLayer
 from proxy.runtime.relay import Connection, Connector, Listener, PairedSession, SessionSettings
+from proxy.runtime.leases import UNREACHABLE, LeaseKeeper
 from proxy.runtime.secondary import Secondaries
 from proxy.core.session import PRIMARY, PROXY, Session, Side
 from proxy.messages.versions import OcppVersion, version_of
 from proxy.runtime.upstream import UpstreamUnavailable, client_ssl_context, open_upstream
 
 if TYPE_CHECKING:
+    from proxy.storage.postgres import PostgresStorage
     from proxy.modbus.client import ModbusClient
     from proxy.modbus.wallbox import VirtualWallbox
 
@@ -71,6 +75,10 @@ class ProxyServer:
         self.ready = trio.Event()
         self._secure: SecureLayer
         self._storage: Storage | None = None
+        #: Charger leases (several processes on one database); None with SQLite: this process serves all.
+        self.leases: LeaseKeeper | None = None
+        #: The PostgreSQL store with ``[store] url`` (queue and leases share it when both are used).
+        self._postgres: PostgresStorage | None = None
         #: The offline queue (None: offline mode off); the same object as ``_store`` when on.
         self._queue: AsyncQueue | None = None
         #: The durable store's trio front (offline queue, session log); None when nothing needs a store.
@@ -104,6 +112,8 @@ class ProxyServer:
         try:
             async with trio.open_nursery() as background:
                 background.start_soon(self.secondaries.run)  # writes behind the sessions
+                if self.leases is not None:
+                    background.start_soon(self.leases.run)
                 if self._store is not None:
                     background.start_soon(self._store.retry_deferred)
                     background.start_soon(self._store.commit_behind)  # the session log's meter values
@@ -126,7 +136,13 @@ class ProxyServer:
                         await trio.aclose_forcefully(listener)
                 background.cancel_scope.cancel()
         finally:
+            if self.leases is not None:  # every session has ended: the others may take over at once
+                await self.leases.release_all()
+                self.leases = None
             self.secondaries.close()
+            if self._postgres is not None and self._postgres is not self._storage:
+                self._postgres.close()
+            self._postgres = None
             if self._store is not None:
                 self.log.info("queue_stats", commits=self._store.commits, changes=self._store.committed_changes,
                               commit_seconds=round(self._store.commit_seconds, 3), deferred=self._store.deferred)
@@ -138,13 +154,22 @@ class ProxyServer:
                 await trio.aclose_forcefully(listener)
 
     def _open_storage(self) -> None:
-        """The durable store, if offline mode, the session log or a secondary needs it (raises StorageUnusable)."""
+        """The durable store, if offline mode, the session log or a secondary needs it (raises StorageUnusable);
+        with ``[store] url`` the charger leases too."""
         config = self.config
-        if self._storage is not None or not (config.offline.enabled or self.secondaries.configured
-                                             or self._session_log_on):
-            return
+        if self._storage is None and (config.offline.enabled or self.secondaries.configured or self._session_log_on):
+            self._open_queue()
+        if config.store.url and self.leases is None:
+            if self._postgres is None:
+                self._postgres = _postgres(config.store.url)
+            policy = leasing.LeasePolicy(process_name(config.store.process), config.store.lease_seconds)
+            self.leases = LeaseKeeper(self._postgres, policy, log=self.log, on_lost=self._lease_lost)
+            self.log.info("leases_on", process=policy.me, lease_seconds=policy.ttl)
+
+    def _open_queue(self) -> None:
+        config = self.config
         if config.store.url:
-            self._storage = _postgres(config.store.url)
+            self._storage = self._postgres = _postgres(config.store.url)
         else:
             self._storage = SqliteStorage(Path(config.offline.data_dir) / DB_NAME)
         self._store = AsyncQueue(self._storage, on_error=self._storage_error)
@@ -352,7 +377,28 @@ class ProxyServer:
         if decision.other_username is not None:
             self.log.warning("basic_auth_username_ignored", peer=peer, charger=decision.charger.id,
                              username=decision.other_username, reason="any_username = true")
-        await self._admit(nursery, request, decision, peer, slot.release if slot is not None else _nothing)
+        async with self._lease(decision.charger.id) as refused:
+            if refused is not None:
+                await self._refuse(request, _lease_refusal(decision.charger.id, refused), peer)
+                return
+            await self._admit(nursery, request, decision, peer, slot.release if slot is not None else _nothing)
+
+    @asynccontextmanager
+    async def _lease(self, charger_id: str) -> AsyncIterator[leasing.Refuse | None]:
+        """Hold the charger's lease for the block (none needed with SQLite); yields a refusal instead if
+        another process serves it (docs/cluster.md)."""
+        if self.leases is None:
+            yield None
+            return
+        async with self.leases.hold(charger_id) as refused:
+            yield refused
+
+    def _lease_lost(self, charger_id: str, reason: str) -> None:
+        """Another process may serve the charger from now (or soon): close its session and drain now."""
+        for paired in (self.sessions.get(charger_id), self.drains.get(charger_id)):
+            if paired is not None and self._connections is not None:
+                self._connections.start_soon(paired.shutdown, closecodes.TRY_AGAIN_LATER,
+                                             closecodes.truncate(f"lease lost: {reason}"))
 
     async def _refuse(self, request: wsconn.WsRequest, refusal: Refuse, peer: str) -> None:
         self.log.warning("handshake_refused", peer=peer, charger=refusal.charge_box_id,
@@ -435,7 +481,11 @@ class ProxyServer:
             await wallbox.aclose(code, closecodes.truncate(f"upstream: {exc.reason}"))
 
         try:
-            await self._pair(admit, peer, _accept_local(wallbox), refuse)
+            async with self._lease(charger.id) as refused:
+                if refused is not None:  # another process polls this wallbox; its runner tries again later
+                    await wallbox.aclose(closecodes.TRY_AGAIN_LATER, "served by another proxy process")
+                    return
+                await self._pair(admit, peer, _accept_local(wallbox), refuse)
         except Exception as exc:  # noqa: BLE001 - as for a socket connection: logged, contained
             self.log.error("connection_failed", charger=charger.id, peer=peer, error=_describe(exc))
             await wallbox.aclose(closecodes.INTERNAL_ERROR, "proxy error")
@@ -572,7 +622,10 @@ class ProxyServer:
         async def refuse(exc: UpstreamUnavailable) -> None:
             log.warning("drain_refused", reason=exc.reason, status=exc.status)
 
-        async with trio.open_nursery() as nursery:
+        async with self._lease(charger_id) as refused, trio.open_nursery() as nursery:
+            if refused is not None:  # another process serves it, and delivers its queue
+                log.info("drain_skipped", reason="charger_leased_elsewhere", holder=refused.holder)
+                return
             nursery.start_soon(_absent_wallbox, absent, log)
             try:
                 await self._pair(admit, "drain", _accept_local(wallbox), refuse, drain=True)
@@ -785,7 +838,21 @@ def _peer(stream: Any) -> str:
     return f"{host}:{port}"
 
 
-def _postgres(url: str) -> Storage:
+def process_name(configured: str) -> str:
+    """``[store] process``, or host name and pid: unique among running processes unless configured twice."""
+    return configured or f"{socket.gethostname()}-{os.getpid()}"
+
+
+def _lease_refusal(charger_id: str, refused: leasing.Refuse) -> Refuse:
+    """HTTP 503 with Retry-After: the wallbox reconnects (through HAProxy) once the lease is free."""
+    if refused.holder == UNREACHABLE:
+        return Refuse(503, "lease_unavailable", "the lease store cannot be reached", charger_id,
+                      retry_after=refused.retry_after)
+    return Refuse(503, "charger_leased_elsewhere", f"served by {refused.holder[:80]}", charger_id,
+                  retry_after=refused.retry_after)
+
+
+def _postgres(url: str) -> PostgresStorage:
     """``[store] url``'s store; psycopg is the optional extra ``postgres``, so its absence is named at start-up."""
     try:
         from proxy.storage.postgres import PostgresStorage

@@ -1,4 +1,4 @@
-"""Charger leases in the store (docs/cluster.md, WIP): atomic take-over, renewal, release.
+"""Charger and site leases in the store (docs/cluster.md): atomic take-over, renewal, release.
 
 :class:`LeaseStore` is a narrow interface like :mod:`proxy.storage.reservations`
 (the same rules as :mod:`proxy.storage.interface`: one transaction per call,
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -27,8 +28,16 @@ class LeaseStore(Protocol):
         """Take or renew the lease for ``ttl`` seconds unless another holds a live one; the lease as it stands."""
         ...
 
+    def renew(self, chargers: Sequence[str], owner: str, ttl: float) -> list[LeaseState]:
+        """:meth:`acquire` for many in one transaction (a process renews all its leases at once)."""
+        ...
+
     def release(self, charger: str, owner: str) -> None:
         """Give the lease up if ``owner`` holds it (idempotent: nothing otherwise)."""
+        ...
+
+    def release_all(self, owner: str) -> None:
+        """Give up every lease ``owner`` holds (a process that stops)."""
         ...
 
 
@@ -47,24 +56,36 @@ class SqliteLeases:
             raise StorageError("open", f"{path}: {exc}") from exc
 
     def acquire(self, charger: str, owner: str, ttl: float) -> LeaseState:
+        return self.renew([charger], owner, ttl)[0]
+
+    def renew(self, chargers: Sequence[str], owner: str, ttl: float) -> list[LeaseState]:
         now = time.time()
+        states: list[LeaseState] = []
         try:
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
-                self._db.execute("INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (charger) DO UPDATE "
-                                 "SET owner = excluded.owner, expires = excluded.expires "
-                                 "WHERE leases.owner = excluded.owner OR leases.expires <= ?",
-                                 (charger, owner, now + ttl, now))
-                holder, expires = self._db.execute("SELECT owner, expires FROM leases WHERE charger = ?",
-                                                   (charger,)).fetchone()
+                for charger in chargers:
+                    self._db.execute("INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (charger) DO UPDATE "
+                                     "SET owner = excluded.owner, expires = excluded.expires "
+                                     "WHERE leases.owner = excluded.owner OR leases.expires <= ?",
+                                     (charger, owner, now + ttl, now))
+                    holder, expires = self._db.execute("SELECT owner, expires FROM leases WHERE charger = ?",
+                                                       (charger,)).fetchone()
+                    states.append(LeaseState(charger, str(holder), float(expires) - now))
         except sqlite3.Error as exc:
             raise StorageError("lease", str(exc)) from exc
-        return LeaseState(charger, str(holder), float(expires) - now)
+        return states
 
     def release(self, charger: str, owner: str) -> None:
+        self._delete("DELETE FROM leases WHERE charger = ? AND owner = ?", (charger, owner))
+
+    def release_all(self, owner: str) -> None:
+        self._delete("DELETE FROM leases WHERE owner = ?", (owner,))
+
+    def _delete(self, sql: str, args: tuple[str, ...]) -> None:
         try:
             with self._db:
-                self._db.execute("DELETE FROM leases WHERE charger = ? AND owner = ?", (charger, owner))
+                self._db.execute(sql, args)
         except sqlite3.Error as exc:
             raise StorageError("lease", str(exc)) from exc
 

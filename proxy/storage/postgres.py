@@ -1,7 +1,6 @@
 """The PostgreSQL implementation of :class:`~proxy.storage.interface.Storage` (``[store] url``).
 
-Several proxy processes can share one database (docs/cluster.md, work in
-progress); one process with a PostgreSQL URL behaves as with SQLite. The same
+Several proxy processes can share one database (docs/cluster.md); one process with a PostgreSQL URL behaves as with SQLite. The same
 guarantees as the SQLite implementation (docs/storage.md):
 
 * **Durable before return.** A batch with an append or a sent-mark commits
@@ -250,19 +249,32 @@ class PostgresStorage(QueueReads):
 
     def acquire(self, charger: str, owner: str, ttl: float) -> LeaseState:
         """Atomic: the row is locked by the upsert, so two processes never both get a live lease."""
+        return self.renew([charger], owner, ttl)[0]
+
+    def renew(self, chargers: Sequence[str], owner: str, ttl: float) -> list[LeaseState]:
+        """One upsert for all of ``chargers``, in sorted order (two processes lock rows in one order: no deadlock)."""
+        if not chargers:
+            return []
+        names = sorted(set(chargers))
         with self._leases.transaction("lease", durable=True) as cursor:
-            cursor.execute("INSERT INTO leases VALUES (%s, %s, clock_timestamp() + make_interval(secs => %s)) "
+            cursor.execute("INSERT INTO leases SELECT c, %s, clock_timestamp() + make_interval(secs => %s) "
+                           "FROM unnest(%s::text[]) AS c ORDER BY c "
                            "ON CONFLICT (charger) DO UPDATE SET owner = excluded.owner, expires = excluded.expires "
                            "WHERE leases.owner = excluded.owner OR leases.expires <= clock_timestamp()",
-                           (charger, owner, ttl))
-            row = cursor.execute("SELECT owner, extract(epoch FROM expires - clock_timestamp()) FROM leases "
-                                 "WHERE charger = %s", (charger,)).fetchone()
-        assert row is not None  # inserted or kept, in this transaction
-        return LeaseState(charger, str(row[0]), float(row[1]))  # type: ignore[arg-type]
+                           (owner, ttl, names))
+            rows = cursor.execute("SELECT charger, owner, extract(epoch FROM expires - clock_timestamp()) "
+                                  "FROM leases WHERE charger = ANY(%s)", (names,)).fetchall()
+        found = {str(row[0]): LeaseState(str(row[0]), str(row[1]), float(row[2]))  # type: ignore[arg-type]
+                 for row in rows}
+        return [found[charger] for charger in chargers]  # inserted or kept, in this transaction
 
     def release(self, charger: str, owner: str) -> None:
         with self._leases.transaction("lease", durable=True) as cursor:
             cursor.execute("DELETE FROM leases WHERE charger = %s AND owner = %s", (charger, owner))
+
+    def release_all(self, owner: str) -> None:
+        with self._leases.transaction("lease", durable=True) as cursor:
+            cursor.execute("DELETE FROM leases WHERE owner = %s", (owner,))
 
 
 def _apply(cursor: psycopg.Cursor[tuple[object, ...]], run: Sequence[Change]) -> list[int | None]:

@@ -153,7 +153,9 @@ async def test_kill_9_with_frames_queued_delivers_them_exactly_once(
     store_url = str(request.getfixturevalue("pg_url")) if store == "postgres" else ""
     config.write_text(f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n[log]\nformat = "json"\n'
                       f'[metrics]\nlisten = ""\n{offline_config(backend_port).split("[server]")[1]}'
-                      f'data_dir = "{tmp_path}/data"\n[store]\nurl = "{store_url}"\n')
+                      f'data_dir = "{tmp_path}/data"\n[store]\nurl = "{store_url}"\n'
+                      # one process restarted under its own name takes its charger leases back at once
+                      f'process = "proxy-1"\n')
 
     proxy, port = await launch_proxy(config)
     handle = await in_loop(peers, connect_wallbox(f"ws://127.0.0.1:{port}/ocpp/CP1", "CP1"))

@@ -121,3 +121,17 @@ def test_two_processes_racing_for_the_same_chargers_never_both_win(open_leases: 
         thread.join(30)
     assert not failures
     assert all(len(winners) == 1 for winners in won.values()), won
+
+
+def test_renewing_many_at_once_keeps_only_what_is_still_ours(open_leases: Opener) -> None:
+    a, b = open_leases(), open_leases()
+    for charger in ("CP1", "CP2", "CP3"):
+        assert a.acquire(charger, "proxy-a", 30).holder == "proxy-a"
+    assert b.acquire("CP4", "proxy-b", 30).holder == "proxy-b"
+    states = a.renew(["CP3", "CP1", "CP4", "CP2"], "proxy-a", 30)  # CP4 is proxy-b's: kept by proxy-b
+    assert [(s.charger, s.holder) for s in states] == [("CP3", "proxy-a"), ("CP1", "proxy-a"),
+                                                        ("CP4", "proxy-b"), ("CP2", "proxy-a")]
+    assert all(25 < s.remaining <= 30 for s in states)
+    a.release_all("proxy-a")  # a process that stops
+    assert [s.holder for s in b.renew(["CP1", "CP2", "CP3", "CP4"], "proxy-b", 30)] == ["proxy-b"] * 4
+    assert a.renew([], "proxy-a", 30) == []

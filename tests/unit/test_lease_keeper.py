@@ -1,0 +1,93 @@
+"""The lease keeper of the running proxy (proxy/runtime/leases.py) on a real SQLite lease store.
+
+Short lease lives, real clocks: a holder whose renewals fail ends before its lease runs out
+as the store counts it; a holder whose lease another process took ends at once; a lease held
+twice in one process (a reconnect while the old session closes) is released by the last.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from pathlib import Path
+
+import trio
+from structlog.testing import capture_logs
+
+from proxy.core.lease import LeasePolicy
+from proxy.ops.logs import get_logger
+from proxy.runtime.leases import LeaseKeeper
+from proxy.storage.leases import SqliteLeases
+
+TTL = 0.9
+
+
+def expires(path: Path, key: str) -> float | None:
+    with sqlite3.connect(path) as db:
+        row = db.execute("SELECT expires FROM leases WHERE charger = ?", (key,)).fetchone()
+    return None if row is None else float(row[0])
+
+
+async def test_failed_renewals_end_the_holder_before_the_lease_runs_out(tmp_path: Path) -> None:
+    path = tmp_path / "leases.sqlite3"
+    store = SqliteLeases(path)
+    lost: list[tuple[str, str]] = []
+    keeper = LeaseKeeper(store, LeasePolicy("proxy-a", TTL), log=get_logger(),
+                         on_lost=lambda key, reason: lost.append((key, reason)))
+    ended_at = 0.0
+    with capture_logs() as logs:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(keeper.run)
+            async with keeper.hold("CP1") as refused:
+                assert refused is None
+                await trio.sleep(TTL)  # renewed meanwhile
+                last = expires(path, "CP1")
+                assert last is not None and last > time.time() + TTL / 3
+                store._db.close()  # the database is gone from now on: every renewal fails
+                with trio.fail_after(10):
+                    await trio.sleep_forever()  # cancelled by the keeper
+            ended_at = time.time()
+            nursery.cancel_scope.cancel()
+    assert lost and lost[0][0] == "CP1"
+    assert ended_at < last, "the holder must end before its lease can be taken by another process"
+    assert any(e["event"] == "lease_renewal_failed" for e in logs)
+    assert any(e["event"] == "lease_lost" and e["key"] == "CP1" for e in logs)
+
+
+async def test_a_lease_taken_over_ends_the_holder_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "leases.sqlite3"
+    a = LeaseKeeper(SqliteLeases(path), LeasePolicy("proxy-a", TTL), log=get_logger())
+    b = LeaseKeeper(SqliteLeases(path), LeasePolicy("proxy-b", TTL), log=get_logger())
+    async with a.hold("CP1") as refused:
+        assert refused is None
+        async with b.hold("CP1") as other:
+            assert other is not None and other.holder == "proxy-a" and 0 < other.retry_after <= TTL
+        # proxy-a stalls (no renewals): its lease runs out and proxy-b takes it.
+        with trio.fail_after(10):
+            while True:
+                async with b.hold("CP1") as other:
+                    if other is None:
+                        break
+                await trio.sleep(0.05)
+        async with b.hold("CP1") as mine:  # b still holds it while a notices
+            assert mine is None
+            started = trio.current_time()
+            with trio.fail_after(10):
+                await a.renew_now()  # proxy-a wakes up: finds proxy-b's lease
+                await trio.sleep_forever()
+    assert trio.current_time() - started < 0.5
+    assert a.lost == 1 and b.refused >= 1
+
+
+async def test_the_last_holder_in_a_process_releases(tmp_path: Path) -> None:
+    path = tmp_path / "leases.sqlite3"
+    a = LeaseKeeper(SqliteLeases(path), LeasePolicy("proxy-a", 30), log=get_logger())
+    async with a.hold("CP1") as first:
+        assert first is None
+        async with a.hold("CP1") as second:  # a reconnect while the old session still closes
+            assert second is None
+        assert expires(path, "CP1") is not None and a.holds("CP1")
+    assert expires(path, "CP1") is None and not a.holds("CP1")
+    async with a.hold("CP2"), a.hold("CP3"):
+        await a.release_all()  # SIGTERM: everything goes at once
+        assert expires(path, "CP2") is None and expires(path, "CP3") is None
