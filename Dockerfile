@@ -9,8 +9,9 @@ FROM python:3.11-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md constraints.txt ./
 COPY proxy/ proxy/
-# Every dependency at the version constraints.txt pins (the set CI tests).
-RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt .
+# Every dependency at the version constraints.txt pins (the set CI tests), with the PostgreSQL
+# driver for [store] url (docs/cluster.md; unused while [store] url is empty).
+RUN pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt '.[postgres]'
 
 # --- runtime: the wheels installed, nothing else ------------------------------------
 FROM python:3.11-slim-bookworm
@@ -21,7 +22,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     OCPP_PROXY_HEALTH_URL=http://127.0.0.1:9520/healthz
 RUN --mount=type=bind,from=build,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --no-index --find-links /wheels /wheels/ocpp_proxy-*.whl \
+    pip install --no-cache-dir --no-index --find-links /wheels "$(ls /wheels/ocpp_proxy-*.whl)[postgres]" \
     && useradd --system --no-log-init --uid 10001 --user-group --home-dir /data --shell /usr/sbin/nologin ocpp \
     && mkdir -p /config /certs /data \
     && chown ocpp:ocpp /certs /data

@@ -308,7 +308,7 @@ async def run_proxy(config: Config, source: str = "", pidfile: str = "") -> None
                 log.info("stopping", signal=signal.Signals(signum).name, sessions=len(server.sessions))
                 break
             started.monitor.stopping = True
-            await _drain(server, signals, config.server.close_timeout * 2)
+            await _drain(server, signals, config.server.close_timeout * 2, server.config.server.drain_grace)
             # Features with durable state (the offline queue) close here, after their sessions.
             nursery.cancel_scope.cancel()
     if pidfile:
@@ -316,8 +316,13 @@ async def run_proxy(config: Config, source: str = "", pidfile: str = "") -> None
     log.info("stopped")
 
 
-async def _drain(server: ProxyServer, signals: AsyncIterator[int], bound: float) -> None:
-    """Stop accepting and close every session with 1001, within ``bound`` seconds."""
+async def _drain(server: ProxyServer, signals: AsyncIterator[int], bound: float, grace: float = 0.0) -> None:
+    """After ``grace`` seconds (/readyz already 503, sessions go on), stop accepting and close every
+    session with 1001, within ``bound`` seconds.
+
+    The grace lets a load balancer's health check take this process out of rotation before its
+    wallboxes reconnect, so they land on another process at once (docs/cluster.md).
+    """
     log = logs.get_logger()
     async with trio.open_nursery() as nursery:
 
@@ -329,6 +334,9 @@ async def _drain(server: ProxyServer, signals: AsyncIterator[int], bound: float)
                 nursery.cancel_scope.cancel()
 
         nursery.start_soon(second_signal)
+        if grace > 0:
+            log.info("draining", seconds=grace, sessions=len(server.sessions))
+            await trio.sleep(grace)
         with trio.move_on_after(bound) as scope:
             await server.stop()
         if scope.cancelled_caught:

@@ -1,8 +1,8 @@
 """Test support: Debian's headless Chromium, installed when missing, driven over the DevTools protocol.
 
 :func:`ensure_chromium` finds ``chromium``; on a fresh machine (as root, with apt-get) it installs
-Debian's package once, under a file lock so parallel test runs do not race. Where no browser can be
-had it fails the test with what to install: a browser test never skips.
+Debian's package once (:mod:`tests.debian`). Where no browser can be had it fails the test with
+what to install: a browser test never skips.
 
 :class:`Browser` speaks the DevTools protocol over a WebSocket (trio-websocket, already a test
 dependency): navigate, evaluate JavaScript, emulate a phone screen, take a screenshot.
@@ -11,27 +11,24 @@ dependency): navigate, evaluate JavaScript, emulate a phone screen, take a scree
 from __future__ import annotations
 
 import base64
-import fcntl
 import json
 import os
 import shutil
-import subprocess
-import tempfile
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-import pytest
 import trio
 import trio_websocket
+
+from tests.debian import ensure_program
 
 INSTALL_HINT = ("the status page's browser test needs Chromium: install Debian's package "
                 "(as root: apt-get update && apt-get install -y chromium)")
 FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
          "--disable-component-update", "--no-first-run", "--disable-dev-shm-usage")
-INSTALL_TIMEOUT = 1200
 
 
 def find_chromium() -> str | None:
@@ -44,33 +41,7 @@ def find_chromium() -> str | None:
 
 def ensure_chromium() -> str:
     """The browser's path; installs Debian's ``chromium`` when it is missing and we may."""
-    found = find_chromium()
-    if found:
-        return found
-    problems: list[str] = []
-    lock = Path(tempfile.gettempdir()) / "ocpp-proxy-chromium-install.lock"
-    with lock.open("w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)  # another test run may be installing it right now
-        found = find_chromium()
-        if found:
-            return found
-        if os.geteuid() != 0 or not shutil.which("apt-get"):
-            pytest.fail(f"{INSTALL_HINT}; not root or no apt-get here, so the test cannot install it")
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "chromium"]):
-            try:
-                done = subprocess.run(command, capture_output=True, text=True, timeout=INSTALL_TIMEOUT, env=env,
-                                      check=False)
-            except subprocess.TimeoutExpired:
-                problems.append(f"{' '.join(command)}: no result after {INSTALL_TIMEOUT} s")
-                break
-            if done.returncode != 0:
-                problems.append(f"{' '.join(command)} exited {done.returncode}: {done.stderr.strip()[-500:]}")
-                break
-    found = find_chromium()
-    if found is None:
-        pytest.fail(f"{INSTALL_HINT}; installing it failed: {'; '.join(problems) or 'no chromium afterwards'}")
-    return found
+    return ensure_program("chromium", find_chromium, INSTALL_HINT)
 
 
 class Browser:

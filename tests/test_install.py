@@ -24,8 +24,8 @@ import proxy
 from tests.test_dependencies import pins
 
 ROOT = Path(__file__).resolve().parents[1]
-WHEEL = "pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt ."
-INSTALL = "pip install --no-cache-dir --no-index --find-links /wheels /wheels/ocpp_proxy-*.whl"
+WHEEL = "pip wheel --no-cache-dir --wheel-dir /wheels -c constraints.txt '.[postgres]'"
+INSTALL = 'pip install --no-cache-dir --no-index --find-links /wheels "$(ls /wheels/ocpp_proxy-*.whl)[postgres]"'
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -80,7 +80,7 @@ def test_wheel_installs_into_a_fresh_venv_like_the_image(tmp_path: Path) -> None
     stage_sources(src)
     elsewhere.mkdir()
     # Build stage: the proxy and every dependency as wheels.
-    run([sys.executable, "-m", *WHEEL.replace("/wheels", str(wheels)).split()], cwd=src)
+    run([sys.executable, "-m", *shlex.split(WHEEL.replace("/wheels", str(wheels)))], cwd=src)
     built = sorted(p.name for p in wheels.glob("*.whl"))
     assert any(name.startswith(f"ocpp_proxy-{proxy.__version__}-") for name in built), built
     # Every dependency at exactly the version constraints.txt pins (the set CI tests).
@@ -89,10 +89,8 @@ def test_wheel_installs_into_a_fresh_venv_like_the_image(tmp_path: Path) -> None
     assert versions and {n: pinned.get(n) for n in versions} == versions
     # Runtime stage: a clean interpreter environment and only those wheels.
     run([sys.executable, "-m", "venv", str(venv)], cwd=tmp_path)
-    pip = [str(venv / "bin" / "python"), "-m"]
-    install = INSTALL.replace("/wheels", str(wheels)).split()
-    install[-1] = str(next(wheels.glob("ocpp_proxy-*.whl")))
-    run([*pip, *install], cwd=elsewhere)
+    pip = shlex.join([str(venv / "bin" / "python"), "-m"])
+    run(["sh", "-c", f"{pip} {INSTALL.replace('/wheels', str(wheels))}"], cwd=elsewhere)
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     script = str(venv / "bin" / "ocpp-proxy")
@@ -108,6 +106,10 @@ def test_wheel_installs_into_a_fresh_venv_like_the_image(tmp_path: Path) -> None
     # The installed package is the venv's copy, not this source tree.
     where = run([str(venv / "bin" / "python"), "-c", "import proxy; print(proxy.__file__)"], cwd=elsewhere, env=env)
     assert where.stdout.strip().startswith(str(venv))
+    # The PostgreSQL driver ([store] url, docs/cluster.md) is in the image, with its own libpq.
+    driver = run([str(venv / "bin" / "python"), "-c", "import psycopg; print(psycopg.pq.__impl__)"],
+                 cwd=elsewhere, env=env)
+    assert driver.stdout.strip() == "binary"
     # The built-in wallbox maps are package data (proxy/modbus/wallboxes/*.toml): shipped in the wheel.
     maps = run([str(venv / "bin" / "python"), "-c", "from proxy.modbus.maps import WALLBOXES; print(sorted(WALLBOXES))"],
                cwd=elsewhere, env=env)

@@ -187,6 +187,9 @@ class ServerSettings:
     call_timeout: float = setting(30.0, "seconds a CALL may stay unanswered before its slot is freed",
                                   check=positive)
     close_timeout: float = setting(5.0, "seconds to wait for a WebSocket close handshake", check=positive)
+    drain_grace: float = setting(0.0, "seconds between SIGTERM and closing the wallboxes, while /readyz already "
+                                 "answers 503 and sessions go on, so a load balancer sends new connections "
+                                 "elsewhere first (docs/cluster.md); 0: close at once", check=non_negative)
     strict: bool = setting(False, "drop frames that are not valid OCPP-J instead of forwarding them")
     per_address_pending: int = setting(256, "unfinished handshakes one IP address may have at once (a site "
                                        "NATs all its wallboxes to one); 0: no cap", check=non_negative)
