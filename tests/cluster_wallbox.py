@@ -52,6 +52,8 @@ class ClusterWallbox:
     #: CALL ids sent again after a reconnect (unanswered when the connection dropped).
     resent: list[str] = field(default_factory=list)
     connections: int = 0
+    #: trio.current_time() of each WebSocket opened.
+    connected_at: list[float] = field(default_factory=list)
     refusals: list[str] = field(default_factory=list)
     store: ProfileStore = field(default_factory=ProfileStore)
     profiles_received: int = 0
@@ -143,9 +145,7 @@ class ClusterWallbox:
                 self._ws = await self._nursery.start(self._connection)
                 return self._ws
             except (OSError, trio_websocket.HandshakeError, trio_websocket.ConnectionClosed) as exc:
-                self.refusals.append(type(exc).__name__ + (f" {exc.status_code}"
-                                                            if isinstance(exc, trio_websocket.ConnectionRejected)
-                                                            else ""))
+                self.refusals.append(_refusal(exc))
             await trio.sleep(delay)  # a wallbox's reconnect backoff (the simulated device's pace)
             delay = min(RECONNECT_MAX, delay * 2)
 
@@ -154,6 +154,7 @@ class ClusterWallbox:
         async with trio_websocket.open_websocket_url(self.url, subprotocols=["ocpp1.6"],
                                                      connect_timeout=10, disconnect_timeout=2) as ws:
             self.connections += 1
+            self.connected_at.append(trio.current_time())
             task_status.started(ws)
             try:
                 while True:
@@ -197,6 +198,15 @@ class ClusterWallbox:
             if self._ws is not None:
                 await self._ws.aclose()
             nursery.cancel_scope.cancel()
+
+
+def _refusal(exc: BaseException) -> str:
+    """``ConnectionRejected 503 retry-after=3`` (a proxy's lease refusal), ``ConnectionRejected 503``
+    (HAProxy: no proxy available), ``OSError`` ..."""
+    if not isinstance(exc, trio_websocket.ConnectionRejected):
+        return type(exc).__name__
+    retry = [value.decode() for name, value in exc.headers if name.lower() == b"retry-after"]
+    return f"ConnectionRejected {exc.status_code}" + (f" retry-after={retry[0]}" if retry else "")
 
 
 def worst_sum(history: list[tuple[float, dict[str, float]]]) -> float:
