@@ -6,11 +6,17 @@ One process opens every connection it is given (at most ``concurrency``
 handshakes in flight), prints one JSON line with the set-up times, then obeys
 stdin lines from the runner:
 
-* ``load {"mode": "rate"|"saturate"|"once", "duration": s, "warmup": s, "rate": f}``:
+* ``load {"mode": "rate"|"closed"|"saturate"|"once", "duration": s, "warmup": s, "rate": f}``:
   ``rate`` sends one CALL per wallbox every ``1/rate`` s (open loop, random
-  phase); ``saturate`` sends the next CALL as soon as the answer is in (closed
-  loop). CALLs alternate between a Heartbeat (``[2,"id","Heartbeat",{}]``) and
-  a MeterValues of exactly 1024 bytes. Prints the round trips in µs per kind.
+  phase, whether or not earlier CALLs are answered); ``closed`` is what a real
+  wallbox does, one CALL outstanding: the next CALL ``1/rate`` s after the
+  previous one was sent, or as soon as its answer is in if that is later;
+  ``saturate`` sends the next CALL as soon as the answer is in (closed loop, no
+  pause). CALLs alternate between a Heartbeat (``[2,"id","Heartbeat",{}]``) and
+  a MeterValues of exactly 1024 bytes. Prints the round trips in µs per kind,
+  measured from when each CALL was *due* (open loop: a generator that falls
+  behind its schedule cannot hide the wait, no coordinated omission), and the
+  generator's own lag (due → written to the socket) so a late generator shows.
 * ``close``: closes every connection with 1000 and exits.
 
 The generator is a plain asyncio protocol with hand-made framing
@@ -74,6 +80,9 @@ class Wallbox(asyncio.Protocol):
         self.seq = 0
         self.pending: dict[bytes, tuple[float, int]] = {}
         self.saturating = False
+        #: ``closed`` mode: the pause between CALLs, and when the next one is due.
+        self.period = 0.0
+        self.due = 0.0
 
     # -- asyncio protocol ------------------------------------------------------------
 
@@ -117,11 +126,17 @@ class Wallbox(asyncio.Protocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
-    def send_call(self) -> None:
+    def send_call(self, due: float | None = None) -> None:
+        """Send the next CALL; ``due``: when it was scheduled (latency counts from then; lag is recorded)."""
         self.seq += 1
         kind = self.seq & 1
         text = meter_values(self.seq) if kind else heartbeat(self.seq)
-        self.pending[b"%d" % self.seq] = (time.monotonic(), kind)
+        now = time.monotonic()
+        if due is None:
+            due = now
+        else:
+            self.stats.lagged(due, now)
+        self.pending[b"%d" % self.seq] = (due, kind)
         self.write(wire.frame(wire.TEXT, text, mask=True))
 
     def answered(self, payload: bytes) -> None:
@@ -134,6 +149,24 @@ class Wallbox(asyncio.Protocol):
         self.stats.record(sent[0], now, sent[1])
         if self.saturating and now < self.stats.end:
             self.send_call()
+        elif self.period and not self.pending:
+            self.send_closed(now)
+
+    def send_closed(self, now: float) -> None:
+        """``closed`` mode, an answer is in: the next CALL when it is due, or now if it was due already."""
+        due = self.due
+        if due >= self.stats.end:
+            self.period = 0.0
+        elif due <= now:  # due while its predecessor was unanswered: a real wallbox sends it now
+            self.send_call(now)
+            self.due = now + self.period
+        else:
+            asyncio.get_running_loop().call_at(due, self.fire_closed, due)
+
+    def fire_closed(self, due: float) -> None:
+        if self.period:
+            self.send_call(due)
+            self.due = due + self.period
 
 
 class Stats:
@@ -143,16 +176,23 @@ class Stats:
         self.unexpected = 0
         #: Every answer during the load phase, inside the window or not (for CPU per frame).
         self.total = 0
+        #: The generator's own lag: µs from a CALL's due time to writing it, in the window.
+        self.lag: list[int] = []
 
     def reset(self, start: float, end: float) -> None:
         self.start, self.end = start, end
         self.latencies = ([], [])
         self.total = 0
+        self.lag = []
 
     def record(self, sent: float, now: float, kind: int) -> None:
         self.total += 1
         if self.start <= sent < self.end:
             self.latencies[kind].append(int((now - sent) * 1e6))
+
+    def lagged(self, due: float, now: float) -> None:
+        if self.start <= due < self.end:
+            self.lag.append(int((now - due) * 1e6))
 
 
 async def open_all(targets: list[tuple[int, str]], stats: Stats, concurrency: int,
@@ -187,6 +227,12 @@ async def run_load(wallboxes: list[Wallbox], stats: Stats, spec: dict[str, Any])
     if spec["mode"] == "once":  # one CALL each, then wait for every answer (up to the grace period)
         for wallbox in wallboxes:
             wallbox.send_call()
+    elif spec["mode"] == "closed":
+        period = 1.0 / float(spec.get("rate", 1.0))
+        for wallbox in wallboxes:
+            wallbox.period = period
+            wallbox.due = loop.time() + random.random() * period
+            loop.call_at(wallbox.due, wallbox.fire_closed, wallbox.due)
     elif spec["mode"] == "saturate":
         for wallbox in wallboxes:
             wallbox.saturating = True
@@ -197,7 +243,7 @@ async def run_load(wallboxes: list[Wallbox], stats: Stats, spec: dict[str, Any])
         def tick(wallbox: Wallbox, at: float) -> None:
             if at >= stats.end:
                 return
-            wallbox.send_call()
+            wallbox.send_call(at)
             loop.call_at(at + period, tick, wallbox, at + period)
 
         for wallbox in wallboxes:
@@ -207,6 +253,7 @@ async def run_load(wallboxes: list[Wallbox], stats: Stats, spec: dict[str, Any])
         await asyncio.sleep(stats.end - time.monotonic())
     for wallbox in wallboxes:
         wallbox.saturating = False
+        wallbox.period = 0.0
     # Let the last answers come in (they are counted only if sent inside the window).
     grace = time.monotonic() + float(spec.get("grace", 5.0))
     while any(w.pending for w in wallboxes) and time.monotonic() < grace:
@@ -216,7 +263,7 @@ async def run_load(wallboxes: list[Wallbox], stats: Stats, spec: dict[str, Any])
         wallbox.pending.clear()
     return {"latencies_us": {kind: stats.latencies[i] for i, kind in enumerate(KINDS)},
             "duration": duration, "unanswered": unanswered, "unexpected": stats.unexpected,
-            "completed_total": stats.total}
+            "completed_total": stats.total, "lag_us": stats.lag}
 
 
 async def close_all(wallboxes: list[Wallbox]) -> None:

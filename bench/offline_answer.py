@@ -1,21 +1,34 @@
 """Offline answering: 100 wallboxes while the backend is down, every frame committed before its answer.
 
-    PYTHONPATH=. python bench/offline_answer.py [--wallboxes 100] [--rate 20] [--seconds 10] [--repeats 3]
+    PYTHONPATH=. python bench/offline_answer.py [--baseline DIR] [--wallboxes 100] [--rate 20] [--seconds 10]
+        [--repeats 3] [--loads rate,closed,saturate] [--paths online,offline] [--base DIR]
 
 Side by side in one run, the same wallboxes and load generator (``bench/loadgen.py``,
 alternating Heartbeat and a 1 KiB MeterValues) against ``ocpp-proxy run``:
 
 * ``online``: the backend (``bench/backend.py``) is up; the proxy relays.
 * ``offline``: nothing listens at the backend's address; the proxy answers every CALL
-  itself after committing it to its SQLite queue (``synchronous=FULL``: one fsync per group
-  commit).
+  itself after committing it to its SQLite queue (fsync'd before the answer, docs/storage.md).
 
-Each path runs two loads: ``rate`` (each wallbox ``--rate`` CALLs per second, random phase:
-the issue's target is 100 × 20 = 2000 CALL/s at p99 ≤ 20 ms) and ``saturate`` (each wallbox
-sends its next CALL as soon as the answer is in: the most this machine answers). After the
-offline loads the bench counts the queue's rows: every answered CALL must be in the queue
-(nothing is answered that is not on disk). Prints the machine, the load average, and p50 /
-p99 / max, CALL/s and the proxy's frames per commit.
+Loads (each on a fresh proxy, so its queue counts are its own):
+
+* ``rate``: open loop, each wallbox ``--rate`` CALLs per second at random phase whether or not
+  its earlier CALLs are answered (the issue's target: 100 × 20 = 2000 CALL/s at p99 ≤ 20 ms).
+  Latency counts from when each CALL was *due*, so a generator that falls behind cannot hide
+  the wait; its own lag (due → written) is printed beside.
+* ``closed``: what a real wallbox does, one CALL outstanding: the next one ``1/rate`` s after
+  the previous, or on its answer if that came later.
+* ``saturate``: the next CALL as soon as the answer is in: the most this machine answers.
+
+``--baseline DIR`` runs another checkout (e.g. ``git worktree add --detach /tmp/base <commit>``)
+the same way, interleaved with this one, so both see the same machine noise.
+
+Besides the wall-clock figures (noisy on a shared machine) it prints figures that do not depend
+on the load: the proxy's CPU µs per answered CALL, commits (one fsync each) per answered CALL,
+and, from the proxy's ``queue_stats`` log event, where an offline answer's time went (read →
+enqueue, enqueue → committed, committed → answer written; per commit: gather, hop into the
+worker thread, work there, hop back). After each offline load the queue's rows are counted:
+every answered CALL must be in the queue (nothing is answered that is not on disk).
 """
 
 from __future__ import annotations
@@ -30,11 +43,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.procs import Backend, LoadGen, OcppProxy, cpu_of, free_port, workdir
+from bench.procs import ROOT, Backend, LoadGen, OcppProxy, cpu_of, free_port, workdir
 from bench.sysinfo import load_average, machine
 
 TARGET_RATE = 2000.0
 TARGET_P99_MS = 20.0
+LOADS = ("rate", "closed", "saturate")
 
 
 def percentile(values: list[int], q: float) -> float:
@@ -57,11 +71,15 @@ def run_load(proxy: OcppProxy, count: int, spec: dict[str, Any]) -> dict[str, An
     finally:
         gen.close()
     latencies = result["latencies_us"]["hb"] + result["latencies_us"]["mv"]
+    lag = result.get("lag_us", [])
+    answered = int(result["completed_total"])
     return {"calls": len(latencies), "per_second": len(latencies) / float(spec["duration"]),
             "p50_ms": percentile(latencies, 0.50), "p99_ms": percentile(latencies, 0.99),
             "max_ms": max(latencies) / 1000.0 if latencies else float("nan"),
-            "unanswered": result["unanswered"], "answered_total": result["completed_total"],
-            "proxy_cpu_s": round(result["proxy_cpu"], 2)}
+            "lag_p99_ms": percentile(lag, 0.99) if lag else 0.0,
+            "unanswered": result["unanswered"], "answered_total": answered,
+            "proxy_cpu_s": round(result["proxy_cpu"], 2),
+            "cpu_us_per_call": result["proxy_cpu"] * 1e6 / answered if answered else float("nan")}
 
 
 def queued_rows(data: Path) -> int:
@@ -69,80 +87,104 @@ def queued_rows(data: Path) -> int:
         return int(db.execute("SELECT count(*) FROM frames").fetchone()[0])
 
 
-def commits_logged(log: Path) -> tuple[int, int, float]:
-    """(commits, frames, seconds in commits) from the proxy's last ``queue_stats`` event (logged at shutdown)."""
-    found = (0, 0, 0.0)
+def queue_stats(log: Path) -> dict[str, Any]:
+    """The proxy's last ``queue_stats`` event (logged at shutdown)."""
+    found: dict[str, Any] = {}
     for line in log.read_text(errors="replace").splitlines():
         if '"queue_stats"' in line:
-            event = json.loads(line)
-            found = (int(event["commits"]), int(event["changes"]), float(event.get("commit_seconds", 0.0)))
+            found = json.loads(line)
     return found
 
 
-def one_round(args: argparse.Namespace, offline: bool) -> dict[str, Any]:
+def one_round(args: argparse.Namespace, root: Path, offline: bool, load: str) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="ocpp-bench-", dir=args.base)) if args.base else workdir()
     backend = None if offline else Backend()
-    proxy = OcppProxy(work)
+    proxy = OcppProxy(work, root=root)
     port = free_port() if offline else backend.port  # type: ignore[union-attr]  # offline: nothing listens
     proxy.start(port, args.wallboxes)
-    results: dict[str, Any] = {}
+    seconds = args.seconds if load != "saturate" else min(args.seconds, 5.0)
     try:
-        rate = {"mode": "rate", "rate": args.rate, "duration": args.seconds, "warmup": 1.0}
-        results["rate"] = run_load(proxy, args.wallboxes, rate)
-        results["saturate"] = run_load(proxy, args.wallboxes, {"mode": "saturate", "duration": 5.0, "warmup": 1.0})
+        result = run_load(proxy, args.wallboxes, {"mode": load, "rate": args.rate, "duration": seconds,
+                                                  "warmup": 1.0})
     finally:
         proxy.stop()
         if backend is not None:
             backend.stop()
     if offline:
         rows = queued_rows(work / "data")
-        answered = results["rate"]["answered_total"] + results["saturate"]["answered_total"]
-        commits, changes, seconds = commits_logged(work / "proxy.log")
-        results["queue"] = {"rows": rows, "answered": answered, "every_answer_on_disk": rows >= answered,
-                            "commits": commits, "frames_per_commit": round(changes / commits, 1) if commits else None,
-                            "ms_per_commit": round(1000 * seconds / commits, 2) if commits else None}
-    return results
+        stats = queue_stats(work / "proxy.log")
+        commits = int(stats.get("commits", 0))
+        answered = result["answered_total"]
+        result["queue"] = {"rows": rows, "answered": answered, "every_answer_on_disk": rows >= answered,
+                           "commits": commits, "commits_per_answer": round(commits / answered, 4) if answered else None,
+                           "fsyncs_per_s": round(commits / (seconds + 1.0), 1),
+                           "stages": {k: v for k, v in stats.items() if isinstance(v, dict)},
+                           "thread_utilisation": stats.get("thread_utilisation")}
+    return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", type=Path, help="another checkout, measured side by side in this run")
     parser.add_argument("--wallboxes", type=int, default=100)
     parser.add_argument("--rate", type=float, default=20.0, help="CALLs per second per wallbox")
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--loads", default=",".join(LOADS), help="of " + ",".join(LOADS))
+    parser.add_argument("--paths", default="online,offline")
     parser.add_argument("--base", default="", help="directory for the proxy's data (default: a temp dir); "
                         "/dev/shm shows what the disk's fsync costs")
     args = parser.parse_args()
+    loads = [load for load in args.loads.split(",") if load]
+    paths = [path for path in args.paths.split(",") if path]
+    checkouts = ([("before", args.baseline.resolve())] if args.baseline else []) + [("after", ROOT)]
     info = machine(None)
+    loads_seen = [load_average()]
     print(f"machine: {info.get('cpu_model')} ({info.get('cores')} cores), Python {info.get('python')}, "
-          f"load average before {load_average()[0]:.2f}", flush=True)
-    runs: dict[str, list[dict[str, Any]]] = {"online": [], "offline": []}
+          f"load average before {loads_seen[0][0]:.2f}", flush=True)
+    for name, root in checkouts:
+        print(f"{name}: {root}")
+    runs: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for repeat in range(args.repeats):
-        for name in ("online", "offline"):  # interleaved: both see the same machine noise
-            print(f"[{time.strftime('%H:%M:%S')}] {name} {repeat + 1}/{args.repeats}", file=sys.stderr, flush=True)
-            runs[name].append(one_round(args, offline=name == "offline"))
-    print(f"\n{args.wallboxes} wallboxes, rate {args.rate:g}/s each ({args.wallboxes * args.rate:g} CALL/s offered), "
-          f"{args.seconds:g} s window; saturate 5 s; medians of {args.repeats}")
-    print("| path | load | CALL/s | p50 ms | p99 ms | max ms | unanswered | proxy CPU s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, rounds in runs.items():
-        for load in ("rate", "saturate"):
-            cells = [r[load] for r in rounds]
+        for load in loads:
+            for path in paths:
+                for name, root in checkouts:  # interleaved: all see the same machine noise
+                    print(f"[{time.strftime('%H:%M:%S')}] {name} {path} {load} {repeat + 1}/{args.repeats} "
+                          f"(load average {load_average()[0]:.1f})", file=sys.stderr, flush=True)
+                    runs.setdefault((name, path, load), []).append(one_round(args, root, path == "offline", load))
+                    loads_seen.append(load_average())
+    print(f"\n{args.wallboxes} wallboxes, rate {args.rate:g}/s each ({args.wallboxes * args.rate:g} CALL/s offered "
+          f"in rate/closed), {args.seconds:g} s window (saturate ≤ 5 s); medians of {args.repeats}; load average "
+          f"(1 min) during the run {min(x[0] for x in loads_seen):.1f}-{max(x[0] for x in loads_seen):.1f}")
+    print("| checkout | path | load | CALL/s | p50 ms | p99 ms | max ms | gen lag p99 ms | unanswered "
+          "| proxy CPU µs/CALL | commits/CALL |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (name, path, load), cells in runs.items():
+        def med(key: str, cells: list[dict[str, Any]] = cells) -> float:
+            return float(statistics.median(c[key] for c in cells))
 
-            def med(key: str, cells: list[dict[str, Any]] = cells) -> float:
-                return float(statistics.median(c[key] for c in cells))
-
-            print(f"| {name} | {load} | {med('per_second'):.0f} | {med('p50_ms'):.2f} | {med('p99_ms'):.2f} | "
-                  f"{med('max_ms'):.1f} | {med('unanswered'):.0f} | {med('proxy_cpu_s'):.2f} |")
-    for r in runs["offline"]:
-        print(f"offline queue: {r['queue']}")
-    offline_rate = [r["rate"] for r in runs["offline"]]
-    rate = statistics.median(c["per_second"] for c in offline_rate)
-    p99 = statistics.median(c["p99_ms"] for c in offline_rate)
-    met = rate >= TARGET_RATE * 0.98 and p99 <= TARGET_P99_MS
-    print(f"target ≥ {TARGET_RATE:g} CALL/s at p99 ≤ {TARGET_P99_MS:g} ms offline: {rate:.0f} CALL/s at p99 "
-          f"{p99:.2f} ms: {'met' if met else 'missed'}; load average after {load_average()[0]:.2f}")
-    print(json.dumps({"machine": info, "runs": runs}, default=str), file=sys.stderr)
+        commits = "" if path == "online" else f"{statistics.median(c['queue']['commits_per_answer'] or 0 for c in cells):.3f}"
+        print(f"| {name} | {path} | {load} | {med('per_second'):.0f} | {med('p50_ms'):.2f} | {med('p99_ms'):.2f} | "
+              f"{med('max_ms'):.1f} | {med('lag_p99_ms'):.2f} | {med('unanswered'):.0f} | "
+              f"{med('cpu_us_per_call'):.0f} | {commits} |")
+    print("\nOffline, where the time went (ms, p50/p99 of the last round; from the proxy's queue_stats):")
+    for (name, path, load), cells in runs.items():
+        if path != "offline":
+            continue
+        queue = cells[-1]["queue"]
+        stages = " ".join(f"{stage} {v['p50']}/{v['p99']}" for stage, v in queue["stages"].items())
+        on_disk = all(c["queue"]["every_answer_on_disk"] for c in cells)
+        print(f"- {name} {load}: every answer on disk: {on_disk}; commits {queue['commits']} "
+              f"({queue['fsyncs_per_s']}/s), thread busy {queue['thread_utilisation']}; {stages or '(not logged)'}")
+    if ("after", "offline", "rate") in runs:
+        offline_rate = runs[("after", "offline", "rate")]
+        rate = statistics.median(c["per_second"] for c in offline_rate)
+        p99 = statistics.median(c["p99_ms"] for c in offline_rate)
+        met = rate >= TARGET_RATE * 0.98 and p99 <= TARGET_P99_MS
+        print(f"target ≥ {TARGET_RATE:g} CALL/s at p99 ≤ {TARGET_P99_MS:g} ms offline (open loop): {rate:.0f} CALL/s "
+              f"at p99 {p99:.2f} ms: {'met' if met else 'missed'}; load average after {load_average()[0]:.2f}")
+    print(json.dumps({"machine": info, "runs": {" ".join(k): v for k, v in runs.items()}}, default=str),
+          file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ back on a fast one.
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
@@ -37,8 +38,8 @@ from proxy.core.offline import (
     replay_plan,
     started_transaction,
 )
-from proxy.storage.interface import StorageError
-from proxy.storage.offline_queue import AsyncQueue
+from proxy.storage.interface import Append, Journal, StorageError
+from proxy.storage.offline_queue import AsyncQueue, Ticket
 from proxy.runtime.upstream import UpstreamUnavailable
 from proxy.core.session import (
     PROXY,
@@ -63,6 +64,8 @@ GiveUp = Literal["stall", "call_timeout", "ping_timeout"]
 
 #: Frames queued towards one connection before the producing pump waits.
 OUTBOX_LIMIT = 64
+#: A wallbox's frames read ahead while earlier ones commit, before its pump waits.
+PIPELINE_LIMIT = 64
 
 
 class Connection(Protocol):
@@ -115,6 +118,18 @@ class SessionSettings:
     reconnect_max: float = 60.0
     #: An upstream send blocked (or a ping unanswered) this long: the upstream is lost.
     stall_timeout: float = 10.0
+
+
+@dataclass(slots=True)
+class _Step:
+    """A wallbox frame's actions read ahead; ``tickets[i]``: the commit of ``actions[i]`` (None: nothing to commit)."""
+
+    actions: list[Action]
+    tickets: list[list[Ticket] | StorageError | None]
+
+
+#: Actions whose changes are committed before anything after them is sent.
+_COMMITTED = (Persist, LogSession)
 
 
 class _Violation(Exception):
@@ -253,6 +268,15 @@ class PairedSession:
         self._handing_over = False
         self._replay_busy = False
         self._replay_idle = trio.Event()
+        self._read_at = self._committed_at = 0.0
+        #: Wallbox frames read ahead, oldest first, whose commits are under way (_pipeline).
+        self._steps: list[_Step] = []
+        self._answering = False
+        self._answer_idle = False
+        self._step_added = trio.Event()
+        self._step_watched = False
+        self._steps_done = 0
+        self._step_done = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._replay_waiters: dict[str, tuple[trio.Event, list[Frame]]] = {}
         self._waiters: dict[str, tuple[trio.Event, list[Frame | str]]] = {}
@@ -347,10 +371,73 @@ class PairedSession:
 
     async def _pump_wallbox(self) -> None:
         get, receive = self.wallbox.get_message, self.session.from_wallbox
+        steps = self._steps
         while True:
             text = self._check(await get())
-            await self._handle(WALLBOX, receive(text, trio.current_time()))
+            self._read_at = time.perf_counter()
+            actions = receive(text, trio.current_time())
+            if steps or any(type(action) in _COMMITTED for action in actions):
+                # Pipelined: the frame's change joins the next commit now and the next frame is read
+                # while it commits; _answer_steps answers in order once each is committed.
+                self._received(WALLBOX)
+                await self._pipeline(actions)
+            else:
+                await self._handle(WALLBOX, actions)
+                await self._flush()
+
+    async def _pipeline(self, actions: list[Action]) -> None:
+        """Enqueue ``actions``' commits now; the answering task dispatches them in order once committed."""
+        steps = self._steps
+        steps.append(_Step(actions, [self._enqueue(a) if isinstance(a, (Persist, LogSession)) else None
+                                     for a in actions]))
+        if self._answer_idle:
+            self._step_added.set()
+        if not self._answering and self._nursery is not None:
+            # Started at the first frame answered locally and kept for the pair's life (an online pair
+            # never pays for it; starting one per frame cost more than the pipelining saved).
+            self._answering = True
+            self._nursery.start_soon(self._guard, WALLBOX, self._answer_steps)
+        while len(steps) > PIPELINE_LIMIT:
+            await self._wait_step()
+
+    async def _answer_steps(self) -> None:
+        """Dispatch pipelined frames' actions in the order the frames were read, each after its commit."""
+        steps = self._steps
+        while True:
+            while not steps:
+                self._answer_idle = True
+                await self._step_added.wait()
+                self._step_added = trio.Event()
+                self._answer_idle = False
+            step = steps[0]
+            start = 0
+            for index, tickets in enumerate(step.tickets):
+                if tickets is not None:
+                    self._dispatch(step.actions[start:index])
+                    await self._complete(step.actions[index], tickets)  # type: ignore[arg-type]
+                    start = index + 1
+            self._dispatch(step.actions[start:] if start else step.actions)
+            steps.pop(0)
+            self._steps_done += 1
+            if self._step_watched:
+                self._step_watched = False
+                self._step_done.set()
+                self._step_done = trio.Event()
             await self._flush()
+            if self._committed_at and self.queue is not None:
+                self.queue.stats.add("commit_to_sent", time.perf_counter() - self._committed_at)
+                self._committed_at = 0.0
+
+    async def _steps_committed(self) -> None:
+        """Wait until every frame pipelined so far is committed and answered (replay reads the queue after)."""
+        target = self._steps_done + len(self._steps)
+        while self._steps_done < target:
+            await self._wait_step()
+
+    async def _wait_step(self) -> None:
+        """Until the answering task finishes its next step (an event only while someone waits for one)."""
+        self._step_watched = True
+        await self._step_done.wait()
 
     async def _pump_upstream(self, name: Side, connection: Connection) -> None:
         get, receive = connection.get_message, self.session.from_upstream
@@ -412,7 +499,8 @@ class PairedSession:
         self.upstreams[name] = connection
         self._upstream_out[name] = self._outbox(name, connection)
         self.upstream_connects[name] = self.upstream_connects.get(name, 0) + 1
-        replay = name == self.session.primary and self.queued > 0
+        # A frame still committing (pipelined) counts: replay must not leave it behind in the queue.
+        replay = name == self.session.primary and (self.queued > 0 or bool(self._steps))
         self._replaying = self._replaying or replay
         self.session.upstream_up(name, replay=replay)
         self._tell_upstream(name, True, "")
@@ -478,35 +566,51 @@ class PairedSession:
 
     # -- offline queue ---------------------------------------------------------------------
 
-    async def _persist(self, action: Persist) -> None:
-        """Commit a locally answered CALL, then (only then) answer the wallbox."""
-        assert self.queue is not None
-        try:
-            await self.queue.append(self.charger_id, action.action, action.text, action.local_transaction_id,
-                                    self.subprotocol)
-        except StorageError as exc:
-            self.log.error("queue_write_failed", action=action.action, error=exc.detail)
+    def _enqueue(self, action: Persist | LogSession) -> list[Ticket] | StorageError:
+        """Put a locally answered CALL, or session-log entries, in the next commit (without waiting)."""
+        queue = self.queue
+        if queue is None:
+            assert isinstance(action, LogSession)
+            return StorageError("journal", "no store is open")
+        if type(action) is Persist:
+            queue.stats.add("read_to_enqueue", time.perf_counter() - self._read_at)
+            return [queue.enqueue(Append(self.charger_id, action.action, action.text, action.local_transaction_id,
+                                         self.subprotocol))]
+        assert isinstance(action, LogSession)
+        if action.wait:
+            return [queue.enqueue(Journal(event)) for event in action.events]
+        queue.journal_behind(action.events)
+        return []
+
+    async def _complete(self, action: Persist | LogSession, tickets: list[Ticket] | StorageError) -> None:
+        """Once ``action``'s changes are committed, (only then) answer the wallbox; if they failed, refuse."""
+        error = tickets if isinstance(tickets, StorageError) else None
+        if self.queue is not None and not isinstance(tickets, StorageError):
+            for ticket in tickets:
+                error = error or (await self.queue.settled(ticket)).error
+        if type(action) is Persist:
+            self._persisted(action, error)
+        else:
+            self._logged(action, error)  # type: ignore[arg-type]
+
+    def _persisted(self, action: Persist, error: StorageError | None) -> None:
+        if error is not None:
+            self.log.error("queue_write_failed", action=action.action, error=error.detail)
             self._wallbox_out.put(build_error(action.msg_id, "InternalError",
                                               "backend unreachable and the proxy could not store the frame"))
             return
+        self._committed_at = time.perf_counter()
         self._set_queued(self.queued + 1)
         self._wallbox_out.put(action.answer)
 
-    async def _log_session(self, action: LogSession) -> None:
-        """Commit session-log entries, then (only then) answer the wallbox (docs/standalone.md).
+    def _logged(self, action: LogSession, error: StorageError | None) -> None:
+        """Session-log entries committed (or not): answer, or refuse where the log is the record (docs/standalone.md).
 
-        Entries that need not wait (:attr:`LogSession.wait`) join the next commit and the answer goes at once.
+        Entries that need not wait (:attr:`LogSession.wait`) joined the next commit and the answer goes at once.
         """
-        try:
-            if self.queue is None:
-                raise StorageError("journal", "no store is open")
-            if action.wait:
-                await self.queue.journal(action.events)
-            else:
-                self.queue.journal_behind(action.events)
-        except StorageError as exc:
+        if error is not None:
             self.log.error("session_log_write_failed", transaction=action.events[0].transaction[:40],
-                           error=exc.detail, answered=not action.required)
+                           error=error.detail, answered=not action.required)
             if action.required:
                 self._wallbox_out.put(build_error(action.msg_id, "InternalError",
                                                   "the proxy could not record the transaction; try again"))
@@ -535,7 +639,10 @@ class PairedSession:
                 await self.queue.delivered(entry.row, self.charger_id)
                 self._set_queued(self.queued - 1)
             if not keep and not drop:
-                break  # no await since pending() was read: nothing new can have been stored
+                if not self._steps:
+                    break  # no await since pending() was read: nothing new can have been stored
+                await self._steps_committed()  # frames read before the replay began, still committing
+                continue
             for entry in keep:
                 if self._handing_over:
                     return
@@ -597,12 +704,15 @@ class PairedSession:
         return message
 
     async def _handle(self, source: Side, actions: list[Action]) -> None:
+        self._received(source)
+        await self._dispatch_all(actions)
+
+    def _received(self, source: Side) -> None:
         if self.listeners:
             frame = self.session.last_frame
             if frame is not None:
                 for listener in self.listeners:
                     listener.frame_received(self, source, frame, len(frame.text))
-        await self._dispatch_all(actions)
 
     async def _execute(self, actions: list[Action]) -> None:
         await self._dispatch_all(actions)
@@ -614,7 +724,7 @@ class PairedSession:
         for index, action in enumerate(actions):
             if isinstance(action, (Persist, LogSession)):
                 self._dispatch(actions[start:index])
-                await (self._persist(action) if isinstance(action, Persist) else self._log_session(action))
+                await self._complete(action, self._enqueue(action))
                 start = index + 1
         self._dispatch(actions[start:] if start else actions)
 

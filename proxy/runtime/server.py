@@ -14,6 +14,7 @@ import functools
 import os
 import socket
 import struct
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
@@ -52,6 +53,10 @@ if TYPE_CHECKING:
 
 def _nothing() -> None:
     pass
+
+
+#: Seconds the event loop may hold the GIL while the store's worker thread waits for it (default 0.005).
+STORE_SWITCH_INTERVAL = 0.0005
 
 
 class ProxyServer:
@@ -145,7 +150,8 @@ class ProxyServer:
             self._postgres = None
             if self._store is not None:
                 self.log.info("queue_stats", commits=self._store.commits, changes=self._store.committed_changes,
-                              commit_seconds=round(self._store.commit_seconds, 3), deferred=self._store.deferred)
+                              commit_seconds=round(self._store.commit_seconds, 3), deferred=self._store.deferred,
+                              **self._store.stats.summary())
                 self._store.close()  # a last try of deferred deliveries; closes the file
             elif self._storage is not None:
                 self._storage.close()
@@ -173,6 +179,10 @@ class ProxyServer:
         else:
             self._storage = SqliteStorage(Path(config.offline.data_dir) / DB_NAME)
         self._store = AsyncQueue(self._storage, on_error=self._storage_error)
+        # The store's worker thread takes the GIL back after every SQLite call and fsync; with the default
+        # 5 ms switch interval a busy event loop made each such wait up to 5 ms (a commit's hop into the
+        # thread alone took 7 ms at the median, docs/storage.md "Where the time goes").
+        sys.setswitchinterval(STORE_SWITCH_INTERVAL)
         if config.offline.enabled:
             self._queue = self._store
         self.secondaries.on_error = self._storage_error
@@ -186,6 +196,11 @@ class ProxyServer:
             self.log.info("storage_recovered", operation=operation)
         for listener in self.listeners:
             listener.storage_error(operation, detail)
+
+    @property
+    def store(self) -> AsyncQueue | None:
+        """The durable store's trio front while serving (None when nothing needs one); its commit counts."""
+        return self._store
 
     @property
     def _session_log_on(self) -> bool:

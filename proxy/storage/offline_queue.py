@@ -50,6 +50,7 @@ from proxy.storage.interface import (
     write_operation,
 )
 from proxy.storage import session_log
+from proxy.storage.commit_stats import CommitStats
 from proxy.storage.queue_reads import QueueReads
 from proxy.storage.secondary_store import MirrorStore
 from proxy.core.sessionlog import SessionEvent, SessionRecord
@@ -130,9 +131,14 @@ class SqliteStorage(QueueReads):
             if durable != self._durable:
                 db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
                 self._durable = durable
+            runs = change_runs(changes)
+            if len(runs) == 1 and type(changes[0]) is Append and not any(c.local_tx for c in changes):  # type: ignore[union-attr]
+                # Frames without a local transaction id (most of them): one INSERT is one transaction
+                # already (autocommit), without the round trips of BEGIN and COMMIT.
+                return self._append(changes)  # type: ignore[arg-type]
             with db:
                 db.execute("BEGIN IMMEDIATE")
-                for run in change_runs(changes):
+                for run in runs:
                     results += self._apply(run)
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(write_operation(changes), _detail(exc)) from exc
@@ -202,6 +208,13 @@ class SqliteStorage(QueueReads):
             raise StorageError("read", _detail(exc)) from exc
 
 
+def _timed(fn: Callable[[Sequence[Change]], list[int | None]],
+           changes: Sequence[Change]) -> tuple[list[int | None], float, float]:
+    """``fn(changes)`` in the worker thread, with when it began and ended (CommitStats)."""
+    began = time.perf_counter()
+    return fn(changes), began, time.perf_counter()
+
+
 def _detail(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:300]
 
@@ -215,9 +228,16 @@ ErrorHook = Callable[[str, str], None]
 @dataclass(eq=False)
 class _Slot:
     change: Change
+    #: perf_counter when the change joined the batch (CommitStats).
+    enqueued: float = field(default_factory=time.perf_counter)
     done: bool = False
     result: int | None = None
     error: StorageError | None = None
+    deferred: bool = False
+
+
+#: A change enqueued for the next commit (:meth:`AsyncQueue.enqueue`): its row or error once settled.
+Ticket = _Slot
 
 
 @dataclass
@@ -252,6 +272,8 @@ class AsyncQueue:
         self.committed_changes = 0
         #: Seconds spent in commits (worker thread hop included).
         self.commit_seconds = 0.0
+        #: Where a commit's time goes (logged as ``queue_stats`` at shutdown).
+        self.stats = CommitStats()
 
     @property
     def deferred(self) -> int:
@@ -266,18 +288,38 @@ class AsyncQueue:
     async def append(self, charger: str, action: str, text: str, local_tx: int | None = None,
                      subprotocol: str | None = None) -> int:
         """Commit one frame (with whatever else is waiting); raises StorageError if it could not be stored."""
-        slot = await self._commit(Append(charger, action, text, local_tx, subprotocol))
-        if slot.error is not None:
-            raise slot.error
-        assert slot.result is not None
-        return slot.result
+        return await self.appended(self.enqueue(Append(charger, action, text, local_tx, subprotocol)))
 
     async def journal(self, events: Sequence[SessionEvent]) -> None:
         """Commit session-log entries (with whatever else is waiting); raises StorageError if they were not."""
-        for event in events:  # a CALL changes one transaction: one event, in practice
-            slot = await self._commit(Journal(event))
-            if slot.error is not None:
-                raise slot.error
+        for slot in [self.enqueue(Journal(event)) for event in events]:
+            await self.settled(slot, raise_error=True)
+
+    def enqueue(self, change: Change) -> Ticket:
+        """Put ``change`` in the next commit now, without waiting; :meth:`settled` waits for it.
+
+        A session enqueues each frame as it reads it and waits for the commit
+        separately (docs/storage.md, "Pipelining"), so a wallbox's frames that
+        arrive while one commit runs all go to the disk in the next one, in the
+        order they were read.
+        """
+        slot = _Slot(change)
+        self._batch.append(slot)
+        self._behind_wake.set()  # commit_behind starts the next commit as soon as the current one ends
+        return slot
+
+    async def appended(self, ticket: Ticket) -> int:
+        """The row of an enqueued :class:`Append` once committed; raises StorageError if it could not be stored."""
+        slot = await self.settled(ticket, raise_error=True)
+        assert slot.result is not None
+        return slot.result
+
+    async def settled(self, ticket: Ticket, *, raise_error: bool = False) -> Ticket:
+        """Wait until ``ticket``'s change is committed (or failed: a mark or delivery is then deferred)."""
+        slot = await self._commit(ticket)
+        if raise_error and slot.error is not None:
+            raise slot.error
+        return slot
 
     def journal_behind(self, events: Sequence[SessionEvent]) -> None:
         """Queue session-log entries for the next commit without waiting for it (the caller answers at once).
@@ -290,7 +332,11 @@ class AsyncQueue:
         self._behind_wake.set()
 
     async def commit_behind(self) -> None:
-        """Commit write-behind entries whenever no commit is running, until cancelled (the server runs this)."""
+        """Commit whatever is enqueued whenever no commit is running, until cancelled (the server runs this).
+
+        With it, the next batch gathers while the current one commits and goes to the
+        disk the moment it is done, whether or not one of its callers is scheduled yet.
+        """
         while True:
             await self._behind_wake.wait()
             self._behind_wake = trio.Event()
@@ -302,22 +348,22 @@ class AsyncQueue:
 
     async def mark_sent(self, row: int) -> None:
         """Mark ``row`` sent before it goes out; a failure is retried later and never raised."""
-        await self._commit(MarkSent(row))
+        await self._commit(self.enqueue(MarkSent(row)))
 
     async def delivered(self, row: int, charger: str, local_tx: int | None = None,
                         backend_tx: int | None = None) -> None:
         """Forget a replayed frame (and record its transaction id pair); failures are retried, never raised."""
-        await self._commit(Delivered(row, charger, local_tx, backend_tx))
+        await self._commit(self.enqueue(Delivered(row, charger, local_tx, backend_tx)))
 
-    async def _commit(self, change: Change) -> _Slot:
-        slot = _Slot(change)
-        self._batch.append(slot)
+    async def _commit(self, slot: _Slot) -> _Slot:
+        change = slot.change
         while not slot.done:
             if self._committing:
                 await self._committed.wait()
             else:
                 await self._commit_batch()
-        if slot.error is not None and isinstance(change, (MarkSent, Delivered)):
+        if slot.error is not None and isinstance(change, (MarkSent, Delivered)) and not slot.deferred:
+            slot.deferred = True
             self._defer(change, slot.error)
         return slot
 
@@ -326,10 +372,19 @@ class AsyncQueue:
         self._committing = True
         batch, self._batch = self._batch, []
         started = time.perf_counter()
+        stats = self.stats
         try:
-            results = await self.run(self.storage.write, [slot.change for slot in batch])
+            results, began, ended = await self.run(_timed, self.storage.write, [slot.change for slot in batch])
+            resumed = time.perf_counter()
+            stats.add("gather", started - batch[0].enqueued)
+            stats.add("hop_in", began - started)
+            stats.add("work", ended - began)
+            stats.add("hop_out", resumed - ended)
+            stats.add("batch", len(batch))
+            stats.worked(began, ended)
             for slot, result in zip(batch, results):
                 slot.result = result
+                stats.add("enqueue_to_commit", resumed - slot.enqueued)
             self.commits += 1
             self.committed_changes += len(batch)
             if self._failing:

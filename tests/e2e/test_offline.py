@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import sqlite3
 from contextlib import closing
@@ -11,6 +12,7 @@ from pathlib import Path
 import psycopg
 import pytest
 import trio
+import trio_websocket
 from ocpp.v16 import call
 from structlog.testing import capture_logs
 
@@ -235,3 +237,32 @@ async def _make_event() -> asyncio.Event:
 
 async def _now() -> float:
     return asyncio.get_running_loop().time()
+
+
+async def test_frames_sent_back_to_back_share_commits_and_are_answered_in_order_each_after_its_commit(
+        start_proxy: StartProxy, tmp_path: Path) -> None:
+    """A wallbox that sends before its answers arrive: its frames are read while earlier ones commit
+    (pipelined), go to the disk together, and each answer leaves only once its frame is committed, in order."""
+    server = await start_proxy(offline_config(free_port()))  # nothing listens there: offline at once
+    store = server.store
+    assert store is not None
+    count = 40
+    ids = [f"mv{k}" for k in range(count)]
+    async with trio_websocket.open_websocket_url(proxy_url(server, "CP1"), subprotocols=["ocpp1.6"]) as ws:
+        with trio.fail_after(10):
+            await ws.send_message(f'[2,"boot","BootNotification",{{"chargePointVendor":"V","chargePointModel":"M"}}]')
+            assert '"boot"' in await ws.get_message()
+        commits_before = store.commits
+        for msg_id in ids:  # all sent before any answer is read
+            await ws.send_message(f'[2,"{msg_id}","MeterValues",{{"connectorId":1,"meterValue":[{{"timestamp":'
+                                  f'"2026-11-27T08:00:00Z","sampledValue":[{{"value":"{msg_id[2:]}"}}]}}]}}]')
+        answered: list[str] = []
+        with closing(sqlite3.connect(tmp_path / "data" / DB_NAME)) as db, trio.fail_after(10):
+            while len(answered) < count:
+                msg_id = json.loads(await ws.get_message())[1]
+                stored = db.execute("SELECT count(*) FROM frames WHERE text LIKE ?", (f'%"{msg_id}"%',)).fetchone()[0]
+                assert stored == 1, f"{msg_id} answered before it was committed"
+                answered.append(msg_id)
+    assert answered == ids
+    # One commit per frame would be 40; read ahead, they share commits (the first one may go alone).
+    assert store.commits - commits_before < count / 2, store.commits - commits_before
