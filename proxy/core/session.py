@@ -112,6 +112,9 @@ ID_PREFIX = "ocpp-proxy:"
 #: How many timed-out CALLs are remembered so a late answer is still routed.
 _LATE_MEMORY = 64
 
+_CALL = MessageType.CALL
+_NEVER = float("inf")
+
 #: Rewriter(source, destination, frame) → text to send (``frame.text`` = unchanged).
 #: A rewriter changes payload fields only, never the ``[type, "id", "Action"`` prefix.
 Rewriter = Callable[[Side, Side, Frame], str]
@@ -316,8 +319,11 @@ class Session:
     #: The frame most recently classified by from_wallbox/from_upstream
     #: (for metrics, without classifying twice).
     last_frame: Frame | None = field(default=None, init=False)
+    #: ``upstreams[0]``, read on every frame (a property call costs more than the attribute).
+    _primary: Side = field(default=PRIMARY, init=False)
 
     def __post_init__(self) -> None:
+        self._primary = self.upstreams[0]
         if self.standalone:
             if self.offline is None:
                 raise ValueError("a standalone session needs an offline responder: it answers every CALL")
@@ -354,29 +360,31 @@ class Session:
 
     def from_wallbox(self, text: str, now: float) -> list[Action]:
         frame = self.last_frame = classify(text)
-        report = self._inspect(WALLBOX, frame)
+        # Per frame: a well-formed frame outside strict mode has nothing to report (no _inspect call).
+        report = None if frame.problem is None and not self.strict else self._inspect(WALLBOX, frame)
         if report is not None and report.dropped:
             return self._refuse(report)
-        if frame.kind is MessageType.CALL:
+        kind = frame.kind
+        if kind is _CALL:
             actions = self._wallbox_call(frame, now)
-        elif frame.kind is None:
-            actions = [ToUpstream(self.primary, text)]
+        elif kind is None:
+            actions = [ToUpstream(self._primary, text)]
         else:
             actions = self._wallbox_answer(frame, now)
         return actions if report is None else [report, *actions]
 
     def from_upstream(self, name: Side, text: str, now: float) -> list[Action]:
         frame = self.last_frame = classify(text)
-        report = self._inspect(name, frame)
+        report = None if frame.problem is None and not self.strict else self._inspect(name, frame)
         if report is not None and report.dropped:
             return self._refuse(report)
-        mirror = self.mirrors.get(name)
-        if frame.kind is MessageType.CALL:
+        kind = frame.kind
+        if kind is _CALL:
             actions = self._upstream_call(name, frame, now)
-        elif frame.kind is None:
-            actions = [ToWallbox(text)] if name == self.primary else []
-        elif mirror is not None:
-            actions = self._mirrored(name, mirror.from_upstream(frame, now))
+        elif kind is None:
+            actions = [ToWallbox(text)] if name == self._primary else []
+        elif self.mirrors and name in self.mirrors:
+            actions = self._mirrored(name, self.mirrors[name].from_upstream(frame, now))
         else:
             actions = self._upstream_answer(name, frame, now)
         return actions if report is None else [report, *actions]
@@ -447,18 +455,31 @@ class Session:
         return UpstreamUnresponsive(self.primary, pending.action, msg_id, waited)
 
     def next_deadline(self) -> float | None:
-        deadlines = [p.sent_at + self.call_timeout for p in self._to_wallbox.values()]
-        oldest = next(iter(self._from_wallbox.values()), None)
-        if oldest is not None:
-            deadlines.append(oldest.sent_at + 2 * self.call_timeout)
-        for mirror in self.mirrors.values():
-            deadline = mirror.next_deadline()
-            if deadline is not None:
-                deadlines.append(deadline)
-        oldest_up = self._oldest_to_primary()
-        if oldest_up is not None and self.upstream_call_timeout is not None:
-            deadlines.append(oldest_up[1].sent_at + self.upstream_call_timeout)
-        return min(deadlines, default=None)
+        """When :meth:`poll` has something to do next; None: nothing is due.
+
+        Called after every dispatch (the relay moves its timer earlier when this is), so it
+        builds nothing: one comparison per CALL outstanding on the wallbox (usually none or one),
+        the oldest wallbox CALL (insertion order = age order), mirrors only where there are any.
+        """
+        best = _NEVER
+        timeout = self.call_timeout
+        for pending in self._to_wallbox.values():
+            if pending.sent_at + timeout < best:
+                best = pending.sent_at + timeout
+        for pending in self._from_wallbox.values():
+            if pending.sent_at + 2 * timeout < best:
+                best = pending.sent_at + 2 * timeout
+            break
+        if self.mirrors:
+            for mirror in self.mirrors.values():
+                deadline = mirror.next_deadline()
+                if deadline is not None and deadline < best:
+                    best = deadline
+        if self.upstream_call_timeout is not None and self._from_wallbox:
+            oldest_up = self._oldest_to_primary()
+            if oldest_up is not None and oldest_up[1].sent_at + self.upstream_call_timeout < best:
+                best = oldest_up[1].sent_at + self.upstream_call_timeout
+        return None if best == _NEVER else best
 
     def close(self) -> list[Action]:
         """The session ends: every proxy CALL still open or waiting fails."""
@@ -510,7 +531,7 @@ class Session:
     @property
     def offline_mode(self) -> bool:
         """True while wallbox CALLs are answered locally (primary down, or its queue replaying)."""
-        return self.offline is not None and (self._replaying or self.primary in self._down)
+        return self.offline is not None and (self._replaying or self._primary in self._down)
 
     # -- introspection (tests, metrics) -----------------------------------------------
 
@@ -534,15 +555,24 @@ class Session:
         msg_id = frame.msg_id or ""
         watched = action in self.observe
         actions: list[Action] = [Observed(WALLBOX, frame, action)] if watched else []
-        if self.offline_mode:
+        if self.offline is not None and (self._replaying or self._primary in self._down):  # offline_mode
             local = self._answer_locally(frame)
             return local + self._mirror_copies(frame, now) + self._local_start(msg_id, local) + actions
         keep = frame if watched or self.offline is not None or self._journaled(frame) else None
-        self._from_wallbox.pop(msg_id, None)  # a retransmission moves to the back
-        self._from_wallbox[msg_id] = _Pending(WALLBOX, msg_id, action, now, keep)
-        sends: list[Action] = [ToUpstream(name, self._to_upstream_text(name, frame))
-                               for name in self.upstreams if name not in self._down and name not in self.mirrors]
-        return sends + self._mirror_copies(frame, now) + actions
+        from_wallbox = self._from_wallbox
+        if msg_id in from_wallbox:
+            del from_wallbox[msg_id]  # a retransmission moves to the back
+        from_wallbox[msg_id] = _Pending(WALLBOX, msg_id, action, now, keep)
+        down, mirrors = self._down, self.mirrors
+        if len(self.upstreams) == 1 and not mirrors and not self._rewriters and not self.transactions:
+            # The common pair (one backend, nothing rewritten): the text as received, or nothing while it is down.
+            sends: list[Action] = [] if self._primary in down else [ToUpstream(self._primary, frame.text)]
+        else:
+            sends = [ToUpstream(name, self._to_upstream_text(name, frame))
+                     for name in self.upstreams if name not in down and name not in mirrors]
+        if mirrors:
+            sends += self._mirror_copies(frame, now)
+        return sends + actions if actions else sends
 
     def _mirror_copies(self, frame: Frame, now: float) -> list[Action]:
         """Secondaries get their copies through their mirrors, whatever the primary's state."""
@@ -593,26 +623,34 @@ class Session:
                      if e.kind != "meter" or e.meter_wh is not None or e.signed)
 
     def _upstream_answer(self, name: Side, frame: Frame, now: float) -> list[Action]:
-        pending = self._from_wallbox.get(frame.msg_id or "")
+        msg_id = frame.msg_id or ""
+        pending = self._from_wallbox.get(msg_id)
+        primary = name == self._primary
+        if pending is None:
+            return [ToWallbox(frame.text)] if primary else []
+        call = pending.call
+        if call is None and not self.mirrors:  # the common case: nothing to learn, log, observe or mirror
+            if primary:
+                del self._from_wallbox[msg_id]
+                return [ToWallbox(frame.text), CallCompleted(name, pending.action, now - pending.sent_at)]
+            return [CallCompleted(name, pending.action, now - pending.sent_at)]
+        if call is not None and pending.origin == REPLAY and primary:
+            del self._from_wallbox[msg_id]
+            self._learn(call, frame)
+            return [CallCompleted(name, pending.action, now - pending.sent_at), Replayed(call, frame)]
         actions: list[Action] = []
-        if pending is not None and pending.origin == REPLAY and name == self.primary:
-            del self._from_wallbox[frame.msg_id or ""]
-            assert pending.call is not None
-            self._learn(pending.call, frame)
-            return [CallCompleted(name, pending.action, now - pending.sent_at), Replayed(pending.call, frame)]
-        if pending is not None and pending.call is not None and name == self.primary:
-            self._learn(pending.call, frame)
-        if name == self.primary:
-            logged = self._log_events(pending.call, frame) if pending is not None and pending.call else ()
-            actions.append(LogSession(logged, frame.msg_id or "", frame.text) if logged else ToWallbox(frame.text))
-            if pending is not None:
-                del self._from_wallbox[frame.msg_id or ""]
-                if pending.action == "StartTransaction" and self.mirrors:
-                    actions += self.wallbox_transaction(frame.msg_id or "", frame)
-        if pending is not None:
-            actions.append(CallCompleted(name, pending.action, now - pending.sent_at))
-            if pending.call is not None and name == self.primary and pending.action in self.observe:
-                actions.append(Observed(name, frame, pending.action, pending.call))
+        if primary:
+            logged: tuple[SessionEvent, ...] = ()
+            if call is not None:
+                self._learn(call, frame)
+                logged = self._log_events(call, frame)
+            actions.append(LogSession(logged, msg_id, frame.text) if logged else ToWallbox(frame.text))
+            del self._from_wallbox[msg_id]
+            if pending.action == "StartTransaction" and self.mirrors:
+                actions += self.wallbox_transaction(msg_id, frame)
+        actions.append(CallCompleted(name, pending.action, now - pending.sent_at))
+        if call is not None and primary and pending.action in self.observe:
+            actions.append(Observed(name, frame, pending.action, call))
         return actions
 
     def wallbox_transaction(self, msg_id: str, answer: Frame) -> list[Action]:

@@ -204,6 +204,9 @@ class Limiter(Listener):
         paired.session.tap(TAP_OWNER, Tap(OBSERVE, {REWRITTEN: self._rewriter(control)}))
         self.coordinator.attach(charger_id, settings, _now())
 
+    #: What :meth:`action` reads (the relay calls it for these only).
+    actions = frozenset({ProxyAnswer, Observed})
+
     def action(self, paired: PairedSession, action: Action) -> None:
         match action:
             case ProxyAnswer(msg_id=msg_id):

@@ -109,6 +109,8 @@ def _tail_problem(text: str, pos: int, kind: MessageType, has_third: bool) -> st
 
 
 _KINDS = {"2": MessageType.CALL, "3": MessageType.CALLRESULT, "4": MessageType.CALLERROR}
+_CALL = MessageType.CALL
+_new_frame = tuple.__new__
 
 
 def classify(text: str) -> Frame:
@@ -116,23 +118,25 @@ def classify(text: str) -> Frame:
     match = _PREFIX.match(text)
     if match is None:
         return Frame(text, None, problem="not an OCPP-J array [type, id, ...]")
-    kind = _KINDS[match.group(1)]
-    raw_id = match.group(2)
-    third = match.group(3)
-    try:
-        msg_id = _decode_string(raw_id)
-        action = _decode_string(third) if third is not None else None
-    except ValueError:
-        return Frame(text, None, problem="invalid string escape in id or action")
+    digit, msg_id, action = match.groups()
+    kind = _KINDS[digit]
+    # Per frame: ids and actions without escapes (all but a few) are used as they are, without a call.
+    if "\\" in msg_id or (action is not None and "\\" in action):
+        try:
+            msg_id = _decode_string(msg_id)
+            action = _decode_string(action) if action is not None else None
+        except ValueError:
+            return Frame(text, None, problem="invalid string escape in id or action")
     end = match.end()
     # Compact frames (what nearly every peer sends) need no whitespace skipping.
-    if (text[end:end + 2] == ",{" and text[-1] == "]" and (third is not None) is (kind is MessageType.CALL)):
+    if (text[end:end + 2] == ",{" and text[-1] == "]" and (action is not None) is (kind is _CALL)):
         problem = None
     else:
-        problem = _tail_problem(text, end, kind, third is not None)
+        problem = _tail_problem(text, end, kind, action is not None)
     if problem is None and len(msg_id) > MAX_ID_LENGTH:
         problem = f"message id longer than {MAX_ID_LENGTH} characters"
-    return Frame(text, kind, msg_id, action, match.span(2), problem)
+    # tuple.__new__ directly: a NamedTuple's own __new__ is a Python function (one more call per frame).
+    return _new_frame(Frame, (text, kind, msg_id, action, match.span(2), problem))
 
 
 def strict_problem(frame: Frame) -> str | None:

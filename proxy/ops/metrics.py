@@ -617,6 +617,9 @@ class MetricsListener(Listener):
         for name, mirror in paired.session.mirrors.items():
             self.metrics.set_secondary_queue(paired.charger_id, name, mirror.depth)
 
+    #: What :meth:`action` counts (the relay calls it for these only).
+    actions = frozenset({CallCompleted, Malformed, ProxyAnswer, ProxyCallFailed, MirrorDropped, Policed})
+
     def action(self, paired: PairedSession, action: Action) -> None:
         metrics = self.metrics
         if type(action) is CallCompleted:  # every answered CALL: an exact-type check, as in the relay's loop

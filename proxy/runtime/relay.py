@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import trio
 
@@ -45,6 +45,7 @@ from proxy.core.session import (
     PROXY,
     WALLBOX,
     Action,
+    CallCompleted,
     LogSession,
     Malformed,
     Persist,
@@ -61,6 +62,8 @@ from proxy.core.session import (
 #: Why the proxy ended an upstream connection that stopped working: a send blocked for
 #: ``stall_timeout``, a CALL unanswered for ``call_timeout``, a ping unanswered.
 GiveUp = Literal["stall", "call_timeout", "ping_timeout"]
+
+_perf_counter = time.perf_counter
 
 #: Frames queued towards one connection before the producing pump waits.
 OUTBOX_LIMIT = 64
@@ -91,6 +94,11 @@ class Listener:
     gets ``Leg.PROXY`` when the proxy ended the pair (shutdown, replacement).
     """
 
+    #: The action types :meth:`action` wants (exact types); None: every one. The relay calls
+    #: :meth:`action` only for these, and :meth:`frame_received` only where a listener overrides it:
+    #: most actions (a forwarded CALL's CallCompleted) concern one listener of several.
+    actions: ClassVar[frozenset[type] | None] = None
+
     def session_opened(self, paired: PairedSession) -> None: ...
     def session_closed(self, paired: PairedSession, side: Side, code: int, reason: str) -> None: ...
     def frame_received(self, paired: PairedSession, source: Side, frame: Frame, size: int) -> None: ...
@@ -103,6 +111,32 @@ class Listener:
     def storage_error(self, operation: str, detail: str) -> None: ...
     def upstream_given_up(self, paired: PairedSession, name: Side, kind: GiveUp) -> None: ...
     def modbus_wallbox(self, charger: str, up: bool) -> None: ...
+
+class Listeners(tuple[Listener, ...]):
+    """A pair's listeners, with what each one wants worked out once and shared by every pair.
+
+    Iterates as the listeners; :attr:`frames` are the ``frame_received`` methods of those that
+    override it, :meth:`for_action` the ``action`` methods that want an action type.
+    """
+
+    frames: tuple[Callable[[PairedSession, Side, Frame, int], None], ...]
+    _by_type: dict[type, tuple[Callable[[PairedSession, Action], None], ...]]
+
+    def __new__(cls, listeners: Iterable[Listener] = ()) -> Listeners:
+        self = super().__new__(cls, listeners)
+        self.frames = tuple(lst.frame_received for lst in self
+                            if type(lst).frame_received is not Listener.frame_received)
+        self._by_type = {}
+        return self
+
+    def for_action(self, kind: type) -> tuple[Callable[[PairedSession, Action], None], ...]:
+        found = self._by_type.get(kind)
+        if found is None:
+            found = self._by_type[kind] = tuple(
+                lst.action for lst in self
+                if type(lst).action is not Listener.action and (lst.actions is None or kind in lst.actions))
+        return found
+
 
 #: Opens one upstream connection for the duration of a block (raises UpstreamUnavailable).
 Connector = Callable[[], AbstractAsyncContextManager[Any]]
@@ -128,8 +162,6 @@ class _Step:
     tickets: list[list[Ticket] | StorageError | None]
 
 
-#: Actions whose changes are committed before anything after them is sent.
-_COMMITTED = (Persist, LogSession)
 
 
 class _Violation(Exception):
@@ -250,7 +282,8 @@ class PairedSession:
         self.upstreams: dict[str, Connection] = {n: c for n, c in upstreams.items() if c is not None}
         self.log = log
         self.settings = settings
-        self.listeners = list(listeners)
+        # Shared with every pair of the same listeners (the server passes one Listeners).
+        self.listeners = listeners if type(listeners) is Listeners else Listeners(listeners)
         self.reconnect = reconnect or {}
         self.queue = queue
         #: Frames of this charger in the offline queue (kept exact: the replay decision uses it).
@@ -262,6 +295,8 @@ class PairedSession:
         self.upstream_connects: dict[str, int] = {}
         self._wallbox_out = Outbox(wallbox)
         self._upstream_out = {name: self._outbox(name, conn) for name, conn in self.upstreams.items()}
+        #: ``_upstream_out``'s outboxes, for the flush after every frame (no list built per frame).
+        self._upstream_outboxes = tuple(self._upstream_out.values())
         #: Why the proxy gave an upstream up (stall, unanswered CALL), for the log of its loss.
         self._given_up: dict[str, str] = {}
         self._ending_soon = False
@@ -283,6 +318,8 @@ class PairedSession:
         # The timer task sleeps in this scope; a new earlier deadline moves the
         # scope's deadline instead of waking the task (no task switch per frame).
         self._timer = trio.CancelScope()
+        #: The timer's deadline, compared after every dispatch (the scope's property is a call).
+        self._wake_at = float("inf")
         self._next_ping = float("inf")
         self._ending = False
         self._cancel: trio.CancelScope | None = None
@@ -372,11 +409,21 @@ class PairedSession:
     async def _pump_wallbox(self) -> None:
         get, receive = self.wallbox.get_message, self.session.from_wallbox
         steps = self._steps
+        # Per frame: the run's clock itself (trio.current_time() is two calls more); a text
+        # under a quarter of the limit cannot be over it in UTF-8, so _check is for the others.
+        now, quarter = trio.lowlevel.current_clock().current_time, self.settings.max_message_bytes // 4
         while True:
-            text = self._check(await get())
-            self._read_at = time.perf_counter()
-            actions = receive(text, trio.current_time())
-            if steps or any(type(action) in _COMMITTED for action in actions):
+            message = await get()
+            text = message if type(message) is str and len(message) <= quarter else self._check(message)
+            self._read_at = _perf_counter()
+            actions = receive(text, now())
+            pipelined = bool(steps)
+            if not pipelined:  # (a loop, not any() over a generator: this runs for every frame)
+                for action in actions:
+                    if type(action) is Persist or type(action) is LogSession:
+                        pipelined = True
+                        break
+            if pipelined:
                 # Pipelined: the frame's change joins the next commit now and the next frame is read
                 # while it commits; _answer_steps answers in order once each is committed.
                 self._received(WALLBOX)
@@ -413,10 +460,10 @@ class PairedSession:
             start = 0
             for index, tickets in enumerate(step.tickets):
                 if tickets is not None:
-                    self._dispatch(step.actions[start:index])
+                    self._dispatch(step.actions[start:index], 0)
                     await self._complete(step.actions[index], tickets)  # type: ignore[arg-type]
                     start = index + 1
-            self._dispatch(step.actions[start:] if start else step.actions)
+            self._dispatch(step.actions[start:] if start else step.actions, 0)
             steps.pop(0)
             self._steps_done += 1
             if self._step_watched:
@@ -441,9 +488,11 @@ class PairedSession:
 
     async def _pump_upstream(self, name: Side, connection: Connection) -> None:
         get, receive = connection.get_message, self.session.from_upstream
+        now, quarter = trio.lowlevel.current_clock().current_time, self.settings.max_message_bytes // 4
         while True:
-            text = self._check(await get())
-            await self._handle(name, receive(name, text, trio.current_time()))
+            message = await get()
+            text = message if type(message) is str and len(message) <= quarter else self._check(message)
+            await self._handle(name, receive(name, text, now()))
             await self._flush()
             if self.drain:
                 self._check_drained()  # a secondary's answer may have emptied its queue
@@ -498,6 +547,7 @@ class PairedSession:
             return
         self.upstreams[name] = connection
         self._upstream_out[name] = self._outbox(name, connection)
+        self._upstream_outboxes = tuple(self._upstream_out.values())
         self.upstream_connects[name] = self.upstream_connects.get(name, 0) + 1
         # A frame still committing (pipelined) counts: replay must not leave it behind in the queue.
         replay = name == self.session.primary and (self.queued > 0 or bool(self._steps))
@@ -530,6 +580,7 @@ class PairedSession:
             return
         del self.upstreams[name]
         self._upstream_out.pop(name, None)
+        self._upstream_outboxes = tuple(self._upstream_out.values())
         await self._lost(name, self._given_up.pop(name, "") or f"closed with {code} {reason}".strip())
 
     def _outbox(self, name: Side, connection: Connection) -> Outbox:
@@ -708,11 +759,12 @@ class PairedSession:
         await self._dispatch_all(actions)
 
     def _received(self, source: Side) -> None:
-        if self.listeners:
+        frames = self.listeners.frames
+        if frames:
             frame = self.session.last_frame
             if frame is not None:
-                for listener in self.listeners:
-                    listener.frame_received(self, source, frame, len(frame.text))
+                for frame_received in frames:
+                    frame_received(self, source, frame, len(frame.text))
 
     async def _execute(self, actions: list[Action]) -> None:
         await self._dispatch_all(actions)
@@ -720,53 +772,64 @@ class PairedSession:
 
     async def _dispatch_all(self, actions: list[Action]) -> None:
         """Dispatch in order; a Persist or LogSession is committed before anything after it is queued."""
-        start = 0
-        for index, action in enumerate(actions):
+        stop = self._dispatch(actions, 0)
+        while stop >= 0:
+            action = actions[stop]
             if isinstance(action, (Persist, LogSession)):
-                self._dispatch(actions[start:index])
                 await self._complete(action, self._enqueue(action))
-                start = index + 1
-        self._dispatch(actions[start:] if start else actions)
+            stop = self._dispatch(actions, stop + 1)
 
-    def _dispatch(self, actions: list[Action]) -> None:
-        # Per frame: exact-type checks (mypy narrows them) instead of class patterns, which cost an
-        # isinstance call and a list per match (about 2 % of the session + dispatch + metrics path).
-        for action in actions:
+    def _dispatch(self, actions: list[Action], start: int) -> int:
+        """Queue sends and notify from ``actions[start:]`` up to a Persist or LogSession: its index, else -1.
+
+        Per frame: exact-type checks (mypy narrows them) instead of class patterns, which cost an
+        isinstance call and a list per match; one pass, no slices.
+        """
+        index = start
+        for action in actions if not start else actions[start:]:
             if type(action) is ToUpstream:
                 outbox = self._upstream_out.get(action.name)
                 if outbox is not None:
                     outbox.put(action.text)
             elif type(action) is ToWallbox:
                 self._wallbox_out.put(action.text)
+            elif type(action) is Persist or type(action) is LogSession:
+                break
             else:
                 self._notify(action)
+            index += 1
+        else:
+            index = -1
         deadline = self.session.next_deadline()
-        if deadline is not None and deadline < self._timer.deadline:
-            self._timer.deadline = deadline
+        if deadline is not None and deadline < self._wake_at:
+            self._wake_at = self._timer.deadline = deadline
+        return index
 
     async def _flush(self) -> None:
         # An empty outbox has nothing to write or wait for: skip the call.
-        if self._wallbox_out.pending:
+        if self._wallbox_out._queue:
             await self._wallbox_out.flush()
-        for outbox in list(self._upstream_out.values()):  # a link may (re)connect meanwhile
-            if outbox.pending:
+        for outbox in self._upstream_outboxes:  # a tuple: a link may (re)connect meanwhile
+            if outbox._queue:
                 await outbox.flush()
 
     def _notify(self, action: Action) -> None:
-        match action:
-            case Replayed(call=call, answer=answer):
-                self._wake(self._replay_waiters.get(call.msg_id or ""), answer)
-            case ProxyAnswer(msg_id=msg_id, frame=frame):
-                self._wake(self._waiters.get(msg_id), frame)
-            case ProxyCallFailed(msg_id=msg_id, reason=reason):
-                self._wake(self._waiters.get(msg_id), reason)
-            case UpstreamUnresponsive():
-                self._unresponsive(action)
-            case Malformed(source=source, frame=frame, problem=problem, dropped=dropped):
-                self.log.warning("malformed_frame", source=source, problem=problem, dropped=dropped,
-                                 head=frame.text[:200])
-        for listener in self.listeners:
-            listener.action(self, action)
+        kind = type(action)
+        if kind is not CallCompleted:  # every answered CALL: nothing for the pair itself to do
+            match action:
+                case Replayed(call=call, answer=answer):
+                    self._wake(self._replay_waiters.get(call.msg_id or ""), answer)
+                case ProxyAnswer(msg_id=msg_id, frame=frame):
+                    self._wake(self._waiters.get(msg_id), frame)
+                case ProxyCallFailed(msg_id=msg_id, reason=reason):
+                    self._wake(self._waiters.get(msg_id), reason)
+                case UpstreamUnresponsive():
+                    self._unresponsive(action)
+                case Malformed(source=source, frame=frame, problem=problem, dropped=dropped):
+                    self.log.warning("malformed_frame", source=source, problem=problem, dropped=dropped,
+                                     head=frame.text[:200])
+        for action_listener in self.listeners.for_action(kind):
+            action_listener(self, action)
 
     @staticmethod
     def _wake(waiter: tuple[trio.Event, list[Any]] | None, result: Frame | str) -> None:
@@ -798,6 +861,7 @@ class PairedSession:
         while True:
             deadline = self.session.next_deadline()
             wake = self._next_ping if deadline is None else min(deadline, self._next_ping)
+            self._wake_at = wake
             with trio.CancelScope(deadline=wake) as self._timer:
                 await trio.sleep_forever()
             now = trio.current_time()
@@ -814,8 +878,8 @@ class PairedSession:
                 wait = interval if side == WALLBOX else min(interval, self.settings.stall_timeout)
                 nursery.start_soon(self._ping, side, connection, wait)
         self._next_ping = trio.current_time() + interval
-        if self._next_ping < self._timer.deadline:
-            self._timer.deadline = self._next_ping
+        if self._next_ping < self._wake_at:
+            self._wake_at = self._timer.deadline = self._next_ping
 
     async def _ping(self, side: Side, connection: Connection, timeout: float) -> None:
         with trio.move_on_after(timeout) as scope:

@@ -222,6 +222,10 @@ class SecondaryListener(Listener):
     def __init__(self, secondaries: Secondaries) -> None:
         self.secondaries = secondaries
 
+    #: What :meth:`action` records or logs (the relay calls it for these only).
+    actions = frozenset({TxMapped, MirrorQueued, MirrorUnqueued, MirrorState, MirrorStartKnown, MirrorDropped,
+                         Policed})
+
     def action(self, paired: PairedSession, action: Action) -> None:
         match action:
             case TxMapped(upstream=upstream, wallbox_tx=wallbox_tx, upstream_tx=upstream_tx):

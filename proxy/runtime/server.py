@@ -38,7 +38,7 @@ from proxy.messages.ocppj import MessageType, build_error, classify
 from proxy.storage.interface import Storage, StorageError, StorageUnusable
 from proxy.storage.offline_queue import DB_NAME, AsyncQueue, SqliteStorage
 from proxy.wire.tls_listener import Secured, SecureLayer
-from proxy.runtime.relay import Connection, Connector, Listener, PairedSession, SessionSettings
+from proxy.runtime.relay import Connection, Connector, Listener, Listeners, PairedSession, SessionSettings
 from proxy.runtime.leases import UNREACHABLE, LeaseKeeper
 from proxy.runtime.secondary import Secondaries
 from proxy.core.session import PRIMARY, PROXY, Session, Side
@@ -96,8 +96,20 @@ class ProxyServer:
         #: Secondary upstreams: mirrors kept across sessions, their transaction ids (issue 10).
         self.secondaries = Secondaries(config)
         self._relay_only_seen: set[str] = set()
+        self._shared_listeners: dict[bool, Listeners] = {}
         if self.secondaries.configured:
             self.listeners.append(self.secondaries.listener)
+
+    def _listeners(self, drain: bool) -> Listeners:
+        """The pairs' listeners, one shared :class:`Listeners` (what each wants is worked out once).
+
+        An absent wallbox is not load-managed: the limiter does not hear of a drain.
+        """
+        wanted = tuple(lst for lst in self.listeners if not (drain and lst is self.limiter))
+        shared = self._shared_listeners.get(drain)
+        if shared is None or tuple(shared) != wanted:
+            shared = self._shared_listeners[drain] = Listeners(wanted)
+        return shared
 
     # -- lifetime -----------------------------------------------------------------------
 
@@ -532,7 +544,7 @@ class ProxyServer:
         upstreams: dict[Side, Connection | None] = {} if standalone else {PRIMARY: upstream}
         upstreams.update(dict.fromkeys(secondaries))
         # An absent wallbox is not load-managed: the limiter does not hear of a drain.
-        listeners = [lst for lst in self.listeners if lst is not self.limiter] if drain else self.listeners
+        listeners = self._listeners(drain)
         paired = PairedSession(charger_id, session, wallbox, upstreams, log=log,
                                settings=self._session_settings(), listeners=listeners,
                                reconnect=reconnect, queue=self._store, queued=queued, subprotocol=subprotocol,
