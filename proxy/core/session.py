@@ -436,7 +436,7 @@ class Session:
 
     def _oldest_to_primary(self) -> tuple[str, _Pending] | None:
         """The oldest CALL the primary owes an answer (a wallbox's or a replayed one), while it is up."""
-        if self.upstream_call_timeout is None or self._unresponsive or self.primary in self._down:
+        if self.upstream_call_timeout is None or self._unresponsive or self._primary in self._down:
             return None
         for msg_id, pending in self._from_wallbox.items():  # insertion order = age order
             if pending.origin in (WALLBOX, REPLAY):
@@ -641,9 +641,11 @@ class Session:
         actions: list[Action] = []
         if primary:
             logged: tuple[SessionEvent, ...] = ()
-            if call is not None:
-                self._learn(call, frame)
-                logged = self._log_events(call, frame)
+            if call is not None:  # (kept for offline mode: a learning action, the session log, an observer)
+                if self.offline is not None and call.action in LEARNING_ACTIONS:
+                    self._learn(call, frame)
+                if self.journal:
+                    logged = self._log_events(call, frame)
             actions.append(LogSession(logged, msg_id, frame.text) if logged else ToWallbox(frame.text))
             del self._from_wallbox[msg_id]
             if pending.action == "StartTransaction" and self.mirrors:

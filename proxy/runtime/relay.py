@@ -828,7 +828,8 @@ class PairedSession:
                 case Malformed(source=source, frame=frame, problem=problem, dropped=dropped):
                     self.log.warning("malformed_frame", source=source, problem=problem, dropped=dropped,
                                      head=frame.text[:200])
-        for action_listener in self.listeners.for_action(kind):
+        listeners = self.listeners
+        for action_listener in listeners._by_type.get(kind) or listeners.for_action(kind):
             action_listener(self, action)
 
     @staticmethod

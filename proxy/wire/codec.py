@@ -157,7 +157,12 @@ def encode(opcode: int, payload: bytes, mask: bool) -> bytes:
         head = _PACK_LONG(0x80 | opcode, bit | 127, n)
     if not mask:
         return head + payload
-    key = mask_key()
+    global _pool, _pool_at  # mask_key(), inline: this runs for every frame sent upstream
+    at = _pool_at
+    if at >= _POOL_BYTES:
+        _pool, at = os.urandom(_POOL_BYTES), 0
+    _pool_at = at + 4
+    key = _pool[at:at + 4]
     return head + key + (_xor(payload, key) if n else b"")
 
 

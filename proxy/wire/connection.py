@@ -240,11 +240,19 @@ class WsConnection:
         if self._reason is not None or self._close_sent:
             raise ConnectionClosed(self._reason or CloseReason(1000, None))
         if isinstance(message, str):
-            await self._write(_encode(_TEXT, message.encode("utf-8"), self.is_client))
+            data = _encode(_TEXT, message.encode("utf-8"), self.is_client)
         elif isinstance(message, bytes):
-            await self._write(_encode(_BINARY, message, self.is_client))
+            data = _encode(_BINARY, message, self.is_client)
         else:
             raise ValueError("message must be str or bytes")
+        raw = self._raw
+        if raw is not None and not self._writing and not self._stream_closed:
+            # Per frame: the socket takes the frame at once (no _write coroutine); else _write goes on.
+            sent = self._send_now(raw, data)
+            if sent != len(data):
+                await self._write(data, sent)
+            return
+        await self._write(data)
 
     async def ping(self, payload: bytes | None = None) -> None:
         """Send a ping and wait for its pong (raises ConnectionClosed if the connection ends)."""
@@ -261,9 +269,10 @@ class WsConnection:
         if self._reason is not None and self._close_seen.is_set():
             raise ConnectionClosed(self._reason)
 
-    async def _write(self, data: bytes) -> None:
+    async def _write(self, data: bytes, sent: int = -1) -> None:
         """Write all of ``data``; without waiting when the socket takes it at once.
 
+        ``sent``: how much of ``data`` the caller already wrote to the socket (-1: none tried).
         Only a write that has to wait (the peer is not reading, or another frame is
         being written) is bounded by ``send_timeout``: the common case sets up no
         cancel scope.
@@ -272,15 +281,11 @@ class WsConnection:
             raise ConnectionClosed(self._reason or CloseReason(_ABNORMAL, None))
         raw = self._raw
         rest: memoryview | None = None
-        if raw is not None and not self._writing:
-            try:
-                sent = raw.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                self._broken()
-            if sent == len(data):
-                return
+        if raw is not None and (sent >= 0 or not self._writing):
+            if sent < 0:
+                sent = self._send_now(raw, data)
+                if sent == len(data):
+                    return
             rest = memoryview(data)[sent:]
             self._writing = True  # taken before any await: the rest of this frame goes next
         if self.send_timeout is None:
@@ -294,6 +299,15 @@ class WsConnection:
                 self._reason = CloseReason(_ABNORMAL, f"a send waited {self.send_timeout:g} s for the peer to read")
             self._finish()  # closing will not wait for the peer to answer a close it never got
             raise SendTimeout(self._reason)
+
+    def _send_now(self, raw: socket.socket, data: bytes) -> int:
+        """What the socket takes of ``data`` without waiting (0: its buffer is full)."""
+        try:
+            return raw.send(data)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            self._broken()
 
     async def _write_waiting(self, raw: socket.socket | None, data: bytes, rest: memoryview | None) -> None:
         """The rest of a frame this task started writing (``rest``), or all of ``data`` once no other

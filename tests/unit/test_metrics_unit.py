@@ -122,3 +122,35 @@ def test_frames_counted_between_scrapes_are_all_reported_once() -> None:
     metrics.frame("wallbox", heartbeat, len(heartbeat.text))
     assert metrics.registry.get_sample_value(
         "ocpp_proxy_frames_total", {"source": "wallbox", "type": "call", "action": "Heartbeat"}) == 4
+
+
+def test_call_durations_read_as_prometheus_client_s_own_histogram() -> None:
+    """The round-trip histogram is kept as plain counts: its text is what ``Histogram.observe`` gives.
+
+    Edges included: a value exactly on a bound belongs to it (``le``), one over the largest to +Inf;
+    an unknown action counts under "other" (and is not cached under its own name).
+    """
+    from prometheus_client import CollectorRegistry, Histogram
+
+    from proxy.ops.metrics import CALL_BUCKETS
+
+    observed = [("primary", "Heartbeat", 0.0), ("primary", "Heartbeat", 0.005), ("primary", "Heartbeat", 0.0051),
+                ("primary", "Heartbeat", 60.0), ("primary", "Heartbeat", 61.0), ("wallbox", "Reset", 0.3),
+                ("primary", "NoSuchAction", 1.0), ("primary", "NoSuchAction2", 2.0), ("ems", "MeterValues", 0.02)]
+    metrics = Metrics(["CP1"])
+    reference_registry = CollectorRegistry()
+    reference = Histogram("ocpp_proxy_call_duration_seconds",
+                          "CALL round trip, by the leg that answered (wallbox, backend) and action",
+                          ["leg", "action"], buckets=CALL_BUCKETS, registry=reference_registry)
+    labels = {"primary": "backend", "wallbox": "wallbox", "ems": "secondary"}
+    for leg, action, seconds in observed:
+        metrics.call_completed(leg, action, seconds)
+        reference.labels(labels[leg], action_label(action)).observe(seconds)
+    mine = {key: v for key, v in scrape(metrics).items() if key[0].startswith("ocpp_proxy_call_duration")}
+    theirs = {key: v for key, v in parse(generate_latest(reference_registry).decode())[1].items()
+              if not key[0].endswith("_created")}
+    assert mine == theirs
+    assert value(mine, "ocpp_proxy_call_duration_seconds_count", leg="backend", action="other") == 2
+    assert value(mine, "ocpp_proxy_call_duration_seconds_bucket", leg="backend", action="Heartbeat", le="0.005") == 2
+    assert value(mine, "ocpp_proxy_call_duration_seconds_bucket", leg="backend", action="Heartbeat", le="60.0") == 4
+    assert value(mine, "ocpp_proxy_call_duration_seconds_bucket", leg="backend", action="Heartbeat", le="+Inf") == 5
