@@ -12,6 +12,7 @@ from proxy.config.schema import (  # noqa: F401
     ChargerBase as ChargerBase,
     actions_problem as actions_problem,
     ChargerSettings as ChargerSettings,
+    ConnectorSettings as ConnectorSettings,
     Config as Config,
     EmsSettings as EmsSettings,
     InlineSecondary as InlineSecondary,

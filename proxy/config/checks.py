@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from proxy.config.problems import LineIndex, Problem
-from proxy.config.schema import ChargerBase, Config, parse_listen
+from proxy.config.schema import ChargerBase, ChargerSettings, Config, ConnectorSettings, parse_listen
 from proxy.core.policy import ANY, COMMANDS, MODES, conflicts
 from proxy.messages.versions import KNOWN, RELAY_ONLY, SUPPORTED
 
@@ -39,7 +39,55 @@ def cross_checks(config: Config, index: LineIndex, failed: frozenset[str] = froz
     problems += _subprotocol_checks(config, index)
     problems += _secondary_checks(config, index)
     problems += _modbus_checks(config, index)
+    problems += _connector_checks(config, index)
     return problems
+
+
+def connector_max(charger: ChargerBase, connector: ConnectorSettings) -> float:
+    """A connector's max_current with its default (0: the charger's)."""
+    return connector.max_current or charger.max_current
+
+
+def connector_min(charger: ChargerBase, connector: ConnectorSettings) -> float:
+    return charger.min_current if connector.min_current < 0 else connector.min_current
+
+
+def connector_phases(charger: ChargerBase, connector: ConnectorSettings) -> int:
+    return connector.phases or charger.phases
+
+
+def _connector_checks(config: Config, index: LineIndex) -> list[Problem]:
+    """Per-connector settings that cannot work: the connector does not exist as numbered, is listed twice, or
+    asks for more than its wallbox (which stays bounded by its own max_current)."""
+    problems: list[Problem] = []
+
+    def problem(key: str, message: str) -> None:
+        problems.append(Problem(key, message, index.find(key) or index.find(key.rpartition(".")[0])))
+
+    for i, charger in enumerate(config.chargers):
+        base = f"chargers[{i}]"
+        seen: dict[int, str] = {}
+        for j, connector in enumerate(charger.connectors):
+            key = f"{base}.connectors[{j}]"
+            if connector.id in seen:
+                problem(f"{key}.id", f"connector {connector.id} is listed twice (also {seen[connector.id]})")
+            seen.setdefault(connector.id, key)
+            top, least = connector_max(charger, connector), connector_min(charger, connector)
+            if top > charger.max_current:
+                problem(f"{key}.max_current", f"{top:g} A is above the charger's max_current "
+                        f"({charger.max_current:g} A): the wallbox as a whole stays bounded by it")
+            if least > top:
+                problem(f"{key}.min_current", f"{least:g} A is above the connector's max_current ({top:g} A)")
+            if connector_phases(charger, connector) > charger.phases:
+                problem(f"{key}.phases", f"{connector.phases} is more than the charger's phases ({charger.phases})")
+        if charger.connectors and charger.unit == "W":
+            problem(f"{base}.unit", "per-connector limits are sent in A: unit = \"W\" cannot be combined with "
+                    "[[chargers.connectors]]")
+    return problems
+
+
+def has_connectors(charger: ChargerBase) -> bool:
+    return isinstance(charger, ChargerSettings) and bool(charger.connectors)
 
 
 def standalone_notes(config: Config) -> list[str]:

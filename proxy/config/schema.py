@@ -296,6 +296,24 @@ class ChargerBase:
                         choices=("A", "W"))
 
 
+@dataclass(frozen=True)
+class ConnectorSettings:
+    """``[[chargers.connectors]]``: one connector of a multi-connector wallbox as its own load point
+    (docs/load-management.md, "Connectors as load points")."""
+
+    id: int = required("connector number as the wallbox reports it (connectorId in OCPP 1.6, evseId in 2.0.1), "
+                       "1 or more", check=positive)
+    max_current: float = setting(0.0, "most current per phase this connector may get, A; 0: the charger's "
+                                 "max_current", check=non_negative)
+    min_current: float = setting(-1.0, "least current per phase a car can charge with here, A; -1: the charger's "
+                                 "min_current", check=lambda v: None if v >= 0 or v == -1
+                                 else "must be -1 or 0 or greater")
+    phases: int = setting(0, "phases this connector draws on (the charger's first ones); 0: the charger's phases",
+                          check=lambda v: None if v in (0, 1, 2, 3) else "must be 0, 1, 2 or 3")
+    priority: int = setting(0, "added to the charger's priority: higher is served first when the site is short")
+    enabled: bool = setting(True, "false: this connector is held at 0 A (paused) while the others charge")
+
+
 @dataclass(frozen=True, kw_only=True)
 class ChargerSettings(ChargerBase):
     """A wallbox that connects over OCPP."""
@@ -307,6 +325,9 @@ class ChargerSettings(ChargerBase):
     allow_unauthenticated: bool = setting(False, "admit this wallbox with no credential at all (no password, "
                                           "no client certificate); without it such a charger is refused by "
                                           "check-config unless the wallbox port listens on loopback only")
+    connectors: list[ConnectorSettings] = field(default_factory=list, metadata={
+        "doc": "per-connector load management: each connector listed is its own load point (absent: the "
+               "wallbox is one load point, its connectors share its limit)"})
 
 
 @dataclass(frozen=True, kw_only=True)

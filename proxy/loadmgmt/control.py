@@ -90,6 +90,8 @@ class ControlSettings:
     phases: int = 3
     voltage: float = 230.0
     retry: float = 5.0
+    #: The connectors that are load points of their own (empty: the wallbox is one load point).
+    connectors: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -106,13 +108,16 @@ class Command:
     #: The highest current (A per phase) the wallbox may apply once it accepts this; None: not
     #: capped by it (a Clear of the proxy's profile).
     amps: float | None = None
+    #: The connector the profile is on (0: the whole wallbox).
+    connector: int = 0
 
     def describe(self) -> dict[str, Any]:
+        where = {"connector": self.connector} if self.connector else {}
         if self.kind == "clear":
-            return {"profile_id": self.payload.get("id")}
+            return {"profile_id": self.payload.get("id"), **where}
         profile = self.payload["csChargingProfiles"]
         period = profile["chargingSchedule"]["chargingSchedulePeriod"]
-        return {"profile_id": profile["chargingProfileId"], "purpose": profile["chargingProfilePurpose"],
+        return {**where, "profile_id": profile["chargingProfileId"], "purpose": profile["chargingProfilePurpose"],
                 "stack_level": profile["stackLevel"], "unit": profile["chargingSchedule"]["chargingRateUnit"],
                 "limit": period[0]["limit"] if len(period) == 1 else [p["limit"] for p in period]}
 
@@ -142,6 +147,11 @@ class Control:
         #: While ``own`` is UNKNOWN: whether it may be gone (a reboot, a backend Clear), rather than
         #: still what was last installed (a reconnect).
         self.own_may_be_gone = False
+        #: Connector load points: the proxy's TxDefaultProfile on each connector, as ``own`` (and whether it
+        #: may be gone), and the limit each connector should have.
+        self.own_at: dict[int, Signature | None | _Unknown] = {}
+        self.gone_at: dict[int, bool] = {}
+        self.connector_local: dict[int, float | None] = {}
         #: Refusals or lost answers in a row (the retry wait doubles with each).
         self.failures = 0
         self.rejected: set[Any] = set()
@@ -165,11 +175,32 @@ class Control:
             self.strategy = settings.strategy
             self.rejected.clear()
         self.settings = settings
+        for n in settings.connectors:
+            self.own_at.setdefault(n, UNKNOWN)
+            self.gone_at.setdefault(n, False)
+
+    @property
+    def per_connector(self) -> bool:
+        """Each configured connector is a load point with the proxy's TxDefaultProfile on it."""
+        return bool(self.settings.connectors)
+
+    def connector_profile_id(self, connector: int) -> int:
+        """``profile_id`` + connector: one profile per connector, never replacing another's."""
+        return self.settings.profile_id + connector
+
+    def connector_stack_level(self, connector: int) -> int:
+        """``stack_level`` + the connector's place (0, 1, ...): above the backend's TxDefaultProfiles, and
+        distinct per connector, so a wallbox that replaces by purpose and stack level alone (ignoring the
+        connector) never drops another connector's profile."""
+        return self.settings.stack_level + sorted(self.settings.connectors).index(connector)
+
+    def set_connector_limits(self, limits: Mapping[int, float | None]) -> None:
+        self.connector_local = dict(limits)
 
     @property
     def rewrites(self) -> bool:
         """Whether the backend's SetChargingProfile frames go through :meth:`rewrite`."""
-        return self.connected and self.settings.managed and self.strategy == TX_STRATEGY
+        return self.connected and self.settings.managed and (self.strategy == TX_STRATEGY or self.per_connector)
 
     def set_local(self, amps: float | None) -> None:
         self.local = amps
@@ -186,6 +217,8 @@ class Control:
         self.awaiting_boot = False
         self.retry_at = None
         self.own = UNKNOWN
+        self.own_at = {n: UNKNOWN for n in self.settings.connectors}
+        self.gone_at = {n: False for n in self.settings.connectors}
         self.on_wallbox.clear()
 
     def wallbox_disconnected(self) -> None:
@@ -206,6 +239,8 @@ class Control:
         self.ready_at = now + BOOT_WAIT
         self.own = UNKNOWN
         self.own_may_be_gone = True
+        self.own_at = {n: UNKNOWN for n in self.settings.connectors}
+        self.gone_at = {n: True for n in self.settings.connectors}
         self.on_wallbox.clear()
         self.transactions.clear()
         self.retry_at = None
@@ -264,7 +299,7 @@ class Control:
         connector, profile = parse_set(payload)
         if profile.purpose not in (TX_DEFAULT, TX_PROFILE):
             return None
-        clamped = self._clamped(profile)
+        clamped = self._clamped(profile, connector)
         if clamped == profile.raw:
             return None
         self._rewritten[msg_id] = Installed(connector, parse_profile(clamped), wall)
@@ -300,6 +335,41 @@ class Control:
         if own is not None and request.may_match(own) and self.own is not None:
             self.own = UNKNOWN  # re-install once this Clear is answered: now
             self.own_may_be_gone = True
+        for n, mine in self._own_connector_profiles():
+            if request.may_match(mine):
+                self.own_at[n], self.gone_at[n] = UNKNOWN, True
+
+    def _own_connector_profiles(self) -> list[tuple[int, Installed]]:
+        """The proxy's connector profiles that may be installed, as model entries (for Clear matching)."""
+        return [(n, Installed(n, Profile(self.connector_profile_id(n), self.connector_stack_level(n), TX_DEFAULT,
+                                         "Absolute", "A", ()), datetime.min))
+                for n in self.settings.connectors if self.own_at.get(n) is not None]
+
+    def backend_limit_at(self, connector: int, wall: datetime) -> float | None:
+        """The backend's composite limit on one connector: its TxProfile, else TxDefaultProfile (its own or
+        connector 0's), under the ChargePointMaxProfile."""
+        items = [i for i in self.backend.values() if i.connector in (0, connector)]
+        if not items:
+            return None
+        return composite_limit(items, wall, charger_phases=self.settings.phases, voltage=self.settings.voltage,
+                               transactions=[t for t in self.transactions.values() if t.connector == connector],
+                               connectors=[connector])
+
+    def can_win(self, item: Installed, connector: int) -> bool:
+        """Whether a backend profile may decide the connector's Tx/TxDefault limit over the proxy's profile
+        there: a TxProfile always (it beats every TxDefaultProfile), a TxDefaultProfile at or above the proxy's
+        stack level."""
+        if item.connector not in (0, connector) or connector not in self.settings.connectors:
+            return False
+        if item.profile.purpose == TX_PROFILE:
+            return True
+        return item.profile.purpose == TX_DEFAULT and item.profile.stack_level >= self.connector_stack_level(connector)
+
+    def clamp_connectors(self, connector: int, profile: Profile) -> list[int]:
+        """The connector load points a backend Tx/TxDefault profile on ``connector`` may limit (it is clamped
+        to the lowest of their limits)."""
+        item = Installed(connector, profile, datetime.min)
+        return [n for n in self.settings.connectors if self.can_win(item, n)]
 
     def backend_limit(self, wall: datetime) -> float | None:
         """The backend's composite limit (A per phase), None when it sets none."""
@@ -349,10 +419,21 @@ class Control:
         self.inflight = command
         return command
 
-    def _clamped(self, profile: Profile) -> dict[str, Any]:
-        if self.local is None:
+    def _clamped(self, profile: Profile, connector: int = 0) -> dict[str, Any]:
+        amps = self._clamp_amps(profile, connector)
+        if amps is None:
             return dict(profile.raw)
-        return clamp(profile.raw, self.local, charger_phases=self.settings.phases, voltage=self.settings.voltage)
+        return clamp(profile.raw, amps, charger_phases=self.settings.phases, voltage=self.settings.voltage)
+
+    def _clamp_amps(self, profile: Profile, connector: int) -> float | None:
+        """What a backend Tx/TxDefault profile is clamped to (None: left as it is): the local limit, or with
+        connector load points the lowest limit of the connectors it may decide (none: it is outranked)."""
+        if not self.per_connector:
+            return self.local
+        limits = [self.connector_local.get(n) for n in self.clamp_connectors(connector, profile)]
+        if not limits or any(v is None for v in limits):
+            return None
+        return min(v for v in limits if v is not None)
 
     def _restore_command(self, wall: datetime) -> Command | None:
         """Backend Tx/TxDefault profiles whose version on the wallbox is not the one it should have."""
@@ -363,7 +444,7 @@ class Control:
             have = self.on_wallbox.get(pid)
             if have is None and not clamping:
                 continue  # unknown, and not the proxy's business to re-install
-            want = self._clamped(item.profile) if clamping else dict(item.profile.raw)
+            want = self._clamped(item.profile, item.connector) if clamping else dict(item.profile.raw)
             if have is not None and dict(have.profile.raw) == want:
                 continue
             if (pid, repr(want)) in self.rejected:
@@ -387,8 +468,8 @@ class Control:
                 amps = min(amps, backend_max)
             purpose, level = MAX_PROFILE, s.stack_level
         else:
-            if any(item.profile.purpose == TX_DEFAULT for item in self.backend.values()):
-                return None
+            if self.per_connector or any(item.profile.purpose == TX_DEFAULT for item in self.backend.values()):
+                return None  # (connector load points: their own profiles carry the limits)
             amps, purpose, level = self.local, TX_DEFAULT, s.tx_default_stack_level
         profile = build_profile(s.profile_id, level, purpose, amps, unit=s.unit, phases=s.phases,
                                 voltage=s.voltage, now=wall)
@@ -402,6 +483,42 @@ class Control:
         return composite_limit(items, wall, charger_phases=self.settings.phases, voltage=self.settings.voltage)
 
     def _own_command(self, wall: datetime) -> Command | None:
+        commands = [c for c in (self._connector_command(n, wall) for n in self.settings.connectors) if c is not None]
+        commands.sort(key=lambda c: (c.amps is None, c.amps or 0.0))  # the lowest first: decreases before increases
+        whole = self._whole_command(wall)
+        decreases = [c for c in commands if c.kind == "limit" and c.amps is not None
+                     and self._own_amps(c.connector) is not None and c.amps < (self._own_amps(c.connector) or 0.0)]
+        ordered = decreases + ([whole] if whole is not None else []) + [c for c in commands if c not in decreases]
+        return ordered[0] if ordered else None
+
+    def _own_amps(self, connector: int) -> float | None:
+        own = self.own_at.get(connector)
+        return self._signature_amps(own) if isinstance(own, tuple) else None
+
+    def _connector_command(self, connector: int, wall: datetime) -> Command | None:
+        """The proxy's TxDefaultProfile on one connector: min(its load point's limit, the backend's limit there)."""
+        own, pid = self.own_at.get(connector, UNKNOWN), self.connector_profile_id(connector)
+        if not self.settings.managed:
+            if own is None:
+                return None
+            return Command("ClearChargingProfile", clear_payload(pid), "clear", self.generation, connector=connector)
+        local = self.connector_local.get(connector)
+        if local is None:
+            return None
+        backend = self.backend_limit_at(connector, wall)
+        amps = local if backend is None else min(local, backend)
+        level = self.connector_stack_level(connector)
+        profile = build_profile(pid, level, TX_DEFAULT, amps, unit="A", phases=self.settings.phases,
+                                voltage=self.settings.voltage, now=wall)
+        signature: Signature = (TX_DEFAULT, level, "A", float(profile["chargingSchedule"]["chargingSchedulePeriod"]
+                                                              [0]["limit"]))
+        if own == signature or signature in self.rejected:
+            return None
+        return Command("SetChargingProfile", set_payload(connector, profile), "limit", self.generation,
+                       signature=signature, installed=Installed(connector, parse_profile(profile), wall),
+                       amps=signature[3], connector=connector)
+
+    def _whole_command(self, wall: datetime) -> Command | None:
         desired = self._desired_own(wall)
         if isinstance(desired, _Unknown):
             return None
@@ -425,7 +542,8 @@ class Control:
         self.inflight = None
         if command.kind == "clear":
             if status in ("Accepted", "Unknown"):
-                self.own, self.own_may_be_gone, self.failures = None, False, 0
+                self._set_own(command.connector, None)
+                self.failures = 0
             else:
                 self._retry(now, command, status or error)
             return
@@ -434,7 +552,7 @@ class Control:
             self.failures = 0
             self._installed(command.installed, own=command.kind == "limit")
             if command.kind == "limit":
-                self.own, self.own_may_be_gone = command.signature, False
+                self._set_own(command.connector, command.signature)
             return
         refused = status in ("Rejected", "NotSupported") or error in ("NotSupported", "NotImplemented")
         if not refused:
@@ -458,9 +576,18 @@ class Control:
 
     # -- helpers ------------------------------------------------------------------------------------------
 
+    def _set_own(self, connector: int, value: Signature | None | _Unknown) -> None:
+        """What the proxy now knows of its profile on ``connector`` (0: its whole-wallbox profile)."""
+        if connector:
+            self.own_at[connector], self.gone_at[connector] = value, False
+        elif isinstance(value, _Unknown):
+            self.own = UNKNOWN
+        else:
+            self.own, self.own_may_be_gone = value, False
+
     def _retry(self, now: float, command: Command, reason: str | None) -> None:
         if command.kind in ("limit", "clear"):
-            self.own = UNKNOWN
+            self._set_own(command.connector, UNKNOWN)
         else:
             assert command.installed is not None
             self.on_wallbox.pop(command.installed.profile.id, None)
@@ -494,6 +621,21 @@ class Control:
                 values.append(self._peak(self.on_wallbox.get(pid, item).profile))
         return max(values, default=None)
 
+    def holding_at(self, connector: int) -> float | None | _Unknown:
+        """:meth:`holding` of one connector load point: the proxy's TxDefaultProfile there, or higher where a
+        backend TxProfile or a TxDefaultProfile at or above its stack level may decide instead (at its version
+        on the wallbox, clamped, where known). The ChargePointMaxProfile only lowers that: not counted."""
+        own = self.own_at.get(connector, UNKNOWN)
+        if isinstance(own, _Unknown):
+            return None if self.gone_at.get(connector, True) else UNKNOWN
+        if own is None:
+            return None
+        values = [self._signature_amps(own)]
+        for pid, item in self.backend.items():
+            if self.can_win(item, connector):
+                values.append(self._peak(self.on_wallbox.get(pid, item).profile))
+        return max(values)
+
     def _peak(self, profile: Profile) -> float:
         return peak_amps(profile, self.settings.phases, self.settings.voltage)
 
@@ -522,6 +664,9 @@ class Control:
             mine = self._own_installed()
             if mine is not None and replaces(item, mine):
                 self.own = None
+            for n, theirs in self._own_connector_profiles():
+                if replaces(item, theirs):
+                    self.own_at[n] = None
 
     def _switch(self, reason: str, **fields: Any) -> None:
         self.strategy = TX_STRATEGY

@@ -13,6 +13,10 @@ CALLs it causes is testable without sockets (``tests/unit/test_fuse_machine.py``
   below what it may apply.
 * Lost chargers keep their reservation in the fuse; the engine counts it as
   house load (:meth:`LimitEngine.reserve`) so the others are planned around it.
+* Engine and fuse reason in load points: a charger, or each configured connector of a
+  multi-connector wallbox (``CP001#2``, :func:`~proxy.loadmgmt.engine.load_points`). Controls
+  stay one per wallbox (one CALL at a time on its connection); each command says which load
+  points it changes (:meth:`Coordinator.affected`), and only those are counted by the fuse.
 """
 
 from __future__ import annotations
@@ -22,8 +26,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from proxy.loadmgmt.control import TX_STRATEGY, UNKNOWN, Command, Control, ControlSettings
-from proxy.loadmgmt.engine import LimitEngine
+from proxy.loadmgmt.control import TX_STRATEGY, UNKNOWN, Command, Control, ControlSettings, _Unknown
+from proxy.loadmgmt.engine import POINT_SEP, LimitEngine, point_id
 from proxy.loadmgmt.fuse import Fuse
 from proxy.loadmgmt.profiles import TX_DEFAULT, TX_PROFILE, ProfileError, parse_set, peak_amps
 
@@ -70,27 +74,52 @@ class Coordinator:
             control = self.controls[charger_id] = Control(charger_id, settings)
         return control
 
+    def points(self, charger_id: str) -> list[tuple[str, int]]:
+        """(load point, connector) of a charger: itself (connector 0), or its configured connectors."""
+        return self.engine.points(charger_id)
+
     def attach(self, charger_id: str, settings: ControlSettings, now: float) -> Control:
         control = self.control(charger_id, settings)
         control.wallbox_connected(now)
         self.connected.add(charger_id)
-        self.fuse.connected(charger_id, now)
+        points = self.points(charger_id)
+        self._retire_other_layouts(charger_id, [pid for pid, _ in points], now)
+        for pid, _ in points:
+            self.fuse.connected(pid, now)
         self.engine.charger_connected(charger_id, now)
         return control
 
+    def _retire_other_layouts(self, charger_id: str, points: list[str], now: float) -> None:
+        """The wallbox is back with another connector layout (a reload changed it): its old load points go;
+        its new ones count at what they may hold (first contact: their max_current) from now on."""
+        for old in self.fuse.charger_ids():
+            if (old == charger_id or old.startswith(charger_id + POINT_SEP)) and old not in points:
+                self.fuse.retire(old)
+                self.engine.reserve(old, 0.0, now)
+
     def detach(self, charger_id: str, now: float) -> None:
         self.connected.discard(charger_id)
-        self.granted.pop(charger_id, None)
+        points = self.points(charger_id)
+        for pid, _ in points:
+            self.granted.pop(pid, None)
         self.controls[charger_id].wallbox_disconnected()
-        self.fuse.disconnected(charger_id, now)
+        for pid, _ in points:
+            self.fuse.disconnected(pid, now)
         self.engine.charger_disconnected(charger_id, now)
-        self.engine.reserve(charger_id, self.fuse.may_draw(charger_id, now) / 10, now)
+        for pid, _ in points:
+            self.engine.reserve(pid, self.fuse.may_draw(pid, now) / 10, now)
+
+    @staticmethod
+    def _holding(control: Control, connector: int) -> float | None | _Unknown:
+        return control.holding_at(connector) if connector else control.holding()
 
     def sync(self, charger_id: str) -> None:
         """After a frame changed what the proxy knows is on the wallbox (Boot, a backend profile)."""
-        holding = self.controls[charger_id].holding()
-        if holding is not UNKNOWN:
-            self.fuse.installed(charger_id, holding if isinstance(holding, float) else None)
+        control = self.controls[charger_id]
+        for pid, connector in self.points(charger_id):
+            holding = self._holding(control, connector)
+            if not isinstance(holding, _Unknown):
+                self.fuse.installed(pid, holding)
 
     def rewrite(self, charger_id: str, msg_id: str, payload: Any, wall: datetime) -> dict[str, Any] | None:
         """A backend SetChargingProfile on its way to a wallbox: under tx-default clamped to the local
@@ -101,29 +130,42 @@ class Coordinator:
             _, profile = parse_set(out if out is not None else payload)
         except ProfileError:
             return out  # the wallbox will refuse it
-        if profile.purpose in (TX_DEFAULT, TX_PROFILE) and control.strategy == TX_STRATEGY:
+        peak = peak_amps(profile, control.settings.phases, control.settings.voltage)
+        if control.per_connector:
+            # counted on the connectors where it may decide over the proxy's TxDefaultProfile
+            connector = _connector_of(out if out is not None else payload)
+            for n in control.clamp_connectors(connector, profile):
+                self.fuse.backend_sent(point_id(charger_id, n), peak)
+        elif profile.purpose in (TX_DEFAULT, TX_PROFILE) and control.strategy == TX_STRATEGY:
             # (under max-profile the proxy's ChargePointMaxProfile caps whatever the backend installs)
-            self.fuse.backend_sent(charger_id, peak_amps(profile, control.settings.phases, control.settings.voltage))
+            self.fuse.backend_sent(charger_id, peak)
         return out
 
     def backend_answered(self, charger_id: str) -> None:
         """The wallbox answered a backend SetChargingProfile/ClearChargingProfile (after the control saw it)."""
-        holding = self.controls[charger_id].holding()
-        if holding is UNKNOWN:
-            self.fuse.backend_answered(charger_id, None, known=False)
-        else:
-            self.fuse.backend_answered(charger_id, holding if isinstance(holding, float) else None)
+        control = self.controls[charger_id]
+        for pid, connector in self.points(charger_id):
+            holding = self._holding(control, connector)
+            if isinstance(holding, _Unknown):
+                self.fuse.backend_answered(pid, None, known=False)
+            else:
+                self.fuse.backend_answered(pid, holding)
 
     # -- deciding ---------------------------------------------------------------------------------
 
     def tick(self, now: float, wall: datetime) -> list[Outgoing]:
         """Recompute: targets through the gate, then each wallbox's next CALL (decreases first)."""
         engine, fuse = self.engine, self.fuse
+        connected_points: set[str] = set()
         for charger_id in self.connected:
-            engine.backend_limit(charger_id, self.controls[charger_id].backend_limit(wall), now)
-        for charger_id in fuse.charger_ids():
-            if charger_id not in self.connected:
-                engine.reserve(charger_id, fuse.may_draw(charger_id, now) / 10, now)
+            control = self.controls[charger_id]
+            for pid, connector in self.points(charger_id):
+                connected_points.add(pid)
+                limit = control.backend_limit_at(connector, wall) if connector else control.backend_limit(wall)
+                engine.backend_limit(charger_id, limit, now, connector=connector)
+        for pid in fuse.charger_ids():
+            if pid not in connected_points:
+                engine.reserve(pid, fuse.may_draw(pid, now) / 10, now)
         self.targets = engine.targets(now) if self.active else {}
         budget = engine.budget(now)
         self.granted = fuse.grant(self.targets, budget, now) if self.active else {}
@@ -131,7 +173,7 @@ class Coordinator:
         order = sorted(self.connected, key=lambda cid: (not self._lowers(cid, now), cid))
         out: list[Outgoing] = []
         for charger_id in order:
-            self.controls[charger_id].set_local(self.granted.get(charger_id))
+            self._set_limits(charger_id)
             outgoing = self.next(charger_id, now, wall)
             if outgoing is not None:
                 out.append(outgoing)
@@ -142,17 +184,50 @@ class Coordinator:
         """At the last recomputation a charger was granted less than its target: an increase waits for room."""
         return self._waiting
 
+    def _set_limits(self, charger_id: str) -> None:
+        """The granted limits into the wallbox's control: one, or one per connector load point (then the
+        wallbox's own profile on connector 0 carries its max_current, under the backend's maximum)."""
+        control = self.controls[charger_id]
+        if not control.per_connector:
+            control.set_local(self.granted.get(charger_id))
+            return
+        limits = {connector: self.granted.get(pid) for pid, connector in self.points(charger_id) if connector}
+        control.set_connector_limits(limits)
+        decided = any(v is not None for v in limits.values())
+        control.set_local(self.engine.wallbox_max(charger_id) if decided else None)
+
     def _lowers(self, charger_id: str, now: float) -> bool:
-        granted = self.granted.get(charger_id)
-        return granted is not None and granted * 10 < self.fuse.may_draw(charger_id, now)
+        for pid, _ in self.points(charger_id):
+            granted = self.granted.get(pid)
+            if granted is not None and granted * 10 < self.fuse.may_draw(pid, now):
+                return True
+        return False
+
+    def affected(self, charger_id: str, command: Command) -> list[tuple[str, int]]:
+        """The load points (with their connector) whose may-draw a command changes. A wallbox that is one
+        load point: always itself. Connector load points: the connector's own profile, or a backend profile
+        re-sent where it may decide; the ChargePointMaxProfile only lowers, and is not counted."""
+        control = self.controls[charger_id]
+        if not control.per_connector:
+            return [(charger_id, 0)]
+        if command.kind == "restore":
+            assert command.installed is not None
+            connectors = control.clamp_connectors(command.installed.connector, command.installed.profile)
+        else:
+            connectors = [command.connector] if command.connector else []
+        return [(point_id(charger_id, n), n) for n in connectors]
 
     def next(self, charger_id: str, now: float, wall: datetime) -> Outgoing | None:
         """The wallbox's next CALL, if any (one at a time: its control waits for the answer)."""
         command = self.controls[charger_id].next_command(now, wall)
         if command is None:
             return None
-        record_first = self.fuse.sent(charger_id, command.amps)
-        return Outgoing(charger_id, command, record_first, self.fuse.is_decrease(charger_id))
+        points = self.affected(charger_id, command)
+        record_first = False
+        for pid, _ in points:
+            record_first = self.fuse.sent(pid, command.amps) or record_first
+        decrease = bool(points) and all(self.fuse.is_decrease(pid) for pid, _ in points)
+        return Outgoing(charger_id, command, record_first, decrease)
 
     # -- answers --------------------------------------------------------------------------------------
 
@@ -161,35 +236,43 @@ class Coordinator:
         """The wallbox answered the proxy's CALL. Returns whether a decrease was refused."""
         control = self.controls[charger_id]
         current = command.generation == control.generation
+        points = self.affected(charger_id, command)
         control.answered(command, status, error, now)
         if not current:
-            self.fuse.unanswered(charger_id, "stale")
+            for pid, _ in points:
+                self.fuse.unanswered(pid, "stale")
             return False
         if status == "Accepted" or (command.kind == "clear" and status == "Unknown"):
-            holding = control.holding()
-            if holding is UNKNOWN:
-                self.fuse.unanswered(charger_id, "accepted")  # what it holds is unknown: the higher counts
-            else:
-                self.fuse.accepted(charger_id, holding if isinstance(holding, float) else None)
+            for pid, connector in points:
+                holding = self._holding(control, connector)
+                if isinstance(holding, _Unknown):
+                    self.fuse.unanswered(pid, "accepted")  # what it holds is unknown: the higher counts
+                else:
+                    self.fuse.accepted(pid, holding)
             return False
-        return self.fuse.refused(charger_id, "rejected" if status is not None else "error")
+        refused = [self.fuse.refused(pid, "rejected" if status is not None else "error") for pid, _ in points]
+        return any(refused)
 
     def failed(self, charger_id: str, command: Command, reason: str, now: float) -> bool:
         """No answer (timeout, connection gone). Returns whether it was a decrease."""
+        points = self.affected(charger_id, command)
         self.controls[charger_id].failed(command, reason, now)
-        return self.fuse.unanswered(charger_id)
+        return any([self.fuse.unanswered(pid) for pid, _ in points])
 
     def withdrawn(self, charger_id: str, command: Command, reason: str, now: float) -> None:
         """The CALL was not sent (its reservation could not be recorded): tried again after the backoff."""
+        points = self.affected(charger_id, command)
         self.controls[charger_id].failed(command, reason, now)
-        self.fuse.withdrawn(charger_id)
+        for pid, _ in points:
+            self.fuse.withdrawn(pid)
 
     # -- views ------------------------------------------------------------------------------------------
 
     def reservations(self, now: float, charger_ids: Iterable[str] | None = None) -> dict[str, Reservation]:
         out = {}
         for charger_id in charger_ids if charger_ids is not None else self.fuse.charger_ids():
-            wanted = self.granted.get(charger_id) if charger_id in self.connected else None
+            wallbox = charger_id.split(POINT_SEP, 1)[0]
+            wanted = self.granted.get(charger_id) if wallbox in self.connected else None
             out[charger_id] = Reservation(self.fuse.may_draw(charger_id, now) / 10, wanted,
                                           self.fuse.unconfirmed(charger_id, wanted, now))
         return out
@@ -198,3 +281,8 @@ class Coordinator:
         times = [t for t in (self.engine.next_event(now), self.fuse.next_event(now)) if t is not None]
         times += [t for cid in self.connected if (t := self.controls[cid].next_event()) is not None]
         return min(times, default=None)
+
+
+def _connector_of(payload: Any) -> int:
+    connector = payload.get("connectorId") if isinstance(payload, dict) else None
+    return connector if isinstance(connector, int) and not isinstance(connector, bool) else 0

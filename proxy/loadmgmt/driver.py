@@ -34,10 +34,11 @@ from typing import Any, Protocol
 import trio
 
 from proxy.config import ChargerBase, ChargerSettings, Config, SiteSettings
+from proxy.config.checks import connector_max, connector_min, connector_phases
 from proxy.messages.ocppj import Frame, MessageType, payload_of
 from proxy.loadmgmt.control import Control, ControlSettings, field_of, read_meter_values
 from proxy.loadmgmt.coordinator import Coordinator, Outgoing
-from proxy.loadmgmt.engine import ChargerLimits, LimitEngine, SiteLimits
+from proxy.loadmgmt.engine import ChargerLimits, ConnectorLimits, LimitEngine, SiteLimits, load_points
 from proxy.loadmgmt.fuse import Fuse
 from proxy.storage.interface import StorageError
 from proxy.storage.reservations import DB_NAME, ReservationStore, SqliteReservations
@@ -101,7 +102,14 @@ def site_limits(config: Config) -> SiteLimits:
 def charger_limits(charger: ChargerBase) -> ChargerLimits:
     return ChargerLimits(max_current=charger.max_current, min_current=charger.min_current, phases=charger.phases,
                          first_phase=charger.first_phase, priority=charger.priority, enabled=charger.enabled,
-                         on_disable=charger.on_disable)
+                         on_disable=charger.on_disable, connectors=tuple(
+                             ConnectorLimits(c.id, connector_max(charger, c), connector_min(charger, c),
+                                             connector_phases(charger, c), c.priority, c.enabled)
+                             for c in _connectors(charger)))
+
+
+def _connectors(charger: ChargerBase | None) -> list[Any]:
+    return list(charger.connectors) if isinstance(charger, ChargerSettings) else []
 
 
 class Limiter(Listener):
@@ -144,12 +152,19 @@ class Limiter(Listener):
         was_active, self.active = self.active, load_management(config)
         chargers = {c.id: charger_limits(c) for c in config.all_chargers}
         default = charger_limits(ChargerSettings(id=""))
+        # A connected wallbox whose connector layout changes is detached and attached again under the new one.
+        relaid = [cid for cid in list(self.attached) if cid in self.coordinator.connected and
+                  [p for p, _ in self.coordinator.points(cid)] != list(load_points(cid, chargers.get(cid, default)))]
+        for charger_id in relaid:
+            self.coordinator.detach(charger_id, _now())
         self.engine.configure(site_limits(config), chargers, default=default, now=_now())
         site = site_settings(config)
         self.fuse.configure(site.phases, chargers, default, site.lost_charger_hold)
         self.coordinator.active = self.active
         for charger_id, control in self.controls.items():
             control.configure(self._control_settings(charger_id))
+        for charger_id in relaid:
+            self.coordinator.attach(charger_id, self._control_settings(charger_id), _now())
         if self.active:
             for paired in list(self.sessions.values()):
                 self._attach(paired)
@@ -166,7 +181,8 @@ class Limiter(Listener):
         return ControlSettings(managed=managed, strategy=charger.strategy or site.strategy,
                                profile_id=site.profile_id, stack_level=site.stack_level,
                                tx_default_stack_level=site.tx_default_stack_level, unit=charger.unit,
-                               phases=charger.phases, voltage=site.voltage, retry=site.interval)
+                               phases=charger.phases, voltage=site.voltage, retry=site.interval,
+                               connectors=tuple(sorted(c.id for c in _connectors(charger))))
 
     # -- Listener hooks (synchronous, from the sessions' tasks) ---------------------------------------------
 
@@ -285,7 +301,7 @@ class Limiter(Listener):
                 control.status(connector)
                 engine.status(charger_id, connector, status, now)
         elif name == "MeterValues":
-            self._measured(charger_id, control, payload, now)
+            self._measured(charger_id, control, payload, now, _connector(payload, "connectorId"))
         elif name == "StartTransaction":
             connector = field_of(payload, "connectorId")
             connector = connector if isinstance(connector, int) else 1
@@ -318,7 +334,7 @@ class Limiter(Listener):
                 control.status(evse)
                 engine.status(charger_id, evse, status, now)
         elif name == "MeterValues":
-            self._measured(charger_id, control, v2.meter_values(payload), now)
+            self._measured(charger_id, control, v2.meter_values(payload), now, _connector(payload, "evseId"))
         elif name == "TransactionEvent" and isinstance(payload, dict):
             self._transaction_event(charger_id, control, v2, msg_id, payload, now)
 
@@ -334,16 +350,17 @@ class Limiter(Listener):
         state = CHARGING_STATES.get(str(info.get("chargingState"))) if isinstance(info, dict) else None
         if state is not None and event != "Ended":
             self.engine.status(charger_id, evse, state, now)
-        self._measured(charger_id, control, v2.meter_values(payload), now)
+        self._measured(charger_id, control, v2.meter_values(payload), now, evse)
         if event == "Ended":
             control.transaction_stopped(v2.transaction_number(tx))
             self.engine.transaction_stopped(charger_id, evse, now)
 
-    def _measured(self, charger_id: str, control: Control, payload: Any, now: float) -> None:
+    def _measured(self, charger_id: str, control: Control, payload: Any, now: float, connector: int | None) -> None:
+        """Measurements of the connector (1.6 connectorId, 2.x evseId) they were taken on: with connector load
+        points each connector's own; the wallbox's main meter (connector 0) is not any connector's."""
         meter = read_meter_values(payload, control.settings.phases)
         if meter.currents is not None or meter.power_w is not None or meter.energy_wh is not None:
-            self.engine.measured(charger_id, meter.currents or engine_currents(self.engine, charger_id), now,
-                                 meter.power_w, meter.energy_wh)
+            self.engine.measured(charger_id, meter.currents, now, meter.power_w, meter.energy_wh, connector=connector)
 
     def _rewriter(self, control: Control) -> Rewriter:
         """Clamps an upstream's SetChargingProfile to the local limit while the control says so."""
@@ -632,9 +649,9 @@ class Limiter(Listener):
         return {cid: self.engine.charger_view(cid) for cid in sorted(self.sessions)}
 
 
-def engine_currents(engine: LimitEngine, charger_id: str) -> tuple[float, float, float]:
-    view = engine.charger_view(charger_id)
-    return view.currents if view is not None else (0.0, 0.0, 0.0)
+def _connector(payload: Any, key: str) -> int | None:
+    value = field_of(payload, key)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _now() -> float:

@@ -72,8 +72,20 @@ class SiteLimits:
 
 
 @dataclass(frozen=True)
+class ConnectorLimits:
+    """One ``[[chargers.connectors]]`` entry, defaults resolved (the charger's where left out)."""
+
+    connector: int
+    max_current: float
+    min_current: float
+    phases: int
+    priority: int = 0
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
 class ChargerLimits:
-    """Engine view of one ``[[chargers]]`` entry."""
+    """Engine view of one ``[[chargers]]`` entry, or of one connector of it (a load point)."""
 
     max_current: float = 16.0
     min_current: float = 6.0
@@ -83,11 +95,56 @@ class ChargerLimits:
     priority: int = 0
     enabled: bool = True
     on_disable: str = "clear"
+    #: Its connectors as load points of their own (empty: the wallbox is one load point).
+    connectors: tuple[ConnectorLimits, ...] = ()
+    #: A connector's load point: the wallbox it belongs to, whose max_current bounds the sum of its connectors.
+    wallbox: str = ""
+    wallbox_max: float = INFINITE
 
     @property
     def managed(self) -> bool:
         """A disabled charger with ``on_disable = "clear"`` is left to itself."""
         return self.enabled or self.on_disable == "block"
+
+
+#: Separates a wallbox's id from its connector in a load point's id (``CP001#2``); never in a charge point id.
+POINT_SEP = "#"
+
+
+def point_id(charger_id: str, connector: int) -> str:
+    """The load point of a connector (0: the wallbox as one load point, its own id)."""
+    return charger_id if connector == 0 else f"{charger_id}{POINT_SEP}{connector}"
+
+
+def load_points(charger_id: str, limits: ChargerLimits) -> dict[str, tuple[int, ChargerLimits]]:
+    """The load points of one charger: the charger itself (connector 0), or one per configured connector.
+
+    A connector's load point draws on the charger's first ``phases`` phases, has its own minimum,
+    maximum and priority, and is grouped under its wallbox (``wallbox_max`` bounds the group). A
+    disabled connector is held at 0 A (``block``); a disabled charger disables all of them its way.
+    """
+    if not limits.connectors:
+        return {charger_id: (0, limits)}
+    out = {}
+    for c in limits.connectors:
+        out[point_id(charger_id, c.connector)] = (c.connector, ChargerLimits(
+            max_current=c.max_current, min_current=c.min_current, phases=c.phases, first_phase=limits.first_phase,
+            priority=limits.priority + c.priority, enabled=limits.enabled and c.enabled,
+            on_disable=limits.on_disable if not limits.enabled else "block",
+            wallbox=charger_id, wallbox_max=limits.max_current))
+    return out
+
+
+def expand(chargers: Mapping[str, ChargerLimits]) -> dict[str, ChargerLimits]:
+    """Configured chargers → configured load points, by load point id."""
+    return {pid: point for cid, limits in chargers.items() for pid, (_, point) in load_points(cid, limits).items()}
+
+
+def wallbox_groups(points: Mapping[str, ChargerLimits], phases: int) -> dict[str, int]:
+    """Each multi-connector wallbox → the index of its extra resource (after the site phases) in a headroom list:
+    its max_current, shared by its connectors like a phase is shared by chargers."""
+    names = sorted({limits.wallbox for limits in points.values() if limits.wallbox})
+    return {name: phases + i for i, name in enumerate(names)}
 
 
 # --- outputs ---------------------------------------------------------------------
@@ -271,8 +328,14 @@ class LimitEngine:
                  default: ChargerLimits = ChargerLimits()) -> None:
         self.site = site
         self.default = default
-        self._configured: dict[str, ChargerLimits] = dict(chargers or {})
+        self._configured: dict[str, ChargerLimits] = {}
+        #: Load points by id (a charger, or one connector of it: ``CP001#2``).
         self._chargers: dict[str, _Charger] = {}
+        self._points: dict[str, ChargerLimits] = {}
+        self._groups: dict[str, int] = {}
+        #: EMS charger limits as written (a multi-connector wallbox's apply to each connector).
+        self._ems: dict[str, float | None] = {}
+        self._set_configured(chargers or {})
         self._meter: tuple[float, float, float] | None = None
         self._meter_at: float | None = None
         self._ems_site: float | None = None
@@ -286,7 +349,7 @@ class LimitEngine:
         """A reloaded configuration; connected chargers keep their state."""
         self.site = site
         self.default = default or self.default
-        self._configured = dict(chargers)
+        self._set_configured(chargers)
         for charger_id, state in self._chargers.items():
             limits = self._limits_for(charger_id)
             if limits.managed != state.limits.managed:
@@ -296,8 +359,35 @@ class LimitEngine:
             self._meter = self._meter_at = None
         self._changed()
 
-    def _limits_for(self, charger_id: str) -> ChargerLimits:
-        return self._configured.get(charger_id, self.default)
+    def _set_configured(self, chargers: Mapping[str, ChargerLimits]) -> None:
+        self._configured = dict(chargers)
+        self._points = expand(self._configured)
+        self._groups = wallbox_groups(self._points, self.site.phases)
+
+    def _limits_for(self, point: str) -> ChargerLimits:
+        return self._points.get(point, self.default)
+
+    def points(self, charger_id: str) -> list[tuple[str, int]]:
+        """(load point id, connector) of a charger: itself with connector 0, or one per configured connector."""
+        limits = self._configured.get(charger_id, self.default)
+        return [(pid, connector) for pid, (connector, _) in load_points(charger_id, limits).items()]
+
+    def wallbox_max(self, charger_id: str) -> float:
+        return self._configured.get(charger_id, self.default).max_current
+
+    def _route(self, charger_id: str, connector: int | None) -> list[tuple[str, int | None]]:
+        """The load points a connector's event is about, with the connector number to record it under.
+
+        A wallbox without connector settings is one load point (every connector's event is its own).
+        With them, connector N is load point N (an unlisted connector: none), and connector 0 (the whole
+        wallbox) or None (not known) is all of them.
+        """
+        points = self.points(charger_id)
+        if points == [(charger_id, 0)]:
+            return [(charger_id, connector)]
+        if connector is None or connector == 0:
+            return [(pid, connector) for pid, _ in points]
+        return [(pid, connector) for pid, n in points if n == connector]
 
     def _state(self, charger_id: str) -> _Charger:
         state = self._chargers.get(charger_id)
@@ -308,7 +398,12 @@ class LimitEngine:
     # -- inputs: chargers ------------------------------------------------------------------------
 
     def charger_connected(self, charger_id: str, now: float) -> None:
-        state = self._state(charger_id)
+        for point, _ in self.points(charger_id):
+            self._point_connected(point)
+        self._changed()
+
+    def _point_connected(self, point: str) -> None:
+        state = self._state(point)
         state.connected = True
         state.reserved = 0
         state.statuses.clear()
@@ -317,35 +412,45 @@ class LimitEngine:
         state.paused_at = None
         state.sampled_at_limit = None
         state.demand.clear()
-        self._changed()
 
     def charger_disconnected(self, charger_id: str, now: float) -> None:
-        state = self._chargers.get(charger_id)
-        if state is not None:
-            state.connected = False
-            state.statuses.clear()
-            state.transactions.clear()
-            state.currents = (0.0, 0.0, 0.0)
-            state.power_w = None
-            state.applied = None
-            self._changed()
+        for point, _ in self.points(charger_id):
+            state = self._chargers.get(point)
+            if state is not None:
+                state.connected = False
+                state.statuses.clear()
+                state.transactions.clear()
+                state.currents = (0.0, 0.0, 0.0)
+                state.power_w = None
+                state.applied = None
+        self._changed()
 
     def status(self, charger_id: str, connector_id: int, status: str, now: float) -> None:
         """StatusNotification of one connector (0: the whole charge point)."""
-        state = self._state(charger_id)
-        if status == "Charging" and not state.drawing():
-            state.sampled_at_limit = None  # samples from before the car drew say nothing now
-            state.demand.clear()
-        state.statuses[connector_id] = status
-        if status not in DEMANDING and connector_id > 0 and not state.transactions:
-            state.currents = (0.0, 0.0, 0.0)
+        for point, connector in self._route(charger_id, connector_id):
+            assert connector is not None
+            state = self._state(point)
+            if status == "Charging" and not state.drawing():
+                state.sampled_at_limit = None  # samples from before the car drew say nothing now
+                state.demand.clear()
+            state.statuses[connector] = status
+            if status not in DEMANDING and connector > 0 and not state.transactions:
+                state.currents = (0.0, 0.0, 0.0)
         self._changed()
 
-    def measured(self, charger_id: str, currents: tuple[float, float, float], now: float,
-                 power_w: float | None = None, energy_wh: float | None = None) -> None:
-        """Phase currents (L1, L2, L3 of the charger) from MeterValues."""
-        state = self._state(charger_id)
-        state.currents = currents
+    def measured(self, charger_id: str, currents: tuple[float, float, float] | None, now: float,
+                 power_w: float | None = None, energy_wh: float | None = None, connector: int | None = None) -> None:
+        """Phase currents (L1, L2, L3 of the charger) from MeterValues of ``connector`` (None: not said).
+
+        A wallbox with connector load points attributes a sample to the connector it names; one for
+        connector 0 (its main meter) or none says nothing about any connector and is not used.
+        """
+        routed = self._route(charger_id, connector)
+        if len(routed) != 1 or (not connector and self.points(charger_id) != [(charger_id, 0)]):
+            return
+        state = self._state(routed[0][0])
+        if currents is not None:  # (None: a sample of power or energy only; the currents stay as they were)
+            state.currents = currents
         state.sampled_at_limit = state.applied if state.drawing() else None
         self._learn_demand(state)
         if power_w is not None:
@@ -355,23 +460,27 @@ class LimitEngine:
         self._changed()
 
     def transaction_started(self, charger_id: str, connector_id: int, now: float) -> None:
-        self._state(charger_id).transactions.add(connector_id)
+        for point, connector in self._route(charger_id, connector_id):
+            assert connector is not None
+            self._state(point).transactions.add(connector)
         self._changed()
 
     def transaction_stopped(self, charger_id: str, connector_id: int | None, now: float) -> None:
         """``connector_id`` None: the connector is not known (StopTransaction has none)."""
-        state = self._state(charger_id)
-        if connector_id is None:
-            state.transactions.clear()
-        else:
-            state.transactions.discard(connector_id)
-        if not state.transactions:
-            state.currents = (0.0, 0.0, 0.0)
+        for point, connector in self._route(charger_id, connector_id):
+            state = self._state(point)
+            if connector is None:
+                state.transactions.clear()
+            else:
+                state.transactions.discard(connector)
+            if not state.transactions:
+                state.currents = (0.0, 0.0, 0.0)
         self._changed()
 
-    def backend_limit(self, charger_id: str, amps: float | None, now: float) -> None:
-        """The backend's own composite limit on this charger (None: none)."""
-        state = self._state(charger_id)
+    def backend_limit(self, charger_id: str, amps: float | None, now: float, connector: int = 0) -> None:
+        """The backend's own composite limit on this charger, or on one connector's load point (None: none)."""
+        point = point_id(charger_id, connector) if connector else charger_id
+        state = self._state(point)
         if state.backend_limit != amps:
             state.backend_limit = amps
             self._changed()
@@ -404,12 +513,16 @@ class LimitEngine:
         self._changed()
 
     def ems_charger_limit(self, charger_id: str, amps: float | None, now: float) -> None:
-        self._state(charger_id).ems_limit = amps
+        """An EMS limit per phase for a charger (each of its connectors, where they are load points)."""
+        self._ems[charger_id] = amps
+        for point, _ in self.points(charger_id):
+            self._state(point).ems_limit = amps
         self._changed()
 
     def ems_charger_enabled(self, charger_id: str, enabled: bool, now: float) -> None:
         """An EMS pause is a limit of 0; the charger's profile stays installed."""
-        self._state(charger_id).ems_enabled = enabled
+        for point, _ in self.points(charger_id):
+            self._state(point).ems_enabled = enabled
         self._changed()
 
     def _changed(self) -> None:
@@ -428,8 +541,7 @@ class LimitEngine:
         return self._meter_at is not None and now - self._meter_at <= self.site.meter_timeout
 
     def managed(self, charger_id: str) -> bool:
-        state = self._chargers.get(charger_id)
-        return (state.limits if state else self._limits_for(charger_id)).managed
+        return self._configured.get(charger_id, self.default).managed
 
     def targets(self, now: float) -> dict[str, float]:
         """The limit (A, 0 = paused) of every connected managed charger, as of ``now``.
@@ -460,7 +572,22 @@ class LimitEngine:
         return min(times, default=None)
 
     def charger_view(self, charger_id: str) -> ChargerView | None:
-        state = self._chargers.get(charger_id)
+        """The charger as a whole (a multi-connector wallbox: its connectors' load points summed)."""
+        points = self.points(charger_id)
+        if points == [(charger_id, 0)]:
+            return self.point_view(charger_id)
+        views = [v for v in (self.point_view(pid) for pid, _ in points) if v is not None]
+        return _combined(views, self._ems.get(charger_id)) if views else None
+
+    def connector_views(self, charger_id: str) -> dict[int, ChargerView]:
+        """Per connector load point (empty for a wallbox that is one load point)."""
+        points = self.points(charger_id)
+        if points == [(charger_id, 0)]:
+            return {}
+        return {n: v for pid, n in points if (v := self.point_view(pid)) is not None}
+
+    def point_view(self, point: str) -> ChargerView | None:
+        state = self._chargers.get(point)
         if state is None:
             return None
         local = None if state.applied is None or not state.limits.managed else state.applied / 10
@@ -512,6 +639,17 @@ class LimitEngine:
 
     def _phases(self, limits: ChargerLimits) -> frozenset[int]:
         return charger_phases(self.site.phases, limits)
+
+    def _resources(self, limits: ChargerLimits) -> frozenset[int]:
+        """The entries of a headroom list a load point uses: its site phases, and its wallbox's maximum."""
+        group = self._groups.get(limits.wallbox) if limits.wallbox else None
+        phases = self._phases(limits)
+        return phases if group is None else phases | {group}
+
+    def _with_wallboxes(self, headroom: list[int]) -> list[int]:
+        """Per-phase headroom followed by each multi-connector wallbox's max_current (its connectors share it)."""
+        caps = {limits.wallbox: tenths_down(limits.wallbox_max) for limits in self._points.values() if limits.wallbox}
+        return headroom + [caps[name] for name in sorted(self._groups, key=self._groups.__getitem__)]
 
     def _site_phase_currents(self, state: _Charger, cap: int | None, round_up: bool) -> list[int]:
         """The charger's measured draw on each site phase, never above its limit.
@@ -627,7 +765,7 @@ class LimitEngine:
     def _share(self, managed: Mapping[str, _Charger], now: float) -> dict[str, int]:
         house = self._house_load(managed, self.site.meter, now)
         limit = tenths_down(self.site_limit)
-        headroom = [max(0, limit - h) for h in house]
+        headroom = self._with_wallboxes([max(0, limit - h) for h in house])
         hysteresis = tenths_up(self.site.hysteresis)
         wanting = {cid: s for cid, s in managed.items() if s.demanding()}
         result = allocate((self._demand(cid, s) for cid, s in wanting.items() if not self._in_hold(s, now)),
@@ -635,7 +773,7 @@ class LimitEngine:
         # Chargers without a car share what is left, so a car plugged in there
         # starts at once where the site has room; they never take from the others.
         for cid, value in result.items():
-            for ph in self._phases(managed[cid].limits):
+            for ph in self._resources(managed[cid].limits):
                 headroom[ph] -= value
         idle = allocate((self._demand(cid, s) for cid, s in managed.items() if cid not in wanting),
                         headroom, hysteresis)
@@ -646,13 +784,14 @@ class LimitEngine:
         if self.site.meter and state.applied is not None and self._following(state):
             cap = min(cap, state.applied)  # more only once a sample shows it uses what it has
         return Demand(charger_id, state.limits.priority, tenths_up(state.limits.min_current), cap,
-                      self._phases(state.limits), running=bool(state.applied))
+                      self._resources(state.limits), running=bool(state.applied))
 
     def _fallback_targets(self, managed: Mapping[str, _Charger], now: float) -> dict[str, int]:
         """Stale inputs: each charger its fallback, as far as the site limit allows (cars first)."""
         if self.site.fail_closed:
             return {}
-        remaining = [max(0, tenths_down(self.site_limit) - h) for h in self._house_load(managed, False, now)]
+        remaining = self._with_wallboxes([max(0, tenths_down(self.site_limit) - h)
+                                          for h in self._house_load(managed, False, now)])
         wanted: dict[str, int] = {}
         order = sorted(managed.items(), key=lambda item: (not item[1].demanding(), -item[1].limits.priority,
                                                            item[0]))
@@ -661,7 +800,7 @@ class LimitEngine:
             value = min(tenths_down(fallback), self._cap(state))
             if value < tenths_up(state.limits.min_current) or value <= 0:
                 continue
-            phases = self._phases(state.limits)
+            phases = self._resources(state.limits)
             if all(remaining[ph] >= value for ph in phases):
                 for ph in phases:
                     remaining[ph] -= value
@@ -693,3 +832,26 @@ class LimitEngine:
             state.last_increase = now
             state.paused_at = None
         return state.applied if state.applied is not None else target
+
+
+_MODES = ("charging", "paused", "idle", "blocked", "unmanaged", "offline")
+
+
+def _sum(values: Iterable[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return round(sum(present), 1) if present else None
+
+
+def _combined(views: list[ChargerView], ems_limit: float | None) -> ChargerView:
+    """A multi-connector wallbox as one: currents, power, energy and limits summed over its connectors;
+    its mode the busiest of theirs (charging, then paused, ...); its state a charging connector's, else the first's."""
+    mode = min((v.mode for v in views), key=lambda m: _MODES.index(m) if m in _MODES else len(_MODES))
+    first = next((v for v in views if v.state == "Charging"), views[0])
+    currents = tuple(round(sum(v.currents[i] for v in views), 3) for i in range(3))
+    return ChargerView(
+        state=first.state, status=first.status, currents=(currents[0], currents[1], currents[2]),
+        power_w=_sum(v.power_w for v in views), energy_wh=_sum(v.energy_wh for v in views),
+        local_limit=_sum(v.local_limit for v in views), backend_limit=_sum(v.backend_limit for v in views),
+        effective_limit=_sum(v.effective_limit for v in views), enabled=any(v.enabled for v in views),
+        transaction=any(v.transaction for v in views), fallback=any(v.fallback for v in views),
+        ems_limit=ems_limit, mode=mode)

@@ -36,7 +36,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from proxy.loadmgmt.engine import ChargerLimits, charger_phases, tenths_down, tenths_up
+from proxy.loadmgmt.engine import ChargerLimits, charger_phases, expand, tenths_down, tenths_up, wallbox_groups
 
 #: How long a lost charger keeps its reservation by default (``[site] lost_charger_hold``): 8 h,
 #: a full charge of an 80 kWh battery at 11 kW, so a charger that keeps charging on its installed
@@ -96,7 +96,10 @@ class Fuse:
         self.phases = phases
         self.hold = hold
         self.default = ChargerLimits()
+        #: Configured load points (a charger, or one connector of a multi-connector wallbox: ``CP001#2``).
         self._configured: dict[str, ChargerLimits] = {}
+        #: Multi-connector wallbox → its index in the gate's room list (after the phases).
+        self._groups: dict[str, int] = {}
         self._slots: dict[str, Slot] = {}
         self.stats = FuseStats()
         self._over_since: float | None = None
@@ -108,7 +111,8 @@ class Fuse:
     def configure(self, phases: int, chargers: Mapping[str, ChargerLimits], default: ChargerLimits,
                   hold: float) -> None:
         self.phases, self.hold, self.default = phases, hold, default
-        self._configured = dict(chargers)
+        self._configured = expand(chargers)
+        self._groups = wallbox_groups(self._configured, phases)
         for charger_id, slot in self._slots.items():
             slot.limits = self._limits_for(charger_id)
 
@@ -127,6 +131,12 @@ class Fuse:
 
     def _limits_for(self, charger_id: str) -> ChargerLimits:
         return self._configured.get(charger_id, self.default)
+
+    def retire(self, charger_id: str) -> None:
+        """A load point that no longer exists (the wallbox came back with another connector layout: its new
+        load points count from now on, each at what it may hold or its max_current)."""
+        self._slots.pop(charger_id, None)
+        self._unrecorded.discard(charger_id)
 
     def _slot(self, charger_id: str) -> Slot:
         slot = self._slots.get(charger_id)
@@ -292,7 +302,7 @@ class Fuse:
         ``budget``: per site phase, tenths, for the connected managed chargers. Room goes by
         priority (highest first), then id.
         """
-        room = [b - r for b, r in zip(budget, self.reserved(now))]
+        room = [b - r for b, r in zip(budget, self.reserved(now))] + self._wallbox_room(now)
         granted: dict[str, float] = {}
         increases: list[str] = []
         for charger_id, target in targets.items():
@@ -303,7 +313,7 @@ class Fuse:
             want = tenths_down(target)
             if want > slot.peak():
                 increases.append(charger_id)
-            elif want <= slot.floor() or all(room[ph] >= 0 for ph in charger_phases(self.phases, slot.limits)):
+            elif want <= slot.floor() or all(room[ph] >= 0 for ph in self._resources(slot)):
                 granted[charger_id] = target  # a decrease (or no change): never waits
             else:
                 # Below what the fuse counts, but maybe above what the wallbox has (its count is an
@@ -318,7 +328,7 @@ class Fuse:
     def _grant_increase(self, charger_id: str, want: int, room: list[int]) -> int:
         """As much of an increase as fits: the charger's own reservation counts as its room."""
         slot = self._slots[charger_id]
-        phases = charger_phases(self.phases, slot.limits)
+        phases = self._resources(slot)
         current = slot.peak()
         top = min(want, current + min((room[ph] for ph in phases), default=0))
         if current == 0 and top < tenths_up(slot.limits.min_current):
@@ -328,6 +338,29 @@ class Fuse:
         for ph in phases:
             room[ph] -= top - current
         return top
+
+    def _resources(self, slot: Slot) -> frozenset[int]:
+        """The room entries a load point uses: its site phases, and its wallbox's maximum (connectors)."""
+        phases = charger_phases(self.phases, slot.limits)
+        group = self._groups.get(slot.limits.wallbox) if slot.limits.wallbox else None
+        return phases if group is None else phases | {group}
+
+    def _wallbox_room(self, now: float) -> list[int]:
+        """Per multi-connector wallbox: its max_current − what its connectors may draw together. The wallbox
+        stays bounded by its own maximum at every instant, as the site by its fuse."""
+        room = [0] * len(self._groups)
+        for name, index in self._groups.items():
+            top = next(lim.wallbox_max for lim in self._configured.values() if lim.wallbox == name)
+            room[index - self.phases] = tenths_down(top)
+        for charger_id, slot in self._slots.items():
+            group = self._groups.get(slot.limits.wallbox) if slot.limits.wallbox else None
+            if group is not None:
+                room[group - self.phases] -= self.may_draw(charger_id, now)
+        return room
+
+    def wallbox_draw(self, wallbox: str, now: float) -> int:
+        """Tenths per phase a multi-connector wallbox's connectors may draw together."""
+        return sum(self.may_draw(cid, now) for cid, slot in self._slots.items() if slot.limits.wallbox == wallbox)
 
     # -- over budget and the durable record ------------------------------------------------------------------
 
