@@ -318,3 +318,30 @@ def test_a_wallbox_that_rejects_the_charge_point_maximum_keeps_its_connector_pro
         out = s.answer(out, "Rejected" if whole else "Accepted") or s.tick()
     assert s.control.strategy == "tx-default"
     assert s.control.holding_at(1) == 20.0 and s.control.holding_at(2) == 0.0
+
+
+def test_after_a_lost_answer_the_gate_keeps_the_other_connector_within_the_wallbox_maximum() -> None:
+    """Connector 1's decrease (16 → 10 A) times out: it may hold either, so it counts at 16 A. Connector 2's
+    6 A would be sent first next time (the control does not know connector 1's profile any more), so the
+    gate holds it at 0 A until connector 1's decrease is Accepted: the wallbox never may draw 16 + 6 A."""
+    site = SiteLimits(max_current=100.0, phases=3, ramp_up_interval=0.0, hysteresis=0.0, min_hold_time=0.0)
+    s = Site(double(16.0, connector_max=16.0), site)
+    engine = s.coordinator.engine
+    engine.status("W", 2, "Available", 0.0)
+    charging(engine, "W", 1)
+    s.settle()
+    charging(engine, "W", 2)
+    out = s.tick()
+    assert out is not None and out.command.connector == 1 and out.command.amps == 10.0
+    assert s.coordinator.failed("W", out.command, "no answer", s.now)  # a decrease left unanswered
+    assert s.fuse.may_draw("W#1", s.now) == 160
+    s.now += 6.0  # past the retry wait
+    out = s.tick()
+    assert s.coordinator.targets == {"W#1": 10.0, "W#2": 6.0}
+    assert s.coordinator.granted == {"W#1": 10.0, "W#2": 0.0}
+    assert out is not None and out.command.connector == 1 and out.command.amps == 10.0
+    assert s.fuse.wallbox_draw("W", s.now) <= 160
+    assert s.answer(out) is None
+    out = s.tick()
+    assert out is not None and out.command.connector == 2 and out.command.amps == 6.0
+    assert s.fuse.wallbox_draw("W", s.now) == 160

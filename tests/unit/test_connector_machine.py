@@ -1,0 +1,548 @@
+"""The fuse invariant with connectors as load points, as a hypothesis state machine.
+
+Like ``tests/unit/test_fuse_machine.py``, the system under test is the sans-IO chain the trio
+driver runs (:class:`Coordinator`: engine, fuse, one control per wallbox), here on a site with
+two-connector wallboxes whose connectors are load points of their own (``[[chargers.connectors]]``)
+next to a wallbox that is one load point. The simulated wallboxes hold the truth: the profiles
+they really applied, per connector, with the OCPP composite (the TxProfile of the running
+transaction beats every TxDefaultProfile; within a purpose the highest stack level wins, a
+connector's own on a tie; the ChargePointMaxProfile caps each connector), the CALL they have not
+answered yet (which they may apply at any instant), a backend profile on its way. Cars start and
+stop per connector; the backend installs TxProfiles for running transactions and TxDefaultProfiles
+on a connector or on connector 0, below or above the proxy's stack level; wallboxes answer late,
+reject, time out (having applied the limit or not), drop, reconnect, reboot; the proxy restarts
+from its record; a connector is disabled or enabled again by a reload; a meter reports house load
+and each connector's MeterValues.
+
+Checked after every step:
+
+* per load point: what the fuse counts is never below what the connector may really draw;
+* per phase: no step of the proxy or a car raises what may be drawn above the budget (nor further
+  above it when an outside event did);
+* per two-connector wallbox: the limits the engine decides and the gate lets out add up to at most
+  its max_current, and no step of the proxy or a car raises what its connectors may draw together
+  above it (nor further above it: at first contact each unknown connector may draw its own maximum).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from hypothesis import settings, strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+
+from proxy.loadmgmt.control import ControlSettings
+from proxy.loadmgmt.coordinator import Coordinator, Outgoing
+from proxy.loadmgmt.engine import ChargerLimits, ConnectorLimits, LimitEngine, SiteLimits, charger_phases, load_points
+from proxy.loadmgmt.fuse import Fuse
+
+WALL = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
+HOLD = 600.0
+IDS = ("D1", "D2", "S1")
+CONNECTOR = st.sampled_from([1, 2])
+#: Rules pick a wallbox by index: D1 always exists, the others only where set up.
+IDX = st.sampled_from(IDS)
+
+
+@dataclass
+class Installed:
+    connector: int
+    purpose: str
+    stack_level: int
+    amps: float
+    transaction: int | None = None
+
+
+@dataclass
+class Wallbox:
+    """A simulated wallbox: profiles by id (kept over reconnects, lost on reboot), cars per connector."""
+
+    limits: ChargerLimits
+    profiles: dict[int, Installed] = field(default_factory=dict)
+    inflight: Outgoing | None = None
+    #: A backend SetChargingProfile forwarded and not answered: (msg id, original payload, as forwarded)
+    backend_call: tuple[str, dict[str, Any], dict[str, Any]] | None = None
+    connected: bool = False
+    lost_at: float | None = 0.0
+    #: connector → transaction id of the car charging there
+    cars: dict[int, int] = field(default_factory=dict)
+
+    def points(self, cid: str) -> dict[str, tuple[int, ChargerLimits]]:
+        return load_points(cid, self.limits)
+
+    # -- what it may draw ------------------------------------------------------------------------
+
+    def cap(self, connector: int, limits: ChargerLimits) -> float:
+        """Connector 0: the wallbox as one load point (any Tx/TxDefault counts at its highest, as in the
+        single-connector machine); connector N: the OCPP composite on N."""
+        top = limits.max_current
+        maxes = [p for p in self.profiles.values() if p.purpose == "ChargePointMaxProfile"]
+        cp_max = _winner(maxes) if maxes else top
+        if connector == 0:
+            tx = [p.amps for p in self.profiles.values() if p.purpose in ("TxDefaultProfile", "TxProfile")]
+            return min(top, cp_max, max(tx, default=top))
+        running = self.cars.get(connector)
+        tx_profiles = [p for p in self.profiles.values() if p.purpose == "TxProfile" and p.connector == connector
+                       and running is not None and p.transaction in (None, running)]
+        defaults = [p for p in self.profiles.values() if p.purpose == "TxDefaultProfile"
+                    and p.connector in (0, connector)]
+        decided = _winner(tx_profiles) if tx_profiles else _winner(defaults) if defaults else top
+        return min(top, cp_max, decided)
+
+    def may_draw(self, connector: int, limits: ChargerLimits, now: float) -> float:
+        """What the load point may draw now (a car may plug in any moment): its cap, or its cap once it
+        applied what it was sent. A lost one released after the hold counts no more, by decision."""
+        if not self.connected and self.lost_at is not None and now - self.lost_at >= HOLD:
+            return 0.0
+        values = [self.cap(connector, limits)]
+        if self.inflight is not None:
+            values.append(self._after(lambda w: w.apply(self.inflight), connector, limits))  # type: ignore[arg-type]
+        if self.backend_call is not None:
+            forwarded = self.backend_call[2]
+            values.append(self._after(lambda w: w.install(forwarded), connector, limits))
+        return min(max(values), limits.max_current)
+
+    def _after(self, change: Any, connector: int, limits: ChargerLimits) -> float:
+        copy = Wallbox(self.limits, dict(self.profiles), cars=dict(self.cars))
+        change(copy)
+        return copy.cap(connector, limits)
+
+    # -- applying profiles -----------------------------------------------------------------------
+
+    def apply(self, outgoing: Outgoing) -> None:
+        command = outgoing.command
+        if command.kind == "clear":
+            self.profiles.pop(command.payload.get("id", 0), None)
+            return
+        self.install(command.payload)
+
+    def install(self, payload: dict[str, Any]) -> None:
+        """SetChargingProfile: the same id, or the same purpose and stack level on the same connector, is
+        replaced (OCPP 1.6 errata)."""
+        raw, connector = payload["csChargingProfiles"], payload["connectorId"]
+        profile = Installed(connector, raw["chargingProfilePurpose"], raw["stackLevel"],
+                            float(raw["chargingSchedule"]["chargingSchedulePeriod"][0]["limit"]),
+                            raw.get("transactionId"))
+        for pid in [pid for pid, p in self.profiles.items() if pid == raw["chargingProfileId"] or (
+                p.purpose == profile.purpose and p.stack_level == profile.stack_level and p.connector == connector)]:
+            del self.profiles[pid]
+        self.profiles[raw["chargingProfileId"]] = profile
+
+    def stop(self, connector: int) -> None:
+        """The transaction ends: its TxProfiles go with it."""
+        self.cars.pop(connector, None)
+        for pid in [pid for pid, p in self.profiles.items() if p.purpose == "TxProfile" and p.connector == connector]:
+            del self.profiles[pid]
+
+
+def _winner(profiles: list[Installed]) -> float:
+    """Highest stack level wins; on a tie the connector's own (a TxDefault on connector 0 applies to all)."""
+    best = max(profiles, key=lambda p: (p.stack_level, p.connector > 0))
+    return best.amps
+
+
+def backend_profile(connector: int, purpose: str, level: int, amps: float, transaction: int | None,
+                    profile_id: int) -> dict[str, Any]:
+    raw: dict[str, Any] = {"chargingProfileId": profile_id, "stackLevel": level, "chargingProfilePurpose": purpose,
+                           "chargingProfileKind": "Absolute", "chargingSchedule": {
+                               "chargingRateUnit": "A", "chargingSchedulePeriod": [{"startPeriod": 0, "limit": amps}]}}
+    if transaction is not None:
+        raw["transactionId"] = transaction
+    return {"connectorId": connector, "csChargingProfiles": raw}
+
+
+class ConnectorMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.now = 0.0
+        self.wallboxes: dict[str, Wallbox] = {}
+        self.store: dict[str, float | None] = {}
+        self.house = [0.0, 0.0, 0.0]
+        self.ems_site: float | None = None
+        self.previous: list[float] | None = None
+        self.previous_wallbox: dict[str, float] = {}
+        self.outside = False
+        self.messages = 0
+        self.disabled: set[tuple[str, int]] = set()
+
+    # -- setting up -------------------------------------------------------------------------
+
+    @initialize(site=st.integers(10, 100), meter=st.booleans(), calm=st.booleans(), others=st.integers(0, 2),
+                wallbox_max=st.sampled_from([16.0, 20.0, 32.0]), phases=st.sampled_from([1, 3]),
+                priorities=st.tuples(st.integers(0, 1), st.integers(0, 1), st.integers(0, 1)),
+                strategy=st.sampled_from(["max-profile", "tx-default"]))
+    def setup(self, site: int, meter: bool, calm: bool, others: int, wallbox_max: float, phases: int,
+              priorities: tuple[int, int, int], strategy: str) -> None:
+        """D1 (a two-connector wallbox) and ``others`` of D2 (another) and S1 (one load point)."""
+        self.site_limits = SiteLimits(max_current=float(site), phases=3, meter=meter, meter_timeout=1e9,
+                                      ramp_up_interval=0.0 if calm else 15.0, hysteresis=0.0 if calm else 1.0,
+                                      min_hold_time=0.0 if calm else 60.0)
+        self.strategy = strategy
+        self.shapes = {"D1": (wallbox_max, phases, 1, priorities[0])}
+        if others >= 1:
+            self.shapes["D2"] = (16.0, 3, 2, priorities[1])
+        self.limits = self._configured()
+        if others >= 2:
+            self.limits["S1"] = ChargerLimits(max_current=16.0, min_current=6.0, phases=1, first_phase=3,
+                                              priority=priorities[2])
+        for cid, limits in self.limits.items():
+            self.wallboxes[cid] = Wallbox(limits)
+        self._start_proxy()
+
+    def _configured(self) -> dict[str, ChargerLimits]:
+        out = {}
+        for cid, (top, phases, first, priority) in self.shapes.items():
+            connectors = tuple(ConnectorLimits(n, min(top, 16.0) if n == 2 else top, 6.0, phases, n % 2,
+                                               (cid, n) not in self.disabled) for n in (1, 2))
+            out[cid] = ChargerLimits(max_current=top, min_current=6.0, phases=phases, first_phase=first,
+                                     priority=priority, connectors=connectors)
+        return out
+
+    def _start_proxy(self) -> None:
+        engine = LimitEngine(self.site_limits, self.limits)
+        fuse = Fuse(phases=3, hold=HOLD)
+        fuse.configure(3, self.limits, ChargerLimits(), HOLD)
+        fuse.restore(self.store, self.now)
+        self.coordinator = Coordinator(engine, fuse)
+        if self.ems_site is not None:
+            engine.ems_site_limit(self.ems_site, self.now)
+        if self.site_limits.meter:
+            self._meter_reading()
+
+    def _settings(self, cid: str) -> ControlSettings:
+        limits = self.limits[cid]
+        return ControlSettings(strategy=self.strategy, phases=limits.phases, retry=5.0,
+                               connectors=tuple(c.connector for c in limits.connectors))
+
+    # -- the proxy's steps --------------------------------------------------------------------
+
+    def _dispatch(self, outgoing: list[Outgoing]) -> None:
+        self.store.update(self.coordinator.fuse.records()[0])  # the driver writes before sending
+        for item in outgoing:
+            wallbox = self.wallboxes[item.charger_id]
+            assert wallbox.inflight is None, "two CALLs outstanding on one wallbox"
+            assert wallbox.connected
+            wallbox.inflight = item
+
+    @rule(dt=st.sampled_from([0.0, 0.5, 3.0, 16.0, 61.0]))
+    def tick(self, dt: float) -> None:
+        self.outside = False
+        self.now += dt
+        self._dispatch(self.coordinator.tick(self.now, WALL))
+
+    @rule(cid=IDX, outcome=st.sampled_from(["Accepted", "Accepted", "Accepted", "Rejected", "CALLERROR", "timeout"]),
+          applied=st.booleans())
+    def answer(self, cid: str, outcome: str, applied: bool) -> None:
+        if cid not in self.wallboxes:
+            return
+        self.outside = False
+        wallbox = self.wallboxes[cid]
+        item = wallbox.inflight
+        if item is None:
+            return
+        wallbox.inflight = None
+        if outcome == "Accepted" or (outcome == "timeout" and applied):
+            wallbox.apply(item)
+        if outcome == "timeout":
+            self.coordinator.failed(cid, item.command, "no answer", self.now)
+        elif outcome == "CALLERROR":
+            self.coordinator.answered(cid, item.command, None, "InternalError", self.now)
+        else:
+            self.coordinator.answered(cid, item.command, outcome, None, self.now)
+        following = self.coordinator.next(cid, self.now, WALL)
+        self._dispatch([following] if following else [])
+
+    @rule()
+    def everyone_answers_promptly(self) -> None:
+        """A calm spell: recomputations, and every wallbox accepts what it is sent, until nothing is left
+        to send (at most 12 rounds), so steps after it start from settled limits."""
+        for _ in range(12):
+            self.tick(0.0)
+            waiting = [cid for cid, w in self.wallboxes.items() if w.inflight is not None]
+            if not waiting:
+                return
+            for cid in waiting:
+                self.answer(cid, "Accepted", True)
+            self._check_step()
+
+    @rule(cid=IDX)
+    def apply_before_answering(self, cid: str) -> None:
+        if cid not in self.wallboxes:
+            return
+        self.outside = False
+        item = self.wallboxes[cid].inflight
+        if item is not None:
+            self.wallboxes[cid].apply(item)
+
+    @rule(cid=IDX, applied=st.booleans())
+    def drop(self, cid: str, applied: bool) -> None:
+        if cid not in self.wallboxes:
+            return
+        self.outside = False
+        if self.wallboxes[cid].connected:
+            self._drop(cid, applied)
+
+    def _drop(self, cid: str, applied: bool) -> None:
+        wallbox = self.wallboxes[cid]
+        wallbox.connected, wallbox.lost_at = False, self.now
+        item, wallbox.inflight = wallbox.inflight, None
+        if item is not None and applied:
+            wallbox.apply(item)
+        if wallbox.backend_call is not None:
+            if applied:
+                wallbox.install(wallbox.backend_call[2])
+            wallbox.backend_call = None
+        self.coordinator.detach(cid, self.now)
+        if item is not None:
+            self.coordinator.failed(cid, item.command, "session gone", self.now)
+
+    @rule(cid=IDX, boot=st.booleans())
+    def reconnect(self, cid: str, boot: bool) -> None:
+        if cid not in self.wallboxes:
+            return
+        self.outside = False
+        wallbox = self.wallboxes[cid]
+        if wallbox.connected:
+            return
+        self.outside = boot or (wallbox.lost_at is not None and self.now - wallbox.lost_at >= HOLD)
+        self._connect(cid, boot)
+
+    def _connect(self, cid: str, boot: bool) -> None:
+        wallbox = self.wallboxes[cid]
+        wallbox.connected, wallbox.lost_at = True, None
+        control = self.coordinator.attach(cid, self._settings(cid), self.now)
+        engine = self.coordinator.engine
+        if boot:
+            wallbox.profiles.clear()
+            wallbox.cars.clear()
+            control.boot(self.now)
+            engine.transaction_stopped(cid, None, self.now)
+            self.coordinator.sync(cid)
+            control.boot_answered("Accepted")
+        else:
+            control.wallbox_call()
+        for n in (1, 2):
+            control.status(n)
+            engine.status(cid, n, "Charging" if n in wallbox.cars else "Available", self.now)
+            if n in wallbox.cars:  # the proxy learns the running transaction again from its frames
+                engine.transaction_started(cid, n, self.now)
+
+    @rule(cid=IDX)
+    def reboot(self, cid: str) -> None:
+        if cid not in self.wallboxes:
+            return
+        self.outside = True  # its profiles are gone: it may draw its maximum until the proxy's are back
+        if self.wallboxes[cid].connected:
+            self._drop(cid, False)
+            self._connect(cid, True)
+
+    @rule(applied=st.booleans())
+    def restart_proxy(self, applied: bool) -> None:
+        self.outside = False
+        self.store.update(self.coordinator.fuse.records()[0])
+        for wallbox in self.wallboxes.values():
+            if wallbox.connected:
+                wallbox.connected, wallbox.lost_at = False, self.now
+                if wallbox.inflight is not None and applied:
+                    wallbox.apply(wallbox.inflight)
+                wallbox.inflight = wallbox.backend_call = None
+        self._start_proxy()
+
+    @rule(cid=IDX, connector=CONNECTOR)
+    def toggle_connector(self, cid: str, connector: int) -> None:
+        """A reload disables a connector (held at 0 A) or enables it again."""
+        if cid not in self.shapes:
+            return
+        self.outside = False
+        self.disabled ^= {(cid, connector)}
+        self.limits.update(self._configured())
+        self.coordinator.engine.configure(self.site_limits, self.limits, now=self.now)
+        self.coordinator.fuse.configure(3, self.limits, ChargerLimits(), HOLD)
+        for wallbox_id, wallbox in self.wallboxes.items():
+            wallbox.limits = self.limits[wallbox_id]
+
+    # -- cars and the backend -------------------------------------------------------------------
+
+    @rule(cid=IDX, connector=CONNECTOR)
+    def car_starts(self, cid: str, connector: int) -> None:
+        if cid not in self.wallboxes:
+            return
+        self.outside = False
+        wallbox = self.wallboxes[cid]
+        if not wallbox.connected or connector in wallbox.cars:
+            return
+        self.messages += 1
+        wallbox.cars[connector] = self.messages
+        engine, control = self.coordinator.engine, self.coordinator.controls[cid]
+        engine.status(cid, connector, "Preparing", self.now)
+        control.transaction_starting(f"start-{self.messages}", connector, WALL)
+        engine.transaction_started(cid, connector, self.now)
+        control.transaction_started(f"start-{self.messages}", self.messages)
+        engine.status(cid, connector, "Charging", self.now)
+
+    @rule(cid=IDX, connector=CONNECTOR)
+    def car_stops(self, cid: str, connector: int) -> None:
+        if cid not in self.wallboxes:
+            return
+        self.outside = False
+        wallbox = self.wallboxes[cid]
+        if not wallbox.connected or connector not in wallbox.cars:
+            return
+        tx = wallbox.cars[connector]
+        wallbox.stop(connector)
+        stopped = self.coordinator.controls[cid].transaction_stopped(tx)
+        self.coordinator.engine.transaction_stopped(cid, stopped, self.now)
+        self.coordinator.engine.status(cid, connector, "Available", self.now)
+
+    @rule(cid=IDX, connector=st.sampled_from([0, 1, 2]), tx_profile=st.booleans(),
+          level=st.sampled_from([0, 1, 8, 9, 20]), amps=st.sampled_from([6.0, 10.0, 16.0, 32.0]))
+    def backend_sets_profile(self, cid: str, connector: int, tx_profile: bool, level: int, amps: float) -> None:
+        """The backend installs a TxProfile for a running transaction, or a TxDefaultProfile (connector 0: all)."""
+        if cid not in self.wallboxes:
+            return
+        self.outside = False
+        wallbox = self.wallboxes[cid]
+        if not wallbox.connected or wallbox.backend_call is not None:
+            return
+        transaction = wallbox.cars.get(connector) if tx_profile else None
+        if tx_profile and transaction is None:
+            return
+        self.messages += 1
+        msg_id = f"b{self.messages}"
+        original = backend_profile(connector, "TxProfile" if tx_profile else "TxDefaultProfile", level, amps,
+                                   transaction, 100 + connector * 10 + int(tx_profile))
+        control = self.coordinator.controls[cid]
+        out = self.coordinator.rewrite(cid, msg_id, original, WALL) if control.rewrites else None
+        wallbox.backend_call = (msg_id, original, out if out is not None else original)
+
+    @rule(cid=IDX)
+    def wallbox_answers_backend(self, cid: str) -> None:
+        if cid not in self.wallboxes:
+            return
+        self.outside = False
+        wallbox = self.wallboxes[cid]
+        if wallbox.backend_call is None:
+            return
+        msg_id, original, forwarded = wallbox.backend_call
+        wallbox.backend_call = None
+        raw = forwarded["csChargingProfiles"]
+        running = raw.get("transactionId") is None or wallbox.cars.get(forwarded["connectorId"]) == raw["transactionId"]
+        status = "Accepted" if running else "Rejected"
+        if running:
+            wallbox.install(forwarded)
+        self.coordinator.controls[cid].backend_set_answered(msg_id, original, status, WALL)
+        self.coordinator.backend_answered(cid)
+
+    # -- meter and EMS -------------------------------------------------------------------------------
+
+    @precondition(lambda self: self.site_limits.meter)
+    @rule(house=st.lists(st.sampled_from([0.0, 2.0, 5.0, 12.0]), min_size=3, max_size=3))
+    def meter(self, house: list[float]) -> None:
+        self.outside = any(h > old for h, old in zip(house, self.house))
+        self.house = house
+        self._meter_reading()
+
+    def _meter_reading(self) -> None:
+        """The grid meter and each charging connector's MeterValues (connectorId), one snapshot."""
+        grid = list(self.house)
+        engine = self.coordinator.engine
+        for cid, wallbox in self.wallboxes.items():
+            present = wallbox.connected or wallbox.lost_at is not None
+            for pid, (connector, limits) in wallbox.points(cid).items():
+                cars = wallbox.cars if connector else {0: 1} if wallbox.cars else {}
+                draw = wallbox.cap(connector, limits) if present and (connector in cars) else 0.0
+                for ph in charger_phases(3, limits):
+                    grid[ph] += draw
+                if wallbox.connected:
+                    currents = tuple(draw if i < limits.phases else 0.0 for i in range(3))
+                    engine.measured(cid, (currents[0], currents[1], currents[2]), self.now,
+                                    connector=connector or None)
+        engine.meter_reading((grid[0], grid[1], grid[2]), self.now)
+
+    @rule(amps=st.one_of(st.none(), st.sampled_from([8.0, 16.0, 25.0, 40.0])))
+    def ems_site_limit(self, amps: float | None) -> None:
+        old = self._site()
+        self.ems_site = amps
+        self.outside = self._site() < old
+        self.coordinator.engine.ems_site_limit(amps, self.now)
+
+    @rule()
+    def hold_passes(self) -> None:
+        self.outside = False
+        self.now += HOLD + 1
+
+    # -- the invariants ----------------------------------------------------------------------------
+
+    def _site(self) -> float:
+        return self.site_limits.max_current if self.ems_site is None else min(self.site_limits.max_current,
+                                                                               self.ems_site)
+
+    def _truths(self) -> dict[str, tuple[str, ChargerLimits, float]]:
+        """Per load point: (wallbox, limits, what it may really draw)."""
+        out = {}
+        for cid, wallbox in self.wallboxes.items():
+            for pid, (connector, limits) in wallbox.points(cid).items():
+                out[pid] = (cid, limits, wallbox.may_draw(connector, limits, self.now))
+        return out
+
+    def _check_step(self) -> None:
+        """The invariants between the rounds of a compound step too."""
+        self.fuse_counts_at_least_what_may_be_drawn()
+        self.never_over_budget_nor_over_a_wallbox_maximum_by_the_proxy()
+        self.the_proxys_limits_keep_each_wallbox_within_its_maximum()
+
+    @invariant()
+    def fuse_counts_at_least_what_may_be_drawn(self) -> None:
+        if not self.wallboxes:
+            return
+        fuse = self.coordinator.fuse
+        for pid, (_, _, truth) in self._truths().items():
+            counted = fuse.may_draw(pid, self.now) / 10
+            assert counted + 1e-9 >= truth, f"{pid}: the fuse counts {counted} A, it may draw {truth} A"
+
+    @invariant()
+    def never_over_budget_nor_over_a_wallbox_maximum_by_the_proxy(self) -> None:
+        if not self.wallboxes:
+            return
+        total = [0.0, 0.0, 0.0]
+        per_wallbox: dict[str, float] = {}
+        for cid, limits, truth in self._truths().values():
+            for ph in charger_phases(3, limits):
+                total[ph] += truth
+            per_wallbox[cid] = per_wallbox.get(cid, 0.0) + truth
+        house = self.house if self.site_limits.meter else [0.0, 0.0, 0.0]
+        budget = [max(0.0, math.floor((self._site() - h) * 10 + 1e-6) / 10) for h in house]
+        if self.previous is not None and not self.outside:
+            for ph in range(3):
+                allowed = max(budget[ph], self.previous[ph])
+                assert total[ph] <= allowed + 1e-9, (
+                    f"phase L{ph + 1}: {total[ph]} A may be drawn, budget {budget[ph]} A "
+                    f"(before this step {self.previous[ph]} A)")
+            for cid, (top, *_) in self.shapes.items():
+                allowed = max(top, self.previous_wallbox[cid])
+                assert per_wallbox[cid] <= allowed + 1e-9, (
+                    f"{cid}: its connectors may draw {per_wallbox[cid]} A together, its maximum is {top} A "
+                    f"(before this step {self.previous_wallbox[cid]} A)")
+        self.previous = total
+        self.previous_wallbox = per_wallbox
+
+
+    @invariant()
+    def the_proxys_limits_keep_each_wallbox_within_its_maximum(self) -> None:
+        """What the engine decides and what the gate lets out add up to at most the wallbox's max_current."""
+        if not self.wallboxes:
+            return
+        for cid, (top, *_) in self.shapes.items():
+            points = list(self.wallboxes[cid].points(cid))
+            for name, limits in (("targets", self.coordinator.targets), ("granted", self.coordinator.granted)):
+                total = sum(limits.get(pid, 0.0) for pid in points)
+                assert total <= top + 1e-9, f"{cid}: {name} {total} A over its {top} A"
+
+
+TestConnectorMachine = ConnectorMachine.TestCase
+TestConnectorMachine.settings = settings(max_examples=int(os.environ.get("FUSE_EXAMPLES", "150")),
+                                         stateful_step_count=40, deadline=None)
