@@ -33,16 +33,19 @@ def installed(frames: list[str]) -> dict[int, dict[str, Any]]:
     return profiles
 
 
-def composite(profiles: dict[int, dict[str, Any]]) -> float | None:
+def composite(profiles: dict[int, dict[str, Any]], evse: int | None = None) -> float | None:
     """min(the winning ChargingStationMaxProfile, the winning TxProfile else TxDefaultProfile) in A.
 
-    Per purpose the highest stackLevel wins (single-period Absolute profiles in A).
+    Per purpose the highest stackLevel wins (single-period Absolute profiles in A). ``evse``: the
+    composite of that EVSE (its own Tx/TxDefault profiles and the station-wide ones on EVSE 0; on a
+    tie the EVSE's own wins); None: every profile counts, as for a one-EVSE station.
     """
     def winner(purpose: str) -> float | None:
-        candidates = [p for p in profiles.values() if p["chargingProfilePurpose"] == purpose]
+        candidates = [p for p in profiles.values() if p["chargingProfilePurpose"] == purpose
+                      and (evse is None or purpose == "ChargingStationMaxProfile" or p["evse"] in (0, evse))]
         if not candidates:
             return None
-        best = max(candidates, key=lambda p: p["stackLevel"])
+        best = max(candidates, key=lambda p: (p["stackLevel"], p["evse"] != 0))
         schedule = best["chargingSchedule"][0]
         assert schedule["chargingRateUnit"] == "A"
         return float(schedule["chargingSchedulePeriod"][0]["limit"])

@@ -152,6 +152,10 @@ class Control:
         self.own_at: dict[int, Signature | None | _Unknown] = {}
         self.gone_at: dict[int, bool] = {}
         self.connector_local: dict[int, float | None] = {}
+        #: Per load point (connector; 0: the wallbox), what the fuse knows it surely may draw when it connects
+        #: (usually 0): before the proxy decided a limit, a backend Tx/TxDefault profile is clamped to it, so
+        #: forwarding it never raises what the wallbox may draw; it is re-sent at the decided limit (restore).
+        self.undecided: dict[int, float] = {}
         #: Refusals or lost answers in a row (the retry wait doubles with each).
         self.failures = 0
         self.rejected: set[Any] = set()
@@ -294,7 +298,7 @@ class Control:
 
     def rewrite(self, msg_id: str, payload: Any, wall: datetime) -> dict[str, Any] | None:
         """Under tx-default: the backend's Tx/TxDefault SetChargingProfile clamped (None: unchanged)."""
-        if not self.rewrites or self.local is None:
+        if not self.rewrites or (self.local is None and not self.undecided):
             return None
         connector, profile = parse_set(payload)
         if profile.purpose not in (TX_DEFAULT, TX_PROFILE):
@@ -429,11 +433,15 @@ class Control:
         """What a backend Tx/TxDefault profile is clamped to (None: left as it is): the local limit, or with
         connector load points the lowest limit of the connectors it may decide (none: it is outranked)."""
         if not self.per_connector:
-            return self.local
-        limits = [self.connector_local.get(n) for n in self.clamp_connectors(connector, profile)]
+            return self.local if self.local is not None else self.undecided.get(0)
+        limits = [self._decided(n) for n in self.clamp_connectors(connector, profile)]
         if not limits or any(v is None for v in limits):
             return None
         return min(v for v in limits if v is not None)
+
+    def _decided(self, connector: int) -> float | None:
+        local = self.connector_local.get(connector)
+        return local if local is not None else self.undecided.get(connector)
 
     def _restore_command(self, wall: datetime) -> Command | None:
         """Backend Tx/TxDefault profiles whose version on the wallbox is not the one it should have."""

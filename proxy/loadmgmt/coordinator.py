@@ -86,6 +86,7 @@ class Coordinator:
         self._retire_other_layouts(charger_id, [pid for pid, _ in points], now)
         for pid, _ in points:
             self.fuse.connected(pid, now)
+        control.undecided = {connector: self.fuse.floor(pid) / 10 for pid, connector in points}
         self.engine.charger_connected(charger_id, now)
         return control
 

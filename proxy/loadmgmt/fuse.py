@@ -266,6 +266,11 @@ class Fuse:
             return slot.peak()
         return 0
 
+    def floor(self, charger_id: str) -> int:
+        """Tenths it surely may draw (0 unless known exactly): a limit up to this raises nothing on it."""
+        slot = self._slots.get(charger_id)
+        return 0 if slot is None else slot.floor()
+
     def lost(self, now: float) -> dict[str, float]:
         """Lost chargers still holding a reservation: amps each (for the engine's house load)."""
         return {cid: self.may_draw(cid, now) / 10 for cid, slot in self._slots.items()

@@ -100,7 +100,7 @@ class Wallbox:
             return 0.0
         values = [self.cap(connector, limits)]
         if self.inflight is not None:
-            values.append(self._after(lambda w: w.apply(self.inflight), connector, limits))  # type: ignore[arg-type]
+            values.append(self._after(lambda w: w.apply(self.inflight), connector, limits))
         if self.backend_call is not None:
             forwarded = self.backend_call[2]
             values.append(self._after(lambda w: w.install(forwarded), connector, limits))

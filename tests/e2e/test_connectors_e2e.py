@@ -1,0 +1,188 @@
+"""Connectors as load points end to end (issue 24): one two-connector ``ocpp``-library wallbox
+(tests/smart_wallbox.py), two cars, through the proxy on 127.0.0.1 to an ``ocpp``-library backend.
+
+Site 20 A; the wallbox 32 A, connector 1 one priority above connector 2. Both cars charging:
+14 A and 6 A (both minimums, the rest to the higher priority). The limits are read on the
+wallbox's side: its frames as received are replayed into a fresh profile store written from
+the specification (not the proxy's profile code) and the OCPP composite is computed per
+connector (min of the ChargePointMaxProfile on connector 0 and the connector's TxProfile, else
+TxDefaultProfile). Then pausing one connector leaves the other charging: car 2 stops (connector
+1 gets the whole 20 A, connector 2 0 A), and a reload disabling connector 1 (it drops to 0 A
+while connector 2's new car charges at 20 A). MeterValues are attributed per connectorId.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import trio
+from ocpp.v16 import call
+
+from proxy.config import loads
+from proxy.demo.peers import LoopThread, SimBackend
+from proxy.demo.peers_v2 import SimCsms, StationHandle, connect_station, current_values
+from proxy.runtime.server import ProxyServer
+from tests.conftest import StartProxy, proxy_url
+from tests.peers import in_loop
+from tests.smart_wallbox import ProfileStore, SmartHandle, connect_smart
+from tests.station_v2 import composite, installed
+
+SITE = 20.0
+
+
+def connectors_config(backend: SimBackend, data_dir: Path, *, disable_first: bool = False) -> str:
+    return (f'[server]\nlisten = "127.0.0.1:0"\ncall_timeout = 10\nping_interval = 0\n'
+            f'[backend]\nurl = "ws://127.0.0.1:{backend.port}/ocpp"\n'
+            f'[offline]\ndata_dir = "{data_dir}"\n'
+            f'[site]\nmax_current = {SITE:g}\nramp_up_interval = 0\nhysteresis = 0\nmin_hold_time = 0\ninterval = 2\n'
+            '[[chargers]]\nid = "DUO"\nmax_current = 32\nmin_current = 6\n'
+            f'[[chargers.connectors]]\nid = 1\npriority = 1\nenabled = {"false" if disable_first else "true"}\n'
+            '[[chargers.connectors]]\nid = 2\n')
+
+
+def replayed(handle: SmartHandle) -> ProfileStore:
+    """The profiles the wallbox received, applied in order to a fresh store (transactions as it has them)."""
+    store = ProfileStore(transactions=dict(handle.wallbox.store.transactions))
+    for _, action, payload in handle.wire.calls_received():
+        if action == "SetChargingProfile":
+            store.set(payload["connectorId"], payload["csChargingProfiles"])
+        elif action == "ClearChargingProfile":
+            store.clear(payload)
+    return store
+
+
+def limits(handle: SmartHandle) -> dict[int, float | None]:
+    """Per connector, the composite limit of the profiles the wallbox received."""
+    store = replayed(handle)
+    return {n: store.composite(n) for n in (1, 2)}
+
+
+async def until_limits(handle: SmartHandle, server: ProxyServer, wanted: dict[int, float],
+                       timeout: float = 20.0) -> None:
+    """Wait until the received profiles compute to ``wanted`` and the proxy has nothing left to send."""
+    with trio.move_on_after(timeout):
+        while True:
+            if limits(handle) == wanted and server.limiter.settled():
+                return
+            with trio.move_on_after(0.2):
+                await server.limiter.next_progress()
+    raise AssertionError(f"limits {limits(handle)}, wanted {wanted}")
+
+
+async def meter(peers: LoopThread, handle: SmartHandle, connector: int, amps: float) -> None:
+    sampled = [{"value": f"{amps:.1f}", "measurand": "Current.Import", "phase": p, "unit": "A"}
+               for p in ("L1", "L2", "L3")]
+    await in_loop(peers, handle.wallbox.call(call.MeterValues(
+        connector_id=connector, meter_value=[{"timestamp": "2026-11-27T10:00:00Z", "sampledValue": sampled}])))
+
+
+async def test_two_cars_on_one_wallbox_get_per_connector_limits(
+        peers: LoopThread, backend: SimBackend, start_proxy: StartProxy, tmp_path: Path) -> None:
+    server = await start_proxy(connectors_config(backend, tmp_path / "data"))
+    handle = await in_loop(peers, connect_smart(proxy_url(server, "DUO"), "DUO"))
+    for n in (1, 2):
+        await in_loop(peers, handle.wallbox.call(call.StatusNotification(connector_id=n, error_code="NoError",
+                                                                         status="Available")))
+    await in_loop(peers, handle.wallbox.start_transaction(1))
+    await in_loop(peers, handle.wallbox.start_transaction(2))
+
+    # different priorities, different limits per connector
+    await until_limits(handle, server, {1: 14.0, 2: 6.0})
+    received = [payload for _, action, payload in handle.wire.calls_received() if action == "SetChargingProfile"]
+    by_connector = {p["connectorId"]: p["csChargingProfiles"] for p in received}
+    assert by_connector[0]["chargingProfilePurpose"] == "ChargePointMaxProfile"
+    assert {by_connector[n]["chargingProfilePurpose"] for n in (1, 2)} == {"TxDefaultProfile"}
+    assert handle.wire.overlaps == []  # one CALL at a time on the wallbox's connection
+    assert handle.wallbox.store.composite(1) == 14.0 and handle.wallbox.store.composite(2) == 6.0
+    views = server.limiter.engine.connector_views("DUO")
+    assert (views[1].local_limit, views[2].local_limit) == (14.0, 6.0)
+    assert views[1].mode == views[2].mode == "charging"
+
+    # measured currents per connector, from MeterValues' connectorId
+    await meter(peers, handle, 1, 13.8)
+    await meter(peers, handle, 2, 5.9)
+    views = server.limiter.engine.connector_views("DUO")
+    assert views[1].currents == (13.8, 13.8, 13.8) and views[2].currents == (5.9, 5.9, 5.9)
+
+    # car 2 leaves: connector 1 gets the site's 20 A, connector 2 nothing, and connector 1 keeps charging
+    await in_loop(peers, handle.wallbox.stop_transaction(2))
+    await until_limits(handle, server, {1: 20.0, 2: 0.0})
+    views = server.limiter.engine.connector_views("DUO")
+    assert views[1].mode == "charging" and views[1].transaction and views[2].mode == "idle"
+    assert 1 in handle.wallbox.store.transactions
+
+    # a new car on connector 2, and a reload disables connector 1: it is held at 0 A, connector 2 charges
+    await in_loop(peers, handle.wallbox.start_transaction(2))
+    await until_limits(handle, server, {1: 14.0, 2: 6.0})
+    server.reload(loads(connectors_config(backend, tmp_path / "data", disable_first=True)))
+    await until_limits(handle, server, {1: 0.0, 2: 20.0})
+    views = server.limiter.engine.connector_views("DUO")
+    assert views[1].mode == "blocked" and views[2].mode == "charging"
+    assert handle.wire.overlaps == []
+    await in_loop(peers, handle.close())
+
+
+# --- OCPP 2.0.1: EVSEs as load points ---------------------------------------------------------------
+
+async def until_evse_limits(handle: StationHandle, server: ProxyServer, wanted: dict[int, float],
+                            timeout: float = 20.0) -> None:
+    """Wait until the profiles the station received compute to ``wanted`` per EVSE (tests/station_v2.py)."""
+    def seen() -> dict[int, float | None]:
+        profiles = installed(handle.recorder.received)
+        return {n: composite(profiles, evse=n) for n in wanted}
+
+    with trio.move_on_after(timeout):
+        while True:
+            if seen() == wanted and server.limiter.settled():
+                return
+            with trio.move_on_after(0.2):
+                await server.limiter.next_progress()
+    raise AssertionError(f"limits {seen()}, wanted {wanted}")
+
+
+async def car(peers: LoopThread, handle: StationHandle, evse: int, event: str, amps: float | None = None) -> None:
+    """A TransactionEvent of the car on ``evse`` (its transaction ``tx-<evse>``), with currents when given."""
+    c = handle.calls
+    values = None if amps is None else [current_values((amps, amps, amps))]
+    state = {"Started": "Charging", "Updated": "Charging", "Ended": "EVConnected"}[event]
+    await in_loop(peers, handle.send(c.TransactionEvent(
+        event_type=event, timestamp="2026-11-27T10:00:00Z", seq_no=evse * 10 + len(event),
+        trigger_reason={"Started": "Authorized", "Updated": "MeterValuePeriodic", "Ended": "EVDeparted"}[event],
+        transaction_info={"transaction_id": f"tx-{evse}", "charging_state": state},
+        evse={"id": evse, "connector_id": 1}, meter_value=values,
+        id_token={"id_token": f"T{evse}", "type": "ISO14443"} if event == "Started" else None)))
+
+
+async def test_two_cars_on_one_ocpp201_station_get_per_evse_limits(
+        peers: LoopThread, start_proxy: StartProxy, tmp_path: Path) -> None:
+    csms = SimCsms(subprotocol="ocpp2.0.1")
+    await in_loop(peers, csms.start())
+    try:
+        text = connectors_config(backend=csms, data_dir=tmp_path / "data").replace('"DUO"', '"CS2"')
+        server = await start_proxy(text)
+        handle = await in_loop(peers, connect_station(proxy_url(server, "CS2"), "CS2"))
+        await in_loop(peers, handle.boot())
+        for n in (1, 2):
+            await in_loop(peers, handle.send(handle.calls.StatusNotification(
+                timestamp="2026-11-27T10:00:00Z", connector_status="Occupied", evse_id=n, connector_id=1)))
+        await car(peers, handle, 1, "Started")
+        await car(peers, handle, 2, "Started")
+        await until_evse_limits(handle, server, {1: 14.0, 2: 6.0})
+        sets = [json.loads(t)[3] for t in handle.recorder.received if '"SetChargingProfile"' in t]
+        assert {(s["evseId"], s["chargingProfile"]["chargingProfilePurpose"]) for s in sets} >= {
+            (0, "ChargingStationMaxProfile"), (1, "TxDefaultProfile"), (2, "TxDefaultProfile")}
+        # measured currents per EVSE, from TransactionEvent's evse
+        await car(peers, handle, 1, "Updated", 13.7)
+        await car(peers, handle, 2, "Updated", 5.8)
+        views = server.limiter.engine.connector_views("CS2")
+        assert views[1].currents == (13.7, 13.7, 13.7) and views[2].currents == (5.8, 5.8, 5.8)
+        # the car on EVSE 2 leaves: EVSE 1 keeps charging with the site's 20 A
+        await car(peers, handle, 2, "Ended")
+        await in_loop(peers, handle.send(handle.calls.StatusNotification(
+            timestamp="2026-11-27T10:00:00Z", connector_status="Available", evse_id=2, connector_id=1)))
+        await until_evse_limits(handle, server, {1: 20.0, 2: 0.0})
+        assert server.limiter.engine.connector_views("CS2")[1].mode == "charging"
+        await in_loop(peers, handle.close())
+    finally:
+        await in_loop(peers, csms.stop())
