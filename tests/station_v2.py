@@ -42,10 +42,10 @@ def composite(profiles: dict[int, dict[str, Any]], evse: int | None = None) -> f
     """
     def winner(purpose: str) -> float | None:
         candidates = [p for p in profiles.values() if p["chargingProfilePurpose"] == purpose
-                      and (evse is None or purpose == "ChargingStationMaxProfile" or p["evse"] in (0, evse))]
+                      and (evse is None or purpose == "ChargingStationMaxProfile" or p.get("evse", 0) in (0, evse))]
         if not candidates:
             return None
-        best = max(candidates, key=lambda p: (p["stackLevel"], p["evse"] != 0))
+        best = max(candidates, key=lambda p: (p["stackLevel"], p.get("evse", 0) != 0))
         schedule = best["chargingSchedule"][0]
         assert schedule["chargingRateUnit"] == "A"
         return float(schedule["chargingSchedulePeriod"][0]["limit"])
