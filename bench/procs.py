@@ -199,10 +199,13 @@ class OcppProxy(Path_):
     name = "proxy"
 
     def __init__(self, workdir: Path, root: Path = ROOT, name: str = "proxy", *,
-                 wrapper: Sequence[str] = (), start_timeout: float = 30.0) -> None:
+                 wrapper: Sequence[str] = (), start_timeout: float = 30.0, extra: str = "") -> None:
         self.workdir = workdir
         self.root = root
         self.name = name
+        #: More configuration after the generated sections (bench/cluster.py: [store]).
+        self.extra = extra
+        self.metrics_port = 0
         #: A command the proxy runs under (valgrind for bench.instructions), and the wait for it to listen.
         self.wrapper = list(wrapper)
         self.start_timeout = start_timeout
@@ -219,12 +222,13 @@ class OcppProxy(Path_):
             schema_file = self.root / "proxy" / "config.py"
         schema = schema_file.read_text()
         caps = "".join(f"{key} = 0\n" for key in _PER_ADDRESS_CAPS if f"{key}:" in schema)
+        self.metrics_port = free_port()
         config.write_text(
             f'[server]\nlisten = "{HOST}:{self.port}"\naccept_unknown = true\n{caps}'
             f'[backend]\nurl = "ws://{HOST}:{backend_port}/ocpp"\n'
-            f'[metrics]\nlisten = "{HOST}:{free_port()}"\n'
+            f'[metrics]\nlisten = "{HOST}:{self.metrics_port}"\n'
             f'[offline]\ndata_dir = "{self.workdir / "data"}"\n'
-            f'[log]\nformat = "json"\n')
+            f'[log]\nformat = "json"\n{self.extra}')
         self._log = open(self.workdir / "proxy.log", "ab")
         self.process = subprocess.Popen(
             [*self.wrapper, sys.executable, "-m", "proxy", "run", "--config", str(config)],

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,6 +49,8 @@ class ClusterWallbox:
     #: Every CALL text this wallbox sent, in order (a resent CALL appears again).
     sent: list[str] = field(default_factory=list)
     answered: list[str] = field(default_factory=list)
+    #: trio.current_time() of each answer received.
+    answered_at: list[float] = field(default_factory=list)
     #: CALL ids sent again after a reconnect (unanswered when the connection dropped).
     resent: list[str] = field(default_factory=list)
     connections: int = 0
@@ -131,6 +133,7 @@ class ClusterWallbox:
             finally:
                 self._answers.pop(msg_id, None)
             self.answered.append(msg_id)
+            self.answered_at.append(trio.current_time())
             if answer[0] == 4:
                 raise AssertionError(f"{self.charger}: {action} refused: {answer}")
             result: dict[str, Any] = answer[2]
@@ -190,11 +193,17 @@ class ClusterWallbox:
 
     _nursery: trio.Nursery = field(init=False)
 
-    async def serve(self) -> None:
-        """Run the wallbox in a nursery of its own (its connections live there)."""
+    async def heartbeats(self, interval: float) -> None:
+        """Another script: a Heartbeat every ``interval`` seconds, for ever (bench/cluster.py)."""
+        while True:
+            await self.call("Heartbeat", {})
+            await trio.sleep(interval)  # the wallbox's heartbeat interval (the simulated device's pace)
+
+    async def serve(self, script: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Run the wallbox (:meth:`run`, or ``script``) in a nursery of its own (its connections live there)."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            await self.run()
+            await (script or self.run)()
             if self._ws is not None:
                 await self._ws.aclose()
             nursery.cancel_scope.cancel()

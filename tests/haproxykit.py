@@ -91,11 +91,9 @@ class Haproxy:
 
     async def states(self, backend: str = "proxies_ws") -> dict[str, str]:
         """Each server's status in ``backend`` as HAProxy sees it (``UP``, ``DOWN``, ``UP 1/2`` ...)."""
-        reply = await http_get(f"http://127.0.0.1:{self.ports['stats']}/stats;csv")
+        reply = await http_get(stats_url(self.ports))
         assert reply.status == 200, reply
-        rows = csv.DictReader(io.StringIO(reply.body.lstrip("# ")))
-        return {row["svname"]: row["status"] for row in rows
-                if row["pxname"] == backend and row["svname"] not in ("FRONTEND", "BACKEND")}
+        return server_states(reply.body, backend)
 
     async def wait_states(self, wanted: dict[str, str], backend: str = "proxies_ws", timeout: float = 20) -> None:
         """Wait until HAProxy's checks have brought each named server to its wanted state."""
@@ -107,6 +105,17 @@ class Haproxy:
 
     def log_text(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def stats_url(ports: dict[str, int]) -> str:
+    return f"http://127.0.0.1:{ports['stats']}/stats;csv"
+
+
+def server_states(stats_csv: str, backend: str) -> dict[str, str]:
+    """Server → status in ``backend`` from HAProxy's CSV stats page."""
+    rows = csv.DictReader(io.StringIO(stats_csv.lstrip("# ")))
+    return {row["svname"]: row["status"] for row in rows
+            if row["pxname"] == backend and row["svname"] not in ("FRONTEND", "BACKEND")}
 
 
 def check_config(text: str, directory: Path) -> subprocess.CompletedProcess[str]:
