@@ -192,8 +192,8 @@ async def failover(run: Run, haproxy: Balanced, proxies: list[OcppProxy]) -> dic
 def markdown(document: dict[str, Any]) -> str:
     m = document["machine"]
     lines = [f"# Cluster benchmark ({m['date']})", "",
-             f"Machine: {m['cpu_model']}, {m['cores']} cores, {m['ram_bytes'] / 2**30:.1f} GiB, kernel {m['kernel']}, "
-             f"Python {m['python']}, HAProxy {document['haproxy']}.",
+             f"machine: {m['cpu_model']}, {m['cores']} cores, Python {m['python']}, {m['ram_bytes'] / 2**30:.1f} GiB, "
+             f"kernel {m['kernel']}, HAProxy {document['haproxy']}.",
              f"Load average before: {', '.join(f'{x:.2f}' for x in m['load_average_start'])}; "
              f"after: {', '.join(f'{x:.2f}' for x in document['load_average_end'])}.", "",
              f"Settings: {document['run']}", "",
