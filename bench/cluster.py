@@ -7,8 +7,9 @@ Every path gets the same load from the same load generator (bench/loadgen.py) ag
 backend (bench/backend.py), interleaved, ``--repeats`` times (medians reported):
 
 * ``direct``: the load generator on the backend itself (the ceiling of generator + backend here);
-* ``proxy``: one ``python -m proxy run`` process, state in PostgreSQL (``[store] url``, the
-  charger lease taken at every handshake), wallboxes connected to it directly;
+* ``proxy-sqlite``: one ``python -m proxy run`` process as an appliance runs it (SQLite, no lease);
+* ``proxy``: one process with the state in PostgreSQL (``[store] url``, the charger lease taken
+  at every handshake), wallboxes connected to it directly;
 * ``haproxy-1``: HAProxy with deploy/haproxy.cfg (rendered for loopback, tests/haproxykit.py) in
   front of that same process;
 * ``haproxy-2``: HAProxy in front of two processes on the same database, routed by charge point id.
@@ -36,6 +37,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -96,7 +98,9 @@ class Balanced(Path_):
             return {}
 
     def targets(self, count: int) -> list[tuple[int, str]]:
-        return [(self.ports["ws"], f"/ocpp/CP{n:05d}") for n in range(count)]
+        # Ids of its own: a charger that moves to another process right after its session closed
+        # is refused while the first still holds its lease (docs/cluster.md); paths must not share.
+        return [(self.ports["ws"], f"/ocpp/{self.name.upper()}-{n:05d}") for n in range(count)]
 
     @property
     def pids(self) -> list[int]:
@@ -238,14 +242,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         store = pg.database()
         one, two = (cluster_proxy(work, name, store, run.lease) for name in ("proxy1", "proxy2"))
+        (work / "sqlite").mkdir()
+        alone = OcppProxy(work / "sqlite", name="proxy-sqlite")  # the appliance: no [store] url, no lease
         direct, front1, front2 = Direct(), Balanced("haproxy-1", [one], work / "h1"), Balanced("haproxy-2", [one, two],
                                                                                                 work / "h2")
         one.name = "proxy"  # the path's name in the report (its process is "proxy1")
-        order: list[Path_] = [direct, one, two, front1, front2]
+        order: list[Path_] = [direct, alone, one, two, front1, front2]
         for path in order:
             path.start(backend.port, run.setup)
             started.append(path)
-        document["throughput"] = throughput(run, backend, [direct, one, front1, front2])
+        document["throughput"] = throughput(run, backend, [direct, alone, one, front1, front2])
         if run.failover:
             document["failover"] = trio.run(failover, run, front2, [one, two])
     finally:
@@ -253,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             stopping.stop()
         backend.stop()
         pg.stop()
+        shutil.rmtree(work, ignore_errors=True)
     document["load_average_end"] = load_average()
     text = markdown(document)
     print(text)

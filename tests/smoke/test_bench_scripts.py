@@ -65,7 +65,8 @@ def test_cluster_bench_runs_with_small_counts(tmp_path: Path) -> None:
     out = run_bench("cluster", "--setup", "10", "--saturate", "4", "--duration", "1", "--repeats", "1",
                     "--failover", "6", "--lease", "2", "--out", str(tmp_path))
     rows = [line for line in out.splitlines() if line.startswith("| ") and "unanswered" in line]
-    assert [row.split(" | ")[0] for row in rows] == ["| direct", "| proxy", "| haproxy-1", "| haproxy-2"]
+    assert [row.split(" | ")[0] for row in rows] == ["| direct", "| proxy-sqlite", "| proxy", "| haproxy-1",
+                                                       "| haproxy-2"]
     assert all("0 setup, 0 unanswered" in row for row in rows), rows
     assert "on the one killed with SIGKILL" in out and "served again after p50" in out
     assert list(tmp_path.glob("cluster-*.md"))
