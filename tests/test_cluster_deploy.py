@@ -113,3 +113,12 @@ def test_cluster_toml_is_a_valid_config_for_the_compose_proxies(monkeypatch: pyt
 def test_the_image_has_the_postgres_driver() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert "'.[postgres]'" in dockerfile and "[postgres]\"" in dockerfile
+
+
+def test_haproxy_offers_wallboxes_the_cipher_suites_the_proxy_offers() -> None:
+    from proxy.wire.tls import WHITEPAPER_CIPHERS
+
+    lines = [line.split() for line in DEPLOYED.read_text().splitlines() if line.strip().startswith("ssl-default-bind")]
+    settings = {words[0]: words[1:] for words in lines}
+    assert settings["ssl-default-bind-ciphers"] == [WHITEPAPER_CIPHERS]
+    assert settings["ssl-default-bind-options"][:2] == ["ssl-min-ver", "TLSv1.2"]
