@@ -211,6 +211,8 @@ class OcppProxy(Path_):
         self.start_timeout = start_timeout
         self.process: subprocess.Popen[bytes] | None = None
         self._log: Any = None
+        #: More ``[server]`` lines for the config (bench/idle_memory.py: no ping round mid-snapshot).
+        self.server_extra = ""
 
     def start(self, backend_port: int, identities: int) -> None:
         self.port = free_port()
@@ -224,7 +226,7 @@ class OcppProxy(Path_):
         caps = "".join(f"{key} = 0\n" for key in _PER_ADDRESS_CAPS if f"{key}:" in schema)
         self.metrics_port = free_port()
         config.write_text(
-            f'[server]\nlisten = "{HOST}:{self.port}"\naccept_unknown = true\n{caps}'
+            f'[server]\nlisten = "{HOST}:{self.port}"\naccept_unknown = true\n{caps}{self.server_extra}'
             f'[backend]\nurl = "ws://{HOST}:{backend_port}/ocpp"\n'
             f'[metrics]\nlisten = "{HOST}:{self.metrics_port}"\n'
             f'[offline]\ndata_dir = "{self.workdir / "data"}"\n'
