@@ -190,12 +190,18 @@ class Outbox:
     cancel scope around each send.
     """
 
+    # Two per pair, alive as long as the pair: no instance dict.
+    __slots__ = ("connection", "limit", "stall_timeout", "on_stall", "name", "closed", "_queue", "_sending",
+                 "_space")
+
     def __init__(self, connection: Connection, limit: int = OUTBOX_LIMIT, *, stall_timeout: float | None = None,
-                 on_stall: Callable[[], None] | None = None) -> None:
+                 on_stall: Callable[[str], None] | None = None, name: str = "") -> None:
+        """``on_stall`` is called with ``name`` (the upstream's) when a send stalls."""
         self.connection = connection
         self.limit = limit
         self.stall_timeout = stall_timeout
         self.on_stall = on_stall
+        self.name = name
         if stall_timeout is not None and hasattr(connection, "send_timeout"):
             # The connection bounds only a send that waits (SendTimeout): no cancel scope per frame.
             connection.send_timeout = stall_timeout
@@ -203,8 +209,9 @@ class Outbox:
         self.closed = False
         self._queue: list[str] = []  # short; an empty deque would cost 760 bytes per leg
         self._sending = False
-        self._space = trio.Event()
-        self._blocked = False  # a producer waits for room: only then is there anyone to wake
+        #: Set when there is room again; made only when a producer has to wait for room, so an
+        #: idle pair holds no Event here (about 200 bytes each).
+        self._space: trio.Event | None = None
 
     @property
     def pending(self) -> int:
@@ -218,7 +225,8 @@ class Outbox:
         """Write queued frames, or wait for room if another task is writing."""
         if self._sending:
             while len(self._queue) > self.limit and not self.closed:
-                self._blocked = True
+                if self._space is None:
+                    self._space = trio.Event()
                 await self._space.wait()
             return
         self._sending = True
@@ -233,7 +241,7 @@ class Outbox:
                     if scope.cancelled_caught:
                         self._stalled()
                         return
-                if self._blocked and len(queue) <= self.limit:
+                if self._space is not None and len(queue) <= self.limit:
                     self._wake()
         except SendTimeout:
             self._stalled()
@@ -242,22 +250,36 @@ class Outbox:
             queue.clear()
         finally:
             self._sending = False
-            if self._blocked:
+            if self._space is not None:
                 self._wake()
 
     def _stalled(self) -> None:
         self.closed = True
         self._queue.clear()
         if self.on_stall is not None:
-            self.on_stall()
+            self.on_stall(self.name)
 
     def _wake(self) -> None:
-        self._blocked = False
-        self._space.set()
-        self._space = trio.Event()
+        """Wake the producers waiting for room; one that still finds it full makes a new Event."""
+        space, self._space = self._space, None
+        if space is not None:
+            space.set()
 
 
 class PairedSession:
+    """One wallbox's paired session: its legs, its sans-IO Session, its tasks (see the module docstring)."""
+
+    # One per connected wallbox, for as long as it stays: no instance dict. (An instance dict
+    # of 30 or more attributes stops sharing its keys with the class's other instances and
+    # costs about 1.6 KiB instead of 0.3.) A new attribute must be named here.
+    __slots__ = ("charger_id", "session", "wallbox", "upstream_names", "upstreams", "log", "settings",
+                 "listeners", "reconnect", "queue", "queued", "subprotocol", "drain", "_replaying",
+                 "upstream_connects", "_wallbox_out", "_upstream_out", "_given_up", "_ending_soon",
+                 "_handing_over", "_replay_busy", "_replay_idle", "_nursery", "_replay_waiters", "_waiters",
+                 "_timer", "_next_ping", "_ending", "_cancel", "closed", "close_info", "_upstream_outboxes",
+                 "_wake_at", "_read_at", "_committed_at", "_steps", "_answering", "_step_added", "_steps_done",
+                 "_step_done")
+
     def __init__(self, charger_id: str, session: Session, wallbox: Connection,
                  upstreams: dict[str, Connection | None], *, log: Any,
                  settings: SessionSettings = SessionSettings(),
@@ -302,16 +324,18 @@ class PairedSession:
         self._ending_soon = False
         self._handing_over = False
         self._replay_busy = False
-        self._replay_idle = trio.Event()
+        #: Set when a replayed frame or a held secondary's frame is answered (hand_over waits for
+        #: it); made only when someone waits.
+        self._replay_idle: trio.Event | None = None
         self._read_at = self._committed_at = 0.0
         #: Wallbox frames read ahead, oldest first, whose commits are under way (_pipeline).
         self._steps: list[_Step] = []
         self._answering = False
-        self._answer_idle = False
-        self._step_added = trio.Event()
-        self._step_watched = False
+        # Events only while a task waits on them (most pairs never pipeline): the answering task
+        # for the next frame, a reader or the replay for the next step answered.
+        self._step_added: trio.Event | None = None
         self._steps_done = 0
-        self._step_done = trio.Event()
+        self._step_done: trio.Event | None = None
         self._nursery: trio.Nursery | None = None
         self._replay_waiters: dict[str, tuple[trio.Event, list[Frame]]] = {}
         self._waiters: dict[str, tuple[trio.Event, list[Frame | str]]] = {}
@@ -336,10 +360,12 @@ class PairedSession:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
                 self._nursery = nursery
-                nursery.start_soon(self._guard, WALLBOX, self._pump_wallbox)
                 for name in self.upstream_names:
                     nursery.start_soon(self._link, name)
                 nursery.start_soon(self._run_timers, nursery)
+                # The wallbox's pump runs in this task, the nursery's body: a task of its own would
+                # cost every idle pair about 1 KiB. Cancelled with the nursery, like its children.
+                await self._guard(WALLBOX, self._pump_wallbox)
         finally:
             self._finish()
 
@@ -359,6 +385,8 @@ class PairedSession:
             mirror.hold(self.session)
         with trio.move_on_after(self.settings.call_timeout):
             while self._replay_busy or any(mirror.busy for mirror in mirrors):
+                if self._replay_idle is None:
+                    self._replay_idle = trio.Event()
                 await self._replay_idle.wait()
         await self.shutdown(code, reason)
 
@@ -437,7 +465,7 @@ class PairedSession:
         steps = self._steps
         steps.append(_Step(actions, [self._enqueue(a) if isinstance(a, (Persist, LogSession)) else None
                                      for a in actions]))
-        if self._answer_idle:
+        if self._step_added is not None:  # the answering task waits for a frame
             self._step_added.set()
         if not self._answering and self._nursery is not None:
             # Started at the first frame answered locally and kept for the pair's life (an online pair
@@ -452,10 +480,9 @@ class PairedSession:
         steps = self._steps
         while True:
             while not steps:
-                self._answer_idle = True
-                await self._step_added.wait()
                 self._step_added = trio.Event()
-                self._answer_idle = False
+                await self._step_added.wait()
+                self._step_added = None
             step = steps[0]
             start = 0
             for index, tickets in enumerate(step.tickets):
@@ -466,10 +493,9 @@ class PairedSession:
             self._dispatch(step.actions[start:] if start else step.actions, 0)
             steps.pop(0)
             self._steps_done += 1
-            if self._step_watched:
-                self._step_watched = False
-                self._step_done.set()
-                self._step_done = trio.Event()
+            done, self._step_done = self._step_done, None
+            if done is not None:
+                done.set()
             await self._flush()
             if self._committed_at and self.queue is not None:
                 self.queue.stats.add("commit_to_sent", time.perf_counter() - self._committed_at)
@@ -483,7 +509,8 @@ class PairedSession:
 
     async def _wait_step(self) -> None:
         """Until the answering task finishes its next step (an event only while someone waits for one)."""
-        self._step_watched = True
+        if self._step_done is None:
+            self._step_done = trio.Event()
         await self._step_done.wait()
 
     async def _pump_upstream(self, name: Side, connection: Connection) -> None:
@@ -497,8 +524,13 @@ class PairedSession:
             if self.drain:
                 self._check_drained()  # a secondary's answer may have emptied its queue
                 if self._handing_over:  # a held secondary's last answer: hand_over may go on
-                    self._replay_idle.set()
-                    self._replay_idle = trio.Event()
+                    self._wake_hand_over()
+
+    def _wake_hand_over(self) -> None:
+        """A replayed or held frame was answered: :meth:`hand_over`, if it waits, checks again."""
+        idle, self._replay_idle = self._replay_idle, None
+        if idle is not None:
+            idle.set()
 
     def _check_drained(self) -> None:
         """A drain without the wallbox ends once every queue of the charger is empty."""
@@ -556,19 +588,13 @@ class PairedSession:
         self._tell_upstream(name, True, "")
         await self._execute(self.session.secondary_up(name, trio.current_time()))  # a secondary's backlog
         self._check_drained()
-        closed: tuple[int, str] | None = None
-        async with trio.open_nursery() as link:
-            if replay:
+        if replay:
+            async with trio.open_nursery() as link:
                 link.start_soon(self._replay)
-            try:
-                await self._pump_upstream(name, connection)
-            except (_Violation, MessageTooBig) as exc:
-                violation = _Violation.of(exc)
-                await self._violation(name, violation)  # ends the pair when offline mode is off
-                closed = (violation.code, violation.reason)
-            except ConnectionClosed as exc:
-                closed = (exc.reason.code, exc.reason.reason or "")
-            link.cancel_scope.cancel()
+                closed = await self._relay_upstream(name, connection)
+                link.cancel_scope.cancel()
+        else:  # no nursery (nor its cancel scope) kept for the life of every idle pair
+            closed = await self._relay_upstream(name, connection)
         code, reason = closed or (closecodes.GOING_AWAY, "")
         if self._ending:
             # The pair is closing (not an outage): _end is closing this connection and needs its
@@ -583,13 +609,24 @@ class PairedSession:
         self._upstream_outboxes = tuple(self._upstream_out.values())
         await self._lost(name, self._given_up.pop(name, "") or f"closed with {code} {reason}".strip())
 
+    async def _relay_upstream(self, name: Side, connection: Connection) -> tuple[int, str] | None:
+        """Pump one upstream connection until it closes or breaks the rules: the close code and reason."""
+        try:
+            await self._pump_upstream(name, connection)
+        except (_Violation, MessageTooBig) as exc:
+            violation = _Violation.of(exc)
+            await self._violation(name, violation)  # ends the pair when offline mode is off
+            return (violation.code, violation.reason)
+        except ConnectionClosed as exc:
+            return (exc.reason.code, exc.reason.reason or "")
+        return None
+
     def _outbox(self, name: Side, connection: Connection) -> Outbox:
-        stall = self.settings.stall_timeout
+        return Outbox(connection, stall_timeout=self.settings.stall_timeout, on_stall=self._stalled, name=name)
 
-        def stalled() -> None:
-            self._give_up(name, "stall", f"not reading: a send blocked for {stall:g} s")
-
-        return Outbox(connection, stall_timeout=stall, on_stall=stalled)
+    def _stalled(self, name: Side) -> None:
+        """An upstream's send blocked for stall_timeout (a bound method per outbox, not a closure)."""
+        self._give_up(name, "stall", f"not reading: a send blocked for {self.settings.stall_timeout:g} s")
 
     def _give_up(self, name: Side, kind: GiveUp, reason: str) -> None:
         """The proxy ends an upstream connection that stopped working (``kind``: stall, call_timeout,
@@ -702,8 +739,7 @@ class PairedSession:
                     await self._replay_one(entry)
                 finally:
                     self._replay_busy = False
-                    self._replay_idle.set()
-                    self._replay_idle = trio.Event()
+                    self._wake_hand_over()
         self.session.replay_finished()
         self._replaying = False
         self.log.info("replay_finished")
