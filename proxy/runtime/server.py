@@ -1,10 +1,10 @@
 """The wallbox-facing listener (trio): accept, authenticate, pair, relay.
 
-Each TCP connection gets one nursery. In it: the WebSocket handshake (bounded
+Each TCP connection gets one task. In it: the WebSocket handshake (bounded
 by ``handshake_timeout``), the decision from :mod:`proxy.core.admission`, the
-upstream connection, and then the :class:`~proxy.runtime.relay.PairedSession`. When the
-handler returns, that nursery is gone and with it every task and socket of the
-pair.
+upstream connection, and then the :class:`~proxy.runtime.relay.PairedSession`,
+whose nursery holds the pair's other tasks. When the handler returns, every
+task and socket of the pair is gone.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
+from contextlib import AbstractAsyncContextManager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -371,16 +371,14 @@ class ProxyServer:
                 return
             if secured is None:
                 return
-            async with trio.open_nursery() as nursery:
-                await self._handle_connection(nursery, secured, peer, slot)
-                nursery.cancel_scope.cancel()
+            await self._handle_connection(secured, peer, slot)
         except Exception as exc:  # noqa: BLE001 - one connection must never stop the server
             self.log.error("connection_failed", peer=peer, error=_describe(exc))
         finally:
             slot.release()
             await trio.aclose_forcefully(stream)
 
-    async def _handle_connection(self, nursery: trio.Nursery, secured: Secured, peer: str,
+    async def _handle_connection(self, secured: Secured, peer: str,
                                  slot: _HandshakeSlot | None = None) -> None:
         server = self.config.server
         request: wsconn.WsRequest | wsconn.HandshakeFailed | None = None
@@ -408,17 +406,17 @@ class ProxyServer:
             if refused is not None:
                 await self._refuse(request, _lease_refusal(decision.charger.id, refused), peer)
                 return
-            await self._admit(nursery, request, decision, peer, slot.release if slot is not None else _nothing)
+            await self._admit(request, decision, peer, slot.release if slot is not None else _nothing)
 
-    @asynccontextmanager
-    async def _lease(self, charger_id: str) -> AsyncIterator[leasing.Refuse | None]:
+    def _lease(self, charger_id: str) -> AbstractAsyncContextManager[leasing.Refuse | None]:
         """Hold the charger's lease for the block (none needed with SQLite); yields a refusal instead if
-        another process serves it (docs/cluster.md)."""
+        another process serves it (docs/cluster.md).
+
+        Without leases, one shared context that yields None: no generator kept per session.
+        """
         if self.leases is None:
-            yield None
-            return
-        async with self.leases.hold(charger_id) as refused:
-            yield refused
+            return _NO_LEASE
+        return self.leases.hold(charger_id)
 
     def _lease_lost(self, charger_id: str, reason: str) -> None:
         """Another process may serve the charger from now (or soon): close its session and drain now."""
@@ -450,7 +448,7 @@ class ProxyServer:
         for listener in self.listeners:
             listener.handshake_refused(refusal)
 
-    async def _admit(self, nursery: trio.Nursery, request: wsconn.WsRequest, admit: Admit, peer: str,
+    async def _admit(self, request: wsconn.WsRequest, admit: Admit, peer: str,
                      decided: Callable[[], None] = lambda: None) -> None:
         async def refuse(exc: UpstreamUnavailable) -> None:
             await self._refuse(request, Refuse(exc.status, "upstream_unavailable", exc.reason, admit.charger.id),
@@ -471,18 +469,22 @@ class ProxyServer:
                 return
             await self._relay(accept, admit, None, peer, log, drain, started)
             return
-        async with AsyncExitStack() as stack:
-            try:
-                upstream = await stack.enter_async_context(self._connector(admit)())
-            except UpstreamUnavailable as exc:
-                log.warning("upstream_unavailable", peer=peer, url=redact_url(admit.upstream.url), reason=exc.reason,
-                            status=exc.status)
-                # A 4xx or a subprotocol nobody offered is configuration, not an outage; and the proxy
-                # answers only in a version it speaks.
-                if not (self._queue is not None and exc.outage and offline_subprotocol(admit)):
-                    await refuse(exc)
-                    return
-                upstream = None
+        # The upstream's block, entered by hand: an AsyncExitStack would keep a deque (760 bytes)
+        # for the life of every pair.
+        opening = self._connector(admit)()
+        try:
+            upstream = await opening.__aenter__()
+        except UpstreamUnavailable as exc:
+            log.warning("upstream_unavailable", peer=peer, url=redact_url(admit.upstream.url), reason=exc.reason,
+                        status=exc.status)
+            # A 4xx or a subprotocol nobody offered is configuration, not an outage; and the proxy
+            # answers only in a version it speaks.
+            if not (self._queue is not None and exc.outage and offline_subprotocol(admit)):
+                await refuse(exc)
+                return
+            await self._relay(accept, admit, None, peer, log, drain, started)
+            return
+        async with _Entered(opening, upstream):
             await self._relay(accept, admit, upstream, peer, log, drain, started)
 
     def _connector(self, admit: Admit, subprotocols: Sequence[str] | None = None,
@@ -806,6 +808,25 @@ class _Slots:
         if limiter.borrowed_tokens == 0 and limiter.statistics().tasks_waiting == 0:
             if self.limiters.get(address) is limiter:
                 del self.limiters[address]
+
+
+class _Entered:
+    """The exit of an async context manager already entered (``async with`` but for the enter)."""
+
+    __slots__ = ("manager", "value")
+
+    def __init__(self, manager: AbstractAsyncContextManager[Any], value: Any) -> None:
+        self.manager, self.value = manager, value
+
+    async def __aenter__(self) -> Any:
+        return self.value
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self.manager.__aexit__(*exc_info)
+
+
+#: The lease block of a proxy without leases: stateless, so one serves every session.
+_NO_LEASE: AbstractAsyncContextManager[None] = nullcontext(None)
 
 
 class _HandshakeSlot:
