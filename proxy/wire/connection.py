@@ -37,7 +37,6 @@ import os
 import socket
 import ssl
 import urllib.parse
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -105,15 +104,21 @@ class WsConnection:
         #: What get_message raises once closed: a ProtocolViolation when this side refused the peer.
         self._closed_by: type[ConnectionClosed] = ConnectionClosed
         self._close_sent = False
-        self._close_seen = trio.Event()
+        #: No more frames will be read (a close seen, the connection lost or given up).
+        self._close_seen = False
+        # Idle connections are most of them: what only a waiting task needs (an Event, a
+        # ParkingLot, the pings in flight) is made when one waits, about 600 bytes per
+        # connection less.
+        self._close_waiter: trio.Event | None = None
         self._reading = False
         # One writer at a time (a frame is never interleaved with another); a flag, not a
         # trio.Lock, because the uncontended check runs for every frame sent.
         self._writing = False
-        self._write_waiters = trio.lowlevel.ParkingLot()
+        self._write_waiters: trio.lowlevel.ParkingLot | None = None
         #: Longest a send may wait for the peer to read, then SendTimeout (None: no bound).
         self.send_timeout: float | None = None
-        self._pings: OrderedDict[bytes, trio.Event] = OrderedDict()
+        #: Pings in flight, oldest first.
+        self._pings: dict[bytes, trio.Event] | None = None
         self._stream_closed = False
         self._leftover = leftover
 
@@ -127,10 +132,10 @@ class WsConnection:
         """The next message; raises ConnectionClosed once the connection is closed."""
         messages = self._messages
         while not messages:
-            if self._close_seen.is_set():
+            if self._close_seen:
                 raise self._closed_by(self._reason or CloseReason(_ABNORMAL, None))
             if self._reading:  # aclose() is reading until the peer answers its close
-                await self._close_seen.wait()
+                await self._wait_close_seen()
                 continue
             await self._read_once()
         return messages.pop(0)
@@ -190,13 +195,15 @@ class WsConnection:
 
     def _pong(self, payload: bytes) -> None:
         """A pong answers its ping and every ping sent before it."""
-        if payload not in self._pings:
+        pings = self._pings
+        if pings is None or payload not in pings:
             return
-        while self._pings:
-            key, event = self._pings.popitem(last=False)
-            event.set()
+        for key in list(pings):  # oldest first
+            pings.pop(key).set()
             if key == payload:
                 break
+        if not pings:
+            self._pings = None
 
     async def _send_close_once(self, code: int, reason: str) -> None:
         if not self._close_sent:
@@ -229,10 +236,21 @@ class WsConnection:
 
     def _finish(self) -> None:
         """No more frames will be read: wake whoever waits for a close or a pong."""
-        self._close_seen.set()
-        for event in self._pings.values():
+        self._close_seen = True
+        if self._close_waiter is not None:
+            self._close_waiter.set()
+        pings, self._pings = self._pings, None
+        for event in (pings or {}).values():
             event.set()
-        self._pings.clear()
+
+    async def _wait_close_seen(self) -> None:
+        """Until no more frames will be read (:meth:`_finish`); a checkpoint even if that is so already."""
+        if self._close_seen:
+            await trio.lowlevel.checkpoint()
+            return
+        if self._close_waiter is None:
+            self._close_waiter = trio.Event()
+        await self._close_waiter.wait()
 
     # -- sending ------------------------------------------------------------------------
 
@@ -260,13 +278,15 @@ class WsConnection:
             raise ConnectionClosed(self._reason)
         if payload is None:
             payload = os.urandom(4)
+        if self._pings is None:
+            self._pings = {}
         if payload in self._pings:
             raise ValueError(f"Payload value {payload!r} is already in flight.")
         event = trio.Event()
         self._pings[payload] = event
         await self._write(_encode(_PING, payload, self.is_client))
         await event.wait()
-        if self._reason is not None and self._close_seen.is_set():
+        if self._reason is not None and self._close_seen:
             raise ConnectionClosed(self._reason)
 
     async def _write(self, data: bytes, sent: int = -1) -> None:
@@ -315,6 +335,8 @@ class WsConnection:
         if rest is None:
             rest = memoryview(data)
             while self._writing:
+                if self._write_waiters is None:
+                    self._write_waiters = trio.lowlevel.ParkingLot()
                 await self._write_waiters.park()
             if self._stream_closed:
                 raise ConnectionClosed(self._reason or CloseReason(_ABNORMAL, None))
@@ -329,7 +351,8 @@ class WsConnection:
                 self._broken()
         finally:
             self._writing = False
-            self._write_waiters.unpark()
+            if self._write_waiters is not None:
+                self._write_waiters.unpark()
 
     async def _write_rest(self, raw: socket.socket, rest: memoryview) -> None:
         while rest:
@@ -359,7 +382,7 @@ class WsConnection:
         Idempotent; a cancelled aclose still closes the socket.
         """
         try:
-            if self._stream_closed or self._close_seen.is_set():
+            if self._stream_closed or self._close_seen:
                 return
             if self._reason is None:
                 self._reason = CloseReason(1000, None)
@@ -373,9 +396,9 @@ class WsConnection:
             with trio.move_on_after(self.close_timeout):
                 # Until the peer's close: the task already reading (a pump in
                 # get_message, which keeps reading until then) sees it, else we read.
-                while not self._close_seen.is_set():
+                while not self._close_seen:
                     if self._reading:
-                        await self._close_seen.wait()
+                        await self._wait_close_seen()
                     else:
                         await self._read_once()
         finally:
