@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Final, Literal
 
 from proxy.messages.ocppj import Frame, build_error, build_result, payload_of
@@ -207,15 +208,20 @@ class Decision:
     reply: str | None = None
 
 
+#: The table of an upstream without one (read only).
+_DEFAULTS: Mapping[str, str] = MappingProxyType({})
+
+
 class CommandPolicy:
     """Per-upstream tables for one wallbox; upstreams not listed get the defaults."""
 
     def __init__(self, primary: str, tables: Mapping[str, Mapping[str, str]] | None = None) -> None:
         self.primary = primary
-        self.tables: dict[str, dict[str, str]] = {name: dict(t) for name, t in (tables or {}).items()}
+        # An empty table is the defaults: not kept (one policy per session, most with no table).
+        self.tables: dict[str, dict[str, str]] = {name: dict(t) for name, t in (tables or {}).items() if t}
 
     def mode(self, upstream: str, action: str) -> str:
-        return mode_for(self.tables.get(upstream, {}), action, primary=upstream == self.primary)
+        return mode_for(self.tables.get(upstream, _DEFAULTS), action, primary=upstream == self.primary)
 
     def decide(self, upstream: str, frame: Frame, version: OcppVersion | None = OcppVersion.V16) -> Decision:
         """Judge one CALL from ``upstream`` towards the wallbox; answers are shaped for ``version``."""
