@@ -262,24 +262,41 @@ def site_warnings(config: Config, index: LineIndex) -> list[Problem]:
         return []
     warnings: list[Problem] = []
     per_phase = [0.0] * site.phases
-    for key, charger in config.charger_entries():
+    points = 0
+    for key, charger, least, phases, what in _load_points(config):
         if not (charger.enabled or charger.on_disable == "block"):
             continue
-        if charger.min_current > site.max_current:
+        points += 1
+        if least > site.max_current:
             warnings.append(Problem(f"{key}.min_current", (
-                f"{charger.min_current:g} A is above the site limit ([site] max_current = {site.max_current:g} A): "
-                f"charger {charger.id!r} can never charge"), index.find(f"{key}.min_current") or index.find(key)))
+                f"{least:g} A is above the site limit ([site] max_current = {site.max_current:g} A): "
+                f"{what} can never charge"), index.find(f"{key}.min_current") or index.find(key)))
         first = (charger.first_phase - 1) % site.phases
-        for i in range(min(charger.phases, site.phases)):
-            per_phase[(first + i) % site.phases] += charger.min_current
+        for i in range(min(phases, site.phases)):
+            per_phase[(first + i) % site.phases] += least
     worst = max(per_phase, default=0.0)
-    if worst > site.max_current and len(config.all_chargers) > 1:
+    if worst > site.max_current and points > 1:
         phase = per_phase.index(worst) + 1
         warnings.append(Problem("site.max_current", (
             f"{site.max_current:g} A is below the sum of the chargers' min_current on phase L{phase} ({worst:g} A): "
             "when all charge, the lower priorities (then the later arrivals, then by id) wait at 0 A"),
             index.find("site.max_current") or index.find("site")))
     return warnings
+
+
+def _load_points(config: Config) -> list[tuple[str, ChargerBase, float, int, str]]:
+    """(config key, charger, min_current, phases, name) per load point: a charger, or each of its enabled
+    connectors (docs/load-management.md, "Connectors as load points")."""
+    out: list[tuple[str, ChargerBase, float, int, str]] = []
+    for key, charger in config.charger_entries():
+        connectors = charger.connectors if isinstance(charger, ChargerSettings) else []
+        if not connectors:
+            out.append((key, charger, charger.min_current, charger.phases, f"charger {charger.id!r}"))
+        for j, c in enumerate(connectors):
+            if c.enabled:
+                out.append((f"{key}.connectors[{j}]", charger, connector_min(charger, c), connector_phases(charger, c),
+                            f"connector {c.id} of charger {charger.id!r}"))
+    return out
 
 
 def subprotocol_warnings(config: Config, index: LineIndex, *, load_managed: bool) -> list[Problem]:

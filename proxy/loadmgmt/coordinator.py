@@ -218,6 +218,10 @@ class Coordinator:
             connectors = [command.connector] if command.connector else []
         return [(point_id(charger_id, n), n) for n in connectors]
 
+    def counting(self, charger_id: str, command: Command, now: float) -> float:
+        """What the fuse counts (A) for the load points a command is about (for logs)."""
+        return sum(self.fuse.may_draw(pid, now) for pid, _ in self.affected(charger_id, command)) / 10
+
     def next(self, charger_id: str, now: float, wall: datetime) -> Outgoing | None:
         """The wallbox's next CALL, if any (one at a time: its control waits for the answer)."""
         command = self.controls[charger_id].next_command(now, wall)

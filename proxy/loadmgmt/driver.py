@@ -483,7 +483,8 @@ class Limiter(Listener):
         views = {cid: self.engine.charger_view(cid) for cid in self.attached}
         reservations = self.coordinator.reservations(now)
         stats = self.fuse.stats
-        unanswered = sum(1 for cid in self.attached if self.fuse.is_decrease(cid))
+        unanswered = sum(1 for cid in self.attached for pid, _ in self.coordinator.points(cid)
+                         if self.fuse.is_decrease(pid))
         for sink in self.sinks:
             sink.set_site(limit=site.config_limit, ems_limit=site.ems_limit, effective_limit=site.site_limit,
                           headroom=site.headroom)
@@ -548,7 +549,7 @@ class Limiter(Listener):
                 level("profile_answered", action=command.action, status=status, error=error, **command.describe())
                 if refused:
                     log.warning("limit_decrease_refused", answer=status or error, amps=command.amps,
-                                counting=self.fuse.may_draw(charger_id, _now()) / 10)
+                                counting=self.coordinator.counting(charger_id, command, _now()))
         if scope.cancelled_caught:
             self._lost(item, "no answer", log)
         self._log_notes(charger_id, control)
@@ -565,7 +566,7 @@ class Limiter(Listener):
         """No answer: the wallbox may hold the new limit or the old one (the higher counts)."""
         if self.coordinator.failed(item.charger_id, item.command, reason, _now()):
             log.warning("limit_decrease_unanswered", reason=reason, amps=item.command.amps,
-                        counting=self.fuse.may_draw(item.charger_id, _now()) / 10)
+                        counting=self.coordinator.counting(item.charger_id, item.command, _now()))
         else:
             log.warning("profile_failed", action=item.command.action, reason=reason)
 

@@ -186,3 +186,20 @@ async def test_two_cars_on_one_ocpp201_station_get_per_evse_limits(
         await in_loop(peers, handle.close())
     finally:
         await in_loop(peers, csms.stop())
+
+
+async def test_a_reload_that_lists_the_connectors_makes_them_load_points(
+        peers: LoopThread, backend: SimBackend, start_proxy: StartProxy, tmp_path: Path) -> None:
+    """One load point first (both cars share the wallbox's limit), then a reload lists the connectors."""
+    whole = connectors_config(backend, tmp_path / "data").split("[[chargers.connectors]]")[0]
+    server = await start_proxy(whole)
+    handle = await in_loop(peers, connect_smart(proxy_url(server, "DUO"), "DUO"))
+    await in_loop(peers, handle.wallbox.start_transaction(1))
+    await in_loop(peers, handle.wallbox.start_transaction(2))
+    await until_limits(handle, server, {1: 20.0, 2: 20.0})  # the wallbox's 20 A, one ChargePointMaxProfile
+    assert server.limiter.fuse.charger_ids() == ["DUO"]
+    server.reload(loads(connectors_config(backend, tmp_path / "data")))
+    await until_limits(handle, server, {1: 14.0, 2: 6.0})
+    assert server.limiter.fuse.charger_ids() == ["DUO#1", "DUO#2"]
+    assert handle.wire.overlaps == []
+    await in_loop(peers, handle.close())

@@ -345,3 +345,16 @@ def test_after_a_lost_answer_the_gate_keeps_the_other_connector_within_the_wallb
     out = s.tick()
     assert out is not None and out.command.connector == 2 and out.command.amps == 6.0
     assert s.fuse.wallbox_draw("W", s.now) == 160
+
+
+def test_check_config_warns_per_connector_when_the_site_is_short() -> None:
+    from proxy.config import LineIndex, site_warnings
+
+    text = ('[site]\nmax_current = 10\n[[chargers]]\nid = "W"\nmax_current = 16\n'
+            '[[chargers.connectors]]\nid = 1\n[[chargers.connectors]]\nid = 2\nmin_current = 12\n')
+    warnings = [p.render("site.toml") for p in site_warnings(loads(text), LineIndex(text))]
+    assert warnings == [
+        "site.toml:10: chargers[0].connectors[1].min_current: 12 A is above the site limit ([site] max_current = "
+        "10 A): connector 2 of charger 'W' can never charge",
+        "site.toml:2: site.max_current: 10 A is below the sum of the chargers' min_current on phase L1 (18 A): when "
+        "all charge, the lower priorities (then the later arrivals, then by id) wait at 0 A"]
