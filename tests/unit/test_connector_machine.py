@@ -401,10 +401,16 @@ class ConnectorMachine(RuleBasedStateMachine):
     @rule(cid=IDX, connector=st.sampled_from([0, 1, 2]), tx_profile=st.booleans(),
           level=st.sampled_from([0, 1, 8, 9, 20]), amps=st.sampled_from([6.0, 10.0, 16.0, 32.0]))
     def backend_sets_profile(self, cid: str, connector: int, tx_profile: bool, level: int, amps: float) -> None:
-        """The backend installs a TxProfile for a running transaction, or a TxDefaultProfile (connector 0: all)."""
+        """The backend installs a TxProfile for a running transaction, or a TxDefaultProfile (connector 0: all).
+
+        Connector load points clamp it from the first contact on. A wallbox that is one load point under
+        max-profile passes it unchanged until the proxy's ChargePointMaxProfile is known on it (counted at
+        its max_current meanwhile): an outside event then, as in tests/unit/test_fuse_machine.py."""
         if cid not in self.wallboxes:
             return
-        self.outside = False
+        control = self.coordinator.controls.get(cid)
+        self.outside = (control is not None and not control.per_connector and control.strategy == "max-profile"
+                        and not isinstance(control.own, tuple))
         wallbox = self.wallboxes[cid]
         if not wallbox.connected or wallbox.backend_call is not None:
             return

@@ -311,9 +311,15 @@ class FuseMachine(RuleBasedStateMachine):
 
     @rule(cid=CID, amps=st.sampled_from([6.0, 10.0, 16.0, 32.0]))
     def backend_sets_tx_default(self, cid: str, amps: float) -> None:
-        """The backend installs a TxDefaultProfile (clamped on its way under tx-default)."""
-        self.outside = False
+        """The backend installs a TxDefaultProfile (clamped on its way under tx-default).
+
+        Under max-profile the backend's frames pass unchanged and the proxy's ChargePointMaxProfile caps
+        them; until that is known on the wallbox (first contact, a backend Clear that may have hit it) the
+        fuse counts the wallbox at its max_current, and what the backend installs meanwhile is the backend's
+        doing within that count (docs/load-management.md, "The fuse invariant"): an outside event."""
         wallbox = self.wallboxes.get(cid)
+        control = self.coordinator.controls.get(cid)
+        self.outside = control is not None and control.strategy == "max-profile" and not isinstance(control.own, tuple)
         if wallbox is None or not wallbox.connected or wallbox.backend_call is not None:
             return
         self.messages += 1
