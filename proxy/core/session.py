@@ -114,6 +114,8 @@ _LATE_MEMORY = 64
 
 _CALL = MessageType.CALL
 _NEVER = float("inf")
+#: Origins of the CALLs the primary owes answers to (a wallbox's, a replayed one).
+_OWED = (Leg.WALLBOX, Leg.REPLAY)
 
 #: Rewriter(source, destination, frame) → text to send (``frame.text`` = unchanged).
 #: A rewriter changes payload fields only, never the ``[type, "id", "Action"`` prefix.
@@ -445,7 +447,7 @@ class Session:
         if self.upstream_call_timeout is None or self._unresponsive or self._primary in self._down:
             return None
         for msg_id, pending in self._from_wallbox.items():  # insertion order = age order
-            if pending.origin in (WALLBOX, REPLAY):
+            if pending.origin in _OWED:
                 return msg_id, pending
         return None
 
@@ -469,22 +471,29 @@ class Session:
         """
         best = _NEVER
         timeout = self.call_timeout
-        for pending in self._to_wallbox.values():
-            if pending.sent_at + timeout < best:
-                best = pending.sent_at + timeout
-        for pending in self._from_wallbox.values():
-            if pending.sent_at + 2 * timeout < best:
-                best = pending.sent_at + 2 * timeout
-            break
+        if self._to_wallbox:
+            for pending in self._to_wallbox.values():
+                if pending.sent_at + timeout < best:
+                    best = pending.sent_at + timeout
+        from_wallbox = self._from_wallbox
+        if from_wallbox:
+            oldest = next(iter(from_wallbox.values()))
+            if oldest.sent_at + 2 * timeout < best:
+                best = oldest.sent_at + 2 * timeout
+            upstream_timeout = self.upstream_call_timeout
+            if upstream_timeout is not None:
+                # The oldest CALL the primary owes: the oldest of all, unless it is of another origin.
+                owed = oldest if oldest.origin in _OWED else None
+                if owed is None or self._unresponsive or self._primary in self._down:
+                    found = self._oldest_to_primary()
+                    owed = None if found is None else found[1]
+                if owed is not None and owed.sent_at + upstream_timeout < best:
+                    best = owed.sent_at + upstream_timeout
         if self.mirrors:
             for mirror in self.mirrors.values():
                 deadline = mirror.next_deadline()
                 if deadline is not None and deadline < best:
                     best = deadline
-        if self.upstream_call_timeout is not None and self._from_wallbox:
-            oldest_up = self._oldest_to_primary()
-            if oldest_up is not None and oldest_up[1].sent_at + self.upstream_call_timeout < best:
-                best = oldest_up[1].sent_at + self.upstream_call_timeout
         return None if best == _NEVER else best
 
     def close(self) -> list[Action]:

@@ -667,7 +667,7 @@ class MetricsListener(Listener):
 
     def frame_received(self, paired: PairedSession, source: Side, frame: Frame, size: int) -> None:
         wallbox = source == WALLBOX
-        self.metrics.frame(WALLBOX if wallbox else side_label(source), frame, size)
+        self.metrics.frame(WALLBOX if wallbox else "backend" if source == PRIMARY else side_label(source), frame, size)
         if wallbox and frame.action == "StatusNotification" and frame.kind is MessageType.CALL:
             for connector, status in _statuses(frame):
                 self.metrics.set_connector_status(paired.charger_id, connector, status)

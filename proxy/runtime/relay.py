@@ -457,8 +457,7 @@ class PairedSession:
                 self._received(WALLBOX)
                 await self._pipeline(actions)
             else:
-                await self._handle(WALLBOX, actions)
-                await self._flush()
+                await self._relay(WALLBOX, actions)
 
     async def _pipeline(self, actions: list[Action]) -> None:
         """Enqueue ``actions``' commits now; the answering task dispatches them in order once committed."""
@@ -519,8 +518,7 @@ class PairedSession:
         while True:
             message = await get()
             text = message if type(message) is str and len(message) <= quarter else self._check(message)
-            await self._handle(name, receive(name, text, now()))
-            await self._flush()
+            await self._relay(name, receive(name, text, now()))
             if self.drain:
                 self._check_drained()  # a secondary's answer may have emptied its queue
                 if self._handing_over:  # a held secondary's last answer: hand_over may go on
@@ -790,9 +788,22 @@ class PairedSession:
             raise _Violation(closecodes.MESSAGE_TOO_BIG, f"frame over {limit} bytes")
         return message
 
-    async def _handle(self, source: Side, actions: list[Action]) -> None:
+    async def _relay(self, source: Side, actions: list[Action]) -> None:
+        """A frame received from ``source``: tell the listeners, dispatch its actions, write what they queued.
+
+        One coroutine per frame (a coroutine call costs more than a plain one): the dispatch is
+        synchronous unless something must be committed first, and the flush of an empty outbox is
+        skipped without a call.
+        """
         self._received(source)
-        await self._dispatch_all(actions)
+        stop = self._dispatch(actions, 0)
+        if stop >= 0:
+            await self._dispatch_from(actions, stop)
+        if self._wallbox_out._queue:
+            await self._wallbox_out.flush()
+        for outbox in self._upstream_outboxes:  # a tuple: a link may (re)connect meanwhile
+            if outbox._queue:
+                await outbox.flush()
 
     def _received(self, source: Side) -> None:
         frames = self.listeners.frames
@@ -809,6 +820,11 @@ class PairedSession:
     async def _dispatch_all(self, actions: list[Action]) -> None:
         """Dispatch in order; a Persist or LogSession is committed before anything after it is queued."""
         stop = self._dispatch(actions, 0)
+        if stop >= 0:
+            await self._dispatch_from(actions, stop)
+
+    async def _dispatch_from(self, actions: list[Action], stop: int) -> None:
+        """The rest of :meth:`_dispatch_all` from the Persist or LogSession at ``stop``."""
         while stop >= 0:
             action = actions[stop]
             if isinstance(action, (Persist, LogSession)):
