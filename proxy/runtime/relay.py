@@ -486,10 +486,10 @@ class PairedSession:
             start = 0
             for index, tickets in enumerate(step.tickets):
                 if tickets is not None:
-                    self._dispatch(step.actions[start:index], 0)
+                    self._dispatch(step.actions[start:index])
                     await self._complete(step.actions[index], tickets)  # type: ignore[arg-type]
                     start = index + 1
-            self._dispatch(step.actions[start:] if start else step.actions, 0)
+            self._dispatch(step.actions[start:] if start else step.actions)
             steps.pop(0)
             self._steps_done += 1
             done, self._step_done = self._step_done, None
@@ -796,7 +796,7 @@ class PairedSession:
         skipped without a call.
         """
         self._received(source)
-        stop = self._dispatch(actions, 0)
+        stop = self._dispatch(actions)
         if stop >= 0:
             await self._dispatch_from(actions, stop)
         if self._wallbox_out._queue:
@@ -819,7 +819,7 @@ class PairedSession:
 
     async def _dispatch_all(self, actions: list[Action]) -> None:
         """Dispatch in order; a Persist or LogSession is committed before anything after it is queued."""
-        stop = self._dispatch(actions, 0)
+        stop = self._dispatch(actions)
         if stop >= 0:
             await self._dispatch_from(actions, stop)
 
@@ -831,7 +831,7 @@ class PairedSession:
                 await self._complete(action, self._enqueue(action))
             stop = self._dispatch(actions, stop + 1)
 
-    def _dispatch(self, actions: list[Action], start: int) -> int:
+    def _dispatch(self, actions: list[Action], start: int = 0) -> int:
         """Queue sends and notify from ``actions[start:]`` up to a Persist or LogSession: its index, else -1.
 
         Per frame: exact-type checks (mypy narrows them) instead of class patterns, which cost an
