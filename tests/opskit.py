@@ -193,6 +193,11 @@ class JsonLinesProcess:
         while await self._read():
             pass
 
+    def follow_in(self, nursery: trio.Nursery) -> None:
+        """:meth:`follow` in a task of ``nursery``; from now on :meth:`wait_for` waits on that task."""
+        self._following = True
+        nursery.start_soon(self.follow)
+
     async def wait_for(self, predicate: Callable[[dict[str, Any]], bool], after: int = 0,
                        timeout: float = 20) -> dict[str, Any]:
         """Read until an event from index ``after`` on satisfies ``predicate``."""

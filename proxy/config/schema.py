@@ -370,6 +370,9 @@ class SiteSettings:
     """Local load management; without this section the proxy injects nothing."""
 
     max_current: float = required("site limit per phase (main fuse), A", check=positive)
+    name: str = setting("site", "the site's name in a database shared by several proxies ([store] url): the key of "
+                        "its lease and its fuse reservations; one name per site (docs/cluster.md)",
+                        check=lambda v: None if v and len(v) <= 100 else "must be 1 to 100 characters")
     phases: int = setting(3, "phases of the site connection (1 or 3)", check=lambda v: None if v in (1, 3)
                           else "must be 1 or 3")
     voltage: float = setting(230.0, "phase voltage for A ↔ W conversion, V", check=positive)

@@ -64,6 +64,9 @@ class Coordinator:
         self.targets: dict[str, float] = {}
         self.over_budget = False
         self.active = True
+        #: This process holds the site's lease (docs/cluster.md); without it every charger it serves is
+        #: paused: it cannot know what the site's owner grants, so it grants nothing.
+        self.site_owner = True
         self._waiting = False
 
     # -- the wallboxes' lives ----------------------------------------------------------------
@@ -81,6 +84,8 @@ class Coordinator:
     def attach(self, charger_id: str, settings: ControlSettings, now: float) -> Control:
         control = self.control(charger_id, settings)
         control.wallbox_connected(now)
+        if not self.site_owner:  # nothing granted here: a backend profile is clamped to 0 from the start
+            control.set_local(0.0)
         self.connected.add(charger_id)
         points = self.points(charger_id)
         self._retire_other_layouts(charger_id, [pid for pid, _ in points], now)
@@ -169,7 +174,10 @@ class Coordinator:
                 engine.reserve(pid, fuse.may_draw(pid, now) / 10, now)
         self.targets = engine.targets(now) if self.active else {}
         budget = engine.budget(now)
-        self.granted = fuse.grant(self.targets, budget, now) if self.active else {}
+        if not self.site_owner:
+            self.targets = dict.fromkeys(self.targets, 0.0)
+        room = budget if self.site_owner else [0] * len(budget)
+        self.granted = fuse.grant(self.targets, room, now) if self.active else {}
         self._waiting = any(self.granted.get(cid, 0.0) < target for cid, target in self.targets.items())
         order = sorted(self.connected, key=lambda cid: (not self._lowers(cid, now), cid))
         out: list[Outgoing] = []

@@ -16,6 +16,15 @@ at a time. The decisions are the sans-IO :class:`~proxy.loadmgmt.coordinator.Coo
 reservations (:mod:`proxy.storage.reservations`): an increase leaves only once
 its reservation is on disk.
 
+Several processes on one site (``[store] url``, docs/cluster.md): the
+reservations are the site's shared ones (PostgreSQL), and only the holder of
+the site's lease (:class:`SharedSite`) grants current; every other process
+pauses the chargers it serves and counts the owner's at their records. The
+owner reads the shared records again every third of the lease's life (and
+when it takes the lease over), so chargers served elsewhere count at what
+their process recorded; a charger that comes to this process is counted at the
+higher of its record and what this process remembers (:meth:`Limiter.charger_leased`).
+
 Without ``[site]`` (and without meter or EMS) the limiter stays out of the
 way: it registers no :class:`~proxy.core.session.Tap` (observes nothing,
 rewrites nothing) and sends nothing. Once a session is managed, its tap
@@ -27,7 +36,8 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
@@ -44,6 +54,7 @@ from proxy.storage.interface import StorageError
 from proxy.storage.reservations import DB_NAME, ReservationStore, SqliteReservations
 from proxy.ops.logs import get_logger
 from proxy.loadmgmt.profiles import ProfileError, replace_payload
+from proxy.runtime.leases import LeaseKeeper
 from proxy.runtime.relay import Listener, PairedSession
 from proxy.core.session import WALLBOX, Action, Observed, ProxyAnswer, Rewriter, Side, Tap
 from proxy.loadmgmt.v2 import CHARGING_STATES, CONNECTOR_STATUSES, V2Profiles, validate_v2
@@ -112,6 +123,24 @@ def _connectors(charger: ChargerBase | None) -> list[Any]:
     return list(charger.connectors) if isinstance(charger, ChargerSettings) else []
 
 
+@dataclass(frozen=True)
+class SharedSite:
+    """The site shared by several processes: the lease keeper, the site's lease key, its shared reservations."""
+
+    keeper: LeaseKeeper
+    key: str
+    open_store: Callable[[], ReservationStore]
+
+    @property
+    def refresh_every(self) -> float:
+        return self.keeper.policy.renew_every
+
+
+def site_key(config: Config) -> str:
+    """The site's lease key (``:`` never occurs in a charge point id, so it never meets a charger's)."""
+    return f"site:{site_settings(config).name}"
+
+
 class Limiter(Listener):
     def __init__(self, config: Config, *, log: Any = None) -> None:
         self.log = log or get_logger()
@@ -140,6 +169,8 @@ class Limiter(Listener):
         self._stopped = trio.CancelScope()
         self._proxy_answer: str | None = None
         self.sinks: list[LimitsSink] = []
+        #: Several processes on this site (``[store] url``): set by the server before :meth:`run`.
+        self.shared: SharedSite | None = None
         self.config = config
         self.reconfigure(config)
         self.engine.on_input = self.poke
@@ -413,18 +444,24 @@ class Limiter(Listener):
                     self.store.close()
                     self.store = None
 
+    def share(self, shared: SharedSite) -> None:
+        """Several processes serve this site: grant only while holding its lease (see the module)."""
+        self.shared = shared
+        self.coordinator.site_owner = False
+
     async def _restore(self) -> None:
         """Open the durable record; chargers not connected yet count at their recorded limit or maximum."""
         if not self.active:
             return
         path = Path(self.config.offline.data_dir) / DB_NAME
+        opener = self.shared.open_store if self.shared is not None else lambda: SqliteReservations(path)
         recorded: dict[str, float | None] = {}
         try:
-            self.store = await trio.to_thread.run_sync(SqliteReservations, path)
+            self.store = await trio.to_thread.run_sync(opener)
             recorded = await trio.to_thread.run_sync(self.store.load)
         except StorageError as exc:
-            self.log.error("reservations_unreadable", file=str(path), error=str(exc)[:300],
-                           consequence="chargers not connected yet count at their max_current")
+            self.log.error("reservations_unreadable", file=str(path) if self.shared is None else "[store] url",
+                           error=str(exc)[:300], consequence="chargers not connected yet count at their max_current")
         self.fuse.restore(recorded, _now())
         lost = self.fuse.lost(_now())
         if lost:
@@ -434,13 +471,75 @@ class Limiter(Listener):
         await self._restore()
         if self.store is not None and self._nursery is not None:
             self._nursery.start_soon(self._write_records, self.store)
+            self._start_shared(self._nursery)
         self.poke()
+
+    def _start_shared(self, nursery: trio.Nursery) -> None:
+        if self.shared is not None and self.store is not None:
+            nursery.start_soon(self._hold_site, self.shared, self.store)
+            nursery.start_soon(self._refresh_often, self.shared, self.store)
+
+    # -- several processes on one site ---------------------------------------------------------------
+
+    async def _hold_site(self, shared: SharedSite, store: ReservationStore) -> None:
+        """Take the site's lease whenever it is free; while held (and only then) this process grants current."""
+        while True:
+            wait = shared.refresh_every
+            async with shared.keeper.hold(shared.key) as refused:
+                if refused is None and await self._refresh(store):  # what the last owner may have installed
+                    self._site_owner(True)
+                    try:
+                        await trio.sleep_forever()  # until the keeper loses the lease (cancelled in time)
+                    finally:
+                        self._site_owner(False)
+                elif refused is not None:
+                    wait = min(max(refused.retry_after, 0.1), wait)
+            await trio.sleep(wait)
+
+    def _site_owner(self, owner: bool) -> None:
+        self.coordinator.site_owner = owner
+        self.log.info("site_lease", site=site_settings(self.config).name, held=owner,
+                      consequence="grants current" if owner else "pauses the chargers it serves")
+        self.poke()
+
+    async def _refresh_often(self, shared: SharedSite, store: ReservationStore) -> None:
+        while True:
+            await trio.sleep(shared.refresh_every)
+            if await self._refresh(store):
+                self.poke()
+
+    async def _refresh(self, store: ReservationStore) -> bool:
+        """Read the site's shared records again (False: the store could not be read; nothing changed)."""
+        try:
+            recorded = await trio.to_thread.run_sync(store.load)
+            elsewhere = await trio.to_thread.run_sync(store.served_elsewhere)
+        except StorageError as exc:
+            self.log.error("reservations_unreadable", file=store.location, error=str(exc)[:300],
+                           consequence="no current is granted until they are read")
+            return False
+        self.fuse.refresh(recorded, elsewhere, _now())
+        return True
+
+    async def charger_leased(self, charger_id: str) -> None:
+        """This process now holds the charger's lease: count it at least at its shared record (another
+        process may have served it since this one last did). Unreadable: at its max_current."""
+        store = self.store
+        if self.shared is None or store is None:
+            return
+        try:
+            recorded = await trio.to_thread.run_sync(store.load, [charger_id])
+        except StorageError as exc:
+            self.log.error("reservations_unreadable", file=store.location, error=str(exc)[:300],
+                           consequence=f"{charger_id} counts at its max_current")
+            recorded = {}
+        self.fuse.adopt(charger_id, recorded.get(charger_id), known=charger_id in recorded)
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if self.store is not None:
                 nursery.start_soon(self._write_records, self.store)
+                self._start_shared(nursery)
             task_status.started()
             try:
                 while True:
@@ -518,6 +617,11 @@ class Limiter(Listener):
             return
         if command.generation != control.generation or paired.closed.is_set():
             self._lost(item, "session gone", log)
+            return
+        if not item.decrease and not self.coordinator.site_owner:  # the site's lease went while it was recorded
+            self.coordinator.withdrawn(charger_id, command, "site lease lost", _now())
+            log.warning("profile_withheld", action=command.action, reason="site lease lost", **command.describe())
+            self._progressed()
             return
         log.debug("profile_sent", action=command.action, decrease=item.decrease, **command.describe())
         status = error = None

@@ -33,7 +33,7 @@ Amperes are tenths (int), like the engine's, so sums are exact.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
 from proxy.loadmgmt.engine import ChargerLimits, charger_phases, expand, tenths_down, tenths_up, wallbox_groups
@@ -128,6 +128,48 @@ class Fuse:
             slot.recorded = slot.held
             slot.exact = False  # the record is an upper bound of what it holds
             slot.lost_at = now
+
+    # -- several processes on one site (docs/cluster.md) ------------------------------------------
+
+    def adopt(self, charger_id: str, recorded: float | None, known: bool = True) -> None:
+        """This process takes over serving the charger: fold its shared record in as an upper bound.
+
+        Another process may have served it since this one last did (and installed a
+        higher limit, recorded before it was sent), so what this process remembers
+        counts no more than the record: the higher of the two, not exact. ``known``
+        False: no record at all (unknown: its max_current).
+        """
+        slot = self._slot(charger_id)
+        if not slot.limits.managed:
+            return
+        top = tenths_up(slot.limits.max_current)
+        record = top if not known or recorded is None else tenths_up(recorded)
+        slot.held = max(top if slot.held is None else slot.held, record)
+        slot.exact = False
+        self._dirty(slot)
+
+    def refresh(self, recorded: Mapping[str, float | None], elsewhere: Collection[str], now: float) -> None:
+        """The site's shared records, read again: chargers this process does not serve count at them.
+
+        A charger another process serves (``elsewhere``: it holds its lease) counts
+        at that process's record, which is newer than anything this one knows, and
+        for as long as it is served there. One nobody serves counts at the higher of
+        its record and what this process knows (a write of its own may be on its way).
+        """
+        # Another process's charger counts here once it is this site's: configured, or recorded for the site.
+        for charger_id in set(recorded) | (set(elsewhere) & set(self._configured)):
+            slot = self._slot(charger_id)
+            if slot.connected or not slot.limits.managed:
+                continue
+            amps = recorded.get(charger_id)
+            record = tenths_up(slot.limits.max_current) if amps is None else tenths_up(amps)
+            if charger_id in elsewhere:
+                slot.held, slot.pending, slot.backend_pending = record, None, None
+                slot.recorded, slot.exact, slot.lost_at = record, False, now
+            elif charger_id in recorded:
+                slot.held = max(slot.peak(), record)
+                slot.exact = False
+                self._dirty(slot)
 
     def _limits_for(self, charger_id: str) -> ChargerLimits:
         return self._configured.get(charger_id, self.default)

@@ -17,7 +17,7 @@ import struct
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AbstractAsyncContextManager, nullcontext
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,7 @@ from proxy.config import (ChargerBase, ChargerSettings, Config, ModbusChargerSet
                           redact_url, security_warnings, startup_step)
 from proxy.core.admission import AddressLimits, Admit, Refuse, decide, profile
 from proxy.core import lease as leasing
-from proxy.loadmgmt.driver import Limiter
+from proxy.loadmgmt.driver import Limiter, SharedSite, site_key, site_settings
 from proxy.wire.local import LocalConnection, local_pair
 from proxy.ops.logs import get_logger
 from proxy.core.offline import OfflineResponder, OfflineSettings
@@ -182,6 +182,9 @@ class ProxyServer:
                 self._postgres = _postgres(config.store.url)
             policy = leasing.LeasePolicy(process_name(config.store.process), config.store.lease_seconds)
             self.leases = LeaseKeeper(self._postgres, policy, log=self.log, on_lost=self._lease_lost)
+            site = site_settings(config).name
+            self.limiter.share(SharedSite(self.leases, site_key(config),
+                                          functools.partial(self._postgres.reservations, site, policy.me)))
             self.log.info("leases_on", process=policy.me, lease_seconds=policy.ttl)
 
     def _open_queue(self) -> None:
@@ -408,15 +411,24 @@ class ProxyServer:
                 return
             await self._admit(request, decision, peer, slot.release if slot is not None else _nothing)
 
-    def _lease(self, charger_id: str) -> AbstractAsyncContextManager[leasing.Refuse | None]:
+    def _lease(self, charger_id: str, served: bool = True) -> AbstractAsyncContextManager[leasing.Refuse | None]:
         """Hold the charger's lease for the block (none needed with SQLite); yields a refusal instead if
-        another process serves it (docs/cluster.md).
+        another process serves it (docs/cluster.md). ``served``: its wallbox is about to be load-managed
+        here, so the fuse counts it at least at its shared record first.
 
         Without leases, one shared context that yields None: no generator kept per session.
         """
         if self.leases is None:
             return _NO_LEASE
-        return self.leases.hold(charger_id)
+        return self._leased(self.leases, charger_id, served)
+
+    @asynccontextmanager
+    async def _leased(self, leases: LeaseKeeper, charger_id: str,
+                      served: bool) -> AsyncIterator[leasing.Refuse | None]:
+        async with leases.hold(charger_id) as refused:
+            if refused is None and served:
+                await self.limiter.charger_leased(charger_id)
+            yield refused
 
     def _lease_lost(self, charger_id: str, reason: str) -> None:
         """Another process may serve the charger from now (or soon): close its session and drain now."""
@@ -651,7 +663,7 @@ class ProxyServer:
         async def refuse(exc: UpstreamUnavailable) -> None:
             log.warning("drain_refused", reason=exc.reason, status=exc.status)
 
-        async with self._lease(charger_id) as refused, trio.open_nursery() as nursery:
+        async with self._lease(charger_id, served=False) as refused, trio.open_nursery() as nursery:
             if refused is not None:  # another process serves it, and delivers its queue
                 log.info("drain_skipped", reason="charger_leased_elsewhere", holder=refused.holder)
                 return

@@ -4,12 +4,13 @@ Everything the proxy must not lose goes through :class:`Storage`: the offline
 queue of each charger's primary, the transaction-id map of its replays, its
 local transaction-id counter, its secondaries' mirrors and the session log
 (every charger's transactions, :mod:`proxy.core.sessionlog`). SQLite implements it
-today (:class:`proxy.storage.offline_queue.SqliteStorage`); a PostgreSQL
-implementation (several proxies sharing one database) will implement the same
-methods with the same guarantees, and will add fuse reservations, virtual
-charge point records and leases as further parts of this interface. What each
-method guarantees is in ``docs/storage.md``; the short form is in each
-docstring here.
+(:class:`proxy.storage.offline_queue.SqliteStorage`), and PostgreSQL
+(:class:`proxy.storage.postgres.PostgresStorage`, several proxies sharing one
+database) the same methods with the same guarantees. Further parts, each a
+narrow protocol of its own so their writers never wait for each other: the
+fuse reservations (:class:`ReservationStore`, below) and the leases
+(:class:`proxy.storage.leases.LeaseStore`). What each method guarantees is in
+``docs/storage.md``; the short form is in each docstring here.
 
 Rules every implementation follows:
 
@@ -30,7 +31,7 @@ Rules every implementation follows:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -171,6 +172,35 @@ class Storage(Protocol):
 
     def restore_mirrors(self) -> dict[tuple[str, str], RestoredMirror]:
         """Every mirror's stored part, by (charger, secondary name)."""
+        ...
+
+    def close(self) -> None:
+        ...
+
+
+class ReservationStore(Protocol):
+    """A site's fuse reservations: per charger, the highest limit (A) it may be applying (docs/cluster.md).
+
+    None: unknown (counts at its max_current). Durable before return, one
+    transaction per call, :class:`StorageError` only. SQLite
+    (:class:`proxy.storage.reservations.SqliteReservations`, one process) and
+    PostgreSQL (:class:`proxy.storage.postgres.PostgresReservations`, shared by
+    the processes of a site: a record of a charger whose lease another process
+    holds is left to that process).
+    """
+
+    location: str
+
+    def load(self, chargers: Sequence[str] | None = None) -> dict[str, float | None]:
+        """The records (of ``chargers`` only, if given)."""
+        ...
+
+    def record(self, limits: Mapping[str, float | None]) -> None:
+        """Write all of ``limits`` in one transaction; durable (fsync) before return."""
+        ...
+
+    def served_elsewhere(self) -> set[str]:
+        """Chargers whose live lease another process holds: their records are that process's (SQLite: none)."""
         ...
 
     def close(self) -> None:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import TypeVar
 
@@ -91,6 +91,14 @@ CREATE TABLE IF NOT EXISTS leases (
     charger TEXT PRIMARY KEY,
     owner TEXT NOT NULL,
     expires TIMESTAMPTZ NOT NULL
+);
+CREATE TABLE IF NOT EXISTS fuse_reservations (
+    site TEXT NOT NULL,
+    charger TEXT NOT NULL,
+    amps DOUBLE PRECISION,
+    updated DOUBLE PRECISION NOT NULL,
+    writer TEXT NOT NULL,
+    PRIMARY KEY (site, charger)
 );
 CREATE TABLE IF NOT EXISTS sessions (
     id BIGSERIAL PRIMARY KEY,
@@ -275,6 +283,58 @@ class PostgresStorage(QueueReads):
     def release_all(self, owner: str) -> None:
         with self._leases.transaction("lease", durable=True) as cursor:
             cursor.execute("DELETE FROM leases WHERE owner = %s", (owner,))
+
+    def reservations(self, site: str, owner: str) -> PostgresReservations:
+        """The fuse reservations of ``site``, written as process ``owner`` (a connection of their own)."""
+        return PostgresReservations(self._leases.url, site, owner, self.location)
+
+
+class PostgresReservations:
+    """:class:`~proxy.storage.interface.ReservationStore` shared by the processes of one site.
+
+    A write of a charger's record whose live lease another process holds is
+    left out (in the same statement, so atomically with the lease table): that
+    process serves the charger and its records are the newer truth, so a late
+    write of a process that served it before (a decrease recorded after the
+    session ended) can never lower what the new server recorded.
+    """
+
+    def __init__(self, url: str, site: str, owner: str, location: str) -> None:
+        self.site, self.owner, self.location = site, owner, location
+        self._link = _Link(url)
+
+    def load(self, chargers: Sequence[str] | None = None) -> dict[str, float | None]:
+        def run(cursor: psycopg.Cursor[tuple[object, ...]]) -> list[tuple[object, ...]]:
+            return cursor.execute("SELECT charger, amps FROM fuse_reservations WHERE site = %s "
+                                  "AND (%s::text[] IS NULL OR charger = ANY(%s::text[]))",
+                                  (self.site, chargers, chargers)).fetchall()
+
+        chargers = None if chargers is None else list(chargers)
+        return {str(charger): None if amps is None else float(amps)  # type: ignore[arg-type]
+                for charger, amps in self._link.read(run)}
+
+    def record(self, limits: Mapping[str, float | None]) -> None:
+        if not limits:
+            return
+        chargers = sorted(limits)
+        with self._link.transaction("reservation", durable=True) as cursor:  # an increase waits for it
+            cursor.execute(
+                "INSERT INTO fuse_reservations SELECT %s, t.c, t.a, %s, %s "
+                "FROM unnest(%s::text[], %s::float8[]) AS t(c, a) WHERE NOT EXISTS (SELECT 1 FROM leases l "
+                "WHERE l.charger = t.c AND l.owner <> %s AND l.expires > clock_timestamp()) ORDER BY t.c "
+                "ON CONFLICT (site, charger) DO UPDATE SET amps = excluded.amps, updated = excluded.updated, "
+                "writer = excluded.writer",
+                (self.site, time.time(), self.owner, chargers, [limits[c] for c in chargers], self.owner))
+
+    def served_elsewhere(self) -> set[str]:
+        def run(cursor: psycopg.Cursor[tuple[object, ...]]) -> list[tuple[object, ...]]:
+            return cursor.execute("SELECT charger FROM leases WHERE owner <> %s AND expires > clock_timestamp()",
+                                  (self.owner,)).fetchall()
+
+        return {str(charger) for (charger,) in self._link.read(run)}
+
+    def close(self) -> None:
+        self._link.close()
 
 
 def _apply(cursor: psycopg.Cursor[tuple[object, ...]], run: Sequence[Change]) -> list[int | None]:

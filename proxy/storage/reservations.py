@@ -8,23 +8,22 @@ until it reconnects (absent: its ``max_current``). An increase is recorded
 before its SetChargingProfile leaves, a decrease after the wallbox accepted it,
 so the record is never below what a wallbox may apply.
 
-A narrow interface (:class:`ReservationStore`) with one SQLite implementation
-in its own file (``[offline] data_dir``/``reservations.sqlite3``), so it never
-waits for the offline queue's writer; it follows the same rules as
-:mod:`proxy.storage.interface` (durable before return, one transaction per
-call, :class:`StorageError` only) and can move into that interface as a
-further part.
+The SQLite implementation of :class:`proxy.storage.interface.ReservationStore`
+(one process: the appliance) in its own file (``[offline] data_dir``/``reservations.sqlite3``),
+so it never waits for the offline queue's writer. The PostgreSQL one, shared by
+several processes, is :class:`proxy.storage.postgres.PostgresReservations`.
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Protocol
 
-from proxy.storage.interface import StorageError
+from proxy.storage.interface import ReservationStore, StorageError
+
+__all__ = ["DB_NAME", "ReservationStore", "SqliteReservations"]
 
 #: The file in ``[offline] data_dir``.
 DB_NAME = "reservations.sqlite3"
@@ -36,22 +35,6 @@ CREATE TABLE IF NOT EXISTS fuse_reservations (
     updated REAL NOT NULL
 );
 """
-
-
-class ReservationStore(Protocol):
-    """Per charger: amps it may be applying (None: unknown, counts at its max_current)."""
-
-    location: str
-
-    def load(self) -> dict[str, float | None]:
-        ...
-
-    def record(self, limits: Mapping[str, float | None]) -> None:
-        """Write all of ``limits`` in one transaction; durable (fsync) before return."""
-        ...
-
-    def close(self) -> None:
-        ...
 
 
 class SqliteReservations:
@@ -69,12 +52,17 @@ class SqliteReservations:
         except (sqlite3.Error, OSError) as exc:
             raise StorageError("open", f"{path}: {exc}") from exc
 
-    def load(self) -> dict[str, float | None]:
+    def load(self, chargers: Sequence[str] | None = None) -> dict[str, float | None]:
         try:
             rows = self._db.execute("SELECT charger, amps FROM fuse_reservations").fetchall()
         except sqlite3.Error as exc:
             raise StorageError("read", str(exc)) from exc
-        return {str(charger): None if amps is None else float(amps) for charger, amps in rows}
+        wanted = None if chargers is None else set(chargers)
+        return {str(charger): None if amps is None else float(amps) for charger, amps in rows
+                if wanted is None or charger in wanted}
+
+    def served_elsewhere(self) -> set[str]:
+        return set()  # one process serves every charger
 
     def record(self, limits: Mapping[str, float | None]) -> None:
         if not limits:

@@ -9,6 +9,7 @@ backend in order; a session that ends (or a SIGTERM) releases the lease at once.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import signal
@@ -17,28 +18,35 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import trio
 import trio_websocket
+import websockets
+from ocpp.v16 import call
 from structlog.testing import capture_logs
 
 from proxy.config import loads
 from proxy.runtime.server import ProxyServer
 from proxy.storage.interface import Append
 from proxy.storage.postgres import PostgresStorage
+from proxy.demo.peers import LoopThread
+from tests.e2e.test_fuse_e2e import MAX as MAX_AMPS, Sampler
+from tests.peers import in_loop
+from tests.smart_wallbox import ProfileStore, SmartHandle, connect_smart
 from tests.opskit import (BackendProcess, ProxyProcess, free_port, http_get, parse, start_backend, value,
                           wait_until)
 
 LEASE = 4.0
 
 
-def cluster_config(tmp_path: Path, name: str, backend_port: int, store_url: str, extra: str = "") -> Path:
+def cluster_config(tmp_path: Path, name: str, backend_port: int, store_url: str, extra: str = "",
+                   chargers: str = '[[chargers]]\nid = "CP1"\n') -> Path:
     """One process of the cluster: its own data_dir and metrics port, the shared database."""
     path = tmp_path / f"{name}.toml"
     path.write_text(
         f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n[log]\nformat = "json"\n'
         f'[metrics]\nlisten = "127.0.0.1:{free_port()}"\n'
-        f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\nconnect_timeout = 2\n'
-        f'[[chargers]]\nid = "CP1"\n'
+        f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\nconnect_timeout = 2\n{chargers}'
         f'[offline]\nauth = "accept_all"\nreconnect_min = 0.05\nreconnect_max = 0.2\ndrain_delay = 0.5\n'
         f'data_dir = "{tmp_path}/{name}-data"\n'
         f'[store]\nurl = "{store_url}"\nprocess = "{name}"\nlease_seconds = {LEASE}\n{extra}')
@@ -96,8 +104,12 @@ def meter(value_wh: int, tx: int) -> dict[str, Any]:
 
 async def started(config: Path, nursery: trio.Nursery) -> tuple[ProxyProcess, int]:
     proxy = await ProxyProcess.start(config)
-    port = await proxy.port()
-    nursery.start_soon(proxy.follow)  # never let a chatty child block on its pipe
+    try:
+        port = await proxy.port()
+    except BaseException:
+        await proxy.close()
+        raise
+    proxy.follow_in(nursery)  # never let a chatty child block on its pipe
     return proxy, port
 
 
@@ -227,3 +239,104 @@ async def test_two_processes_never_drain_one_chargers_queue_twice(tmp_path: Path
         assert [json.loads(text)[1] for text in backend.received[cp]] == [f"{cp}-{n}" for n in range(3)]
     drained = [e["charger"] for e in logs if e["event"] == "drain_started"]
     assert sorted(drained) == sorted(chargers)
+
+
+SITE_AMPS = 20.0
+SITE_IDS = ("CP1", "CP2", "CP3", "CP4")
+
+
+async def test_the_site_budget_is_never_granted_twice_across_processes_and_a_kill(
+        tmp_path: Path, pg_url: str, peers: LoopThread) -> None:
+    """Four smart wallboxes (tests/smart_wallbox.py) on a 20 A site, two on each process; the owner of the
+    site's lease grants, the other pauses its own; kill -9 of the owner moves the site and its wallboxes to
+    the other process. Sampled every 50 ms: what the wallboxes installed never adds up to more than 20 A."""
+    backend = await BackendProcess.start()
+    try:
+        await site_failover(tmp_path, pg_url, peers, backend)
+    finally:
+        await backend.stop()
+
+
+async def site_failover(tmp_path: Path, pg_url: str, peers: LoopThread, backend: BackendProcess) -> None:
+    chargers = "".join(f'[[chargers]]\nid = "{cp}"\nmax_current = {MAX_AMPS:g}\nmin_current = 6\n'
+                       for cp in SITE_IDS)
+    site = (f'[site]\nmax_current = {SITE_AMPS:g}\nramp_up_interval = 0\nhysteresis = 0\nmin_hold_time = 0\n'
+            f'interval = 1\n')
+    configs = {name: cluster_config(tmp_path, name, backend.port, pg_url, chargers=chargers + site)
+               for name in ("proxy-a", "proxy-b")}
+    stores = {cp: ProfileStore() for cp in SITE_IDS}
+    sampler = Sampler(stores)
+    handles: dict[str, SmartHandle] = {}
+    async with trio.open_nursery() as nursery:
+        a, port_a = await started(configs["proxy-a"], nursery)
+        b = a
+        try:
+            await a.wait_for(lambda e: e.get("event") == "site_lease" and e["held"])
+            b, port_b = await started(configs["proxy-b"], nursery)
+            nursery.start_soon(sampler.run)
+            for cp, port in zip(SITE_IDS, (port_a, port_a, port_b, port_b)):
+                handles[cp] = await charging_wallbox(peers, port, cp, stores[cp], car=False)
+            # No car anywhere: every wallbox gets a limit, and both processes read the others' records, so
+            # each sees the whole 20 A free: the moment a site granted by two processes would be granted twice.
+            since = await sampler.until(lambda seen: all(stores[cp].composite() is not None for cp in SITE_IDS),
+                                        timeout=30)
+            await wait_until(lambda: recorded(pg_url) == {cp: 0.0 for cp in SITE_IDS}, timeout=30)
+            await trio.sleep(LEASE)  # not a wait for an outcome: lets both processes read those records again
+            async with trio.open_nursery() as cars:  # four cars plug in at once
+                for cp in SITE_IDS:
+                    cars.start_soon(in_loop, peers, handles[cp].wallbox.start_transaction())
+            # The owner's wallboxes share the 20 A; the other process grants nothing (paused at 0).
+            await sampler.until(lambda seen: seen["CP3"] == seen["CP4"] == 0.0 and seen["CP1"] + seen["CP2"] >= 12,
+                                timeout=30)
+            a.process.send_signal(signal.SIGKILL)
+            killed = trio.current_time()
+            assert await a.process.wait() == -signal.SIGKILL
+            for cp in ("CP1", "CP2"):  # back through "HAProxy": to proxy-b, refused until A's leases ran out
+                await in_loop(peers, handles[cp].websocket.wait_closed())
+                handles[cp] = await charging_wallbox(peers, port_b, cp, stores[cp], boot=False)
+            await b.wait_for(lambda e: e.get("event") == "site_lease" and e["held"])
+            # proxy-b owns the site now and grants: two wallboxes charge at the least (2 x 6 A fit, 4 do not).
+            served = await sampler.until(lambda seen: sum(1 for amps in seen.values() if amps >= 6) >= 2, timeout=30)
+            await sampler.until(lambda seen: True)
+            worst = sampler.worst(since)
+            print(f"site {SITE_AMPS:g} A: worst sum of installed limits {worst:g} A over {len(sampler.samples)} "
+                  f"samples; site served by proxy-b {served - killed:.2f} s after the kill")
+            assert worst <= SITE_AMPS, [seen for t, seen in sampler.samples if t >= since
+                                        and sum(seen.values()) > SITE_AMPS][:5]
+            refused = [e for e in b.events if e.get("reason") == "charger_leased_elsewhere"]
+            assert {e["charger"] for e in refused} <= {"CP1", "CP2"}
+        finally:
+            sampler.running = False
+            for handle in handles.values():
+                await in_loop(peers, handle.close())
+            for proxy in (a, b):
+                await proxy.close()
+            nursery.cancel_scope.cancel()
+
+
+def recorded(url: str) -> dict[str, float | None]:
+    """The site's shared fuse reservations, as the database has them."""
+    with psycopg.connect(url) as db:
+        return {str(cp): amps for cp, amps in db.execute("SELECT charger, amps FROM fuse_reservations").fetchall()}
+
+
+async def charging_wallbox(peers: LoopThread, port: int, cp: str, store: ProfileStore,
+                           boot: bool = True, car: bool = True) -> SmartHandle:
+    """Connect (again after 503s, as a wallbox retries), report a car charging (or, without ``car``, the
+    connector Available); its profiles kept in ``store``."""
+    async def connect() -> SmartHandle:
+        while True:
+            try:
+                return await connect_smart(f"ws://127.0.0.1:{port}/ocpp/{cp}", cp, store=store, boot=boot)
+            except websockets.InvalidStatus as exc:
+                assert exc.response.status_code == 503
+                await asyncio.sleep(0.2)
+
+    handle = await in_loop(peers, connect(), timeout=40)
+    if boot and car:
+        await in_loop(peers, handle.wallbox.start_transaction())
+    else:
+        status = "Charging" if car else "Available"
+        await in_loop(peers, handle.wallbox.call(call.StatusNotification(connector_id=1, error_code="NoError",
+                                                                         status=status)))
+    return handle
