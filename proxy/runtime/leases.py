@@ -58,7 +58,9 @@ class LeaseKeeper:
         self.log = log
         self.on_lost = on_lost
         self._held: dict[str, _Held] = {}
-        self._releasing: set[str] = set()
+        #: Per key while a take or a release of it runs: one at a time, so a release of a holder that
+        #: just ended never deletes the row a new holder in this process has just renewed.
+        self._locks: dict[str, trio.Lock] = {}
         #: Counted for metrics and tests.
         self.refused = 0
         self.lost = 0
@@ -83,23 +85,37 @@ class LeaseKeeper:
         A store that cannot be asked refuses too (the process cannot know who serves the
         charger). The block is cancelled if the lease is lost while it runs.
         """
-        decision = await self._acquire(key)
+        scope = trio.CancelScope()
+        async with self._one_at_a_time(key):
+            decision = await self._acquire(key)
+            if isinstance(decision, Serve):
+                held = self._held[key]
+                held.scopes.append(scope)
         if isinstance(decision, Refuse):
             self.refused += 1
             yield decision
             return
-        held = self._held[key]
-        scope = trio.CancelScope()
-        held.scopes.append(scope)
         try:
             with scope:
                 yield None
         finally:
             held.scopes.remove(scope)
-            if not held.scopes and self._held.get(key) is held:
-                del self._held[key]
-                with trio.CancelScope(shield=True), trio.move_on_after(GRACE * 2):
-                    await self._release(key)
+            with trio.CancelScope(shield=True):
+                async with self._one_at_a_time(key):
+                    if not held.scopes and self._held.get(key) is held:
+                        del self._held[key]
+                        with trio.move_on_after(GRACE * 2):
+                            await self._release(key)
+
+    @asynccontextmanager
+    async def _one_at_a_time(self, key: str) -> AsyncIterator[None]:
+        lock = self._locks.setdefault(key, trio.Lock())
+        try:
+            async with lock:
+                yield
+        finally:
+            if not lock.locked() and lock.statistics().tasks_waiting == 0 and self._locks.get(key) is lock:
+                del self._locks[key]
 
     async def _acquire(self, key: str) -> Serve | Refuse:
         sent = trio.current_time()
@@ -147,18 +163,20 @@ class LeaseKeeper:
         keys = self.held()
         if not keys:
             return self.policy.renew_every
+        renewing = {key: self._held[key] for key in keys}
         sent = trio.current_time()
         try:
             states = await trio.to_thread.run_sync(self.store.renew, keys, self.me, self.policy.ttl)
         except StorageError as exc:
             return self._renew_failed(keys, exc.detail)
         for state in states:
-            self._renewed(state, sent)
+            self._renewed(state, renewing[state.charger], sent)
         return self.policy.renew_every
 
-    def _renewed(self, state: LeaseState, sent: float) -> None:
-        held = self._held.get(state.charger)
-        if held is None or held.lost:
+    def _renewed(self, state: LeaseState, held: _Held, sent: float) -> None:
+        """``held``: the holding this renewal was sent for (a lease released and taken again meanwhile is
+        another one, which its own acquire answered)."""
+        if held.lost or self._held.get(state.charger) is not held:
             return
         decision = self.policy.on_renew(state)
         if isinstance(decision, Close):

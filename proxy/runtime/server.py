@@ -648,8 +648,23 @@ class ProxyServer:
             return
         if self.config.standalone(charger):  # frames queued under an earlier backend stay stored
             return
-        if not self.secondaries.backlog.get(charger_id) and not await self._queued(charger_id, self.log):
+        if not await self._owed(charger_id):
             return
+        log = self.log.bind(charger=charger_id)
+        async with self._lease(charger_id, served=False) as refused:
+            if refused is not None:  # another process serves it, and delivers its queue
+                log.info("drain_skipped", reason="charger_leased_elsewhere", holder=refused.holder)
+                return
+            if self.leases is not None and not await self._owed(charger_id):
+                return  # the process that held the lease a moment ago delivered it
+            await self._drain(charger, log)
+
+    async def _owed(self, charger_id: str) -> bool:
+        return bool(self.secondaries.backlog.get(charger_id)) or bool(await self._queued(charger_id, self.log))
+
+    async def _drain(self, charger: ChargerBase, log: Any) -> None:
+        """The drain itself, the charger's lease held (several processes) or not needed (one)."""
+        charger_id = charger.id
         subprotocol = self.config.server.subprotocols[0]
         if self._queue is not None:
             try:
@@ -658,15 +673,11 @@ class ProxyServer:
                 pass
         wallbox, absent = local_pair(subprotocol)
         admit = Admit(charger, self.config.upstream_for(charger), (subprotocol,), known=True)
-        log = self.log.bind(charger=charger_id)
 
         async def refuse(exc: UpstreamUnavailable) -> None:
             log.warning("drain_refused", reason=exc.reason, status=exc.status)
 
-        async with self._lease(charger_id, served=False) as refused, trio.open_nursery() as nursery:
-            if refused is not None:  # another process serves it, and delivers its queue
-                log.info("drain_skipped", reason="charger_leased_elsewhere", holder=refused.holder)
-                return
+        async with trio.open_nursery() as nursery:
             nursery.start_soon(_absent_wallbox, absent, log)
             try:
                 await self._pair(admit, "drain", _accept_local(wallbox), refuse, drain=True)

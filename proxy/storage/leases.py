@@ -29,7 +29,9 @@ class LeaseStore(Protocol):
         ...
 
     def renew(self, chargers: Sequence[str], owner: str, ttl: float) -> list[LeaseState]:
-        """:meth:`acquire` for many in one transaction (a process renews all its leases at once)."""
+        """Extend every one of ``chargers`` that ``owner`` still holds, in one transaction (a process renews
+        all its leases at once); never takes one: a lease released meanwhile stays released. Each lease as
+        it stands, in order; one nobody holds is answered with holder ``""``."""
         ...
 
     def release(self, charger: str, owner: str) -> None:
@@ -56,21 +58,25 @@ class SqliteLeases:
             raise StorageError("open", f"{path}: {exc}") from exc
 
     def acquire(self, charger: str, owner: str, ttl: float) -> LeaseState:
-        return self.renew([charger], owner, ttl)[0]
+        return self._write([charger], owner, ttl, "INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (charger) "
+                           "DO UPDATE SET owner = excluded.owner, expires = excluded.expires "
+                           "WHERE leases.owner = excluded.owner OR leases.expires <= ?")[0]
 
     def renew(self, chargers: Sequence[str], owner: str, ttl: float) -> list[LeaseState]:
+        return self._write(chargers, owner, ttl, "UPDATE leases SET expires = ?3 WHERE charger = ?1 AND owner = ?2 "
+                           "AND ?4 = ?4")
+
+    def _write(self, chargers: Sequence[str], owner: str, ttl: float, sql: str) -> list[LeaseState]:
         now = time.time()
         states: list[LeaseState] = []
         try:
             with self._db:
                 self._db.execute("BEGIN IMMEDIATE")
                 for charger in chargers:
-                    self._db.execute("INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (charger) DO UPDATE "
-                                     "SET owner = excluded.owner, expires = excluded.expires "
-                                     "WHERE leases.owner = excluded.owner OR leases.expires <= ?",
-                                     (charger, owner, now + ttl, now))
-                    holder, expires = self._db.execute("SELECT owner, expires FROM leases WHERE charger = ?",
-                                                       (charger,)).fetchone()
+                    self._db.execute(sql, (charger, owner, now + ttl, now))
+                    row = self._db.execute("SELECT owner, expires FROM leases WHERE charger = ?",
+                                           (charger,)).fetchone()
+                    holder, expires = row if row is not None else ("", now)
                     states.append(LeaseState(charger, str(holder), float(expires) - now))
         except sqlite3.Error as exc:
             raise StorageError("lease", str(exc)) from exc

@@ -257,24 +257,22 @@ class PostgresStorage(QueueReads):
 
     def acquire(self, charger: str, owner: str, ttl: float) -> LeaseState:
         """Atomic: the row is locked by the upsert, so two processes never both get a live lease."""
-        return self.renew([charger], owner, ttl)[0]
-
-    def renew(self, chargers: Sequence[str], owner: str, ttl: float) -> list[LeaseState]:
-        """One upsert for all of ``chargers``, in sorted order (two processes lock rows in one order: no deadlock)."""
-        if not chargers:
-            return []
-        names = sorted(set(chargers))
         with self._leases.transaction("lease", durable=True) as cursor:
-            cursor.execute("INSERT INTO leases SELECT c, %s, clock_timestamp() + make_interval(secs => %s) "
-                           "FROM unnest(%s::text[]) AS c ORDER BY c "
+            cursor.execute("INSERT INTO leases VALUES (%s, %s, clock_timestamp() + make_interval(secs => %s)) "
                            "ON CONFLICT (charger) DO UPDATE SET owner = excluded.owner, expires = excluded.expires "
                            "WHERE leases.owner = excluded.owner OR leases.expires <= clock_timestamp()",
-                           (owner, ttl, names))
-            rows = cursor.execute("SELECT charger, owner, extract(epoch FROM expires - clock_timestamp()) "
-                                  "FROM leases WHERE charger = ANY(%s)", (names,)).fetchall()
-        found = {str(row[0]): LeaseState(str(row[0]), str(row[1]), float(row[2]))  # type: ignore[arg-type]
-                 for row in rows}
-        return [found[charger] for charger in chargers]  # inserted or kept, in this transaction
+                           (charger, owner, ttl))
+            return _lease_states(cursor, [charger])[0]
+
+    def renew(self, chargers: Sequence[str], owner: str, ttl: float) -> list[LeaseState]:
+        """One UPDATE of the rows still ``owner``'s, in sorted order (two processes lock rows in one order)."""
+        if not chargers:
+            return []
+        with self._leases.transaction("lease", durable=True) as cursor:
+            cursor.execute("UPDATE leases SET expires = clock_timestamp() + make_interval(secs => %s) WHERE charger IN "
+                           "(SELECT charger FROM leases WHERE charger = ANY(%s) AND owner = %s ORDER BY charger "
+                           "FOR UPDATE)", (ttl, sorted(set(chargers)), owner))
+            return _lease_states(cursor, chargers)
 
     def release(self, charger: str, owner: str) -> None:
         with self._leases.transaction("lease", durable=True) as cursor:
@@ -335,6 +333,14 @@ class PostgresReservations:
 
     def close(self) -> None:
         self._link.close()
+
+
+def _lease_states(cursor: psycopg.Cursor[tuple[object, ...]], chargers: Sequence[str]) -> list[LeaseState]:
+    """Each charger's lease as it stands, in the database's time (holder "" when nobody holds it)."""
+    rows = cursor.execute("SELECT charger, owner, extract(epoch FROM expires - clock_timestamp()) FROM leases "
+                          "WHERE charger = ANY(%s)", (list(chargers),)).fetchall()
+    found = {str(row[0]): (str(row[1]), float(row[2])) for row in rows}  # type: ignore[arg-type]
+    return [LeaseState(charger, *found.get(charger, ("", 0.0))) for charger in chargers]
 
 
 def _apply(cursor: psycopg.Cursor[tuple[object, ...]], run: Sequence[Change]) -> list[int | None]:

@@ -190,8 +190,12 @@ async def test_a_lease_is_released_when_the_session_ends_and_on_sigterm(tmp_path
         try:
             async with wallbox(port_a, sent) as box:
                 await box.call("Heartbeat", {})
-            await a.wait_event("session_closed")
-            # Released with the session: B serves it at once (no waiting for the lease to run out).
+            closed = trio.current_time()
+            # Released with the session: B serves it at once, not after the lease ran out (renewed, it
+            # would have lasted LEASE more seconds at least); 503 only until A's release has committed.
+            while await refused_status(port_b) is not None:
+                assert trio.current_time() - closed < LEASE / 2
+                await trio.sleep(0.05)
             async with wallbox(port_b, sent) as box:
                 await box.call("Heartbeat", {})
                 assert await refused_status(port_a) == 503
@@ -199,7 +203,6 @@ async def test_a_lease_is_released_when_the_session_ends_and_on_sigterm(tmp_path
                 assert await b.stop() == 0
             async with wallbox(port_a, sent) as box:
                 await box.call("Heartbeat", {})
-            assert not any(e.get("reason") == "charger_leased_elsewhere" for e in b.events)
             assert sum(e.get("reason") == "charger_leased_elsewhere" for e in a.events) == 1
         finally:
             for proxy in (a, b):
@@ -231,7 +234,7 @@ async def test_two_processes_never_drain_one_chargers_queue_twice(tmp_path: Path
             for server in servers:
                 await nursery.start(server.serve)
             await wait_until(lambda: all(len(backend.received.get(cp, [])) >= 3 for cp in chargers), timeout=30)
-            await wait_until(lambda: sum(e["event"] == "drain_closed" for e in logs) == len(chargers), timeout=30)
+            await wait_until(lambda: sum(e["event"] == "drain_closed" for e in logs) >= len(chargers), timeout=30)
             for server in servers:
                 await server.stop()
         nursery.cancel_scope.cancel()

@@ -39,7 +39,7 @@ from proxy.loadmgmt.control import ControlSettings
 from proxy.loadmgmt.coordinator import Coordinator, Outgoing
 from proxy.loadmgmt.engine import ChargerLimits, LimitEngine, SiteLimits, charger_phases
 from proxy.loadmgmt.fuse import Fuse
-from tests.unit.test_fuse_machine import HOLD, IDS, WALL, Wallbox, backend_payload
+from tests.unit.test_fuse_machine import HOLD, IDS, WALL, Wallbox, backend_payload, backend_profile_accepted
 
 TTL = 6.0
 STEP = TTL / 6  # the clock moves in steps shorter than a renewal period
@@ -61,6 +61,14 @@ class Store:
         if row is None or row[0] == owner or row[1] <= now:
             self.leases[key] = (owner, now + TTL)
         holder, expires = self.leases[key]
+        return LeaseState(key, holder, expires - now)
+
+    def renew(self, key: str, owner: str, now: float) -> LeaseState:
+        """Extends the lease only if ``owner`` still holds it (never takes one)."""
+        holder, expires = self.leases.get(key, ("", now))
+        if holder == owner:
+            self.leases[key] = (owner, now + TTL)
+        holder, expires = self.leases.get(key, ("", now))
         return LeaseState(key, holder, expires - now)
 
     def release(self, key: str, owner: str) -> None:
@@ -153,7 +161,7 @@ class ClusterMachine(RuleBasedStateMachine):
         """LeaseKeeper.renew_now: all held leases in one round; Close ends the holder before expiry."""
         for key in sorted(proc.held):
             if proc.reachable:
-                state = self.store.acquire(key, proc.name, self.now)
+                state = self.store.renew(key, proc.name, self.now)
                 decision: Serve | Close = proc.policy.on_renew(state)
                 if isinstance(decision, Serve):
                     proc.held[key] = self.now + state.remaining
@@ -338,11 +346,7 @@ class ClusterMachine(RuleBasedStateMachine):
         proc, wallbox = self._proc_of(cid), self.wallboxes.get(cid)
         if proc is None or wallbox is None or wallbox.backend_call is None:
             return
-        msg_id, original, amps = wallbox.backend_call
-        wallbox.backend_call = None
-        wallbox._install(backend_payload(amps)["csChargingProfiles"], amps)
-        proc.coordinator.controls[cid].backend_set_answered(msg_id, original, "Accepted", WALL)
-        proc.coordinator.backend_answered(cid)
+        backend_profile_accepted(wallbox, proc.coordinator, cid)
         self._collect(proc)
 
     # -- rules: the processes ----------------------------------------------------------------------

@@ -108,6 +108,16 @@ class Wallbox:
         self._levels: dict[int, int] = {}
 
 
+def backend_profile_accepted(wallbox: Wallbox, coordinator: Coordinator, cid: str) -> None:
+    """The wallbox installs the backend's profile it was sent and answers Accepted; the proxy sees it."""
+    assert wallbox.backend_call is not None
+    msg_id, original, amps = wallbox.backend_call
+    wallbox.backend_call = None
+    wallbox._install(backend_payload(amps)["csChargingProfiles"], amps)
+    coordinator.controls[cid].backend_set_answered(msg_id, original, "Accepted", WALL)
+    coordinator.backend_answered(cid)
+
+
 def backend_payload(amps: float) -> dict[str, Any]:
     return {"connectorId": 1, "csChargingProfiles": {
         "chargingProfileId": 7, "stackLevel": 1, "chargingProfilePurpose": "TxDefaultProfile",
@@ -337,11 +347,7 @@ class FuseMachine(RuleBasedStateMachine):
         wallbox = self.wallboxes.get(cid)
         if wallbox is None or wallbox.backend_call is None:
             return
-        msg_id, original, amps = wallbox.backend_call
-        wallbox.backend_call = None
-        wallbox._install(backend_payload(amps)["csChargingProfiles"], amps)
-        self.coordinator.controls[cid].backend_set_answered(msg_id, original, "Accepted", WALL)
-        self.coordinator.backend_answered(cid)
+        backend_profile_accepted(wallbox, self.coordinator, cid)
 
     @precondition(lambda self: self.site_limits.meter)
     @rule(house=st.lists(st.sampled_from([0.0, 2.0, 5.0, 12.0]), min_size=3, max_size=3))

@@ -133,5 +133,7 @@ def test_renewing_many_at_once_keeps_only_what_is_still_ours(open_leases: Opener
                                                         ("CP4", "proxy-b"), ("CP2", "proxy-a")]
     assert all(25 < s.remaining <= 30 for s in states)
     a.release_all("proxy-a")  # a process that stops
-    assert [s.holder for s in b.renew(["CP1", "CP2", "CP3", "CP4"], "proxy-b", 30)] == ["proxy-b"] * 4
+    # A renewal never takes a lease: released ones stay free (holder ""), proxy-b's own is extended.
+    assert [s.holder for s in b.renew(["CP1", "CP2", "CP3", "CP4"], "proxy-b", 30)] == ["", "", "", "proxy-b"]
+    assert a.acquire("CP1", "proxy-a", 30).holder == "proxy-a"
     assert a.renew([], "proxy-a", 30) == []

@@ -18,6 +18,7 @@ from proxy.core.lease import LeasePolicy
 from proxy.ops.logs import get_logger
 from proxy.runtime.leases import LeaseKeeper
 from proxy.storage.leases import SqliteLeases
+from tests.opskit import wait_until
 
 TTL = 0.9
 
@@ -91,3 +92,35 @@ async def test_the_last_holder_in_a_process_releases(tmp_path: Path) -> None:
     async with a.hold("CP2"), a.hold("CP3"):
         await a.release_all()  # SIGTERM: everything goes at once
         assert expires(path, "CP2") is None and expires(path, "CP3") is None
+
+
+async def test_a_holder_ending_never_releases_the_lease_of_the_one_that_replaced_it(tmp_path: Path) -> None:
+    """A wallbox reconnects to the same process while its old session ends: the old session's release and
+    the new session's take run at once; the lease must stay this process's (never free for another)."""
+    path = tmp_path / "leases.sqlite3"
+    a = LeaseKeeper(SqliteLeases(path), LeasePolicy("proxy-a", 30), log=get_logger())
+    b = LeaseKeeper(SqliteLeases(path), LeasePolicy("proxy-b", 30), log=get_logger())
+    for _ in range(20):  # the two orders of the release and the take in their threads
+        old_ends = trio.Event()
+
+        async def old_session() -> None:
+            async with a.hold("CP1") as refused:
+                assert refused is None
+                await old_ends.wait()
+
+        async def new_session(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            async with a.hold("CP1") as refused:
+                assert refused is None
+                task_status.started()
+                await trio.sleep_forever()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(old_session)
+            await wait_until(lambda: a.holds("CP1"))
+            old_ends.set()
+            await nursery.start(new_session)
+            await wait_until(lambda: not a._locks)  # the old session's release is done (or was skipped)
+            async with b.hold("CP1") as other:
+                assert other is not None and other.holder == "proxy-a"
+            nursery.cancel_scope.cancel()
+        await wait_until(lambda: expires(path, "CP1") is None)  # the last holder released it
