@@ -1,6 +1,7 @@
 """Cost per forwarded frame that other work on the machine does not change: instructions and system calls.
 
     python -m bench.instructions [--baseline DIR] [--wallboxes 10] [--seconds 20] [--tools callgrind,strace]
+                                 [--session-log on,off]
 
 Wall-clock throughput and even CPU seconds move with whatever else runs on a
 shared host. Two counts do not: the instructions the proxy executes
@@ -10,7 +11,9 @@ Each checkout's proxy (``python -m proxy run``, as in ``python -m bench``) is
 saturated by the bench load generator (closed loop, alternating Heartbeat and
 1 KiB MeterValues); the counters are zeroed when the load starts and read when
 it ends, and divided by the frames forwarded (two per round trip).
-``--baseline DIR`` measures another checkout the same way in the same run.
+``--baseline DIR`` measures another checkout the same way in the same run;
+``--session-log on,off`` measures this checkout once per ``[offline]
+session_log`` setting (the cost of the session log, side by side).
 """
 
 from __future__ import annotations
@@ -29,6 +32,9 @@ from bench.procs import ROOT, Backend, LoadGen, OcppProxy, workdir
 from bench.sysinfo import load_average, machine, raise_nofile
 
 SYSCALLS = ("sendto", "recvfrom", "epoll_wait", "epoll_ctl", "getrandom")
+#: Seconds after the load before the counters are read: longer than the session log's batch interval
+#: (proxy/storage/offline_queue.py LATER_INTERVAL), so the frames' log work is in the count.
+SETTLE = 3.0
 
 
 def _load(gen: LoadGen, seconds: float) -> int:
@@ -40,10 +46,11 @@ def _load(gen: LoadGen, seconds: float) -> int:
     return 2 * int(result["completed_total"])
 
 
-def callgrind(root: Path, name: str, backend: Backend, wallboxes: int, seconds: float) -> dict[str, Any]:
+def callgrind(root: Path, name: str, backend: Backend, wallboxes: int, seconds: float,
+              session_log: bool | None = None) -> dict[str, Any]:
     """Instructions executed per forwarded frame (callgrind's Ir between zeroing and a dump)."""
     out = workdir()
-    proxy = OcppProxy(out, root, name, start_timeout=600,
+    proxy = OcppProxy(out, root, name, start_timeout=600, session_log=session_log,
                       wrapper=["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}/callgrind.out"])
     proxy.start(backend.port, 0)
     gen = LoadGen(proxy.targets(wallboxes))
@@ -52,6 +59,7 @@ def callgrind(root: Path, name: str, backend: Backend, wallboxes: int, seconds: 
         pid = str(proxy.pids[0])
         subprocess.run(["callgrind_control", "--zero", pid], check=True, capture_output=True, timeout=120)
         frames = _load(gen, seconds)
+        time.sleep(SETTLE)  # work left behind by the load (the session log's last batch) is counted too
         subprocess.run(["callgrind_control", "--dump", pid], check=True, capture_output=True, timeout=120)
     finally:
         gen.close()
@@ -66,10 +74,11 @@ def callgrind(root: Path, name: str, backend: Backend, wallboxes: int, seconds: 
     return {"frames": frames, "instructions": instructions, "instructions_per_frame": instructions / frames}
 
 
-def strace(root: Path, name: str, backend: Backend, wallboxes: int, seconds: float) -> dict[str, Any]:
+def strace(root: Path, name: str, backend: Backend, wallboxes: int, seconds: float,
+           session_log: bool | None = None) -> dict[str, Any]:
     """System calls per forwarded frame, by name (``strace -c`` attached for the load window)."""
     out = workdir()
-    proxy = OcppProxy(out, root, name)
+    proxy = OcppProxy(out, root, name, session_log=session_log)
     proxy.start(backend.port, 0)
     gen = LoadGen(proxy.targets(wallboxes))
     summary = out / "strace.txt"
@@ -80,6 +89,7 @@ def strace(root: Path, name: str, backend: Backend, wallboxes: int, seconds: flo
         assert tracer.stderr is not None
         tracer.stderr.readline()  # "strace: Process N attached": counting from here
         frames = _load(gen, seconds)
+        time.sleep(SETTLE)
         tracer.send_signal(signal.SIGINT)
         tracer.wait(60)
     finally:
@@ -101,13 +111,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--wallboxes", type=int, default=10)
     parser.add_argument("--seconds", type=float, default=20.0, help="load window (under valgrind: slow)")
     parser.add_argument("--tools", default="callgrind,strace")
+    parser.add_argument("--session-log", help="on,off: this checkout once per [offline] session_log setting")
     args = parser.parse_args(argv)
     tools = args.tools.split(",")
     for tool in ("valgrind" if "callgrind" in tools else None, "strace" if "strace" in tools else None):
         if tool is not None and shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed")
     raise_nofile()
-    checkouts = ([("baseline", args.baseline.resolve())] if args.baseline else []) + [("this checkout", ROOT)]
+    checkouts: list[tuple[str, Path, bool | None]] = (
+        [("baseline", args.baseline.resolve(), None)] if args.baseline else [])
+    if args.session_log:
+        checkouts += [(f"session_log {s}", ROOT, s == "on") for s in args.session_log.split(",")]
+    else:
+        checkouts.append(("this checkout", ROOT, None))
     info = machine(None)
     print(f"machine: {info['cpu_model']}, {info['cores']} cores, Python {info['python']}, "
           f"load average before {load_average()[0]:.2f}; {args.wallboxes} wallboxes saturating, "
@@ -115,12 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     backend = Backend()
     results: dict[str, dict[str, Any]] = {}
     try:
-        for name, root in checkouts:
+        for name, root, session_log in checkouts:
             results[name] = {}
             if "callgrind" in tools:
-                results[name]["callgrind"] = callgrind(root, name, backend, args.wallboxes, args.seconds)
+                results[name]["callgrind"] = callgrind(root, name, backend, args.wallboxes, args.seconds, session_log)
             if "strace" in tools:
-                results[name]["strace"] = strace(root, name, backend, args.wallboxes, args.seconds)
+                results[name]["strace"] = strace(root, name, backend, args.wallboxes, args.seconds, session_log)
     finally:
         backend.stop()
     names = list(results)

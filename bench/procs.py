@@ -199,8 +199,11 @@ class OcppProxy(Path_):
     name = "proxy"
 
     def __init__(self, workdir: Path, root: Path = ROOT, name: str = "proxy", *,
-                 wrapper: Sequence[str] = (), start_timeout: float = 30.0, extra: str = "") -> None:
+                 wrapper: Sequence[str] = (), start_timeout: float = 30.0, extra: str = "",
+                 session_log: bool | None = None) -> None:
         self.workdir = workdir
+        #: ``[offline] session_log`` for the run; None: the checkout's default.
+        self.session_log = session_log
         self.root = root
         self.name = name
         #: More configuration after the generated sections (bench/cluster.py: [store]).
@@ -229,13 +232,18 @@ class OcppProxy(Path_):
             f'[server]\nlisten = "{HOST}:{self.port}"\naccept_unknown = true\n{caps}{self.server_extra}'
             f'[backend]\nurl = "ws://{HOST}:{backend_port}/ocpp"\n'
             f'[metrics]\nlisten = "{HOST}:{self.metrics_port}"\n'
-            f'[offline]\ndata_dir = "{self.workdir / "data"}"\n'
+            f'[offline]\ndata_dir = "{self.workdir / "data"}"\n{self._session_log_line()}'
             f'[log]\nformat = "json"\n{self.extra}')
         self._log = open(self.workdir / "proxy.log", "ab")
         self.process = subprocess.Popen(
             [*self.wrapper, sys.executable, "-m", "proxy", "run", "--config", str(config)],
             stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log, cwd=self.root, env=_env(self.root))
         wait_listening(self.port, self.start_timeout, self.process)
+
+    def _session_log_line(self) -> str:
+        if self.session_log is None:
+            return ""
+        return f"session_log = {'true' if self.session_log else 'false'}\n"
 
     def targets(self, count: int) -> list[tuple[int, str]]:
         return [(self.port, f"/ocpp/{identity(n)}") for n in range(count)]

@@ -1,6 +1,6 @@
 """Profile ocpp-proxy's hot path under saturation with py-spy (``pip install py-spy``).
 
-    python -m bench.profile [--wallboxes 100] [--seconds 10] [--out /tmp/proxy.collapsed]
+    python -m bench.profile [--wallboxes 100] [--seconds 10] [--out /tmp/proxy.collapsed] [--session-log on|off]
 
 Starts the bench backend and the proxy (as ``python -m proxy run``), attaches
 py-spy to the proxy, saturates it from the load generator, and prints the
@@ -49,11 +49,12 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--out", type=Path, default=Path("/tmp/proxy.collapsed"))
     parser.add_argument("--mode", default="saturate", choices=("saturate", "rate"))
+    parser.add_argument("--session-log", choices=("on", "off"), help="[offline] session_log (default: the config's)")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     raise_nofile()
     backend = Backend()
-    proxy = OcppProxy(workdir())
+    proxy = OcppProxy(workdir(), session_log=None if args.session_log is None else args.session_log == "on")
     proxy.start(backend.port, 0)
     gen = LoadGen(proxy.targets(args.wallboxes))
     try:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import statistics
 from typing import Any
 
-PATHS = ("direct", "baseline", "proxy", "websocat")
-TITLES = {"direct": "direct", "baseline": "ocpp-proxy before (baseline)", "proxy": "ocpp-proxy",
+PATHS = ("direct", "baseline", "log-off", "proxy", "websocat")
+TITLES = {"direct": "direct", "baseline": "ocpp-proxy before (baseline)",
+          "log-off": "ocpp-proxy, session log off", "proxy": "ocpp-proxy",
           "websocat": "websocat"}
 #: The two proxy columns: this checkout and, with --baseline, another one.
 PROXIES = ("baseline", "proxy")
@@ -140,6 +141,32 @@ def before_after(document: dict[str, Any]) -> list[str]:
     return out + [""]
 
 
+def session_log_cost(document: dict[str, Any]) -> list[str]:
+    """With a log-off path: this checkout with ``[offline] session_log`` off and as configured (on), one run."""
+    results = document["results"]
+    if not any("log-off" in row for row in results.values()):
+        return []
+    out = ["## Session log off / on (this checkout, same run, interleaved)", "",
+           "Every MeterValues of the load names a transaction and carries an energy reading and a signed value, "
+           "so with the log on every other CALL is logged (the log's worst case).", "",
+           "| measure | session log off | session log on (default) | on / off |", "|---|---|---|---|"]
+    for count in ("1", "100", "1000"):
+        row = results.get(f"saturate_{count}", {})
+        if not row:
+            continue
+        for measure, name, fmt in (("round_trips_per_s", f"saturation, {count} wallboxes (round trips/s)", "{:,.0f}"),
+                                   ("relay_cpu_us_per_frame", f"relay µs CPU / forwarded frame, saturation {count}",
+                                    "{:.1f}")):
+            off, on = _val(row, "log-off", measure), _val(row, "proxy", measure)
+            ratio = f"{on / off:.3f}" if on and off else "–"
+            out.append(f"| {name} | {_num(off, fmt)} | {_num(on, fmt)} | {ratio} |")
+    for kind, name in KIND_NAMES.items():
+        off, on = (_get(document, "rate_100", p, "latency_us", kind, "p50") for p in ("log-off", "proxy"))
+        if off is not None or on is not None:
+            out.append(f"| p50 round trip at 100 wallboxes × 1/s, {name} (ms) | {_ms(off)} | {_ms(on)} | – |")
+    return out + [""]
+
+
 # --- Markdown -------------------------------------------------------------------------------------
 
 def _ms(us: float | None) -> str:
@@ -186,6 +213,7 @@ def markdown(document: dict[str, Any]) -> str:
     out.append("")
 
     out += before_after(document)
+    out += session_log_cost(document)
     paths = [p for p in PATHS if any(p in row for row in results.values())]
     titles = " | ".join(TITLES[p] for p in paths)
     rate_keys = sorted((k for k in results if k.startswith("rate_")), key=lambda k: int(k.split("_")[1]))

@@ -38,6 +38,9 @@ from bench.procs import _env as env
 from bench.sysinfo import load_average, machine, pss_bytes, raise_nofile, rss_bytes, system_busy_seconds
 
 RESULTS = Path(__file__).resolve().parent / "results"
+#: Seconds after a load before the relay's CPU is read: longer than the session log's batch interval
+#: (proxy/storage/offline_queue.py LATER_INTERVAL), so logging the load's frames is in its CPU per frame.
+RELAY_SETTLE = 2.0
 
 
 @dataclass
@@ -112,11 +115,15 @@ def measure_load(suite: Suite, path: Path_, count: int, mode: str) -> dict[str, 
             gen.send("load " + spec)
         loads = [gen.read_json(duration + settings.warmup + 60) for gen in gens]
         wall = time.monotonic() - started
-        relay_cpu = cpu_of(path.pids) - relay_cpu
+        relay_start, relay_cpu = relay_cpu, cpu_of(path.pids) - relay_cpu
         gen_cpu = cpu_of([g.pid for g in gens]) - gen_cpu
         backend_cpu = cpu_of([suite.backend.pid]) - backend_cpu
         # What the rest of the machine used meanwhile (other processes, kernel threads): noise.
         others = max(0.0, system_busy_seconds() - busy - relay_cpu - gen_cpu - backend_cpu)
+        relay_all = relay_cpu
+        if isinstance(path, OcppProxy):
+            time.sleep(RELAY_SETTLE)  # the load's work still under way (the session log's last batch) counts
+            relay_all = cpu_of(path.pids) - relay_start
     finally:
         _close(gens)
     latencies = {kind: sorted(v for load in loads for v in load["latencies_us"][kind]) for kind in ("hb", "mv")}
@@ -130,7 +137,8 @@ def measure_load(suite: Suite, path: Path_, count: int, mode: str) -> dict[str, 
         "unanswered": sum(load["unanswered"] for load in loads),
         "cpu_seconds": {"relay": relay_cpu, "loadgen": gen_cpu, "backend": backend_cpu, "others": others,
                         "wall": wall},
-        "relay_cpu_us_per_frame": (relay_cpu / (2 * total) * 1e6) if total and path.pids else None,
+        "relay_cpu_us_per_frame": (relay_all / (2 * total) * 1e6) if total and path.pids else None,
+        "relay_cpu_after_load": relay_all - relay_cpu,
         "frames_total": 2 * total,
     }
 
@@ -284,6 +292,9 @@ def build_paths(settings: Settings, work: Path, notes: list[str]) -> dict[str, P
             paths[name] = Direct()
         elif name == "proxy":
             paths[name] = OcppProxy(work)
+        elif name == "log-off":  # the session log's cost: this checkout without it, side by side
+            (work / "log-off").mkdir(exist_ok=True)
+            paths[name] = OcppProxy(work / "log-off", name="log-off", session_log=False)
         elif name == "baseline":
             if settings.baseline is None:
                 raise SystemExit("the baseline path needs --baseline DIR (another checkout)")
@@ -350,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts, short windows, one run")
     parser.add_argument("--repeats", type=int, help="runs per scenario (median reported)")
-    parser.add_argument("--paths", help="comma-separated subset of direct,baseline,proxy,websocat")
+    parser.add_argument("--paths", help="comma-separated subset of direct,baseline,log-off,proxy,websocat "
+                                        "(log-off: this checkout with [offline] session_log = false)")
     parser.add_argument("--baseline", help="another checkout of ocpp-proxy, run as the 'baseline' path "
                                            "next to this one (e.g. git worktree add /tmp/base main)")
     parser.add_argument("--only", help="comma-separated subset of rate,saturate,setup,idle,limits")

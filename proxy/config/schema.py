@@ -435,8 +435,8 @@ class OfflineSettingsSection:
     data_transfer: str = setting("Rejected", "local answer to DataTransfer while offline (and always for "
                                  "standalone chargers)",
                                  choices=("Accepted", "Rejected", "UnknownVendorId", "UnknownMessageId"))
-    session_log: bool = setting(False, "record every charger's transactions in data_dir (`ocpp-proxy sessions "
-                                "export`); standalone chargers are always recorded")
+    session_log: bool = setting(True, "record every charger's transactions in data_dir (`ocpp-proxy sessions "
+                                "export`, the status page); false: only standalone chargers' (always recorded)")
     reconnect_min: float = setting(1.0, "first reconnect delay, seconds (doubles per failure, with jitter)",
                                    check=positive)
     reconnect_max: float = setting(60.0, "longest reconnect delay, seconds", check=positive)

@@ -74,7 +74,8 @@ from proxy.core.mirror import (
     transaction_id,
 )
 from proxy.core.policy import CommandPolicy, Mode
-from proxy.core.sessionlog import JOURNAL_ACTIONS, SessionEvent, events as session_events
+from proxy.core.sessionlog import SessionEvent, journaled
+from proxy.core.sessionlog import events as session_events
 from proxy.messages.versions import OcppVersion, format_violation
 
 
@@ -239,6 +240,22 @@ class LogSession:
 
 
 @dataclass(frozen=True, slots=True)
+class LogLater:
+    """Log a relayed transaction frame (``call`` answered by the backend's ``answer``), off the relay's path.
+
+    The answer has already gone to the wallbox (its own :class:`ToWallbox`):
+    with a backend, the backend is the authority, so nothing waits for the
+    log. Nothing is parsed here either: the store reads the frames into
+    :class:`SessionEvent` s in its next batch (docs/standalone.md).
+    """
+
+    charger: str
+    version: OcppVersion
+    call: Frame
+    answer: Frame
+
+
+@dataclass(frozen=True, slots=True)
 class UpstreamUnresponsive:
     """The primary left the CALL ``msg_id`` unanswered for ``seconds`` (``upstream_call_timeout``)."""
 
@@ -258,7 +275,7 @@ class Replayed:
 
 Action = (ToWallbox | ToUpstream | ProxyAnswer | ProxyCallFailed | Malformed | Observed | CallCompleted
           | Persist | Replayed | UpstreamUnresponsive | Policed | MirrorDropped | TxMapped | MirrorQueued | MirrorUnqueued | MirrorState
-          | MirrorStartKnown | LogSession)
+          | MirrorStartKnown | LogSession | LogLater)
 
 
 # --- state -----------------------------------------------------------------------
@@ -628,14 +645,12 @@ class Session:
         return [LogSession(logged, frame.msg_id or "", None), persist] if logged else [persist]
 
     def _journaled(self, frame: Frame) -> bool:
-        return self.journal and frame.action in JOURNAL_ACTIONS
+        return self.journal and journaled(frame)
 
     def _log_events(self, call: Frame, answer: Frame) -> tuple[SessionEvent, ...]:
         if not self._journaled(call) or self.version is None:
             return ()
-        # A meter reading with neither an energy value nor signed data changes no record: not written.
-        return tuple(e for e in session_events(self.charger_id, self.version, call, answer)
-                     if e.kind != "meter" or e.meter_wh is not None or e.signed)
+        return tuple(e for e in session_events(self.charger_id, self.version, call, answer) if e.worth_writing)
 
     def _upstream_answer(self, name: Side, frame: Frame, now: float) -> list[Action]:
         msg_id = frame.msg_id or ""
@@ -655,13 +670,12 @@ class Session:
             return [CallCompleted(name, pending.action, now - pending.sent_at), Replayed(call, frame)]
         actions: list[Action] = []
         if primary:
-            logged: tuple[SessionEvent, ...] = ()
             if call is not None:  # (kept for offline mode: a learning action, the session log, an observer)
                 if self.offline is not None and call.action in LEARNING_ACTIONS:
                     self._learn(call, frame)
-                if self.journal:
-                    logged = self._log_events(call, frame)
-            actions.append(LogSession(logged, msg_id, frame.text) if logged else ToWallbox(frame.text))
+            actions.append(ToWallbox(frame.text))
+            if call is not None and self.journal and self.version is not None and journaled(call):
+                actions.append(LogLater(self.charger_id, self.version, call, frame))  # after the answer, unparsed
             del self._from_wallbox[msg_id]
             if pending.action == "StartTransaction" and self.mirrors:
                 actions += self.wallbox_transaction(msg_id, frame)

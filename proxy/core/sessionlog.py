@@ -11,7 +11,14 @@ goes out, so a wallbox that was told "received" is in the log.
 Signed meter data is kept as the exact text of its ``sampledValue`` object,
 cut out of the frame as received (:mod:`proxy.messages.jsonspan`), never
 re-serialized: a verifier (e.g. a transparency software) gets the bytes the
-meter signed.
+meter signed. The cut is made when the log is read (:func:`signed_texts`):
+writing keeps the frame's text as it came, which costs a parse less per
+meter reading on the relay's busiest path (docs/standalone.md, "What the log
+costs").
+
+Most frames are not about a transaction: :func:`journaled` decides from the
+action (and, for a MeterValues, whether its text names a transactionId at
+all) before anything is parsed.
 
 A transaction is named by the id the *wallbox* uses (1.6: the number it got
 in the StartTransaction answer, the proxy's own negative one when the proxy
@@ -21,13 +28,14 @@ lands in the same record, whoever answered it.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
 
 from proxy.core.offline import started_transaction
-from proxy.messages.jsonspan import value_span
+from proxy.messages.jsonspan import parse_with_spans
 from proxy.messages.ocppj import Frame, payload_of
 from proxy.messages.versions import OcppVersion
 
@@ -42,14 +50,28 @@ DEFAULT_REASON = "Local"
 
 Kind = Literal["start", "meter", "stop"]
 
+#: A MeterValues whose text does not contain this names no transaction (1.6; a 2.x one never does).
+_TX_MARK = '"transactionId"'
+
+
+def journaled(frame: Frame) -> bool:
+    """Could this wallbox CALL change a transaction's record? Decided without parsing it."""
+    action = frame.action
+    if action not in JOURNAL_ACTIONS:
+        return False
+    return action != "MeterValues" or _TX_MARK in frame.text
+
 
 @dataclass(frozen=True, slots=True)
 class SessionEvent:
     """One change to one transaction's record; applied idempotently (a retransmission changes nothing).
 
     ``meter_wh``: the energy register in Wh (start: meterStart, stop: meterStop,
-    meter: the latest reading). ``signed``: (message id, exact text of each
-    signed sampledValue) so the same frame twice stores each once.
+    meter: the latest reading). ``signed``: the exact text of each signed
+    sampledValue; ``signed_frame``: instead, the whole frame's text, from
+    which :func:`signed_texts` cuts them when the log is read (what
+    :func:`events` gives: nothing is cut on the write path). Both are stored
+    under the message id, so the same frame twice stores them once.
     ``local_tx``: a 1.6 id the proxy handed out itself (its counter is kept
     with the record, so ids never repeat after a restart).
     """
@@ -65,6 +87,12 @@ class SessionEvent:
     reason: str | None = None
     signed: tuple[str, ...] = ()
     local_tx: int | None = None
+    signed_frame: str | None = None
+
+    @property
+    def worth_writing(self) -> bool:
+        """A meter reading with neither an energy value nor signed data changes no record."""
+        return self.kind != "meter" or self.meter_wh is not None or bool(self.signed) or self.signed_frame is not None
 
 
 def events(charger: str, version: OcppVersion, call: Frame, answer: Frame) -> list[SessionEvent]:
@@ -100,15 +128,15 @@ def _v16(charger: str, call: Frame, payload: Mapping[str, Any], answer: Frame) -
         samples = payload.get("meterValue")
         return [SessionEvent(charger, str(tx), "meter", msg_id, at=_last_time(samples),
                              connector=_int(payload.get("connectorId")), meter_wh=_last_energy(samples),
-                             signed=_signed(call.text, "meterValue", samples, _is_signed_v16))]
+                             signed_frame=_signed_frame(call, samples))]
     data = payload.get("transactionData")
     return [SessionEvent(charger, str(tx), "stop", msg_id, at=utc(payload.get("timestamp")),
                          id_tag=_str(payload.get("idTag")), meter_wh=_number(payload.get("meterStop")),
                          reason=_str(payload.get("reason")) or DEFAULT_REASON,
-                         signed=_signed(call.text, "transactionData", data, _is_signed_v16))]
+                         signed_frame=_signed_frame(call, data))]
 
 
-def _is_signed_v16(sample: Mapping[str, Any]) -> bool:
+def _is_signed_v16(sample: dict[str, Any]) -> bool:
     return sample.get("format") == "SignedData"
 
 
@@ -136,28 +164,29 @@ def _transaction_event(charger: str, call: Frame, payload: Mapping[str, Any]) ->
                          connector=_int(evse.get("id")) if isinstance(evse, Mapping) else None,
                          id_tag=_str(token.get("idToken")) if isinstance(token, Mapping) else None,
                          meter_wh=reading, reason=reason,
-                         signed=_signed(call.text, "meterValue", samples, _is_signed_v2))]
+                         signed_frame=_signed_frame(call, samples))]
 
 
-def _is_signed_v2(sample: Mapping[str, Any]) -> bool:
-    return isinstance(sample.get("signedMeterValue"), Mapping)
+def _is_signed_v2(sample: dict[str, Any]) -> bool:
+    return type(sample.get("signedMeterValue")) is dict
 
 
 # --- meter values -----------------------------------------------------------------------
+# Payloads come from json.loads: objects are dicts (an exact type check is much cheaper than Mapping's).
 
-def _energies(samples: Any) -> list[float]:
-    """Energy register readings in Wh, in frame order (1.6 ``unit``, 2.x ``unitOfMeasure``)."""
-    found: list[float] = []
-    for meter_value in samples if isinstance(samples, list) else []:
-        entries = meter_value.get("sampledValue") if isinstance(meter_value, Mapping) else None
-        for sample in entries if isinstance(entries, list) else []:
-            value = _energy_wh(sample) if isinstance(sample, Mapping) else None
-            if value is not None:
-                found.append(value)
+def _entries(samples: Any) -> list[dict[str, Any]]:
+    """Every sampledValue object under a ``meterValue`` / ``transactionData`` list, in frame order."""
+    found: list[dict[str, Any]] = []
+    if type(samples) is not list:
+        return found
+    for meter_value in samples:
+        entries = meter_value.get("sampledValue") if type(meter_value) is dict else None
+        if type(entries) is list:
+            found += [sample for sample in entries if type(sample) is dict]
     return found
 
 
-def _energy_wh(sample: Mapping[str, Any]) -> float | None:
+def _energy_wh(sample: dict[str, Any]) -> float | None:
     if sample.get("measurand", ENERGY) != ENERGY or sample.get("phase") or _is_signed_v16(sample):
         return None
     value = _number(sample.get("value"))
@@ -165,46 +194,99 @@ def _energy_wh(sample: Mapping[str, Any]) -> float | None:
         return None
     unit, multiplier = sample.get("unit", "Wh"), 0
     measure = sample.get("unitOfMeasure")
-    if isinstance(measure, Mapping):
+    if type(measure) is dict:
         unit, multiplier = measure.get("unit", "Wh"), _int(measure.get("multiplier")) or 0
-    scale = {"Wh": 1.0, "kWh": 1000.0}.get(str(unit))
+    scale = _SCALES.get(unit) if type(unit) is str else None
     return None if scale is None else value * scale * 10.0 ** multiplier
 
 
+_SCALES = {"Wh": 1.0, "kWh": 1000.0}
+
+
 def _first_energy(samples: Any) -> float | None:
-    found = _energies(samples)
-    return found[0] if found else None
+    for sample in _entries(samples):
+        value = _energy_wh(sample)
+        if value is not None:
+            return value
+    return None
 
 
 def _last_energy(samples: Any) -> float | None:
-    found = _energies(samples)
-    return found[-1] if found else None
+    for sample in reversed(_entries(samples)):
+        value = _energy_wh(sample)
+        if value is not None:
+            return value
+    return None
 
 
 def _last_time(samples: Any) -> str | None:
-    times = [utc(m.get("timestamp")) for m in samples if isinstance(m, Mapping)] if isinstance(samples, list) else []
-    return next((t for t in reversed(times) if t is not None), None)
+    if type(samples) is not list:
+        return None
+    for meter_value in reversed(samples):
+        at = utc(meter_value.get("timestamp")) if type(meter_value) is dict else None
+        if at is not None:
+            return at
+    return None
 
 
-def _signed(text: str, key: str, samples: Any, signed: Any) -> tuple[str, ...]:
-    """The exact text of each signed sampledValue under ``payload[key]`` (frame = ``[2, id, action, payload]``)."""
+def _is_signed(sample: dict[str, Any]) -> bool:
+    """1.6 ``format = SignedData`` or a 2.x ``signedMeterValue`` (a frame is one version or the other)."""
+    return _is_signed_v16(sample) or _is_signed_v2(sample)
+
+
+#: Text without either of these holds no signed sample (checked before walking the samples).
+_SIGNED_MARKS = ("SignedData", "signedMeterValue")
+
+
+def _signed_frame(call: Frame, samples: Any) -> str | None:
+    """The frame's text if a sample in ``samples`` is signed (it is stored whole; see signed_texts)."""
+    text = call.text
+    if not any(mark in text for mark in _SIGNED_MARKS):
+        return None
+    return text if any(_is_signed(sample) for sample in _entries(samples)) else None
+
+
+def signed_texts(frame_text: str) -> list[str]:
+    """The exact text of each signed sampledValue in a stored frame, in frame order ([] if it has none).
+
+    ``frame_text`` is a wallbox CALL as received (``[2, id, action, payload]``):
+    its samples are under ``transactionData`` (1.6 StopTransaction) or
+    ``meterValue``. One parse finds them and their spans.
+    """
+    try:
+        parsed, spans = parse_with_spans(frame_text, (3, None, None, "sampledValue", None))
+    except ValueError:
+        return []
+    if type(parsed) is not list or len(parsed) < 4:
+        return []
+    key = "transactionData" if parsed[2] == "StopTransaction" else "meterValue"
     found: list[str] = []
-    for i, meter_value in enumerate(samples if isinstance(samples, list) else []):
-        entries = meter_value.get("sampledValue") if isinstance(meter_value, Mapping) else None
-        for j, sample in enumerate(entries if isinstance(entries, list) else []):
-            if isinstance(sample, Mapping) and signed(sample):
-                span = value_span(text, [3, key, i, "sampledValue", j])
-                if span is not None:
-                    found.append(text[span[0]:span[1]])
-    return tuple(found)
+    for path, (start, end) in spans.items():
+        if path[1] != key:
+            continue
+        sample = parsed[3][key][path[2]]["sampledValue"][path[4]]
+        if type(sample) is dict and _is_signed(sample):
+            found.append(frame_text[start:end])
+    return found
 
 
 # --- small parsers ------------------------------------------------------------------------
+
+#: The form nearly every wallbox sends: already UTC, only the fraction to drop (no datetime needed).
+_PLAIN_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?Z")
+
 
 def utc(value: Any) -> str | None:
     """An OCPP timestamp as ``YYYY-MM-DDTHH:MM:SSZ`` (UTC, sortable as text); None if it is not one."""
     if not isinstance(value, str):
         return None
+    if _PLAIN_UTC.fullmatch(value):
+        try:
+            datetime(int(value[:4]), int(value[5:7]), int(value[8:10]), int(value[11:13]), int(value[14:16]),
+                     int(value[17:19]))  # a real date and time (not February 30th)
+        except ValueError:
+            return None
+        return value[:19] + "Z"
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))
     except ValueError:
@@ -215,7 +297,7 @@ def utc(value: Any) -> str | None:
 
 
 def _int(value: Any) -> int | None:
-    return value if isinstance(value, int) and not isinstance(value, bool) else None
+    return value if type(value) is int else None
 
 
 def _str(value: Any) -> str | None:
@@ -223,11 +305,10 @@ def _str(value: Any) -> str | None:
 
 
 def _number(value: Any) -> float | None:
-    if isinstance(value, bool):
-        return None
-    if isinstance(value, (int, float)):
+    kind = type(value)
+    if kind is int or kind is float:
         return float(value)
-    if isinstance(value, str):
+    if kind is str:
         try:
             return float(value)
         except ValueError:
@@ -261,3 +342,22 @@ class SessionRecord:
         if end is None or self.meter_start_wh is None:
             return None
         return end - self.meter_start_wh
+
+
+@dataclass(frozen=True, slots=True)
+class SessionSummary:
+    """One transaction as the status page lists it: the record without its signed texts (docs/status.md).
+
+    ``number``: the record's number in the log (newer records have higher
+    ones; a page of older ones asks for those below the last it got).
+    ``signed``: whether the log holds signed meter data for it (the texts
+    themselves are in the export).
+    """
+
+    number: int
+    record: SessionRecord
+    signed: bool
+
+
+#: The most sessions one status request lists (per charger, or in all).
+MAX_LISTED = 100

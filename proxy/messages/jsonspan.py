@@ -15,8 +15,11 @@ the path gives ``None``: callers then forward the frame unchanged.
 from __future__ import annotations
 
 import json
+import json.decoder
+import json.scanner
 import re
 from collections.abc import Sequence
+from typing import Any
 
 Span = tuple[int, int]
 
@@ -189,3 +192,110 @@ def remove_member(text: str, path: Sequence[int | str]) -> str | None:
         return text[:start] + text[end:]  # the only member
     except (_Bad, ValueError, IndexError):
         return None
+
+
+# --- parse once, keeping the spans of chosen values -----------------------------------------
+
+#: One path step of a pattern: an array index, an object key, or None for every element / member.
+Step = int | str | None
+
+#: json's own scanner (C where available): parses one value at a position and says where it ends.
+_scan_once: Any = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
+_scanstring = json.decoder.scanstring  # type: ignore[attr-defined]
+
+
+def parse_with_spans(text: str, pattern: Sequence[Step]) -> tuple[Any, dict[tuple[int | str, ...], Span]]:
+    """``json.loads(text)`` and, for every value whose path matches ``pattern``, its span in ``text``.
+
+    One pass: only the containers along ``pattern`` are walked in Python;
+    every other value (and each matched one) is parsed by json's C scanner,
+    which also gives its end. So cutting the signed sampledValues out of a
+    MeterValues costs about one ``json.loads``, not a walk per value (the
+    session log does this for every transaction frame). Raises ValueError for
+    text that is not JSON.
+    """
+    spans: dict[tuple[int | str, ...], Span] = {}
+    try:
+        value, end = _walk(text, _ws(text, 0), (), pattern, spans)
+    except (StopIteration, IndexError) as exc:
+        raise ValueError("not JSON") from exc
+    if _ws(text, end) != len(text):
+        raise ValueError("text after the JSON value")
+    return value, spans
+
+
+def _walk(text: str, pos: int, path: tuple[int | str, ...], pattern: Sequence[Step],
+          spans: dict[tuple[int | str, ...], Span]) -> tuple[Any, int]:
+    if len(path) == len(pattern):
+        value, end = _scan_once(text, pos)
+        spans[path] = (pos, end)
+        return value, end
+    opening = text[pos]
+    if opening == "[":
+        return _walk_array(text, pos, path, pattern, spans)
+    if opening == "{":
+        return _walk_object(text, pos, path, pattern, spans)
+    result: tuple[Any, int] = _scan_once(text, pos)
+    return result
+
+
+def _skip_ws(text: str, pos: int) -> int:
+    """Past any whitespace at ``pos`` (compact JSON, the usual case, costs one index)."""
+    return _ws(text, pos) if text[pos] in " \t\r\n" else pos
+
+
+def _walk_array(text: str, pos: int, path: tuple[int | str, ...], pattern: Sequence[Step],
+                spans: dict[tuple[int | str, ...], Span]) -> tuple[list[Any], int]:
+    step = pattern[len(path)]
+    items: list[Any] = []
+    pos = _skip_ws(text, pos + 1)
+    if text[pos] == "]":
+        return items, pos + 1
+    while True:
+        index = len(items)
+        if step is None or step == index:
+            value, pos = _walk(text, pos, (*path, index), pattern, spans)
+        else:
+            value, pos = _scan_once(text, pos)
+        items.append(value)
+        char = text[pos]
+        if char in " \t\r\n":
+            pos = _ws(text, pos)
+            char = text[pos]
+        if char == ",":
+            pos = _skip_ws(text, pos + 1)
+        elif char == "]":
+            return items, pos + 1
+        else:
+            raise ValueError("bad array")
+
+
+def _walk_object(text: str, pos: int, path: tuple[int | str, ...], pattern: Sequence[Step],
+                 spans: dict[tuple[int | str, ...], Span]) -> tuple[dict[str, Any], int]:
+    step = pattern[len(path)]
+    members: dict[str, Any] = {}
+    pos = _skip_ws(text, pos + 1)
+    if text[pos] == "}":
+        return members, pos + 1
+    while True:
+        if text[pos] != '"':
+            raise ValueError("bad key")
+        key, pos = _scanstring(text, pos + 1)
+        pos = _skip_ws(text, pos)
+        if text[pos] != ":":
+            raise ValueError("bad member")
+        pos = _skip_ws(text, pos + 1)
+        if step is None or step == key:  # like json.loads, a later duplicate key replaces the earlier value
+            members[key], pos = _walk(text, pos, (*path, key), pattern, spans)
+        else:
+            members[key], pos = _scan_once(text, pos)
+        char = text[pos]
+        if char in " \t\r\n":
+            pos = _ws(text, pos)
+            char = text[pos]
+        if char == ",":
+            pos = _skip_ws(text, pos + 1)
+        elif char == "}":
+            return members, pos + 1
+        else:
+            raise ValueError("bad object")

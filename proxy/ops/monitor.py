@@ -29,7 +29,9 @@ from proxy.core.admission import Allowlist
 from proxy.ops.health import Heartbeat, Readiness, Response, text
 from proxy.ops.logs import get_logger
 from proxy.ops.metrics import Metrics
-from proxy.ops.status import StatusSource
+from proxy.core.sessionlog import SessionSummary
+from proxy.ops.status import StatusSource, session_query, sessions_body
+from proxy.storage.interface import StorageError
 
 if TYPE_CHECKING:
     from proxy.runtime.server import ProxyServer
@@ -44,7 +46,9 @@ STATIC = {"/": ("status.html", "text/html; charset=utf-8"),
           "/status.css": ("status.css", "text/css; charset=utf-8"),
           "/status.js": ("status.js", "text/javascript; charset=utf-8")}
 STATUS_PATH = "/api/status"
-PATHS = ("/metrics", "/healthz", "/readyz", STATUS_PATH, *STATIC)
+#: The session log's newest records (docs/status.md), read from the store in its worker thread.
+SESSIONS_PATH = "/api/sessions"
+PATHS = ("/metrics", "/healthz", "/readyz", STATUS_PATH, SESSIONS_PATH, *STATIC)
 #: Own files only, no inline script, no framing (the page is read-only, but still).
 _SECURITY_HEADERS = [(b"x-content-type-options", b"nosniff"),
                      (b"content-security-policy",
@@ -108,7 +112,7 @@ class Monitor:
     def respond(self, method: str, target: str, accept: str = "") -> Response:
         path = target.split("?", 1)[0]
         if path not in PATHS:
-            return text(404, "not found; try /, /api/status, /metrics, /healthz or /readyz")
+            return text(404, "not found; try /, /api/status, /api/sessions, /metrics, /healthz or /readyz")
         if method not in ("GET", "HEAD"):
             return text(405, "only GET and HEAD")
         if path == "/metrics":
@@ -124,6 +128,27 @@ class Monitor:
             snapshot = self.status.snapshot(trio.current_time(), datetime.now(UTC))
             return Response(200, "application/json", json.dumps(snapshot, ensure_ascii=False, allow_nan=False).encode())
         return self._files[path]
+
+    async def sessions(self, query: str) -> Response:
+        """``GET /api/sessions``: the session log's newest records, read without holding the event loop.
+
+        The read runs in the store's worker thread (after any commit under
+        way), so relaying never waits for it; each answer is bounded
+        (:data:`~proxy.core.sessionlog.MAX_LISTED`).
+        """
+        asked = session_query(query)
+        if isinstance(asked, str):
+            return text(400, asked)
+        store = self.server.session_log if self.server is not None else None
+        found: list[SessionSummary] | None = None
+        error: str | None = None
+        if store is not None:
+            try:
+                found = await store.recent_sessions(asked.charger, asked.before, asked.per_charger, asked.limit)
+            except StorageError as exc:
+                error = exc.detail
+        body = sessions_body(asked, found, datetime.now(UTC), error)
+        return Response(200, "application/json", json.dumps(body, ensure_ascii=False, allow_nan=False).encode())
 
     def readiness(self) -> Readiness:
         server = self.server
@@ -172,7 +197,11 @@ class Monitor:
                 return
             method = request.method.decode("ascii", "replace")
             accept = _header(request.headers, b"accept")
-            response = self.respond(method, request.target.decode("ascii", "replace"), accept)
+            target = request.target.decode("ascii", "replace")
+            if target.split("?", 1)[0] == SESSIONS_PATH and method in ("GET", "HEAD"):
+                response = await self.sessions(target.partition("?")[2])
+            else:
+                response = self.respond(method, target, accept)
             await _send(conn, stream, method, response)
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return

@@ -20,11 +20,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 import trio
 
 from proxy import __version__
 from proxy.config import ChargerBase, ChargerSettings, Config, ModbusChargerSettings
+from proxy.core.sessionlog import MAX_LISTED, SessionSummary
 from proxy.loadmgmt.driver import charger_limits, load_management, meter_configured
 from proxy.loadmgmt.engine import ChargerView, SiteView, charger_phases
 from proxy.messages.versions import version_of
@@ -237,3 +239,72 @@ class StatusSource:
                 "house_load_a": _amps_list(site.house_load), "headroom_a": _amps_list(site.headroom),
                 "reserved_a": _amps_list(reserved), "fallback": site.fallback,
                 "over_budget": self.server.limiter.coordinator.over_budget, "meter": meter}
+
+
+# --- the session log's list (GET /api/sessions) ----------------------------------------------------
+
+#: Sessions listed when the request does not say (docs/status.md).
+DEFAULT_LISTED = 20
+#: Untrusted texts from wallboxes and backends (transaction ids, id tags, stop reasons) are cut to this.
+_TEXT_MAX = 100
+
+
+@dataclass(frozen=True)
+class SessionQuery:
+    """What ``GET /api/sessions`` asked for, checked (:func:`session_query`)."""
+
+    charger: str | None = None
+    before: int | None = None
+    per_charger: int | None = None
+    limit: int = DEFAULT_LISTED
+
+
+def session_query(query: str) -> SessionQuery | str:
+    """The request's query string as a :class:`SessionQuery`, or what is wrong with it."""
+    fields: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name not in ("charger", "before", "per_charger", "limit"):
+            return f"unknown parameter {name[:40]!r}; known: charger, before, per_charger, limit"
+        fields[name] = value
+    numbers: dict[str, int] = {}
+    for name in ("before", "per_charger", "limit"):
+        if name in fields:
+            if not fields[name].isdigit() or not 1 <= int(fields[name]) <= (2**62 if name == "before" else MAX_LISTED):
+                return f"{name} must be a whole number from 1 to {'2^62' if name == 'before' else MAX_LISTED}"
+            numbers[name] = int(fields[name])
+    return SessionQuery(fields.get("charger") or None, numbers.get("before"), numbers.get("per_charger"),
+                        numbers.get("limit", DEFAULT_LISTED))
+
+
+def _cut(value: str | None) -> str | None:
+    return None if value is None else value[:_TEXT_MAX]
+
+
+def _wh(value: float | None) -> float | None:
+    return None if value is None or not math.isfinite(value) else round(value, 1)
+
+
+def session_entry(summary: SessionSummary) -> dict[str, Any]:
+    """One listed session (docs/status.md ``sessions[]``)."""
+    record = summary.record
+    return {"number": summary.number, "charger": record.charger, "transaction": _cut(record.transaction),
+            "backend_transaction": record.backend_transaction, "connector": record.connector,
+            "id_tag": _cut(record.id_tag), "started": record.started, "stopped": record.stopped,
+            "running": record.stopped is None, "meter_start_wh": _wh(record.meter_start_wh),
+            "meter_stop_wh": _wh(record.meter_stop_wh), "meter_last_wh": _wh(record.meter_last_wh),
+            "energy_wh": _wh(record.energy_wh), "reason": _cut(record.reason), "signed": summary.signed}
+
+
+def sessions_body(query: SessionQuery, found: list[SessionSummary] | None, wall: datetime,
+                  error: str | None = None) -> dict[str, Any]:
+    """The ``/api/sessions`` JSON: ``found`` None means no session log is kept (``error``: it cannot be read)."""
+    listed = found or []
+    body: dict[str, Any] = {
+        "version": VERSION, "generated_at": wall.isoformat().replace("+00:00", "Z"),
+        "log": "off" if found is None and error is None else "unreadable" if error is not None else "on",
+        "sessions": [session_entry(s) for s in listed],
+        # another page (older records) when this one is full
+        "next_before": listed[-1].number if listed and len(listed) == query.limit else None}
+    if error is not None:
+        body["error"] = error[:200]
+    return body

@@ -46,6 +46,7 @@ from proxy.core.session import (
     WALLBOX,
     Action,
     CallCompleted,
+    LogLater,
     LogSession,
     Malformed,
     Persist,
@@ -847,6 +848,9 @@ class PairedSession:
                 self._wallbox_out.put(action.text)
             elif type(action) is Persist or type(action) is LogSession:
                 break
+            elif type(action) is LogLater:
+                if self.queue is not None:  # kept for the session log's next batch; nothing waits for it
+                    self.queue.log_later(action.charger, action.version, action.call, action.answer)
             else:
                 self._notify(action)
             index += 1

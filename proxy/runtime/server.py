@@ -133,7 +133,7 @@ class ProxyServer:
                     background.start_soon(self.leases.run)
                 if self._store is not None:
                     background.start_soon(self._store.retry_deferred)
-                    background.start_soon(self._store.commit_behind)  # the session log's meter values
+                    background.start_soon(self._store.commit_behind)  # the session log's write-behind batches
                 async with trio.open_nursery() as connections:
                     self._connections = connections
                     await connections.start(self.limiter.run)
@@ -163,7 +163,7 @@ class ProxyServer:
             if self._store is not None:
                 self.log.info("queue_stats", commits=self._store.commits, changes=self._store.committed_changes,
                               commit_seconds=round(self._store.commit_seconds, 3), deferred=self._store.deferred,
-                              **self._store.stats.summary())
+                              session_log_dropped=self._store.later_dropped, **self._store.stats.summary())
                 self._store.close()  # a last try of deferred deliveries; closes the file
             elif self._storage is not None:
                 self._storage.close()
@@ -216,6 +216,11 @@ class ProxyServer:
     def store(self) -> AsyncQueue | None:
         """The durable store's trio front while serving (None when nothing needs one); its commit counts."""
         return self._store
+
+    @property
+    def session_log(self) -> AsyncQueue | None:
+        """The store the session log is read from (the status page's list); None while no log is kept."""
+        return self._store if self._store is not None and self._session_log_on else None
 
     @property
     def _session_log_on(self) -> bool:

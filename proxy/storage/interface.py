@@ -38,7 +38,7 @@ from typing import Protocol
 
 from proxy.core.mirror import MirrorQueued, MirrorStartKnown, MirrorState, MirrorUnqueued, TxMapped
 from proxy.core.offline import Stored
-from proxy.core.sessionlog import SessionEvent, SessionRecord
+from proxy.core.sessionlog import SessionEvent, SessionRecord, SessionSummary
 
 #: One change to a secondary's mirror (see :mod:`proxy.core.mirror`).
 MirrorRecord = TxMapped | MirrorQueued | MirrorUnqueued | MirrorState | MirrorStartKnown
@@ -164,6 +164,12 @@ class Storage(Protocol):
 
     def sessions(self, since: str | None, until: str | None) -> list[SessionRecord]:
         """The session log's transactions started in [since, until) (UTC ``YYYY-MM-DDTHH:MM:SSZ``), oldest first."""
+        ...
+
+    def recent_sessions(self, charger: str | None, before: int | None, per_charger: int | None,
+                        limit: int) -> list[SessionSummary]:
+        """The newest records, newest first: of ``charger`` (None: all), numbered below ``before`` (None: any),
+        at most ``per_charger`` of each charger (None: no such cap) and ``limit`` in all."""
         ...
 
     def write_mirrors(self, records: Sequence[tuple[str, MirrorRecord]]) -> None:

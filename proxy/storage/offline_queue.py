@@ -20,12 +20,19 @@ in the same file (:mod:`proxy.storage.secondary_store`, their own connection).
   backoff (they are idempotent) while reads act as if it had been committed,
   so a delivered frame is not replayed again by this process. Every failure is
   reported to ``on_error`` (log event and metric) and the recovery too.
+* **The session log of relayed chargers costs the relay next to nothing.**
+  :meth:`AsyncQueue.log_later` only keeps a reference to the frames;
+  :meth:`AsyncQueue.commit_behind` reads them into session-log entries once
+  a second (or every :data:`LATER_BATCH` frames), a slice at a time between
+  other tasks, and commits them in one transaction: one fsync a second, not
+  one per meter reading (docs/standalone.md, "What the log costs").
 """
 
 from __future__ import annotations
 
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,9 +60,25 @@ from proxy.storage import session_log
 from proxy.storage.commit_stats import CommitStats
 from proxy.storage.queue_reads import QueueReads
 from proxy.storage.secondary_store import MirrorStore
-from proxy.core.sessionlog import SessionEvent, SessionRecord
+from proxy.core.sessionlog import SessionEvent, SessionRecord, SessionSummary
+from proxy.core.sessionlog import events as session_events
+from proxy.messages.ocppj import Frame
+from proxy.messages.versions import OcppVersion
 
 T = TypeVar("T")
+
+#: Seconds relayed transaction frames wait for the session log's next batch (at most).
+LATER_INTERVAL = 1.0
+#: A batch starts at once when this many relayed frames wait.
+LATER_BATCH = 2000
+#: Relayed frames kept while the store cannot keep up (failing or far too slow); beyond, the oldest are
+#: dropped and counted (``later_dropped``): the backend, the authority for those chargers, has them.
+LATER_LIMIT = 200_000
+#: Frames read into entries between two checkpoints (other tasks run in between).
+_LATER_SLICE = 100
+
+#: A relayed transaction frame waiting for the session log: charger, version, the CALL, its answer.
+_Later = tuple[str, OcppVersion, Frame, Frame]
 
 #: The file in ``[offline] data_dir`` (shared by the offline queue and the secondaries' mirrors).
 DB_NAME = "queue.sqlite3"
@@ -191,6 +214,13 @@ class SqliteStorage(QueueReads):
         except (sqlite3.Error, OSError) as exc:
             raise StorageError("read", _detail(exc)) from exc
 
+    def recent_sessions(self, charger: str | None, before: int | None, per_charger: int | None,
+                        limit: int) -> list[SessionSummary]:
+        try:
+            return session_log.recent(self.db, charger, before, per_charger, limit)
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError("read", _detail(exc)) from exc
+
     # -- secondaries' mirrors ------------------------------------------------------------
 
     def write_mirrors(self, records: Sequence[tuple[str, MirrorRecord]]) -> None:
@@ -213,6 +243,11 @@ def _timed(fn: Callable[[Sequence[Change]], list[int | None]],
     """``fn(changes)`` in the worker thread, with when it began and ended (CommitStats)."""
     began = time.perf_counter()
     return fn(changes), began, time.perf_counter()
+
+
+def _entries(charger: str, version: OcppVersion, call: Frame, answer: Frame) -> list[SessionEvent]:
+    """The session-log entries a relayed frame makes (a meter reading with nothing to record makes none)."""
+    return [event for event in session_events(charger, version, call, answer) if event.worth_writing]
 
 
 def _detail(exc: BaseException) -> str:
@@ -274,6 +309,10 @@ class AsyncQueue:
         self.commit_seconds = 0.0
         #: Where a commit's time goes (logged as ``queue_stats`` at shutdown).
         self.stats = CommitStats()
+        #: Relayed transaction frames not yet read into the session log (:meth:`log_later`).
+        self._later: deque[_Later] = deque()
+        #: Relayed frames dropped because LATER_LIMIT were waiting.
+        self.later_dropped = 0
 
     @property
     def deferred(self) -> int:
@@ -292,6 +331,8 @@ class AsyncQueue:
 
     async def journal(self, events: Sequence[SessionEvent]) -> None:
         """Commit session-log entries (with whatever else is waiting); raises StorageError if they were not."""
+        for charger in {event.charger for event in events}:
+            self._take_later(charger)  # the log's order is the frames' order
         for slot in [self.enqueue(Journal(event)) for event in events]:
             await self.settled(slot, raise_error=True)
 
@@ -324,27 +365,78 @@ class AsyncQueue:
     def journal_behind(self, events: Sequence[SessionEvent]) -> None:
         """Queue session-log entries for the next commit without waiting for it (the caller answers at once).
 
-        They join the batch now, so a later awaited change (a StopTransaction's
-        entry) commits with or after them: the log's order is the frames' order.
+        They join the batch now (after the charger's relayed frames still
+        waiting), so a later awaited change (a StopTransaction's entry) commits
+        with or after them: the log's order is the frames' order.
         :meth:`commit_behind` (run by the server) commits them when nobody else does.
         """
+        for charger in {event.charger for event in events}:
+            self._take_later(charger)
         self._batch.extend(_Slot(Journal(event)) for event in events)
         self._behind_wake.set()
 
-    async def commit_behind(self) -> None:
-        """Commit whatever is enqueued whenever no commit is running, until cancelled (the server runs this).
+    def log_later(self, charger: str, version: OcppVersion, call: Frame, answer: Frame) -> None:
+        """Keep a relayed transaction frame for the session log's next batch (nothing is parsed now).
 
-        With it, the next batch gathers while the current one commits and goes to the
-        disk the moment it is done, whether or not one of its callers is scheduled yet.
+        For a charger with a backend the backend is the authority and the answer
+        has gone out already; the frame becomes an entry within
+        :data:`LATER_INTERVAL` seconds (:meth:`commit_behind`), in order with
+        the charger's other entries.
+        """
+        later = self._later
+        if len(later) >= LATER_LIMIT:
+            later.popleft()
+            self.later_dropped += 1
+        later.append((charger, version, call, answer))
+        if len(later) == 1 or len(later) == LATER_BATCH:  # the first starts the interval; a full batch ends it
+            self._behind_wake.set()
+
+    @property
+    def later(self) -> int:
+        """Relayed frames waiting for the session log's next batch."""
+        return len(self._later)
+
+    async def commit_behind(self, interval: float = LATER_INTERVAL) -> None:
+        """Commit write-behind entries and relayed frames, until cancelled (the server runs this).
+
+        Whatever is enqueued goes the moment no commit runs (the next batch gathers
+        while the current one commits); relayed frames (:meth:`log_later`) wait up
+        to ``interval`` to be read and committed together.
         """
         while True:
             await self._behind_wake.wait()
             self._behind_wake = trio.Event()
+            if not self._batch and len(self._later) < LATER_BATCH:
+                with trio.move_on_after(interval):  # let relayed frames gather (or a batch fill up)
+                    await self._behind_wake.wait()
+                self._behind_wake = trio.Event()
+            await self._read_later()
             while self._batch:
                 if self._committing:
                     await self._committed.wait()
                 else:
                     await self._commit_batch()
+
+    async def _read_later(self) -> None:
+        """Read the waiting relayed frames into write-behind entries, a slice at a time."""
+        later = self._later
+        while later:
+            for _ in range(min(_LATER_SLICE, len(later))):
+                self._batch.extend(_Slot(Journal(event)) for event in _entries(*later.popleft()))
+            await trio.lowlevel.checkpoint()
+
+    def _take_later(self, charger: str) -> None:
+        """Read ``charger``'s waiting relayed frames into the batch now (its awaited entry comes after them)."""
+        if not self._later:
+            return
+        mine = [entry for entry in self._later if entry[0] == charger]
+        if not mine:
+            return
+        others = [entry for entry in self._later if entry[0] != charger]
+        self._later.clear()
+        self._later.extend(others)
+        for entry in mine:
+            self._batch.extend(_Slot(Journal(event)) for event in _entries(*entry))
 
     async def mark_sent(self, row: int) -> None:
         """Mark ``row`` sent before it goes out; a failure is retried later and never raised."""
@@ -492,9 +584,16 @@ class AsyncQueue:
     async def sessions(self, since: str | None, until: str | None) -> list[SessionRecord]:
         return await self._read(self.storage.sessions, since, until)
 
+    async def recent_sessions(self, charger: str | None, before: int | None, per_charger: int | None,
+                              limit: int) -> list[SessionSummary]:
+        """The status page's list (:meth:`Storage.recent_sessions`), read in the worker thread."""
+        return await self._read(self.storage.recent_sessions, charger, before, per_charger, limit)
+
     def close(self) -> None:
         """Last synchronous commit of write-behind entries and retry of deferred changes, then close the file."""
         behind = [slot.change for slot in self._batch if isinstance(slot.change, Journal)]
+        behind += [Journal(event) for entry in self._later for event in _entries(*entry)]
+        self._later.clear()
         if behind:
             try:
                 self.storage.write(behind)

@@ -41,7 +41,7 @@ import psycopg
 
 from proxy.config.schema import redact_url
 from proxy.core.lease import LeaseState
-from proxy.core.sessionlog import SessionEvent, SessionRecord
+from proxy.core.sessionlog import SessionEvent, SessionRecord, SessionSummary
 from proxy.core.mirror import TX_MEMORY, MirrorQueued, MirrorStartKnown, MirrorState, MirrorUnqueued, TxMapped
 from proxy.storage.interface import (
     Append,
@@ -240,6 +240,12 @@ class PostgresStorage(QueueReads):
     def sessions(self, since: str | None, until: str | None) -> list[SessionRecord]:
         return self._queue.read(lambda cursor: _sessions(cursor, since, until))
 
+    def recent_sessions(self, charger: str | None, before: int | None, per_charger: int | None,
+                        limit: int) -> list[SessionSummary]:
+        params = {"charger": charger, "before": before, "per_charger": per_charger, "limit": limit}
+        return self._queue.read(lambda cursor: session_log.summaries(
+            cursor.execute(_RECENT, params).fetchall()))
+
     # -- secondaries' mirrors ------------------------------------------------------------
 
     def write_mirrors(self, records: Sequence[tuple[str, MirrorRecord]]) -> None:
@@ -379,6 +385,10 @@ def _append(cursor: psycopg.Cursor[tuple[object, ...]], run: Sequence[Append]) -
     return rows
 
 
+#: session_log's status-page list, its ``:name`` parameters in psycopg's spelling (typed where NULL may come).
+_RECENT = re.sub(r":(\w+) IS NULL", r"%(\1)s::text IS NULL", session_log.RECENT)
+_RECENT = re.sub(r"(?<!:):(\w+)", r"%(\1)s", _RECENT)
+
 #: session_log's per-kind updates, its ``:name`` parameters in psycopg's spelling.
 _JOURNAL_UPDATE = {kind: re.sub(r":(\w+)", r"%(\1)s", sql) for kind, sql in session_log.UPDATE.items()}
 
@@ -397,10 +407,12 @@ def _journal(cursor: psycopg.Cursor[tuple[object, ...]], event: SessionEvent) ->
     values = {"id": row, "msg": event.msg_id, "connector": event.connector, "id_tag": event.id_tag,
               "at": event.at or session_log.now_utc(), "meter": event.meter_wh, "reason": event.reason}
     cursor.execute(f"UPDATE sessions SET {_JOURNAL_UPDATE[event.kind]} WHERE id = %(id)s", values)
-    if event.signed:
+    signed = [(row, event.msg_id, seq, text) for seq, text in enumerate(event.signed)]
+    if event.signed_frame is not None:
+        signed.append((row, event.msg_id, session_log.FRAME, event.signed_frame))
+    if signed:
         cursor.executemany("INSERT INTO session_signed (session, msg_id, seq, text) VALUES (%s, %s, %s, %s) "
-                           "ON CONFLICT DO NOTHING",
-                           [(row, event.msg_id, seq, text) for seq, text in enumerate(event.signed)])
+                           "ON CONFLICT DO NOTHING", signed)
     if event.local_tx is not None:  # the proxy's own id: its counter must never hand it out again
         cursor.execute("INSERT INTO counters VALUES (%s, %s) ON CONFLICT (charger) DO UPDATE "
                        "SET last_local_tx = LEAST(counters.last_local_tx, excluded.last_local_tx)",
@@ -417,12 +429,13 @@ def _sessions(cursor: psycopg.Cursor[tuple[object, ...]], since: str | None,
         "WHERE (%(since)s::text IS NULL OR coalesce(started, first_seen) >= %(since)s) "
         "AND (%(until)s::text IS NULL OR coalesce(started, first_seen) < %(until)s) "
         "ORDER BY coalesce(started, first_seen), s.id", {"since": since, "until": until}).fetchall()
-    signed: dict[int, list[str]] = {}
-    for session, text in cursor.execute("SELECT session, text FROM session_signed WHERE session = ANY(%s) "
-                                        "ORDER BY n", ([r[0] for r in rows],)).fetchall():
-        signed.setdefault(int(session), []).append(str(text))  # type: ignore[call-overload]
+    stored: dict[int, list[tuple[int, str]]] = {}
+    for session, seq, text in cursor.execute("SELECT session, seq, text FROM session_signed WHERE session = ANY(%s) "
+                                             "ORDER BY n", ([r[0] for r in rows],)).fetchall():
+        stored.setdefault(int(session), []).append((int(seq), str(text)))  # type: ignore[call-overload]
     return [SessionRecord(charger, tx, connector, id_tag, started, stopped, meter_start, meter_stop,  # type: ignore[arg-type]
-                          reason, signed.get(int(row), []), backend_tx, meter_last)  # type: ignore[arg-type, call-overload]
+                          reason, session_log.expand_signed(stored.get(int(row), [])),  # type: ignore[arg-type, call-overload]
+                          backend_tx, meter_last)  # type: ignore[arg-type]
             for row, charger, tx, connector, id_tag, started, stopped, meter_start, meter_stop, meter_last, reason,
             backend_tx in rows]
 

@@ -7,6 +7,11 @@ the queue's connection, so a group commit covers both. Each
 wallbox retransmitting a frame with the same message id) leaves the record as
 applying it once did, and each signed sampledValue is kept once per (message
 id, position).
+
+Signed data an event carries as a whole frame (``signed_frame``, what
+:func:`~proxy.core.sessionlog.events` gives) is stored as that frame's text
+under position :data:`FRAME` and cut into its signed sampledValues when read
+(:func:`~proxy.core.sessionlog.signed_texts`): writing parses nothing more.
 """
 
 from __future__ import annotations
@@ -15,8 +20,12 @@ import json
 import sqlite3
 import time
 from collections.abc import Sequence
+from typing import Any
 
-from proxy.core.sessionlog import SessionEvent, SessionRecord
+from proxy.core.sessionlog import SessionEvent, SessionRecord, SessionSummary, signed_texts
+
+#: ``session_signed.seq`` of a row holding a whole frame (its signed sampledValues are cut out when read).
+FRAME = -1
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -36,6 +45,7 @@ CREATE TABLE IF NOT EXISTS sessions (
 );
 CREATE INDEX IF NOT EXISTS sessions_by_tx ON sessions (charger, tx, id);
 CREATE INDEX IF NOT EXISTS sessions_by_time ON sessions (first_seen);
+CREATE INDEX IF NOT EXISTS sessions_by_charger ON sessions (charger, id);
 CREATE TABLE IF NOT EXISTS session_signed (
     session INTEGER NOT NULL,
     msg_id TEXT NOT NULL,
@@ -62,36 +72,64 @@ def now_utc() -> str:
 
 
 def apply(db: sqlite3.Connection, events: Sequence[SessionEvent]) -> None:
-    """Apply each event to its transaction's record (inside the caller's transaction)."""
+    """Apply each event to its transaction's record (inside the caller's transaction).
+
+    A batch of relayed meter readings is mostly the same few transactions over
+    and over: each record is looked up once per batch, and the signed rows of
+    the whole batch go in one statement.
+    """
+    rows: dict[tuple[str, str], tuple[int, str | None]] = {}
+    signed: list[tuple[int, str, int, str]] = []
+    now = now_utc()
     for event in events:
-        row = _record(db, event)
+        row = _record(db, event, rows, now)
         values = {"id": row, "msg": event.msg_id, "connector": event.connector, "id_tag": event.id_tag,
-                  "at": event.at or now_utc(), "meter": event.meter_wh, "reason": event.reason}
+                  "at": event.at or now, "meter": event.meter_wh, "reason": event.reason}
         db.execute(f"UPDATE sessions SET {UPDATE[event.kind]} WHERE id = :id", values)
-        if event.signed:
-            db.executemany("INSERT OR IGNORE INTO session_signed VALUES (?, ?, ?, ?)",
-                           [(row, event.msg_id, seq, text) for seq, text in enumerate(event.signed)])
+        signed += [(row, event.msg_id, seq, text) for seq, text in enumerate(event.signed)]
+        if event.signed_frame is not None:
+            signed.append((row, event.msg_id, FRAME, event.signed_frame))
         if event.local_tx is not None:  # the proxy's own id: its counter must never hand it out again
             db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(charger) DO UPDATE "
                        "SET last_local_tx = min(last_local_tx, excluded.last_local_tx)",
                        (event.charger, event.local_tx))
+    if signed:
+        db.executemany("INSERT OR IGNORE INTO session_signed VALUES (?, ?, ?, ?)", signed)
 
 
-def _record(db: sqlite3.Connection, event: SessionEvent) -> int:
+def _record(db: sqlite3.Connection, event: SessionEvent, rows: dict[tuple[str, str], tuple[int, str | None]],
+            now: str) -> int:
     """The row the event belongs to: the transaction's latest record, or a new one.
 
     A start opens a new record unless the latest one with this id is the same
     StartTransaction (same message id: a retransmission) or was opened by a
     later frame whose start was not seen yet. So a backend that hands out an id
     again (another backend, a reset database) starts a record of its own.
+    ``rows``: (record, its start's message id) already found in this batch.
     """
-    found = db.execute("SELECT id, start_msg FROM sessions WHERE charger = ? AND tx = ? ORDER BY id DESC LIMIT 1",
-                       (event.charger, event.transaction)).fetchone()
+    key = (event.charger, event.transaction)
+    found = rows.get(key)
+    if found is None:
+        latest = db.execute("SELECT id, start_msg FROM sessions WHERE charger = ? AND tx = ? "
+                            "ORDER BY id DESC LIMIT 1", key).fetchone()
+        found = None if latest is None else (int(latest[0]), latest[1])
     if found is not None and not (event.kind == "start" and found[1] not in (None, event.msg_id)):
-        return int(found[0])
-    cursor = db.execute("INSERT INTO sessions (charger, tx, first_seen) VALUES (?, ?, ?)",
-                        (event.charger, event.transaction, event.at or now_utc()))
-    return int(cursor.lastrowid or 0)
+        row = found[0]
+    else:
+        cursor = db.execute("INSERT INTO sessions (charger, tx, first_seen) VALUES (?, ?, ?)",
+                            (event.charger, event.transaction, event.at or now))
+        row = int(cursor.lastrowid or 0)
+    rows[key] = (row, event.msg_id if event.kind == "start" else found[1] if found is not None and found[0] == row
+                 else None)
+    return row
+
+
+def expand_signed(rows: Sequence[tuple[int, str]]) -> list[str]:
+    """(seq, text) rows of one record, in order, as the signed sampledValues they hold."""
+    found: list[str] = []
+    for seq, text in rows:
+        found += signed_texts(text) if seq == FRAME else [text]
+    return found
 
 
 def read(db: sqlite3.Connection, since: str | None, until: str | None) -> list[SessionRecord]:
@@ -103,12 +141,40 @@ def read(db: sqlite3.Connection, since: str | None, until: str | None) -> list[S
         "WHERE coalesce(started, first_seen) >= ? AND coalesce(started, first_seen) < ? "
         "ORDER BY coalesce(started, first_seen), s.id",
         (since or "", until or "\uffff")))
-    signed: dict[int, list[str]] = {}
-    for row, text in db.execute("SELECT session, text FROM session_signed WHERE session IN "
-                                "(SELECT value FROM json_each(?)) ORDER BY rowid",
-                                (json.dumps([r[0] for r in rows]),)):
-        signed.setdefault(row, []).append(text)
+    stored: dict[int, list[tuple[int, str]]] = {}
+    for row, seq, text in db.execute("SELECT session, seq, text FROM session_signed WHERE session IN "
+                                     "(SELECT value FROM json_each(?)) ORDER BY rowid",
+                                     (json.dumps([r[0] for r in rows]),)):
+        stored.setdefault(row, []).append((seq, text))
     return [SessionRecord(charger, tx, connector, id_tag, started, stopped, meter_start, meter_stop, reason,
-                          signed.get(row, []), backend_tx, meter_last)
+                          expand_signed(stored.get(row, [])), backend_tx, meter_last)
             for row, charger, tx, connector, id_tag, started, stopped, meter_start, meter_stop, meter_last, reason,
             backend_tx in rows]
+
+
+#: The newest records (of one charger, or of each), below a record number: the status page's list.
+#: Parameters: charger (or NULL: every charger), before (or NULL), per charger (or NULL), limit.
+RECENT = """
+SELECT * FROM (
+    SELECT s.id, s.charger, s.tx, connector, id_tag, started, stopped, meter_start, meter_stop, meter_last, reason,
+           t.backend_tx, EXISTS (SELECT 1 FROM session_signed g WHERE g.session = s.id) AS signed,
+           row_number() OVER (PARTITION BY s.charger ORDER BY s.id DESC) AS nth
+    FROM sessions s LEFT JOIN transactions t ON t.charger = s.charger AND CAST(t.local_tx AS TEXT) = s.tx
+    WHERE (:charger IS NULL OR s.charger = :charger) AND (:before IS NULL OR s.id < :before)
+) AS listed WHERE (:per_charger IS NULL OR nth <= :per_charger) ORDER BY id DESC LIMIT :limit
+"""
+
+
+def summaries(rows: Sequence[Sequence[Any]]) -> list[SessionSummary]:
+    """RECENT's rows as summaries."""
+    return [SessionSummary(int(number), SessionRecord(charger, tx, connector, id_tag, started, stopped, meter_start,
+                                                      meter_stop, reason, (), backend_tx, meter_last), bool(signed))
+            for number, charger, tx, connector, id_tag, started, stopped, meter_start, meter_stop, meter_last, reason,
+            backend_tx, signed, _ in rows]
+
+
+def recent(db: sqlite3.Connection, charger: str | None, before: int | None, per_charger: int | None,
+           limit: int) -> list[SessionSummary]:
+    """The newest records, newest first (see :data:`RECENT`)."""
+    return summaries(list(db.execute(RECENT, {"charger": charger, "before": before, "per_charger": per_charger,
+                                              "limit": limit})))

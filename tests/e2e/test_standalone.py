@@ -16,7 +16,7 @@ import csv
 import io
 import json
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +64,21 @@ async def export(config: Path, *args: str) -> str:
                                   capture_stdout=True, capture_stderr=True, check=False, cwd=ROOT)
     assert done.returncode == 0, done.stderr.decode()
     return done.stdout.decode()
+
+
+async def export_when(config: Path, ready: Callable[[list[dict[str, Any]]], bool],
+                      timeout: float = 15.0) -> list[dict[str, Any]]:
+    """The JSON export once ``ready`` holds: a relayed charger's frames reach the log within a second
+    (docs/standalone.md), so a test waits for them instead of hoping."""
+    rows: list[dict[str, Any]] = []
+
+    async def check() -> bool:
+        nonlocal rows
+        rows = json.loads(await export(config, "--format", "json"))
+        return ready(rows)
+
+    await wait_until(check, timeout=timeout, interval=0.2)
+    return rows
 
 
 def sent_samples(texts: list[str], action: str) -> list[tuple[str, dict[str, Any]]]:
@@ -287,7 +302,7 @@ async def test_charger_with_backend_is_logged_too(peers: LoopThread, start_proxy
     text = (f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\n'
             f'[backend]\nurl = "ws://127.0.0.1:{port}/ocpp"\nconnect_timeout = 2\n'
             f'[[chargers]]\nid = "CP1"\n[offline]\ndata_dir = "{tmp_path / "data"}"\nauth = "accept_all"\n'
-            'reconnect_min = 0.05\nreconnect_max = 0.2\nsession_log = true\n')  # opt-in with a backend
+            'reconnect_min = 0.05\nreconnect_max = 0.2\n')  # the log is on by default, backend or not
     config = tmp_path / "backend.toml"
     config.write_text(text)
     server = await start_proxy(text)
@@ -300,7 +315,7 @@ async def test_charger_with_backend_is_logged_too(peers: LoopThread, start_proxy
         await wait_until(lambda: any(e["event"] == "replay_finished" for e in logs), timeout=20)
     online = await in_loop(peers, handle.wallbox.run_session())
     assert online["transaction_id"] == 1002  # the backend's (1001 went to the replayed one)
-    rows = json.loads(await export(config, "--format", "json"))
+    rows = await export_when(config, lambda rows: len(rows) == 2 and rows[1]["stopped"] is not None)
     assert [(r["transaction"], r["backend_transaction"], r["energy_wh"]) for r in rows] == [
         ("-1", 1001, 12200), ("1002", None, 12200)]
     sent = sent_samples(handle.recorder.sent, "MeterValues") + sent_samples(handle.recorder.sent, "StopTransaction")
@@ -341,8 +356,6 @@ async def test_standalone_charger_gets_a_backend_and_keeps_its_history(
     await in_loop(peers, backend.start())
     with_backend = text.replace('[[chargers]]\nid = "WB16"\n',
                                 f'[[chargers]]\nid = "WB16"\nupstream_url = "ws://127.0.0.1:{backend.port}/ocpp"\n')
-    # keep logging its new sessions too (off by default for chargers with a backend: docs/standalone.md)
-    with_backend = with_backend.replace('[offline]\n', '[offline]\nsession_log = true\n', 1)
     config.write_text(with_backend)
     online = Proxy(with_backend)
     await nursery.start(online.server.serve)
@@ -351,7 +364,7 @@ async def test_standalone_charger_gets_a_backend_and_keeps_its_history(
     assert answer["transaction_id"] == 1001  # the backend's id
     received = backend.recorders["WB16"].received
     assert all(f'"transactionId":{local["transaction_id"]}' not in t for t in received)  # nothing replayed
-    rows = json.loads(await export(config, "--format", "json"))
+    rows = await export_when(config, lambda rows: len(rows) == 2 and rows[1]["stopped"] is not None)
     assert [(r["transaction"], r["energy_wh"]) for r in rows] == [(str(local["transaction_id"]), 12200),
                                                                   ("1001", 12200)]
     await in_loop(peers, wb.close())

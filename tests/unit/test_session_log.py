@@ -17,7 +17,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from proxy.core.sessionlog import SessionEvent, events, utc
+from proxy.core.sessionlog import SessionEvent, events, signed_texts, utc
 from proxy.messages.ocppj import classify
 from proxy.messages.versions import OcppVersion
 from proxy.storage.interface import Journal
@@ -33,7 +33,8 @@ METER_16 = ('[2, "m1", "MeterValues", {"connectorId": 1, "transactionId": -4, "m
 def test_signed_value_is_cut_from_the_frame_byte_for_byte() -> None:
     [event] = events("CP", OcppVersion.V16, classify(METER_16), classify('[3, "m1", {}]'))
     assert (event.kind, event.transaction, event.meter_wh, event.at) == ("meter", "-4", 2500.0, "2026-11-27T05:00:00Z")
-    assert event.signed == (SIGNED_16,)
+    assert event.signed_frame == METER_16  # kept whole; cut when read
+    assert signed_texts(METER_16) == [SIGNED_16]
 
 
 def test_start_needs_the_answer_and_its_transaction_id() -> None:
@@ -58,11 +59,13 @@ def test_v2_energy_units_and_signed_meter_value() -> None:
     [event] = events("CS", OcppVersion.V201, classify(text), classify('[3, "e1", {}]'))
     assert (event.kind, event.transaction, event.connector, event.reason) == ("stop", "tx-9", 2, "EVDisconnected")
     assert event.meter_wh == 15000.0  # 1.5 kWh x 10^1
-    assert event.signed == (sample,)
+    assert event.signed_frame == text and signed_texts(text) == [sample]
 
 
 def test_times_normalize_to_utc_text() -> None:
     assert utc("2026-11-27T07:00:00.123+01:00") == "2026-11-27T06:00:00Z"
+    assert utc("2026-11-27T07:00:00.123Z") == utc("2026-11-27T07:00:00+00:00") == "2026-11-27T07:00:00Z"
+    assert utc("2026-02-30T07:00:00Z") is None and utc("2026-11-27T24:00:00Z") is None
     assert utc("2026-11-27") == "2026-11-27T00:00:00Z"
     assert utc("yesterday") is None
 

@@ -1,13 +1,18 @@
-// Status page: polls /api/status (docs/status.md) and renders it. Read-only: GET requests only.
+// Status page: polls /api/status and /api/sessions (docs/status.md) and renders them. Read-only: GET requests only.
+// Every text from a peer goes in as a text node (el() below), never as HTML.
 "use strict";
 (function () {
   const INTERVAL_MS = 2000;
+  const SESSIONS_MS = 5000;
+  const SESSIONS_SHOWN = 5;  // per charger; the rest is paged through /api/sessions
   const SOURCES = {
     backend: "backend (its charging profile)", site_fuse: "site fuse share", meter_headroom: "meter headroom",
     ems: "energy manager (EMS)", fallback: "fallback (meter stale)", charger_max: "charger maximum",
     config: "configuration (disabled)",
   };
   let updates = 0;
+  let lastStatus = null;
+  let sessionsByCharger = null;  // null: not loaded (or no log kept)
 
   function el(tag, attrs, ...children) {
     const node = document.createElement(tag);
@@ -71,7 +76,32 @@
     const state = up ? badge("connected", "ok") : badge(c.backend.state === "draining" ? "draining" : "disconnected", "bad");
     return el("article", { class: "card" + (up ? "" : " down"), "data-charger": c.id },
       el("h3", {}, el("span", {}, c.id), state, c.kind === "modbus" ? el("span", { class: "badge" }, "modbus") : null),
-      list);
+      list, sessionTable(c.id));
+  }
+
+  function when(stamp) {
+    if (!stamp) return "–";
+    const date = new Date(stamp);
+    return isNaN(date.getTime()) ? String(stamp) : date.toLocaleString();
+  }
+  function kwh(wh) { return wh === null || wh === undefined ? "–" : `${(wh / 1000).toFixed(2)} kWh`; }
+
+  function sessionTable(id) {
+    const list = sessionsByCharger ? sessionsByCharger.get(id) || [] : null;
+    if (list === null) return null;
+    if (!list.length) return el("p", { class: "muted", "data-field": "sessions" }, "No sessions recorded.");
+    const head = el("tr", {}, ...["Conn.", "ID tag", "Start", "Stop", "Energy", "Stop reason", "Signed"]
+      .map((name) => el("th", { scope: "col" }, name)));
+    const rows = list.map((s) => el("tr", { "data-session": String(s.number), "data-transaction": s.transaction || "" },
+      el("td", {}, s.connector === null ? "–" : s.connector),
+      el("td", {}, s.id_tag || "–"),
+      el("td", {}, when(s.started)),
+      el("td", {}, s.running ? badge("running", "ok") : when(s.stopped)),
+      el("td", {}, kwh(s.energy_wh)),
+      el("td", {}, s.running ? "–" : (s.reason || "–")),
+      el("td", {}, s.signed ? "yes" : "no")));
+    return el("div", { class: "sessions", "data-field": "sessions" },
+      el("table", {}, el("caption", {}, "Recent sessions"), el("thead", {}, head), el("tbody", {}, ...rows)));
   }
 
   function site(s) {
@@ -91,6 +121,7 @@
   }
 
   function render(data) {
+    lastStatus = data;
     document.getElementById("site-body").replaceChildren(data.site ? site(data.site)
       : el("p", {}, "No load management configured."));
     document.getElementById("chargers").replaceChildren(...data.chargers.map(charger));
@@ -114,5 +145,28 @@
     setTimeout(poll, INTERVAL_MS);
   }
 
+  async function pollSessions() {
+    try {
+      const response = await fetch(`/api/sessions?per_charger=${SESSIONS_SHOWN}&limit=100`, { cache: "no-store" });
+      if (!response.ok) throw new Error(`HTTP ${response.status}`);
+      const data = await response.json();
+      if (data.log === "on") {
+        const grouped = new Map();
+        for (const s of data.sessions) {
+          if (!grouped.has(s.charger)) grouped.set(s.charger, []);
+          grouped.get(s.charger).push(s);
+        }
+        sessionsByCharger = grouped;
+      } else {
+        sessionsByCharger = null;
+      }
+      if (lastStatus) render(lastStatus);
+    } catch (err) {
+      // the status poll reports trouble; sessions keep their last state
+    }
+    setTimeout(pollSessions, SESSIONS_MS);
+  }
+
   poll();
+  pollSessions();
 })();
