@@ -29,7 +29,7 @@ lands in the same record, whoever answered it.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Literal
@@ -62,9 +62,12 @@ def journaled(frame: Frame) -> bool:
     return action != "MeterValues" or _TX_MARK in frame.text
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionEvent:
     """One change to one transaction's record; applied idempotently (a retransmission changes nothing).
+
+    Not changed once made (not ``frozen``: a frozen dataclass's ``__init__``
+    costs about as much as parsing the frame, and one is made per meter reading).
 
     ``meter_wh``: the energy register in Wh (start: meterStart, stop: meterStop,
     meter: the latest reading). ``signed``: the exact text of each signed
@@ -103,7 +106,7 @@ def events(charger: str, version: OcppVersion, call: Frame, answer: Frame) -> li
         payload = payload_of(call)
     except (ValueError, IndexError):
         return []
-    if not isinstance(payload, Mapping):
+    if type(payload) is not dict:
         return []
     if version.is_v2:
         return _transaction_event(charger, call, payload) if call.action == "TransactionEvent" else []
@@ -128,12 +131,12 @@ def _v16(charger: str, call: Frame, payload: Mapping[str, Any], answer: Frame) -
         samples = payload.get("meterValue")
         return [SessionEvent(charger, str(tx), "meter", msg_id, at=_last_time(samples),
                              connector=_int(payload.get("connectorId")), meter_wh=_last_energy(samples),
-                             signed_frame=_signed_frame(call, samples))]
+                             signed_frame=_signed_frame(call, samples, _is_signed_v16))]
     data = payload.get("transactionData")
     return [SessionEvent(charger, str(tx), "stop", msg_id, at=utc(payload.get("timestamp")),
                          id_tag=_str(payload.get("idTag")), meter_wh=_number(payload.get("meterStop")),
                          reason=_str(payload.get("reason")) or DEFAULT_REASON,
-                         signed_frame=_signed_frame(call, data))]
+                         signed_frame=_signed_frame(call, data, _is_signed_v16))]
 
 
 def _is_signed_v16(sample: dict[str, Any]) -> bool:
@@ -164,7 +167,7 @@ def _transaction_event(charger: str, call: Frame, payload: Mapping[str, Any]) ->
                          connector=_int(evse.get("id")) if isinstance(evse, Mapping) else None,
                          id_tag=_str(token.get("idToken")) if isinstance(token, Mapping) else None,
                          meter_wh=reading, reason=reason,
-                         signed_frame=_signed_frame(call, samples))]
+                         signed_frame=_signed_frame(call, samples, _is_signed_v2))]
 
 
 def _is_signed_v2(sample: dict[str, Any]) -> bool:
@@ -238,12 +241,12 @@ def _is_signed(sample: dict[str, Any]) -> bool:
 _SIGNED_MARKS = ("SignedData", "signedMeterValue")
 
 
-def _signed_frame(call: Frame, samples: Any) -> str | None:
-    """The frame's text if a sample in ``samples`` is signed (it is stored whole; see signed_texts)."""
+def _signed_frame(call: Frame, samples: Any, signed: Callable[[dict[str, Any]], bool]) -> str | None:
+    """The frame's text if a sample in ``samples`` is ``signed`` (it is stored whole; see signed_texts)."""
     text = call.text
     if not any(mark in text for mark in _SIGNED_MARKS):
         return None
-    return text if any(_is_signed(sample) for sample in _entries(samples)) else None
+    return text if any(signed(sample) for sample in _entries(samples)) else None
 
 
 def signed_texts(frame_text: str) -> list[str]:
@@ -273,19 +276,15 @@ def signed_texts(frame_text: str) -> list[str]:
 # --- small parsers ------------------------------------------------------------------------
 
 #: The form nearly every wallbox sends: already UTC, only the fraction to drop (no datetime needed).
-_PLAIN_UTC = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,9})?Z")
+_PLAIN_UTC = re.compile(r"\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])T(?:[01]\d|2[0-3]):[0-5]\d:[0-5]\d"
+                        r"(?:\.\d{1,9})?Z")
 
 
 def utc(value: Any) -> str | None:
     """An OCPP timestamp as ``YYYY-MM-DDTHH:MM:SSZ`` (UTC, sortable as text); None if it is not one."""
     if not isinstance(value, str):
         return None
-    if _PLAIN_UTC.fullmatch(value):
-        try:
-            datetime(int(value[:4]), int(value[5:7]), int(value[8:10]), int(value[11:13]), int(value[14:16]),
-                     int(value[17:19]))  # a real date and time (not February 30th)
-        except ValueError:
-            return None
+    if _PLAIN_UTC.fullmatch(value) and value[8:10] <= "28":  # days 29-31 are checked against their month below
         return value[:19] + "Z"
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00").replace("z", "+00:00"))

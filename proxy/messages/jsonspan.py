@@ -285,7 +285,9 @@ def _walk_object(text: str, pos: int, path: tuple[int | str, ...], pattern: Sequ
         if text[pos] != ":":
             raise ValueError("bad member")
         pos = _skip_ws(text, pos + 1)
-        if step is None or step == key:  # like json.loads, a later duplicate key replaces the earlier value
+        if step is None or step == key:
+            if key in members:  # like json.loads, a later duplicate key replaces the earlier value (and its spans)
+                _forget(spans, (*path, key))
             members[key], pos = _walk(text, pos, (*path, key), pattern, spans)
         else:
             members[key], pos = _scan_once(text, pos)
@@ -299,3 +301,8 @@ def _walk_object(text: str, pos: int, path: tuple[int | str, ...], pattern: Sequ
             return members, pos + 1
         else:
             raise ValueError("bad object")
+
+
+def _forget(spans: dict[tuple[int | str, ...], Span], prefix: tuple[int | str, ...]) -> None:
+    for path in [p for p in spans if p[:len(prefix)] == prefix]:
+        del spans[path]

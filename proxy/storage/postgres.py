@@ -385,9 +385,8 @@ def _append(cursor: psycopg.Cursor[tuple[object, ...]], run: Sequence[Append]) -
     return rows
 
 
-#: session_log's status-page list, its ``:name`` parameters in psycopg's spelling (typed where NULL may come).
-_RECENT = re.sub(r":(\w+) IS NULL", r"%(\1)s::text IS NULL", session_log.RECENT)
-_RECENT = re.sub(r"(?<!:):(\w+)", r"%(\1)s", _RECENT)
+#: session_log's status-page list, its ``:name`` parameters in psycopg's spelling.
+_RECENT = re.sub(r":(\w+)", r"%(\1)s", session_log.RECENT)
 
 #: session_log's per-kind updates, its ``:name`` parameters in psycopg's spelling.
 _JOURNAL_UPDATE = {kind: re.sub(r":(\w+)", r"%(\1)s", sql) for kind, sql in session_log.UPDATE.items()}

@@ -71,30 +71,62 @@ def now_utc() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
+#: Several meter readings of one record in a row, as one update (what applying them one by one leaves).
+METERS = ("connector = coalesce(connector, :connector), meter_start = coalesce(meter_start, :first), "
+          "meter_last = coalesce(:last, meter_last), id_tag = coalesce(id_tag, :id_tag)")
+
+
 def apply(db: sqlite3.Connection, events: Sequence[SessionEvent]) -> None:
     """Apply each event to its transaction's record (inside the caller's transaction).
 
-    A batch of relayed meter readings is mostly the same few transactions over
-    and over: each record is looked up once per batch, and the signed rows of
-    the whole batch go in one statement.
+    A batch of relayed frames is mostly meter readings of a few running
+    transactions: each record's readings up to its next start or stop become
+    one update (records are independent, so only each record's own order
+    counts), each record is looked up once, and the signed rows of the whole
+    batch go in one statement.
     """
     rows: dict[tuple[str, str], tuple[int, str | None]] = {}
     signed: list[tuple[int, str, int, str]] = []
+    meters: dict[tuple[str, str], list[SessionEvent]] = {}
     now = now_utc()
     for event in events:
+        key = (event.charger, event.transaction)
+        if event.kind == "meter":
+            meters.setdefault(key, []).append(event)
+            continue
+        if key in meters:
+            _apply_meters(db, meters.pop(key), rows, signed, now)
         row = _record(db, event, rows, now)
         values = {"id": row, "msg": event.msg_id, "connector": event.connector, "id_tag": event.id_tag,
                   "at": event.at or now, "meter": event.meter_wh, "reason": event.reason}
         db.execute(f"UPDATE sessions SET {UPDATE[event.kind]} WHERE id = :id", values)
-        signed += [(row, event.msg_id, seq, text) for seq, text in enumerate(event.signed)]
-        if event.signed_frame is not None:
-            signed.append((row, event.msg_id, FRAME, event.signed_frame))
+        _signed_rows(signed, row, event)
         if event.local_tx is not None:  # the proxy's own id: its counter must never hand it out again
             db.execute("INSERT INTO counters VALUES (?, ?) ON CONFLICT(charger) DO UPDATE "
                        "SET last_local_tx = min(last_local_tx, excluded.last_local_tx)",
                        (event.charger, event.local_tx))
+    for run in meters.values():
+        _apply_meters(db, run, rows, signed, now)
     if signed:
         db.executemany("INSERT OR IGNORE INTO session_signed VALUES (?, ?, ?, ?)", signed)
+
+
+def _apply_meters(db: sqlite3.Connection, run: list[SessionEvent], rows: dict[tuple[str, str], tuple[int, str | None]],
+                  signed: list[tuple[int, str, int, str]], now: str) -> None:
+    row = _record(db, run[0], rows, now)
+    readings = [event.meter_wh for event in run if event.meter_wh is not None]
+    values = {"id": row, "connector": next((e.connector for e in run if e.connector is not None), None),
+              "id_tag": next((e.id_tag for e in run if e.id_tag is not None), None),
+              "first": readings[0] if readings else None, "last": readings[-1] if readings else None}
+    db.execute(f"UPDATE sessions SET {METERS} WHERE id = :id", values)
+    for event in run:
+        _signed_rows(signed, row, event)
+
+
+def _signed_rows(signed: list[tuple[int, str, int, str]], row: int, event: SessionEvent) -> None:
+    signed += [(row, event.msg_id, seq, text) for seq, text in enumerate(event.signed)]
+    if event.signed_frame is not None:
+        signed.append((row, event.msg_id, FRAME, event.signed_frame))
 
 
 def _record(db: sqlite3.Connection, event: SessionEvent, rows: dict[tuple[str, str], tuple[int, str | None]],
@@ -153,15 +185,18 @@ def read(db: sqlite3.Connection, since: str | None, until: str | None) -> list[S
 
 
 #: The newest records (of one charger, or of each), below a record number: the status page's list.
-#: Parameters: charger (or NULL: every charger), before (or NULL), per charger (or NULL), limit.
+#: Parameters: charger (or NULL: every charger), before (or NULL), per charger (or NULL), limit; typed by
+#: CAST so that PostgreSQL knows a NULL's type too.
 RECENT = """
 SELECT * FROM (
     SELECT s.id, s.charger, s.tx, connector, id_tag, started, stopped, meter_start, meter_stop, meter_last, reason,
            t.backend_tx, EXISTS (SELECT 1 FROM session_signed g WHERE g.session = s.id) AS signed,
            row_number() OVER (PARTITION BY s.charger ORDER BY s.id DESC) AS nth
     FROM sessions s LEFT JOIN transactions t ON t.charger = s.charger AND CAST(t.local_tx AS TEXT) = s.tx
-    WHERE (:charger IS NULL OR s.charger = :charger) AND (:before IS NULL OR s.id < :before)
-) AS listed WHERE (:per_charger IS NULL OR nth <= :per_charger) ORDER BY id DESC LIMIT :limit
+    WHERE (CAST(:charger AS TEXT) IS NULL OR s.charger = CAST(:charger AS TEXT))
+      AND (CAST(:before AS BIGINT) IS NULL OR s.id < CAST(:before AS BIGINT))
+) AS listed WHERE (CAST(:per_charger AS BIGINT) IS NULL OR nth <= CAST(:per_charger AS BIGINT))
+ORDER BY id DESC LIMIT :limit
 """
 
 

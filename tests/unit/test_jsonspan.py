@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from proxy.messages.jsonspan import integer_at, remove_member, replace_value, value_span
+from proxy.messages.jsonspan import integer_at, parse_with_spans, remove_member, replace_value, value_span
 from proxy.demo.peers import OCMF_SAMPLE
 
 METER = ('[2,"m1","MeterValues",{"connectorId":1,"transactionId":1001,"meterValue":[{"timestamp":'
@@ -84,3 +85,38 @@ def test_replace_and_remove_are_surgical(payload: dict[str, Any], position: int,
     assert json.loads(edited)[3] == {**dict(items), "transactionId": new}
     removed = remove_member(text, path)
     assert removed is not None and json.loads(removed)[3] == payload
+
+
+# --- parse_with_spans: json.loads plus the spans of the values a pattern names -----------------------
+
+def _at(value: Any, path: tuple[int | str, ...]) -> Any:
+    for step in path:
+        value = value[step]
+    return value
+
+
+@given(payload=json_values, ascii_only=st.booleans(),
+       separators=st.sampled_from([(",", ":"), (", ", ": "), (" ,\n", " :\t")]))
+def test_parse_with_spans_is_json_loads_and_each_span_is_its_value(payload: Any, ascii_only: bool,
+                                                                   separators: tuple[str, str]) -> None:
+    text = " " + json.dumps([2, "id", "MeterValues", {"meterValue": [{"sampledValue": [payload, {"a": payload}]},
+                                                                      payload]}],
+                            ensure_ascii=ascii_only, separators=separators) + "\n"
+    parsed, spans = parse_with_spans(text, (3, "meterValue", None, "sampledValue", None))
+    assert parsed == json.loads(text)
+    assert list(spans) == [(3, "meterValue", 0, "sampledValue", 0), (3, "meterValue", 0, "sampledValue", 1)]
+    for path, (start, end) in spans.items():
+        assert json.loads(text[start:end]) == _at(parsed, path)  # the exact text of that value, nothing around it
+        assert text[start] in '[{"-0123456789tfn' and not text[end - 1].isspace()
+
+
+def test_parse_with_spans_keeps_the_bytes_and_refuses_what_is_not_json() -> None:
+    parsed, spans = parse_with_spans(METER, (3, "meterValue", None, "sampledValue", None))
+    [(start, end)] = spans.values()
+    assert METER[start:end] == '{"value":' + json.dumps(OCMF_SAMPLE, ensure_ascii=False) + ',"format":"SignedData"}'
+    dup = '[2,"x","M",{"k":[{"v":1},{"v":3}],"k":[{"v":2}]}]'  # the later duplicate key wins, as in json.loads
+    parsed, spans = parse_with_spans(dup, (3, "k", None))
+    assert parsed == json.loads(dup) and [dup[s:e] for s, e in spans.values()] == ['{"v":2}']
+    for bad in ('[2,"x","M",{"k":[1,]}]', '[2,"x"', '[2,"x"] tail', '{"a" 1}', "", "[1 2]"):
+        with pytest.raises(ValueError):
+            parse_with_spans(bad, (3, "k", None))

@@ -175,6 +175,36 @@ def test_the_session_log_keeps_each_transaction_once_with_its_signed_values(open
     assert len(store.sessions("2026-11-27T07:00:00Z", "2026-11-27T07:00:01Z")) == 1
 
 
+SIGNED_FRAME = ('[2, "m9", "MeterValues", {"connectorId": 2, "transactionId": 7, "meterValue": [{"timestamp": '
+                '"2026-11-27T07:30:00Z", "sampledValue": [{"value": "1", "unit": "kWh"}, '
+                '{ "value" : "OCMF|\\u00c4x" , "format": "SignedData"}]}]}]')
+
+
+def test_signed_frames_are_cut_when_read_and_recent_sessions_page(opener: Opener) -> None:
+    """A stored frame gives back its signed sampledValues byte for byte; the status list is newest first."""
+    store = opener()
+    for n, charger in enumerate(("CP1", "CP2", "CP1", "CP1")):
+        store.write([Journal(SessionEvent(charger, str(n), "start", f"s{n}", at=f"2026-11-27T07:0{n}:00Z",
+                                          connector=1, meter_wh=0.0))])
+    store.write([Journal(SessionEvent("CP1", "3", "meter", "m9", meter_wh=1000.0, signed_frame=SIGNED_FRAME)),
+                 Journal(SessionEvent("CP1", "3", "meter", "m9", meter_wh=1000.0, signed_frame=SIGNED_FRAME)),
+                 Journal(SessionEvent("CP1", "0", "stop", "x0", meter_wh=5.0, reason="EVDisconnected"))])
+    records = {r.transaction: r for r in opener().sessions(None, None)}
+    assert list(records["3"].signed) == ['{ "value" : "OCMF|\\u00c4x" , "format": "SignedData"}']
+    newest = store.recent_sessions(None, None, None, 10)
+    assert [(s.record.charger, s.record.transaction) for s in newest] == [("CP1", "3"), ("CP1", "2"), ("CP2", "1"),
+                                                                          ("CP1", "0")]
+    assert [s.signed for s in newest] == [True, False, False, False]
+    assert (newest[0].record.meter_last_wh, newest[0].record.energy_wh, newest[0].record.stopped) == (1000.0, 1000.0,
+                                                                                                       None)
+    assert (newest[3].record.reason, newest[3].record.energy_wh) == ("EVDisconnected", 5.0)
+    numbers = [s.number for s in newest]
+    assert numbers == sorted(numbers, reverse=True)
+    assert [s.record.transaction for s in store.recent_sessions("CP1", numbers[0], None, 1)] == ["2"]
+    assert [s.record.transaction for s in store.recent_sessions(None, None, 1, 10)] == ["3", "1"]  # one each
+    assert store.recent_sessions("CP9", None, None, 10) == []
+
+
 async def test_group_commit_through_the_trio_front(opener: Opener) -> None:
     queue = AsyncQueue(opener())
     rows: dict[str, int] = {}
