@@ -258,16 +258,9 @@ def _walk_array(text: str, pos: int, path: tuple[int | str, ...], pattern: Seque
         else:
             value, pos = _scan_once(text, pos)
         items.append(value)
-        char = text[pos]
-        if char in " \t\r\n":
-            pos = _ws(text, pos)
-            char = text[pos]
-        if char == ",":
-            pos = _skip_ws(text, pos + 1)
-        elif char == "]":
-            return items, pos + 1
-        else:
-            raise ValueError("bad array")
+        pos, more = _separator(text, pos, "]")
+        if not more:
+            return items, pos
 
 
 def _walk_object(text: str, pos: int, path: tuple[int | str, ...], pattern: Sequence[Step],
@@ -291,16 +284,22 @@ def _walk_object(text: str, pos: int, path: tuple[int | str, ...], pattern: Sequ
             members[key], pos = _walk(text, pos, (*path, key), pattern, spans)
         else:
             members[key], pos = _scan_once(text, pos)
+        pos, more = _separator(text, pos, "}")
+        if not more:
+            return members, pos
+
+
+def _separator(text: str, pos: int, closing: str) -> tuple[int, bool]:
+    """After an element or member: (where the next one starts, True), or (past ``closing``, False)."""
+    char = text[pos]
+    if char in " \t\r\n":
+        pos = _ws(text, pos)
         char = text[pos]
-        if char in " \t\r\n":
-            pos = _ws(text, pos)
-            char = text[pos]
-        if char == ",":
-            pos = _skip_ws(text, pos + 1)
-        elif char == "}":
-            return members, pos + 1
-        else:
-            raise ValueError("bad object")
+    if char == ",":
+        return _skip_ws(text, pos + 1), True
+    if char == closing:
+        return pos + 1, False
+    raise ValueError(f"expected ',' or {closing!r}")
 
 
 def _forget(spans: dict[tuple[int | str, ...], Span], prefix: tuple[int | str, ...]) -> None:
