@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 from ocpp.v16 import call
 
@@ -24,6 +25,7 @@ from proxy.demo.peers import LoopThread, SimBackend, connect_wallbox, now_iso
 from proxy.ops.status import VERSION
 from tests.e2e.test_standalone import assert_byte_identical, export_when, sent_samples
 from tests.e2e.test_status_page import base_config
+from tests.browser import ensure_chromium, open_browser
 from tests.opskit import http_get, wait_until
 from tests.peers import in_loop
 
@@ -96,6 +98,53 @@ async def test_relayed_sessions_are_logged_listed_and_exported(peers: LoopThread
     received = backend.recorders["CP1"].received
     assert all(frame in received for frame, _ in sent)  # relayed byte for byte as well
     await in_loop(peers, handle.close())
+
+
+#: Per card, the rows of its session table as rendered: number, the cells' texts, and any element in a cell.
+RENDERED_SESSIONS = """(() => [...document.querySelectorAll('article[data-charger]')].map(card => ({
+  id: card.dataset.charger,
+  rows: [...card.querySelectorAll('[data-field=sessions] tr[data-session]')].map(tr => ({
+    number: Number(tr.dataset.session), cells: [...tr.cells].map(td => td.textContent),
+    markup: [...tr.querySelectorAll('td *')].map(e => e.tagName.toLowerCase())}))})))()"""
+
+
+@pytest.fixture(scope="module")
+def chromium() -> str:
+    return ensure_chromium()
+
+
+async def test_status_page_lists_sessions_in_chromium(chromium: str, peers: LoopThread, backend: SimBackend,
+                                                      nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The page shows each charger's sessions from /api/sessions; an id tag with markup stays text."""
+    text = base_config(backend.port, '[[chargers]]\nid = "CP1"\n[[chargers]]\nid = "CP2"\n',
+                       data_dir=str(tmp_path / "data"))
+    started = await start(loads(text), nursery)
+    address = f"http://127.0.0.1:{started.monitor.ports[0]}/"
+    handle = await in_loop(peers, connect_wallbox(f"ws://127.0.0.1:{started.server.ports[0]}/ocpp/CP1", "CP1"))
+    await in_loop(peers, handle.wallbox.run_session(id_tag=ODD_TAG))
+    running = await in_loop(peers, handle.wallbox.call(call.StartTransaction(
+        connector_id=1, id_tag="TAG-2", meter_start=100, timestamp=now_iso())))
+    await wait_until(lambda: _listed(started, 2), timeout=15, interval=0.2)
+    async with open_browser(chromium, tmp_path / "profile", tmp_path / "chromium.log") as browser:
+        await browser.send("Emulation.setDeviceMetricsOverride", width=390, height=844, deviceScaleFactor=2,
+                           mobile=True)
+        await browser.send("Page.navigate", url=address)
+        await browser.wait_for("document.querySelectorAll('[data-field=sessions] tr[data-session]').length === 2")
+        cards = {card["id"]: card["rows"] for card in await browser.evaluate(RENDERED_SESSIONS)}
+        width = await browser.evaluate("document.documentElement.scrollWidth")
+    listed = (await sessions(started))["sessions"]
+    assert [row["number"] for row in cards["CP1"]] == [s["number"] for s in listed] and cards["CP2"] == []
+    newest, older = cards["CP1"]
+    assert newest["cells"][:2] == ["1", "TAG-2"] and newest["cells"][3] == "running" and newest["cells"][6] == "no"
+    assert listed[0]["transaction"] == str(running.transaction_id)
+    assert older["cells"][1] == ODD_TAG and older["markup"] == []  # the tag is text, not a <b> element
+    assert (older["cells"][4], older["cells"][5], older["cells"][6]) == ("12.20 kWh", "Local", "yes")
+    assert width <= 390, f"page is {width} px wide on a 390 px screen"
+    await in_loop(peers, handle.close())
+
+
+async def _listed(started: Started, count: int) -> bool:
+    return len((await sessions(started))["sessions"]) == count
 
 
 async def test_log_off_lists_nothing(peers: LoopThread, backend: SimBackend, nursery: trio.Nursery,
