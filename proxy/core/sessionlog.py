@@ -54,6 +54,31 @@ Kind = Literal["start", "meter", "stop"]
 _TX_MARK = '"transactionId"'
 
 
+#: A 1.6 MeterValues's transactionId / connectorId member, as almost every wallbox writes it.
+_TX_MEMBER = re.compile(r'"transactionId"\s*:\s*(-?\d+)\s*[,}]')
+_CONNECTOR_MEMBER = re.compile(r'"connectorId"\s*:\s*(\d+)\s*[,}]')
+
+
+def meter_keys(text: str) -> tuple[int, int | None] | None:
+    """(transactionId, connectorId) of a 1.6 MeterValues read off its text; None: it must be parsed.
+
+    Only when each key occurs once, unescaped, with a plain integer: then
+    it is the payload's member (by the schema, no other object in the frame
+    has these keys). Anything else (a repeated key, an escaped one, a
+    number written otherwise) is left to the full parse.
+    """
+    if text.count('"transactionId"') != 1:
+        return None
+    tx = _TX_MEMBER.search(text)
+    if tx is None or text[tx.start() - 1] == "\\":
+        return None
+    connectors = text.count('"connectorId"')
+    connector = _CONNECTOR_MEMBER.search(text) if connectors == 1 else None
+    if connectors > 1 or (connectors and (connector is None or text[connector.start() - 1] == "\\")):
+        return None
+    return int(tx.group(1)), int(connector.group(1)) if connector is not None else None
+
+
 def journaled(frame: Frame) -> bool:
     """Could this wallbox CALL change a transaction's record? Decided without parsing it."""
     action = frame.action
@@ -96,6 +121,73 @@ class SessionEvent:
     def worth_writing(self) -> bool:
         """A meter reading with neither an energy value nor signed data changes no record."""
         return self.kind != "meter" or self.meter_wh is not None or bool(self.signed) or self.signed_frame is not None
+
+
+#: A relayed frame waiting for the log: charger, version, the wallbox's CALL, the backend's answer.
+Relayed = tuple[str, OcppVersion, Frame, Frame]
+
+
+@dataclass(slots=True)
+class MeterRun:
+    """Relayed 1.6 MeterValues of one transaction, in order, with no other frame of the charger between."""
+
+    charger: str
+    transaction: int
+    frames: list[tuple[Frame, int | None]]  # each with its connectorId
+    version: OcppVersion
+    answer: Frame
+
+
+def plan_relayed(frames: Sequence[Relayed]) -> list[Relayed | MeterRun]:
+    """A batch of relayed frames in the order to read them, each charger's MeterValues gathered in runs.
+
+    A charger with a backend sends mostly MeterValues. Of a run of them about
+    one transaction, only the first and the last energy reading change the
+    record (what applying each one would leave, ``storage.session_log.METERS``),
+    and a signed value is stored with its frame as it came; so
+    :func:`run_events` parses only the frames holding those two readings.
+    Records are independent, so only each charger's own order is kept: a
+    charger's runs end before its next other frame.
+    """
+    plan: list[Relayed | MeterRun] = []
+    runs: dict[tuple[str, int], MeterRun] = {}
+    for entry in frames:
+        charger, version, call, answer = entry
+        keys = meter_keys(call.text) if call.action == "MeterValues" and not version.is_v2 else None
+        if keys is None:
+            for key in [key for key in runs if key[0] == charger]:
+                plan.append(runs.pop(key))
+            plan.append(entry)
+            continue
+        run = runs.get((charger, keys[0]))
+        if run is None:
+            run = runs[(charger, keys[0])] = MeterRun(charger, keys[0], [], version, answer)
+        run.frames.append((call, keys[1]))
+    return plan + list(runs.values())
+
+
+def run_events(run: MeterRun) -> list[SessionEvent]:
+    """A run's entries: its first and last readings parsed, the other frames only kept if signed."""
+    parsed: dict[int, SessionEvent | None] = {}
+    frames = run.frames
+    for order in (range(len(frames)), range(len(frames) - 1, -1, -1)):  # the first reading, then the last
+        for index in order:
+            if index not in parsed:
+                found = events(run.charger, run.version, frames[index][0], run.answer)
+                parsed[index] = found[0] if found else None
+            event = parsed[index]
+            if event is not None and event.meter_wh is not None:
+                break
+    made: list[SessionEvent] = []
+    for index, (call, connector) in enumerate(frames):
+        if index in parsed:
+            event = parsed[index]
+            if event is not None and event.worth_writing:
+                made.append(event)
+        elif any(mark in call.text for mark in _SIGNED_MARKS):  # its reading changes nothing: only its signed data
+            made.append(SessionEvent(run.charger, str(run.transaction), "meter", call.msg_id or "",
+                                     connector=connector, signed_frame=call.text))
+    return made
 
 
 def events(charger: str, version: OcppVersion, call: Frame, answer: Frame) -> list[SessionEvent]:

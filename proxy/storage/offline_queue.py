@@ -61,6 +61,7 @@ from proxy.storage.commit_stats import CommitStats
 from proxy.storage.queue_reads import QueueReads
 from proxy.storage.secondary_store import MirrorStore
 from proxy.core.sessionlog import SessionEvent, SessionRecord, SessionSummary
+from proxy.core.sessionlog import MeterRun, Relayed, plan_relayed, run_events
 from proxy.core.sessionlog import events as session_events
 from proxy.messages.ocppj import Frame
 from proxy.messages.versions import OcppVersion
@@ -77,8 +78,6 @@ LATER_LIMIT = 200_000
 #: Frames read into entries between two checkpoints (other tasks run in between).
 _LATER_SLICE = 100
 
-#: A relayed transaction frame waiting for the session log: charger, version, the CALL, its answer.
-_Later = tuple[str, OcppVersion, Frame, Frame]
 
 #: The file in ``[offline] data_dir`` (shared by the offline queue and the secondaries' mirrors).
 DB_NAME = "queue.sqlite3"
@@ -245,9 +244,11 @@ def _timed(fn: Callable[[Sequence[Change]], list[int | None]],
     return fn(changes), began, time.perf_counter()
 
 
-def _entries(charger: str, version: OcppVersion, call: Frame, answer: Frame) -> list[SessionEvent]:
-    """The session-log entries a relayed frame makes (a meter reading with nothing to record makes none)."""
-    return [event for event in session_events(charger, version, call, answer) if event.worth_writing]
+def _read(item: Relayed | MeterRun) -> list[SessionEvent]:
+    """The session-log entries of a relayed frame or run (a meter reading with nothing to record makes none)."""
+    if isinstance(item, MeterRun):
+        return run_events(item)
+    return [event for event in session_events(*item) if event.worth_writing]
 
 
 def _detail(exc: BaseException) -> str:
@@ -310,7 +311,7 @@ class AsyncQueue:
         #: Where a commit's time goes (logged as ``queue_stats`` at shutdown).
         self.stats = CommitStats()
         #: Relayed transaction frames not yet read into the session log (:meth:`log_later`).
-        self._later: deque[_Later] = deque()
+        self._later: deque[Relayed] = deque()
         #: Relayed frames dropped because LATER_LIMIT were waiting.
         self.later_dropped = 0
 
@@ -418,12 +419,15 @@ class AsyncQueue:
                     await self._commit_batch()
 
     async def _read_later(self) -> None:
-        """Read the waiting relayed frames into write-behind entries, a slice at a time."""
+        """Read the waiting relayed frames into write-behind entries, pausing for other tasks between slices."""
         later = self._later
         while later:
-            for _ in range(min(_LATER_SLICE, len(later))):
-                self._batch.extend(_Slot(Journal(event)) for event in _entries(*later.popleft()))
-            await trio.lowlevel.checkpoint()
+            plan = plan_relayed(list(later))
+            later.clear()
+            for start in range(0, len(plan), _LATER_SLICE):
+                for item in plan[start:start + _LATER_SLICE]:
+                    self._batch.extend(_Slot(Journal(event)) for event in _read(item))
+                await trio.lowlevel.checkpoint()
 
     def _take_later(self, charger: str) -> None:
         """Read ``charger``'s waiting relayed frames into the batch now (its awaited entry comes after them)."""
@@ -435,8 +439,8 @@ class AsyncQueue:
         others = [entry for entry in self._later if entry[0] != charger]
         self._later.clear()
         self._later.extend(others)
-        for entry in mine:
-            self._batch.extend(_Slot(Journal(event)) for event in _entries(*entry))
+        for item in plan_relayed(mine):
+            self._batch.extend(_Slot(Journal(event)) for event in _read(item))
 
     async def mark_sent(self, row: int) -> None:
         """Mark ``row`` sent before it goes out; a failure is retried later and never raised."""
@@ -592,7 +596,7 @@ class AsyncQueue:
     def close(self) -> None:
         """Last synchronous commit of write-behind entries and retry of deferred changes, then close the file."""
         behind = [slot.change for slot in self._batch if isinstance(slot.change, Journal)]
-        behind += [Journal(event) for entry in self._later for event in _entries(*entry)]
+        behind += [Journal(event) for item in plan_relayed(list(self._later)) for event in _read(item)]
         self._later.clear()
         if behind:
             try:

@@ -102,6 +102,14 @@ async def check_page(browser: Browser, address: str, tmp_path: Path) -> None:
     await browser.wait_for("[...document.querySelectorAll('[data-field=transaction]')]"
                            ".some(dd => dd.textContent === 'running')", timeout=60)
 
+    # The session log's list (issue 24): a demo car's transaction shows up in its charger's card.
+    await browser.wait_for("document.querySelectorAll('[data-field=sessions] tr[data-session]').length > 0",
+                           timeout=60)
+    numbers = await browser.evaluate("[...document.querySelectorAll('tr[data-session]')]"
+                                     ".map(tr => Number(tr.dataset.session))")
+    listed = json.loads((await http_get(address + "api/sessions?limit=100")).body)["sessions"]
+    assert set(numbers) <= {s["number"] for s in listed}, (numbers, listed)
+
     cards = await rendered(browser)
     status = json.loads((await http_get(address + "api/status")).body)
     assert set(cards) == DEMO_CHARGERS == {c["id"] for c in status["chargers"]}

@@ -14,7 +14,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from hypothesis import settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
@@ -268,3 +268,63 @@ def test_relayed_frames_waiting_are_bounded(tmp_path: Path, monkeypatch: Any) ->
     reopened = SqliteStorage(tmp_path / DB_NAME, mirrors=False)
     assert [json.loads(t)["value"] for t in reopened.sessions(None, None)[0].signed] == ["S2", "S3", "S4"]
     reopened.close()
+
+
+# --- a batch of relayed frames read with few parses leaves the log as reading each frame would --------------
+
+relayed_frame = st.tuples(st.sampled_from(["CP1", "CP2"]),  # charger
+                          st.sampled_from(["meter", "meter", "meter", "start", "stop"]),
+                          st.integers(1, 3),  # transaction
+                          st.none() | st.integers(0, 50_000),  # energy reading (Wh)
+                          st.booleans(),  # signed
+                          st.sampled_from([1, 2]),  # connector
+                          st.booleans())  # the key order ocpp-library peers use (meterValue before transactionId)
+
+
+def _frame_text(n: int, kind: str, tx: int, reading: int | None, signed: bool, connector: int,
+                sorted_keys: bool) -> tuple[str, str]:
+    """(the wallbox's CALL, the backend's answer) for one generated frame."""
+    samples = [{"value": "16.0", "measurand": "Current.Import", "phase": "L1", "unit": "A"}]
+    if reading is not None:
+        samples.append({"value": str(reading), "measurand": "Energy.Active.Import.Register", "unit": "Wh"})
+    if signed:
+        samples.append({"value": f"OCMF|{{\"n\":{n}}}", "format": "SignedData"})
+    values = [{"timestamp": f"2026-11-27T06:{n // 60 % 60:02d}:{n % 60:02d}Z", "sampledValue": samples}]
+    if kind == "start":
+        payload: dict[str, Any] = {"connectorId": connector, "idTag": "T", "meterStart": reading or 0,
+                                   "timestamp": "2026-11-27T05:00:00Z"}
+        return (json.dumps([2, f"s{n}", "StartTransaction", payload]),
+                json.dumps([3, f"s{n}", {"transactionId": tx, "idTagInfo": {"status": "Accepted"}}]))
+    if kind == "stop":
+        payload = {"transactionId": tx, "meterStop": reading or 0, "timestamp": "2026-11-27T07:00:00Z",
+                   "transactionData": values}
+        return json.dumps([2, f"p{n}", "StopTransaction", payload]), json.dumps([3, f"p{n}", {}])
+    payload = ({"connectorId": connector, "meterValue": values, "transactionId": tx} if sorted_keys
+               else {"connectorId": connector, "transactionId": tx, "meterValue": values})
+    return json.dumps([2, f"m{n}", "MeterValues", payload]), json.dumps([3, f"m{n}", {}])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(relayed_frame, max_size=40))
+def test_a_relayed_batch_read_with_few_parses_equals_reading_each_frame(frames: list[Any]) -> None:
+    from proxy.core.sessionlog import plan_relayed
+    from proxy.storage.offline_queue import _read
+
+    batch = []
+    for n, (charger, kind, tx, reading, signed, connector, sorted_keys) in enumerate(frames):
+        call, answer = _frame_text(n, kind, tx, reading, signed, connector, sorted_keys)
+        batch.append((charger, OcppVersion.V16, classify(call), classify(answer)))
+    with tempfile.TemporaryDirectory() as folder:
+        each = SqliteStorage(Path(folder) / "each.sqlite3", mirrors=False)
+        each.write([Journal(event) for entry in batch for event in events(*entry) if event.worth_writing])
+        planned = SqliteStorage(Path(folder) / "planned.sqlite3", mirrors=False)
+        planned.write([Journal(event) for item in plan_relayed(batch) for event in _read(item)])
+
+        def records(storage: SqliteStorage) -> list[tuple[Any, ...]]:
+            return sorted(((r.charger, r.transaction, r.connector, r.id_tag, r.started, r.stopped, r.meter_start_wh,
+                            r.meter_stop_wh, r.meter_last_wh, r.reason, tuple(r.signed))
+                           for r in storage.sessions(None, None)), key=repr)
+
+        assert records(planned) == records(each)
+        each.close()
+        planned.close()

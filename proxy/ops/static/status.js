@@ -96,7 +96,7 @@
       el("td", {}, s.connector === null ? "–" : s.connector),
       el("td", {}, s.id_tag || "–"),
       el("td", {}, when(s.started)),
-      el("td", {}, s.running ? badge("running", "ok") : when(s.stopped)),
+      el("td", {}, s.running ? el("span", { class: "badge ok" }, "running") : when(s.stopped)),
       el("td", {}, kwh(s.energy_wh)),
       el("td", {}, s.running ? "–" : (s.reason || "–")),
       el("td", {}, s.signed ? "yes" : "no")));
@@ -120,11 +120,15 @@
     return list;
   }
 
+  function renderChargers(data) {
+    document.getElementById("chargers").replaceChildren(...data.chargers.map(charger));
+  }
+
   function render(data) {
     lastStatus = data;
     document.getElementById("site-body").replaceChildren(data.site ? site(data.site)
       : el("p", {}, "No load management configured."));
-    document.getElementById("chargers").replaceChildren(...data.chargers.map(charger));
+    renderChargers(data);
     updates += 1;
     const stamp = document.getElementById("updated");
     stamp.dataset.updates = String(updates);
@@ -160,7 +164,7 @@
       } else {
         sessionsByCharger = null;
       }
-      if (lastStatus) render(lastStatus);
+      if (lastStatus) renderChargers(lastStatus);  // the cards again with their sessions (not a status update)
     } catch (err) {
       // the status poll reports trouble; sessions keep their last state
     }
