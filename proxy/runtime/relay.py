@@ -441,6 +441,7 @@ class PairedSession:
         # Per frame: the run's clock itself (trio.current_time() is two calls more); a text
         # under a quarter of the limit cannot be over it in UTF-8, so _check is for the others.
         now, quarter = trio.lowlevel.current_clock().current_time, self.settings.max_message_bytes // 4
+        action: Action | None  # the loop's: cleared with the frame below
         while True:
             message = await get()
             text = message if type(message) is str and len(message) <= quarter else self._check(message)
@@ -459,6 +460,10 @@ class PairedSession:
                 await self._pipeline(actions)
             else:
                 await self._relay(WALLBOX, actions)
+            # Waiting for the next frame, possibly for hours: hold none of this one (its text, up
+            # to max_message_bytes, its Frame, its actions).
+            del message, text, actions
+            action = None
 
     async def _pipeline(self, actions: list[Action]) -> None:
         """Enqueue ``actions``' commits now; the answering task dispatches them in order once committed."""
@@ -520,6 +525,7 @@ class PairedSession:
             message = await get()
             text = message if type(message) is str and len(message) <= quarter else self._check(message)
             await self._relay(name, receive(name, text, now()))
+            del message, text  # as in _pump_wallbox: an idle pair holds no frame
             if self.drain:
                 self._check_drained()  # a secondary's answer may have emptied its queue
                 if self._handing_over:  # a held secondary's last answer: hand_over may go on
