@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import base64
 import ssl
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
+from contextlib import AbstractAsyncContextManager
 from urllib.parse import urlsplit
 
 import trio
@@ -52,10 +52,9 @@ def auth_headers(target: UpstreamTarget) -> list[tuple[bytes, bytes]]:
     return [(b"Authorization", b"Basic " + token)]
 
 
-@asynccontextmanager
-async def open_upstream(target: UpstreamTarget, subprotocols: Sequence[str], *, max_message_size: int,
-                        close_timeout: float = 5.0,
-                        ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[wsconn.WsConnection]:
+def open_upstream(target: UpstreamTarget, subprotocols: Sequence[str], *, max_message_size: int,
+                  close_timeout: float = 5.0,
+                  ssl_context: ssl.SSLContext | None = None) -> AbstractAsyncContextManager[wsconn.WsConnection]:
     """The upstream WebSocket for the duration of the block.
 
     TCP and TLS are opened here, before the WebSocket handshake, so a
@@ -63,20 +62,57 @@ async def open_upstream(target: UpstreamTarget, subprotocols: Sequence[str], *, 
     (:mod:`proxy.wire.connection`) runs no task of its own: a backend that refuses the
     handshake surfaces here as :class:`UpstreamUnavailable`.
     """
-    parts = urlsplit(target.url)
-    secure = parts.scheme == "wss"
-    host, port = parts.hostname or "", parts.port or (443 if secure else 80)
-    resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
-    with trio.move_on_after(target.connect_timeout) as deadline:
-        stream = await _open_stream(target, host, port, ssl_context if secure else None, secure)
-    if deadline.cancelled_caught:
-        raise UpstreamUnavailable(f"no answer within {target.connect_timeout:g} s", 504)
-    try:
-        async with _websocket(stream, target, host if parts.port is None else f"{host}:{port}", resource,
-                              subprotocols, max_message_size, close_timeout) as connection:
-            yield connection
-    finally:
-        await trio.aclose_forcefully(stream)
+    return _Upstream(target, subprotocols, max_message_size, close_timeout, ssl_context)
+
+
+class _Upstream:
+    """:func:`open_upstream`'s block: entered once per connection, alive as long as it is.
+
+    A class, not ``@asynccontextmanager`` generators: these hold their frames for the life of
+    every pair (two nested ones cost about 1.5 KiB per idle pair, this about 0.1).
+    """
+
+    __slots__ = ("target", "subprotocols", "max_message_size", "close_timeout", "ssl_context", "_stream",
+                 "_connection")
+
+    def __init__(self, target: UpstreamTarget, subprotocols: Sequence[str], max_message_size: int,
+                 close_timeout: float, ssl_context: ssl.SSLContext | None) -> None:
+        self.target, self.subprotocols, self.ssl_context = target, subprotocols, ssl_context
+        self.max_message_size, self.close_timeout = max_message_size, close_timeout
+        self._stream: Stream | None = None
+        self._connection: wsconn.WsConnection | None = None
+
+    async def __aenter__(self) -> wsconn.WsConnection:
+        target = self.target
+        parts = urlsplit(target.url)
+        secure = parts.scheme == "wss"
+        host, port = parts.hostname or "", parts.port or (443 if secure else 80)
+        resource = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        with trio.move_on_after(target.connect_timeout) as deadline:
+            stream = await _open_stream(target, host, port, self.ssl_context if secure else None, secure)
+        if deadline.cancelled_caught:
+            raise UpstreamUnavailable(f"no answer within {target.connect_timeout:g} s", 504)
+        try:
+            self._connection = await _websocket(stream, target, host if parts.port is None else f"{host}:{port}",
+                                                resource, self.subprotocols, self.max_message_size,
+                                                self.close_timeout)
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
+        self._stream = stream
+        return self._connection
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """Close the WebSocket (bounded by close_timeout), then the stream, whatever ended the block."""
+        connection, stream = self._connection, self._stream
+        self._connection = self._stream = None
+        try:
+            if connection is not None:
+                with trio.move_on_after(self.close_timeout):
+                    await connection.aclose()
+        finally:
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
 
 
 async def _open_stream(target: UpstreamTarget, host: str, port: int, context: ssl.SSLContext | None,
@@ -103,10 +139,10 @@ async def _open_stream(target: UpstreamTarget, host: str, port: int, context: ss
     return tls
 
 
-@asynccontextmanager
 async def _websocket(stream: Stream, target: UpstreamTarget, host: str, resource: str,
                      subprotocols: Sequence[str], max_message_size: int,
-                     close_timeout: float) -> AsyncIterator[wsconn.WsConnection]:
+                     close_timeout: float) -> wsconn.WsConnection:
+    """The WebSocket handshake on ``stream`` (bounded by connect_timeout), or why not."""
     connection: wsconn.WsConnection | None = None
     with trio.move_on_after(target.connect_timeout):
         try:
@@ -126,8 +162,4 @@ async def _websocket(stream: Stream, target: UpstreamTarget, host: str, resource
             raise UpstreamUnavailable(f"WebSocket handshake failed: {type(exc).__name__} {exc}", 502) from exc
     if connection is None:
         raise UpstreamUnavailable(f"no WebSocket handshake within {target.connect_timeout:g} s", 504)
-    try:
-        yield connection
-    finally:
-        with trio.move_on_after(close_timeout):
-            await connection.aclose()
+    return connection
