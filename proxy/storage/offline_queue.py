@@ -269,6 +269,8 @@ class _Slot:
     done: bool = False
     result: int | None = None
     error: StorageError | None = None
+    #: A session-log entry written behind: nobody waits for it, so a failed commit puts it back.
+    behind: bool = False
     deferred: bool = False
 
 
@@ -302,6 +304,9 @@ class AsyncQueue:
         self._retry_wake = trio.Event()
         self._behind_wake = trio.Event()
         self._backoff = Backoff(retry_min, retry_max)
+        #: Pauses between commits of entries written behind while those commits fail.
+        self._behind_backoff = Backoff(retry_min, retry_max)
+        self._behind_failed = False
         self._failing = False
         #: Commits done and changes committed (the benchmark reports changes per commit).
         self.commits = 0
@@ -373,7 +378,7 @@ class AsyncQueue:
         """
         for charger in {event.charger for event in events}:
             self._take_later(charger)
-        self._batch.extend(_Slot(Journal(event)) for event in events)
+        self._batch.extend(_Slot(Journal(event), behind=True) for event in events)
         self._behind_wake.set()
 
     def log_later(self, charger: str, version: OcppVersion, call: Frame, answer: Frame) -> None:
@@ -411,12 +416,18 @@ class AsyncQueue:
                 with trio.move_on_after(interval):  # let relayed frames gather (or a batch fill up)
                     await self._behind_wake.wait()
                 self._behind_wake = trio.Event()
-            await self._read_later()
+            if not self._behind_failed:  # while commits fail, relayed frames wait where they are (bounded)
+                await self._read_later()
             while self._batch:
                 if self._committing:
                     await self._committed.wait()
                 else:
                     await self._commit_batch()
+                if self._behind_failed:  # the disk failed them: try again after a pause, not at once
+                    await trio.sleep(self._behind_backoff.next_delay())
+            self._behind_backoff.reset()
+            if self._later:  # frames left behind (commits were failing): the next round reads them
+                self._behind_wake.set()
 
     async def _read_later(self) -> None:
         """Read the waiting relayed frames into write-behind entries, pausing for other tasks between slices."""
@@ -426,7 +437,7 @@ class AsyncQueue:
             later.clear()
             for start in range(0, len(plan), _LATER_SLICE):
                 for item in plan[start:start + _LATER_SLICE]:
-                    self._batch.extend(_Slot(Journal(event)) for event in _read(item))
+                    self._batch.extend(_Slot(Journal(event), behind=True) for event in _read(item))
                 await trio.lowlevel.checkpoint()
 
     def _take_later(self, charger: str) -> None:
@@ -440,7 +451,7 @@ class AsyncQueue:
         self._later.clear()
         self._later.extend(others)
         for item in plan_relayed(mine):
-            self._batch.extend(_Slot(Journal(event)) for event in _read(item))
+            self._batch.extend(_Slot(Journal(event), behind=True) for event in _read(item))
 
     async def mark_sent(self, row: int) -> None:
         """Mark ``row`` sent before it goes out; a failure is retried later and never raised."""
@@ -483,11 +494,17 @@ class AsyncQueue:
                 stats.add("enqueue_to_commit", resumed - slot.enqueued)
             self.commits += 1
             self.committed_changes += len(batch)
+            self._behind_failed = False
             if self._failing:
                 self._report("write", "")
         except StorageError as exc:
             for slot in batch:
                 slot.error = exc
+            # Entries written behind have no caller to tell: they wait for the next commit (commit_behind
+            # tries again after a pause). Applying a Journal twice changes nothing.
+            again = [_Slot(slot.change, behind=True) for slot in batch if slot.behind]
+            self._batch[:0] = again
+            self._behind_failed = bool(again)
             self._report(exc.operation, exc.detail)
         except trio.Cancelled:
             # Cancelled (shutdown), perhaps before the worker thread ran: session-log entries written behind

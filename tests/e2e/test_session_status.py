@@ -12,17 +12,20 @@ meter data byte for byte as the wallbox sent it.
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 from typing import Any
 
 import pytest
 import trio
 from ocpp.v16 import call
+from structlog.testing import capture_logs
 
 from proxy.cli import Started, start
 from proxy.config import loads
 from proxy.demo.peers import LoopThread, SimBackend, connect_wallbox, now_iso
 from proxy.ops.status import VERSION
+from proxy.storage.offline_queue import DB_NAME
 from tests.e2e.test_standalone import assert_byte_identical, export_when, sent_samples
 from tests.e2e.test_status_page import base_config
 from tests.browser import ensure_chromium, open_browser
@@ -145,6 +148,33 @@ async def test_status_page_lists_sessions_in_chromium(chromium: str, peers: Loop
 
 async def _listed(started: Started, count: int) -> bool:
     return len((await sessions(started))["sessions"]) == count
+
+
+async def test_a_stalled_store_never_holds_a_relayed_answer(peers: LoopThread, backend: SimBackend,
+                                                            nursery: trio.Nursery, tmp_path: Path) -> None:
+    """The disk stalls (another writer holds the store's lock past the proxy's busy timeout): relayed
+    frames still get their answers at once, the failed batch is kept and committed when the disk is back."""
+    text = base_config(backend.port, '[[chargers]]\nid = "CP1"\n', data_dir=str(tmp_path / "data"))
+    started = await start(loads(text), nursery)
+    handle = await in_loop(peers, connect_wallbox(f"ws://127.0.0.1:{started.server.ports[0]}/ocpp/CP1", "CP1"))
+    blocker = sqlite3.connect(tmp_path / "data" / DB_NAME, isolation_level=None)
+    blocker.execute("BEGIN EXCLUSIVE")  # every commit of the proxy now waits, then fails (busy timeout 10 s)
+    try:
+        with capture_logs() as logs:
+            with trio.fail_after(6):  # a whole session, each answer relayed while the store is stuck
+                done = await in_loop(peers, handle.wallbox.run_session())
+            assert done["transaction_id"] == 1001
+            await wait_until(lambda: any(e["event"] == "storage_error" for e in logs), timeout=30)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    async def logged() -> bool:
+        listed = (await sessions(started))["sessions"]
+        return len(listed) == 1 and listed[0]["energy_wh"] == 12200.0 and listed[0]["signed"] is True
+
+    await wait_until(logged, timeout=30, interval=0.2)
+    await in_loop(peers, handle.close())
 
 
 async def test_log_off_lists_nothing(peers: LoopThread, backend: SimBackend, nursery: trio.Nursery,
