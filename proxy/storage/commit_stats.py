@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 #: Samples kept per measure (enough for a benchmark run; older samples are kept, newer dropped).
 _CAP = 200_000
 
-#: Per frame: read → enqueued, enqueued → committed, committed → answer written to the socket.
-FRAME_STAGES = ("read_to_enqueue", "enqueue_to_commit", "commit_to_sent")
+#: Per frame: read → enqueued, enqueued → committed, committed → answer written to the socket;
+#: per replayed frame: its delivery enqueued → committed (the kill -9 duplicate window's tail).
+FRAME_STAGES = ("read_to_enqueue", "enqueue_to_commit", "commit_to_sent", "deliver_to_commit")
 #: Per commit: batch waiting for the committer, hop into the thread, work in it, hop back to trio.
 COMMIT_STAGES = ("gather", "hop_in", "work", "fsync", "hop_out", "batch")
 

@@ -23,7 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from proxy.core.sessionlog import SessionEvent
 from proxy.core.mirror import TX_MEMORY, MirrorQueued, MirrorStartKnown, MirrorState, MirrorUnqueued, TxMapped
 from proxy.storage.interface import Append, Delivered, Journal, MarkSent, MirrorRecord, Storage, StorageError, StorageUnusable
-from proxy.storage.offline_queue import DB_NAME, AsyncQueue, SqliteStorage
+from proxy.storage.offline_queue import DB_NAME, AsyncQueue, SqliteStorage, Ticket
 from proxy.storage.postgres import PostgresStorage
 from tests.pgkit import PgCluster
 
@@ -220,6 +220,34 @@ async def test_group_commit_through_the_trio_front(opener: Opener) -> None:
     assert queue.commits < 300 / 4, queue.commits  # many frames per transaction
     for n in range(30):
         assert [e.row for e in await queue.pending(f"CP{n}")] == [rows[f"{n}/{k}"] for k in range(10)]
+    queue.close()
+
+
+async def test_a_delivery_is_committed_and_its_caller_released_before_the_rest_of_its_batch(opener: Opener) -> None:
+    """Until a delivery is committed a kill -9 re-sends its frame: it does not wait for the batch's fsync."""
+    queue = AsyncQueue(opener())
+    row, later = queue.storage.write([Append("CP1", "StartTransaction", frame(1), -1),
+                                      Append("CP1", "MeterValues", frame(3))])
+    assert row is not None and later is not None
+    order: list[str] = []
+    append = queue.enqueue(Append("CP2", "MeterValues", frame(2)))
+    mark = queue.enqueue(MarkSent(later))  # the replay's next frame
+    delivery = queue.enqueue(Delivered(row, "CP1", -1, 1001))  # one batch: enqueued while no commit runs
+
+    async def settle(ticket: Ticket, name: str) -> None:
+        assert (await queue.settled(ticket)).error is None
+        order.append(name)
+
+    commits = queue.commits
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(settle, append, "append")  # the leader: it writes the whole batch
+        nursery.start_soon(settle, mark, "mark")
+        nursery.start_soon(settle, delivery, "delivery")
+    assert order[0] == "delivery" and sorted(order[1:]) == ["append", "mark"]
+    assert queue.commits == commits + 2
+    assert [e.action for e in await queue.pending("CP2")] == ["MeterValues"]
+    assert [(e.row, e.attempts) for e in await queue.pending("CP1")] == [(later, 1)]
+    assert await queue.transactions("CP1") == {-1: 1001}
     queue.close()
 
 
