@@ -297,6 +297,9 @@ class _Charger:
     fallback: bool = False
     #: While not connected: what it may still draw (tenths, the fuse's reservation).
     reserved: int = 0
+    #: Per site phase (tenths): its estimated draw when the grid meter was last read (None: it was not
+    #: connected then). The reading can contain no more of its draw than that.
+    draw_at_meter: list[int] | None = None
 
     def demanding(self) -> bool:
         if self.transactions:
@@ -500,6 +503,8 @@ class LimitEngine:
         """Grid phase currents at the site's connection point."""
         self._meter = currents
         self._meter_at = now
+        for state in self._chargers.values():
+            state.draw_at_meter = self._estimated_draw(state) if state.connected else None
         self._changed()
 
     def meter_lost(self, now: float) -> None:
@@ -720,7 +725,9 @@ class LimitEngine:
 
         Without a (fresh) meter that is only what unmanaged chargers draw.
         With a meter: grid − the managed chargers' estimated draw
-        (:meth:`_estimated_draw`). A measured current counts at most up to the
+        (:meth:`_estimated_draw`), each at most what it was estimated to draw
+        when the grid was read (a car started or raised since is not in the
+        reading yet). A measured current counts at most up to the
         charger's limit, so a sample from before a decrease never makes the
         house look smaller; an estimate that is too high (a car drawing less
         than its limit before its next MeterValues) is corrected by the next
@@ -732,8 +739,11 @@ class LimitEngine:
         if use_meter and self._meter is not None:
             house = [tenths_up(self._meter[ph]) for ph in range(phases)]
             for state in managed.values():
+                # A car that started or was raised after the reading is not in it yet: only what it drew
+                # then comes off (else the house would look smaller by the draw the meter has not seen).
+                seen = state.draw_at_meter or [0] * phases
                 for ph, draw in enumerate(self._estimated_draw(state)):
-                    house[ph] -= draw
+                    house[ph] -= min(draw, seen[ph])
             # The meter shows what a lost charger draws now, not what it may draw: its
             # reservation counts on top (at worst it is counted twice, never too little).
             return [max(0, h) + extra for h, extra in zip(house, lost)]

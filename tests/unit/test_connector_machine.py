@@ -26,26 +26,19 @@ Checked after every step:
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any
 
 from hypothesis import settings, strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import initialize, invariant, rule
 
 from proxy.loadmgmt.control import ControlSettings
-from proxy.loadmgmt.coordinator import Coordinator, Outgoing
-from proxy.loadmgmt.engine import ChargerLimits, ConnectorLimits, LimitEngine, SiteLimits, charger_phases, load_points
-from proxy.loadmgmt.fuse import Fuse
+from proxy.loadmgmt.coordinator import Outgoing
+from proxy.loadmgmt.engine import ChargerLimits, ConnectorLimits, SiteLimits, charger_phases, load_points
+from tests.unit.test_fuse_machine import CID, HOLD, WALL, ProxySteps
 
-WALL = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
-HOLD = 600.0
-IDS = ("D1", "D2", "S1")
 CONNECTOR = st.sampled_from([1, 2])
-#: Rules pick a wallbox by index: D1 always exists, the others only where set up.
-IDX = st.sampled_from(IDS)
 
 
 @dataclass
@@ -132,6 +125,11 @@ class Wallbox:
             del self.profiles[pid]
         self.profiles[raw["chargingProfileId"]] = profile
 
+    def apply_backend(self) -> None:
+        """The backend's profile on its way is in force (as forwarded)."""
+        assert self.backend_call is not None
+        self.install(self.backend_call[2])
+
     def stop(self, connector: int) -> None:
         """The transaction ends: its TxProfiles go with it."""
         self.cars.pop(connector, None)
@@ -155,18 +153,12 @@ def backend_profile(connector: int, purpose: str, level: int, amps: float, trans
     return {"connectorId": connector, "csChargingProfiles": raw}
 
 
-class ConnectorMachine(RuleBasedStateMachine):
+class ConnectorMachine(ProxySteps):
+    wallboxes: dict[str, Wallbox]
+
     def __init__(self) -> None:
         super().__init__()
-        self.now = 0.0
-        self.wallboxes: dict[str, Wallbox] = {}
-        self.store: dict[str, float | None] = {}
-        self.house = [0.0, 0.0, 0.0]
-        self.ems_site: float | None = None
-        self.previous: list[float] | None = None
         self.previous_wallbox: dict[str, float] = {}
-        self.outside = False
-        self.messages = 0
         self.disabled: set[tuple[str, int]] = set()
 
     # -- setting up -------------------------------------------------------------------------
@@ -202,59 +194,10 @@ class ConnectorMachine(RuleBasedStateMachine):
                                      priority=priority, connectors=connectors)
         return out
 
-    def _start_proxy(self) -> None:
-        engine = LimitEngine(self.site_limits, self.limits)
-        fuse = Fuse(phases=3, hold=HOLD)
-        fuse.configure(3, self.limits, ChargerLimits(), HOLD)
-        fuse.restore(self.store, self.now)
-        self.coordinator = Coordinator(engine, fuse)
-        if self.ems_site is not None:
-            engine.ems_site_limit(self.ems_site, self.now)
-        if self.site_limits.meter:
-            self._meter_reading()
-
     def _settings(self, cid: str) -> ControlSettings:
         limits = self.limits[cid]
         return ControlSettings(strategy=self.strategy, phases=limits.phases, retry=5.0,
                                connectors=tuple(c.connector for c in limits.connectors))
-
-    # -- the proxy's steps --------------------------------------------------------------------
-
-    def _dispatch(self, outgoing: list[Outgoing]) -> None:
-        self.store.update(self.coordinator.fuse.records()[0])  # the driver writes before sending
-        for item in outgoing:
-            wallbox = self.wallboxes[item.charger_id]
-            assert wallbox.inflight is None, "two CALLs outstanding on one wallbox"
-            assert wallbox.connected
-            wallbox.inflight = item
-
-    @rule(dt=st.sampled_from([0.0, 0.5, 3.0, 16.0, 61.0]))
-    def tick(self, dt: float) -> None:
-        self.outside = False
-        self.now += dt
-        self._dispatch(self.coordinator.tick(self.now, WALL))
-
-    @rule(cid=IDX, outcome=st.sampled_from(["Accepted", "Accepted", "Accepted", "Rejected", "CALLERROR", "timeout"]),
-          applied=st.booleans())
-    def answer(self, cid: str, outcome: str, applied: bool) -> None:
-        if cid not in self.wallboxes:
-            return
-        self.outside = False
-        wallbox = self.wallboxes[cid]
-        item = wallbox.inflight
-        if item is None:
-            return
-        wallbox.inflight = None
-        if outcome == "Accepted" or (outcome == "timeout" and applied):
-            wallbox.apply(item)
-        if outcome == "timeout":
-            self.coordinator.failed(cid, item.command, "no answer", self.now)
-        elif outcome == "CALLERROR":
-            self.coordinator.answered(cid, item.command, None, "InternalError", self.now)
-        else:
-            self.coordinator.answered(cid, item.command, outcome, None, self.now)
-        following = self.coordinator.next(cid, self.now, WALL)
-        self._dispatch([following] if following else [])
 
     @rule()
     def everyone_answers_promptly(self) -> None:
@@ -269,41 +212,8 @@ class ConnectorMachine(RuleBasedStateMachine):
                 self.answer(cid, "Accepted", True)
             self._check_step()
 
-    @rule(cid=IDX)
-    def apply_before_answering(self, cid: str) -> None:
-        if cid not in self.wallboxes:
-            return
-        self.outside = False
-        item = self.wallboxes[cid].inflight
-        if item is not None:
-            self.wallboxes[cid].apply(item)
-
-    @rule(cid=IDX, applied=st.booleans())
-    def drop(self, cid: str, applied: bool) -> None:
-        if cid not in self.wallboxes:
-            return
-        self.outside = False
-        if self.wallboxes[cid].connected:
-            self._drop(cid, applied)
-
-    def _drop(self, cid: str, applied: bool) -> None:
-        wallbox = self.wallboxes[cid]
-        wallbox.connected, wallbox.lost_at = False, self.now
-        item, wallbox.inflight = wallbox.inflight, None
-        if item is not None and applied:
-            wallbox.apply(item)
-        if wallbox.backend_call is not None:
-            if applied:
-                wallbox.install(wallbox.backend_call[2])
-            wallbox.backend_call = None
-        self.coordinator.detach(cid, self.now)
-        if item is not None:
-            self.coordinator.failed(cid, item.command, "session gone", self.now)
-
-    @rule(cid=IDX, boot=st.booleans())
+    @rule(cid=CID, boot=st.booleans())
     def reconnect(self, cid: str, boot: bool) -> None:
-        if cid not in self.wallboxes:
-            return
         self.outside = False
         wallbox = self.wallboxes[cid]
         if wallbox.connected:
@@ -331,28 +241,7 @@ class ConnectorMachine(RuleBasedStateMachine):
             if n in wallbox.cars:  # the proxy learns the running transaction again from its frames
                 engine.transaction_started(cid, n, self.now)
 
-    @rule(cid=IDX)
-    def reboot(self, cid: str) -> None:
-        if cid not in self.wallboxes:
-            return
-        self.outside = True  # its profiles are gone: it may draw its maximum until the proxy's are back
-        if self.wallboxes[cid].connected:
-            self._drop(cid, False)
-            self._connect(cid, True)
-
-    @rule(applied=st.booleans())
-    def restart_proxy(self, applied: bool) -> None:
-        self.outside = False
-        self.store.update(self.coordinator.fuse.records()[0])
-        for wallbox in self.wallboxes.values():
-            if wallbox.connected:
-                wallbox.connected, wallbox.lost_at = False, self.now
-                if wallbox.inflight is not None and applied:
-                    wallbox.apply(wallbox.inflight)
-                wallbox.inflight = wallbox.backend_call = None
-        self._start_proxy()
-
-    @rule(cid=IDX, connector=CONNECTOR)
+    @rule(cid=CID, connector=CONNECTOR)
     def toggle_connector(self, cid: str, connector: int) -> None:
         """A reload disables a connector (held at 0 A) or enables it again."""
         if cid not in self.shapes:
@@ -367,10 +256,8 @@ class ConnectorMachine(RuleBasedStateMachine):
 
     # -- cars and the backend -------------------------------------------------------------------
 
-    @rule(cid=IDX, connector=CONNECTOR)
+    @rule(cid=CID, connector=CONNECTOR)
     def car_starts(self, cid: str, connector: int) -> None:
-        if cid not in self.wallboxes:
-            return
         self.outside = False
         wallbox = self.wallboxes[cid]
         if not wallbox.connected or connector in wallbox.cars:
@@ -384,10 +271,8 @@ class ConnectorMachine(RuleBasedStateMachine):
         control.transaction_started(f"start-{self.messages}", self.messages)
         engine.status(cid, connector, "Charging", self.now)
 
-    @rule(cid=IDX, connector=CONNECTOR)
+    @rule(cid=CID, connector=CONNECTOR)
     def car_stops(self, cid: str, connector: int) -> None:
-        if cid not in self.wallboxes:
-            return
         self.outside = False
         wallbox = self.wallboxes[cid]
         if not wallbox.connected or connector not in wallbox.cars:
@@ -398,7 +283,7 @@ class ConnectorMachine(RuleBasedStateMachine):
         self.coordinator.engine.transaction_stopped(cid, stopped, self.now)
         self.coordinator.engine.status(cid, connector, "Available", self.now)
 
-    @rule(cid=IDX, connector=st.sampled_from([0, 1, 2]), tx_profile=st.booleans(),
+    @rule(cid=CID, connector=st.sampled_from([0, 1, 2]), tx_profile=st.booleans(),
           level=st.sampled_from([0, 1, 8, 9, 20]), amps=st.sampled_from([6.0, 10.0, 16.0, 32.0]))
     def backend_sets_profile(self, cid: str, connector: int, tx_profile: bool, level: int, amps: float) -> None:
         """The backend installs a TxProfile for a running transaction, or a TxDefaultProfile (connector 0: all).
@@ -406,8 +291,6 @@ class ConnectorMachine(RuleBasedStateMachine):
         Connector load points clamp it from the first contact on. A wallbox that is one load point under
         max-profile passes it unchanged until the proxy's ChargePointMaxProfile is known on it (counted at
         its max_current meanwhile): an outside event then, as in tests/unit/test_fuse_machine.py."""
-        if cid not in self.wallboxes:
-            return
         control = self.coordinator.controls.get(cid)
         self.outside = (control is not None and not control.per_connector and control.strategy == "max-profile"
                         and not isinstance(control.own, tuple))
@@ -425,32 +308,23 @@ class ConnectorMachine(RuleBasedStateMachine):
         out = self.coordinator.rewrite(cid, msg_id, original, WALL) if control.rewrites else None
         wallbox.backend_call = (msg_id, original, out if out is not None else original)
 
-    @rule(cid=IDX)
+    @rule(cid=CID)
     def wallbox_answers_backend(self, cid: str) -> None:
-        if cid not in self.wallboxes:
-            return
         self.outside = False
         wallbox = self.wallboxes[cid]
         if wallbox.backend_call is None:
             return
         msg_id, original, forwarded = wallbox.backend_call
-        wallbox.backend_call = None
         raw = forwarded["csChargingProfiles"]
         running = raw.get("transactionId") is None or wallbox.cars.get(forwarded["connectorId"]) == raw["transactionId"]
         status = "Accepted" if running else "Rejected"
         if running:
-            wallbox.install(forwarded)
+            wallbox.apply_backend()
+        wallbox.backend_call = None
         self.coordinator.controls[cid].backend_set_answered(msg_id, original, status, WALL)
         self.coordinator.backend_answered(cid)
 
     # -- meter and EMS -------------------------------------------------------------------------------
-
-    @precondition(lambda self: self.site_limits.meter)
-    @rule(house=st.lists(st.sampled_from([0.0, 2.0, 5.0, 12.0]), min_size=3, max_size=3))
-    def meter(self, house: list[float]) -> None:
-        self.outside = any(h > old for h, old in zip(house, self.house))
-        self.house = house
-        self._meter_reading()
 
     def _meter_reading(self) -> None:
         """The grid meter and each charging connector's MeterValues (connectorId), one snapshot."""
@@ -469,23 +343,7 @@ class ConnectorMachine(RuleBasedStateMachine):
                                     connector=connector or None)
         engine.meter_reading((grid[0], grid[1], grid[2]), self.now)
 
-    @rule(amps=st.one_of(st.none(), st.sampled_from([8.0, 16.0, 25.0, 40.0])))
-    def ems_site_limit(self, amps: float | None) -> None:
-        old = self._site()
-        self.ems_site = amps
-        self.outside = self._site() < old
-        self.coordinator.engine.ems_site_limit(amps, self.now)
-
-    @rule()
-    def hold_passes(self) -> None:
-        self.outside = False
-        self.now += HOLD + 1
-
     # -- the invariants ----------------------------------------------------------------------------
-
-    def _site(self) -> float:
-        return self.site_limits.max_current if self.ems_site is None else min(self.site_limits.max_current,
-                                                                               self.ems_site)
 
     def _truths(self) -> dict[str, tuple[str, ChargerLimits, float]]:
         """Per load point: (wallbox, limits, what it may really draw)."""
@@ -520,8 +378,7 @@ class ConnectorMachine(RuleBasedStateMachine):
             for ph in charger_phases(3, limits):
                 total[ph] += truth
             per_wallbox[cid] = per_wallbox.get(cid, 0.0) + truth
-        house = self.house if self.site_limits.meter else [0.0, 0.0, 0.0]
-        budget = [max(0.0, math.floor((self._site() - h) * 10 + 1e-6) / 10) for h in house]
+        budget = self._budget()
         if self.previous is not None and not self.outside:
             for ph in range(3):
                 allowed = max(budget[ph], self.previous[ph])

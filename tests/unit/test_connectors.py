@@ -358,3 +358,20 @@ def test_check_config_warns_per_connector_when_the_site_is_short() -> None:
         "10 A): connector 2 of charger 'W' can never charge",
         "site.toml:2: site.max_current: 10 A is below the sum of the chargers' min_current on phase L1 (18 A): when "
         "all charge, the lower priorities (then the later arrivals, then by id) wait at 0 A"]
+
+
+def test_machine_regression_an_idle_connector_gets_no_room_the_grid_reading_has_not_seen() -> None:
+    """Shrunk by the connector machine: 2 A of house load on L1 read before a car started on connector 2;
+    the idle connector 1 was given the 7 A that seemed left once connector 2 counted at its 16 A."""
+    from tests.unit.test_connector_machine import ConnectorMachine
+
+    state = ConnectorMachine()
+    state.setup(site=23, meter=True, calm=False, others=1, wallbox_max=32.0, phases=1, priorities=(0, 0, 0),
+                strategy="max-profile")
+    state.reconnect(boot=False, cid="D1")
+    state.meter(house=[2.0, 0.0, 0.0])
+    state.hold_passes()
+    state.car_starts(cid="D1", connector=2)
+    state.never_over_budget_nor_over_a_wallbox_maximum_by_the_proxy()
+    state.everyone_answers_promptly()  # checks every round
+    assert state.coordinator.targets == {"D1#1": 0.0, "D1#2": 16.0}  # the 5 A left are below its minimum

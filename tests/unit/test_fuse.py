@@ -338,3 +338,29 @@ def test_machine_regression_restored_record_is_an_upper_bound_not_what_is_instal
     checked(lambda: state.reconnect(boot=False, cid="CP2"))
     checked(lambda: state.reconnect(boot=False, cid="CP3"))
     checked(lambda: state.tick(dt=0.0))
+
+
+def test_machine_regression_a_grid_reading_from_before_a_car_started_keeps_its_house_load() -> None:
+    """Found by the connector machine, replayed on the plain one: 2 A of house load on L1 read while no car
+    charged, then a car starts on CP1 and is counted at its 16 A limit before the meter sees it. Taking
+    those 16 A off the old reading made the house look empty (0 A), and the 7 A that seemed left went to
+    CP2: 23 A may be drawn on a 21 A budget. Only what CP1 drew when the grid was read comes off it now."""
+    state = FuseMachine()
+    state.setup(site=23, meter=True, calm=True, chargers=[(16.0, 1, 1, 0, "max-profile"),
+                                                          (16.0, 1, 1, 0, "max-profile")])
+
+    def checked(step: Callable[[], None]) -> None:
+        step()
+        state.fuse_counts_at_least_what_may_be_drawn()
+        state.never_over_budget_by_the_proxy()
+
+    checked(lambda: None)
+    checked(lambda: state.reconnect(boot=False, cid="CP1"))
+    checked(lambda: state.reconnect(boot=False, cid="CP2"))
+    checked(lambda: state.meter(house=[2.0, 0.0, 0.0]))
+    checked(lambda: state.car_starts(cid="CP1"))
+    for _ in range(6):
+        checked(lambda: state.tick(dt=0.0))
+        for cid in ("CP1", "CP2"):
+            checked(lambda: state.answer(cid=cid, outcome="Accepted", applied=True))
+    assert state.coordinator.targets == {"CP1": 16.0, "CP2": 0.0}  # the 5 A left are below its minimum

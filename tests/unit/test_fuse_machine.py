@@ -40,7 +40,8 @@ from proxy.loadmgmt.fuse import Fuse
 WALL = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 HOLD = 600.0
 IDS = ("CP1", "CP2", "CP3", "CP4")
-CID = st.sampled_from(IDS)
+#: A wallbox of the machine's site (drawn from those it set up).
+CID = st.runner().flatmap(lambda machine: st.sampled_from(sorted(machine.wallboxes)))
 
 
 @dataclass
@@ -107,13 +108,19 @@ class Wallbox:
     def __post_init__(self) -> None:
         self._levels: dict[int, int] = {}
 
+    def apply_backend(self) -> None:
+        """The backend's profile on its way is in force (as forwarded)."""
+        assert self.backend_call is not None
+        amps = self.backend_call[2]
+        self._install(backend_payload(amps)["csChargingProfiles"], amps)
+
 
 def backend_profile_accepted(wallbox: Wallbox, coordinator: Coordinator, cid: str) -> None:
     """The wallbox installs the backend's profile it was sent and answers Accepted; the proxy sees it."""
     assert wallbox.backend_call is not None
-    msg_id, original, amps = wallbox.backend_call
+    msg_id, original, _ = wallbox.backend_call
+    wallbox.apply_backend()
     wallbox.backend_call = None
-    wallbox._install(backend_payload(amps)["csChargingProfiles"], amps)
     coordinator.controls[cid].backend_set_answered(msg_id, original, "Accepted", WALL)
     coordinator.backend_answered(cid)
 
@@ -125,37 +132,27 @@ def backend_payload(amps: float) -> dict[str, Any]:
         "chargingSchedule": {"chargingRateUnit": "A", "chargingSchedulePeriod": [{"startPeriod": 0, "limit": amps}]}}}
 
 
-class FuseMachine(RuleBasedStateMachine):
+class ProxySteps(RuleBasedStateMachine):
+    """What the fuse state machines share: the proxy's steps (recomputations, answers, drops, reboots,
+    restarts from the record) and the site's (meter, EMS, time), around simulated wallboxes that have
+    ``inflight``, ``backend_call``, ``connected``, ``lost_at``, ``apply(outgoing)`` and ``apply_backend()``.
+    Subclasses set ``site_limits`` and ``limits`` up and add ``_settings``, ``_connect``,
+    ``_meter_reading``, the cars, the backend's profiles and the invariants."""
+
+    wallboxes: dict[str, Any]
+
     def __init__(self) -> None:
         super().__init__()
         self.now = 0.0
-        self.wallboxes: dict[str, Wallbox] = {}
+        self.wallboxes = {}
         self.store: dict[str, float | None] = {}
         self.house = [0.0, 0.0, 0.0]
         self.ems_site: float | None = None
         self.previous: list[float] | None = None
         self.outside = False  # the last step was an outside event
         self.messages = 0
-
-    # -- setting up -------------------------------------------------------------------------
-
-    @initialize(site=st.integers(10, 64), meter=st.booleans(), calm=st.booleans(),
-                chargers=st.lists(st.tuples(st.sampled_from([16.0, 32.0]), st.sampled_from([1, 3]),
-                                            st.integers(1, 3), st.integers(0, 1),
-                                            st.sampled_from(["max-profile", "tx-default"])),
-                                  min_size=2, max_size=4))
-    def setup(self, site: int, meter: bool, calm: bool, chargers: list[tuple[float, int, int, int, str]]) -> None:
-        self.site_limits = SiteLimits(max_current=float(site), phases=3, meter=meter, meter_timeout=1e9,
-                                      ramp_up_interval=0.0 if calm else 15.0, hysteresis=0.0 if calm else 1.0,
-                                      min_hold_time=0.0 if calm else 60.0)
-        self.limits = {}
-        for cid, (top, phases, first, priority, strategy) in zip(IDS, chargers):
-            limits = ChargerLimits(max_current=top, min_current=6.0, phases=phases, first_phase=first,
-                                   priority=priority)
-            self.limits[cid] = limits
-            self.wallboxes[cid] = Wallbox(limits, strategy)
-        self.strategies = {cid: w.strategy for cid, w in self.wallboxes.items()}
-        self._start_proxy()
+        self.site_limits = SiteLimits()
+        self.limits: dict[str, ChargerLimits] = {}
 
     def _start_proxy(self) -> None:
         engine = LimitEngine(self.site_limits, self.limits)
@@ -168,9 +165,11 @@ class FuseMachine(RuleBasedStateMachine):
         if self.site_limits.meter:
             self._meter_reading()
 
-    def _settings(self, cid: str) -> ControlSettings:
-        limits = self.limits[cid]
-        return ControlSettings(strategy=self.strategies[cid], phases=limits.phases, retry=5.0)
+    def _connect(self, cid: str, boot: bool) -> None:
+        raise NotImplementedError
+
+    def _meter_reading(self) -> None:
+        raise NotImplementedError
 
     # -- the proxy's steps --------------------------------------------------------------------
 
@@ -231,13 +230,100 @@ class FuseMachine(RuleBasedStateMachine):
         if item is not None and applied:
             wallbox.apply(item)
         if wallbox.backend_call is not None:
-            _, _, amps = wallbox.backend_call
             if applied:
-                wallbox._install(backend_payload(amps)["csChargingProfiles"], amps)
+                wallbox.apply_backend()
             wallbox.backend_call = None
         self.coordinator.detach(cid, self.now)
         if item is not None:
             self.coordinator.failed(cid, item.command, "session gone", self.now)
+
+    @rule(cid=CID)
+    def reboot(self, cid: str) -> None:
+        """A connected wallbox restarts: a new connection, BootNotification, no profiles, no transaction."""
+        self.outside = True  # its profile is gone: it may draw its maximum until the proxy's is back
+        if cid in self.wallboxes and self.wallboxes[cid].connected:
+            self._drop(cid, False)
+            self._connect(cid, True)
+
+    @rule(applied=st.booleans())
+    def restart_proxy(self, applied: bool) -> None:
+        """The proxy restarts: every connection drops; what it knows comes from its durable record
+        (written by the driver after every input, so everything the proxy learnt is in it)."""
+        self.outside = False
+        self.store.update(self.coordinator.fuse.records()[0])
+        for cid, wallbox in self.wallboxes.items():
+            if wallbox.connected:
+                wallbox.connected, wallbox.lost_at = False, self.now
+                if wallbox.inflight is not None and applied:
+                    wallbox.apply(wallbox.inflight)
+                wallbox.inflight = wallbox.backend_call = None
+        self._start_proxy()
+
+    @precondition(lambda self: self.site_limits.meter)
+    @rule(house=st.lists(st.sampled_from([0.0, 2.0, 5.0, 12.0]), min_size=3, max_size=3))
+    def meter(self, house: list[float]) -> None:
+        """New house load: the grid meter and every charging wallbox's MeterValues, one snapshot."""
+        self.outside = any(h > old for h, old in zip(house, self.house))
+        self.house = house
+        self._meter_reading()
+
+    @rule(amps=st.one_of(st.none(), st.sampled_from([8.0, 16.0, 25.0, 40.0])))
+    def ems_site_limit(self, amps: float | None) -> None:
+        old = self._site()
+        self.ems_site = amps
+        self.outside = self._site() < old
+        self.coordinator.engine.ems_site_limit(amps, self.now)
+
+    @rule(cid=CID, amps=st.one_of(st.none(), st.sampled_from([0.0, 6.0, 10.0])), enabled=st.booleans())
+    def ems_charger(self, cid: str, amps: float | None, enabled: bool) -> None:
+        self.outside = False
+        if cid not in self.wallboxes:
+            return
+        self.coordinator.engine.ems_charger_limit(cid, amps, self.now)
+        self.coordinator.engine.ems_charger_enabled(cid, enabled, self.now)
+
+    @rule()
+    def hold_passes(self) -> None:
+        """Long enough for lost chargers to be released (they count no more, by decision)."""
+        self.outside = False
+        self.now += HOLD + 1
+
+    def _site(self) -> float:
+        return self.site_limits.max_current if self.ems_site is None else min(self.site_limits.max_current,
+                                                                               self.ems_site)
+
+    def _budget(self) -> list[float]:
+        """Per phase: the site limit in force less the house load (with a meter), as the fuse must hold."""
+        house = self.house if self.site_limits.meter else [0.0, 0.0, 0.0]
+        return [max(0.0, math.floor((self._site() - h) * 10 + 1e-6) / 10) for h in house]
+
+
+class FuseMachine(ProxySteps):
+    wallboxes: dict[str, Wallbox]
+
+    # -- setting up -------------------------------------------------------------------------
+
+    @initialize(site=st.integers(10, 64), meter=st.booleans(), calm=st.booleans(),
+                chargers=st.lists(st.tuples(st.sampled_from([16.0, 32.0]), st.sampled_from([1, 3]),
+                                            st.integers(1, 3), st.integers(0, 1),
+                                            st.sampled_from(["max-profile", "tx-default"])),
+                                  min_size=2, max_size=4))
+    def setup(self, site: int, meter: bool, calm: bool, chargers: list[tuple[float, int, int, int, str]]) -> None:
+        self.site_limits = SiteLimits(max_current=float(site), phases=3, meter=meter, meter_timeout=1e9,
+                                      ramp_up_interval=0.0 if calm else 15.0, hysteresis=0.0 if calm else 1.0,
+                                      min_hold_time=0.0 if calm else 60.0)
+        self.limits = {}
+        for cid, (top, phases, first, priority, strategy) in zip(IDS, chargers):
+            limits = ChargerLimits(max_current=top, min_current=6.0, phases=phases, first_phase=first,
+                                   priority=priority)
+            self.limits[cid] = limits
+            self.wallboxes[cid] = Wallbox(limits, strategy)
+        self.strategies = {cid: w.strategy for cid, w in self.wallboxes.items()}
+        self._start_proxy()
+
+    def _settings(self, cid: str) -> ControlSettings:
+        limits = self.limits[cid]
+        return ControlSettings(strategy=self.strategies[cid], phases=limits.phases, retry=5.0)
 
     @rule(cid=CID, boot=st.booleans())
     def reconnect(self, cid: str, boot: bool) -> None:
@@ -267,28 +353,6 @@ class FuseMachine(RuleBasedStateMachine):
             control.wallbox_call()
         control.status(1)
         engine.status(cid, 1, "Charging" if wallbox.car else "Available", self.now)
-
-    @rule(cid=CID)
-    def reboot(self, cid: str) -> None:
-        """A connected wallbox restarts: a new connection, BootNotification, no profiles, no transaction."""
-        self.outside = True  # its profile is gone: it may draw its maximum until the proxy's is back
-        if cid in self.wallboxes and self.wallboxes[cid].connected:
-            self._drop(cid, False)
-            self._connect(cid, True)
-
-    @rule(applied=st.booleans())
-    def restart_proxy(self, applied: bool) -> None:
-        """The proxy restarts: every connection drops; what it knows comes from its durable record
-        (written by the driver after every input, so everything the proxy learnt is in it)."""
-        self.outside = False
-        self.store.update(self.coordinator.fuse.records()[0])
-        for cid, wallbox in self.wallboxes.items():
-            if wallbox.connected:
-                wallbox.connected, wallbox.lost_at = False, self.now
-                if wallbox.inflight is not None and applied:
-                    wallbox.apply(wallbox.inflight)
-                wallbox.inflight = wallbox.backend_call = None
-        self._start_proxy()
 
     # -- cars, the backend, meter and EMS -----------------------------------------------------
 
@@ -349,14 +413,6 @@ class FuseMachine(RuleBasedStateMachine):
             return
         backend_profile_accepted(wallbox, self.coordinator, cid)
 
-    @precondition(lambda self: self.site_limits.meter)
-    @rule(house=st.lists(st.sampled_from([0.0, 2.0, 5.0, 12.0]), min_size=3, max_size=3))
-    def meter(self, house: list[float]) -> None:
-        """New house load: the grid meter and every charging wallbox's MeterValues, one snapshot."""
-        self.outside = any(h > old for h, old in zip(house, self.house))
-        self.house = house
-        self._meter_reading()
-
     def _meter_reading(self) -> None:
         grid = list(self.house)
         engine = self.coordinator.engine
@@ -370,32 +426,7 @@ class FuseMachine(RuleBasedStateMachine):
                 engine.measured(cid, (currents[0], currents[1], currents[2]), self.now)
         engine.meter_reading((grid[0], grid[1], grid[2]), self.now)
 
-    @rule(amps=st.one_of(st.none(), st.sampled_from([8.0, 16.0, 25.0, 40.0])))
-    def ems_site_limit(self, amps: float | None) -> None:
-        old = self._site()
-        self.ems_site = amps
-        self.outside = self._site() < old
-        self.coordinator.engine.ems_site_limit(amps, self.now)
-
-    @rule(cid=CID, amps=st.one_of(st.none(), st.sampled_from([0.0, 6.0, 10.0])), enabled=st.booleans())
-    def ems_charger(self, cid: str, amps: float | None, enabled: bool) -> None:
-        self.outside = False
-        if cid not in self.wallboxes:
-            return
-        self.coordinator.engine.ems_charger_limit(cid, amps, self.now)
-        self.coordinator.engine.ems_charger_enabled(cid, enabled, self.now)
-
-    @rule()
-    def hold_passes(self) -> None:
-        """Long enough for lost chargers to be released (they count no more, by decision)."""
-        self.outside = False
-        self.now += HOLD + 1
-
     # -- the invariant ----------------------------------------------------------------------------
-
-    def _site(self) -> float:
-        return self.site_limits.max_current if self.ems_site is None else min(self.site_limits.max_current,
-                                                                               self.ems_site)
 
     def _truth(self) -> tuple[list[float], list[float]]:
         total = [0.0, 0.0, 0.0]
@@ -403,9 +434,7 @@ class FuseMachine(RuleBasedStateMachine):
             amps = wallbox.may_draw(self.now)
             for ph in charger_phases(3, wallbox.limits):
                 total[ph] += amps
-        house = self.house if self.site_limits.meter else [0.0, 0.0, 0.0]
-        budget = [max(0.0, math.floor((self._site() - h) * 10 + 1e-6) / 10) for h in house]
-        return total, budget
+        return total, self._budget()
 
     @invariant()
     def fuse_counts_at_least_what_may_be_drawn(self) -> None:

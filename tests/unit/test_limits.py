@@ -408,8 +408,10 @@ def test_house_load_from_meter_and_stale_meter_fallback() -> None:
     assert engine.site_view(1).house_load == (10.0, 10.0, 10.0)
     assert engine.targets(1) == {"CP1": 11.0, "CP2": 11.0}
     # Both took all of their 6 A: they are expected to follow to 11 A, before the next
-    # MeterValues say so; the grid meter has not seen it yet, so the house looks smaller.
-    assert engine.site_view(1).house_load == (0.0, 0.0, 0.0)
+    # MeterValues say so; the grid meter has not seen that yet: only the 6 A each drew when it
+    # was read come off it, so the house does not look smaller (it did before: 0 A, and the
+    # room it seemed to leave could go to a third load point).
+    assert engine.site_view(1).house_load == (10.0, 10.0, 10.0)
     engine.meter_reading((32, 32, 32), 2)
     assert engine.targets(2) == {"CP1": 11.0, "CP2": 11.0}  # no chasing its own tail
     assert engine.targets(12.5) == {"CP1": 6.0, "CP2": 6.0}  # stale
