@@ -86,6 +86,7 @@ class Coordinator:
         control.wallbox_connected(now)
         if not self.site_owner:  # nothing granted here: a backend profile is clamped to 0 from the start
             control.set_local(0.0)
+            control.set_connector_limits(dict.fromkeys(control.settings.connectors, 0.0))
         self.connected.add(charger_id)
         points = self.points(charger_id)
         self._retire_other_layouts(charger_id, [pid for pid, _ in points], now)

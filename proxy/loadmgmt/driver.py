@@ -517,7 +517,9 @@ class Limiter(Listener):
             self.log.error("reservations_unreadable", file=store.location, error=str(exc)[:300],
                            consequence="no current is granted until they are read")
             return False
-        self.fuse.refresh(recorded, elsewhere, _now())
+        # Leases are per charger; a wallbox's connector load points are served where the wallbox is.
+        points = {pid for cid in elsewhere for pid, _ in self.coordinator.points(cid)} | set(elsewhere)
+        self.fuse.refresh(recorded, points, _now())
         return True
 
     async def charger_leased(self, charger_id: str) -> None:
@@ -526,13 +528,15 @@ class Limiter(Listener):
         store = self.store
         if self.shared is None or store is None:
             return
+        points = [pid for pid, _ in self.coordinator.points(charger_id)]  # itself, or its connectors
         try:
-            recorded = await trio.to_thread.run_sync(store.load, [charger_id])
+            recorded = await trio.to_thread.run_sync(store.load, points)
         except StorageError as exc:
             self.log.error("reservations_unreadable", file=store.location, error=str(exc)[:300],
                            consequence=f"{charger_id} counts at its max_current")
             recorded = {}
-        self.fuse.adopt(charger_id, recorded.get(charger_id), known=charger_id in recorded)
+        for pid in points:
+            self.fuse.adopt(pid, recorded.get(pid), known=pid in recorded)
 
     async def _run(self, task_status: trio.TaskStatus[None]) -> None:
         async with trio.open_nursery() as nursery:

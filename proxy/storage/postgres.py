@@ -325,7 +325,8 @@ class PostgresReservations:
             cursor.execute(
                 "INSERT INTO fuse_reservations SELECT %s, t.c, t.a, %s, %s "
                 "FROM unnest(%s::text[], %s::float8[]) AS t(c, a) WHERE NOT EXISTS (SELECT 1 FROM leases l "
-                "WHERE l.charger = t.c AND l.owner <> %s AND l.expires > clock_timestamp()) ORDER BY t.c "
+                "WHERE l.charger = split_part(t.c, '#', 1) AND l.owner <> %s AND l.expires > clock_timestamp()) "
+                "ORDER BY t.c "
                 "ON CONFLICT (site, charger) DO UPDATE SET amps = excluded.amps, updated = excluded.updated, "
                 "writer = excluded.writer",
                 (self.site, time.time(), self.owner, chargers, [limits[c] for c in chargers], self.owner))
