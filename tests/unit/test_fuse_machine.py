@@ -151,6 +151,8 @@ class ProxySteps(RuleBasedStateMachine):
         self.previous: list[float] | None = None
         self.outside = False  # the last step was an outside event
         self.messages = 0
+        #: The CALL a wallbox applied before answering it: its answer is Accepted (or none).
+        self.applied_early: dict[str, Outgoing] = {}
         self.site_limits = SiteLimits()
         self.limits: dict[str, ChargerLimits] = {}
 
@@ -197,6 +199,9 @@ class ProxySteps(RuleBasedStateMachine):
         if wallbox is None or item is None:
             return
         wallbox.inflight = None
+        early = self.applied_early.pop(cid, None)
+        if early is not None and early.command is item.command and outcome in ("Rejected", "CALLERROR"):
+            outcome = "Accepted"  # a limit it already applies was not refused (it may still go unanswered)
         if outcome == "Accepted" or (outcome == "timeout" and applied):
             wallbox.apply(item)
         if outcome == "timeout":
@@ -215,6 +220,7 @@ class ProxySteps(RuleBasedStateMachine):
         item = self.wallboxes[cid].inflight if cid in self.wallboxes else None
         if item is not None:
             self.wallboxes[cid].apply(item)
+            self.applied_early[cid] = item
 
     @rule(cid=CID, applied=st.booleans())
     def drop(self, cid: str, applied: bool) -> None:
