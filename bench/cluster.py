@@ -2,6 +2,7 @@
 
     PYTHONPATH=. python -m bench.cluster [--setup 300] [--saturate 100] [--duration 5] [--repeats 2]
                                          [--failover 100] [--lease 15] [--out bench/results]
+    python -m bench.cluster --repeats 0 --lease 5     # the failover alone (--failover 0: no failover)
 
 Every path gets the same load from the same load generator (bench/loadgen.py) against the same
 backend (bench/backend.py), interleaved, ``--repeats`` times (medians reported):
@@ -204,7 +205,7 @@ def markdown(document: dict[str, Any]) -> str:
              "| path | pairs/s (setup of %d) | frames/s (%d wallboxes, closed loop) | relay CPU µs/frame | failures |"
              % (document["run"]["setup"], document["run"]["saturate"]),
              "|---|---|---|---|---|"]
-    for name, row in document["throughput"].items():
+    for name, row in document.get("throughput", {}).items():
         def num(key: str, fmt: str = "{:,.0f}") -> str:
             value = row.get(key)
             return fmt.format(value) if isinstance(value, (int, float)) else "–"
@@ -251,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         for path in order:
             path.start(backend.port, run.setup)
             started.append(path)
-        document["throughput"] = throughput(run, backend, [direct, alone, one, front1, front2])
+        if run.repeats:
+            document["throughput"] = throughput(run, backend, [direct, alone, one, front1, front2])
         if run.failover:
             document["failover"] = trio.run(failover, run, front2, [one, two])
     finally:

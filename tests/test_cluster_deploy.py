@@ -7,7 +7,10 @@ its /etc/haproxy paths pointing at this test's files.
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +80,7 @@ def test_compose_runs_two_proxies_haproxy_and_postgres() -> None:
         proxy = services[name]
         assert proxy["build"] == {"context": "..", "dockerfile": "Dockerfile"}
         assert "./cluster.local.toml:/config/ocpp-proxy.toml:ro" in proxy["volumes"]
+        assert "./proxy-certs:/tls:ro" in proxy["volumes"]  # one certificate for both (TLS passed through)
         assert proxy["depends_on"]["postgres"]["condition"] == "service_healthy"
         assert proxy["hostname"] == name
     # Each proxy keeps its own /data.
@@ -104,6 +108,7 @@ def test_cluster_toml_is_a_valid_config_for_the_compose_proxies(monkeypatch: pyt
     config = load(str(DEPLOY / "cluster.toml"))
     assert config.store.url == "postgresql://ocpp:pw@postgres/ocpp"
     assert config.server.listen == "0.0.0.0:19520" and config.server.tls == "detect"
+    assert config.server.cert == "/tls/server.crt" and config.server.key == "/tls/server.key"
     assert config.metrics.listen == "0.0.0.0:9520"  # the port of HAProxy's check
     # HAProxy marks a proxy down after fall x inter (2 x 1 s) of 503: the grace must be longer.
     assert config.server.drain_grace > 2
@@ -122,3 +127,18 @@ def test_haproxy_offers_wallboxes_the_cipher_suites_the_proxy_offers() -> None:
     settings = {words[0]: words[1:] for words in lines}
     assert settings["ssl-default-bind-ciphers"] == [WHITEPAPER_CIPHERS]
     assert settings["ssl-default-bind-options"][:2] == ["ssl-min-ver", "TLSv1.2"]
+
+
+def test_check_config_passes_cluster_toml_with_its_certificate_in_place(tmp_path: Path) -> None:
+    """What an operator runs before starting the cluster: ``ocpp-proxy check-config`` (preflight included)."""
+    certs = write_certs(tmp_path)
+    text = (DEPLOY / "cluster.toml").read_text().replace('"/tls/', f'"{certs}/').replace('"/data"',
+                                                                                          f'"{tmp_path / "data"}"')
+    config = tmp_path / "cluster.toml"
+    config.write_text(text)
+    env = {**os.environ, "OCPP_PROXY_STORE_URL": "postgresql://ocpp:pw@postgres/ocpp"}
+    env.update({name: "a-long-enough-wallbox-password" for name in re.findall(r'password_env = "(\w+)"', text)})
+    checked = subprocess.run([sys.executable, "-m", "proxy", "check-config", str(config)], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert checked.returncode == 0, checked.stderr
+    assert checked.stdout.strip().endswith("OK (2 chargers)")
