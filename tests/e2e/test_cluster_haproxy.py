@@ -30,10 +30,11 @@ SITE = 400.0     # A per phase: 50 wallboxes x 8 A
 MAX = 16.0       # A per phase and wallbox: 50 x 16 A = 800 A would blow the fuse twice over
 WALLBOXES = 50
 LEASE = 3.0      # [store] lease_seconds: a killed proxy's wallboxes are served elsewhere this much later
+GRACE = 8.0      # [server] drain_grace of the SIGTERM test
 
 
 def proxy_config(directory: Path, backend_port: int, store_url: str, chargers: list[str], *,
-                 site: bool = True, server: str = "", charger_extra: str = "") -> Path:
+                 site: bool = True, server: str = "", charger_extra: str = "", drain_grace: float = 3) -> Path:
     """One proxy process's configuration: loopback ports chosen by the OS, the shared store and
     the charger lease under the directory's name."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -43,7 +44,7 @@ def proxy_config(directory: Path, backend_port: int, store_url: str, chargers: l
                     "min_hold_time = 0\n") if site else ""
     path = directory / "proxy.toml"
     path.write_text(
-        f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\ndrain_grace = 3\nper_address_pending = 0\n'
+        f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\ndrain_grace = {drain_grace:g}\nper_address_pending = 0\n'
         f'per_address_rate = 0\nper_address_handshakes = 0\n{server}\n'
         f'[backend]\nurl = "ws://127.0.0.1:{backend_port}/ocpp"\n'
         f'[metrics]\nlisten = "127.0.0.1:0"\n[log]\nformat = "json"\n'
@@ -89,7 +90,8 @@ async def start_proxy(config: Path, nursery: trio.Nursery) -> tuple[ProxyProcess
 
 @asynccontextmanager
 async def running_cluster(tmp_path: Path, store_url: str, chargers: list[str], *, chargers_map: str = "",
-                          site: bool = True, server: str = "", charger_extra: str = "") -> AsyncIterator[Cluster]:
+                          site: bool = True, server: str = "", charger_extra: str = "",
+                          drain_grace: float = 3) -> AsyncIterator[Cluster]:
     etc = tmp_path / "haproxy"
     write_certs(etc)
     backend = await BackendProcess.start()
@@ -100,7 +102,7 @@ async def running_cluster(tmp_path: Path, store_url: str, chargers: list[str], *
             upstreams = []
             for name in ("proxy1", "proxy2"):
                 config = proxy_config(tmp_path / name, backend.port, store_url, chargers, site=site, server=server,
-                                      charger_extra=charger_extra)
+                                      charger_extra=charger_extra, drain_grace=drain_grace)
                 proxies[name], upstream = await start_proxy(config, nursery)
                 upstreams.append(Upstream(name, upstream.port, upstream.check_port))
             async with running_haproxy(upstreams, etc, chargers_map) as haproxy:
@@ -151,7 +153,9 @@ async def _connect_once(url: str) -> None:
 async def test_sigterm_turns_readyz_503_haproxy_takes_the_proxy_out_then_its_wallboxes_move(
         tmp_path: Path, pg_url: str) -> None:
     chargers = [f"CP{n:02d}" for n in range(8)]
-    async with running_cluster(tmp_path, pg_url, chargers, site=False) as cluster:
+    # The grace must outlast HAProxy's two failed checks (2 s at a quiet moment): generous here,
+    # as this machine may be loaded.
+    async with running_cluster(tmp_path, pg_url, chargers, site=False, drain_grace=GRACE) as cluster:
         async with trio.open_nursery() as nursery:
             boxes = [ClusterWallbox(cp, cluster.haproxy.url(cp), meters=400, meter_interval=0.05)
                      for cp in chargers]
@@ -165,7 +169,7 @@ async def test_sigterm_turns_readyz_503_haproxy_takes_the_proxy_out_then_its_wal
             assert mine, served
             leaving.process.send_signal(signal.SIGTERM)
             draining = await leaving.wait_event("draining")
-            assert draining["seconds"] == 3
+            assert draining["seconds"] == GRACE
             ready = await http_get(f"http://127.0.0.1:{cluster.haproxy.upstreams[0].check_port}/readyz")
             assert ready.status == 503 and json.loads(ready.body)["reason"] == "shutting down"
             # HAProxy takes it out while its sessions still run (no session_closed yet) ...
