@@ -33,7 +33,7 @@ from typing import Any
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import initialize, invariant, rule
 
-from proxy.loadmgmt.control import ControlSettings
+from proxy.loadmgmt.control import Control, ControlSettings
 from proxy.loadmgmt.coordinator import Outgoing
 from proxy.loadmgmt.engine import ChargerLimits, ConnectorLimits, SiteLimits, charger_phases, load_points
 from tests.unit.test_fuse_machine import CID, HOLD, WALL, ProxySteps
@@ -125,6 +125,11 @@ class Wallbox:
             del self.profiles[pid]
         self.profiles[raw["chargingProfileId"]] = profile
 
+    def rebooted(self) -> None:
+        """Profiles in RAM only: a reboot loses them, and the cars' transactions."""
+        self.profiles.clear()
+        self.cars.clear()
+
     def apply_backend(self) -> None:
         """The backend's profile on its way is in force (as forwarded)."""
         assert self.backend_call is not None
@@ -212,29 +217,8 @@ class ConnectorMachine(ProxySteps):
                 self.answer(cid, "Accepted", True)
             self._check_step()
 
-    @rule(cid=CID, boot=st.booleans())
-    def reconnect(self, cid: str, boot: bool) -> None:
-        self.outside = False
-        wallbox = self.wallboxes[cid]
-        if wallbox.connected:
-            return
-        self.outside = boot or (wallbox.lost_at is not None and self.now - wallbox.lost_at >= HOLD)
-        self._connect(cid, boot)
-
-    def _connect(self, cid: str, boot: bool) -> None:
-        wallbox = self.wallboxes[cid]
-        wallbox.connected, wallbox.lost_at = True, None
-        control = self.coordinator.attach(cid, self._settings(cid), self.now)
-        engine = self.coordinator.engine
-        if boot:
-            wallbox.profiles.clear()
-            wallbox.cars.clear()
-            control.boot(self.now)
-            engine.transaction_stopped(cid, None, self.now)
-            self.coordinator.sync(cid)
-            control.boot_answered("Accepted")
-        else:
-            control.wallbox_call()
+    def _statuses(self, cid: str, control: Control) -> None:
+        wallbox, engine = self.wallboxes[cid], self.coordinator.engine
         for n in (1, 2):
             control.status(n)
             engine.status(cid, n, "Charging" if n in wallbox.cars else "Available", self.now)

@@ -32,7 +32,7 @@ from typing import Any
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from proxy.loadmgmt.control import ControlSettings
+from proxy.loadmgmt.control import Control, ControlSettings
 from proxy.loadmgmt.coordinator import Coordinator, Outgoing
 from proxy.loadmgmt.engine import ChargerLimits, LimitEngine, SiteLimits, charger_phases
 from proxy.loadmgmt.fuse import Fuse
@@ -108,6 +108,11 @@ class Wallbox:
     def __post_init__(self) -> None:
         self._levels: dict[int, int] = {}
 
+    def rebooted(self) -> None:
+        """Profiles in RAM only: a reboot loses them, and the car's transaction."""
+        self.profiles.clear()
+        self.car = False
+
     def apply_backend(self) -> None:
         """The backend's profile on its way is in force (as forwarded)."""
         assert self.backend_call is not None
@@ -167,10 +172,10 @@ class ProxySteps(RuleBasedStateMachine):
         if self.site_limits.meter:
             self._meter_reading()
 
-    def _connect(self, cid: str, boot: bool) -> None:
+    def _meter_reading(self) -> None:
         raise NotImplementedError
 
-    def _meter_reading(self) -> None:
+    def _settings(self, cid: str) -> ControlSettings:
         raise NotImplementedError
 
     # -- the proxy's steps --------------------------------------------------------------------
@@ -242,6 +247,38 @@ class ProxySteps(RuleBasedStateMachine):
         self.coordinator.detach(cid, self.now)
         if item is not None:
             self.coordinator.failed(cid, item.command, "session gone", self.now)
+
+    @rule(cid=CID, boot=st.booleans())
+    def reconnect(self, cid: str, boot: bool) -> None:
+        """A lost wallbox comes back (``boot``: it rebooted: its profiles and transaction are gone)."""
+        self.outside = False
+        if cid not in self.wallboxes or self.wallboxes[cid].connected:
+            return
+        lost_at = self.wallboxes[cid].lost_at
+        # One released after lost_charger_hold counts again from here: by that decision, not this step;
+        # one that rebooted meanwhile lost its profile: it may draw its maximum, whatever the proxy does.
+        self.outside = boot or (lost_at is not None and self.now - lost_at >= HOLD)
+        self._connect(cid, boot)
+
+    def _connect(self, cid: str, boot: bool) -> None:
+        wallbox = self.wallboxes[cid]
+        wallbox.connected, wallbox.lost_at = True, None
+        control = self.coordinator.attach(cid, self._settings(cid), self.now)
+        engine = self.coordinator.engine
+        if boot:
+            wallbox.rebooted()
+            control.boot(self.now)
+            engine.transaction_stopped(cid, None, self.now)
+            self.coordinator.sync(cid)
+            control.boot_answered("Accepted")
+        else:
+            control.wallbox_call()
+        self._statuses(cid, control)
+
+    def _statuses(self, cid: str, control: Control) -> None:
+        """After a (re)connect: the wallbox reports its connectors' statuses (and running transactions)."""
+        raise NotImplementedError
+
 
     @rule(cid=CID)
     def reboot(self, cid: str) -> None:
@@ -331,34 +368,9 @@ class FuseMachine(ProxySteps):
         limits = self.limits[cid]
         return ControlSettings(strategy=self.strategies[cid], phases=limits.phases, retry=5.0)
 
-    @rule(cid=CID, boot=st.booleans())
-    def reconnect(self, cid: str, boot: bool) -> None:
-        """A lost wallbox comes back (``boot``: it rebooted: its profiles and transaction are gone)."""
-        self.outside = False
-        if cid not in self.wallboxes or self.wallboxes[cid].connected:
-            return
-        lost_at = self.wallboxes[cid].lost_at
-        # One released after lost_charger_hold counts again from here: by that decision, not this step;
-        # one that rebooted meanwhile lost its profile: it may draw its maximum, whatever the proxy does.
-        self.outside = boot or (lost_at is not None and self.now - lost_at >= HOLD)
-        self._connect(cid, boot)
-
-    def _connect(self, cid: str, boot: bool) -> None:
-        wallbox = self.wallboxes[cid]
-        wallbox.connected, wallbox.lost_at = True, None
-        control = self.coordinator.attach(cid, self._settings(cid), self.now)
-        engine = self.coordinator.engine
-        if boot:
-            wallbox.profiles.clear()
-            wallbox.car = False
-            control.boot(self.now)
-            engine.transaction_stopped(cid, None, self.now)
-            self.coordinator.sync(cid)
-            control.boot_answered("Accepted")
-        else:
-            control.wallbox_call()
+    def _statuses(self, cid: str, control: Control) -> None:
         control.status(1)
-        engine.status(cid, 1, "Charging" if wallbox.car else "Available", self.now)
+        self.coordinator.engine.status(cid, 1, "Charging" if self.wallboxes[cid].car else "Available", self.now)
 
     # -- cars, the backend, meter and EMS -----------------------------------------------------
 
