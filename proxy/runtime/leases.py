@@ -40,6 +40,17 @@ GRACE = 2.0
 
 
 @dataclass
+class _Asked:
+    """One acquire waiting for its batch: the answer (None: the store failed, ``detail`` says why)."""
+
+    key: str
+    done: trio.Event = field(default_factory=trio.Event)
+    state: LeaseState | None = None
+    sent: float = 0.0
+    detail: str = ""
+
+
+@dataclass
 class _Held:
     """One charger's lease in this process: its holders and until when (trio clock) it surely lasts."""
 
@@ -61,6 +72,9 @@ class LeaseKeeper:
         #: Per key while a take or a release of it runs: one at a time, so a release of a holder that
         #: just ended never deletes the row a new holder in this process has just renewed.
         self._locks: dict[str, trio.Lock] = {}
+        #: Acquires waiting for the next batch, and whether a task is taking one (group commit).
+        self._asked: list[_Asked] = []
+        self._taking = False
         #: Counted for metrics and tests.
         self.refused = 0
         self.lost = 0
@@ -118,11 +132,14 @@ class LeaseKeeper:
                 del self._locks[key]
 
     async def _acquire(self, key: str) -> Serve | Refuse:
-        sent = trio.current_time()
-        try:
-            state = await trio.to_thread.run_sync(self.store.acquire, key, self.me, self.policy.ttl)
-        except StorageError as exc:
-            self.log.error("lease_unavailable", key=key, error=exc.detail)
+        asked = _Asked(key)
+        self._asked.append(asked)
+        if not self._taking:
+            await self._take_batches()
+        await asked.done.wait()
+        state, sent = asked.state, asked.sent
+        if state is None:
+            self.log.error("lease_unavailable", key=key, error=asked.detail)
             return Refuse(UNREACHABLE, self.policy.renew_every)
         decision = self.policy.on_acquire(state)
         if isinstance(decision, Serve):
@@ -131,6 +148,33 @@ class LeaseKeeper:
                 held = self._held[key] = _Held(sent + state.remaining)  # a lost one's holders end on their own
             held.until = max(held.until, sent + state.remaining)
         return decision
+
+    async def _take_batches(self) -> None:
+        """Group commit: every acquire that arrives while one transaction runs goes into the next one, so a
+        crowd of wallboxes reconnecting at once costs a few commits, not one each. Shielded: the waiters of
+        a batch must get its answer even if the handshake that happened to run it is cancelled."""
+        self._taking = True
+        try:
+            with trio.CancelScope(shield=True):
+                while self._asked:
+                    batch, self._asked = self._asked, []
+                    await self._take_batch(batch)
+        finally:
+            self._taking = False
+
+    async def _take_batch(self, batch: list[_Asked]) -> None:
+        sent = trio.current_time()
+        states: list[LeaseState | None] = [None] * len(batch)
+        detail = "lease batch failed"
+        try:
+            states[:] = await trio.to_thread.run_sync(self.store.acquire_many, [a.key for a in batch],
+                                                      self.me, self.policy.ttl)
+        except StorageError as exc:
+            detail = exc.detail
+        finally:  # whatever happened, no handshake is left waiting
+            for asked, state in zip(batch, states):
+                asked.state, asked.sent, asked.detail = state, sent, detail
+                asked.done.set()
 
     async def _release(self, key: str) -> None:
         try:

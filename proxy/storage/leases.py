@@ -28,6 +28,10 @@ class LeaseStore(Protocol):
         """Take or renew the lease for ``ttl`` seconds unless another holds a live one; the lease as it stands."""
         ...
 
+    def acquire_many(self, chargers: Sequence[str], owner: str, ttl: float) -> list[LeaseState]:
+        """:meth:`acquire` for several in one transaction (the handshakes that arrive together)."""
+        ...
+
     def renew(self, chargers: Sequence[str], owner: str, ttl: float) -> list[LeaseState]:
         """Extend every one of ``chargers`` that ``owner`` still holds, in one transaction (a process renews
         all its leases at once); never takes one: a lease released meanwhile stays released. Each lease as
@@ -58,9 +62,12 @@ class SqliteLeases:
             raise StorageError("open", f"{path}: {exc}") from exc
 
     def acquire(self, charger: str, owner: str, ttl: float) -> LeaseState:
-        return self._write([charger], owner, ttl, "INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (charger) "
+        return self.acquire_many([charger], owner, ttl)[0]
+
+    def acquire_many(self, chargers: Sequence[str], owner: str, ttl: float) -> list[LeaseState]:
+        return self._write(chargers, owner, ttl, "INSERT INTO leases VALUES (?, ?, ?) ON CONFLICT (charger) "
                            "DO UPDATE SET owner = excluded.owner, expires = excluded.expires "
-                           "WHERE leases.owner = excluded.owner OR leases.expires <= ?")[0]
+                           "WHERE leases.owner = excluded.owner OR leases.expires <= ?")
 
     def renew(self, chargers: Sequence[str], owner: str, ttl: float) -> list[LeaseState]:
         return self._write(chargers, owner, ttl, "UPDATE leases SET expires = ?3 WHERE charger = ?1 AND owner = ?2 "

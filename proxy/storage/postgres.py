@@ -263,12 +263,19 @@ class PostgresStorage(QueueReads):
 
     def acquire(self, charger: str, owner: str, ttl: float) -> LeaseState:
         """Atomic: the row is locked by the upsert, so two processes never both get a live lease."""
+        return self.acquire_many([charger], owner, ttl)[0]
+
+    def acquire_many(self, chargers: Sequence[str], owner: str, ttl: float) -> list[LeaseState]:
+        """One upsert for all, in sorted order (two processes lock rows in one order: no deadlock)."""
+        if not chargers:
+            return []
         with self._leases.transaction("lease", durable=True) as cursor:
-            cursor.execute("INSERT INTO leases VALUES (%s, %s, clock_timestamp() + make_interval(secs => %s)) "
+            cursor.execute("INSERT INTO leases SELECT c, %s, clock_timestamp() + make_interval(secs => %s) "
+                           "FROM unnest(%s::text[]) AS c ORDER BY c "
                            "ON CONFLICT (charger) DO UPDATE SET owner = excluded.owner, expires = excluded.expires "
                            "WHERE leases.owner = excluded.owner OR leases.expires <= clock_timestamp()",
-                           (charger, owner, ttl))
-            return _lease_states(cursor, [charger])[0]
+                           (owner, ttl, sorted(set(chargers))))
+            return _lease_states(cursor, chargers)
 
     def renew(self, chargers: Sequence[str], owner: str, ttl: float) -> list[LeaseState]:
         """One UPDATE of the rows still ``owner``'s, in sorted order (two processes lock rows in one order)."""

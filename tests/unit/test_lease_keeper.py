@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import trio
 from structlog.testing import capture_logs
 
-from proxy.core.lease import LeasePolicy
+from proxy.core.lease import LeasePolicy, LeaseState
 from proxy.ops.logs import get_logger
 from proxy.runtime.leases import LeaseKeeper
 from proxy.storage.leases import SqliteLeases
@@ -126,3 +127,31 @@ async def test_a_holder_ending_never_releases_the_lease_of_the_one_that_replaced
                 assert other is not None and other.holder == "proxy-a"
             nursery.cancel_scope.cancel()
         await wait_until(lambda: expires(path, "CP1") is None)  # the last holder released it
+
+
+class CountingLeases(SqliteLeases):
+    """The SQLite lease store, counting its transactions of acquires."""
+
+    batches: list[int] = []
+
+    def acquire_many(self, chargers: Sequence[str], owner: str, ttl: float) -> list[LeaseState]:
+        self.batches.append(len(chargers))
+        return super().acquire_many(chargers, owner, ttl)
+
+
+async def test_wallboxes_arriving_together_share_a_few_transactions(tmp_path: Path) -> None:
+    store = CountingLeases(tmp_path / "leases.sqlite3")
+    store.batches = []
+    a = LeaseKeeper(store, LeasePolicy("proxy-a", 30), log=get_logger())
+    b = LeaseKeeper(SqliteLeases(tmp_path / "leases.sqlite3"), LeasePolicy("proxy-b", 30), log=get_logger())
+    async with b.hold("CP7") as refused:  # one of them is served elsewhere
+        assert refused is None
+        answers: dict[str, bool] = {}
+        async with trio.open_nursery() as nursery:
+            for n in range(50):
+                async def one(key: str = f"CP{n}") -> None:
+                    async with a.hold(key) as other:
+                        answers[key] = other is None
+                nursery.start_soon(one)
+    assert answers == {f"CP{n}": n != 7 for n in range(50)}
+    assert sum(store.batches) == 50 and len(store.batches) <= 5, store.batches
