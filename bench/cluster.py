@@ -88,8 +88,9 @@ class Balanced(Path_):
         deadline = time.monotonic() + 30
         while self.states() != wanted:
             if self.process.poll() is not None or time.monotonic() > deadline:
+                self.stop()  # never left running
                 raise RuntimeError(f"HAProxy did not bring {wanted} up: {(self.etc / 'haproxy.log').read_text()[-800:]}")
-            time.sleep(0.1)
+            time.sleep(0.1)  # polling another process's state
 
     def states(self) -> dict[str, str]:
         try:
@@ -250,8 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         one.name = "proxy"  # the path's name in the report (its process is "proxy1")
         order: list[Path_] = [direct, alone, one, two, front1, front2]
         for path in order:
+            started.append(path)  # stopped in any case: a proxy that never listened is still killed
             path.start(backend.port, run.setup)
-            started.append(path)
         if run.repeats:
             document["throughput"] = throughput(run, backend, [direct, alone, one, front1, front2])
         if run.failover:

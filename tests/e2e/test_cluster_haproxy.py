@@ -82,12 +82,15 @@ class Cluster:
         await wait_until(lambda: set(chargers) <= set(self.served_by()), timeout=timeout, interval=0.05)
 
 
-async def start_proxy(config: Path, nursery: trio.Nursery) -> tuple[ProxyProcess, Upstream]:
-    proxy = await ProxyProcess.start(config)
+async def start_proxy(name: str, config: Path, nursery: trio.Nursery,
+                      started: dict[str, ProxyProcess]) -> Upstream:
+    """Start it, put it in ``started`` at once (whoever owns that closes it, even if it never
+    listens), wait until it listens; its wallbox and check ports."""
+    proxy = started[name] = await ProxyProcess.start(config)
     port = await proxy.port()
     check = int((await proxy.wait_event("metrics_listening"))["ports"][0])
     nursery.start_soon(proxy.follow)  # from now on everything it logs is read as it comes
-    return proxy, Upstream("", port, check)
+    return Upstream(name, port, check)
 
 
 @asynccontextmanager
@@ -105,8 +108,7 @@ async def running_cluster(tmp_path: Path, store_url: str, chargers: list[str], *
             for name in ("proxy1", "proxy2"):
                 config = proxy_config(tmp_path / name, backend.port, store_url, chargers, site=site, server=server,
                                       charger_extra=charger_extra, drain_grace=drain_grace)
-                proxies[name], upstream = await start_proxy(config, nursery)
-                upstreams.append(Upstream(name, upstream.port, upstream.check_port))
+                upstreams.append(await start_proxy(name, config, nursery, proxies))
             async with running_haproxy(upstreams, etc, chargers_map) as haproxy:
                 await haproxy.wait_states({"proxy1": "UP", "proxy2": "UP"})
                 yield Cluster(backend, proxies, haproxy, etc)
