@@ -70,3 +70,14 @@ def test_cluster_bench_runs_with_small_counts(tmp_path: Path) -> None:
     assert all("0 setup, 0 unanswered" in row for row in rows), rows
     assert "on the one killed with SIGKILL" in out and "served again after p50" in out
     assert list(tmp_path.glob("cluster-*.md"))
+
+
+def test_idle_memory_bench_counts_per_pair_side_by_side_with_a_baseline() -> None:
+    out = run_bench("idle_memory", "--pairs", "4", "--top", "5", "--baseline", str(ROOT))
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:]
+            for line in out.splitlines() if line.startswith("| ")}
+    # baseline connected, baseline after a round trip, proxy connected, proxy after a round trip
+    assert all(float(cell.replace(",", "")) > 0 for cell in rows["traced bytes (tracemalloc)"])
+    # Three tasks per idle pair: the connection's (with the wallbox's reader), the link, the timer.
+    assert rows["trio tasks"] == ["3.00"] * 4
+    assert "## connected: bytes per pair by the innermost proxy function on the way" in out
