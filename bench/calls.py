@@ -28,9 +28,9 @@ from types import FrameType
 from typing import Any
 
 if __package__:  # run as python -m bench.calls (not as the proxy's wrapper)
-    from bench.instructions import _load
+    from bench.instructions import _load, header
     from bench.procs import ROOT, Backend, LoadGen, OcppProxy, workdir
-    from bench.sysinfo import load_average, machine, raise_nofile
+    from bench.sysinfo import load_average
 
 
 def _wrap() -> None:
@@ -100,14 +100,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--callers", action="store_true", help="count each function by its caller")
     args = parser.parse_args(argv)
-    raise_nofile()
     if args.callers:
         os.environ["BENCH_CALLS_CALLERS"] = "1"
+    header(args)
     checkouts = ([("baseline", args.baseline.resolve())] if args.baseline else []) + [("this checkout", ROOT)]
-    info = machine(None)
-    print(f"machine: {info['cpu_model']}, {info['cores']} cores, Python {info['python']}, "
-          f"load average before {load_average()[0]:.2f}; {args.wallboxes} wallboxes saturating, "
-          f"{args.seconds:g} s windows")
     backend = Backend()
     results: dict[str, dict[str, Any]] = {}
     try:

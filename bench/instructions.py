@@ -105,6 +105,15 @@ def strace(root: Path, name: str, backend: Backend, wallboxes: int, seconds: flo
     return {"frames": frames, "calls": calls, "per_frame": per_frame}
 
 
+def header(args: argparse.Namespace) -> None:
+    """Raise the open-file limit; print the machine, the load and the settings."""
+    raise_nofile()
+    info = machine(None)
+    print(f"machine: {info['cpu_model']}, {info['cores']} cores, Python {info['python']}, "
+          f"load average before {load_average()[0]:.2f}; {args.wallboxes} wallboxes saturating, "
+          f"{args.seconds:g} s windows")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.instructions", description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", type=Path, help="another checkout, measured the same way in this run")
@@ -117,17 +126,13 @@ def main(argv: list[str] | None = None) -> int:
     for tool in ("valgrind" if "callgrind" in tools else None, "strace" if "strace" in tools else None):
         if tool is not None and shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed")
-    raise_nofile()
+    header(args)
     checkouts: list[tuple[str, Path, bool | None]] = (
         [("baseline", args.baseline.resolve(), None)] if args.baseline else [])
     if args.session_log:
         checkouts += [(f"session_log {s}", ROOT, s == "on") for s in args.session_log.split(",")]
     else:
         checkouts.append(("this checkout", ROOT, None))
-    info = machine(None)
-    print(f"machine: {info['cpu_model']}, {info['cores']} cores, Python {info['python']}, "
-          f"load average before {load_average()[0]:.2f}; {args.wallboxes} wallboxes saturating, "
-          f"{args.seconds:g} s windows")
     backend = Backend()
     results: dict[str, dict[str, Any]] = {}
     try:
