@@ -130,51 +130,51 @@ class WsConnection:
     # -- receiving ----------------------------------------------------------------------
 
     async def get_message(self) -> str | bytes:
-        """The next message; raises ConnectionClosed once the connection is closed."""
+        """The next message; raises ConnectionClosed once the connection is closed.
+
+        The one place the socket is read (:meth:`aclose` reads through it too), inline rather
+        than in a helper coroutine: every coroutine between the pump and trio's wait is one
+        more call and one more frame to pass on each resumption, for every frame read.
+        """
         messages = self._messages
+        raw = self._raw
         while not messages:
             if self._close_seen:
                 raise self._closed_by(self._reason or CloseReason(_ABNORMAL, None))
             if self._reading:  # aclose() is reading until the peer answers its close
                 await self._wait_close_seen()
                 continue
-            await self._read_once()
+            self._reading = True
+            try:
+                if self._leftover:
+                    data, self._leftover = self._leftover, b""
+                elif raw is None:
+                    data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
+                else:
+                    if self._stream_closed:  # the descriptor number may belong to another socket by now
+                        raise trio.ClosedResourceError
+                    while True:
+                        await _wait_readable(self._fd)
+                        try:
+                            n = raw.recv_into(_buffer)
+                        except (BlockingIOError, InterruptedError):
+                            continue
+                        break
+                    data = _view[:n].tobytes()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                data = b""
+            finally:
+                self._reading = False
+            if not data:
+                self._lost()
+                continue
+            for event in self._parser.feed(data):
+                if type(event) is TextMessage:  # the common case, without a call
+                    if self._reason is None or not self._close_sent:
+                        messages.append(event.text)
+                else:
+                    await self._handle(event)
         return messages.pop(0)
-
-    async def _read_once(self) -> None:
-        if self._reading:
-            raise trio.BusyResourceError("another task is already reading this WebSocket")
-        self._reading = True
-        raw = self._raw
-        try:
-            if self._leftover:
-                data, self._leftover = self._leftover, b""
-            elif raw is None:
-                data = bytes(await self.stream.receive_some(RECEIVE_SIZE))
-            else:  # inline, not a helper coroutine: this runs once per frame read
-                if self._stream_closed:  # the descriptor number may belong to another socket by now
-                    raise trio.ClosedResourceError
-                while True:
-                    await _wait_readable(self._fd)
-                    try:
-                        n = raw.recv_into(_buffer)
-                    except (BlockingIOError, InterruptedError):
-                        continue
-                    break
-                data = _view[:n].tobytes()
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-            data = b""
-        finally:
-            self._reading = False
-        if not data:
-            self._lost()
-            return
-        for event in self._parser.feed(data):
-            if type(event) is TextMessage:  # the common case, without a call
-                if self._reason is None or not self._close_sent:
-                    self._messages.append(event.text)
-            else:
-                await self._handle(event)
 
     async def _handle(self, event: Event) -> None:
         match event:
@@ -395,13 +395,14 @@ class WsConnection:
                 except ConnectionClosed:
                     return
             with trio.move_on_after(self.close_timeout):
-                # Until the peer's close: the task already reading (a pump in
-                # get_message, which keeps reading until then) sees it, else we read.
+                # Until the peer's close: the task already reading (a pump in get_message, which
+                # keeps reading until then) sees it, else we read. After our close nothing more is
+                # queued (messages dropped), so get_message returns only by raising at the close.
                 while not self._close_seen:
-                    if self._reading:
-                        await self._wait_close_seen()
-                    else:
-                        await self._read_once()
+                    try:
+                        await self.get_message()
+                    except ConnectionClosed:
+                        break
         finally:
             await self._close_stream()
 
