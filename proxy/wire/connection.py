@@ -174,6 +174,7 @@ class WsConnection:
                         messages.append(event.text)
                 else:
                     await self._handle(event)
+            data = b""  # a reader waiting for the rest of a frame holds none of the last read
         return messages.pop(0)
 
     async def _handle(self, event: Event) -> None:
