@@ -210,12 +210,14 @@ class ClusterWallbox:
 
 
 def _refusal(exc: BaseException) -> str:
-    """``ConnectionRejected 503 retry-after=3`` (a proxy's lease refusal), ``ConnectionRejected 503``
-    (HAProxy: no proxy available), ``OSError`` ..."""
+    """``ConnectionRejected 503 retry-after=3`` (a proxy's lease refusal), ``ConnectionRejected 502
+    from haproxy`` (a proxy closed the connection without an answer), ``OSError`` ..."""
     if not isinstance(exc, trio_websocket.ConnectionRejected):
         return type(exc).__name__
     retry = [value.decode() for name, value in exc.headers if name.lower() == b"retry-after"]
-    return f"ConnectionRejected {exc.status_code}" + (f" retry-after={retry[0]}" if retry else "")
+    haproxy = b"</h1>\nThe server returned an invalid or incomplete response." in (exc.body or b"")
+    return (f"ConnectionRejected {exc.status_code}" + (f" retry-after={retry[0]}" if retry else "")
+            + (" from haproxy" if haproxy else ""))
 
 
 def worst_sum(history: list[tuple[float, dict[str, float]]]) -> float:
