@@ -86,8 +86,8 @@ def measure(root: Path, name: str, backend: Backend, pairs: int, frames: int, wo
     """Snapshots of a fresh proxy: idle, ``pairs`` connected, after one round trip each."""
     proxy = ProbedProxy(work, root, name, frames)
     proxy.server_extra = "ping_interval = 3600\n"  # the steady state between pings; no round mid-snapshot
-    proxy.start(backend.port, 0)
     try:
+        proxy.start(backend.port, 0)  # inside: a proxy that does not come up is stopped too
         time.sleep(1.0)  # start-up tasks settle (first metrics scrape, store opened)
         stages = [proxy.probe()]
         backend.accepted()  # forget earlier handshakes
