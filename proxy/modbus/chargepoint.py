@@ -56,7 +56,6 @@ from proxy.loadmgmt.profiles import (
     parse_clear,
     parse_set,
     parse_time,
-    replaces,
 )
 
 CONNECTOR = 1
@@ -243,6 +242,19 @@ def share(limit: float | None, wanted: dict[int, float], minimum: float) -> dict
         if not starved or len(active) == 1:
             return result
         active.remove(max(starved))
+
+
+def replaces_on_connector(new: Installed, old: Installed) -> bool:
+    """Same id, or same purpose and stack level **on the same connector** (docs/modbus.md).
+
+    A charge point keeps one profile stack per connector, as wallbox firmware does
+    (and as OCPP 2.0.1 says per EVSE): a TxProfile for one socket's transaction
+    must not remove the other socket's, or that socket would lose its limit and
+    draw the charge point's maximum.
+    """
+    return (new.profile.id == old.profile.id
+            or (new.connector == old.connector and new.profile.purpose == old.profile.purpose
+                and new.profile.stack_level == old.profile.stack_level))
 
 
 class VirtualChargePoint:
@@ -605,7 +617,8 @@ class VirtualChargePoint:
             running = c.running
             if running is None or c.inoperative or c.lost:
                 continue
-            limit = composite_limit(own, wall, charger_phases=phases, transactions=[running], connectors=(c.id,))
+            here = [i for i in own if i.connector in (0, c.id)]  # another socket's profiles are not this one's
+            limit = composite_limit(here, wall, charger_phases=phases, transactions=[running], connectors=(c.id,))
             wanted[c.id] = top if limit is None else min(limit, top)
         maximum = composite_limit([i for i in self.profiles if i.profile.purpose == MAX_PROFILE], wall,
                                   charger_phases=phases)
@@ -748,7 +761,7 @@ class VirtualChargePoint:
             if connector == 0 or not active or parsed.transaction_id not in (None, tx.transaction_id if tx else None):
                 return "Rejected"
         item = Installed(connector, parsed, wall)
-        kept = [old for old in self.profiles if not replaces(item, old)]
+        kept = [old for old in self.profiles if not replaces_on_connector(item, old)]
         if len(kept) >= MAX_PROFILES:
             return "Rejected"
         self.profiles = [*kept, item]

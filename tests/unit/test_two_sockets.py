@@ -214,6 +214,22 @@ def test_two_transactions_run_at_once_and_share_the_maximum() -> None:
     assert restored is not None and restored.transaction_id == 1002
 
 
+def test_one_sockets_tx_profile_never_removes_the_others() -> None:
+    """Found by the state machine: two TxProfiles with the same purpose and stack level on the two
+    connectors. Replacing across connectors dropped socket 1's 3 A profile and it drew 32 A."""
+    machine = TwoSockets()
+    machine.car(2, plugged=True, requesting=False)
+    machine.car(1, plugged=True, requesting=False)
+    machine.answer(True, 10)
+    machine.tx_profile(1, 3)
+    machine.tx_profile(2, 3)
+    assert {c.id: c.current for c in machine.cp.connectors.values()} == {1: 0.0, 2: 0.0}  # 3 A < minimum: paused
+    assert sorted(i.connector for i in machine.cp.profiles) == [1, 2]
+    machine.tx_profile(2, 10)  # the same connector, purpose and stack level: replaced there only
+    assert {c.id: c.current for c in machine.cp.connectors.values()} == {1: 0.0, 2: 10.0}
+    assert sorted(i.connector for i in machine.cp.profiles) == [1, 2]
+
+
 @given(st.one_of(st.none(), st.floats(0, 64)), st.dictionaries(st.sampled_from([1, 2, 3]), st.floats(0, 32)))
 def test_share_never_exceeds_the_limit_nor_what_each_wants(limit: float | None, wanted: dict[int, float]) -> None:
     result = share(limit, wanted, MIN)
