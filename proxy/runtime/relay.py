@@ -361,8 +361,10 @@ class PairedSession:
             async with trio.open_nursery() as nursery:
                 self._cancel = nursery.cancel_scope
                 self._nursery = nursery
+                # Each link has told the session whether its upstream is up (and replaying) before
+                # the wallbox's first frame is read: a live CALL must never overtake the queue.
                 for name in self.upstream_names:
-                    nursery.start_soon(self._link, name)
+                    await nursery.start(self._link, name)
                 nursery.start_soon(self._run_timers, nursery)
                 # The wallbox's pump runs in this task, the nursery's body: a task of its own would
                 # cost every idle pair about 1 KiB. Cancelled with the nursery, like its children.
@@ -551,14 +553,23 @@ class PairedSession:
 
     # -- upstream links ----------------------------------------------------------------
 
-    async def _link(self, name: Side) -> None:
-        """One upstream for the life of the pair: relay while connected, reopen while the wallbox stays."""
+    async def _link(self, name: Side, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """One upstream for the life of the pair: relay while connected, reopen while the wallbox stays.
+
+        ``task_status.started()`` once the session knows this upstream's first state (up and
+        replaying, or down), so :meth:`run` reads no wallbox frame before (docs/offline.md).
+        """
         connection = self.upstreams.get(name)
         secondary = name != self.session.primary
         if connection is not None:
-            await self._connected(name, connection)
-        elif not secondary:  # a secondary is opened here, without a first wait
-            await self._lost(name, "unreachable when the wallbox connected")
+            replay = await self._attach(name, connection)
+            task_status.started()
+            if replay is not None:
+                await self._serve(name, connection, replay)
+        else:
+            if not secondary:  # a secondary is opened here, without a first wait
+                await self._lost(name, "unreachable when the wallbox connected")
+            task_status.started()
         connector = self.reconnect.get(name)
         if connector is None:
             return
@@ -580,8 +591,14 @@ class PairedSession:
 
     async def _connected(self, name: Side, connection: Connection) -> None:
         """Relay one upstream connection until it closes; replay stored CALLs first."""
+        replay = await self._attach(name, connection)
+        if replay is not None:
+            await self._serve(name, connection, replay)
+
+    async def _attach(self, name: Side, connection: Connection) -> bool | None:
+        """Tell the session an upstream is up; whether its queue replays first (None: not used)."""
         if self._handing_over:  # a drain giving way to its wallbox opens nothing more
-            return
+            return None
         self.upstreams[name] = connection
         self._upstream_out[name] = self._outbox(name, connection)
         self._upstream_outboxes = tuple(self._upstream_out.values())
@@ -593,6 +610,10 @@ class PairedSession:
         self._tell_upstream(name, True, "")
         await self._execute(self.session.secondary_up(name, trio.current_time()))  # a secondary's backlog
         self._check_drained()
+        return replay
+
+    async def _serve(self, name: Side, connection: Connection, replay: bool) -> None:
+        """Relay an attached upstream until it closes (replaying first), then end or mark it lost."""
         if replay:
             async with trio.open_nursery() as link:
                 link.start_soon(self._replay)

@@ -13,6 +13,7 @@ import psycopg
 import pytest
 import trio
 import trio_websocket
+import websockets
 from ocpp.v16 import call
 from structlog.testing import capture_logs
 
@@ -266,3 +267,57 @@ async def test_frames_sent_back_to_back_share_commits_and_are_answered_in_order_
     assert answered == ids
     # One commit per frame would be 40; read ahead, they share commits (the first one may go alone).
     assert store.commits - commits_before < count / 2, store.commits - commits_before
+
+
+async def _call_raw(ws: trio_websocket.WebSocketConnection, msg_id: str, action: str,
+                    payload: dict[str, object]) -> str:
+    """Send one CALL as text and return its text (the answer is awaited, not checked here)."""
+    text = json.dumps([2, msg_id, action, payload], separators=(",", ":"))
+    await ws.send_message(text)
+    with trio.fail_after(10):
+        answer = json.loads(await ws.get_message())
+    assert answer[0] == 3 and answer[1] == msg_id, answer
+    return text
+
+
+async def _connect_and_send(url: str, text: str) -> websockets.ClientConnection:
+    """Open a wallbox connection and send ``text`` at once; return once its answer is in."""
+    ws = await websockets.connect(url, subprotocols=[websockets.Subprotocol("ocpp1.6")])
+    await ws.send(text)
+    answer = json.loads(await ws.recv())
+    assert answer[0] == 3 and answer[1] == json.loads(text)[1], answer
+    return ws
+
+
+async def test_a_call_sent_right_after_the_handshake_never_overtakes_the_queue(
+        peers: LoopThread, start_proxy: StartProxy) -> None:
+    """A wallbox that reconnects with frames queued sends its next CALL at once: the backend gets the
+    queue first. (The session used to read the wallbox's first frame before the upstream's link had
+    told it to replay, and forwarded it live ahead of the queue: seen as a StopTransaction before the
+    MeterValues queued by a killed process: about one round in two.) Five rounds, each a fresh queue."""
+    port = free_port()
+    server = await start_proxy(offline_config(port, "drain_delay = 600\n"))  # the wallbox replays, no drain
+    url = proxy_url(server, "CP1")
+    backend = SimBackend(port=port)
+    expected: list[str] = []
+    for round_ in range(5):
+        async with trio_websocket.open_websocket_url(url, subprotocols=["ocpp1.6"]) as ws:  # backend down
+            for n in range(3):
+                expected.append(await _call_raw(ws, f"q{round_}-{n}", "MeterValues", {
+                    "connectorId": 1, "transactionId": 7, "meterValue": [{"timestamp": now_iso(), "sampledValue": [
+                        {"value": str(100 * round_ + n)}]}]}))
+        await wait_until(lambda: "CP1" not in server.sessions)
+        await in_loop(peers, backend.start())
+        # From the peers' thread: the CALL leaves the moment the handshake is answered, while the
+        # proxy is still setting the session up.
+        live = json.dumps([2, f"live{round_}", "StatusNotification", {
+            "connectorId": 1, "errorCode": "NoError", "status": "Available"}], separators=(",", ":"))
+        ws = await in_loop(peers, _connect_and_send(url, live))
+        expected.append(live)
+        await wait_recorded(backend.recorder("CP1"), lambda r: len(r.received) >= len(expected))
+        paired = server.sessions["CP1"]  # closed once the replay is answered: no frame left in flight
+        await wait_until(lambda: paired.queued == 0 and not paired.session.offline_mode)
+        await in_loop(peers, ws.close())
+        await in_loop(peers, backend.stop())
+        await wait_until(lambda: "CP1" not in server.sessions)
+    assert backend.recorders["CP1"].received == expected, "\n".join(t[:40] for t in backend.recorders["CP1"].received)
