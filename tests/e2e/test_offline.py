@@ -312,12 +312,12 @@ async def test_a_call_sent_right_after_the_handshake_never_overtakes_the_queue(
         # proxy is still setting the session up.
         live = json.dumps([2, f"live{round_}", "StatusNotification", {
             "connectorId": 1, "errorCode": "NoError", "status": "Available"}], separators=(",", ":"))
-        ws = await in_loop(peers, _connect_and_send(url, live))
+        client = await in_loop(peers, _connect_and_send(url, live))
         expected.append(live)
         await wait_recorded(backend.recorder("CP1"), lambda r: len(r.received) >= len(expected))
         paired = server.sessions["CP1"]  # closed once the replay is answered: no frame left in flight
         await wait_until(lambda: paired.queued == 0 and not paired.session.offline_mode)
-        await in_loop(peers, ws.close())
+        await in_loop(peers, client.close())
         await in_loop(peers, backend.stop())
         await wait_until(lambda: "CP1" not in server.sessions)
     assert backend.recorders["CP1"].received == expected, "\n".join(t[:40] for t in backend.recorders["CP1"].received)
