@@ -56,6 +56,7 @@ from proxy.loadmgmt.profiles import (
     parse_clear,
     parse_set,
     parse_time,
+    replaces,
 )
 
 CONNECTOR = 1
@@ -252,9 +253,7 @@ def replaces_on_connector(new: Installed, old: Installed) -> bool:
     must not remove the other socket's, or that socket would lose its limit and
     draw the charge point's maximum.
     """
-    return (new.profile.id == old.profile.id
-            or (new.connector == old.connector and new.profile.purpose == old.profile.purpose
-                and new.profile.stack_level == old.profile.stack_level))
+    return new.profile.id == old.profile.id or (new.connector == old.connector and replaces(new, old))
 
 
 class VirtualChargePoint:
