@@ -1,6 +1,7 @@
 """Profile ocpp-proxy's hot path under saturation with py-spy (``pip install py-spy``).
 
     python -m bench.profile [--wallboxes 100] [--seconds 10] [--out /tmp/proxy.collapsed] [--session-log on|off]
+        [--mode saturate|rate] [--rate 1] [--offline]
 
 Starts the bench backend and the proxy (as ``python -m proxy run``), attaches
 py-spy to the proxy, saturates it from the load generator, and prints the
@@ -18,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.procs import Backend, LoadGen, OcppProxy, workdir
+from bench.procs import Backend, LoadGen, OcppProxy, free_port, workdir
 from bench.sysinfo import raise_nofile
 
 
@@ -50,12 +51,15 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=Path("/tmp/proxy.collapsed"))
     parser.add_argument("--mode", default="saturate", choices=("saturate", "rate"))
     parser.add_argument("--session-log", choices=("on", "off"), help="[offline] session_log (default: the config's)")
+    parser.add_argument("--rate", type=float, default=1.0, help="CALLs per second per wallbox (--mode rate)")
+    parser.add_argument("--offline", action="store_true",
+                        help="no backend listens: every CALL is committed to the queue and answered locally")
     args = parser.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     raise_nofile()
-    backend = Backend()
+    backend = None if args.offline else Backend()
     proxy = OcppProxy(workdir(), session_log=None if args.session_log is None else args.session_log == "on")
-    proxy.start(backend.port, 0)
+    proxy.start(free_port() if backend is None else backend.port, 0)
     gen = LoadGen(proxy.targets(args.wallboxes))
     try:
         gen.connected(120)
@@ -63,7 +67,8 @@ def main() -> int:
                                      "--duration", str(int(args.seconds)), "--format", "raw",
                                      "--output", str(args.out), "--nonblocking"],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        gen.send("load " + json.dumps({"mode": args.mode, "duration": args.seconds + 1, "warmup": 0.5}))
+        gen.send("load " + json.dumps({"mode": args.mode, "duration": args.seconds + 1, "warmup": 0.5,
+                                      "rate": args.rate}))
         result = gen.read_json(args.seconds + 60)
         recorder.wait(60)
         rps = sum(len(v) for v in result["latencies_us"].values()) / (args.seconds + 1)
@@ -71,7 +76,8 @@ def main() -> int:
     finally:
         gen.close()
         proxy.stop()
-        backend.stop()
+        if backend is not None:
+            backend.stop()
     print(summarize(args.out, args.top))
     return 0
 

@@ -161,9 +161,13 @@ class ProxyServer:
                 self._postgres.close()
             self._postgres = None
             if self._store is not None:
+                self._store.stats.unwatch_gc()
+                checkpoints = self._storage.checkpoints.stats.summary() if isinstance(self._storage, SqliteStorage) \
+                    else None
                 self.log.info("queue_stats", commits=self._store.commits, changes=self._store.committed_changes,
                               commit_seconds=round(self._store.commit_seconds, 3), deferred=self._store.deferred,
-                              session_log_dropped=self._store.later_dropped, **self._store.stats.summary())
+                              session_log_dropped=self._store.later_dropped, checkpoints=checkpoints,
+                              **self._store.stats.summary())
                 self._store.close()  # a last try of deferred deliveries; closes the file
             elif self._storage is not None:
                 self._storage.close()
@@ -194,6 +198,7 @@ class ProxyServer:
         else:
             self._storage = SqliteStorage(Path(config.offline.data_dir) / DB_NAME)
         self._store = AsyncQueue(self._storage, on_error=self._storage_error)
+        self._store.stats.watch_gc()  # collection pauses stall every answer in flight (queue_stats)
         # The store's worker thread takes the GIL back after every SQLite call and fsync; with the default
         # 5 ms switch interval a busy event loop made each such wait up to 5 ms (a commit's hop into the
         # thread alone took 7 ms at the median, docs/storage.md "Where the time goes").

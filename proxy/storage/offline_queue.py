@@ -57,6 +57,7 @@ from proxy.storage.interface import (
     write_operation,
 )
 from proxy.storage import session_log
+from proxy.storage.checkpoints import Checkpointer
 from proxy.storage.commit_stats import CommitStats
 from proxy.storage.queue_reads import QueueReads
 from proxy.storage.secondary_store import MirrorStore
@@ -78,6 +79,9 @@ LATER_LIMIT = 200_000
 #: Frames read into entries between two checkpoints (other tasks run in between).
 _LATER_SLICE = 100
 
+
+#: Bytes of WAL file kept after a checkpoint let it start over (SQLite truncates it to this).
+WAL_KEEP_BYTES = 4 * 1024 * 1024
 
 #: The file in ``[offline] data_dir`` (shared by the offline queue and the secondaries' mirrors).
 DB_NAME = "queue.sqlite3"
@@ -116,6 +120,10 @@ class SqliteStorage(QueueReads):
             self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=10)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
+            # Checkpoints run on their own connection and thread (proxy.storage.checkpoints), never inside a
+            # commit a wallbox's answer waits for; after one, the WAL file is cut back to a few MiB.
+            self.db.execute("PRAGMA wal_autocheckpoint=0")
+            self.db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
             self._durable = True
             self.db.executescript(_SCHEMA + session_log.SCHEMA)
             columns = {row[1] for row in self.db.execute("PRAGMA table_info(frames)")}
@@ -124,11 +132,13 @@ class SqliteStorage(QueueReads):
             if "subprotocol" not in columns:
                 self.db.execute("ALTER TABLE frames ADD COLUMN subprotocol TEXT")
             self.db.execute("SELECT count(*) FROM frames").fetchone()
+            self.checkpoints = Checkpointer(path)
             self.mirrors = MirrorStore(path) if mirrors else None
         except (sqlite3.Error, OSError) as exc:
             raise StorageUnusable(path, _detail(exc)) from exc
 
     def close(self) -> None:
+        self.checkpoints.close()
         self.db.close()
         if self.mirrors is not None:
             self.mirrors.close()
@@ -157,14 +167,32 @@ class SqliteStorage(QueueReads):
             if len(runs) == 1 and type(changes[0]) is Append and not any(c.local_tx for c in changes):  # type: ignore[union-attr]
                 # Frames without a local transaction id (most of them): one INSERT is one transaction
                 # already (autocommit), without the round trips of BEGIN and COMMIT.
-                return self._append(changes)  # type: ignore[arg-type]
-            with db:
-                db.execute("BEGIN IMMEDIATE")
-                for run in runs:
-                    results += self._apply(run)
+                results = self._append(changes)  # type: ignore[arg-type]
+            else:
+                with db:
+                    db.execute("BEGIN IMMEDIATE")
+                    for run in runs:
+                        results += self._apply(run)
         except (sqlite3.Error, OSError) as exc:
             raise StorageError(write_operation(changes), _detail(exc)) from exc
+        self.checkpoints.wrote()
+        if self.checkpoints.due():
+            self._catch_up()
         return results
+
+    def _catch_up(self) -> None:
+        """Checkpoint the few pages the checkpoint thread left, so the next commit starts the WAL over.
+
+        This commit's callers wait for it (one more fsync, of the database file,
+        once per :data:`~proxy.storage.checkpoints.RESTART_PAGES` of WAL, instead
+        of a whole checkpoint four times a second). A failure changes nothing
+        committed: it is counted, and the checkpoint thread goes on.
+        """
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        except sqlite3.Error as exc:
+            self.checkpoints.stats.failures += 1
+            self.checkpoints.stats.last_error = _detail(exc)[:200]
 
     def _apply(self, run: Sequence[Change]) -> list[int | None]:
         """One run of changes of one kind."""

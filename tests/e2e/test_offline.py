@@ -321,3 +321,52 @@ async def test_a_call_sent_right_after_the_handshake_never_overtakes_the_queue(
         await in_loop(peers, backend.stop())
         await wait_until(lambda: "CP1" not in server.sessions)
     assert backend.recorders["CP1"].received == expected, "\n".join(t[:40] for t in backend.recorders["CP1"].received)
+
+
+async def test_kill_9_while_checkpoints_run_under_load_loses_no_answered_frame(tmp_path: Path) -> None:
+    """Checkpoints copy the WAL back on their own connection and thread while commits go on (docs/storage.md,
+    "Checkpoints"): a proxy killed -9 in the middle of both, eight wallboxes sending, has every frame it
+    answered on disk (the database file growing shows that checkpoints ran)."""
+    config = tmp_path / "proxy.toml"
+    config.write_text(f'[server]\nlisten = "127.0.0.1:0"\nping_interval = 0\naccept_unknown = true\n'
+                      f'[log]\nformat = "json"\n[metrics]\nlisten = ""\n'
+                      f'[backend]\nurl = "ws://127.0.0.1:{free_port()}/ocpp"\nconnect_timeout = 2\n'
+                      f'[offline]\nauth = "accept_all"\n{FAST_RECONNECT}data_dir = "{tmp_path}/data"\n')
+    proxy, port = await launch_proxy(config)
+    db_file = tmp_path / "data" / DB_NAME
+    answered: set[str] = set()
+    reading = "7" * 1000
+
+    async def wallbox(name: str) -> None:
+        url = f"ws://127.0.0.1:{port}/ocpp/{name}"
+        try:
+            async with trio_websocket.open_websocket_url(url, subprotocols=["ocpp1.6"]) as ws:
+                for k in range(1_000_000):
+                    ids = [f"{name}-{k}-{j}" for j in range(4)]
+                    for msg_id in ids:  # four in flight: they share commits
+                        await ws.send_message(f'[2,"{msg_id}","MeterValues",{{"connectorId":1,"meterValue":[{{'
+                                              f'"timestamp":"2026-11-27T08:00:00Z","sampledValue":[{{"value":'
+                                              f'"{reading}"}}]}}]}}]')
+                    for _ in ids:
+                        answered.add(json.loads(await ws.get_message())[1])
+        except (trio_websocket.ConnectionClosed, trio_websocket.HandshakeError, OSError):
+            return  # the proxy was killed
+
+    try:
+        async with trio.open_nursery() as nursery:
+            for n in range(8):
+                nursery.start_soon(wallbox, f"K{n}")
+            await wait_until(lambda: db_file.exists() and len(answered) > 0, timeout=30)
+            start = db_file.stat().st_size
+            # Checkpoints copied at least 1 MiB back into the database file while commits went on...
+            await wait_until(lambda: db_file.stat().st_size > start + 1024 * 1024, timeout=60)
+            seen = len(answered)
+            await wait_until(lambda: len(answered) > seen + 200, timeout=30)  # ...and the load goes on
+            proxy.process.send_signal(signal.SIGKILL)  # mid-commit, mid-checkpoint or between: all the same
+            assert await proxy.process.wait() == -signal.SIGKILL
+    finally:
+        await proxy.close()
+    with closing(sqlite3.connect(db_file)) as db:
+        stored = {json.loads(text)[1] for (text,) in db.execute("SELECT text FROM frames")}
+    assert len(answered) > 400
+    assert answered <= stored, sorted(answered - stored)[:5]
