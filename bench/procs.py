@@ -266,6 +266,45 @@ class OcppProxy(Path_):
             self._log = None
 
 
+class Floor(Path_):
+    """``python -m bench.floor``: a minimal trio relay on the proxy's wire layer (the floor of its shape)."""
+
+    name = "floor"
+
+    def __init__(self, wrapper: Sequence[str] = ()) -> None:
+        self.process: subprocess.Popen[bytes] | None = None
+        #: A command the relay runs under (bench/trioprobe.py for bench.wakeups).
+        self.wrapper = list(wrapper)
+
+    def start(self, backend_port: int, identities: int) -> None:
+        self.process = subprocess.Popen(
+            [*self.wrapper, sys.executable, "-m", "bench.floor", "0", f"ws://{HOST}:{backend_port}/ocpp"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, env=_env())
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline().decode()
+        if not line.startswith("listening "):
+            raise RuntimeError(f"bench.floor did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    def targets(self, count: int) -> list[tuple[int, str]]:
+        return [(self.port, f"/ocpp/{identity(n)}") for n in range(count)]
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.process.pid] if self.process is not None else []
+
+    def stop(self) -> None:
+        if self.process is not None:
+            assert self.process.stdin is not None
+            self.process.stdin.close()
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.process = None
+
+
 #: The proxy's per-address limits on new connections (proxy/config/schema.py, [server]).
 _PER_ADDRESS_CAPS = ("per_address_pending", "per_address_rate", "per_address_burst", "per_address_handshakes")
 

