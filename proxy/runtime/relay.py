@@ -66,6 +66,9 @@ GiveUp = Literal["stall", "call_timeout", "ping_timeout"]
 
 _perf_counter = time.perf_counter
 
+#: A frame whose actions are all of these is written first and reported after (PairedSession._relay_now).
+_PLAIN = frozenset({ToUpstream, ToWallbox, CallCompleted, LogLater})
+
 #: Frames queued towards one connection before the producing pump waits.
 OUTBOX_LIMIT = 64
 #: A wallbox's frames read ahead while earlier ones commit, before its pump waits.
@@ -449,13 +452,20 @@ class PairedSession:
             text = message if type(message) is str and len(message) <= quarter else self._check(message)
             self._read_at = _perf_counter()
             actions = receive(text, now())
+            # (Loops, not any() over a generator: this runs for every frame.) A frame behind others
+            # still committing is pipelined too, whatever its actions: it must not overtake them.
             pipelined = bool(steps)
-            if not pipelined:  # (a loop, not any() over a generator: this runs for every frame)
+            plain = not pipelined
+            if plain:
                 for action in actions:
-                    if type(action) is Persist or type(action) is LogSession:
-                        pipelined = True
-                        break
-            if pipelined:
+                    if type(action) not in _PLAIN:
+                        plain = False
+                        if type(action) is Persist or type(action) is LogSession:
+                            pipelined = True
+                            break
+            if plain:
+                await self._relay_now(WALLBOX, actions)
+            elif pipelined:
                 # Pipelined: the frame's change joins the next commit now and the next frame is read
                 # while it commits; _answer_steps answers in order once each is committed.
                 self._received(WALLBOX)
@@ -523,11 +533,19 @@ class PairedSession:
     async def _pump_upstream(self, name: Side, connection: Connection) -> None:
         get, receive = connection.get_message, self.session.from_upstream
         now, quarter = trio.lowlevel.current_clock().current_time, self.settings.max_message_bytes // 4
+        action: Action | None  # the loop's: cleared with the frame below
         while True:
             message = await get()
             text = message if type(message) is str and len(message) <= quarter else self._check(message)
-            await self._relay(name, receive(name, text, now()))
-            del message, text  # as in _pump_wallbox: an idle pair holds no frame
+            actions = receive(name, text, now())
+            for action in actions:
+                if type(action) not in _PLAIN:
+                    await self._relay(name, actions)
+                    break
+            else:
+                await self._relay_now(name, actions)
+            del message, text, actions  # as in _pump_wallbox: an idle pair holds no frame
+            action = None
             if self.drain:
                 self._check_drained()  # a secondary's answer may have emptied its queue
                 if self._handing_over:  # a held secondary's last answer: hand_over may go on
@@ -819,6 +837,8 @@ class PairedSession:
     async def _relay(self, source: Side, actions: list[Action]) -> None:
         """A frame received from ``source``: tell the listeners, dispatch its actions, write what they queued.
 
+        For a frame with more than sends and reports among its actions (a commit, an observed frame,
+        a mirror's queue, a proxy CALL's answer): the reports keep their place among the actions.
         One coroutine per frame (a coroutine call costs more than a plain one): the dispatch is
         synchronous unless something must be committed first, and the flush of an empty outbox is
         skipped without a call.
@@ -833,6 +853,42 @@ class PairedSession:
         for outbox in self._upstream_outboxes:  # a tuple: a link may (re)connect meanwhile
             if outbox._queue:
                 await outbox.flush()
+
+    async def _relay_now(self, source: Side, actions: list[Action]) -> None:
+        """A frame whose actions are all :data:`_PLAIN` (nearly every frame of an online pair): write its
+        sends, then report it: the listeners, CallCompleted, LogLater, the next deadline.
+
+        At one wallbox every frame wakes the process from idle with cold caches, and the round trip
+        waits only for what runs before the bytes are written; the reports (metrics, the session
+        log's keep) go after, while the peer works on the frame. They go in this same step, before
+        the next frame of ``source`` is read; which listeners see them after the write is said in
+        docs/design.md. (A send that has to wait for the peer delays them with it.)
+        """
+        frame = self.session.last_frame  # another pump may classify a frame while the flush waits
+        for action in actions:
+            if type(action) is ToUpstream:
+                outbox = self._upstream_out.get(action.name)
+                if outbox is not None:
+                    outbox.put(action.text)
+            elif type(action) is ToWallbox:
+                self._wallbox_out.put(action.text)
+        if self._wallbox_out._queue:
+            await self._wallbox_out.flush()
+        for outbox in self._upstream_outboxes:
+            if outbox._queue:
+                await outbox.flush()
+        frames = self.listeners.frames
+        if frames and frame is not None:
+            for frame_received in frames:
+                frame_received(self, source, frame, len(frame.text))
+        for action in actions:
+            if type(action) is CallCompleted:
+                self._notify(action)
+            elif type(action) is LogLater and self.queue is not None:
+                self.queue.log_later(action.charger, action.version, action.call, action.answer)
+        deadline = self.session.next_deadline()
+        if deadline is not None and deadline < self._wake_at:
+            self._wake_at = self._timer.deadline = deadline
 
     def _received(self, source: Side) -> None:
         frames = self.listeners.frames
