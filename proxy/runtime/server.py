@@ -41,6 +41,7 @@ from proxy.wire.tls_listener import Secured, SecureLayer
 from proxy.runtime.relay import Connection, Connector, Listener, Listeners, PairedSession, SessionSettings
 from proxy.runtime.leases import UNREACHABLE, LeaseKeeper
 from proxy.runtime.secondary import Secondaries
+from proxy.runtime import gcpace
 from proxy.core.session import PRIMARY, PROXY, Session, Side
 from proxy.messages.versions import OcppVersion, version_of
 from proxy.runtime.upstream import UpstreamUnavailable, client_ssl_context, open_upstream
@@ -376,6 +377,7 @@ class ProxyServer:
         """One connection; whatever goes wrong in it is logged and stays in it."""
         peer = _peer(stream)
         slot = _HandshakeSlot(self._limits, self._slots if self._slots.alone else None, address)
+        gcpace.young.opened()  # the collector's pace follows the open connections (gcpace.py)
         try:
             try:
                 secured = await self._secure.wrap(stream, peer)
@@ -388,6 +390,7 @@ class ProxyServer:
         except Exception as exc:  # noqa: BLE001 - one connection must never stop the server
             self.log.error("connection_failed", peer=peer, error=_describe(exc))
         finally:
+            gcpace.young.closed()
             slot.release()
             await trio.aclose_forcefully(stream)
 
