@@ -12,8 +12,9 @@ saturated by the bench load generator (closed loop, alternating Heartbeat and
 1 KiB MeterValues); the counters are zeroed when the load starts and read when
 it ends, and divided by the frames forwarded (two per round trip).
 ``--baseline DIR`` measures another checkout the same way in the same run;
-``--session-log on,off`` measures this checkout once per ``[offline]
-session_log`` setting (the cost of the session log, side by side).
+``--session-log on,off`` measures this checkout (and the baseline, if
+given) once per ``[offline] session_log`` setting (the cost of the session
+log, side by side).
 """
 
 from __future__ import annotations
@@ -127,11 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         if tool is not None and shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed")
     header(args)
-    checkouts: list[tuple[str, Path, bool | None]] = (
-        [("baseline", args.baseline.resolve(), None)] if args.baseline else [])
-    if args.session_log:
-        checkouts += [(f"session_log {s}", ROOT, s == "on") for s in args.session_log.split(",")]
+    checkouts: list[tuple[str, Path, bool | None]] = []
+    if args.session_log:  # the baseline too, once per setting: like with like
+        for setting in args.session_log.split(","):
+            if args.baseline:
+                checkouts.append((f"baseline, session_log {setting}", args.baseline.resolve(), setting == "on"))
+            checkouts.append((f"session_log {setting}", ROOT, setting == "on"))
     else:
+        checkouts = [("baseline", args.baseline.resolve(), None)] if args.baseline else []
         checkouts.append(("this checkout", ROOT, None))
     backend = Backend()
     results: dict[str, dict[str, Any]] = {}
