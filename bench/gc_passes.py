@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for (wallboxes, name, log), results in runs.items():
         def med(key: str) -> float:
-            return statistics.median(r[key] for r in results)
+            return float(statistics.median(float(r[key]) for r in results))
         passes = " / ".join(f"{statistics.median(r['passes_per_1000'][g] for r in results):.2f}" for g in range(3))
         print(f"| {wallboxes} | {name} | {'default' if log is None else 'on' if log else 'off'} "
               f"| {med('frames') / args.seconds:,.0f} | {med('user_us'):.1f} | {med('system_us'):.1f} "
