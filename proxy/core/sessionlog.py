@@ -102,6 +102,9 @@ class SessionEvent:
     under the message id, so the same frame twice stores them once.
     ``local_tx``: a 1.6 id the proxy handed out itself (its counter is kept
     with the record, so ids never repeat after a restart).
+    ``signed_frames``: (message id, text) of further frames whose only change
+    is their signed data, each stored as ``signed_frame`` would be (a run of
+    relayed meter readings, :func:`run_events`: one entry for many frames).
     """
 
     charger: str
@@ -116,15 +119,21 @@ class SessionEvent:
     signed: tuple[str, ...] = ()
     local_tx: int | None = None
     signed_frame: str | None = None
+    signed_frames: tuple[tuple[str, str], ...] = ()
 
     @property
     def worth_writing(self) -> bool:
         """A meter reading with neither an energy value nor signed data changes no record."""
-        return self.kind != "meter" or self.meter_wh is not None or bool(self.signed) or self.signed_frame is not None
+        return (self.kind != "meter" or self.meter_wh is not None or bool(self.signed)
+                or self.signed_frame is not None or bool(self.signed_frames))
 
 
 #: A relayed frame waiting for the log: charger, version, the wallbox's CALL, the backend's answer.
 Relayed = tuple[str, OcppVersion, Frame, Frame]
+
+
+#: Frames :func:`plan_relayed` reads between two calls of its ``pause``.
+PLAN_TICK = 256
 
 
 @dataclass(slots=True)
@@ -138,7 +147,7 @@ class MeterRun:
     answer: Frame
 
 
-def plan_relayed(frames: Sequence[Relayed]) -> list[Relayed | MeterRun]:
+def plan_relayed(frames: Sequence[Relayed], pause: Callable[[], None] | None = None) -> list[Relayed | MeterRun]:
     """A batch of relayed frames in the order to read them, each charger's MeterValues gathered in runs.
 
     A charger with a backend sends mostly MeterValues. Of a run of them about
@@ -147,11 +156,14 @@ def plan_relayed(frames: Sequence[Relayed]) -> list[Relayed | MeterRun]:
     and a signed value is stored with its frame as it came; so
     :func:`run_events` parses only the frames holding those two readings.
     Records are independent, so only each charger's own order is kept: a
-    charger's runs end before its next other frame.
+    charger's runs end before its next other frame. ``pause``: called every
+    :data:`PLAN_TICK` frames (the store lets the event loop run there).
     """
     plan: list[Relayed | MeterRun] = []
     runs: dict[tuple[str, int], MeterRun] = {}
-    for entry in frames:
+    for count, entry in enumerate(frames, 1):
+        if pause is not None and not count % PLAN_TICK:
+            pause()
         charger, version, call, answer = entry
         keys = meter_keys(call.text) if call.action == "MeterValues" and not version.is_v2 else None
         if keys is None:
@@ -166,11 +178,19 @@ def plan_relayed(frames: Sequence[Relayed]) -> list[Relayed | MeterRun]:
     return plan + list(runs.values())
 
 
-def run_events(run: MeterRun) -> list[SessionEvent]:
-    """A run's entries: its first and last readings parsed, the other frames only kept if signed."""
+def run_events(run: MeterRun, first: bool = True) -> list[SessionEvent]:
+    """A run's entries: its first and last readings parsed, the other frames only kept if signed.
+
+    ``first``: False when the record already holds what a first reading could
+    fill in (its meter start and connector; ``storage.session_log.begun``):
+    then only the last reading is parsed. The frames kept for their signed
+    data alone go in one entry per stretch between parsed frames
+    (``signed_frames``), in frame order.
+    """
     parsed: dict[int, SessionEvent | None] = {}
     frames = run.frames
-    for order in (range(len(frames)), range(len(frames) - 1, -1, -1)):  # the first reading, then the last
+    last = range(len(frames) - 1, -1, -1)
+    for order in (range(len(frames)), last) if first else (last,):  # the first reading, then the last
         for index in order:
             if index not in parsed:
                 found = events(run.charger, run.version, frames[index][0], run.answer)
@@ -179,15 +199,46 @@ def run_events(run: MeterRun) -> list[SessionEvent]:
             if event is not None and event.meter_wh is not None:
                 break
     made: list[SessionEvent] = []
-    for index, (call, connector) in enumerate(frames):
+    kept: list[tuple[str, str]] = []
+    connector: int | None = None
+    for index, (call, at) in enumerate(frames):
         if index in parsed:
             event = parsed[index]
             if event is not None and event.worth_writing:
+                if kept:
+                    made.append(_signed_only(run, kept, connector))
+                    kept, connector = [], None
                 made.append(event)
-        elif any(mark in call.text for mark in _SIGNED_MARKS):  # its reading changes nothing: only its signed data
-            made.append(SessionEvent(run.charger, str(run.transaction), "meter", call.msg_id or "",
-                                     connector=connector, signed_frame=call.text))
+            continue
+        text = call.text
+        if "SignedData" in text or "signedMeterValue" in text:  # its reading changes nothing: only its signed
+            kept.append((call.msg_id or "", text))  # data (_SIGNED_MARKS, spelled out: runs for nearly every frame)
+            connector = at if connector is None else connector
+    if kept:
+        made.append(_signed_only(run, kept, connector))
     return made
+
+
+def _signed_only(run: MeterRun, kept: list[tuple[str, str]], connector: int | None) -> SessionEvent:
+    return SessionEvent(run.charger, str(run.transaction), "meter", kept[0][0], connector=connector,
+                        signed_frames=tuple(kept))
+
+
+def relayed_events(frames: Sequence[Relayed]) -> list[SessionEvent]:
+    """The session-log entries of relayed frames, each charger's in its frames' order (:func:`plan_relayed`).
+
+    Run by the store as part of the write that commits them
+    (:class:`~proxy.storage.interface.LogRelayed`), in its worker thread: the
+    event loop only kept references to the frames.
+    """
+    return [event for item in plan_relayed(frames) for event in planned_events(item)]
+
+
+def planned_events(item: Relayed | MeterRun) -> list[SessionEvent]:
+    """The entries of one item of :func:`plan_relayed` (a meter reading with nothing to record makes none)."""
+    if type(item) is MeterRun:
+        return run_events(item)
+    return [event for event in events(*item) if event.worth_writing]  # type: ignore[misc]
 
 
 def events(charger: str, version: OcppVersion, call: Frame, answer: Frame) -> list[SessionEvent]:

@@ -22,7 +22,7 @@ Rules every implementation follows:
 * **Errors are** :class:`StorageError` **only** (disk full, I/O error, a lost
   database connection), so the trio layer needs to know one exception type.
 * **Idempotent deliveries, marks and journal entries.** Applying a
-  :class:`Delivered`, a :class:`MarkSent` or a :class:`Journal` twice has the
+  :class:`Delivered`, a :class:`MarkSent`, a :class:`Journal` or a :class:`LogRelayed` twice has the
   effect of applying it once, so a caller may retry any write whose outcome it
   does not know (and a wallbox's retransmitted frame is logged once).
 * **Order.** :meth:`Storage.pending` returns a charger's frames in the order
@@ -38,7 +38,7 @@ from typing import Protocol
 
 from proxy.core.mirror import MirrorQueued, MirrorStartKnown, MirrorState, MirrorUnqueued, TxMapped
 from proxy.core.offline import Stored
-from proxy.core.sessionlog import SessionEvent, SessionRecord, SessionSummary
+from proxy.core.sessionlog import Relayed, SessionEvent, SessionRecord, SessionSummary
 
 #: One change to a secondary's mirror (see :mod:`proxy.core.mirror`).
 MirrorRecord = TxMapped | MirrorQueued | MirrorUnqueued | MirrorState | MirrorStartKnown
@@ -102,8 +102,21 @@ class Journal:
     event: SessionEvent
 
 
+@dataclass(frozen=True, slots=True)
+class LogRelayed:
+    """Relayed frames (the backend answered them) to read into the session log; idempotent like Journal.
+
+    The store reads them (:func:`proxy.core.sessionlog.relayed_events`) in
+    its own thread as part of the write, so the event loop only hands over
+    the references it kept (docs/standalone.md, "What the log costs").
+    Consecutive ones in a batch are read as one, in order.
+    """
+
+    frames: Sequence[Relayed]
+
+
 #: One change in a :meth:`Storage.write` batch.
-Change = Append | MarkSent | Delivered | Journal
+Change = Append | MarkSent | Delivered | Journal | LogRelayed
 
 
 @dataclass
@@ -233,4 +246,4 @@ def write_operation(changes: Sequence[Change]) -> str:
     kinds = {type(change) for change in changes}
     if Append in kinds:
         return "append"
-    return "journal" if Journal in kinds else "deliver" if Delivered in kinds else "mark"
+    return "journal" if Journal in kinds or LogRelayed in kinds else "deliver" if Delivered in kinds else "mark"

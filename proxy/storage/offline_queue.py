@@ -20,12 +20,14 @@ in the same file (:mod:`proxy.storage.secondary_store`, their own connection).
   backoff (they are idempotent) while reads act as if it had been committed,
   so a delivered frame is not replayed again by this process. Every failure is
   reported to ``on_error`` (log event and metric) and the recovery too.
-* **The session log of relayed chargers costs the relay next to nothing.**
+* **The session log of relayed chargers costs the event loop next to nothing.**
   :meth:`AsyncQueue.log_later` only keeps a reference to the frames;
-  :meth:`AsyncQueue.commit_behind` reads them into session-log entries once
-  a second (or every :data:`LATER_BATCH` frames), a slice at a time between
-  other tasks, and commits them in one transaction: one fsync a second, not
-  one per meter reading (docs/standalone.md, "What the log costs").
+  :meth:`AsyncQueue.commit_behind` hands them to the store once a second (or
+  every :data:`LATER_BATCH` frames) as one :class:`LogRelayed`, and the store
+  reads them into session-log entries in its worker thread, pausing for the
+  event loop every millisecond, and commits them in one transaction: one
+  fsync a second, not one per meter reading (docs/standalone.md, "What the
+  log costs").
 """
 
 from __future__ import annotations
@@ -47,6 +49,7 @@ from proxy.storage.interface import (
     Change,
     Delivered,
     Journal,
+    LogRelayed,
     MarkSent,
     MirrorRecord,
     RestoredMirror,
@@ -61,9 +64,8 @@ from proxy.storage.checkpoints import Checkpointer
 from proxy.storage.commit_stats import CommitStats
 from proxy.storage.queue_reads import QueueReads
 from proxy.storage.secondary_store import MirrorStore
-from proxy.core.sessionlog import SessionEvent, SessionRecord, SessionSummary
-from proxy.core.sessionlog import MeterRun, Relayed, plan_relayed, run_events
-from proxy.core.sessionlog import events as session_events
+from proxy.core.sessionlog import MeterRun, Relayed, SessionEvent, SessionRecord, SessionSummary
+from proxy.core.sessionlog import plan_relayed, planned_events, run_events
 from proxy.messages.ocppj import Frame
 from proxy.messages.versions import OcppVersion
 
@@ -71,13 +73,16 @@ T = TypeVar("T")
 
 #: Seconds relayed transaction frames wait for the session log's next batch (at most).
 LATER_INTERVAL = 1.0
-#: A batch starts at once when this many relayed frames wait.
-LATER_BATCH = 2000
+#: A batch starts at once when this many relayed frames wait (the more frames of a charger in one batch, the
+#: fewer are parsed: :func:`plan_relayed`; the store reads them in its thread, pausing for the event loop).
+LATER_BATCH = 10_000
 #: Relayed frames kept while the store cannot keep up (failing or far too slow); beyond, the oldest are
 #: dropped and counted (``later_dropped``): the backend, the authority for those chargers, has them.
 LATER_LIMIT = 200_000
-#: Frames read into entries between two checkpoints (other tasks run in between).
-_LATER_SLICE = 100
+#: Seconds the store's thread reads relayed frames before it pauses (:meth:`SqliteStorage._log_relayed`) ...
+_LOG_HOLD = 0.001
+#: ... and the pause, so that a waiting event loop gets the GIL.
+_LOG_PAUSE = 0.0002
 
 
 #: Bytes of WAL file kept after a checkpoint let it start over (SQLite truncates it to this).
@@ -202,6 +207,9 @@ class SqliteStorage(QueueReads):
         if isinstance(first, Journal):
             session_log.apply(self.db, [change.event for change in run])  # type: ignore[union-attr]
             return [None] * len(run)
+        if isinstance(first, LogRelayed):  # read here, in the worker thread, not on the event loop
+            self._log_relayed([f for change in run for f in change.frames])  # type: ignore[union-attr]
+            return [None] * len(run)
         rows = [change.row for change in run]  # type: ignore[union-attr]
         marks = ",".join("?" * len(rows))
         if isinstance(first, MarkSent):
@@ -213,6 +221,41 @@ class SqliteStorage(QueueReads):
             self.db.executemany("INSERT OR REPLACE INTO transactions VALUES (?, ?, ?)", pairs)
         self.db.execute(f"DELETE FROM frames WHERE row IN ({marks})", rows)
         return [None] * len(run)
+
+    def _log_relayed(self, frames: Sequence[Relayed]) -> None:
+        """Read relayed frames into the session log and apply them, pausing so that the event loop can run.
+
+        A charger's meter readings of one transaction form a run
+        (:func:`plan_relayed`); when its record already has a meter start
+        (``session_log.begun``), only the run's last reading is parsed.
+
+        This thread holds the GIL while it reads and builds rows, and a thread
+        that keeps taking it back (each SQLite statement lets it go and takes it
+        again) can keep the event loop waiting for several switch intervals
+        (5 ms each). So once it has held it for :data:`_LOG_HOLD` it sleeps
+        :data:`_LOG_PAUSE`: the event loop, if it is waiting, gets the GIL at
+        once. Each item's entries are applied in order, so the log ends as
+        applying the batch's entries one by one would leave it.
+        """
+        db = self.db
+        rows: session_log.Rows = {}  # each record looked up once in the batch
+        held = time.perf_counter()
+
+        def pause() -> None:
+            nonlocal held
+            if time.perf_counter() - held >= _LOG_HOLD:
+                time.sleep(_LOG_PAUSE)
+                held = time.perf_counter()
+
+        for item in plan_relayed(frames, pause):
+            if type(item) is MeterRun:
+                first = len(item.frames) == 1 or not session_log.begun(db, item.charger, str(item.transaction), rows)
+                made = run_events(item, first)
+            else:
+                made = planned_events(item)
+            if made:
+                session_log.apply(db, made, rows)
+            pause()
 
     def _append(self, run: Sequence[Append]) -> list[int | None]:
         # One INSERT for the run: holding the write lock, AUTOINCREMENT numbers its rows consecutively.
@@ -270,13 +313,6 @@ def _timed(fn: Callable[[Sequence[Change]], list[int | None]],
     """``fn(changes)`` in the worker thread, with when it began and ended (CommitStats)."""
     began = time.perf_counter()
     return fn(changes), began, time.perf_counter()
-
-
-def _read(item: Relayed | MeterRun) -> list[SessionEvent]:
-    """The session-log entries of a relayed frame or run (a meter reading with nothing to record makes none)."""
-    if isinstance(item, MeterRun):
-        return run_events(item)
-    return [event for event in session_events(*item) if event.worth_writing]
 
 
 def _detail(exc: BaseException) -> str:
@@ -445,7 +481,7 @@ class AsyncQueue:
                     await self._behind_wake.wait()
                 self._behind_wake = trio.Event()
             if not self._behind_failed:  # while commits fail, relayed frames wait where they are (bounded)
-                await self._read_later()
+                self._read_later()
             while self._batch:
                 if self._committing:
                     await self._committed.wait()
@@ -457,16 +493,11 @@ class AsyncQueue:
             if self._later:  # frames left behind (commits were failing): the next round reads them
                 self._behind_wake.set()
 
-    async def _read_later(self) -> None:
-        """Read the waiting relayed frames into write-behind entries, pausing for other tasks between slices."""
-        later = self._later
-        while later:
-            plan = plan_relayed(list(later))
-            later.clear()
-            for start in range(0, len(plan), _LATER_SLICE):
-                for item in plan[start:start + _LATER_SLICE]:
-                    self._batch.extend(_Slot(Journal(event), behind=True) for event in _read(item))
-                await trio.lowlevel.checkpoint()
+    def _read_later(self) -> None:
+        """Hand the waiting relayed frames to the next commit; the store reads them in its worker thread."""
+        if self._later:
+            self._batch.append(_Slot(LogRelayed(list(self._later)), behind=True))
+            self._later.clear()
 
     def _take_later(self, charger: str) -> None:
         """Read ``charger``'s waiting relayed frames into the batch now (its awaited entry comes after them)."""
@@ -478,8 +509,7 @@ class AsyncQueue:
         others = [entry for entry in self._later if entry[0] != charger]
         self._later.clear()
         self._later.extend(others)
-        for item in plan_relayed(mine):
-            self._batch.extend(_Slot(Journal(event), behind=True) for event in _read(item))
+        self._batch.append(_Slot(LogRelayed(mine), behind=True))
 
     async def mark_sent(self, row: int) -> None:
         """Mark ``row`` sent before it goes out; a failure is retried later and never raised."""
@@ -572,7 +602,7 @@ class AsyncQueue:
             # Cancelled (shutdown), perhaps before the worker thread ran: session-log entries written behind
             # have no caller to retry them; they go back to the batch for close() to commit (applying a
             # Journal twice changes nothing).
-            self._batch[:0] = [slot for slot in batch if isinstance(slot.change, Journal)]
+            self._batch[:0] = [slot for slot in batch if isinstance(slot.change, (Journal, LogRelayed))]
             raise
         finally:
             self.commit_seconds += time.perf_counter() - started
@@ -671,9 +701,10 @@ class AsyncQueue:
 
     def close(self) -> None:
         """Last synchronous commit of write-behind entries and retry of deferred changes, then close the file."""
-        behind = [slot.change for slot in self._batch if isinstance(slot.change, Journal)]
-        behind += [Journal(event) for item in plan_relayed(list(self._later)) for event in _read(item)]
-        self._later.clear()
+        behind: list[Change] = [slot.change for slot in self._batch if isinstance(slot.change, (Journal, LogRelayed))]
+        if self._later:
+            behind.append(LogRelayed(list(self._later)))
+            self._later.clear()
         if behind:
             try:
                 self.storage.write(behind)

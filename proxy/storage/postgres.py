@@ -41,13 +41,14 @@ import psycopg
 
 from proxy.config.schema import redact_url
 from proxy.core.lease import LeaseState
-from proxy.core.sessionlog import SessionEvent, SessionRecord, SessionSummary
+from proxy.core.sessionlog import SessionEvent, SessionRecord, SessionSummary, relayed_events
 from proxy.core.mirror import TX_MEMORY, MirrorQueued, MirrorStartKnown, MirrorState, MirrorUnqueued, TxMapped
 from proxy.storage.interface import (
     Append,
     Change,
     Delivered,
     Journal,
+    LogRelayed,
     MarkSent,
     MirrorRecord,
     RestoredMirror,
@@ -366,6 +367,10 @@ def _apply(cursor: psycopg.Cursor[tuple[object, ...]], run: Sequence[Change]) ->
         for change in run:
             _journal(cursor, change.event)  # type: ignore[union-attr]
         return [None] * len(run)
+    if isinstance(first, LogRelayed):  # read in the store's thread (as SQLite does)
+        for event in relayed_events([f for change in run for f in change.frames]):  # type: ignore[union-attr]
+            _journal(cursor, event)
+        return [None] * len(run)
     rows = [change.row for change in run]  # type: ignore[union-attr]
     if isinstance(first, MarkSent):
         cursor.execute("UPDATE frames SET attempts = attempts + 1 WHERE row = ANY(%s)", (rows,))
@@ -417,6 +422,7 @@ def _journal(cursor: psycopg.Cursor[tuple[object, ...]], event: SessionEvent) ->
     signed = [(row, event.msg_id, seq, text) for seq, text in enumerate(event.signed)]
     if event.signed_frame is not None:
         signed.append((row, event.msg_id, session_log.FRAME, event.signed_frame))
+    signed += [(row, msg_id, session_log.FRAME, text) for msg_id, text in event.signed_frames]
     if signed:
         cursor.executemany("INSERT INTO session_signed (session, msg_id, seq, text) VALUES (%s, %s, %s, %s) "
                            "ON CONFLICT DO NOTHING", signed)

@@ -76,7 +76,12 @@ METERS = ("connector = coalesce(connector, :connector), meter_start = coalesce(m
           "meter_last = coalesce(:last, meter_last), id_tag = coalesce(id_tag, :id_tag)")
 
 
-def apply(db: sqlite3.Connection, events: Sequence[SessionEvent]) -> None:
+#: (charger, transaction) → (its latest record, that record's start message id), as found or made so far in
+#: one transaction (the same dict may be passed to several calls of :func:`apply` in one transaction).
+Rows = dict[tuple[str, str], tuple[int, str | None]]
+
+
+def apply(db: sqlite3.Connection, events: Sequence[SessionEvent], rows: Rows | None = None) -> None:
     """Apply each event to its transaction's record (inside the caller's transaction).
 
     A batch of relayed frames is mostly meter readings of a few running
@@ -85,7 +90,7 @@ def apply(db: sqlite3.Connection, events: Sequence[SessionEvent]) -> None:
     counts), each record is looked up once, and the signed rows of the whole
     batch go in one statement.
     """
-    rows: dict[tuple[str, str], tuple[int, str | None]] = {}
+    rows = {} if rows is None else rows
     signed: list[tuple[int, str, int, str]] = []
     meters: dict[tuple[str, str], list[SessionEvent]] = {}
     now = now_utc()
@@ -111,7 +116,7 @@ def apply(db: sqlite3.Connection, events: Sequence[SessionEvent]) -> None:
         db.executemany("INSERT OR IGNORE INTO session_signed VALUES (?, ?, ?, ?)", signed)
 
 
-def _apply_meters(db: sqlite3.Connection, run: list[SessionEvent], rows: dict[tuple[str, str], tuple[int, str | None]],
+def _apply_meters(db: sqlite3.Connection, run: list[SessionEvent], rows: Rows,
                   signed: list[tuple[int, str, int, str]], now: str) -> None:
     row = _record(db, run[0], rows, now)
     readings = [event.meter_wh for event in run if event.meter_wh is not None]
@@ -124,12 +129,28 @@ def _apply_meters(db: sqlite3.Connection, run: list[SessionEvent], rows: dict[tu
 
 
 def _signed_rows(signed: list[tuple[int, str, int, str]], row: int, event: SessionEvent) -> None:
-    signed += [(row, event.msg_id, seq, text) for seq, text in enumerate(event.signed)]
+    if event.signed:
+        signed += [(row, event.msg_id, seq, text) for seq, text in enumerate(event.signed)]
     if event.signed_frame is not None:
         signed.append((row, event.msg_id, FRAME, event.signed_frame))
+    if event.signed_frames:
+        signed += [(row, msg_id, FRAME, text) for msg_id, text in event.signed_frames]
 
 
-def _record(db: sqlite3.Connection, event: SessionEvent, rows: dict[tuple[str, str], tuple[int, str | None]],
+def begun(db: sqlite3.Connection, charger: str, transaction: str, rows: Rows) -> bool:
+    """Does the transaction's latest record hold its meter start and connector (a first reading changes nothing)?
+
+    The record found goes into ``rows``, so :func:`apply` does not look it up again.
+    """
+    found = db.execute("SELECT id, start_msg, meter_start IS NOT NULL AND connector IS NOT NULL FROM sessions "
+                       "WHERE charger = ? AND tx = ? ORDER BY id DESC LIMIT 1", (charger, transaction)).fetchone()
+    if found is None:
+        return False
+    rows[(charger, transaction)] = (int(found[0]), found[1])
+    return bool(found[2])
+
+
+def _record(db: sqlite3.Connection, event: SessionEvent, rows: Rows,
             now: str) -> int:
     """The row the event belongs to: the transaction's latest record, or a new one.
 

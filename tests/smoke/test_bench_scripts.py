@@ -92,3 +92,16 @@ def test_wakeups_bench_counts_per_round_trip_beside_the_floor_and_a_baseline() -
     # strace window saw each relay's socket calls.
     for title in ("trio passes that waited for I/O", "recvfrom (strace window)", "sendto (strace window)"):
         assert all(float(cell.strip(" |")) >= 1.5 for cell in rows[title]), (title, rows[title])
+
+
+def test_session_log_cost_bench_runs_side_by_side_with_a_baseline() -> None:
+    out = run_bench("sessionlog_cost", "--chargers", "5", "--rate", "200", "--seconds", "0.5", "--repeats", "1",
+                    "--baseline", str(ROOT))
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ") and "log o" in line]
+    assert rows == ["| before log off", "| before log on", "| after log off", "| after log on"]
+
+
+def test_session_log_latency_bench_runs_with_small_counts() -> None:
+    out = run_bench("sessionlog_latency", "--wallboxes", "3", "--rate", "5", "--seconds", "1", "--repeats", "1")
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ") and "log o" in line]
+    assert rows == ["| after log off", "| after log on"]

@@ -305,26 +305,67 @@ def _frame_text(n: int, kind: str, tx: int, reading: int | None, signed: bool, c
 
 
 @settings(max_examples=150, deadline=None)
-@given(st.lists(relayed_frame, max_size=40))
-def test_a_relayed_batch_read_with_few_parses_equals_reading_each_frame(frames: list[Any]) -> None:
-    from proxy.core.sessionlog import plan_relayed
-    from proxy.storage.offline_queue import _read
+@given(st.lists(relayed_frame, max_size=40), st.lists(st.integers(0, 40), max_size=4))
+def test_a_relayed_batch_read_with_few_parses_equals_reading_each_frame(frames: list[Any], cuts: list[int]) -> None:
+    """Frames handed to the store as they wait (LogRelayed, read in its thread with few parses), in one
+    batch or cut in several (a charger's awaited entry takes its frames out early), leave the log as each
+    frame's entries written one by one do."""
+    from proxy.storage import offline_queue
+    from proxy.storage.interface import LogRelayed
 
     batch = []
     for n, (charger, kind, tx, reading, signed, connector, sorted_keys) in enumerate(frames):
         call, answer = _frame_text(n, kind, tx, reading, signed, connector, sorted_keys)
         batch.append((charger, OcppVersion.V16, classify(call), classify(answer)))
+    bounds = [0, *sorted(set(cut for cut in cuts if cut < len(batch))), len(batch)]
+
+    def records(storage: SqliteStorage) -> list[tuple[Any, ...]]:
+        return sorted(((r.charger, r.transaction, r.connector, r.id_tag, r.started, r.stopped, r.meter_start_wh,
+                        r.meter_stop_wh, r.meter_last_wh, r.reason, tuple(r.signed))
+                       for r in storage.sessions(None, None)), key=repr)
+
     with tempfile.TemporaryDirectory() as folder:
         each = SqliteStorage(Path(folder) / "each.sqlite3", mirrors=False)
         each.write([Journal(event) for entry in batch for event in events(*entry) if event.worth_writing])
         planned = SqliteStorage(Path(folder) / "planned.sqlite3", mirrors=False)
-        planned.write([Journal(event) for item in plan_relayed(batch) for event in _read(item)])
+        planned.write([LogRelayed(batch)])
+        apart = SqliteStorage(Path(folder) / "apart.sqlite3", mirrors=False)
+        commits = SqliteStorage(Path(folder) / "commits.sqlite3", mirrors=False)
+        saved = offline_queue._LOG_HOLD
+        offline_queue._LOG_HOLD = 0.0  # the store pauses after every item
+        try:
+            apart.write([LogRelayed(batch[start:end]) for start, end in zip(bounds, bounds[1:]) if end > start])
+            for start, end in zip(bounds, bounds[1:]):  # each part its own commit, as commit_behind may make them
+                commits.write([LogRelayed(batch[start:end])])
+        finally:
+            offline_queue._LOG_HOLD = saved
+        assert records(planned) == records(each) == records(apart) == records(commits)
+        for storage in (each, planned, apart, commits):
+            storage.close()
 
-        def records(storage: SqliteStorage) -> list[tuple[Any, ...]]:
-            return sorted(((r.charger, r.transaction, r.connector, r.id_tag, r.started, r.stopped, r.meter_start_wh,
-                            r.meter_stop_wh, r.meter_last_wh, r.reason, tuple(r.signed))
-                           for r in storage.sessions(None, None)), key=repr)
 
-        assert records(planned) == records(each)
-        each.close()
-        planned.close()
+def test_a_run_of_a_begun_record_parses_only_its_last_reading(monkeypatch: Any) -> None:
+    """A run of meter readings: the first and last parsed, or only the last when the record has its meter
+    start; the frames in between are kept for their signed data (one entry per stretch, in frame order)."""
+    from proxy.core import sessionlog
+
+    parsed: list[str] = []
+    real = sessionlog.events
+
+    def counting(charger: str, version: OcppVersion, call: Any, answer: Any) -> list[SessionEvent]:
+        parsed.append(call.msg_id)
+        return real(charger, version, call, answer)
+
+    monkeypatch.setattr(sessionlog, "events", counting)
+    ack = classify('[3, "x", {}]')
+    batch = [("CP", OcppVersion.V16, classify(_relayed(f"m{n}", float(n), f"S{n}")), ack) for n in range(1, 6)]
+    [run] = sessionlog.plan_relayed(batch)
+    assert isinstance(run, sessionlog.MeterRun)
+    for first, want in ((True, ["m1", "m5"]), (False, ["m5"])):
+        parsed.clear()
+        made = sessionlog.run_events(run, first)
+        assert parsed == want
+        frames = [text for event in made for text in ([event.signed_frame] if event.signed_frame else [])
+                  + [text for _, text in event.signed_frames]]
+        assert frames == [entry[2].text for entry in batch]  # every signed frame, once, in order
+        assert [e.meter_wh for e in made if e.meter_wh is not None] == ([1000.0, 5000.0] if first else [5000.0])

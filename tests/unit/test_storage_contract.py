@@ -20,9 +20,12 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
-from proxy.core.sessionlog import SessionEvent
+from proxy.core.sessionlog import Relayed, SessionEvent
 from proxy.core.mirror import TX_MEMORY, MirrorQueued, MirrorStartKnown, MirrorState, MirrorUnqueued, TxMapped
-from proxy.storage.interface import Append, Delivered, Journal, MarkSent, MirrorRecord, Storage, StorageError, StorageUnusable
+from proxy.messages.ocppj import classify
+from proxy.messages.versions import OcppVersion
+from proxy.storage.interface import (Append, Delivered, Journal, LogRelayed, MarkSent, MirrorRecord, Storage,
+                                     StorageError, StorageUnusable)
 from proxy.storage.offline_queue import DB_NAME, AsyncQueue, SqliteStorage, Ticket
 from proxy.storage.postgres import PostgresStorage
 from tests.pgkit import PgCluster
@@ -178,6 +181,37 @@ def test_the_session_log_keeps_each_transaction_once_with_its_signed_values(open
 SIGNED_FRAME = ('[2, "m9", "MeterValues", {"connectorId": 2, "transactionId": 7, "meterValue": [{"timestamp": '
                 '"2026-11-27T07:30:00Z", "sampledValue": [{"value": "1", "unit": "kWh"}, '
                 '{ "value" : "OCMF|\\u00c4x" , "format": "SignedData"}]}]}]')
+
+
+def _relayed_meter(n: int, wh: int) -> Relayed:
+    """A relayed 1.6 MeterValues of transaction 7 with a reading and a signed value (the backend's answer too)."""
+    text = ('[2, "m%d", "MeterValues", {"connectorId": 2, "transactionId": 7, "meterValue": [{"timestamp": '
+            '"2026-11-27T07:%02d:00Z", "sampledValue": [{"value": "%d", "unit": "Wh"}, '
+            '{ "value" : "OCMF|\\u00c4%d" , "format": "SignedData"}]}]}]' % (n, n, wh, n))
+    return ("CP1", OcppVersion.V16, classify(text), classify('[3, "m%d", {}]' % n))
+
+
+def test_relayed_frames_are_read_by_the_store_in_order_and_idempotently(opener: Opener) -> None:
+    """LogRelayed: the store reads the frames itself (a run of readings, few of them parsed); the record is
+    what each frame's entry gives, and writing the same frames again (a retried commit) changes nothing."""
+    store = opener()
+    start: Relayed = ("CP1", OcppVersion.V16,
+                      classify('[2, "s1", "StartTransaction", {"connectorId": 2, "idTag": "T", "meterStart": 1000, '
+                               '"timestamp": "2026-11-27T07:00:00Z"}]'),
+                      classify('[3, "s1", {"transactionId": 7, "idTagInfo": {"status": "Accepted"}}]'))
+    meters = [_relayed_meter(n, 1000 + 100 * n) for n in range(1, 6)]
+    stop: Relayed = ("CP1", OcppVersion.V16,
+                     classify('[2, "p1", "StopTransaction", {"transactionId": 7, "meterStop": 1700, '
+                              '"timestamp": "2026-11-27T08:00:00Z", "reason": "EVDisconnected"}]'),
+                     classify('[3, "p1", {}]'))
+    batch = [start, *meters[:2]]
+    store.write([LogRelayed(batch)])
+    for _ in range(2):  # the second time as a commit retried whose outcome was not known: nothing changes
+        store.write([LogRelayed(meters[2:]), LogRelayed([stop])])
+    [record] = opener().sessions(None, None)
+    assert (record.transaction, record.connector, record.id_tag, record.meter_start_wh) == ("7", 2, "T", 1000.0)
+    assert (record.meter_stop_wh, record.meter_last_wh, record.reason) == (1700.0, 1700.0, "EVDisconnected")
+    assert list(record.signed) == ['{ "value" : "OCMF|\\u00c4%d" , "format": "SignedData"}' % n for n in range(1, 6)]
 
 
 def test_signed_frames_are_cut_when_read_and_recent_sessions_page(opener: Opener) -> None:
