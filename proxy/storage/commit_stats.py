@@ -22,8 +22,9 @@ _CAP = 200_000
 #: Per frame: read → enqueued, enqueued → committed, committed → answer written to the socket;
 #: per replayed frame: its delivery enqueued → committed (the kill -9 duplicate window's tail).
 FRAME_STAGES = ("read_to_enqueue", "enqueue_to_commit", "commit_to_sent", "deliver_to_commit")
-#: Per commit: batch waiting for the committer, hop into the thread, work in it, hop back to trio.
-COMMIT_STAGES = ("gather", "hop_in", "work", "fsync", "hop_out", "batch")
+#: Per commit: batch waiting for the committer, how long its oldest change waited while no commit ran (the
+#: disk idle with work waiting), hop into the thread, work in it, hop back to trio.
+COMMIT_STAGES = ("gather", "idle", "hop_in", "work", "fsync", "hop_out", "batch")
 #: Per garbage collection from the store's first commit on: its pause (any generation), and full collections apart
 #: (they stop every thread holding the GIL, the event loop included: a stall every frame in flight waits for).
 PAUSE_STAGES = ("gc", "gc_full")

@@ -10,10 +10,12 @@ in the same file (:mod:`proxy.storage.secondary_store`, their own connection).
 
 * **Group commit.** Appends, sent-marks and deliveries from every session are
   collected while one commit runs and go to the disk together in the next one
-  (one transaction, one fsync), in one worker thread, so a slow disk never
+  (one transaction, one fsync), in a worker thread, so a slow disk never
   blocks the event loop and 100 wallboxes answered offline cost one fsync per
   batch instead of one per frame. Each caller still returns only after its own
-  change is committed.
+  change is committed. The next commit starts the moment one ends (the event
+  loop hands it to the thread before it wakes the callers of the one that
+  ended), so a frame waits at most for the commit in progress and its own.
 * **Storage trouble never ends a session.** An append that fails is reported
   to its caller (the frame is refused with a CALLERROR, nothing else). A
   sent-mark or a delivery that fails is kept in memory and retried with
@@ -32,7 +34,9 @@ in the same file (:mod:`proxy.storage.secondary_store`, their own connection).
 
 from __future__ import annotations
 
+import functools
 import sqlite3
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -308,11 +312,8 @@ class SqliteStorage(QueueReads):
             raise StorageError("read", _detail(exc)) from exc
 
 
-def _timed(fn: Callable[[Sequence[Change]], list[int | None]],
-           changes: Sequence[Change]) -> tuple[list[int | None], float, float]:
-    """``fn(changes)`` in the worker thread, with when it began and ended (CommitStats)."""
-    began = time.perf_counter()
-    return fn(changes), began, time.perf_counter()
+def _ignore(outcome: object) -> None:
+    """``start_thread_soon``'s delivery: a commit reports through the trio token itself (AsyncQueue._settle)."""
 
 
 def _detail(exc: BaseException) -> str:
@@ -361,8 +362,13 @@ class AsyncQueue:
         self.storage = storage
         self.on_error = on_error
         self._limiter = trio.CapacityLimiter(1)
+        #: One thread at a time uses the store's connection: the commit in progress, or a read.
+        self._connection = threading.Lock()
         self._batch: list[_Slot] = []
         self._committing = False
+        #: When the last commit ended (perf_counter, in the worker thread).
+        self._last_ended = 0.0
+        self._closed = False
         self._committed = trio.Event()
         self._deferred = _Deferred()
         self._retry_wake = trio.Event()
@@ -390,7 +396,12 @@ class AsyncQueue:
         return len(self._deferred.changes)
 
     async def run(self, fn: Callable[..., T], *args: object) -> T:
-        return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
+        """``fn(*args)`` (a read, a retry) in a worker thread, never while a commit uses the connection."""
+        return await trio.to_thread.run_sync(self._exclusive, fn, *args, limiter=self._limiter)
+
+    def _exclusive(self, fn: Callable[..., T], *args: object) -> T:
+        with self._connection:
+            return fn(*args)
 
     # -- writes ---------------------------------------------------------------------
 
@@ -523,54 +534,79 @@ class AsyncQueue:
     async def _commit(self, slot: _Slot) -> _Slot:
         change = slot.change
         while not slot.done:
-            if self._committing:
-                await self._committed.wait()
-            else:
-                await self._commit_batch()
+            if not self._committing:
+                self._start_commit()
+            await self._committed.wait()
         if slot.error is not None and isinstance(change, (MarkSent, Delivered)) and not slot.deferred:
             slot.deferred = True
             self._defer(change, slot.error)
         return slot
 
     async def _commit_batch(self) -> None:
-        """Commit everything waiting (the caller is the batch's leader).
+        """Commit everything waiting and return once it is committed (or wait for the commit in progress)."""
+        if self._committing:
+            await self._committed.wait()
+            return
+        batch = self._start_commit()
+        while batch and not batch[-1].done:
+            await self._committed.wait()
+
+    def _start_commit(self) -> list[_Slot]:
+        """Hand everything waiting to a worker thread as the next commit; :meth:`_settle` ends it.
+
+        No task waits for the thread: when a commit ends, :meth:`_settle` (run by
+        the event loop as soon as the thread reports) starts the next one at once
+        if anything waits, before the answers of the one that ended go out, so
+        the disk never idles while frames wait and a frame waits at most for the
+        commit in progress and its own (docs/storage.md, "Group commit").
 
         Deliveries go first, in a transaction of their own without an fsync
         (docs/storage.md), and their callers are released before the rest of the
         batch is written: until a delivery is committed, a kill -9 makes the
         replay send that frame again, so it does not wait for the others' fsync.
         """
-        self._committing = True
         batch, self._batch = self._batch, []
-        try:
-            deliveries = [slot for slot in batch if type(slot.change) is Delivered]
-            if deliveries and len(deliveries) < len(batch):
-                rest = [slot for slot in batch if type(slot.change) is not Delivered]
+        if not batch:
+            return batch
+        self._committing = True
+        now = time.perf_counter()
+        self.stats.add("idle", now - max(self._last_ended, batch[0].enqueued))  # waited while no commit ran
+        deliveries = [slot for slot in batch if type(slot.change) is Delivered]
+        if deliveries and len(deliveries) < len(batch):
+            parts = [deliveries, [slot for slot in batch if type(slot.change) is not Delivered]]
+        else:
+            parts = [batch]
+        trio.lowlevel.start_thread_soon(
+            functools.partial(self._write_parts, trio.lowlevel.current_trio_token(), parts, now),
+            _ignore)
+        return batch
+
+    def _write_parts(self, token: trio.lowlevel.TrioToken, parts: list[list[_Slot]], started: float) -> None:
+        """In the worker thread: one :meth:`Storage.write` per part, each reported to :meth:`_settle` at once."""
+        for number, part in enumerate(parts):
+            with self._connection:
+                began = time.perf_counter()
+                changes = [slot.change for slot in part]
                 try:
-                    await self._write_slots(deliveries)
-                except trio.Cancelled:
-                    self._batch[:0] = rest  # not written: whoever commits next takes them
-                    raise
-                self._pulse()
-                await self._write_slots(rest)
-            else:
-                await self._write_slots(batch)
-        finally:
-            self._committing = False
-            self._pulse()
+                    results, error = self.storage.write(changes), None
+                except StorageError as exc:
+                    results, error = [], exc
+                except Exception as exc:  # a bug: its callers get a storage error rather than wait for ever
+                    results, error = [], StorageError(write_operation(changes), _detail(exc))
+                ended = time.perf_counter()
+            try:
+                token.run_sync_soon(self._settle, part, results, error, started, began, ended,
+                                    number == len(parts) - 1)
+            except trio.RunFinishedError:  # the event loop is gone (shutdown): nobody waits any more
+                return
+            started = ended
 
-    def _pulse(self) -> None:
-        """Wake the callers waiting for a commit (each checks whether its own change is done)."""
-        self._committed.set()
-        self._committed = trio.Event()
-
-    async def _write_slots(self, batch: list[_Slot]) -> None:
-        """One :meth:`Storage.write` for ``batch``; each slot gets its row or the error."""
-        started = time.perf_counter()
+    def _settle(self, batch: list[_Slot], results: list[int | None], error: StorageError | None,
+                started: float, began: float, ended: float, last: bool) -> None:
+        """In the event loop: ``batch`` is committed (or failed); start the next commit, then wake its callers."""
+        resumed = time.perf_counter()
         stats = self.stats
-        try:
-            results, began, ended = await self.run(_timed, self.storage.write, [slot.change for slot in batch])
-            resumed = time.perf_counter()
+        if error is None:
             stats.add("gather", started - batch[0].enqueued)
             stats.add("hop_in", began - started)
             stats.add("work", ended - began)
@@ -589,25 +625,31 @@ class AsyncQueue:
             self._behind_failed = False
             if self._failing:
                 self._report("write", "")
-        except StorageError as exc:
+        else:
             for slot in batch:
-                slot.error = exc
+                slot.error = error
             # Entries written behind have no caller to tell: they wait for the next commit (commit_behind
             # tries again after a pause). Applying a Journal twice changes nothing.
             again = [_Slot(slot.change, behind=True) for slot in batch if slot.behind]
             self._batch[:0] = again
             self._behind_failed = bool(again)
-            self._report(exc.operation, exc.detail)
-        except trio.Cancelled:
-            # Cancelled (shutdown), perhaps before the worker thread ran: session-log entries written behind
-            # have no caller to retry them; they go back to the batch for close() to commit (applying a
-            # Journal twice changes nothing).
-            self._batch[:0] = [slot for slot in batch if isinstance(slot.change, (Journal, LogRelayed))]
-            raise
-        finally:
-            self.commit_seconds += time.perf_counter() - started
-            for slot in batch:
-                slot.done = True
+            self._report(error.operation, error.detail)
+        self.commit_seconds += resumed - began
+        for slot in batch:
+            slot.done = True
+        if last:
+            self._committing = False
+            self._last_ended = ended
+            # The next commit starts before this one's callers run. After a failure only if someone waits
+            # for it: entries written behind alone are retried by commit_behind, after a pause.
+            if self._batch and not self._closed and (error is None or not all(s.behind for s in self._batch)):
+                self._start_commit()
+        self._pulse()
+
+    def _pulse(self) -> None:
+        """Wake the callers waiting for a commit (each checks whether its own change is done)."""
+        self._committed.set()
+        self._committed = trio.Event()
 
     def _defer(self, change: MarkSent | Delivered, error: StorageError) -> None:
         deferred = self._deferred
@@ -701,6 +743,11 @@ class AsyncQueue:
 
     def close(self) -> None:
         """Last synchronous commit of write-behind entries and retry of deferred changes, then close the file."""
+        self._closed = True
+        with self._connection:  # a commit in progress ends first
+            self._close()
+
+    def _close(self) -> None:
         behind: list[Change] = [slot.change for slot in self._batch if isinstance(slot.change, (Journal, LogRelayed))]
         if self._later:
             behind.append(LogRelayed(list(self._later)))
