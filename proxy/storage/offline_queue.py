@@ -87,6 +87,8 @@ LATER_LIMIT = 200_000
 _LOG_HOLD = 0.001
 #: ... and the pause, so that a waiting event loop gets the GIL.
 _LOG_PAUSE = 0.0002
+#: Session-log entries of relayed frames applied together (one multi-row insert of their signed frames).
+_LOG_APPLY = 500
 
 
 #: Bytes of WAL file kept after a checkpoint let it start over (SQLite truncates it to this).
@@ -238,28 +240,46 @@ class SqliteStorage(QueueReads):
         again) can keep the event loop waiting for several switch intervals
         (5 ms each). So once it has held it for :data:`_LOG_HOLD` it sleeps
         :data:`_LOG_PAUSE`: the event loop, if it is waiting, gets the GIL at
-        once. Each item's entries are applied in order, so the log ends as
-        applying the batch's entries one by one would leave it.
+        once. The entries are applied in order, up to :data:`_LOG_APPLY` at a
+        time, so the log ends as applying them one by one would leave it.
         """
         db = self.db
         rows: session_log.Rows = {}  # each record looked up once in the batch
+        pending: list[SessionEvent] = []  # entries not applied yet (applied together: fewer statements)
+        keys: set[tuple[str, str]] = set()  # their records
         held = time.perf_counter()
+
+        def flush() -> None:
+            session_log.apply(db, pending, rows)
+            pending.clear()
+            keys.clear()
 
         def pause() -> None:
             nonlocal held
             if time.perf_counter() - held >= _LOG_HOLD:
+                if pending:
+                    flush()
                 time.sleep(_LOG_PAUSE)
                 held = time.perf_counter()
 
         for item in plan_relayed(frames, pause):
             if type(item) is MeterRun:
-                first = len(item.frames) == 1 or not session_log.begun(db, item.charger, str(item.transaction), rows)
+                first = len(item.frames) == 1
+                if not first:
+                    key = (item.charger, str(item.transaction))
+                    if key in keys:  # begun() reads the record as the entries before this run leave it
+                        flush()
+                    first = not session_log.begun(db, *key, rows)
                 made = run_events(item, first)
             else:
                 made = planned_events(item)
-            if made:
-                session_log.apply(db, made, rows)
+            pending += made
+            keys.update((event.charger, event.transaction) for event in made)
+            if len(pending) >= _LOG_APPLY:
+                flush()
             pause()
+        if pending:
+            flush()
 
     def _append(self, run: Sequence[Append]) -> list[int | None]:
         # One INSERT for the run: holding the write lock, AUTOINCREMENT numbers its rows consecutively.

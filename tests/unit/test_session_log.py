@@ -331,14 +331,15 @@ def test_a_relayed_batch_read_with_few_parses_equals_reading_each_frame(frames: 
         planned.write([LogRelayed(batch)])
         apart = SqliteStorage(Path(folder) / "apart.sqlite3", mirrors=False)
         commits = SqliteStorage(Path(folder) / "commits.sqlite3", mirrors=False)
-        saved = offline_queue._LOG_HOLD
-        offline_queue._LOG_HOLD = 0.0  # the store pauses after every item
+        saved = offline_queue._LOG_HOLD, offline_queue._LOG_APPLY
         try:
+            offline_queue._LOG_HOLD = 0.0  # the store pauses (and applies what it read) after every item
             apart.write([LogRelayed(batch[start:end]) for start, end in zip(bounds, bounds[1:]) if end > start])
+            offline_queue._LOG_HOLD, offline_queue._LOG_APPLY = saved[0], 2  # or every two entries
             for start, end in zip(bounds, bounds[1:]):  # each part its own commit, as commit_behind may make them
                 commits.write([LogRelayed(batch[start:end])])
         finally:
-            offline_queue._LOG_HOLD = saved
+            offline_queue._LOG_HOLD, offline_queue._LOG_APPLY = saved
         assert records(planned) == records(each) == records(apart) == records(commits)
         for storage in (each, planned, apart, commits):
             storage.close()
