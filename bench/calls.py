@@ -1,6 +1,6 @@
 """Function calls per forwarded frame, by function: where the interpreter's work goes.
 
-    python -m bench.calls [--baseline DIR] [--wallboxes 10] [--seconds 10] [--top 40]
+    python -m bench.calls [--baseline DIR] [--wallboxes 10] [--seconds 10] [--top 40] [--session-log on|off]
 
 ``python -m bench.instructions`` gives one load-independent total (instructions per
 frame); this says which functions it is spent in. The proxy (``python -m proxy run``,
@@ -68,10 +68,11 @@ def _wrap() -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-def measure(root: Path, name: str, backend: Backend, wallboxes: int, seconds: float) -> dict[str, Any]:
+def measure(root: Path, name: str, backend: Backend, wallboxes: int, seconds: float,
+            session_log: bool | None = None) -> dict[str, Any]:
     out = workdir()
     counts_file = out / "calls.json"
-    proxy = OcppProxy(out, root, name, start_timeout=60,
+    proxy = OcppProxy(out, root, name, start_timeout=60, session_log=session_log,
                       wrapper=[sys.executable, str(Path(__file__).resolve()), str(counts_file)])
     proxy.start(backend.port, 0)
     gen = LoadGen(proxy.targets(wallboxes))
@@ -99,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--top", type=int, default=40)
     parser.add_argument("--callers", action="store_true", help="count each function by its caller")
+    parser.add_argument("--session-log", choices=("on", "off"), help="[offline] session_log (default: the config's)")
     args = parser.parse_args(argv)
     if args.callers:
         os.environ["BENCH_CALLS_CALLERS"] = "1"
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     try:
         for name, root in checkouts:
-            results[name] = measure(root, name, backend, args.wallboxes, args.seconds)
+            results[name] = measure(root, name, backend, args.wallboxes, args.seconds,
+                                    None if args.session_log is None else args.session_log == "on")
     finally:
         backend.stop()
     per_frame = {name: {f: n / r["frames"] for f, n in r["counts"].items()} for name, r in results.items()}
