@@ -279,7 +279,7 @@ class Floor(Path_):
     def start(self, backend_port: int, identities: int) -> None:
         self.process = subprocess.Popen(
             [*self.wrapper, sys.executable, "-m", "bench.floor", "0", f"ws://{HOST}:{backend_port}/ocpp"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=ROOT, env=_env())
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT, env=_env())
         assert self.process.stdout is not None
         line = self.process.stdout.readline().decode()
         if not line.startswith("listening "):

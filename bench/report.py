@@ -157,7 +157,7 @@ def one_wallbox(document: dict[str, Any]) -> list[str]:
             p50 = _get(document, key, path, "latency_us", "all", "p50")
             added = _added_p50(document, path, key)
             cells.append("–" if p50 is None else _ms(p50) + ("" if path == "direct" or added is None
-                                                               else f" (+{_ms(added)})"))
+                                                               else f" ({added / 1000:+.2f})"))
         counts = sorted({int(n) for p in paths if (n := _get(document, key, p, "latency_us", "all", "n"))})
         samples = "–" if not counts else f"{counts[0]:,}" if len(counts) == 1 else f"{counts[0]:,}-{counts[-1]:,}"
         if key != "sparse_1":

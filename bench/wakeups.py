@@ -1,7 +1,7 @@
 """Where one round trip's time goes at 1 wallbox: scheduler passes, task steps, system calls, CPU.
 
     python -m bench.wakeups [--baseline DIR] [--paths proxy,log-off,floor] [--seconds 5] [--repeats 3]
-                            [--no-strace]
+                            [--no-strace] [--callgrind SECONDS]
 
 At one wallbox the relay sleeps between frames, and each frame costs a whole
 wake-up: the kernel's, trio's scheduler pass, the task steps, the system calls.
@@ -12,7 +12,9 @@ per round trip (two forwarded frames): trio scheduler passes that waited for
 I/O, task steps (and by task), the Python time from each wake-up to the next
 wait, user and system CPU, context switches, and the round trip's p50; then,
 in a second window with ``strace -c -f`` attached (strace slows the process,
-so it has its own window), system calls per round trip by name.
+so it has its own window), system calls per round trip by name. With
+``--callgrind SECONDS``, each path once more under ``valgrind --tool=callgrind``:
+instructions executed per round trip (load-independent).
 
 Paths: ``proxy`` (this checkout, defaults), ``log-off`` (the same with
 ``[offline] session_log = false``), ``floor`` (``bench/floor.py``: a minimal
@@ -26,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -133,17 +136,43 @@ def _strace(pid: int, gen: LoadGen, seconds: float) -> dict[str, float]:
     return per_trip
 
 
-def _path(name: str, work: Path, baseline: Path | None) -> Path_:
+def instructions(path: Path_, out: Path, seconds: float) -> dict[str, Any]:
+    """Under callgrind: instructions executed per round trip (zeroed when the load starts, dumped 1 s after)."""
+    gen = LoadGen(path.targets(1))
+    try:
+        gen.connected(600)
+        pid = str(path.pids[0])
+        _saturate(gen, 0.5)
+        subprocess.run(["callgrind_control", "--zero", pid], check=True, capture_output=True, timeout=120)
+        trips = int(_saturate(gen, seconds)["completed_total"])
+        time.sleep(1.0)
+        subprocess.run(["callgrind_control", "--dump", pid], check=True, capture_output=True, timeout=120)
+    finally:
+        gen.close()
+    dumps = sorted(out.glob("callgrind.out.*"), key=lambda p: int(p.suffix[1:]))
+    match = re.search(r"^(?:summary|totals): (\d+)", dumps[-1].read_text(errors="replace"), re.MULTILINE) \
+        if dumps else None
+    if match is None:
+        raise RuntimeError(f"no callgrind dump in {out}")
+    return {"round_trips": trips, "instructions_per_round_trip": int(match.group(1)) / trips}
+
+
+def _path(name: str, work: Path, baseline: Path | None, callgrind: bool = False) -> Path_:
     wrapper = [sys.executable, PROBE]
+    if callgrind:
+        (work / f"{name}-callgrind").mkdir()
+        wrapper = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={work}/{name}-callgrind/callgrind.out"]
+    timeout = 600.0 if callgrind else 30.0
     if name == "floor":
         return Floor(wrapper=wrapper)
     if name == "baseline":
         if baseline is None:
             raise SystemExit("the baseline path needs --baseline DIR")
-        (work / name).mkdir()
-        return OcppProxy(work / name, baseline.resolve(), name, wrapper=wrapper)
-    (work / name).mkdir()
-    return OcppProxy(work / name, ROOT, name, wrapper=wrapper, session_log=False if name == "log-off" else None)
+        (work / name).mkdir(exist_ok=True)
+        return OcppProxy(work / name, baseline.resolve(), name, wrapper=wrapper, start_timeout=timeout)
+    (work / name).mkdir(exist_ok=True)
+    return OcppProxy(work / name, ROOT, name, wrapper=wrapper, start_timeout=timeout,
+                     session_log=False if name == "log-off" else None)
 
 
 def table(results: dict[str, list[dict[str, Any]]]) -> list[str]:
@@ -165,6 +194,7 @@ def table(results: dict[str, list[dict[str, Any]]]) -> list[str]:
 
     rows: list[tuple[str, tuple[str, ...], str]] = [
             ("round trip p50 (µs)", ("p50_us",), "{:.0f}"),
+            ("instructions (callgrind Ir)", ("instructions",), "{:,.0f}"),
             ("trio passes that waited for I/O", ("passes",), "{:.2f}"),
             ("task steps", ("task_steps",), "{:.2f}"),
             ("µs per pass, wake-up → next wait: mean", ("busy_us_per_pass",), "{:.1f}"),
@@ -195,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-strace", action="store_true")
+    parser.add_argument("--callgrind", type=float, metavar="SECONDS",
+                        help="also count instructions per round trip under callgrind (a SECONDS window per path)")
     args = parser.parse_args(argv)
     names = args.paths.split(",") if args.paths else (
         (["baseline"] if args.baseline else []) + ["log-off", "proxy", "floor"])
@@ -217,6 +249,19 @@ def main(argv: list[str] | None = None) -> int:
                       flush=True)
                 results[name].append(measure(path, work / f"{name}.json", args.seconds,
                                              strace=not args.no_strace and repeat == 0))
+        for path in paths.values():
+            path.stop()
+        if args.callgrind:
+            for name in names:
+                print(f"[{time.strftime('%H:%M:%S')}] {name} under callgrind", file=sys.stderr, flush=True)
+                path = _path(name, work, args.baseline, callgrind=True)
+                path.start(backend.port, 1)
+                try:
+                    counted = instructions(path, work / f"{name}-callgrind", args.callgrind)
+                finally:
+                    path.stop()
+                for run in results[name]:
+                    run["instructions"] = counted["instructions_per_round_trip"]
     finally:
         for path in paths.values():
             path.stop()

@@ -877,13 +877,14 @@ class PairedSession:
         for outbox in self._upstream_outboxes:
             if outbox._queue:
                 await outbox.flush()
-        frames = self.listeners.frames
-        if frames and frame is not None:
-            for frame_received in frames:
+        listeners = self.listeners
+        if listeners.frames and frame is not None:
+            for frame_received in listeners.frames:
                 frame_received(self, source, frame, len(frame.text))
         for action in actions:
-            if type(action) is CallCompleted:
-                self._notify(action)
+            if type(action) is CallCompleted:  # _notify's loop: the pair itself has nothing to do for it
+                for completed in listeners._by_type.get(CallCompleted) or listeners.for_action(CallCompleted):
+                    completed(self, action)
             elif type(action) is LogLater and self.queue is not None:
                 self.queue.log_later(action.charger, action.version, action.call, action.answer)
         deadline = self.session.next_deadline()
