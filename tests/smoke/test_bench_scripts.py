@@ -105,3 +105,10 @@ def test_session_log_latency_bench_runs_with_small_counts() -> None:
     out = run_bench("sessionlog_latency", "--wallboxes", "3", "--rate", "5", "--seconds", "1", "--repeats", "1")
     rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ") and "log o" in line]
     assert rows == ["| after log off", "| after log on"]
+
+
+def test_wakeups_bench_counts_instructions_of_the_floor_under_callgrind() -> None:
+    out = run_bench("wakeups", "--seconds", "0.5", "--repeats", "1", "--no-strace", "--paths", "floor",
+                    "--callgrind", "0.5")
+    row = next(line for line in out.splitlines() if line.startswith("| instructions (callgrind Ir)"))
+    assert int(row.split(" | ")[1].strip(" |").replace(",", "")) > 10_000  # a round trip is work for the interpreter
