@@ -189,7 +189,21 @@ class Direct(Path_):
         return [(self.port, f"/ocpp/{identity(n)}") for n in range(count)]
 
 
-class OcppProxy(Path_):
+class _OneProcess(Path_):
+    """A relay that is one child process on one port, the identity in the URL's path."""
+
+    process: subprocess.Popen[bytes] | None
+    port: int
+
+    def targets(self, count: int) -> list[tuple[int, str]]:
+        return [(self.port, f"/ocpp/{identity(n)}") for n in range(count)]
+
+    @property
+    def pids(self) -> list[int]:
+        return [self.process.pid] if self.process is not None else []
+
+
+class OcppProxy(_OneProcess):
     """``python -m proxy run`` from this checkout, as an operator would run it.
 
     With ``root``, from another checkout instead (the ``baseline`` path: before and after a change,
@@ -245,13 +259,6 @@ class OcppProxy(Path_):
             return ""
         return f"session_log = {'true' if self.session_log else 'false'}\n"
 
-    def targets(self, count: int) -> list[tuple[int, str]]:
-        return [(self.port, f"/ocpp/{identity(n)}") for n in range(count)]
-
-    @property
-    def pids(self) -> list[int]:
-        return [self.process.pid] if self.process is not None else []
-
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
@@ -266,7 +273,7 @@ class OcppProxy(Path_):
             self._log = None
 
 
-class Floor(Path_):
+class Floor(_OneProcess):
     """``python -m bench.floor``: a minimal trio relay on the proxy's wire layer (the floor of its shape)."""
 
     name = "floor"
@@ -285,13 +292,6 @@ class Floor(Path_):
         if not line.startswith("listening "):
             raise RuntimeError(f"bench.floor did not start: {line!r}")
         self.port = int(line.split()[1])
-
-    def targets(self, count: int) -> list[tuple[int, str]]:
-        return [(self.port, f"/ocpp/{identity(n)}") for n in range(count)]
-
-    @property
-    def pids(self) -> list[int]:
-        return [self.process.pid] if self.process is not None else []
 
     def stop(self) -> None:
         if self.process is not None:

@@ -866,12 +866,8 @@ class PairedSession:
         """
         frame = self.session.last_frame  # another pump may classify a frame while the flush waits
         for action in actions:
-            if type(action) is ToUpstream:
-                outbox = self._upstream_out.get(action.name)
-                if outbox is not None:
-                    outbox.put(action.text)
-            elif type(action) is ToWallbox:
-                self._wallbox_out.put(action.text)
+            if type(action) is ToUpstream or type(action) is ToWallbox:
+                self._put(action)
         if self._wallbox_out._queue:
             await self._wallbox_out.flush()
         for outbox in self._upstream_outboxes:
@@ -925,12 +921,8 @@ class PairedSession:
         """
         index = start
         for action in actions if not start else actions[start:]:
-            if type(action) is ToUpstream:
-                outbox = self._upstream_out.get(action.name)
-                if outbox is not None:
-                    outbox.put(action.text)
-            elif type(action) is ToWallbox:
-                self._wallbox_out.put(action.text)
+            if type(action) is ToUpstream or type(action) is ToWallbox:
+                self._put(action)
             elif type(action) is Persist or type(action) is LogSession:
                 break
             elif type(action) is LogLater:
@@ -945,6 +937,15 @@ class PairedSession:
         if deadline is not None and deadline < self._wake_at:
             self._wake_at = self._timer.deadline = deadline
         return index
+
+    def _put(self, send: ToUpstream | ToWallbox) -> None:
+        """Queue a send on its leg's outbox (an upstream that is not connected gets nothing)."""
+        if type(send) is ToUpstream:
+            outbox = self._upstream_out.get(send.name)
+            if outbox is not None:
+                outbox.put(send.text)
+        else:
+            self._wallbox_out.put(send.text)
 
     async def _flush(self) -> None:
         # An empty outbox has nothing to write or wait for: skip the call.
