@@ -13,13 +13,22 @@ full ones walking the whole heap. Measured at 1000 wallboxes (session log off):
 9 to 15 µs of collection per forwarded frame, a fifth of the relay's CPU; at
 100 wallboxes, none (bench/results/scale-20261127.md).
 
-A batch holds at most one task per open connection (two legs each for a
-pair), so the first threshold is :data:`PER_CONNECTION` objects per open
-connection, never below the interpreter's own. In steady load the relay frees
-what it allocates; the threshold only decides when garbage cycles (a closed
-pair's exception tracebacks) are found, after at most that many allocations:
-in proportion to what is open, as before. The other two thresholds are left
-alone.
+A batch holds at most one task per open connection leg, so the first
+threshold follows the open connections: :data:`PER_CONNECTION` objects per
+open wallbox connection, never below the interpreter's own. The factor is the
+size of what a young pass walks anyway: under load each waiting leg holds
+about 20 tracked objects allocated since the last pass (its wait), about 40 per
+wallbox connection, so a pass walks 40 × N objects plus those the threshold
+let in, and the collector's cost per allocation is (40 N + T) / T: five times
+its least at 10 per connection, twice at 40. Measured at 1000 wallboxes with
+the session log on (whose batch keeps a second of frames: the allocations
+that remain): 6.5 → 0.55 µs of collection per frame going from 10 to 40.
+
+In steady load the relay frees what it allocates; the threshold only decides
+when garbage cycles (a closed pair's exception tracebacks) are found: at most
+40 tracked objects per open connection wait for a pass, against the ~150 each
+idle pair keeps alive (RSS per idle pair unchanged: 27 KiB). Nothing is open: the interpreter's thresholds exactly. The other two
+thresholds are left alone.
 
 Process-wide, as the collector is: every :class:`~proxy.runtime.server.ProxyServer`
 of the process counts its connections here.
@@ -29,10 +38,12 @@ from __future__ import annotations
 
 import gc
 
-#: Tracked objects allowed per open wallbox connection before a young pass. Saturating 1000
-#: wallboxes, a young pass came every 500 frames at 2 per connection, about never at 5
-#: (bench/results/scale-20261127.md); twice that for margin.
-PER_CONNECTION = 10
+#: Tracked objects allowed per open wallbox connection before a young pass: about what a pass walks
+#: anyway (each connection's waits in flight), so the collector costs at most twice its least. Saturating
+#: 1000 wallboxes, a young pass came every 500 frames at 2 per connection, about never at 5 with the
+#: session log off, and 6.5 µs per frame at 10 against 0.55 at 40 with it on
+#: (bench/results/scale-20261127.md).
+PER_CONNECTION = 40
 
 
 class YoungThreshold:
