@@ -25,7 +25,10 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 if __package__:  # run as python -m bench.calls (not as the proxy's wrapper)
     from bench.instructions import _load, header
@@ -68,12 +71,13 @@ def _wrap() -> None:
     runpy.run_module(module, run_name="__main__", alter_sys=True)
 
 
-def measure(root: Path, name: str, backend: Backend, wallboxes: int, seconds: float,
-            session_log: bool | None = None) -> dict[str, Any]:
-    out = workdir()
-    counts_file = out / "calls.json"
-    proxy = OcppProxy(out, root, name, start_timeout=60, session_log=session_log,
-                      wrapper=[sys.executable, str(Path(__file__).resolve()), str(counts_file)])
+def signalled_load(proxy: OcppProxy, backend: Backend, wallboxes: int, seconds: float, result: Path,
+                   watch: Callable[[int], T] | None = None) -> tuple[int, T | None, T | None]:
+    """Start ``proxy`` (its wrapper counts from SIGUSR1 and writes ``result`` on SIGUSR2) and saturate it in between.
+
+    Returns the frames forwarded and ``watch(pid)`` read right before and right after the load
+    (bench/gc_passes.py reads the CPU times there), or None without ``watch``.
+    """
     proxy.start(backend.port, 0)
     gen = LoadGen(proxy.targets(wallboxes))
     try:
@@ -81,14 +85,26 @@ def measure(root: Path, name: str, backend: Backend, wallboxes: int, seconds: fl
         pid = proxy.pids[0]
         os.kill(pid, signal.SIGUSR1)
         time.sleep(0.5)  # the handler runs between bytecodes of the main thread
+        before = watch(pid) if watch is not None else None
         frames = _load(gen, seconds)
+        after = watch(pid) if watch is not None else None
         os.kill(pid, signal.SIGUSR2)
         deadline = time.monotonic() + 60
-        while not counts_file.exists() and time.monotonic() < deadline:
+        while not result.exists() and time.monotonic() < deadline:
             time.sleep(0.1)
     finally:
         gen.close()
         proxy.stop()
+    return frames, before, after
+
+
+def measure(root: Path, name: str, backend: Backend, wallboxes: int, seconds: float,
+            session_log: bool | None = None) -> dict[str, Any]:
+    out = workdir()
+    counts_file = out / "calls.json"
+    proxy = OcppProxy(out, root, name, start_timeout=60, session_log=session_log,
+                      wrapper=[sys.executable, str(Path(__file__).resolve()), str(counts_file)])
+    frames, _, _ = signalled_load(proxy, backend, wallboxes, seconds, counts_file)
     counts: dict[str, int] = json.loads(counts_file.read_text())
     return {"frames": frames, "counts": counts}
 

@@ -19,15 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.instructions import _load, header
-from bench.procs import ROOT, Backend, LoadGen, OcppProxy, workdir
+from bench.calls import signalled_load
+from bench.instructions import header
+from bench.procs import ROOT, Backend, OcppProxy, workdir
 from bench.sysinfo import load_average
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -45,23 +45,9 @@ def measure(root: Path, name: str, backend: Backend, wallboxes: int, seconds: fl
     out = workdir()
     counts = out / "gc.json"
     proxy = OcppProxy(out, root, name, session_log=session_log, wrapper=[sys.executable, str(PROBE), str(counts)])
-    proxy.start(backend.port, 0)
-    gen = LoadGen(proxy.targets(wallboxes))
-    try:
-        gen.connected(120)
-        pid = proxy.pids[0]
-        os.kill(pid, signal.SIGUSR1)
-        time.sleep(0.3)  # the handler runs between bytecodes of the main thread
-        user0, system0 = _times(pid)
-        frames = _load(gen, seconds)
-        user1, system1 = _times(pid)
-        os.kill(pid, signal.SIGUSR2)
-        deadline = time.monotonic() + 60
-        while not counts.exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-    finally:
-        gen.close()
-        proxy.stop()
+    frames, before, after = signalled_load(proxy, backend, wallboxes, seconds, counts, watch=_times)
+    assert before is not None and after is not None
+    (user0, system0), (user1, system1) = before, after
     gc_counts = json.loads(counts.read_text())
     return {"frames": frames, "user_us": 1e6 * (user1 - user0) / frames, "system_us": 1e6 * (system1 - system0) / frames,
             "gc_us": 1e6 * sum(gc_counts["seconds"]) / frames,
