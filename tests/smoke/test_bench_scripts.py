@@ -112,3 +112,12 @@ def test_wakeups_bench_counts_instructions_of_the_floor_under_callgrind() -> Non
                     "--callgrind", "0.5")
     row = next(line for line in out.splitlines() if line.startswith("| instructions (callgrind Ir)"))
     assert int(row.split(" | ")[1].strip(" |").replace(",", "")) > 10_000  # a round trip is work for the interpreter
+
+
+def test_gc_passes_bench_shows_the_proxy_process_pacing_its_collector() -> None:
+    """``ocpp-proxy run`` as an operator starts it: 30 wallboxes raise its first GC threshold to 40 × 30."""
+    out = run_bench("gc_passes", "--wallboxes", "30", "--seconds", "1", "--repeats", "1", "--session-log", "off")
+    rows = [line.split(" | ") for line in out.splitlines() if line.startswith("| 30 |")]
+    assert len(rows) == 1, out
+    assert rows[0][2] == "off" and float(rows[0][3].replace(",", "")) > 0  # frames went through
+    assert rows[0][-1].rstrip(" |") == "1200"
