@@ -332,6 +332,34 @@ class SqliteStorage(QueueReads):
             raise StorageError("read", _detail(exc)) from exc
 
 
+#: Changes that touch only the queue's tables: they may be written before session-log work of the same batch.
+_QUEUE_ONLY = (Append, MarkSent)
+
+
+def _parts(batch: list[_Slot]) -> list[list[_Slot]]:
+    """``batch`` as the transactions to write, in order, each released to its callers as it is committed.
+
+    Deliveries go first, in a transaction of their own without an fsync
+    (docs/storage.md): until a delivery is committed, a kill -9 makes the
+    replay send that frame again, so it does not wait for the others' fsync.
+    Relayed frames for the session log (:class:`LogRelayed`, a second of a
+    relayed charger's frames, read in the worker thread: tens of ms) go after
+    the appends and sent-marks of the same batch, so no wallbox answered
+    offline waits for them. The session log's own entries keep their order
+    (Journal and LogRelayed stay together, as enqueued).
+    """
+    deliveries = [slot for slot in batch if type(slot.change) is Delivered]
+    if deliveries and len(deliveries) < len(batch):
+        parts, rest = [deliveries], [slot for slot in batch if type(slot.change) is not Delivered]
+    else:
+        parts, rest = [], batch
+    if any(type(slot.change) is LogRelayed for slot in rest):
+        first = [slot for slot in rest if type(slot.change) in _QUEUE_ONLY]
+        if first and len(first) < len(rest):
+            return parts + [first, [slot for slot in rest if type(slot.change) not in _QUEUE_ONLY]]
+    return parts + [rest]
+
+
 def _ignore(outcome: object) -> None:
     """``start_thread_soon``'s delivery: a commit reports through the trio token itself (AsyncQueue._settle)."""
 
@@ -580,10 +608,7 @@ class AsyncQueue:
         the disk never idles while frames wait and a frame waits at most for the
         commit in progress and its own (docs/storage.md, "Group commit").
 
-        Deliveries go first, in a transaction of their own without an fsync
-        (docs/storage.md), and their callers are released before the rest of the
-        batch is written: until a delivery is committed, a kill -9 makes the
-        replay send that frame again, so it does not wait for the others' fsync.
+        A batch may be written as up to three transactions (:func:`_parts`).
         """
         batch, self._batch = self._batch, []
         if not batch:
@@ -591,13 +616,8 @@ class AsyncQueue:
         self._committing = True
         now = time.perf_counter()
         self.stats.add("idle", now - max(self._last_ended, batch[0].enqueued))  # waited while no commit ran
-        deliveries = [slot for slot in batch if type(slot.change) is Delivered]
-        if deliveries and len(deliveries) < len(batch):
-            parts = [deliveries, [slot for slot in batch if type(slot.change) is not Delivered]]
-        else:
-            parts = [batch]
         trio.lowlevel.start_thread_soon(
-            functools.partial(self._write_parts, trio.lowlevel.current_trio_token(), parts, now),
+            functools.partial(self._write_parts, trio.lowlevel.current_trio_token(), _parts(batch), now),
             _ignore)
         return batch
 

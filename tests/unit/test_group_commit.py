@@ -15,7 +15,9 @@ from pathlib import Path
 
 import trio
 
-from proxy.storage.interface import Append, Change, Delivered
+from proxy.messages.ocppj import classify
+from proxy.messages.versions import OcppVersion
+from proxy.storage.interface import Append, Change, Delivered, LogRelayed
 from proxy.storage.offline_queue import AsyncQueue, SqliteStorage
 from tests.opskit import wait_until
 
@@ -117,6 +119,36 @@ async def test_a_read_waits_for_the_commit_in_progress_not_the_other_way(tmp_pat
             assert depth == []
             storage.let()
         assert depth == [1]  # it ran after the commit, and saw it (run beside it, it would have found 0)
+    finally:
+        storage.let(10)
+        queue.close()
+
+
+async def test_an_offline_frame_does_not_wait_for_the_session_log_of_relayed_frames_in_its_batch(
+        tmp_path: Path) -> None:
+    """Relayed frames for the session log (read in the worker thread: tens of ms for a second of them) are
+    written after the appends of the same batch: the append's caller is released before that work starts."""
+    storage = StallingStorage(tmp_path / "queue.sqlite3")
+    queue = AsyncQueue(storage)
+    start = classify('[2,"s","StartTransaction",{"connectorId":1,"idTag":"T","meterStart":0,'
+                     '"timestamp":"2026-11-27T08:00:00Z"}]')
+    try:
+        blocker = queue.enqueue(Append("CP9", "MeterValues", text(9)))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.appended, blocker)
+            await wait_until(lambda: len(storage.began) == 1)  # a commit in progress, held
+            relayed = queue.enqueue(LogRelayed([("CPR", OcppVersion.V16, start,
+                                                 classify('[3,"s",{"transactionId":7,"idTagInfo":{}}]'))]))
+            append = queue.enqueue(Append("CP1", "MeterValues", text(1)))
+            storage.let(2)  # the blocker, then the append's transaction; the session log's stays held
+            await wait_until(lambda: append.done)
+            await wait_until(lambda: len(storage.began) == 3)
+            assert append.error is None and not relayed.done
+            storage.let()
+            await wait_until(lambda: relayed.done)
+        assert relayed.error is None
+        assert [type(c[0]).__name__ for c in storage.began] == ["Append", "Append", "LogRelayed"]
+        assert [s.transaction for s in storage.sessions(None, None)] == ["7"]
     finally:
         storage.let(10)
         queue.close()
