@@ -414,6 +414,9 @@ class AsyncQueue:
         self._connection = threading.Lock()
         self._batch: list[_Slot] = []
         self._committing = False
+        #: Set while no commit is with a worker thread (close() waits for the one in flight).
+        self._idle = threading.Event()
+        self._idle.set()
         #: When the last commit ended (perf_counter, in the worker thread).
         self._last_ended = 0.0
         self._closed = False
@@ -616,6 +619,7 @@ class AsyncQueue:
         self._committing = True
         now = time.perf_counter()
         self.stats.add("idle", now - max(self._last_ended, batch[0].enqueued))  # waited while no commit ran
+        self._idle.clear()
         trio.lowlevel.start_thread_soon(
             functools.partial(self._write_parts, trio.lowlevel.current_trio_token(), _parts(batch), now),
             _ignore)
@@ -624,6 +628,7 @@ class AsyncQueue:
     def _write_parts(self, token: trio.lowlevel.TrioToken, parts: list[list[_Slot]], started: float) -> None:
         """In the worker thread: one :meth:`Storage.write` per part, each reported to :meth:`_settle` at once."""
         for number, part in enumerate(parts):
+            last = number == len(parts) - 1
             with self._connection:
                 began = time.perf_counter()
                 changes = [slot.change for slot in part]
@@ -634,10 +639,12 @@ class AsyncQueue:
                 except Exception as exc:  # a bug: its callers get a storage error rather than wait for ever
                     results, error = [], StorageError(write_operation(changes), _detail(exc))
                 ended = time.perf_counter()
+            if last:  # written: close() need not wait (before _settle, which may start the next commit)
+                self._idle.set()
             try:
-                token.run_sync_soon(self._settle, part, results, error, started, began, ended,
-                                    number == len(parts) - 1)
+                token.run_sync_soon(self._settle, part, results, error, started, began, ended, last)
             except trio.RunFinishedError:  # the event loop is gone (shutdown): nobody waits any more
+                self._idle.set()
                 return
             started = ended
 
@@ -784,7 +791,8 @@ class AsyncQueue:
     def close(self) -> None:
         """Last synchronous commit of write-behind entries and retry of deferred changes, then close the file."""
         self._closed = True
-        with self._connection:  # a commit in progress ends first
+        self._idle.wait()  # a commit handed to a thread (its caller perhaps cancelled) is written first
+        with self._connection:
             self._close()
 
     def _close(self) -> None:

@@ -152,3 +152,28 @@ async def test_an_offline_frame_does_not_wait_for_the_session_log_of_relayed_fra
     finally:
         storage.let(10)
         queue.close()
+
+
+async def test_close_writes_a_commit_whose_caller_was_cancelled_before_its_thread_ran(tmp_path: Path) -> None:
+    """Shutdown: the sessions are cancelled while their commit is handed to a thread that has not run yet
+    (here: a read holds the connection). close() waits for that commit before it closes the file."""
+    storage = StallingStorage(tmp_path / "queue.sqlite3")
+    storage.let(10)
+    queue = AsyncQueue(storage)
+    queue._connection.acquire()  # a read in progress: the commit's thread waits for the connection
+    release = threading.Timer(0.3, queue._connection.release)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queue.append, "CP1", "MeterValues", text(1))
+            await wait_until(lambda: queue._committing)
+            nursery.cancel_scope.cancel()
+        assert storage.began == []  # not written yet
+        release.start()
+        queue.close()  # waits for the commit in flight, which runs once the "read" is done
+    finally:
+        release.join()
+    reopened = SqliteStorage(tmp_path / "queue.sqlite3", mirrors=False)
+    try:
+        assert [e.text for e in reopened.pending("CP1")] == [text(1)]
+    finally:
+        reopened.close()
