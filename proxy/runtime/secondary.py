@@ -128,7 +128,11 @@ class Secondaries:
                 self._writing = True
                 try:
                     if self.store is not None and batch:
-                        await trio.to_thread.run_sync(self._write, batch)
+                        try:
+                            await trio.to_thread.run_sync(self._write, batch)
+                        except trio.Cancelled:  # (shutdown) before the thread ran: flush() below writes them
+                            self._pending[:0] = batch
+                            raise
                     if not self._failed:
                         backoff.reset()
                 finally:

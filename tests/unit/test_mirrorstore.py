@@ -6,6 +6,7 @@ from pathlib import Path
 
 import structlog.testing
 import trio
+import trio.testing
 
 from proxy.messages.ocppj import classify
 from proxy.core.mirror import BOOT, Mirror, MirrorEvent, MirrorQueued, MirrorSend, MirrorState, MirrorUnqueued, TxMapped
@@ -118,3 +119,28 @@ async def test_a_failing_store_is_logged_retried_and_the_writer_goes_on(tmp_path
         nursery.cancel_scope.cancel()
     secondaries.close()
     storage.close()
+
+
+async def test_records_taken_by_the_writer_when_shutdown_cancels_it_are_written_at_close(tmp_path: Path) -> None:
+    """A session's last records wake the writer, and the shutdown cancels it in the same tick: it has taken
+    the batch but its worker thread never ran. close() writes them (they were lost: a restarted proxy then
+    missed the end of a dead secondary's queue, the flaky test_queue_for_a_dead_secondary_survives_a_proxy_restart)."""
+    from proxy.config import loads
+    from proxy.runtime.secondary import Secondaries
+    from proxy.storage.offline_queue import DB_NAME, SqliteStorage
+
+    config = loads(f'[offline]\ndata_dir = "{tmp_path}"\n[backend]\nurl = "ws://127.0.0.1:9/ocpp"\n'
+                   '[backends.ems]\nurl = "ws://127.0.0.1:9/ems"\n[[chargers]]\nid = "CP1"\nsecondaries = ["ems"]\n')
+    storage = SqliteStorage(tmp_path / DB_NAME)
+    secondaries = Secondaries(config)
+    secondaries.open(storage)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(secondaries.run)
+        await trio.testing.wait_all_tasks_blocked()  # the writer waits for records
+        secondaries.record("CP1", MirrorQueued("ems", 1, "StopTransaction", '[2,"9","StopTransaction",{}]'))
+        nursery.cancel_scope.cancel()  # before the writer runs: it wakes cancelled
+    secondaries.close()
+    try:
+        assert storage.restore_mirrors()[("CP1", "ems")].queued == [(1, "StopTransaction", '[2,"9","StopTransaction",{}]')]
+    finally:
+        storage.close()
