@@ -22,6 +22,11 @@ is the log and nothing else:
   whole process's (the store's worker thread included) per logged frame,
   beside the same loop with the log's calls left out (the difference is the
   log's);
+* **busy loop** (``--busy``): a task stands in for a saturated relay, doing
+  a fixed piece of per-frame work (classifying and parsing a 1 KiB frame)
+  and yielding, without end; the pieces it completes a second with the log
+  off and on say how much of a saturated event loop the log takes, GIL
+  hand-overs with the store's thread included;
 * the records read back after the run (each charger's transaction with its
   first and last reading and one signed value per frame) are checked, so a
   faster log that lost something fails here.
@@ -84,7 +89,7 @@ def _frames(chargers: int, total: int) -> list[tuple[str, Any, Any]]:
 
 
 async def _measure(args: argparse.Namespace, queue: Any, frames: list[tuple[str, Any, Any]] | None,
-                   late: list[float]) -> None:
+                   late: list[float], pieces: list[int]) -> None:
     """Feed the frames at ``args.rate`` (none: the same loop without the log) until the last is committed."""
     from proxy.messages.versions import OcppVersion
     v16 = OcppVersion.V16
@@ -97,6 +102,16 @@ async def _measure(args: argparse.Namespace, queue: Any, frames: list[tuple[str,
             due = time.perf_counter() + 0.001
             await trio.sleep(0.001)
             late.append(time.perf_counter() - due)
+
+    async def busy() -> None:
+        """A saturated relay's stand-in: the same piece of per-frame work, then a checkpoint, until done."""
+        from bench.loadgen import meter_values
+        from proxy.messages.ocppj import classify, payload_of
+        text = meter_values(1).decode()
+        while not done.is_set():
+            payload_of(classify(text))
+            pieces[0] += 1
+            await trio.lowlevel.checkpoint()
 
     async def feed() -> None:
         """The relay's part: one log_later per relayed transaction frame."""
@@ -117,6 +132,8 @@ async def _measure(args: argparse.Namespace, queue: Any, frames: list[tuple[str,
     async with trio.open_nursery() as nursery:
         nursery.start_soon(queue.commit_behind, name="commit_behind")
         nursery.start_soon(ticker, name="ticker")
+        if args.busy:
+            nursery.start_soon(busy, name="busy")
         await nursery.start(_started, feed, name="feed")
         await done.wait()
         nursery.cancel_scope.cancel()
@@ -146,8 +163,9 @@ def one(args: argparse.Namespace, log: bool) -> dict[str, Any]:
     queue = AsyncQueue(storage)
     clock = StepClock()
     late: list[float] = []
+    pieces = [0]
     cpu0, process0, began = time.thread_time(), time.process_time(), time.perf_counter()
-    trio.run(_measure, args, queue, frames, late, instruments=[clock])
+    trio.run(_measure, args, queue, frames, late, pieces, instruments=[clock])
     wall, cpu, process = time.perf_counter() - began, time.thread_time() - cpu0, time.process_time() - process0
     if log:
         _check(storage.sessions(None, None), args.chargers, total)
@@ -159,6 +177,7 @@ def one(args: argparse.Namespace, log: bool) -> dict[str, Any]:
             "batch_loop_cpu_us_per_frame": tasks.get("commit_behind", 0.0) * 1e6 / total,
             "loop_cpu_us_per_frame": cpu * 1e6 / total,
             "worker_cpu_us_per_frame": (process - cpu) * 1e6 / total,
+            "busy_pieces_per_s": pieces[0] / wall,
             "late_p99_ms": late[int(0.99 * (len(late) - 1))] * 1e3 if late else 0.0,
             "late_max_ms": late[-1] * 1e3 if late else 0.0,
             "step_max_ms": clock.longest_wall * 1e3, "step_max_cpu_ms": clock.longest_cpu * 1e3,
@@ -169,6 +188,7 @@ def _child(root: Path, args: argparse.Namespace, log: bool) -> dict[str, Any]:
     """The same measurement with another checkout's proxy package (a subprocess)."""
     command = [sys.executable, str(ROOT / "bench" / "sessionlog_cost.py"), "--one", "on" if log else "off",
                "--chargers", str(args.chargers), "--rate", str(args.rate), "--seconds", str(args.seconds)]
+    command += ["--busy"] if args.busy else []
     env = dict(os.environ, PYTHONPATH=str(root))  # its proxy (and bench.loadgen's frames)
     out = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, check=True, timeout=600)
     return dict(json.loads(out.stdout.splitlines()[-1]))
@@ -181,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline", type=Path, help="another checkout, measured the same way, interleaved")
+    parser.add_argument("--busy", action="store_true", help="a task keeps the event loop busy (a saturated relay)")
     parser.add_argument("--one", choices=("on", "off"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.one:
@@ -197,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, root in checkouts:
             for log in (False, True):
                 runs.setdefault(f"{name} log {'on' if log else 'off'}", []).append(_child(root, args, log))
-    keys = ("feed_cpu_us_per_frame", "batch_loop_cpu_us_per_frame", "worker_cpu_us_per_frame", "late_p99_ms", "late_max_ms", "step_max_ms",
+    keys = ("feed_cpu_us_per_frame", "batch_loop_cpu_us_per_frame", "worker_cpu_us_per_frame", "busy_pieces_per_s",
+            "late_p99_ms", "late_max_ms", "step_max_ms",
             "step_max_cpu_ms")
     print("| run | " + " | ".join(keys) + " | longest step's task |")
     print("|---|" + "---|" * (len(keys) + 1))
