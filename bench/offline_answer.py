@@ -157,7 +157,7 @@ def main() -> None:
                                            for word in args.session_log.split(",") if word]
     info = machine(None)
     loads_seen = [load_average()]
-    print(f"machine: {info.get('cpu_model')} ({info.get('cores')} cores), Python {info.get('python')}, "
+    print(f"machine: {info.get('cpu_model')}, {info.get('cores')} cores, Python {info.get('python')}, "
           f"load average before {loads_seen[0][0]:.2f}", flush=True)
     for name, root in checkouts:
         print(f"{name}: {root}")

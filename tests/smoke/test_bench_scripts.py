@@ -121,3 +121,16 @@ def test_gc_passes_bench_shows_the_proxy_process_pacing_its_collector() -> None:
     assert len(rows) == 1, out
     assert rows[0][2] == "off" and float(rows[0][3].replace(",", "")) > 0  # frames went through
     assert rows[0][-1].rstrip(" |") == "1200"
+
+
+def test_offline_answer_bench_reports_each_run_and_the_runs_at_target() -> None:
+    out = run_bench("offline_answer", "--wallboxes", "4", "--rate", "5", "--seconds", "1", "--repeats", "2",
+                    "--loads", "rate", "--paths", "offline", "--session-log", "off")
+    assert "runs at target" in out and "every answer on disk in every run: True" in out
+    assert out.count("  - run ") == 2 and "checkpoints {" in out
+
+
+def test_commit_latency_bench_runs_both_checkpoint_modes() -> None:
+    out = subprocess.run([sys.executable, "-m", "bench.commit_latency", "--seconds", "0.3", "--rounds", "1"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "| inline |" in out and "| thread |" in out
