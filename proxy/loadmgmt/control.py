@@ -61,6 +61,9 @@ STRATEGIES = (MAX_STRATEGY, TX_STRATEGY)
 
 #: Seconds to wait for a BootNotification before treating the wallbox as booted.
 BOOT_WAIT = 10.0
+#: Longest wait (s, wall clock) for the wallbox's answer to a backend profile forwarded uncapped (see
+#: :attr:`Control.uncapped`) before the proxy's own profile may replace its ChargePointMaxProfile anyway.
+UNCAPPED_WAIT = 60.0
 #: Longest wait between retries of a limit the wallbox refused or did not answer (the wait doubles
 #: from ``retry`` per failure in a row).
 RETRY_CAP = 300.0
@@ -170,6 +173,12 @@ class Control:
         self.connectors: set[int] = set()
         self._starting: dict[str, int] = {}
         self._rewritten: dict[str, Installed] = {}
+        #: Backend Tx/TxDefault profiles forwarded unchanged under max-profile and not answered yet: msg id →
+        #: (highest limit A, when forwarded). The proxy's ChargePointMaxProfile caps them, so the fuse does not
+        #: count them; once the strategy switches to tx-default that cap may go, so they are counted then
+        #: (:meth:`Coordinator.answered`) and the proxy's own profile, which replaces its ChargePointMaxProfile by
+        #: id, waits for their answer (the re-sent clamped version goes first).
+        self.uncapped: dict[str, tuple[float, datetime]] = {}
         self.notes: list[Note] = []
 
     # -- configuration -------------------------------------------------------------------
@@ -230,6 +239,7 @@ class Control:
         self.connected = False
         self.inflight = None
         self._rewritten.clear()
+        self.uncapped.clear()
 
     def boot(self, now: float) -> None:
         """BootNotification: the wallbox (re)started; transactions and TxProfiles are gone.
@@ -312,7 +322,9 @@ class Control:
         return out
 
     def backend_set_answered(self, msg_id: str, payload: Any, status: str | None, wall: datetime) -> None:
+        """The wallbox answered a backend SetChargingProfile (``status`` None: a CALLERROR)."""
         sent = self._rewritten.pop(msg_id, None)
+        self.uncapped.pop(msg_id, None)
         if status != "Accepted":
             return
         connector, profile = parse_set(payload)
@@ -362,12 +374,17 @@ class Control:
     def can_win(self, item: Installed, connector: int) -> bool:
         """Whether a backend profile may decide the connector's Tx/TxDefault limit over the proxy's profile
         there: a TxProfile always (it beats every TxDefaultProfile), a TxDefaultProfile at or above the proxy's
-        stack level."""
+        stack level, and any TxDefaultProfile while the proxy's profile is not known to be on the connector
+        (after a (re)connect, a reboot, a lost answer or a backend Clear nothing of the proxy's outranks it:
+        a backend default below the proxy's stack level decides the connector then, docs/load-management.md)."""
         if item.connector not in (0, connector) or connector not in self.settings.connectors:
             return False
         if item.profile.purpose == TX_PROFILE:
             return True
-        return item.profile.purpose == TX_DEFAULT and item.profile.stack_level >= self.connector_stack_level(connector)
+        if item.profile.purpose != TX_DEFAULT:
+            return False
+        return not isinstance(self.own_at.get(connector), tuple) \
+            or item.profile.stack_level >= self.connector_stack_level(connector)
 
     def clamp_connectors(self, connector: int, profile: Profile) -> list[int]:
         """The connector load points a backend Tx/TxDefault profile on ``connector`` may limit (it is clamped
@@ -499,6 +516,14 @@ class Control:
         ordered = decreases + ([whole] if whole is not None else []) + [c for c in commands if c not in decreases]
         return ordered[0] if ordered else None
 
+    def _awaiting_uncapped(self, wall: datetime) -> bool:
+        """Under tx-default, a backend profile forwarded uncapped may still go in (its answer is on its way): the
+        proxy's ChargePointMaxProfile, which may be in force even when the wallbox refused it, is what caps it,
+        and the proxy's own TxDefaultProfile or Clear would replace it by id. Bounded by UNCAPPED_WAIT."""
+        if self.strategy != TX_STRATEGY:
+            return False
+        return any((wall - at).total_seconds() < UNCAPPED_WAIT for _, at in self.uncapped.values())
+
     def _own_amps(self, connector: int) -> float | None:
         own = self.own_at.get(connector)
         return self._signature_amps(own) if isinstance(own, tuple) else None
@@ -528,7 +553,7 @@ class Control:
 
     def _whole_command(self, wall: datetime) -> Command | None:
         desired = self._desired_own(wall)
-        if isinstance(desired, _Unknown):
+        if isinstance(desired, _Unknown) or self._awaiting_uncapped(wall):
             return None
         if desired is None:
             if self.own is None:

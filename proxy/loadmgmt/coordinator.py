@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from proxy.loadmgmt.control import TX_STRATEGY, UNKNOWN, Command, Control, ControlSettings, _Unknown
+from proxy.loadmgmt.control import MAX_STRATEGY, TX_STRATEGY, UNKNOWN, Command, Control, ControlSettings, _Unknown
 from proxy.loadmgmt.engine import POINT_SEP, LimitEngine, point_id
 from proxy.loadmgmt.fuse import Fuse
 from proxy.loadmgmt.profiles import TX_DEFAULT, TX_PROFILE, ProfileError, parse_set, peak_amps
@@ -144,8 +144,12 @@ class Coordinator:
             for n in control.clamp_connectors(connector, profile):
                 self.fuse.backend_sent(point_id(charger_id, n), peak)
         elif profile.purpose in (TX_DEFAULT, TX_PROFILE) and control.strategy == TX_STRATEGY:
-            # (under max-profile the proxy's ChargePointMaxProfile caps whatever the backend installs)
             self.fuse.backend_sent(charger_id, peak)
+        elif profile.purpose in (TX_DEFAULT, TX_PROFILE) and control.strategy == MAX_STRATEGY \
+                and control.settings.managed and control.connected:
+            # the proxy's ChargePointMaxProfile caps it, unless the wallbox refuses that before this is
+            # answered: remembered, and counted by the fuse if the strategy switches (_uncapped)
+            control.uncapped[msg_id] = (peak, wall)
         return out
 
     def backend_answered(self, charger_id: str) -> None:
@@ -157,6 +161,17 @@ class Coordinator:
                 self.fuse.backend_answered(pid, None, known=False)
             else:
                 self.fuse.backend_answered(pid, holding)
+        self._uncapped(charger_id)  # the others still on their way count on
+
+    def _uncapped(self, charger_id: str) -> None:
+        """The strategy switched to tx-default (the wallbox refused the proxy's ChargePointMaxProfile, or the
+        backend outranked it): backend profiles forwarded uncapped and not answered yet may now decide what the
+        wallbox draws, so the fuse counts them from here until their answer (as forwarded, like tx-default's)."""
+        control = self.controls[charger_id]
+        if control.strategy != TX_STRATEGY or control.per_connector:
+            return
+        for peak, _ in control.uncapped.values():  # again after every answer: backend_sent keeps the highest
+            self.fuse.backend_sent(charger_id, peak)
 
     # -- deciding ---------------------------------------------------------------------------------
 
@@ -252,6 +267,7 @@ class Coordinator:
         current = command.generation == control.generation
         points = self.affected(charger_id, command)
         control.answered(command, status, error, now)
+        self._uncapped(charger_id)
         if not current:
             for pid, _ in points:
                 self.fuse.unanswered(pid, "stale")

@@ -292,7 +292,9 @@ class Limiter(Listener):
             return
         if observed.source == WALLBOX and name in ("SetChargingProfile", "ClearChargingProfile") \
                 and frame.kind is not MessageType.CALLRESULT:
-            self.coordinator.backend_answered(charger_id)  # a CALLERROR: nothing changed on the wallbox
+            if name == "SetChargingProfile":  # a CALLERROR: nothing changed on the wallbox
+                control.backend_set_answered(observed.call.msg_id or "", None, None, _wall())
+            self.coordinator.backend_answered(charger_id)
             return
         if frame.kind is not MessageType.CALLRESULT:
             if name == "BootNotification" and observed.source != WALLBOX:
@@ -396,7 +398,10 @@ class Limiter(Listener):
     def _rewriter(self, control: Control) -> Rewriter:
         """Clamps an upstream's SetChargingProfile to the local limit while the control says so."""
         def rewrite(source: Side, destination: Side, frame: Frame) -> str:
-            if destination != WALLBOX or source == WALLBOX or not control.rewrites:
+            if destination != WALLBOX or source == WALLBOX:
+                return frame.text
+            if not control.rewrites:
+                self._forwarded(control, frame.msg_id or "", payload_of(frame))
                 return frame.text
             try:
                 payload = self._clamped(control, frame.msg_id or "", payload_of(frame))
@@ -410,6 +415,16 @@ class Limiter(Listener):
             return text
 
         return rewrite
+
+    def _forwarded(self, control: Control, msg_id: str, payload: Any) -> None:
+        """A backend SetChargingProfile forwarded unchanged (max-profile): the coordinator remembers it until
+        its answer, in case the wallbox refuses the proxy's ChargePointMaxProfile meanwhile."""
+        v2 = self.v2.get(control.charger_id)
+        try:
+            self.coordinator.rewrite(control.charger_id, msg_id, payload if v2 is None else v2.set_request(payload),
+                                     _wall())
+        except Exception as exc:  # noqa: BLE001 - the frame is forwarded as received either way
+            self.log.warning("profile_not_understood", charger=control.charger_id, error=str(exc)[:200])
 
     def _clamped(self, control: Control, msg_id: str, payload: Any) -> dict[str, Any] | None:
         """The backend's SetChargingProfile clamped to the local limit, in its own version (None: as it is)."""

@@ -520,3 +520,65 @@ def test_two_processes_that_both_see_room_never_both_grant_it() -> None:
     granted = {cid: wallbox.may_draw(machine.now) for cid, wallbox in machine.wallboxes.items()}
     assert granted == {"CP1": 16.0, "CP2": 0.0}, granted  # the owner's charger charges, the other waits
     assert machine.procs["proxy-a"].coordinator.site_owner and not machine.procs["proxy-b"].coordinator.site_owner
+
+
+def _refused_max_profile_with_a_backend_default_on_its_way() -> ClusterMachine:
+    """Counterexamples 1a/1b's common start: CP1 on proxy-a (max-profile, 10 A site), the backend's TxDefault 6 A
+    forwarded unchanged (the proxy's ChargePointMaxProfile caps it), the wallbox applies that ChargePointMaxProfile
+    and still answers Rejected: the proxy switches to tx-default while the 6 A profile may yet go in."""
+    machine = ClusterMachine()
+    machine.setup(site=10, calm=True, chargers=[(16.0, 1, 1, "max-profile"), (16.0, 1, 1, "max-profile")])
+    _check_cluster(machine)
+    machine.tick(name="proxy-a")
+    machine.tick(name="proxy-a")
+    machine.connect(cid="CP1", name="proxy-a")
+    _check_cluster(machine)
+    machine.tick(name="proxy-a")
+    _check_cluster(machine)
+    machine.backend_sets_tx_default(cid="CP1", amps=6.0)
+    _check_cluster(machine)
+    machine.apply_before_answering(cid="CP1")
+    _check_cluster(machine)
+    machine.answer(cid="CP1", outcome="Rejected", applied=False)
+    _check_cluster(machine)
+    return machine
+
+
+def _check_cluster(machine: ClusterMachine) -> None:
+    machine.each_process_counts_what_its_chargers_may_draw()
+    machine.one_server_per_charger()
+    machine.one_site_owner()
+    machine.the_fuse_holds_across_both_processes()
+
+
+def test_a_backend_default_on_its_way_counts_once_the_proxys_maximum_is_refused() -> None:
+    """Hypothesis's counterexample 1a: the proxy's next CALL (its TxDefaultProfile, replacing its
+    ChargePointMaxProfile by id) accepted, the backend's 6 A, still unanswered, may decide: it is counted."""
+    machine = _refused_max_profile_with_a_backend_default_on_its_way()
+    if machine.wallboxes["CP1"].inflight is not None:
+        machine.answer(cid="CP1", outcome="Accepted", applied=False)
+    _check_cluster(machine)
+    assert machine.procs["proxy-a"].coordinator.fuse.may_draw("CP1", machine.now) >= 60
+    machine.wallbox_answers_backend(cid="CP1")  # in force, then re-sent clamped to the local limit
+    _check_cluster(machine)
+    for _ in range(3):
+        machine.tick(name="proxy-a")
+        if machine.wallboxes["CP1"].inflight is not None:
+            machine.answer(cid="CP1", outcome="Accepted", applied=False)
+        _check_cluster(machine)
+    assert machine.wallboxes["CP1"].may_draw(machine.now) == 0.0  # proxy-a does not own the site: paused
+
+
+def test_the_proxys_default_never_lifts_its_refused_maximum_over_a_backend_default_on_its_way() -> None:
+    """Hypothesis's counterexample 1b: had the proxy sent its TxDefaultProfile at once, the wallbox applying it
+    would drop the ChargePointMaxProfile it applied though it refused it, and the backend's 6 A would decide
+    (22 A on a 10 A fuse): the proxy waits for the backend profile's answer."""
+    machine = _refused_max_profile_with_a_backend_default_on_its_way()
+    machine.apply_before_answering(cid="CP1")
+    _check_cluster(machine)
+    machine.wallbox_answers_backend(cid="CP1")
+    _check_cluster(machine)
+    machine.tick(name="proxy-a")
+    _check_cluster(machine)
+    machine.apply_before_answering(cid="CP1")
+    _check_cluster(machine)

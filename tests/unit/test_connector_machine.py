@@ -393,3 +393,44 @@ class ConnectorMachine(ProxySteps):
 TestConnectorMachine = ConnectorMachine.TestCase
 TestConnectorMachine.settings = settings(max_examples=int(os.environ.get("FUSE_EXAMPLES", "150")),
                                          stateful_step_count=40, deadline=None)
+
+
+def _check_connectors(machine: ConnectorMachine) -> None:
+    machine.fuse_counts_at_least_what_may_be_drawn()
+    machine.never_over_budget_nor_over_a_wallbox_maximum_by_the_proxy()
+    machine.the_proxys_limits_keep_each_wallbox_within_its_maximum()
+
+
+def _a_backend_default_below_the_proxys_level_after_a_reconnect(site: int, hold: bool) -> None:
+    """Hypothesis's counterexamples 2: D1 reconnects (no boot; the proxy's connector profiles are not known to be
+    on it), the backend sets a connector-0 TxDefaultProfile at stack level 0, below the proxy's (8, 9): with
+    nothing of the proxy's to outrank it, it decides both connectors, so it is clamped like one above."""
+    machine = ConnectorMachine()
+    machine.setup(site=site, meter=False, calm=False, others=1, wallbox_max=16.0, phases=1, priorities=(0, 0, 0),
+                  strategy="max-profile")
+    _check_connectors(machine)
+    machine.reconnect(boot=False, cid="D1")
+    _check_connectors(machine)
+    if hold:
+        machine.hold_passes()
+        _check_connectors(machine)
+    machine.backend_sets_profile(amps=6.0, cid="D1", connector=0, level=0, tx_profile=False)
+    _check_connectors(machine)
+    machine.wallbox_answers_backend(cid="D1")
+    _check_connectors(machine)
+    machine.backend_sets_profile(amps=10.0, cid="D1", connector=0, level=0, tx_profile=False)
+    _check_connectors(machine)
+    machine.wallbox_answers_backend(cid="D1")
+    _check_connectors(machine)
+    machine.everyone_answers_promptly()
+    _check_connectors(machine)
+
+
+def test_a_low_backend_default_is_clamped_until_the_proxys_connector_profiles_are_on() -> None:
+    """Counterexample 2a (20 A site): 20 A over D1's 16 A maximum without the clamp."""
+    _a_backend_default_below_the_proxys_level_after_a_reconnect(20, hold=True)
+
+
+def test_a_low_backend_default_never_raises_a_phase_over_its_budget() -> None:
+    """Counterexample 2b (10 A site): 52 A on L1 (44 A before) without the clamp."""
+    _a_backend_default_below_the_proxys_level_after_a_reconnect(10, hold=False)
