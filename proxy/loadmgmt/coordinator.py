@@ -247,8 +247,18 @@ class Coordinator:
         return sum(self.fuse.may_draw(pid, now) for pid, _ in self.affected(charger_id, command)) / 10
 
     def next(self, charger_id: str, now: float, wall: datetime) -> Outgoing | None:
-        """The wallbox's next CALL, if any (one at a time: its control waits for the answer)."""
-        command = self.controls[charger_id].next_command(now, wall)
+        """The wallbox's next CALL, if any (one at a time: its control waits for the answer).
+
+        An increase the last recomputation granted waits for the next one when the room has gone since
+        (:meth:`Fuse.fits`): the driver asks for the next CALL after every answer, between recomputations."""
+        control = self.controls[charger_id]
+        planned = control.peek(now, wall)
+        if planned is None:
+            return None
+        if self.active and not self._fits(charger_id, planned, now):
+            self._waiting = True
+            return None
+        command = control.next_command(now, wall)
         if command is None:
             return None
         points = self.affected(charger_id, command)
@@ -257,6 +267,14 @@ class Coordinator:
             record_first = self.fuse.sent(pid, command.amps) or record_first
         decrease = bool(points) and all(self.fuse.is_decrease(pid) for pid, _ in points)
         return Outgoing(charger_id, command, record_first, decrease)
+
+    def _fits(self, charger_id: str, command: Command, now: float) -> bool:
+        """A limit (or a backend profile re-sent clamped) that raises a load point past the room left waits; a
+        Clear of the proxy's own profile is not a grant (its effect is unknown: counted at the maximum)."""
+        if command.amps is None:
+            return True
+        budget = self.engine.budget(now) if self.site_owner else [0] * self.fuse.phases
+        return all(self.fuse.fits(pid, command.amps, budget, now) for pid, _ in self.affected(charger_id, command))
 
     # -- answers --------------------------------------------------------------------------------------
 

@@ -372,6 +372,22 @@ class Fuse:
             granted[charger_id] = self._grant_increase(charger_id, tenths_down(targets[charger_id]), room) / 10
         return granted
 
+    def fits(self, charger_id: str, amps: float | None, budget: list[int], now: float) -> bool:
+        """Whether sending ``amps`` (None: unknown, its max_current) raises nothing past the room left now.
+
+        The gate's grant was decided at the last recomputation; the room may have gone since (a wallbox back
+        after its reservation was released counts at its maximum again), so an increase is checked again
+        right before it leaves. A decrease (or no change) always fits."""
+        slot = self._slots.get(charger_id)
+        if slot is None or not slot.connected or not slot.limits.managed:
+            return True
+        want = tenths_up(slot.limits.max_current) if amps is None else tenths_up(amps)
+        current = slot.peak()
+        if want <= current:
+            return True
+        room = [b - r for b, r in zip(budget, self.reserved(now))] + self._wallbox_room(now)
+        return all(room[ph] >= want - current for ph in self._resources(slot))
+
     def _grant_increase(self, charger_id: str, want: int, room: list[int]) -> int:
         """As much of an increase as fits: the charger's own reservation counts as its room."""
         slot = self._slots[charger_id]

@@ -434,3 +434,29 @@ def test_a_low_backend_default_is_clamped_until_the_proxys_connector_profiles_ar
 def test_a_low_backend_default_never_raises_a_phase_over_its_budget() -> None:
     """Counterexample 2b (10 A site): 52 A on L1 (44 A before) without the clamp."""
     _a_backend_default_below_the_proxys_level_after_a_reconnect(10, hold=False)
+
+
+def test_a_granted_increase_waits_when_a_returning_wallbox_took_the_room() -> None:
+    """Found by the harder search (seed 2): the recomputation grants D1's connectors 6 A each on a 12 A site
+    (the others released after the hold); connector 1's limit goes out, then D2 comes back (counted at its
+    maximum again). The proxy asked for D1's next CALL after the answer, and sent connector 2's 6 A from the
+    stale grant (44 A on L1, 38 A before): an increase is checked against the room left right before it leaves."""
+    machine = ConnectorMachine()
+    machine.setup(phases=1, others=2, priorities=(1, 0, 0), site=12, wallbox_max=16.0, meter=True, calm=True,
+                  strategy="max-profile")
+    _check_connectors(machine)
+    machine.reconnect(boot=False, cid="D1")
+    _check_connectors(machine)
+    machine.everyone_answers_promptly()
+    _check_connectors(machine)
+    machine.hold_passes()
+    _check_connectors(machine)
+    machine.tick(dt=0.0)
+    _check_connectors(machine)
+    machine.reconnect(boot=False, cid="D2")
+    _check_connectors(machine)
+    machine.answer(applied=False, cid="D1", outcome="Accepted")
+    _check_connectors(machine)
+    assert machine.wallboxes["D1"].inflight is None  # connector 2's increase waits for the next recomputation
+    machine.everyone_answers_promptly()
+    _check_connectors(machine)
