@@ -262,8 +262,14 @@ class ConnectorMachine(ProxySteps):
         if not wallbox.connected or connector not in wallbox.cars:
             return
         tx = wallbox.cars[connector]
+        control = self.coordinator.controls[cid]
+        # The transaction's TxProfiles end with it (OCPP). Where none of the proxy's profiles is on the connector
+        # yet (no recomputation since the wallbox came back), that lifts it back to what it had at first contact,
+        # its own maximum, as the reconnect did: not something the proxy can prevent or decided.
+        self.outside = any(p.purpose == "TxProfile" and p.connector == connector for p in wallbox.profiles.values()) \
+            and control.connector_profile_id(connector) not in wallbox.profiles
         wallbox.stop(connector)
-        stopped = self.coordinator.controls[cid].transaction_stopped(tx)
+        stopped = control.transaction_stopped(tx)
         self.coordinator.engine.transaction_stopped(cid, stopped, self.now)
         self.coordinator.engine.status(cid, connector, "Available", self.now)
 
@@ -458,5 +464,31 @@ def test_a_granted_increase_waits_when_a_returning_wallbox_took_the_room() -> No
     machine.answer(applied=False, cid="D1", outcome="Accepted")
     _check_connectors(machine)
     assert machine.wallboxes["D1"].inflight is None  # connector 2's increase waits for the next recomputation
+    machine.everyone_answers_promptly()
+    _check_connectors(machine)
+
+
+def test_a_car_stopping_before_the_proxys_first_limits_ends_a_clamped_tx_profile() -> None:
+    """The deeper search's counterexample (100 steps), a model correction: D1 back (no boot), a car on connector 1,
+    the backend's TxProfile clamped to 0 A (nothing decided yet), the car stops before any recomputation: the
+    TxProfile ends with the transaction and connector 1 may draw its maximum again, as at first contact. The fuse
+    counted it at its maximum all along; the step is not the proxy's doing (outside)."""
+    machine = ConnectorMachine()
+    machine.setup(site=10, meter=False, calm=False, others=0, wallbox_max=16.0, phases=1, priorities=(0, 0, 0),
+                  strategy="max-profile")
+    machine.reconnect(boot=False, cid="D1")
+    _check_connectors(machine)
+    machine.car_starts(cid="D1", connector=1)
+    _check_connectors(machine)
+    machine.backend_sets_profile(amps=6.0, cid="D1", connector=1, level=0, tx_profile=True)
+    _check_connectors(machine)
+    machine.wallbox_answers_backend(cid="D1")
+    _check_connectors(machine)
+    connector_1 = machine.wallboxes["D1"].points("D1")["D1#1"][1]
+    assert machine.wallboxes["D1"].may_draw(1, connector_1, machine.now) == 0.0  # the clamped TxProfile
+    machine.car_stops(cid="D1", connector=1)
+    assert machine.outside
+    _check_connectors(machine)
+    assert machine.coordinator.fuse.may_draw("D1#1", machine.now) == 160  # counted at its maximum all along
     machine.everyone_answers_promptly()
     _check_connectors(machine)
