@@ -497,7 +497,7 @@ def test_a_car_stopping_before_the_proxys_first_limits_ends_a_clamped_tx_profile
 
 @pytest.mark.xfail(strict=True, reason="open: a backend TxDefaultProfile whose answer was lost with the connection "
                    "is forgotten by the proxy, so the fuse counts the connector at the proxy's own 0 A (found by the "
-                   "harder search, seed 16, on main before this session too; see the report)")
+                   "harder search, seed 16; docs/load-management.md, Known limits)")
 def test_a_backend_default_whose_answer_was_lost_keeps_counting() -> None:
     """tx-default, D1 settled at 6 A per connector, the EMS disables it, the backend's connector-0 TxDefaultProfile
     6 A at stack level 9 (above connector 1's 8) is forwarded and the connection drops with it applied and its answer
