@@ -468,7 +468,8 @@ class PairedSession:
             elif pipelined:
                 # Pipelined: the frame's change joins the next commit now and the next frame is read
                 # while it commits; _answer_steps answers in order once each is committed.
-                self._received(WALLBOX)
+                if self.listeners.frames:
+                    self._received(WALLBOX, self.session.last_frame)
                 await self._pipeline(actions)
             else:
                 await self._relay(WALLBOX, actions)
@@ -843,7 +844,8 @@ class PairedSession:
         synchronous unless something must be committed first, and the flush of an empty outbox is
         skipped without a call.
         """
-        self._received(source)
+        if self.listeners.frames:
+            self._received(source, self.session.last_frame)
         stop = self._dispatch(actions)
         if stop >= 0:
             await self._dispatch_from(actions, stop)
@@ -868,32 +870,27 @@ class PairedSession:
         for action in actions:
             if type(action) is ToUpstream or type(action) is ToWallbox:
                 self._put(action)
-        if self._wallbox_out._queue:
+        if self._wallbox_out._queue:  # _flush, inline as in _relay
             await self._wallbox_out.flush()
         for outbox in self._upstream_outboxes:
             if outbox._queue:
                 await outbox.flush()
-        listeners = self.listeners
-        if listeners.frames and frame is not None:
-            for frame_received in listeners.frames:
-                frame_received(self, source, frame, len(frame.text))
+        if self.listeners.frames:
+            self._received(source, frame)
         for action in actions:
-            if type(action) is CallCompleted:  # _notify's loop: the pair itself has nothing to do for it
-                for completed in listeners._by_type.get(CallCompleted) or listeners.for_action(CallCompleted):
-                    completed(self, action)
+            if type(action) is CallCompleted:
+                self._notify(action)
             elif type(action) is LogLater and self.queue is not None:
                 self.queue.log_later(action.charger, action.version, action.call, action.answer)
         deadline = self.session.next_deadline()
         if deadline is not None and deadline < self._wake_at:
             self._wake_at = self._timer.deadline = deadline
 
-    def _received(self, source: Side) -> None:
-        frames = self.listeners.frames
-        if frames:
-            frame = self.session.last_frame
-            if frame is not None:
-                for frame_received in frames:
-                    frame_received(self, source, frame, len(frame.text))
+    def _received(self, source: Side, frame: Frame | None) -> None:
+        """Tell the frame listeners about ``frame`` (the session's last classified one, taken by the caller)."""
+        if frame is not None:
+            for frame_received in self.listeners.frames:
+                frame_received(self, source, frame, len(frame.text))
 
     async def _execute(self, actions: list[Action]) -> None:
         await self._dispatch_all(actions)
