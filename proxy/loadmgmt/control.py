@@ -424,8 +424,12 @@ class Control:
     def next_command(self, now: float, wall: datetime) -> Command | None:
         """The proxy's next CALL to this wallbox, or None (nothing to change, or not now)."""
         command = self._decide(now, wall)
-        if command is None:
-            return None
+        return None if command is None else self.take(command)
+
+    def take(self, command: Command) -> Command | None:
+        """Commit to ``command`` (what :meth:`peek` gave, for the same moment): checked, then in flight.
+
+        None: it is invalid (noted and not tried again)."""
         self.ready = True
         self.retry_at = None
         try:

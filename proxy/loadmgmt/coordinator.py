@@ -258,7 +258,7 @@ class Coordinator:
         if self.active and not self._fits(charger_id, planned, now):
             self._waiting = True
             return None
-        command = control.next_command(now, wall)
+        command = control.take(planned)
         if command is None:
             return None
         points = self.affected(charger_id, command)
