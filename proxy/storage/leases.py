@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
 from proxy.core.lease import LeaseState
 from proxy.storage.interface import StorageError
+from proxy.storage.sqlite_wal import use_wal
 
 
 class LeaseStore(Protocol):
@@ -51,12 +52,17 @@ _SCHEMA = "CREATE TABLE IF NOT EXISTS leases (charger TEXT PRIMARY KEY, owner TE
 
 
 class SqliteLeases:
-    """:class:`LeaseStore` in a SQLite file (processes on one machine: one clock)."""
+    """:class:`LeaseStore` in a SQLite file (processes on one machine: one clock).
 
-    def __init__(self, path: Path | str) -> None:
+    Every step waits up to ``timeout`` seconds for the other processes' writes, opening too:
+    processes started together on a new file each switch it to WAL (:func:`use_wal`);
+    ``pause`` is the clock of that wait."""
+
+    def __init__(self, path: Path | str, *, timeout: float = 10.0,
+                 pause: Callable[[float], None] = time.sleep) -> None:
         try:
-            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=10)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=timeout)
+            use_wal(self._db, timeout, pause)
             self._db.execute(_SCHEMA)
         except sqlite3.Error as exc:
             raise StorageError("open", f"{path}: {exc}") from exc

@@ -6,6 +6,7 @@ database, as two proxy processes: on SQLite (one file) and on a real PostgreSQL 
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,6 +17,7 @@ import pytest
 import trio
 
 from proxy.core.lease import Close, LeasePolicy, LeaseState, Refuse, Serve
+from proxy.storage.interface import StorageError
 from proxy.storage.leases import LeaseStore, SqliteLeases
 from proxy.storage.postgres import PostgresStorage
 
@@ -137,3 +139,43 @@ def test_renewing_many_at_once_keeps_only_what_is_still_ours(open_leases: Opener
     assert [s.holder for s in b.renew(["CP1", "CP2", "CP3", "CP4"], "proxy-b", 30)] == ["", "", "", "proxy-b"]
     assert a.acquire("CP1", "proxy-a", 30).holder == "proxy-a"
     assert a.renew([], "proxy-a", 30) == []
+
+
+# --- SQLite: a new file that another connection writes -----------------------------------------
+
+
+def test_opening_while_another_connection_writes_the_new_file_waits_for_it(tmp_path: Path) -> None:
+    """The cause of a flaky race above: two processes opening a new lease file at once each switch it
+    to WAL, an upgrade to the write lock that SQLite fails at once ("database is locked") while the
+    other writes, busy timeout or not. The store tries again until the other one is done."""
+    path = tmp_path / "leases.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # the other process, in the middle of its own switch
+    waits: list[float] = []
+
+    def pause(seconds: float) -> None:  # the store's clock: the other writer commits while it waits
+        waits.append(seconds)
+        if other.in_transaction:
+            other.execute("COMMIT")
+
+    store = SqliteLeases(path, pause=pause)
+    try:
+        assert waits, "the store never met the other connection's lock"
+        assert store._db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+        assert store.acquire("CP1", "proxy-a", 30).holder == "proxy-a"
+    finally:
+        store.close()
+        other.close()
+
+
+def test_a_new_file_locked_beyond_the_busy_timeout_fails_with_a_storage_error(tmp_path: Path) -> None:
+    path = tmp_path / "leases.sqlite3"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # and never commits
+    started = time.monotonic()
+    try:
+        with pytest.raises(StorageError, match="database is locked"):
+            SqliteLeases(path, timeout=0.2)
+        assert time.monotonic() - started >= 0.2  # it waited for the timeout, not less
+    finally:
+        other.close()
