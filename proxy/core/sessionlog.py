@@ -211,8 +211,8 @@ def run_events(run: MeterRun, first: bool = True) -> list[SessionEvent]:
                 made.append(event)
             continue
         text = call.text
-        if "SignedData" in text or "signedMeterValue" in text:  # its reading changes nothing: only its signed
-            kept.append((call.msg_id or "", text))  # data (_SIGNED_MARKS, spelled out: runs for nearly every frame)
+        if _signed_marked(text):  # its reading changes nothing: only its signed data
+            kept.append((call.msg_id or "", text))
             connector = at if connector is None else connector
     if kept:
         made.append(_signed_only(run, kept, connector))
@@ -380,14 +380,16 @@ def _is_signed(sample: dict[str, Any]) -> bool:
     return _is_signed_v16(sample) or _is_signed_v2(sample)
 
 
-#: Text without either of these holds no signed sample (checked before walking the samples).
-_SIGNED_MARKS = ("SignedData", "signedMeterValue")
+def _signed_marked(text: str) -> bool:
+    """False: ``text`` holds no signed sample (checked before walking the samples). The one place the two
+    marks are named; two ``in`` tests, not a loop over a tuple: it runs for nearly every relayed frame."""
+    return "SignedData" in text or "signedMeterValue" in text
 
 
 def _signed_frame(call: Frame, samples: Any, signed: Callable[[dict[str, Any]], bool]) -> str | None:
     """The frame's text if a sample in ``samples`` is ``signed`` (it is stored whole; see signed_texts)."""
     text = call.text
-    if not any(mark in text for mark in _SIGNED_MARKS):
+    if not _signed_marked(text):
         return None
     return text if any(signed(sample) for sample in _entries(samples)) else None
 
