@@ -54,21 +54,43 @@ class ProbedProxy(OcppProxy):
         super().__init__(work, root, name, start_timeout=60.0,
                          wrapper=["env", f"MEMPROBE_FRAMES={frames}", sys.executable, str(PROBE), str(self.out)])
         self.taken = 0
+        self.counted = 0
 
     def probe(self, timeout: float = 120.0) -> Stage:
-        assert self.process is not None
         self.taken += 1
-        done = self.out / f"{self.taken}.done"
-        self.process.send_signal(signal.SIGUSR1)
+        facts = self._ask(signal.SIGUSR1, f"{self.taken}", timeout)
+        return Stage(facts, tracemalloc.Snapshot.load(str(self.out / f"{self.taken}.snapshot")))
+
+    def settle(self, reads: int = 5, interval: float = 0.2, timeout: float = 120.0) -> None:
+        """Until ``reads`` reads in a row, ``interval`` apart, find the same trio tasks (by coroutine) and
+        nothing in the session log's write-behind: start-up, the pairs' set-up, the round trips' log
+        entries are done. A snapshot after a guessed sleep counted a task still starting on a loaded
+        machine (2.75 tasks per pair for 3)."""
+        deadline = time.monotonic() + timeout
+        seen: list[Any] = []
+        while len(seen) < reads or any(read != seen[-1] for read in seen[-reads:]) or seen[-1][1]:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.name}: tasks still changing after {timeout} s: {seen[-reads:]}")
+            if seen:
+                time.sleep(interval)
+            self.counted += 1
+            facts = self._ask(signal.SIGUSR2, f"tasks-{self.counted}", deadline - time.monotonic())
+            seen.append((facts["tasks_by_coroutine"], facts["session_log_waiting"]))
+
+    def _ask(self, signum: signal.Signals, name: str, timeout: float) -> dict[str, Any]:
+        """Send ``signum`` to the probe and wait for its answer ``OUTDIR/<name>.json``."""
+        assert self.process is not None
+        done = self.out / f"{name}.done"
+        self.process.send_signal(signum)
         deadline = time.monotonic() + timeout
         while not done.exists():
             if self.process.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.process.returncode}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"{self.name}: no snapshot within {timeout} s")
+                raise TimeoutError(f"{self.name}: no answer to {signum.name} within {timeout:.0f} s")
             time.sleep(0.05)
-        facts = json.loads((self.out / f"{self.taken}.json").read_text())
-        return Stage(facts, tracemalloc.Snapshot.load(str(self.out / f"{self.taken}.snapshot")))
+        facts: dict[str, Any] = json.loads((self.out / f"{name}.json").read_text())
+        return facts
 
 
 def _wait_paired(backend: Backend, count: int, timeout: float) -> None:
@@ -88,7 +110,7 @@ def measure(root: Path, name: str, backend: Backend, pairs: int, frames: int, wo
     proxy.server_extra = "ping_interval = 3600\n"  # the steady state between pings; no round mid-snapshot
     try:
         proxy.start(backend.port, 0)  # inside: a proxy that does not come up is stopped too
-        time.sleep(1.0)  # start-up tasks settle (first metrics scrape, store opened)
+        proxy.settle()  # start-up tasks end (first metrics scrape, store opened)
         stages = [proxy.probe()]
         backend.accepted()  # forget earlier handshakes
         gen = LoadGen(proxy.targets(pairs), concurrency=50)  # traced handshakes are slow: none may time out
@@ -97,15 +119,15 @@ def measure(root: Path, name: str, backend: Backend, pairs: int, frames: int, wo
             if opened["failures"]:
                 raise RuntimeError(f"{len(opened['failures'])} failed: {opened['failures'][:3]}")
             _wait_paired(backend, pairs, 120)
-            time.sleep(1.0)
+            proxy.settle()
             stages.append(proxy.probe())
             gen.send("load " + json.dumps({"mode": "once", "duration": 60.0, "warmup": 0.0, "grace": 60.0}))
             load = gen.read_json(180)
             if load["unanswered"]:
                 raise RuntimeError(f"{load['unanswered']} CALLs unanswered")
             # The session log reads relayed transaction frames in batches (LATER_INTERVAL, 1 s) and
-            # commits them behind: let that finish, or its pending frames count as the pairs'.
-            time.sleep(4.0)
+            # commits them behind: wait for that too, or its pending frames count as the pairs'.
+            proxy.settle()
             stages.append(proxy.probe())
         finally:
             gen.close()

@@ -12,7 +12,12 @@ and later ones hold what was allocated since and is still alive. On SIGUSR1 it
 collects garbage and writes ``OUTDIR/<n>.snapshot`` (a
 :class:`tracemalloc.Snapshot`) and ``OUTDIR/<n>.json``: traced bytes, the
 number of trio tasks, live objects by type (the garbage collector's view), and
-the process's RSS; then it creates ``OUTDIR/<n>.done``. A Python-level signal
+the process's RSS; then it creates ``OUTDIR/<n>.done``. On SIGUSR2 it writes only
+the trio tasks, by coroutine, and what the session log's write-behind still
+holds, to ``OUTDIR/tasks-<n>.json`` and creates
+``OUTDIR/tasks-<n>.done``: cheap enough to ask again and again, so
+bench/idle_memory.py snapshots once the tasks have settled instead of after a
+guessed sleep. A Python-level signal
 handler runs in the main thread between bytecodes, which is inside ``trio.run``,
 so it may walk trio's task tree.
 """
@@ -32,6 +37,7 @@ from types import FrameType
 from typing import Any
 
 _taken = 0
+_counted = 0
 
 
 def _tasks() -> tuple[int, collections.Counter[str]]:
@@ -49,6 +55,17 @@ def _tasks() -> tuple[int, collections.Counter[str]]:
         for nursery in task.child_nurseries:
             todo.extend(nursery.child_tasks)
     return sum(names.values()), names
+
+
+def _session_log_waiting() -> int:
+    """Relayed frames and entries the store's write-behind has not committed yet (proxy.storage's
+    ``AsyncQueue``; 0 in a checkout without one): until they are, they count as the pairs' memory."""
+    waiting = 0
+    for queue in gc.get_objects():
+        if type(queue).__name__ == "AsyncQueue":
+            waiting += (len(getattr(queue, "_later", ())) + len(getattr(queue, "_batch", ()))
+                        + bool(getattr(queue, "_committing", False)))
+    return waiting
 
 
 def _rss() -> int:
@@ -76,6 +93,16 @@ def _snapshot(_signum: int, _frame: FrameType | None) -> None:
     (out / f"{_taken}.done").touch()
 
 
+def _count(_signum: int, _frame: FrameType | None) -> None:
+    global _counted
+    _counted += 1
+    out = Path(os.environ["MEMPROBE_OUT"])
+    count, by_coro = _tasks()
+    facts = {"tasks": count, "tasks_by_coroutine": dict(by_coro), "session_log_waiting": _session_log_waiting()}
+    (out / f"tasks-{_counted}.json").write_text(json.dumps(facts))
+    (out / f"tasks-{_counted}.done").touch()
+
+
 def main() -> None:
     out, command = sys.argv[1], sys.argv[2:]
     # command: [python, -m, proxy, run, ...]
@@ -83,6 +110,7 @@ def main() -> None:
         raise SystemExit("usage: memprobe.py OUTDIR PYTHON -m MODULE ARGS...")
     os.environ["MEMPROBE_OUT"] = out
     signal.signal(signal.SIGUSR1, _snapshot)
+    signal.signal(signal.SIGUSR2, _count)
     sys.path[0] = os.getcwd()  # as `python -m` would have it: the checkout, not bench/
     sys.argv = [command[2], *command[3:]]
     runpy.run_module(command[2], run_name="__main__", alter_sys=True)
