@@ -8,7 +8,8 @@ a fresh ``python -m proxy run`` (the same config as ``python -m bench``) runs
 under ``bench/memprobe.py`` with tracemalloc on. Snapshots are taken with no
 wallbox, after N wallboxes connected and paired (every upstream handshake seen
 by the backend), and after every wallbox made one round trip (Heartbeat or
-MeterValues) and went idle again. Printed per pair: traced bytes, trio tasks,
+MeterValues) and went idle again; each once the proxy has settled
+(:meth:`ProbedProxy.settle`), not after a fixed sleep. Printed per pair: traced bytes, trio tasks,
 objects by type (the garbage collector's view), RSS, and the allocation sites
 that grew most (innermost line, and the first line in ``proxy/`` on the way).
 Checkouts are run one after the other; the counts do not depend on the load.
