@@ -50,6 +50,7 @@ from proxy.loadmgmt.profiles import (
     parse_profile,
     parse_set,
     replaces,
+    replaces_on_connector,
     set_payload,
     validate,
     validate_own,
@@ -113,6 +114,9 @@ class Command:
     amps: float | None = None
     #: The connector the profile is on (0: the whole wallbox).
     connector: int = 0
+    #: A restore of a backend profile whose answer was lost (:attr:`Control.maybe`): the backend's own version,
+    #: which counts as the backend's once this is accepted.
+    origin: Installed | None = None
 
     def describe(self) -> dict[str, Any]:
         where = {"connector": self.connector} if self.connector else {}
@@ -172,7 +176,15 @@ class Control:
         self.transactions: dict[int, Transaction] = {}
         self.connectors: set[int] = set()
         self._starting: dict[str, int] = {}
-        self._rewritten: dict[str, Installed] = {}
+        #: Backend Tx/TxDefault SetChargingProfile frames forwarded on this connection and not answered yet: msg id
+        #: → (the backend's profile, the version forwarded, maybe clamped).
+        self._forwarding: dict[str, tuple[Installed, Installed]] = {}
+        #: Backend Tx/TxDefault profiles whose answer never came (the connection dropped first): the wallbox may have
+        #: applied them (as forwarded) or not, and what they would replace may still be there. They count in
+        #: :meth:`holding` until a profile that surely replaces them or a Clear that matches them is accepted, their
+        #: transaction ends, or the proxy re-sends them clamped (:meth:`_restore_command`): once that is accepted they
+        #: are the backend's, as if its answer had been Accepted (docs/load-management.md, "Lost answers").
+        self.maybe: list[tuple[Installed, Installed]] = []
         #: Backend Tx/TxDefault profiles forwarded unchanged under max-profile and not answered yet: msg id →
         #: (highest limit A, when forwarded). The proxy's ChargePointMaxProfile caps them, so the fuse does not
         #: count them; once the strategy switches to tx-default that cap may go, so they are counted then
@@ -238,7 +250,8 @@ class Control:
         self.generation += 1
         self.connected = False
         self.inflight = None
-        self._rewritten.clear()
+        self.maybe += self._forwarding.values()  # their answers will never come
+        self._forwarding.clear()
         self.uncapped.clear()
 
     def boot(self, now: float) -> None:
@@ -260,6 +273,7 @@ class Control:
         self.retry_at = None
         for pid in [pid for pid, item in self.backend.items() if item.profile.purpose == TX_PROFILE]:
             del self.backend[pid]
+        self.maybe = [(o, f) for o, f in self.maybe if o.profile.purpose != TX_PROFILE]
         if self.inflight is not None:  # its answer no longer tells anything
             self.generation += 1
             self.inflight = None
@@ -298,47 +312,66 @@ class Control:
                 connector = tx.connector
                 del self.transactions[tx.connector]
                 break
+        def ended(item: Installed) -> bool:
+            return item.profile.purpose == TX_PROFILE and (
+                item.connector == connector or item.profile.transaction_id == transaction_id)
+
         for store in (self.backend, self.on_wallbox):
-            for pid in [pid for pid, item in store.items() if item.profile.purpose == TX_PROFILE
-                        and (item.connector == connector or item.profile.transaction_id == transaction_id)]:
+            for pid in [pid for pid, item in store.items() if ended(item)]:
                 del store[pid]
+        self.maybe = [(o, f) for o, f in self.maybe if not ended(o)]
         return connector
 
     # -- the backend's profiles ----------------------------------------------------------------------
 
     def rewrite(self, msg_id: str, payload: Any, wall: datetime) -> dict[str, Any] | None:
-        """Under tx-default: the backend's Tx/TxDefault SetChargingProfile clamped (None: unchanged)."""
-        if not self.rewrites or (self.local is None and not self.undecided):
+        """Under tx-default: the backend's Tx/TxDefault SetChargingProfile clamped (None: unchanged).
+
+        Every Tx/TxDefault one is remembered as forwarded until its answer (:attr:`maybe` if none comes)."""
+        try:
+            connector, profile = parse_set(payload)
+        except ProfileError:
+            if self.rewrites:
+                raise
+            return None  # forwarded as it is: the wallbox will refuse it
+        clamped = None
+        if self.rewrites and (self.local is not None or self.undecided) and profile.purpose in (TX_DEFAULT, TX_PROFILE):
+            clamped = self._clamped(profile, connector)
+        self._forwarded(msg_id, connector, profile, None if clamped == profile.raw else clamped, wall)
+        if clamped is None or clamped == profile.raw:
             return None
-        connector, profile = parse_set(payload)
-        if profile.purpose not in (TX_DEFAULT, TX_PROFILE):
-            return None
-        clamped = self._clamped(profile, connector)
-        if clamped == profile.raw:
-            return None
-        self._rewritten[msg_id] = Installed(connector, parse_profile(clamped), wall)
         out = dict(payload)
         out["csChargingProfiles"] = clamped
         return out
 
+    def _forwarded(self, msg_id: str, connector: int, profile: Profile, clamped: dict[str, Any] | None,
+                   wall: datetime) -> None:
+        if profile.purpose in (TX_DEFAULT, TX_PROFILE):
+            sent = profile if clamped is None else parse_profile(clamped)
+            self._forwarding[msg_id] = (Installed(connector, profile, wall), Installed(connector, sent, wall))
+
     def backend_set_answered(self, msg_id: str, payload: Any, status: str | None, wall: datetime) -> None:
         """The wallbox answered a backend SetChargingProfile (``status`` None: a CALLERROR)."""
-        sent = self._rewritten.pop(msg_id, None)
+        forwarded = self._forwarding.pop(msg_id, None)
         self.uncapped.pop(msg_id, None)
         if status != "Accepted":
             return
         connector, profile = parse_set(payload)
         item = Installed(connector, profile, wall)
-        for pid in [pid for pid, old in self.backend.items() if replaces(item, old)]:
-            del self.backend[pid]
-        self.backend[profile.id] = item
-        self._installed(sent or item, own=False)
+        self._backend_installed(item, forwarded[1] if forwarded is not None else item)
         if profile.id == self.settings.profile_id:
             self._note("backend_uses_proxy_profile_id", "warning", profile_id=profile.id)
         if (profile.purpose == MAX_PROFILE and self.strategy == MAX_STRATEGY and self.settings.managed
                 and profile.stack_level > self.settings.stack_level):
             self._switch("backend ChargePointMaxProfile outranks the proxy's",
                          backend_stack_level=profile.stack_level)
+
+    def _backend_installed(self, item: Installed, sent: Installed) -> None:
+        """A backend profile is on the wallbox (``sent``: its version there): the backend's from now on."""
+        for pid in [pid for pid, old in self.backend.items() if replaces_on_connector(item, old)]:
+            del self.backend[pid]
+        self.backend[item.profile.id] = item
+        self._installed(sent, own=False)
 
     def backend_clear_answered(self, payload: Any, status: str | None) -> None:
         if status != "Accepted":
@@ -347,6 +380,7 @@ class Control:
         for store in (self.backend, self.on_wallbox):
             for pid in [pid for pid, item in store.items() if request.matches(item)]:
                 del store[pid]
+        self.maybe = [(o, f) for o, f in self.maybe if not request.matches(f)]
         own = self._own_installed()
         if own is not None and request.may_match(own) and self.own is not None:
             self.own = UNKNOWN  # re-install once this Clear is answered: now
@@ -478,10 +512,19 @@ class Control:
                 continue
             if (pid, repr(want)) in self.rejected:
                 continue
-            installed = Installed(item.connector, parse_profile(want), wall)
-            return Command("SetChargingProfile", set_payload(item.connector, want), "restore", self.generation,
-                           installed=installed, amps=self._peak(installed.profile))
+            return self._restore(item, want, wall)
+        if not clamping:
+            return None
+        for origin, forwarded in self.maybe:  # re-sent clamped: then the backend's, as if it had been Accepted
+            want = self._clamped(origin.profile, origin.connector)
+            if dict(forwarded.profile.raw) != want and (origin.profile.id, repr(want)) not in self.rejected:
+                return self._restore(origin, want, wall, maybe=True)
         return None
+
+    def _restore(self, item: Installed, want: dict[str, Any], wall: datetime, maybe: bool = False) -> Command:
+        installed = Installed(item.connector, parse_profile(want), wall)
+        return Command("SetChargingProfile", set_payload(item.connector, want), "restore", self.generation,
+                       installed=installed, amps=self._peak(installed.profile), origin=item if maybe else None)
 
     def _desired_own(self, wall: datetime) -> tuple[Signature, dict[str, Any]] | None | _Unknown:
         """(signature, profile) the proxy's own profile should be; None: absent; UNKNOWN: wait."""
@@ -587,7 +630,10 @@ class Control:
         if status == "Accepted":
             assert command.installed is not None
             self.failures = 0
-            self._installed(command.installed, own=command.kind == "limit")
+            if command.origin is not None:
+                self._backend_installed(command.origin, command.installed)
+            else:
+                self._installed(command.installed, own=command.kind == "limit")
             if command.kind == "limit":
                 self._set_own(command.connector, command.signature)
             return
@@ -628,6 +674,8 @@ class Control:
         else:
             assert command.installed is not None
             self.on_wallbox.pop(command.installed.profile.id, None)
+            if command.origin is not None:  # it may be on the wallbox at this version now, too
+                self.maybe.append((command.origin, command.installed))
         delay = self._backoff()
         self.retry_at = now + delay
         self._note("profile_retry", "warning", reason=reason, seconds=delay, **command.describe())
@@ -656,7 +704,14 @@ class Control:
         for pid, item in self.backend.items():
             if item.profile.purpose in (TX_DEFAULT, TX_PROFILE):
                 values.append(self._peak(self.on_wallbox.get(pid, item).profile))
+        values += [self._peak(sent.profile) for sent in self._unconfirmed()]
         return max(values, default=None)
+
+    def _unconfirmed(self) -> list[Installed]:
+        """Backend Tx/TxDefault profiles the wallbox may have applied without the proxy knowing (as forwarded): those
+        whose answer was lost (:attr:`maybe`) and those still on their way (an answer may never come: the fuse's
+        count of them ends with the next answer to any backend profile)."""
+        return [sent for _, sent in self.maybe] + [sent for _, sent in self._forwarding.values()]
 
     def holding_at(self, connector: int) -> float | None | _Unknown:
         """:meth:`holding` of one connector load point: the proxy's TxDefaultProfile there, or higher where a
@@ -671,6 +726,7 @@ class Control:
         for pid, item in self.backend.items():
             if self.can_win(item, connector):
                 values.append(self._peak(self.on_wallbox.get(pid, item).profile))
+        values += [self._peak(sent.profile) for sent in self._unconfirmed() if self.can_win(sent, connector)]
         return max(values)
 
     def _peak(self, profile: Profile) -> float:
@@ -693,9 +749,11 @@ class Control:
         return Installed(0, profile, datetime.min)
 
     def _installed(self, item: Installed, *, own: bool) -> None:
-        """A profile went onto the wallbox: what it replaced is gone."""
-        for pid in [pid for pid, old in self.on_wallbox.items() if replaces(item, old)]:
+        """A profile went onto the wallbox: what it surely replaced is gone; the proxy's own, if it may have been
+        replaced, is re-installed."""
+        for pid in [pid for pid, old in self.on_wallbox.items() if replaces_on_connector(item, old)]:
             del self.on_wallbox[pid]
+        self.maybe = [(o, f) for o, f in self.maybe if not replaces_on_connector(item, f)]
         if not own:
             self.on_wallbox[item.profile.id] = item
             mine = self._own_installed()

@@ -301,9 +301,21 @@ def composite_limit(installed: Iterable[Installed], now: datetime, *, charger_ph
 
 
 def replaces(new: Installed, old: Installed) -> bool:
-    """Same id, or same purpose and stack level (OCPP 1.6 SetChargingProfile)."""
+    """Same id, or same purpose and stack level (OCPP 1.6 SetChargingProfile): what ``new`` **may** replace.
+
+    Wallboxes differ: some look at the connector, some do not. This is the loose reading, for what may be
+    gone (the proxy's own profile: re-installed); what surely is gone is :func:`replaces_on_connector`."""
     return (new.profile.id == old.profile.id
             or (new.profile.purpose == old.profile.purpose and new.profile.stack_level == old.profile.stack_level))
+
+
+def replaces_on_connector(new: Installed, old: Installed) -> bool:
+    """Same id, or same purpose and stack level **on the same connector**: what ``new`` surely replaces.
+
+    A charge point that keeps one profile stack per connector (as OCPP 2.0.1 says per EVSE, and as the
+    Modbus charge point does, docs/modbus.md) keeps another connector's profile of the same purpose and stack
+    level, so the fuse stops counting only what is replaced on every reading (docs/load-management.md)."""
+    return new.profile.id == old.profile.id or (new.connector == old.connector and replaces(new, old))
 
 
 # --- building and clamping ------------------------------------------------------------------

@@ -56,7 +56,7 @@ from proxy.loadmgmt.profiles import (
     parse_clear,
     parse_set,
     parse_time,
-    replaces,
+    replaces_on_connector,
 )
 
 CONNECTOR = 1
@@ -243,17 +243,6 @@ def share(limit: float | None, wanted: dict[int, float], minimum: float) -> dict
         if not starved or len(active) == 1:
             return result
         active.remove(max(starved))
-
-
-def replaces_on_connector(new: Installed, old: Installed) -> bool:
-    """Same id, or same purpose and stack level **on the same connector** (docs/modbus.md).
-
-    A charge point keeps one profile stack per connector, as wallbox firmware does
-    (and as OCPP 2.0.1 says per EVSE): a TxProfile for one socket's transaction
-    must not remove the other socket's, or that socket would lose its limit and
-    draw the charge point's maximum.
-    """
-    return new.profile.id == old.profile.id or (new.connector == old.connector and replaces(new, old))
 
 
 class VirtualChargePoint:

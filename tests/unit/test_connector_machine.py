@@ -30,7 +30,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import initialize, invariant, rule
 
@@ -495,13 +494,12 @@ def test_a_car_stopping_before_the_proxys_first_limits_ends_a_clamped_tx_profile
     _check_connectors(machine)
 
 
-@pytest.mark.xfail(strict=True, reason="open: a backend TxDefaultProfile whose answer was lost with the connection "
-                   "is forgotten by the proxy, so the fuse counts the connector at the proxy's own 0 A (found by the "
-                   "harder search, seed 16; docs/load-management.md, Known limits)")
 def test_a_backend_default_whose_answer_was_lost_keeps_counting() -> None:
-    """tx-default, D1 settled at 6 A per connector, the EMS disables it, the backend's connector-0 TxDefaultProfile
-    6 A at stack level 9 (above connector 1's 8) is forwarded and the connection drops with it applied and its answer
-    lost; after the reconnect the proxy's 0 A profiles are accepted and connector 1 may still draw 6 A."""
+    """Found by the harder search (seed 16). tx-default, D1 settled at 6 A per connector, the EMS disables it, the
+    backend's connector-0 TxDefaultProfile 6 A at stack level 9 (above connector 1's 8) is forwarded and the
+    connection drops with it applied and its answer lost. The proxy used to forget it: after the reconnect its 0 A
+    profiles were accepted and the fuse counted connector 1 at 0 A while it could draw 6 A. Now it counts as maybe
+    installed, and the proxy re-sends it clamped (0 A: the EMS disable holds); accepted, it is the backend's."""
     machine = ConnectorMachine()
     machine.setup(meter=True, phases=1, calm=True, priorities=(0, 1, 0), others=0, site=12, wallbox_max=16.0,
                   strategy="tx-default")
@@ -512,5 +510,57 @@ def test_a_backend_default_whose_answer_was_lost_keeps_counting() -> None:
     machine.drop(applied=True, cid="D1")
     machine.reconnect(boot=False, cid="D1")
     _check_connectors(machine)
+    control = machine.coordinator.controls["D1"]
+    assert [sent.profile.id for _, sent in control.maybe] == [100]
     machine.everyone_answers_promptly()
     _check_connectors(machine)
+    wallbox = machine.wallboxes["D1"]
+    for pid, (connector, limits) in wallbox.points("D1").items():
+        assert wallbox.may_draw(connector, limits, machine.now) == 0.0, pid  # disabled: held at 0 A
+        assert machine.coordinator.fuse.may_draw(pid, machine.now) == 0
+    assert wallbox.profiles[100].amps == 0.0  # the backend's profile, re-sent clamped
+    assert not control.maybe and 100 in control.backend  # now the backend's, as if it had been Accepted
+
+
+def test_a_lost_backend_default_that_was_not_applied_is_settled_by_the_re_send() -> None:
+    """The same with the profile not applied before the drop: counted all the same (the proxy cannot tell), and
+    the clamped re-send puts on the wallbox what the backend asked for, at the local limit."""
+    machine = ConnectorMachine()
+    machine.setup(meter=False, phases=1, calm=True, priorities=(0, 1, 0), others=0, site=40, wallbox_max=16.0,
+                  strategy="tx-default")
+    machine.reconnect(boot=False, cid="D1")
+    machine.everyone_answers_promptly()
+    machine.backend_sets_profile(amps=16.0, cid="D1", connector=0, level=20, tx_profile=False)
+    machine.drop(applied=False, cid="D1")
+    machine.reconnect(boot=False, cid="D1")
+    _check_connectors(machine)
+    machine.ems_charger(amps=None, cid="D1", enabled=False)
+    machine.everyone_answers_promptly()
+    _check_connectors(machine)
+    assert machine.wallboxes["D1"].profiles[100].amps == 0.0
+    assert not machine.coordinator.controls["D1"].maybe
+
+
+def test_a_backend_default_on_the_other_connector_at_the_same_level_does_not_hide_the_first() -> None:
+    """Sibling found while closing the gap above: the backend's TxDefaultProfiles on connector 1 and then on
+    connector 2, both at stack level 20. The proxy took the second as replacing the first (same purpose and stack
+    level), although a wallbox that keeps one stack per connector keeps both; once the EMS disabled D1 the fuse
+    counted connector 1 at 0 A while the first profile (clamped to 10 A when it went out) let it draw 10 A. What
+    the proxy stops counting is now only what is replaced on every reading: same id, or same purpose and stack
+    level on the same connector."""
+    for strategy in ("tx-default", "max-profile"):
+        machine = ConnectorMachine()
+        machine.setup(meter=False, phases=1, calm=True, priorities=(0, 1, 0), others=0, site=40, wallbox_max=16.0,
+                      strategy=strategy)
+        machine.reconnect(boot=False, cid="D1")
+        machine.everyone_answers_promptly()
+        for connector in (1, 2):
+            machine.backend_sets_profile(amps=16.0, cid="D1", connector=connector, level=20, tx_profile=False)
+            _check_connectors(machine)
+            machine.wallbox_answers_backend(cid="D1")
+            _check_connectors(machine)
+        machine.ems_charger(amps=None, cid="D1", enabled=False)
+        machine.everyone_answers_promptly()
+        _check_connectors(machine)
+        wallbox = machine.wallboxes["D1"]
+        assert {pid: p.amps for pid, p in wallbox.profiles.items() if pid in (110, 120)} == {110: 0.0, 120: 0.0}
