@@ -13,6 +13,7 @@ while connector 2's new car charges at 20 A). MeterValues are attributed per con
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -203,3 +204,111 @@ async def test_a_reload_that_lists_the_connectors_makes_them_load_points(
     assert server.limiter.fuse.charger_ids() == ["DUO#1", "DUO#2"]
     assert handle.wire.overlaps == []
     await in_loop(peers, handle.close())
+
+
+# --- a backend profile whose answer was lost with the connection ----------------------------------------------
+
+def lost_answer_config(backend: SimBackend, data_dir: Path, *, disable_first: bool = False) -> str:
+    """DUO under tx-default (its connectors carry the limits) next to CP2, a 16 A wallbox, on the 20 A site."""
+    duo = connectors_config(backend, data_dir, disable_first=disable_first).replace(
+        'min_current = 6\n[[chargers.connectors]]', 'min_current = 6\nstrategy = "tx-default"\n[[chargers.connectors]]', 1)
+    return duo + '[[chargers]]\nid = "CP2"\nmax_current = 16\nmin_current = 6\n'
+
+
+async def drop_unanswered(handle: SmartHandle) -> None:
+    """The connection goes with the wallbox's answer still unsent (its handler is cancelled mid-wait)."""
+    handle.task.cancel()
+    await handle.websocket.close()
+    await asyncio.gather(handle.task, return_exceptions=True)
+
+
+def may_draw(handle: SmartHandle, connector: int, top: float) -> float:
+    """What a connector may draw by the profiles the wallbox really holds (its own store: no profile = top)."""
+    with handle.wallbox.lock:
+        limit = handle.wallbox.store.composite(connector)
+    return top if limit is None else min(top, limit)
+
+
+async def until_held(handle: SmartHandle, server: ProxyServer, wanted: dict[int, float],
+                     timeout: float = 20.0) -> None:
+    """Wait until the profiles the wallbox holds compute to ``wanted`` and the proxy has nothing left to send."""
+    with trio.move_on_after(timeout):
+        while True:
+            if {n: may_draw(handle, n, 32.0) for n in wanted} == wanted and server.limiter.settled():
+                return
+            with trio.move_on_after(0.2):
+                await server.limiter.next_progress()
+    raise AssertionError(f"held {[may_draw(handle, n, 32.0) for n in wanted]}, wanted {wanted}")
+
+
+async def test_a_backend_default_whose_answer_was_lost_still_counts_after_the_reconnect(
+        peers: LoopThread, backend: SimBackend, start_proxy: StartProxy, tmp_path: Path) -> None:
+    """The backend's TxDefaultProfile for DUO's connector 1 (16 A, stack level 20, above the proxy's 8) reaches the
+    wallbox, which applies it; the connection drops before its answer. After the reconnect a reload disables
+    connector 1 and a car arrives at CP2. The proxy must keep counting connector 1 at the backend's 16 A until it
+    has brought it down (the profile re-sent clamped to 0 A): CP2 gets its 16 A only then, and what the wallboxes
+    may draw by the profiles they hold never exceeds the 20 A site (without that, 16 A + 16 A)."""
+    server = await start_proxy(lost_answer_config(backend, tmp_path / "data"))
+    duo_url = proxy_url(server, "DUO")
+    handle = await in_loop(peers, connect_smart(duo_url, "DUO"))
+    other = await in_loop(peers, connect_smart(proxy_url(server, "CP2"), "CP2"))
+    for n in (1, 2):
+        await in_loop(peers, handle.wallbox.call(call.StatusNotification(connector_id=n, error_code="NoError",
+                                                                         status="Available")))
+    await in_loop(peers, other.wallbox.call(call.StatusNotification(connector_id=1, error_code="NoError",
+                                                                    status="Available")))
+    await in_loop(peers, handle.wallbox.start_transaction(1))
+    await until_limits(handle, server, {1: 20.0, 2: 0.0})
+
+    # the backend's profile goes out; the wallbox applies it and the connection drops before it answers
+    handle.wallbox.answer_delay = 60.0
+    profile = {"chargingProfileId": 77, "stackLevel": 20, "chargingProfilePurpose": "TxDefaultProfile",
+               "chargingProfileKind": "Absolute", "chargingSchedule": {
+                   "chargingRateUnit": "A", "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 16}]}}
+    pending = peers.submit(backend.call("DUO", call.SetChargingProfile(connector_id=1, cs_charging_profiles=profile)))
+    with trio.fail_after(10):
+        while not any(p["csChargingProfiles"]["chargingProfileId"] == 77
+                      for _, action, p in handle.wire.calls_received() if action == "SetChargingProfile"):
+            await trio.sleep(0.05)
+    forwarded = [p for _, action, p in handle.wire.calls_received() if action == "SetChargingProfile"][-1]
+    assert forwarded["csChargingProfiles"]["chargingSchedule"]["chargingSchedulePeriod"][0]["limit"] == 16
+    with handle.wallbox.lock:
+        assert handle.wallbox.store.set(1, forwarded["csChargingProfiles"]) == "Accepted"
+    store = handle.wallbox.store
+    await in_loop(peers, drop_unanswered(handle))
+    with trio.fail_after(10):
+        while "DUO" in server.limiter.coordinator.connected:
+            await trio.sleep(0.05)
+    pending.cancel()
+
+    # back (no reboot: its profiles are still there), connector 1 disabled, a car at CP2
+    handle = await in_loop(peers, connect_smart(duo_url, "DUO", store=store, boot=False))
+    for n, status in ((1, "Charging"), (2, "Available")):
+        await in_loop(peers, handle.wallbox.call(call.StatusNotification(connector_id=n, error_code="NoError",
+                                                                         status=status)))
+    await until_held(handle, server, {1: 16.0, 2: 0.0})  # the proxy's 20 A under the backend's 16 A
+    assert server.limiter.fuse.may_draw("DUO#1", trio.current_time()) >= 160
+    server.reload(loads(lost_answer_config(backend, tmp_path / "data", disable_first=True)))
+    await in_loop(peers, other.wallbox.start_transaction(1))
+    worst, counted_short = 0.0, []
+    with trio.fail_after(30):
+        while True:
+            now = trio.current_time()
+            duo = [may_draw(handle, n, 32.0) for n in (1, 2)]
+            cp2 = may_draw(other, 1, 16.0)
+            worst = max(worst, sum(duo) + cp2)
+            if server.limiter.fuse.may_draw("DUO#1", now) < duo[0] * 10:
+                counted_short.append(duo[0])
+            if cp2 == 16.0 and server.limiter.settled():
+                break
+            with trio.move_on_after(0.05):
+                await server.limiter.next_progress()
+    assert counted_short == [], f"the fuse counted DUO#1 below what it may draw: {counted_short}"
+    assert worst <= SITE, f"{worst} A may be drawn on the {SITE} A site"
+    assert duo[0] == 0.0  # connector 1 disabled: the backend's profile there re-sent clamped
+    resent = [p["csChargingProfiles"] for _, action, p in handle.wire.calls_received()
+              if action == "SetChargingProfile" and p["csChargingProfiles"]["chargingProfileId"] == 77]
+    assert resent and resent[-1]["chargingSchedule"]["chargingSchedulePeriod"][0]["limit"] == 0.0  # clamped
+    assert handle.wire.overlaps == []
+    await in_loop(peers, handle.close())
+    await in_loop(peers, other.close())
