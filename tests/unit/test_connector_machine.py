@@ -30,6 +30,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import initialize, invariant, rule
 
@@ -564,3 +565,27 @@ def test_a_backend_default_on_the_other_connector_at_the_same_level_does_not_hid
         _check_connectors(machine)
         wallbox = machine.wallboxes["D1"]
         assert {pid: p.amps for pid, p in wallbox.profiles.items() if pid in (110, 120)} == {110: 0.0, 120: 0.0}
+
+
+@pytest.mark.xfail(strict=True, reason="open: after a proxy restart the backend's profiles from before are unknown, so "
+                   "a backend TxDefaultProfile above the proxy's stack level is not counted (docs/load-management.md, "
+                   "Known limits)")
+def test_a_backend_default_from_before_a_proxy_restart_keeps_counting() -> None:
+    """Sibling found while closing the lost-answer gap: D1 settled, the backend's TxDefaultProfile on connector 1 at
+    stack level 20 (above the proxy's 8) is accepted (clamped to 10 A), the proxy restarts and D1 reconnects, the EMS
+    disables D1: the proxy's 0 A profiles are accepted and the fuse counts connector 1 at 0 A while the backend's
+    profile from before the restart lets it draw 10 A. The proxy keeps no record of the backend's profiles."""
+    machine = ConnectorMachine()
+    machine.setup(meter=False, phases=1, calm=True, priorities=(0, 1, 0), others=0, site=40, wallbox_max=16.0,
+                  strategy="tx-default")
+    machine.reconnect(boot=False, cid="D1")
+    machine.everyone_answers_promptly()
+    machine.backend_sets_profile(amps=16.0, cid="D1", connector=1, level=20, tx_profile=False)
+    machine.wallbox_answers_backend(cid="D1")
+    machine.restart_proxy(applied=False)
+    _check_connectors(machine)
+    machine.reconnect(boot=False, cid="D1")
+    _check_connectors(machine)
+    machine.ems_charger(amps=None, cid="D1", enabled=False)
+    machine.everyone_answers_promptly()
+    _check_connectors(machine)
