@@ -234,9 +234,9 @@ class Control:
 
     def wallbox_connected(self, now: float) -> None:
         """A new connection: the proxy's profile state is unknown until re-applied."""
+        self._connection_over()  # a new connection may replace the old one without its close being seen
         self.generation += 1
         self.connected = True
-        self.inflight = None
         self.ready = False
         self.ready_at = now + BOOT_WAIT
         self.awaiting_boot = False
@@ -247,12 +247,28 @@ class Control:
         self.on_wallbox.clear()
 
     def wallbox_disconnected(self) -> None:
+        self._connection_over()
         self.generation += 1
         self.connected = False
-        self.inflight = None
-        self.maybe += self._forwarding.values()  # their answers will never come
-        self._forwarding.clear()
         self.uncapped.clear()
+
+    def _connection_over(self) -> None:
+        """Answers on the connection that ends will never come: what was on its way may be on the wallbox."""
+        self._abandon_inflight()
+        for origin, sent in self._forwarding.values():
+            self._maybe_add(origin, sent)
+        self._forwarding.clear()
+
+    def _abandon_inflight(self) -> None:
+        """The proxy's CALL on its way will never be answered (its generation is over): a backend profile it re-sent
+        in place of one whose answer was lost may be on the wallbox at that version now, too."""
+        command, self.inflight = self.inflight, None
+        if command is not None and command.origin is not None and command.installed is not None:
+            self._maybe_add(command.origin, command.installed)
+
+    def _maybe_add(self, origin: Installed, sent: Installed) -> None:
+        if (origin, sent) not in self.maybe:
+            self.maybe.append((origin, sent))
 
     def boot(self, now: float) -> None:
         """BootNotification: the wallbox (re)started; transactions and TxProfiles are gone.
@@ -276,7 +292,7 @@ class Control:
         self.maybe = [(o, f) for o, f in self.maybe if o.profile.purpose != TX_PROFILE]
         if self.inflight is not None:  # its answer no longer tells anything
             self.generation += 1
-            self.inflight = None
+            self._abandon_inflight()
 
     def boot_answered(self, status: str | None) -> None:
         """The backend's answer to BootNotification (None: a CALLERROR or no status)."""
@@ -675,7 +691,7 @@ class Control:
             assert command.installed is not None
             self.on_wallbox.pop(command.installed.profile.id, None)
             if command.origin is not None:  # it may be on the wallbox at this version now, too
-                self.maybe.append((command.origin, command.installed))
+                self._maybe_add(command.origin, command.installed)
         delay = self._backoff()
         self.retry_at = now + delay
         self._note("profile_retry", "warning", reason=reason, seconds=delay, **command.describe())

@@ -542,6 +542,35 @@ def test_a_lost_backend_default_that_was_not_applied_is_settled_by_the_re_send()
     assert not machine.coordinator.controls["D1"].maybe
 
 
+def test_a_lost_re_send_of_a_lost_backend_default_counts_at_both_versions() -> None:
+    """Sibling found while closing the gap above: the backend's TxDefaultProfile (stack level 20, connector 1) went out
+    clamped to 6 A and its answer was lost; after the reconnect the limit rises and the proxy re-sends it at 10 A, and
+    the connection drops again with that applied and unanswered. Back once more at 6 A, the proxy's own profiles were
+    accepted at 6 A and the fuse counted connector 1 at 6 A (the first version) while the re-sent 10 A was in force:
+    a re-send lost with its connection is maybe installed at its version too."""
+    machine = ConnectorMachine()
+    machine.setup(meter=False, phases=1, calm=True, priorities=(0, 1, 0), others=0, site=40, wallbox_max=16.0,
+                  strategy="tx-default")
+    machine.reconnect(boot=False, cid="D1")
+    machine.ems_charger(amps=6.0, cid="D1", enabled=True)
+    machine.everyone_answers_promptly()
+    machine.backend_sets_profile(amps=16.0, cid="D1", connector=1, level=20, tx_profile=False)
+    machine.drop(applied=True, cid="D1")
+    machine.reconnect(boot=False, cid="D1")
+    machine.ems_charger(amps=None, cid="D1", enabled=True)
+    machine.tick(0.0)
+    wallbox = machine.wallboxes["D1"]
+    assert wallbox.inflight is not None and wallbox.inflight.command.kind == "restore"
+    assert wallbox.inflight.command.describe()["limit"] == 10.0
+    machine.drop(applied=True, cid="D1")
+    _check_connectors(machine)
+    machine.reconnect(boot=False, cid="D1")
+    machine.ems_charger(amps=6.0, cid="D1", enabled=True)
+    machine.everyone_answers_promptly()
+    _check_connectors(machine)
+    assert wallbox.profiles[110].amps == 6.0  # settled: re-sent at 6 A
+
+
 def test_a_backend_default_on_the_other_connector_at_the_same_level_does_not_hide_the_first() -> None:
     """Sibling found while closing the gap above: the backend's TxDefaultProfiles on connector 1 and then on
     connector 2, both at stack level 20. The proxy took the second as replacing the first (same purpose and stack
