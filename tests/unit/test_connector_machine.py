@@ -495,17 +495,23 @@ def test_a_car_stopping_before_the_proxys_first_limits_ends_a_clamped_tx_profile
     _check_connectors(machine)
 
 
+def _settled(strategy: str, site: int = 40, meter: bool = False) -> ConnectorMachine:
+    """D1 alone (two connectors, 16 A, one phase, connector 2 one priority up) on a calm site: back and settled."""
+    machine = ConnectorMachine()
+    machine.setup(meter=meter, phases=1, calm=True, priorities=(0, 1, 0), others=0, site=site, wallbox_max=16.0,
+                  strategy=strategy)
+    machine.reconnect(boot=False, cid="D1")
+    machine.everyone_answers_promptly()
+    return machine
+
+
 def test_a_backend_default_whose_answer_was_lost_keeps_counting() -> None:
     """Found by the harder search (seed 16). tx-default, D1 settled at 6 A per connector, the EMS disables it, the
     backend's connector-0 TxDefaultProfile 6 A at stack level 9 (above connector 1's 8) is forwarded and the
     connection drops with it applied and its answer lost. The proxy used to forget it: after the reconnect its 0 A
     profiles were accepted and the fuse counted connector 1 at 0 A while it could draw 6 A. Now it counts as maybe
     installed, and the proxy re-sends it clamped (0 A: the EMS disable holds); accepted, it is the backend's."""
-    machine = ConnectorMachine()
-    machine.setup(meter=True, phases=1, calm=True, priorities=(0, 1, 0), others=0, site=12, wallbox_max=16.0,
-                  strategy="tx-default")
-    machine.reconnect(boot=False, cid="D1")
-    machine.everyone_answers_promptly()
+    machine = _settled("tx-default", site=12, meter=True)
     machine.ems_charger(amps=None, cid="D1", enabled=False)
     machine.backend_sets_profile(amps=6.0, cid="D1", connector=0, level=9, tx_profile=False)
     machine.drop(applied=True, cid="D1")
@@ -526,11 +532,7 @@ def test_a_backend_default_whose_answer_was_lost_keeps_counting() -> None:
 def test_a_lost_backend_default_that_was_not_applied_is_settled_by_the_re_send() -> None:
     """The same with the profile not applied before the drop: counted all the same (the proxy cannot tell), and
     the clamped re-send puts on the wallbox what the backend asked for, at the local limit."""
-    machine = ConnectorMachine()
-    machine.setup(meter=False, phases=1, calm=True, priorities=(0, 1, 0), others=0, site=40, wallbox_max=16.0,
-                  strategy="tx-default")
-    machine.reconnect(boot=False, cid="D1")
-    machine.everyone_answers_promptly()
+    machine = _settled("tx-default")
     machine.backend_sets_profile(amps=16.0, cid="D1", connector=0, level=20, tx_profile=False)
     machine.drop(applied=False, cid="D1")
     machine.reconnect(boot=False, cid="D1")
@@ -548,10 +550,7 @@ def test_a_lost_re_send_of_a_lost_backend_default_counts_at_both_versions() -> N
     the connection drops again with that applied and unanswered. Back once more at 6 A, the proxy's own profiles were
     accepted at 6 A and the fuse counted connector 1 at 6 A (the first version) while the re-sent 10 A was in force:
     a re-send lost with its connection is maybe installed at its version too."""
-    machine = ConnectorMachine()
-    machine.setup(meter=False, phases=1, calm=True, priorities=(0, 1, 0), others=0, site=40, wallbox_max=16.0,
-                  strategy="tx-default")
-    machine.reconnect(boot=False, cid="D1")
+    machine = _settled("tx-default")
     machine.ems_charger(amps=6.0, cid="D1", enabled=True)
     machine.everyone_answers_promptly()
     machine.backend_sets_profile(amps=16.0, cid="D1", connector=1, level=20, tx_profile=False)
@@ -579,11 +578,7 @@ def test_a_backend_default_on_the_other_connector_at_the_same_level_does_not_hid
     the proxy stops counting is now only what is replaced on every reading: same id, or same purpose and stack
     level on the same connector."""
     for strategy in ("tx-default", "max-profile"):
-        machine = ConnectorMachine()
-        machine.setup(meter=False, phases=1, calm=True, priorities=(0, 1, 0), others=0, site=40, wallbox_max=16.0,
-                      strategy=strategy)
-        machine.reconnect(boot=False, cid="D1")
-        machine.everyone_answers_promptly()
+        machine = _settled(strategy)
         for connector in (1, 2):
             machine.backend_sets_profile(amps=16.0, cid="D1", connector=connector, level=20, tx_profile=False)
             _check_connectors(machine)
@@ -604,11 +599,7 @@ def test_a_backend_default_from_before_a_proxy_restart_keeps_counting() -> None:
     stack level 20 (above the proxy's 8) is accepted (clamped to 10 A), the proxy restarts and D1 reconnects, the EMS
     disables D1: the proxy's 0 A profiles are accepted and the fuse counts connector 1 at 0 A while the backend's
     profile from before the restart lets it draw 10 A. The proxy keeps no record of the backend's profiles."""
-    machine = ConnectorMachine()
-    machine.setup(meter=False, phases=1, calm=True, priorities=(0, 1, 0), others=0, site=40, wallbox_max=16.0,
-                  strategy="tx-default")
-    machine.reconnect(boot=False, cid="D1")
-    machine.everyone_answers_promptly()
+    machine = _settled("tx-default")
     machine.backend_sets_profile(amps=16.0, cid="D1", connector=1, level=20, tx_profile=False)
     machine.wallbox_answers_backend(cid="D1")
     machine.restart_proxy(applied=False)
