@@ -364,3 +364,39 @@ def test_machine_regression_a_grid_reading_from_before_a_car_started_keeps_its_h
         for cid in ("CP1", "CP2"):
             checked(lambda: state.answer(cid=cid, outcome="Accepted", applied=True))
     assert state.coordinator.targets == {"CP1": 16.0, "CP2": 0.0}  # the 5 A left are below its minimum
+
+
+def test_machine_regression_a_tx_default_backend_profile_whose_answer_was_lost_keeps_counting() -> None:
+    """The lost-answer gap of the connector machine on a wallbox that is one load point under tx-default: the
+    backend's TxDefaultProfile goes out clamped to CP1's 16 A, the connection drops with it applied and unanswered,
+    the EMS pauses CP1 after the reconnect. The proxy used to forget the profile and count CP1 at its own 0 A while
+    the backend's 16 A stayed in force; now it counts it and re-sends it clamped to 0 A."""
+    state = FuseMachine()
+    state.setup(site=40, meter=False, calm=True, chargers=[(16.0, 1, 1, 0, "tx-default"),
+                                                           (16.0, 1, 2, 0, "max-profile")])
+
+    def checked(step: Callable[[], None]) -> None:
+        step()
+        state.fuse_counts_at_least_what_may_be_drawn()
+        state.never_over_budget_by_the_proxy()
+
+    def settle() -> None:
+        for _ in range(12):
+            checked(lambda: state.tick(dt=0.0))
+            waiting = [cid for cid, w in state.wallboxes.items() if w.inflight is not None]
+            for cid in waiting:
+                state.answer(cid=cid, outcome="Accepted", applied=True)
+                checked(lambda: None)
+            if not waiting:
+                return
+
+    checked(lambda: state.reconnect(boot=False, cid="CP1"))
+    checked(lambda: state.reconnect(boot=False, cid="CP2"))
+    settle()
+    checked(lambda: state.backend_sets_tx_default(cid="CP1", amps=16.0))
+    checked(lambda: state.drop(applied=True, cid="CP1"))
+    checked(lambda: state.reconnect(boot=False, cid="CP1"))
+    checked(lambda: state.ems_charger(cid="CP1", amps=None, enabled=False))
+    settle()
+    assert state.wallboxes["CP1"].profiles[7] == ("TxDefaultProfile", 0.0)  # re-sent clamped
+    assert state.coordinator.fuse.may_draw("CP1", state.now) == 0
