@@ -255,6 +255,10 @@ class Control:
     def _connection_over(self) -> None:
         """Answers on the connection that ends will never come: what was on its way may be on the wallbox."""
         self._abandon_inflight()
+        self._forwarded_given_up()
+
+    def _forwarded_given_up(self) -> None:
+        """Backend profiles on their way whose answer will not come: maybe installed (:attr:`maybe`)."""
         for origin, sent in self._forwarding.values():
             self._maybe_add(origin, sent)
         self._forwarding.clear()
@@ -370,6 +374,7 @@ class Control:
         """The wallbox answered a backend SetChargingProfile (``status`` None: a CALLERROR)."""
         forwarded = self._forwarding.pop(msg_id, None)
         self.uncapped.pop(msg_id, None)
+        self._forwarded_given_up()  # one CALL at a time: an earlier one still on its way was given up (call_timeout)
         if status != "Accepted":
             return
         connector, profile = parse_set(payload)
@@ -390,6 +395,7 @@ class Control:
         self._installed(sent, own=False)
 
     def backend_clear_answered(self, payload: Any, status: str | None) -> None:
+        self._forwarded_given_up()  # as in backend_set_answered
         if status != "Accepted":
             return
         request = parse_clear(payload)
@@ -725,8 +731,7 @@ class Control:
 
     def _unconfirmed(self) -> list[Installed]:
         """Backend Tx/TxDefault profiles the wallbox may have applied without the proxy knowing (as forwarded): those
-        whose answer was lost (:attr:`maybe`) and those still on their way (an answer may never come: the fuse's
-        count of them ends with the next answer to any backend profile)."""
+        whose answer was lost (:attr:`maybe`) and those still on their way."""
         return [sent for _, sent in self.maybe] + [sent for _, sent in self._forwarding.values()]
 
     def holding_at(self, connector: int) -> float | None | _Unknown:

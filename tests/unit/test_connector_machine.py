@@ -570,6 +570,26 @@ def test_a_lost_re_send_of_a_lost_backend_default_counts_at_both_versions() -> N
     assert wallbox.profiles[110].amps == 6.0  # settled: re-sent at 6 A
 
 
+def test_a_backend_default_never_answered_on_a_live_connection_keeps_counting() -> None:
+    """Sibling found while closing the gap above: the backend's connector-0 TxDefaultProfile (6 A, stack level 9) is
+    applied and never answered while the connection stays (the relay's call_timeout frees the slot); the backend's
+    next profile is answered. The fuse used to stop counting the first with that answer (connector 1 counted at the
+    proxy's 0 A, 6 A in force after an EMS pause); now it is maybe installed from then on and re-sent clamped."""
+    machine = _settled("tx-default")
+    machine.ems_charger(amps=None, cid="D1", enabled=False)
+    machine.backend_sets_profile(amps=6.0, cid="D1", connector=0, level=9, tx_profile=False)
+    wallbox = machine.wallboxes["D1"]
+    wallbox.apply_backend()
+    wallbox.backend_call = None  # its answer never comes
+    _check_connectors(machine)
+    machine.backend_sets_profile(amps=16.0, cid="D1", connector=2, level=0, tx_profile=False)
+    machine.wallbox_answers_backend(cid="D1")
+    _check_connectors(machine)
+    machine.everyone_answers_promptly()
+    _check_connectors(machine)
+    assert wallbox.profiles[100].amps == 0.0
+
+
 def test_a_backend_default_on_the_other_connector_at_the_same_level_does_not_hide_the_first() -> None:
     """Sibling found while closing the gap above: the backend's TxDefaultProfiles on connector 1 and then on
     connector 2, both at stack level 20. The proxy took the second as replacing the first (same purpose and stack
