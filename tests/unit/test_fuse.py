@@ -266,6 +266,16 @@ def test_reservation_store_round_trip_and_reopen(tmp_path: Path) -> None:
 
 # -- the state machine's shrunk counterexamples -----------------------------------------------------
 
+def checker(state: FuseMachine) -> Callable[[Callable[[], None]], None]:
+    """Runs a step of the machine, then checks both invariants."""
+    def checked(step: Callable[[], None]) -> None:
+        step()
+        state.fuse_counts_at_least_what_may_be_drawn()
+        state.never_over_budget_by_the_proxy()
+
+    return checked
+
+
 def test_machine_regression_reboot_then_restart_counts_the_reboot() -> None:
     """Shrunk: a reboot (profile gone: unknown) learnt just before a restart must reach the record."""
     state = FuseMachine()
@@ -326,10 +336,7 @@ def test_machine_regression_restored_record_is_an_upper_bound_not_what_is_instal
                                                             (16.0, 1, 2, 0, "max-profile"),
                                                             (16.0, 1, 2, 0, "max-profile")])
 
-    def checked(step: Callable[[], None]) -> None:
-        step()
-        state.fuse_counts_at_least_what_may_be_drawn()
-        state.never_over_budget_by_the_proxy()
+    checked = checker(state)
 
     checked(lambda: None)
     checked(lambda: state.reconnect(boot=False, cid="CP2"))
@@ -349,10 +356,7 @@ def test_machine_regression_a_grid_reading_from_before_a_car_started_keeps_its_h
     state.setup(site=23, meter=True, calm=True, chargers=[(16.0, 1, 1, 0, "max-profile"),
                                                           (16.0, 1, 1, 0, "max-profile")])
 
-    def checked(step: Callable[[], None]) -> None:
-        step()
-        state.fuse_counts_at_least_what_may_be_drawn()
-        state.never_over_budget_by_the_proxy()
+    checked = checker(state)
 
     checked(lambda: None)
     checked(lambda: state.reconnect(boot=False, cid="CP1"))
@@ -375,10 +379,7 @@ def test_machine_regression_a_tx_default_backend_profile_whose_answer_was_lost_k
     state.setup(site=40, meter=False, calm=True, chargers=[(16.0, 1, 1, 0, "tx-default"),
                                                            (16.0, 1, 2, 0, "max-profile")])
 
-    def checked(step: Callable[[], None]) -> None:
-        step()
-        state.fuse_counts_at_least_what_may_be_drawn()
-        state.never_over_budget_by_the_proxy()
+    checked = checker(state)
 
     def settle() -> None:
         for _ in range(12):
