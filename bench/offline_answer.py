@@ -27,6 +27,10 @@ to tell the session log's share of the tail from the queue's.
 The target is about reliability, not one lucky run: besides the medians the report lists every
 run's p99 and how many runs met p99 ≤ 20 ms at ≥ 2000 CALL/s; it is *met* only if every run did.
 
+During each load a probe (``bench/diskprobe.py``) fdatasyncs 4 KiB of its own in the data
+directory 100 times a second: the disk's own stalls, printed beside each run's p99, so a miss
+can be told apart as the disk's or the proxy's (the verdict also counts the runs with a quiet disk).
+
 ``--baseline DIR`` runs another checkout (e.g. ``git worktree add --detach /tmp/base <commit>``)
 the same way, interleaved with this one, so both see the same machine noise.
 
@@ -50,6 +54,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.diskprobe import STALL_MS, DiskProbe
 from bench.procs import ROOT, Backend, LoadGen, OcppProxy, cpu_of, free_port, workdir
 from bench.sysinfo import load_average, machine
 
@@ -115,13 +120,16 @@ def one_round(args: argparse.Namespace, root: Path, offline: bool, load: str, lo
     port = free_port() if offline else backend.port  # type: ignore[union-attr]  # offline: nothing listens
     proxy.start(port, args.wallboxes)
     seconds = args.seconds if load != "saturate" else min(args.seconds, 5.0)
+    probe = DiskProbe(work / "data")  # the disk's own stalls during this load (bench/diskprobe.py)
     try:
-        result = run_load(proxy, args.wallboxes, {"mode": load, "rate": args.rate, "duration": seconds,
-                                                  "warmup": 1.0})
+        with probe:
+            result = run_load(proxy, args.wallboxes, {"mode": load, "rate": args.rate, "duration": seconds,
+                                                      "warmup": 1.0})
     finally:
         proxy.stop()
         if backend is not None:
             backend.stop()
+    result["disk"] = probe.result.summary()
     if offline:
         rows = queued_rows(work / "data")
         stats = queue_stats(work / "proxy.log")
@@ -203,7 +211,10 @@ def main() -> None:
             pauses = f"full collections {full['n']} (longest {full['max']} ms)" if full else "no full collection"
             if queue.get("checkpoints"):
                 pauses += f"; checkpoints {queue['checkpoints']}"
-            print(f"  - run {number} (load average {cell['load_average']:.1f}): p99 {cell['p99_ms']:.2f} ms; commits "
+            disk = cell["disk"]
+            print(f"  - run {number} (load average {cell['load_average']:.1f}): p99 {cell['p99_ms']:.2f} ms; disk probe "
+                  f"{disk['fsyncs']} fsyncs, longest {disk['max_ms']} ms, {disk['stalls']} over {STALL_MS:g} ms "
+                  f"({disk['stalled_ms']} ms, worst {disk['longest_stalls'][:3]}); commits "
                   f"{queue['commits']} ({queue['fsyncs_per_s']}/s), thread busy {queue['thread_utilisation']}; "
                   f"{pauses}; {stages or '(not logged)'}")
     for (name, path, load, log_name), cells in runs.items():
@@ -214,6 +225,9 @@ def main() -> None:
         met = at_target(cells)
         each = ", ".join(f"{c['p99_ms']:.1f}" for c in cells)
         verdict = "met in every run" if met == len(cells) else f"missed in {len(cells) - met} of {len(cells)} runs"
+        quiet = [c for c in cells if not c["disk"]["stalls"]]
+        verdict += (f"; in the {len(quiet)} runs whose disk probe saw no fsync over {STALL_MS:g} ms: "
+                    f"{at_target(quiet)}/{len(quiet)} at target")
         print(f"target ≥ {TARGET_RATE:g} CALL/s at p99 ≤ {TARGET_P99_MS:g} ms offline ({name}, {load}, session log "
               f"{log_name}): median {rate:.0f} CALL/s at p99 {p99:.2f} ms; runs at target {met}/{len(cells)} "
               f"(p99 per run: {each} ms): {verdict}")
