@@ -64,7 +64,7 @@ from proxy.storage.interface import (
     write_operation,
 )
 from proxy.storage import session_log
-from proxy.storage.checkpoints import Checkpointer
+from proxy.storage.checkpoints import RESTART_PAGES, Checkpointer
 from proxy.storage.commit_stats import CommitStats
 from proxy.storage.queue_reads import QueueReads
 from proxy.storage.secondary_store import MirrorStore
@@ -91,8 +91,10 @@ _LOG_PAUSE = 0.0002
 _LOG_APPLY = 500
 
 
-#: Bytes of WAL file kept after a checkpoint let it start over (SQLite truncates it to this).
-WAL_KEEP_BYTES = 4 * 1024 * 1024
+#: Bytes of WAL file kept after a checkpoint let it start over (SQLite truncates it to this): twice the
+#: WAL's size at a normal start-over, so a busy queue overwrites the file it has instead of cutting it
+#: and growing it again (docs/storage.md, "Checkpoints").
+WAL_KEEP_BYTES = 2 * RESTART_PAGES * 4096
 
 #: The file in ``[offline] data_dir`` (shared by the offline queue and the secondaries' mirrors).
 DB_NAME = "queue.sqlite3"
@@ -132,7 +134,7 @@ class SqliteStorage(QueueReads):
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
             # Checkpoints run on their own connection and thread (proxy.storage.checkpoints), never inside a
-            # commit a wallbox's answer waits for; after one, the WAL file is cut back to a few MiB.
+            # commit a wallbox's answer waits for; the WAL file keeps its size (WAL_KEEP_BYTES).
             self.db.execute("PRAGMA wal_autocheckpoint=0")
             self.db.execute(f"PRAGMA journal_size_limit={WAL_KEEP_BYTES}")
             self._durable = True

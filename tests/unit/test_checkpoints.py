@@ -77,6 +77,30 @@ def test_the_wal_starts_over_under_endless_commits(tmp_path: Path) -> None:
         storage.close()
 
 
+def test_a_busy_wal_keeps_its_file_when_it_starts_over(tmp_path: Path) -> None:
+    """A WAL that starts over is overwritten in place, not cut back and grown again: growing the file makes
+    every commit's fsync a file-system journal commit too, and cutting it frees blocks the disk must discard
+    (docs/storage.md, "Checkpoints"). Its size never shrinks while the queue is busy."""
+    path = tmp_path / "queue.sqlite3"
+    storage = SqliteStorage(path, mirrors=False)
+    storage.checkpoints.interval = 0.01
+    storage.checkpoints.restart_pages = 1200  # 4.7 MiB: past the 4 MiB the file was once cut back to
+    wal = Path(f"{path}-wal")
+    try:
+        largest = 0
+        for n in range(20_000):
+            storage.write([Append(f"CP{n % 7}", "MeterValues", FRAME), Append("CPX", "Heartbeat", "[2,\"h\",\"Heartbeat\",{}]")])
+            size = wal.stat().st_size
+            assert size >= largest, f"the WAL was cut from {largest} to {size} bytes after {n + 1} commits"
+            largest = size
+            if storage.checkpoints.stats.catch_ups >= 2:
+                break
+        assert storage.checkpoints.stats.catch_ups >= 2, storage.checkpoints.stats
+        assert largest > 1200 * 4096
+    finally:
+        storage.close()
+
+
 def test_a_wal_past_the_limit_is_restarted(tmp_path: Path) -> None:
     """The bound on the file when the writer's catch-up cannot run: a RESTART checkpoint from the thread."""
     path = tmp_path / "queue.sqlite3"
