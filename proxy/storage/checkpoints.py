@@ -60,6 +60,11 @@ class CheckpointStats:
     longest: float = 0.0
     most_pages: int = 0
 
+    def failed(self, detail: str) -> None:
+        """Count a checkpoint that failed (a full disk, say): the WAL keeps the frames and a later one tries again."""
+        self.failures += 1
+        self.last_error = detail[:200]
+
     def summary(self) -> dict[str, object]:
         return {"runs": self.runs, "catch_ups": self.catch_ups, "restarts": self.restarts, "failures": self.failures,
                 "longest_ms": round(self.longest * 1000, 3), "most_pages": self.most_pages,
@@ -122,9 +127,8 @@ class Checkpointer:
             if pages > self.limit_pages:
                 self._db.execute("PRAGMA wal_checkpoint(RESTART)").fetchone()
                 stats.restarts += 1
-        except sqlite3.Error as exc:  # a full disk, say: the WAL keeps the frames; the next round tries again
-            stats.failures += 1
-            stats.last_error = f"{type(exc).__name__}: {exc}"[:200]
+        except sqlite3.Error as exc:
+            stats.failed(f"{type(exc).__name__}: {exc}")
             return
         finally:
             stats.longest = max(stats.longest, time.perf_counter() - began)

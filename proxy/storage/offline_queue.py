@@ -204,8 +204,7 @@ class SqliteStorage(QueueReads):
         try:
             self.db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         except sqlite3.Error as exc:
-            self.checkpoints.stats.failures += 1
-            self.checkpoints.stats.last_error = _detail(exc)[:200]
+            self.checkpoints.stats.failed(_detail(exc))
 
     def _apply(self, run: Sequence[Change]) -> list[int | None]:
         """One run of changes of one kind."""

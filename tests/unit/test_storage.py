@@ -80,3 +80,32 @@ def test_a_queue_written_before_sent_marks_is_upgraded(tmp_path: Path) -> None:
     assert entry.attempts == 0 and entry.text == "h"
     storage.write([Append("CP1", "Heartbeat", "h2")])
     storage.close()
+
+
+def test_a_checkpoint_on_a_full_disk_is_counted_and_loses_nothing(tmp_path: Path) -> None:
+    """A checkpoint copies WAL pages into the database file, which may have to grow: on a full disk it fails.
+    Both the checkpoint thread's round and the writer's own catch-up count the failure (docs/storage.md,
+    "Checkpoints") instead of raising into a commit, and the frames stay in the WAL until one succeeds."""
+    with small_disk(tmp_path / "disk") as disk:
+        path = disk.path / DB_NAME
+        storage = SqliteStorage(path, mirrors=False)
+        storage.checkpoints.stop()  # only the checkpoints this test runs
+        frame = '[2,"{}","MeterValues",{{"v":"' + "7" * 900 + '"}}]'
+        storage.write([Append("CP1", "MeterValues", frame.format(k)) for k in range(36)])
+        storage.checkpoints.checkpoint()  # all copied back: the writer's next commit starts the WAL over
+        storage.checkpoints.restart_pages = 1  # and makes its own catch-up due
+        disk.fill()
+        # The WAL file keeps its size, so a commit after the start-over needs no new blocks: it succeeds on
+        # the full disk. Copying its frames into the database file needs new blocks: both checkpoints fail.
+        rows = storage.write([Append("CP1", "MeterValues", frame.format(k)) for k in range(36, 40)])
+        assert len(rows) == 4 and storage.checkpoints.stats.catch_ups == 1
+        storage.checkpoints.checkpoint()
+        stats = storage.checkpoints.stats
+        assert stats.failures == 2 and "full" in stats.last_error, stats.summary()
+        disk.free()
+        storage.checkpoints.checkpoint()
+        assert stats.failures == 2 and stats.runs == 2, stats.summary()
+        storage.close()
+        reopened = SqliteStorage(path, mirrors=False)
+        assert len(reopened.pending("CP1")) == 40
+        reopened.close()
