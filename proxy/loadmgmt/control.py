@@ -37,6 +37,7 @@ from proxy.loadmgmt.profiles import (
     TX_DEFAULT,
     TX_PROFILE,
     Installed,
+    Kept,
     Profile,
     ProfileError,
     Transaction,
@@ -728,6 +729,33 @@ class Control:
                 values.append(self._peak(self.on_wallbox.get(pid, item).profile))
         values += [self._peak(sent.profile) for sent in self._unconfirmed()]
         return max(values, default=None)
+
+    def kept(self) -> list[Kept]:
+        """Backend Tx/TxDefault profiles that may be on the wallbox, as (the backend's, the version that may be there):
+        the accepted ones (at their version on the wallbox where known, else the backend's own, as :meth:`holding`
+        counts them), those whose answer was lost (:attr:`maybe`) or is on its way, and a clamped re-send on its way.
+        The driver keeps this in the durable record, so a proxy restart does not forget them (:meth:`restore_kept`)."""
+        pairs = [(item, self.on_wallbox.get(pid, item)) for pid, item in sorted(self.backend.items())
+                 if item.profile.purpose in (TX_DEFAULT, TX_PROFILE)]
+        pairs += self.maybe + list(self._forwarding.values())
+        command = self.inflight
+        if command is not None and command.kind == "restore" and command.installed is not None:
+            origin = command.origin or self.backend.get(command.installed.profile.id)
+            if origin is not None:
+                pairs.append((origin, command.installed))
+        unique: list[Kept] = []
+        for pair in pairs:
+            if pair not in unique:
+                unique.append(pair)
+        return unique
+
+    def restore_kept(self, pairs: list[Kept]) -> None:
+        """The durable record's :meth:`kept` from before a proxy restart: the proxy has not seen their answers
+        (nor, for the accepted ones, what happened on the wallbox since), so they are maybe installed, counted and
+        re-sent clamped until settled exactly as lost answers are (docs/load-management.md, "The backend's profiles
+        over a restart")."""
+        for origin, sent in pairs:
+            self._maybe_add(origin, sent)
 
     def _unconfirmed(self) -> list[Installed]:
         """Backend Tx/TxDefault profiles the wallbox may have applied without the proxy knowing (as forwarded): those

@@ -29,7 +29,7 @@ from typing import Any
 from proxy.loadmgmt.control import MAX_STRATEGY, TX_STRATEGY, UNKNOWN, Command, Control, ControlSettings, _Unknown
 from proxy.loadmgmt.engine import POINT_SEP, LimitEngine, point_id
 from proxy.loadmgmt.fuse import Fuse
-from proxy.loadmgmt.profiles import TX_DEFAULT, TX_PROFILE, ProfileError, parse_set, peak_amps
+from proxy.loadmgmt.profiles import TX_DEFAULT, TX_PROFILE, Kept, ProfileError, parse_set, peak_amps
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,8 @@ class Coordinator:
         #: paused: it cannot know what the site's owner grants, so it grants nothing.
         self.site_owner = True
         self._waiting = False
+        #: The durable record's backend profiles of wallboxes without a control yet (:meth:`restore_kept`).
+        self._kept: dict[str, list[Kept]] = {}
 
     # -- the wallboxes' lives ----------------------------------------------------------------
 
@@ -75,7 +77,23 @@ class Coordinator:
         control = self.controls.get(charger_id)
         if control is None:
             control = self.controls[charger_id] = Control(charger_id, settings)
+            control.restore_kept(self._kept.pop(charger_id, []))
         return control
+
+    def kept(self, charger_id: str) -> list[Kept]:
+        """The backend profiles that may be on the wallbox, for the durable record (:meth:`Control.kept`)."""
+        control = self.controls.get(charger_id)
+        return control.kept() if control is not None else list(self._kept.get(charger_id, []))
+
+    def restore_kept(self, charger_id: str, pairs: list[Kept]) -> None:
+        """The durable record's backend profiles of a wallbox (a proxy restart, or its lease moved here): maybe
+        installed (:meth:`Control.restore_kept`), from the moment its control exists."""
+        control = self.controls.get(charger_id)
+        if control is None:
+            waiting = self._kept.setdefault(charger_id, [])
+            waiting += [pair for pair in pairs if pair not in waiting]
+        else:
+            control.restore_kept(pairs)
 
     def points(self, charger_id: str) -> list[tuple[str, int]]:
         """(load point, connector) of a charger: itself (connector 0), or its configured connectors."""

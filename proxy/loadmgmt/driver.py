@@ -53,7 +53,7 @@ from proxy.loadmgmt.fuse import Fuse
 from proxy.storage.interface import StorageError
 from proxy.storage.reservations import DB_NAME, ReservationStore, SqliteReservations
 from proxy.ops.logs import get_logger
-from proxy.loadmgmt.profiles import ProfileError, replace_payload
+from proxy.loadmgmt.profiles import Kept, ProfileError, decode_kept, encode_kept, replace_payload
 from proxy.runtime.leases import LeaseKeeper
 from proxy.runtime.relay import Listener, PairedSession
 from proxy.core.session import WALLBOX, Action, Observed, ProxyAnswer, Rewriter, Side, Tap
@@ -80,6 +80,7 @@ class LimitsSink(Protocol):
                  effective_limit: float | None = None, headroom: Sequence[float] | None = None) -> None: ...
     def set_fuse(self, *, unconfirmed: Mapping[str, float], over_budget_seconds: float,
                  decreases_unanswered: int, decreases_failed: Mapping[str, int]) -> None: ...
+    def storage_error(self, operation: str, detail: str) -> None: ...
 
 
 def meter_configured(config: Config) -> bool:
@@ -152,6 +153,11 @@ class Limiter(Listener):
         #: The fuse's durable record (opened by :meth:`run` while load management is on).
         self.store: ReservationStore | None = None
         self._unwritten: dict[str, float | None] = {}
+        #: The backend profiles that may be on each wallbox as last handed to the writer (:meth:`_keep`), and
+        #: those not written yet (JSON text; None: none any more).
+        self._kept: dict[str, list[Kept]] = {}
+        self._unwritten_kept: dict[str, str | None] = {}
+        self._record_failing = False
         self._queued = self._written = self._failed = 0  # record generations
         self._records_queued = trio.Event()  # something to write
         self._records_changed = trio.Event()  # ... at once
@@ -230,6 +236,7 @@ class Limiter(Listener):
         if self.attached.get(charger_id) is paired:
             del self.attached[charger_id]
             self.coordinator.detach(charger_id, _now())
+            self._keep(charger_id)
             for sink in self.sinks:
                 sink.set_charger_limits(charger_id)
 
@@ -272,6 +279,7 @@ class Limiter(Listener):
             self._observed(charger_id, self.controls[charger_id], action)
         except Exception as exc:  # noqa: BLE001 - never let a frame's content break the session
             self.log.warning("frame_not_understood", charger=charger_id, action=action.action, error=str(exc)[:200])
+        self._keep(charger_id)
         self.poke()
 
     def _observed(self, charger_id: str, control: Control, observed: Observed) -> None:
@@ -400,6 +408,12 @@ class Limiter(Listener):
         def rewrite(source: Side, destination: Side, frame: Frame) -> str:
             if destination != WALLBOX or source == WALLBOX:
                 return frame.text
+            try:
+                return rewritten(frame)
+            finally:
+                self._keep(control.charger_id)  # on its way: it may be on the wallbox from now (before its answer)
+
+        def rewritten(frame: Frame) -> str:
             if not control.rewrites:
                 self._forwarded(control, frame.msg_id or "", payload_of(frame))
                 return frame.text
@@ -471,13 +485,20 @@ class Limiter(Listener):
         path = Path(self.config.offline.data_dir) / DB_NAME
         opener = self.shared.open_store if self.shared is not None else lambda: SqliteReservations(path)
         recorded: dict[str, float | None] = {}
+        profiles: dict[str, str] = {}
         try:
             self.store = await trio.to_thread.run_sync(opener)
             recorded = await trio.to_thread.run_sync(self.store.load)
+            profiles = await trio.to_thread.run_sync(self.store.load_profiles)
         except StorageError as exc:
             self.log.error("reservations_unreadable", file=str(path) if self.shared is None else "[store] url",
-                           error=str(exc)[:300], consequence="chargers not connected yet count at their max_current")
+                           error=str(exc)[:300], consequence="chargers not connected yet count at their max_current; "
+                           "backend profiles from before the restart are not known")
+            self._storage_error(exc.operation, str(exc)[:300])
         self.fuse.restore(recorded, _now())
+        kept = self._restore_kept(profiles)
+        if kept:
+            self.log.info("backend_profiles_restored", chargers=len(profiles), profiles=kept)
         lost = self.fuse.lost(_now())
         if lost:
             self.log.info("reservations_restored", chargers=len(lost), amps=round(sum(lost.values()), 1))
@@ -544,12 +565,15 @@ class Limiter(Listener):
         if self.shared is None or store is None:
             return
         points = [pid for pid, _ in self.coordinator.points(charger_id)]  # itself, or its connectors
+        profiles: dict[str, str] = {}
         try:
             recorded = await trio.to_thread.run_sync(store.load, points)
+            profiles = await trio.to_thread.run_sync(store.load_profiles, [charger_id])
         except StorageError as exc:
             self.log.error("reservations_unreadable", file=store.location, error=str(exc)[:300],
                            consequence=f"{charger_id} counts at its max_current")
             recorded = {}
+        self._restore_kept(profiles)  # what the process that served it kept
         for pid in points:
             self.fuse.adopt(pid, recorded.get(pid), known=pid in recorded)
 
@@ -621,10 +645,18 @@ class Limiter(Listener):
         control = self.controls[item.charger_id]
         if paired is None or self._nursery is None:
             self.coordinator.failed(item.charger_id, item.command, "session gone", _now())
+            self._keep(item.charger_id)
             return
+        self._keep(item.charger_id)  # a backend profile re-sent: kept before it leaves (it waits for the write)
         self._nursery.start_soon(self._send, paired, control, item, generation)
 
     async def _send(self, paired: PairedSession, control: Control, item: Outgoing, generation: int) -> None:
+        try:
+            await self._exchange(paired, control, item, generation)
+        finally:
+            self._keep(item.charger_id)  # a backend profile re-sent may be on the wallbox now, or settled
+
+    async def _exchange(self, paired: PairedSession, control: Control, item: Outgoing, generation: int) -> None:
         command, charger_id = item.command, item.charger_id
         log = self.log.bind(charger=charger_id)
         # Anything but a decrease leaves only once every reservation handed to the store is on disk.
@@ -725,19 +757,59 @@ class Limiter(Listener):
                 await self._records_changed.wait()
             self._records_queued, self._records_changed = trio.Event(), trio.Event()
             batch, generation, self._unwritten = self._unwritten, self._queued, {}
+            kept, self._unwritten_kept = self._unwritten_kept, {}
             try:
-                await trio.to_thread.run_sync(store.record, batch)
+                await trio.to_thread.run_sync(_record, store, batch, kept)
             except StorageError as exc:
                 self._failed = generation
                 self._unwritten = {**batch, **self._unwritten}  # written with the next batch
-                self.log.error("reservations_not_recorded", file=store.location, error=str(exc)[:300],
-                               consequence="increases wait")
+                self._unwritten_kept = {**kept, **self._unwritten_kept}
+                self.log.error("reservations_not_recorded", file=store.location, operation=exc.operation,
+                               error=str(exc)[:300], consequence="increases wait")
+                self._storage_error(exc.operation, str(exc)[:300])
                 self._records_queued.set()
                 await trio.sleep(1.0)
             else:
                 self._written = generation
+                if self._record_failing:
+                    self._storage_error("reservation", "")
             self._records_done.set()
             self._records_done = trio.Event()
+
+    def _keep(self, charger_id: str) -> None:
+        """After anything that may change which backend profiles may be on the wallbox: a changed set goes to the
+        writer at once (a restart must find it; docs/load-management.md, "The backend's profiles over a restart").
+        The relay never waits for it; a CALL of the proxy's that leaves after this waits like an increase."""
+        if self.store is None:
+            return
+        pairs = self.coordinator.kept(charger_id)
+        if pairs == self._kept.get(charger_id, []):
+            return
+        self._kept[charger_id] = pairs
+        self._unwritten_kept[charger_id] = encode_kept(pairs) if pairs else None
+        self._queued += 1
+        self._records_queued.set()
+        self._records_changed.set()
+
+    def _restore_kept(self, recorded: Mapping[str, str]) -> int:
+        """The backend profiles the record says may be on the wallboxes: maybe installed (returns how many)."""
+        count = 0
+        for charger_id, text in recorded.items():
+            try:
+                pairs = decode_kept(text)
+            except ProfileError as exc:
+                self.log.error("backend_profiles_unreadable", charger=charger_id, error=str(exc)[:300])
+                continue
+            self.coordinator.restore_kept(charger_id, pairs)
+            self._kept[charger_id] = pairs  # as recorded: more that this process knew is written next
+            self._keep(charger_id)
+            count += len(pairs)
+        return count
+
+    def _storage_error(self, operation: str, detail: str) -> None:
+        self._record_failing = bool(detail)
+        for sink in self.sinks:
+            sink.storage_error(operation, detail)
 
     def _log_notes(self, charger_id: str, control: Control) -> None:
         for note in control.drain_notes():
@@ -771,6 +843,12 @@ class Limiter(Listener):
 
     def views(self) -> Mapping[str, Any]:
         return {cid: self.engine.charger_view(cid) for cid in sorted(self.sessions)}
+
+
+def _record(store: ReservationStore, limits: Mapping[str, float | None], kept: Mapping[str, str | None]) -> None:
+    """The writer's batch (in its thread): the reservations, then the backend profiles (each one transaction)."""
+    store.record(limits)
+    store.record_profiles(kept)
 
 
 def _connector(payload: Any, key: str) -> int | None:

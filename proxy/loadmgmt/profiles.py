@@ -161,6 +161,34 @@ def parse_set(payload: Any) -> tuple[int, Profile]:
     return connector or 0, parse_profile(payload.get("csChargingProfiles"))
 
 
+#: A backend Tx/TxDefault profile that may be on a wallbox: (the backend's own, the version that may be there,
+#: maybe clamped). What the durable record keeps over a proxy restart (docs/load-management.md, "The backend's
+#: profiles over a restart").
+Kept = tuple[Installed, Installed]
+
+
+def encode_kept(pairs: Iterable[Kept]) -> str:
+    """``pairs`` as JSON text for the durable record: each profile as received or sent (its raw object), with
+    its connector and when it was installed (a Relative schedule counts from then)."""
+    return json.dumps([{"connector": origin.connector, "at": origin.installed_at.isoformat(),
+                        "backend": dict(origin.profile.raw), "sent": dict(sent.profile.raw)}
+                       for origin, sent in pairs], separators=(",", ":"), sort_keys=True)
+
+
+def decode_kept(text: str) -> list[Kept]:
+    """:func:`encode_kept`'s text back (raises ProfileError on anything else)."""
+    try:
+        items = json.loads(text)
+        pairs: list[Kept] = []
+        for item in items:
+            connector, at = int(item["connector"]), datetime.fromisoformat(item["at"])
+            pairs.append((Installed(connector, parse_profile(item["backend"]), at),
+                          Installed(connector, parse_profile(item["sent"]), at)))
+    except (ValueError, TypeError, KeyError) as exc:  # ProfileError is a ValueError
+        raise ProfileError(f"not a record of kept profiles: {exc}") from exc
+    return pairs
+
+
 @dataclass(frozen=True)
 class ClearRequest:
     """ClearChargingProfile.req criteria (all None: clear every profile)."""

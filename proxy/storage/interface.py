@@ -198,7 +198,9 @@ class Storage(Protocol):
 
 
 class ReservationStore(Protocol):
-    """A site's fuse reservations: per charger, the highest limit (A) it may be applying (docs/cluster.md).
+    """A site's fuse reservations: per charger, the highest limit (A) it may be applying (docs/cluster.md), and the
+    backend's charging profiles that may be on it (docs/load-management.md, "The backend's profiles over a
+    restart").
 
     None: unknown (counts at its max_current). Durable before return, one
     transaction per call, :class:`StorageError` only. SQLite
@@ -220,6 +222,16 @@ class ReservationStore(Protocol):
 
     def served_elsewhere(self) -> set[str]:
         """Chargers whose live lease another process holds: their records are that process's (SQLite: none)."""
+        ...
+
+    def load_profiles(self, chargers: Sequence[str] | None = None) -> dict[str, str]:
+        """Per charger, the backend profiles that may be on it (text the load management wrote, JSON: see
+        :func:`proxy.loadmgmt.profiles.encode_kept`; of ``chargers`` only, if given)."""
+        ...
+
+    def record_profiles(self, profiles: Mapping[str, str | None]) -> None:
+        """Replace each charger's backend profiles (None: it has none) in one transaction; durable before return.
+        Like :meth:`record`, PostgreSQL leaves a charger whose live lease another process holds to that process."""
         ...
 
     def close(self) -> None:

@@ -101,6 +101,14 @@ CREATE TABLE IF NOT EXISTS fuse_reservations (
     writer TEXT NOT NULL,
     PRIMARY KEY (site, charger)
 );
+CREATE TABLE IF NOT EXISTS backend_profiles (
+    site TEXT NOT NULL,
+    charger TEXT NOT NULL,
+    profiles TEXT NOT NULL,
+    updated DOUBLE PRECISION NOT NULL,
+    writer TEXT NOT NULL,
+    PRIMARY KEY (site, charger)
+);
 CREATE TABLE IF NOT EXISTS sessions (
     id BIGSERIAL PRIMARY KEY,
     charger TEXT NOT NULL,
@@ -338,6 +346,35 @@ class PostgresReservations:
                 "ON CONFLICT (site, charger) DO UPDATE SET amps = excluded.amps, updated = excluded.updated, "
                 "writer = excluded.writer",
                 (self.site, time.time(), self.owner, chargers, [limits[c] for c in chargers], self.owner))
+
+    def load_profiles(self, chargers: Sequence[str] | None = None) -> dict[str, str]:
+        def run(cursor: psycopg.Cursor[tuple[object, ...]]) -> list[tuple[object, ...]]:
+            return cursor.execute("SELECT charger, profiles FROM backend_profiles WHERE site = %s "
+                                  "AND (%s::text[] IS NULL OR charger = ANY(%s::text[]))",
+                                  (self.site, chargers, chargers)).fetchall()
+
+        chargers = None if chargers is None else list(chargers)
+        return {str(charger): str(text) for charger, text in self._link.read(run)}
+
+    def record_profiles(self, profiles: Mapping[str, str | None]) -> None:
+        if not profiles:
+            return
+        chargers = sorted(profiles)
+        kept = [c for c in chargers if profiles[c] is not None]
+        with self._link.transaction("profiles", durable=True) as cursor:
+            cursor.execute(
+                "DELETE FROM backend_profiles b WHERE b.site = %s AND b.charger = ANY(%s::text[]) "
+                "AND NOT EXISTS (SELECT 1 FROM leases l WHERE l.charger = b.charger AND l.owner <> %s "
+                "AND l.expires > clock_timestamp())",
+                (self.site, [c for c in chargers if profiles[c] is None], self.owner))
+            cursor.execute(
+                "INSERT INTO backend_profiles SELECT %s, t.c, t.p, %s, %s "
+                "FROM unnest(%s::text[], %s::text[]) AS t(c, p) WHERE NOT EXISTS (SELECT 1 FROM leases l "
+                "WHERE l.charger = t.c AND l.owner <> %s AND l.expires > clock_timestamp()) "
+                "ORDER BY t.c "
+                "ON CONFLICT (site, charger) DO UPDATE SET profiles = excluded.profiles, updated = excluded.updated, "
+                "writer = excluded.writer",
+                (self.site, time.time(), self.owner, kept, [profiles[c] for c in kept], self.owner))
 
     def served_elsewhere(self) -> set[str]:
         def run(cursor: psycopg.Cursor[tuple[object, ...]]) -> list[tuple[object, ...]]:

@@ -1,5 +1,9 @@
 """Durable fuse reservations: the highest limit each charger may be applying (SQLite, WAL, fsync).
 
+Next to them, in the same file, the backend's charging profiles that may be on
+each wallbox (``backend_profiles``, docs/load-management.md, "The backend's
+profiles over a restart"): a restart counts them as maybe installed until settled.
+
 After a restart the proxy does not know what the wallboxes that have not
 reconnected yet are drawing: they keep charging on their installed profiles.
 So the fuse (:mod:`proxy.loadmgmt.fuse`) records, per charger, the highest
@@ -32,6 +36,11 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS fuse_reservations (
     charger TEXT PRIMARY KEY,
     amps REAL,
+    updated REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS backend_profiles (
+    charger TEXT PRIMARY KEY,
+    profiles TEXT NOT NULL,
     updated REAL NOT NULL
 );
 """
@@ -75,6 +84,28 @@ class SqliteReservations:
                                      [(charger, amps, now) for charger, amps in limits.items()])
         except (sqlite3.Error, OSError) as exc:
             raise StorageError("reservation", str(exc)) from exc
+
+    def load_profiles(self, chargers: Sequence[str] | None = None) -> dict[str, str]:
+        try:
+            rows = self._db.execute("SELECT charger, profiles FROM backend_profiles").fetchall()
+        except sqlite3.Error as exc:
+            raise StorageError("read", str(exc)) from exc
+        wanted = None if chargers is None else set(chargers)
+        return {str(charger): str(text) for charger, text in rows if wanted is None or charger in wanted}
+
+    def record_profiles(self, profiles: Mapping[str, str | None]) -> None:
+        if not profiles:
+            return
+        now = time.time()
+        try:
+            with self._db:
+                self._db.execute("BEGIN IMMEDIATE")
+                self._db.executemany("DELETE FROM backend_profiles WHERE charger = ?",
+                                     [(charger,) for charger, text in profiles.items() if text is None])
+                self._db.executemany("INSERT OR REPLACE INTO backend_profiles VALUES (?, ?, ?)",
+                                     [(charger, text, now) for charger, text in profiles.items() if text is not None])
+        except (sqlite3.Error, OSError) as exc:
+            raise StorageError("profiles", str(exc)) from exc
 
     def close(self) -> None:
         self._db.close()

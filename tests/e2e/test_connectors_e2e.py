@@ -15,16 +15,23 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
 from ocpp.v16 import call
+from structlog.testing import capture_logs
 
 from proxy.config import loads
 from proxy.demo.peers import LoopThread, SimBackend
 from proxy.demo.peers_v2 import SimCsms, StationHandle, connect_station, current_values
+from proxy.ops.metrics import Metrics
 from proxy.runtime.server import ProxyServer
 from tests.conftest import StartProxy, proxy_url
+from tests.e2e.test_fuse_e2e import fuse_metric
+from tests.opskit import launch_proxy
 from tests.peers import in_loop
 from tests.smart_wallbox import ProfileStore, SmartHandle, connect_smart
 from tests.station_v2 import composite, installed
@@ -312,3 +319,146 @@ async def test_a_backend_default_whose_answer_was_lost_still_counts_after_the_re
     assert handle.wire.overlaps == []
     await in_loop(peers, handle.close())
     await in_loop(peers, other.close())
+
+
+# --- a backend profile from before a proxy restart ----------------------------------------------------------
+
+def kept_on_disk(data_dir: Path) -> dict[str, str]:
+    """The backend profiles the proxy's record keeps per wallbox, read as it is on disk (read-only)."""
+    path = data_dir / "reservations.sqlite3"
+    if not path.exists():
+        return {}
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        return {str(c): str(t) for c, t in db.execute("SELECT charger, profiles FROM backend_profiles")}
+    except sqlite3.OperationalError:  # the table is not there yet
+        return {}
+    finally:
+        db.close()
+
+
+async def until_drawn(wanted: Callable[[], bool], what: Callable[[], object], timeout: float = 20.0) -> None:
+    """Wait until the wallboxes' own profiles satisfy ``wanted`` (the proxy is another process: only they tell)."""
+    with trio.move_on_after(timeout):
+        while not wanted():
+            await trio.sleep(0.05)
+        return
+    raise AssertionError(f"not reached in {timeout} s: {what()}")
+
+
+async def test_a_backend_default_from_before_a_proxy_restart_still_counts(
+        peers: LoopThread, backend: SimBackend, tmp_path: Path) -> None:
+    """A real ``ocpp-proxy run`` process: the backend's TxDefaultProfile for DUO's connector 1 (16 A, stack level 20,
+    above the proxy's 8) is accepted; the proxy is killed (-9) once its record has it and started again with
+    connector 1 disabled; both wallboxes come back without a reboot (their profiles stay) and a car arrives at CP2.
+    The new process knows the backend's profile only from the record: it must count connector 1 at 16 A until it
+    re-sent it clamped to 0 A, so CP2 gets its 16 A only then and what the wallboxes may draw by the profiles they
+    hold never exceeds the 20 A site (without the record: 16 A + 16 A, connector 1 never brought down)."""
+    data, config = tmp_path / "data", tmp_path / "proxy.toml"
+
+    def configure(disable_first: bool) -> None:
+        config.write_text(lost_answer_config(backend, data, disable_first=disable_first)
+                          + '[log]\nformat = "json"\n[metrics]\nlisten = ""\n')
+
+    configure(disable_first=False)
+    proxy, port = await launch_proxy(config)
+    try:
+        duo = await in_loop(peers, connect_smart(f"ws://127.0.0.1:{port}/ocpp/DUO", "DUO"))
+        other = await in_loop(peers, connect_smart(f"ws://127.0.0.1:{port}/ocpp/CP2", "CP2"))
+        for handle, n in ((duo, 1), (duo, 2), (other, 1)):
+            await in_loop(peers, handle.wallbox.call(call.StatusNotification(connector_id=n, error_code="NoError",
+                                                                             status="Available")))
+        await in_loop(peers, duo.wallbox.start_transaction(1))
+
+        def held() -> list[float]:
+            return [may_draw(duo, 1, 32.0), may_draw(duo, 2, 32.0), may_draw(other, 1, 16.0)]
+
+        await until_drawn(lambda: held() == [20.0, 0.0, 0.0], held)
+        profile = {"chargingProfileId": 77, "stackLevel": 20, "chargingProfilePurpose": "TxDefaultProfile",
+                   "chargingProfileKind": "Absolute", "chargingSchedule": {
+                       "chargingRateUnit": "A", "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 16}]}}
+        result = await in_loop(peers, backend.call("DUO", call.SetChargingProfile(connector_id=1,
+                                                                                  cs_charging_profiles=profile)))
+        assert result.status == "Accepted" and held() == [16.0, 0.0, 0.0]
+        await until_drawn(lambda: '"chargingProfileId":77' in kept_on_disk(data).get("DUO", ""),
+                          lambda: kept_on_disk(data))
+        proxy.process.send_signal(signal.SIGKILL)
+        assert await proxy.process.wait() == -signal.SIGKILL
+    finally:
+        await proxy.close()
+    stores = {"DUO": duo.wallbox.store, "CP2": other.wallbox.store}
+    for handle in (duo, other):
+        await in_loop(peers, drop_unanswered(handle))
+
+    configure(disable_first=True)
+    proxy, port = await launch_proxy(config)
+    try:
+        duo = await in_loop(peers, connect_smart(f"ws://127.0.0.1:{port}/ocpp/DUO", "DUO", store=stores["DUO"],
+                                                 boot=False))
+        other = await in_loop(peers, connect_smart(f"ws://127.0.0.1:{port}/ocpp/CP2", "CP2", store=stores["CP2"],
+                                                   boot=False))
+        for handle, n, status in ((duo, 1, "Charging"), (duo, 2, "Available"), (other, 1, "Available")):
+            await in_loop(peers, handle.wallbox.call(call.StatusNotification(connector_id=n, error_code="NoError",
+                                                                             status=status)))
+        await in_loop(peers, other.wallbox.start_transaction(1))
+        samples: list[list[float]] = []
+
+        def sampled() -> bool:  # every 50 ms until connector 1 is brought down and CP2 raised
+            samples.append(held())
+            return samples[-1][0] == 0.0 and samples[-1][2] == 16.0
+
+        await until_drawn(sampled, held, timeout=30.0)
+        worst = max(sum(seen) for seen in samples)
+        assert worst <= SITE, f"{worst} A may be drawn on the {SITE} A site: {max(samples, key=sum)}"
+        resent = [p["csChargingProfiles"] for _, action, p in duo.wire.calls_received()
+                  if action == "SetChargingProfile" and p["csChargingProfiles"]["chargingProfileId"] == 77]
+        assert resent and resent[-1]["chargingSchedule"]["chargingSchedulePeriod"][0]["limit"] == 0.0  # clamped
+        assert duo.wire.overlaps == []
+        for handle in (duo, other):
+            await in_loop(peers, handle.close())
+        assert await proxy.stop() == 0
+    finally:
+        await proxy.close()
+
+
+async def test_a_backend_profile_that_cannot_be_recorded_is_logged_counted_and_retried(
+        peers: LoopThread, backend: SimBackend, start_proxy: StartProxy, tmp_path: Path) -> None:
+    """The record refuses the backend's profiles (a real SQLite failure: a trigger aborts every write to their
+    table). The backend's TxDefaultProfile still reaches the wallbox and is answered, the session goes on, the
+    failure is logged and counted; once the table takes writes again the profile is on disk (the next batch)."""
+    data = tmp_path / "data"
+    server = await start_proxy(lost_answer_config(backend, data))
+    metrics = Metrics(["DUO", "CP2"])
+    server.limiter.sinks.append(metrics)  # as cli.run_proxy does
+    db = sqlite3.connect(data / "reservations.sqlite3", isolation_level=None)  # the proxy opened it at start
+    try:
+        db.execute("CREATE TRIGGER refuse BEFORE INSERT ON backend_profiles "
+                   "BEGIN SELECT RAISE(ABORT, 'refused by the test'); END")
+        handle = await in_loop(peers, connect_smart(proxy_url(server, "DUO"), "DUO"))
+        for n in (1, 2):
+            await in_loop(peers, handle.wallbox.call(call.StatusNotification(connector_id=n, error_code="NoError",
+                                                                             status="Available")))
+        await in_loop(peers, handle.wallbox.start_transaction(1))
+        await until_limits(handle, server, {1: 20.0, 2: 0.0})
+        profile = {"chargingProfileId": 77, "stackLevel": 20, "chargingProfilePurpose": "TxDefaultProfile",
+                   "chargingProfileKind": "Absolute", "chargingSchedule": {
+                       "chargingRateUnit": "A", "chargingSchedulePeriod": [{"startPeriod": 0, "limit": 16}]}}
+        with capture_logs() as logs:
+            result = await in_loop(peers, backend.call("DUO", call.SetChargingProfile(connector_id=1,
+                                                                                      cs_charging_profiles=profile)))
+            assert result.status == "Accepted"
+            await until_drawn(lambda: any(e["event"] == "reservations_not_recorded" and e["operation"] == "profiles"
+                                          for e in logs), lambda: [e["event"] for e in logs], timeout=10.0)
+        assert fuse_metric(metrics, "ocpp_proxy_storage_errors_total", operation="profiles") >= 1.0
+        assert fuse_metric(metrics, "ocpp_proxy_storage_failing") == 1.0
+        assert "DUO" not in kept_on_disk(data)
+        await in_loop(peers, handle.wallbox.call(call.Heartbeat()))  # the session goes on
+        await until_limits(handle, server, {1: 16.0, 2: 0.0})  # the backend's 16 A under the proxy's 20 A
+        db.execute("DROP TRIGGER refuse")
+        await until_drawn(lambda: '"chargingProfileId":77' in kept_on_disk(data).get("DUO", ""),
+                          lambda: kept_on_disk(data), timeout=10.0)
+        await until_drawn(lambda: fuse_metric(metrics, "ocpp_proxy_storage_failing") == 0.0,
+                          lambda: fuse_metric(metrics, "ocpp_proxy_storage_failing"), timeout=10.0)
+        await in_loop(peers, handle.close())
+    finally:
+        db.close()

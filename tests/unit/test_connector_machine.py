@@ -30,7 +30,6 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-import pytest
 from hypothesis import settings, strategies as st
 from hypothesis.stateful import initialize, invariant, rule
 
@@ -611,21 +610,57 @@ def test_a_backend_default_on_the_other_connector_at_the_same_level_does_not_hid
         assert {pid: p.amps for pid, p in wallbox.profiles.items() if pid in (110, 120)} == {110: 0.0, 120: 0.0}
 
 
-@pytest.mark.xfail(strict=True, reason="open: after a proxy restart the backend's profiles from before are unknown, so "
-                   "a backend TxDefaultProfile above the proxy's stack level is not counted (docs/load-management.md, "
-                   "Known limits)")
 def test_a_backend_default_from_before_a_proxy_restart_keeps_counting() -> None:
     """Sibling found while closing the lost-answer gap: D1 settled, the backend's TxDefaultProfile on connector 1 at
     stack level 20 (above the proxy's 8) is accepted (clamped to 10 A), the proxy restarts and D1 reconnects, the EMS
-    disables D1: the proxy's 0 A profiles are accepted and the fuse counts connector 1 at 0 A while the backend's
-    profile from before the restart lets it draw 10 A. The proxy keeps no record of the backend's profiles."""
+    disables D1. The proxy used to forget the profile: its 0 A profiles were accepted and the fuse counted connector
+    1 at 0 A while the backend's profile let it draw 10 A. Now the durable record keeps it: after the restart it is
+    maybe installed (counted at 10 A) and re-sent clamped to 0 A; accepted, it is the backend's again."""
     machine = _settled("tx-default")
     machine.backend_sets_profile(amps=16.0, cid="D1", connector=1, level=20, tx_profile=False)
     machine.wallbox_answers_backend(cid="D1")
     machine.restart_proxy(applied=False)
     _check_connectors(machine)
+    control = machine.coordinator.control("D1", machine._settings("D1"))
+    assert [(origin.profile.id, sent.profile.periods[0].limit) for origin, sent in control.maybe] == [(110, 10.0)]
     machine.reconnect(boot=False, cid="D1")
     _check_connectors(machine)
     machine.ems_charger(amps=None, cid="D1", enabled=False)
     machine.everyone_answers_promptly()
+    _check_connectors(machine)
+    assert machine.wallboxes["D1"].profiles[110].amps == 0.0  # re-sent clamped to the EMS pause
+    assert control.maybe == [] and 110 in control.backend  # settled: the backend's, as if never forgotten
+    assert [(o.profile.id, s.profile.periods[0].limit) for o, s in control.kept()] == [(110, 0.0)]
+
+
+def test_a_backend_profile_on_its_way_at_a_proxy_restart_keeps_counting() -> None:
+    """The same with the backend's TxDefaultProfile still on its way when the proxy stops (applied, never answered):
+    the record kept it as forwarded (clamped to 10 A), so after the restart it counts until re-sent clamped."""
+    for strategy in ("tx-default", "max-profile"):
+        machine = _settled(strategy)
+        machine.backend_sets_profile(amps=16.0, cid="D1", connector=1, level=20, tx_profile=False)
+        machine.restart_proxy(applied=True)
+        _check_connectors(machine)
+        assert machine.wallboxes["D1"].profiles[110].amps == 10.0
+        machine.reconnect(boot=False, cid="D1")
+        machine.ems_charger(amps=None, cid="D1", enabled=False)
+        machine.everyone_answers_promptly()
+        _check_connectors(machine)
+        assert machine.wallboxes["D1"].profiles[110].amps == 0.0
+
+
+def test_a_backend_profile_settled_before_a_proxy_restart_is_not_kept() -> None:
+    """What the record keeps goes with what settles it: a backend Clear that matches the profile, accepted, leaves
+    nothing to count after a restart (the record of D1 is empty)."""
+    machine = _settled("tx-default")
+    machine.backend_sets_profile(amps=16.0, cid="D1", connector=1, level=20, tx_profile=False)
+    machine.wallbox_answers_backend(cid="D1")
+    control = machine.coordinator.controls["D1"]
+    assert [origin.profile.id for origin, _ in machine.coordinator.kept("D1")] == [110]
+    control.backend_clear_answered({"id": 110}, "Accepted")
+    machine.wallboxes["D1"].profiles.pop(110)
+    machine.coordinator.backend_answered("D1")
+    assert machine.coordinator.kept("D1") == []
+    machine.restart_proxy(applied=False)
+    assert "D1" not in machine.kept
     _check_connectors(machine)

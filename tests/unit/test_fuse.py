@@ -276,6 +276,21 @@ def checker(state: FuseMachine) -> Callable[[Callable[[], None]], None]:
     return checked
 
 
+def settler(state: FuseMachine, checked: Callable[[Callable[[], None]], None]) -> Callable[[], None]:
+    """A calm spell, checked: recomputations, and every wallbox accepts what it is sent (at most 12 rounds)."""
+    def settle() -> None:
+        for _ in range(12):
+            checked(lambda: state.tick(dt=0.0))
+            waiting = [cid for cid, w in state.wallboxes.items() if w.inflight is not None]
+            for cid in waiting:
+                state.answer(cid=cid, outcome="Accepted", applied=True)
+                checked(lambda: None)
+            if not waiting:
+                return
+
+    return settle
+
+
 def test_machine_regression_reboot_then_restart_counts_the_reboot() -> None:
     """Shrunk: a reboot (profile gone: unknown) learnt just before a restart must reach the record."""
     state = FuseMachine()
@@ -381,21 +396,39 @@ def test_machine_regression_a_tx_default_backend_profile_whose_answer_was_lost_k
 
     checked = checker(state)
 
-    def settle() -> None:
-        for _ in range(12):
-            checked(lambda: state.tick(dt=0.0))
-            waiting = [cid for cid, w in state.wallboxes.items() if w.inflight is not None]
-            for cid in waiting:
-                state.answer(cid=cid, outcome="Accepted", applied=True)
-                checked(lambda: None)
-            if not waiting:
-                return
+    settle = settler(state, checked)
 
     checked(lambda: state.reconnect(boot=False, cid="CP1"))
     checked(lambda: state.reconnect(boot=False, cid="CP2"))
     settle()
     checked(lambda: state.backend_sets_tx_default(cid="CP1", amps=16.0))
     checked(lambda: state.drop(applied=True, cid="CP1"))
+    checked(lambda: state.reconnect(boot=False, cid="CP1"))
+    checked(lambda: state.ems_charger(cid="CP1", amps=None, enabled=False))
+    settle()
+    assert state.wallboxes["CP1"].profiles[7] == ("TxDefaultProfile", 0.0)  # re-sent clamped
+    assert state.coordinator.fuse.may_draw("CP1", state.now) == 0
+
+
+def test_machine_regression_a_tx_default_backend_profile_from_before_a_proxy_restart_keeps_counting() -> None:
+    """The restart sibling on a wallbox that is one load point under tx-default: the backend's TxDefaultProfile is
+    accepted (clamped to CP1's 16 A), the proxy restarts, the EMS pauses CP1 after the reconnect. Without the
+    backend's profiles in the durable record the proxy counted CP1 at its own 0 A while 16 A stayed in force; now
+    the record brings the profile back as maybe installed, and it is re-sent clamped to 0 A."""
+    state = FuseMachine()
+    state.setup(site=40, meter=False, calm=True, chargers=[(16.0, 1, 1, 0, "tx-default"),
+                                                           (16.0, 1, 2, 0, "max-profile")])
+    checked = checker(state)
+
+    settle = settler(state, checked)
+
+    checked(lambda: state.reconnect(boot=False, cid="CP1"))
+    checked(lambda: state.reconnect(boot=False, cid="CP2"))
+    settle()
+    checked(lambda: state.backend_sets_tx_default(cid="CP1", amps=16.0))
+    checked(lambda: state.wallbox_answers_backend(cid="CP1"))
+    checked(lambda: state.restart_proxy(applied=False))
+    assert "CP1" in state.kept and "CP2" not in state.kept
     checked(lambda: state.reconnect(boot=False, cid="CP1"))
     checked(lambda: state.ems_charger(cid="CP1", amps=None, enabled=False))
     settle()

@@ -36,6 +36,7 @@ from proxy.loadmgmt.control import Control, ControlSettings
 from proxy.loadmgmt.coordinator import Coordinator, Outgoing
 from proxy.loadmgmt.engine import ChargerLimits, LimitEngine, SiteLimits, charger_phases
 from proxy.loadmgmt.fuse import Fuse
+from proxy.loadmgmt.profiles import decode_kept, encode_kept
 
 WALL = datetime(2026, 11, 27, 12, 0, tzinfo=UTC)
 HOLD = 600.0
@@ -151,6 +152,8 @@ class ProxySteps(RuleBasedStateMachine):
         self.now = 0.0
         self.wallboxes = {}
         self.store: dict[str, float | None] = {}
+        #: The durable record's backend profiles that may be on each wallbox (as the driver writes them).
+        self.kept: dict[str, str] = {}
         self.house = [0.0, 0.0, 0.0]
         self.ems_site: float | None = None
         self.previous: list[float] | None = None
@@ -167,6 +170,8 @@ class ProxySteps(RuleBasedStateMachine):
         fuse.configure(3, self.limits, ChargerLimits(), HOLD)
         fuse.restore(self.store, self.now)
         self.coordinator = Coordinator(engine, fuse)
+        for cid, text in self.kept.items():
+            self.coordinator.restore_kept(cid, decode_kept(text))
         if self.ems_site is not None:
             engine.ems_site_limit(self.ems_site, self.now)
         if self.site_limits.meter:
@@ -290,15 +295,24 @@ class ProxySteps(RuleBasedStateMachine):
 
     @rule(applied=st.booleans())
     def restart_proxy(self, applied: bool) -> None:
-        """The proxy restarts: every connection drops; what it knows comes from its durable record
-        (written by the driver after every input, so everything the proxy learnt is in it)."""
+        """The proxy restarts: every connection drops (a CALL or a backend profile on its way may have been
+        applied); what it knows comes from its durable record (written by the driver after every input, so
+        everything the proxy learnt is in it): the reservations and the backend profiles that may be installed."""
         self.outside = False
         self.store.update(self.coordinator.fuse.records()[0])
+        for cid in self.wallboxes:
+            pairs = self.coordinator.kept(cid)
+            if pairs:
+                self.kept[cid] = encode_kept(pairs)
+            else:
+                self.kept.pop(cid, None)
         for cid, wallbox in self.wallboxes.items():
             if wallbox.connected:
                 wallbox.connected, wallbox.lost_at = False, self.now
                 if wallbox.inflight is not None and applied:
                     wallbox.apply(wallbox.inflight)
+                if wallbox.backend_call is not None and applied:
+                    wallbox.apply_backend()
                 wallbox.inflight = wallbox.backend_call = None
         self._start_proxy()
 

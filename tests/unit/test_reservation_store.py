@@ -1,8 +1,10 @@
 """The fuse reservations behind the storage interface (ReservationStore), on SQLite and on PostgreSQL.
 
 One contract for both: records survive a new client, a batch is one transaction, a subset can
-be read. Only PostgreSQL is shared by processes: there a record of a charger whose live lease
-another process holds is left to that process, and ``served_elsewhere`` names those chargers.
+be read; the same for the backend profiles that may be on each wallbox (``record_profiles``: a
+charger's text replaced, None deletes it). Only PostgreSQL is shared by processes: there a record
+of a charger whose live lease another process holds is left to that process, and
+``served_elsewhere`` names those chargers.
 """
 
 from __future__ import annotations
@@ -53,6 +55,18 @@ def test_records_survive_a_new_client_and_read_in_part(open_store: Opener) -> No
     store.record({})  # nothing to write: no transaction
 
 
+def test_backend_profiles_survive_a_new_client_are_replaced_and_deleted(open_store: Opener) -> None:
+    store = open_store("proxy-a")
+    assert store.load_profiles() == {}
+    store.record_profiles({"CP1": '[{"a":1}]', "CP2": "[]", "CP3": '[{"c":3}]'})
+    store.record_profiles({"CP1": '[{"a":2}]', "CP2": None, "CP9": None})  # replaced, deleted, nothing to delete
+    again = open_store("proxy-a")
+    assert again.load_profiles() == {"CP1": '[{"a":2}]', "CP3": '[{"c":3}]'}
+    assert again.load_profiles(["CP3", "CP2"]) == {"CP3": '[{"c":3}]'}
+    assert again.load() == {}  # the reservations are a table of their own
+    store.record_profiles({})  # nothing to write: no transaction
+
+
 def test_a_record_of_a_charger_another_process_serves_is_left_to_it(pg_url: str) -> None:
     storage_a, storage_b = PostgresStorage(pg_url), PostgresStorage(pg_url)
     a, b = storage_a.reservations("site-1", "proxy-a"), storage_b.reservations("site-1", "proxy-b")
@@ -65,9 +79,16 @@ def test_a_record_of_a_charger_another_process_serves_is_left_to_it(pg_url: str)
         assert a.load() == {"CP1": 0.0, "CP2": 8.0}  # proxy-b's record stands
         assert a.served_elsewhere() == {"CP1"} and b.served_elsewhere() == set()
         assert other_site.load() == {}  # sites do not share records
+        b.record_profiles({"CP1": "[1]"})
+        a.record_profiles({"CP1": None, "CP2": "[2]"})  # proxy-a's late writes: CP1's is left to proxy-b
+        assert a.load_profiles() == {"CP1": "[1]", "CP2": "[2]"} and other_site.load_profiles() == {}
+        a.record_profiles({"CP1": "[3]"})
+        assert b.load_profiles(["CP1"]) == {"CP1": "[1]"}
         storage_b.release("CP1", "proxy-b")
         a.record({"CP1": 6.0})  # nobody else serves it now
         assert b.load(["CP1"]) == {"CP1": 6.0}
+        a.record_profiles({"CP1": None})
+        assert b.load_profiles() == {"CP2": "[2]"}
     finally:
         for store in (a, b, other_site, storage_a, storage_b):
             store.close()
