@@ -171,8 +171,9 @@ def encode_kept(pairs: Iterable[Kept]) -> str:
     """``pairs`` as JSON text for the durable record: each profile as received or sent (its raw object), with
     its connector and when it was installed (a Relative schedule counts from then)."""
     return json.dumps([{"connector": origin.connector, "at": origin.installed_at.isoformat(),
-                        "backend": dict(origin.profile.raw), "sent": dict(sent.profile.raw)}
-                       for origin, sent in pairs], separators=(",", ":"), sort_keys=True)
+                        "sent_at": sent.installed_at.isoformat(), "backend": dict(origin.profile.raw),
+                        "sent": dict(sent.profile.raw)} for origin, sent in pairs],
+                      separators=(",", ":"), sort_keys=True)
 
 
 def decode_kept(text: str) -> list[Kept]:
@@ -181,9 +182,9 @@ def decode_kept(text: str) -> list[Kept]:
         items = json.loads(text)
         pairs: list[Kept] = []
         for item in items:
-            connector, at = int(item["connector"]), datetime.fromisoformat(item["at"])
-            pairs.append((Installed(connector, parse_profile(item["backend"]), at),
-                          Installed(connector, parse_profile(item["sent"]), at)))
+            connector = int(item["connector"])
+            pairs.append((Installed(connector, parse_profile(item["backend"]), datetime.fromisoformat(item["at"])),
+                          Installed(connector, parse_profile(item["sent"]), datetime.fromisoformat(item["sent_at"]))))
     except (ValueError, TypeError, KeyError) as exc:  # ProfileError is a ValueError
         raise ProfileError(f"not a record of kept profiles: {exc}") from exc
     return pairs

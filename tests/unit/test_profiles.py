@@ -21,6 +21,8 @@ from proxy.loadmgmt.profiles import (
     clamp,
     clear_payload,
     composite_limit,
+    decode_kept,
+    encode_kept,
     from_amps,
     parse_clear,
     parse_profile,
@@ -156,3 +158,25 @@ def test_replace_payload_keeps_prefix_and_tail_bytes() -> None:
     frame = classify(out)
     assert frame.msg_id == 'b"1' and frame.action == "SetChargingProfile" and frame.problem is None
     assert json.loads(out)[3]["csChargingProfiles"] == {"limit": 16}
+
+
+def test_kept_profiles_round_trip_through_their_record_text() -> None:
+    """The durable record's text of the backend profiles that may be on a wallbox (decode_kept(encode_kept(...))):
+    each pair's connector, both install times, both versions (the backend's and the clamped one, raw objects
+    included, for re-sending); anything else is a ProfileError."""
+    backend = parse_profile(profile(77, 20, TX_DEFAULT, 16, 32, kind="Relative"))
+    sent = parse_profile(clamp(backend.raw, 10.0))
+    later = NOW + timedelta(minutes=5)
+    whole = Installed(0, backend, NOW)
+    pairs = [(Installed(1, backend, NOW), Installed(1, sent, later)), (whole, whole)]
+    text = encode_kept(pairs)
+    again = decode_kept(text)
+    assert again == pairs
+    assert [dict(s.profile.raw) for _, s in again] == [dict(sent.raw), dict(backend.raw)]
+    assert [s.profile.periods[-1].limit for _, s in again] == [10.0, 32.0]
+    assert [s.installed_at for _, s in again] == [later, NOW]
+    assert decode_kept(encode_kept([])) == []
+    odd = '[{"connector":1,"at":"x","sent_at":"x","backend":{},"sent":{}}]'
+    for bad in ("", "{", "[1]", '[{"connector": 1}]', "7", odd):
+        with pytest.raises(ProfileError):
+            decode_kept(bad)
