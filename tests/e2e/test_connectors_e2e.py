@@ -427,8 +427,8 @@ async def test_a_backend_profile_that_cannot_be_recorded_is_logged_counted_and_r
     table). The backend's TxDefaultProfile still reaches the wallbox and is answered, the session goes on, the
     failure is logged and counted; once the table takes writes again the profile is on disk (the next batch)."""
     data = tmp_path / "data"
-    server = await start_proxy(lost_answer_config(backend, data))
-    metrics = Metrics(["DUO", "CP2"])
+    server = await start_proxy(connectors_config(backend, data))
+    metrics = Metrics(["DUO"])
     server.limiter.sinks.append(metrics)  # as cli.run_proxy does
     db = sqlite3.connect(data / "reservations.sqlite3", isolation_level=None)  # the proxy opened it at start
     try:
