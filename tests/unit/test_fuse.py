@@ -385,52 +385,47 @@ def test_machine_regression_a_grid_reading_from_before_a_car_started_keeps_its_h
     assert state.coordinator.targets == {"CP1": 16.0, "CP2": 0.0}  # the 5 A left are below its minimum
 
 
-def test_machine_regression_a_tx_default_backend_profile_whose_answer_was_lost_keeps_counting() -> None:
-    """The lost-answer gap of the connector machine on a wallbox that is one load point under tx-default: the
-    backend's TxDefaultProfile goes out clamped to CP1's 16 A, the connection drops with it applied and unanswered,
-    the EMS pauses CP1 after the reconnect. The proxy used to forget the profile and count CP1 at its own 0 A while
-    the backend's 16 A stayed in force; now it counts it and re-sends it clamped to 0 A."""
+Checked = Callable[[Callable[[], None]], None]
+
+
+def _backend_default_forgotten_then_paused(forget: Callable[[FuseMachine, Checked], None]) -> None:
+    """CP1 (tx-default) and CP2 settled, the backend's TxDefaultProfile goes out to CP1 (clamped to its 16 A), then
+    ``forget`` (how the proxy may lose track of it), CP1 back and paused by the EMS: the profile must keep counting
+    and be re-sent clamped to 0 A."""
     state = FuseMachine()
     state.setup(site=40, meter=False, calm=True, chargers=[(16.0, 1, 1, 0, "tx-default"),
                                                            (16.0, 1, 2, 0, "max-profile")])
-
     checked = checker(state)
-
     settle = settler(state, checked)
-
     checked(lambda: state.reconnect(boot=False, cid="CP1"))
     checked(lambda: state.reconnect(boot=False, cid="CP2"))
     settle()
     checked(lambda: state.backend_sets_tx_default(cid="CP1", amps=16.0))
-    checked(lambda: state.drop(applied=True, cid="CP1"))
+    forget(state, checked)
     checked(lambda: state.reconnect(boot=False, cid="CP1"))
     checked(lambda: state.ems_charger(cid="CP1", amps=None, enabled=False))
     settle()
     assert state.wallboxes["CP1"].profiles[7] == ("TxDefaultProfile", 0.0)  # re-sent clamped
     assert state.coordinator.fuse.may_draw("CP1", state.now) == 0
+
+
+def test_machine_regression_a_tx_default_backend_profile_whose_answer_was_lost_keeps_counting() -> None:
+    """The lost-answer gap of the connector machine on a wallbox that is one load point under tx-default: the
+    connection drops with the backend's profile applied and unanswered. The proxy used to forget the profile and
+    count CP1 at its own 0 A while the backend's 16 A stayed in force; now it counts it and re-sends it clamped."""
+    def dropped(state: FuseMachine, checked: Checked) -> None:
+        checked(lambda: state.drop(applied=True, cid="CP1"))
+
+    _backend_default_forgotten_then_paused(dropped)
 
 
 def test_machine_regression_a_tx_default_backend_profile_from_before_a_proxy_restart_keeps_counting() -> None:
-    """The restart sibling on a wallbox that is one load point under tx-default: the backend's TxDefaultProfile is
-    accepted (clamped to CP1's 16 A), the proxy restarts, the EMS pauses CP1 after the reconnect. Without the
-    backend's profiles in the durable record the proxy counted CP1 at its own 0 A while 16 A stayed in force; now
-    the record brings the profile back as maybe installed, and it is re-sent clamped to 0 A."""
-    state = FuseMachine()
-    state.setup(site=40, meter=False, calm=True, chargers=[(16.0, 1, 1, 0, "tx-default"),
-                                                           (16.0, 1, 2, 0, "max-profile")])
-    checked = checker(state)
+    """The restart sibling: the backend's profile is accepted and the proxy restarts. Without the backend's profiles
+    in the durable record the proxy counted CP1 at its own 0 A while 16 A stayed in force; now the record brings the
+    profile back as maybe installed, and it is re-sent clamped."""
+    def restarted(state: FuseMachine, checked: Checked) -> None:
+        checked(lambda: state.wallbox_answers_backend(cid="CP1"))
+        checked(lambda: state.restart_proxy(applied=False))
+        assert "CP1" in state.kept and "CP2" not in state.kept
 
-    settle = settler(state, checked)
-
-    checked(lambda: state.reconnect(boot=False, cid="CP1"))
-    checked(lambda: state.reconnect(boot=False, cid="CP2"))
-    settle()
-    checked(lambda: state.backend_sets_tx_default(cid="CP1", amps=16.0))
-    checked(lambda: state.wallbox_answers_backend(cid="CP1"))
-    checked(lambda: state.restart_proxy(applied=False))
-    assert "CP1" in state.kept and "CP2" not in state.kept
-    checked(lambda: state.reconnect(boot=False, cid="CP1"))
-    checked(lambda: state.ems_charger(cid="CP1", amps=None, enabled=False))
-    settle()
-    assert state.wallboxes["CP1"].profiles[7] == ("TxDefaultProfile", 0.0)  # re-sent clamped
-    assert state.coordinator.fuse.may_draw("CP1", state.now) == 0
+    _backend_default_forgotten_then_paused(restarted)
