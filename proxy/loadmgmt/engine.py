@@ -684,11 +684,18 @@ class LimitEngine:
             else:
                 state.demand.pop(ph, None)
 
-    @staticmethod
-    def _following(state: _Charger) -> bool:
-        """A charging car whose draw at its current limit no sample has confirmed yet."""
+    def _following(self, state: _Charger) -> bool:
+        """A charging car whose draw at its current limit no sample has confirmed yet.
+
+        Per phase: a car seen drawing clearly less than allowed on one phase (a
+        two-phase car taking 2 A on L1 and its limit on L2) still follows its
+        limit on the others, so a raise must wait for a sample there too; else
+        the raise shows on the grid before the sample and looks like house load,
+        and the limit swings between two values for as long as it charges.
+        """
         applied, sampled = state.applied, state.sampled_at_limit
-        return (state.drawing() and applied is not None and applied > 0 and not state.demand
+        return (state.drawing() and applied is not None and applied > 0
+                and not self._phases(state.limits) <= state.demand.keys()
                 and (sampled is None or applied > sampled))
 
     def _estimated_draw(self, state: _Charger) -> list[int]:

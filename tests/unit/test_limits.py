@@ -325,6 +325,25 @@ def test_no_oscillation_when_meter_values_lag_the_grid_meter(site: Site, steps: 
     assert_settles(site, history, max_reversals=2)
 
 
+def test_a_two_phase_car_taking_less_on_one_phase_settles_while_samples_lag() -> None:
+    """Found by the search above (it failed on main before this fix): a two-phase car takes 2 A on L1 and
+    its limit on L2, MeterValues every second grid reading. It counted as not following its limit at all
+    (it draws less on L1), so a raise on L2 showed on the grid before a sample did, looked like house
+    load and was taken back: 6 A, 8 A, 6 A, ... for as long as it charged. Following is per phase now."""
+    def charger(cid: str, most: float, least: float, phases: int, first: int, enabled: bool = True) -> Charger:
+        limits = ChargerLimits(max_current=most, min_current=least, phases=phases, first_phase=first, enabled=enabled)
+        return Charger(cid, limits, "Charging", (0.0, 0.0, 0.0), None, None, enabled)
+    site = Site(SiteLimits(max_current=38.0, phases=3, meter=True, meter_timeout=1e9, ramp_up_interval=0,
+                           hysteresis=0, min_hold_time=0), (27.0, 20.0, 0.0), None,
+                [charger("CP0", 6, 6, 1, 2), charger("CP1", 1, 0, 1, 2, enabled=False), charger("CP2", 9, 6, 2, 1),
+                 charger("CP3", 1, 0, 1, 2, enabled=False), charger("CP4", 6, 6, 2, 1)])
+    demand = {c.id: (2.0, 9.0 if c.id == "CP2" else 2.0, 2.0) for c in site.chargers}
+    engine = build(site)
+    history = run_constant(site, engine, [1.0] * 40, closed_loop=True, sample_every=2, demand=demand)
+    assert_settles(site, history, max_reversals=2)
+    assert history[-1]["CP2"] > 6.0  # settled above its minimum: the room on L2 is used
+
+
 # --- rules one by one ---------------------------------------------------------------------------------
 
 def engine_with(n: int = 2, site: SiteLimits | None = None, **charger: object) -> LimitEngine:
